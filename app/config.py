@@ -1,0 +1,372 @@
+"""Typed configuration schema: one dataclass per Hydra config group.
+
+Hydra merges the YAML files in configs/ onto these dataclasses (registered in its ConfigStore by
+`register_schemas`), so an unknown key or a value of the wrong type fails at start-up with the key's
+name. `Config.validate()` (run once, by train.py) rejects values that are well-typed but impossible, with a sentence
+saying what is allowed. Nothing here imports from the rest of `app`, and nothing below `train.py`
+sees an OmegaConf object: they receive these plain dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+SHARDING_TYPES = (
+    "data_parallel",
+    "table_wise",
+    "column_wise",
+    "table_column_wise",
+    "row_wise",
+    "table_row_wise",
+)
+# Kernels by where their weights live; the ones after "fused" need CUDA (UVM, SSD-backed tables).
+COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value")
+CUDA_ONLY_KERNELS = ("fused_uvm", "fused_uvm_caching", "key_value")
+SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+LR_DECAYS = ("none", "linear", "cosine")
+MODEL_ARCHS = ("dlrm", "dcn")
+POOLINGS = ("sum", "mean")
+PIPELINES = ("sparse_dist", "base")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is well-typed but cannot work; the message names the key."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _require_choice(key: str, value: str, allowed: tuple) -> None:
+    _require(value in allowed, f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}.")
+
+
+@dataclass
+class SparseFeature:
+    name: str = ""
+    num_embeddings: int = 0
+    # Ids per row: 1 is a single-hot int64 column; >1 is a list<int64> column (multi-hot) whose
+    # rows hold up to this many ids (used by the synthetic generator; the loader takes any length).
+    hotness: int = 1
+
+
+@dataclass
+class FeaturesConfig:
+    label: str = "label"
+    dense: List[str] = field(default_factory=list)
+    sparse: List[SparseFeature] = field(default_factory=list)
+    # One width for every table: DLRM's dot interaction and DCN's stacking both need it.
+    embedding_dim: int = 16
+    pooling: str = "sum"
+
+    def validate(self) -> None:
+        _require(len(self.sparse) > 0, "features.sparse must list at least one sparse feature.")
+        _require(
+            self.embedding_dim > 0 and self.embedding_dim % 4 == 0,
+            f"features.embedding_dim={self.embedding_dim} is not valid: FBGEMM's embedding kernels "
+            "need a positive multiple of 4.",
+        )
+        _require_choice("features.pooling", self.pooling, POOLINGS)
+        names = [self.label, *self.dense, *(f.name for f in self.sparse)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        _require(not duplicates, f"features: column names must be unique; repeated: {duplicates}.")
+        for i, feature in enumerate(self.sparse):
+            key = f"features.sparse[{i}]"
+            _require(bool(feature.name), f"{key}.name must be a non-empty column name.")
+            _require(
+                feature.num_embeddings > 0,
+                f"{key}.num_embeddings must be > 0 (rows of the {feature.name!r} table), "
+                f"got {feature.num_embeddings}.",
+            )
+            _require(feature.hotness >= 1, f"{key}.hotness must be >= 1, got {feature.hotness}.")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dlrm"
+    # The dense arch maps the dense features to one embedding-sized vector, so its last size must
+    # equal features.embedding_dim; the over arch ends in one logit.
+    dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 16])
+    over_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 32, 1])
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 32
+
+    def validate(self) -> None:
+        _require_choice("model.arch", self.arch, MODEL_ARCHS)
+        for key in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+            sizes = getattr(self, key)
+            _require(
+                len(sizes) > 0 and all(s > 0 for s in sizes),
+                f"model.{key} must be a non-empty list of positive sizes, got {list(sizes)}.",
+            )
+        _require(
+            len(self.over_arch_layer_sizes) >= 2 and self.over_arch_layer_sizes[-1] == 1,
+            "model.over_arch_layer_sizes must have at least two layers and end in 1 (one logit), "
+            f"got {list(self.over_arch_layer_sizes)}.",
+        )
+        _require(self.dcn_num_layers > 0, f"model.dcn_num_layers must be > 0, got {self.dcn_num_layers}.")
+        _require(
+            self.dcn_low_rank_dim > 0, f"model.dcn_low_rank_dim must be > 0, got {self.dcn_low_rank_dim}."
+        )
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default dataset, generated on first use (see app/data/synthetic.py)."""
+
+    root: str = "data/synthetic"
+    train_rows: int = 200_000
+    val_rows: int = 50_000
+    rows_per_file: int = 50_000
+    rows_per_row_group: int = 10_000
+    seed: int = 1234
+    # Exponent of the power law ids are drawn from: larger is more skewed.
+    zipf_exponent: float = 1.1
+
+    def validate(self) -> None:
+        for key in ("train_rows", "val_rows", "rows_per_file", "rows_per_row_group"):
+            _require(getattr(self, key) > 0, f"data.synthetic.{key} must be > 0, got {getattr(self, key)}.")
+        _require(self.zipf_exponent > 0, f"data.synthetic.zipf_exponent must be > 0, got {self.zipf_exponent}.")
+
+
+@dataclass
+class DataConfig:
+    # "synthetic": generate (once) and use the planted dataset under data.synthetic.root;
+    # "parquet": read train_path / val_path (a directory of .parquet files, one file, or a glob).
+    source: str = "synthetic"
+    train_path: str = ""
+    val_path: str = ""
+    batch_size: int = 512  # per rank
+    eval_batch_size: int = 2048  # per rank
+    shuffle: bool = True
+    seed: int = 0
+    # Batches decoded ahead of training on a background thread.
+    prefetch_batches: int = 4
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self) -> None:
+        _require_choice("data.source", self.source, ("synthetic", "parquet"))
+        if self.source == "parquet":
+            _require(bool(self.train_path), "data.train_path must be set when data.source=parquet.")
+            _require(bool(self.val_path), "data.val_path must be set when data.source=parquet.")
+        _require(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}.")
+        _require(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}.")
+        _require(self.prefetch_batches >= 0, f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}.")
+
+
+@dataclass
+class TableConstraint:
+    """Planner constraints for one table, keyed by its feature name in sharding.tables."""
+
+    sharding_types: List[str] = field(default_factory=list)
+    compute_kernels: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ShardingConfig:
+    # Allowed sharding types / kernels for every table (empty: let the planner choose among all
+    # that the device supports); sharding.tables.<feature> narrows them per table.
+    sharding_types: List[str] = field(default_factory=list)
+    compute_kernels: List[str] = field(default_factory=list)
+    tables: Dict[str, TableConstraint] = field(default_factory=dict)
+    # Memory per rank the planner may fill (GB); None uses torchrec's topology defaults.
+    hbm_cap_gb: Optional[float] = None
+    ddr_cap_gb: Optional[float] = None
+    # Share of each rank's memory held back for the dense part, activations and buffers.
+    storage_reserve_percentage: float = 0.15
+
+    def validate(self) -> None:
+        self._check_lists("sharding", self.sharding_types, self.compute_kernels)
+        for table, constraint in self.tables.items():
+            self._check_lists(f"sharding.tables.{table}", constraint.sharding_types, constraint.compute_kernels)
+        for key in ("hbm_cap_gb", "ddr_cap_gb"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"sharding.{key} must be > 0 GB or null, got {value}.")
+        _require(
+            0.0 <= self.storage_reserve_percentage < 1.0,
+            "sharding.storage_reserve_percentage must be in [0, 1), "
+            f"got {self.storage_reserve_percentage}.",
+        )
+
+    @staticmethod
+    def _check_lists(prefix: str, sharding_types: List[str], compute_kernels: List[str]) -> None:
+        for value in sharding_types:
+            _require_choice(f"{prefix}.sharding_types", value, SHARDING_TYPES)
+        for value in compute_kernels:
+            _require_choice(f"{prefix}.compute_kernels", value, COMPUTE_KERNELS)
+
+
+@dataclass
+class OptimConfig:
+    # `lr` drives both optimizers unless sparse_lr is set, so `optim.lr=...` sweeps the whole model.
+    lr: float = 0.01
+    sparse_lr: Optional[float] = None
+    dense: str = "adagrad"
+    sparse: str = "rowwise_adagrad"
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # Schedule (a multiplier on both learning rates): linear warmup from 0, then constant until
+    # decay_start_step, then decay over decay_steps (0: until the last step) to min_lr_ratio.
+    warmup_steps: int = 0
+    decay: str = "none"
+    decay_start_step: int = 0
+    decay_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}.")
+        _require(
+            self.sparse_lr is None or self.sparse_lr > 0,
+            f"optim.sparse_lr must be > 0 or null (use optim.lr), got {self.sparse_lr}.",
+        )
+        _require_choice("optim.dense", self.dense, DENSE_OPTIMIZERS)
+        _require_choice("optim.sparse", self.sparse, SPARSE_OPTIMIZERS)
+        _require(self.eps > 0, f"optim.eps must be > 0, got {self.eps}.")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}.",
+        )
+        _require_choice("optim.decay", self.decay, LR_DECAYS)
+        for key in ("warmup_steps", "decay_start_step", "decay_steps"):
+            _require(getattr(self, key) >= 0, f"optim.{key} must be >= 0, got {getattr(self, key)}.")
+        _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+
+    @property
+    def effective_sparse_lr(self) -> float:
+        return self.lr if self.sparse_lr is None else self.sparse_lr
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 100  # 0: only at the end
+    keep_last: int = 2
+    # Resume from the newest complete checkpoint of this run when there is one.
+    resume: bool = True
+
+    def validate(self) -> None:
+        _require(self.every_n_steps >= 0, f"checkpoint.every_n_steps must be >= 0, got {self.every_n_steps}.")
+        _require(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}.")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop early after this many steps in total
+    eval_every_n_steps: int = 0  # 0: evaluate only at the end
+    eval_max_batches: Optional[int] = None  # per rank; None: the whole validation split
+    log_every_n_steps: int = 20
+    pipeline: str = "sparse_dist"
+
+    def validate(self) -> None:
+        _require(self.epochs >= 1, f"trainer.epochs must be >= 1, got {self.epochs}.")
+        _require(
+            self.max_steps is None or self.max_steps >= 1,
+            f"trainer.max_steps must be >= 1 or null, got {self.max_steps}.",
+        )
+        _require(
+            self.eval_every_n_steps >= 0, f"trainer.eval_every_n_steps must be >= 0, got {self.eval_every_n_steps}."
+        )
+        _require(
+            self.eval_max_batches is None or self.eval_max_batches >= 1,
+            f"trainer.eval_max_batches must be >= 1 or null, got {self.eval_max_batches}.",
+        )
+        _require(self.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {self.log_every_n_steps}.")
+        _require_choice("trainer.pipeline", self.pipeline, PIPELINES)
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = True
+    tensorboard: bool = True
+    level: str = "INFO"
+
+    def validate(self) -> None:
+        _require_choice("logging.level", self.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass
+class DistributedConfig:
+    # >1 and not already under torchrun: train.py starts this many local workers itself (so a
+    # Hydra sweep point, or a plain `python -m app.train`, can use several processes).
+    nproc_per_node: int = 1
+    device: str = "auto"
+    backend: str = "auto"
+    timeout_s: int = 1800
+
+    def validate(self) -> None:
+        _require(self.nproc_per_node >= 1, f"distributed.nproc_per_node must be >= 1, got {self.nproc_per_node}.")
+        _require_choice("distributed.device", self.device, DEVICES)
+        _require_choice("distributed.backend", self.backend, BACKENDS)
+        _require(self.timeout_s > 0, f"distributed.timeout_s must be > 0, got {self.timeout_s}.")
+
+
+@dataclass
+class Config:
+    run_name: str = "default"
+    seed: int = 0
+    output_root: str = "outputs"
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self) -> "Config":
+        """Check every group, then the rules that span groups; returns self for chaining."""
+        for group in GROUP_SCHEMAS:
+            getattr(self, group).validate()
+        self.data.synthetic.validate()
+        _require(
+            bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
+            f"run_name={self.run_name!r} must be a non-empty name without '/'.",
+        )
+        _require(
+            self.model.dense_arch_layer_sizes[-1] == self.features.embedding_dim,
+            f"model.dense_arch_layer_sizes must end in features.embedding_dim={self.features.embedding_dim} "
+            f"(the dense vector joins the embeddings), got {list(self.model.dense_arch_layer_sizes)}.",
+        )
+        _require(len(self.features.dense) > 0, "features.dense must list at least one dense column.")
+        feature_names = {f.name for f in self.features.sparse}
+        unknown = sorted(set(self.sharding.tables) - feature_names)
+        _require(
+            not unknown,
+            f"sharding.tables names unknown features {unknown}; the sparse features are "
+            f"{sorted(feature_names)}.",
+        )
+        return self
+
+
+# Groups whose YAML files in configs/ are typed by these schemas.
+GROUP_SCHEMAS = {
+    "features": FeaturesConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "sharding": ShardingConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+    "trainer": TrainerConfig,
+    "logging": LoggingConfig,
+    "distributed": DistributedConfig,
+}
+
+
+def register_schemas() -> None:
+    """Register the schemas in Hydra's ConfigStore: `config_schema` for train.yaml, and
+    `<group>/schema` that each group's YAML files name first in their defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name="schema", node=schema)

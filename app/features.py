@@ -1,0 +1,63 @@
+"""The feature schema: which Parquet columns feed the model, and the embedding tables they need.
+
+Every other module asks this one for column names and table definitions, so a feature is declared
+once, in configs/features/, and the model, the planner, the loader and the generator agree on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from app.config import FeaturesConfig, SparseFeature
+
+
+def table_name(feature_name: str) -> str:
+    return f"t_{feature_name}"
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    label: str
+    dense: Tuple[str, ...]
+    sparse: Tuple[SparseFeature, ...]
+    embedding_dim: int
+    pooling: str
+
+    @classmethod
+    def from_config(cls, config: FeaturesConfig) -> "FeatureSchema":
+        return cls(
+            label=config.label,
+            dense=tuple(config.dense),
+            sparse=tuple(config.sparse),
+            embedding_dim=config.embedding_dim,
+            pooling=config.pooling,
+        )
+
+    @property
+    def sparse_names(self) -> List[str]:
+        return [f.name for f in self.sparse]
+
+    @property
+    def columns(self) -> List[str]:
+        """Every column the loader reads, in a fixed order."""
+        return [self.label, *self.dense, *self.sparse_names]
+
+    @property
+    def num_embeddings(self) -> Dict[str, int]:
+        return {f.name: f.num_embeddings for f in self.sparse}
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        pooling = PoolingType.SUM if self.pooling == "sum" else PoolingType.MEAN
+        return [
+            EmbeddingBagConfig(
+                name=table_name(f.name),
+                embedding_dim=self.embedding_dim,
+                num_embeddings=f.num_embeddings,
+                feature_names=[f.name],
+                pooling=pooling,
+            )
+            for f in self.sparse
+        ]
