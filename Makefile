@@ -1,0 +1,38 @@
+# rectrain: `make train` trains the default job; `make test` runs the tests. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+TORCHREC_VERSION := 1.8.0
+FBGEMM_VERSION := 1.8.0
+# The CUDA build of fbgemm where a GPU driver is present, the CPU build elsewhere.
+FBGEMM := $(if $(shell command -v nvidia-smi 2>/dev/null),fbgemm-gpu,fbgemm-gpu-cpu)
+STAMP := $(VENV)/.setup-$(FBGEMM)
+# Keeps every later install from replacing the torch installed first.
+CONSTRAINTS := $(VENV)/constraints.txt
+
+.PHONY: setup train test clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	echo "torch==$(TORCH_VERSION)" > $(CONSTRAINTS)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -c $(CONSTRAINTS) $(FBGEMM)==$(FBGEMM_VERSION)
+	$(PIP) install --quiet --no-deps torchrec==$(TORCHREC_VERSION)
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	$(PY) -c "import torch, torchrec, fbgemm_gpu; print('torch', torch.__version__, '| torchrec', torchrec.__version__)"
+	touch $@
+
+train: setup
+	$(PY) -m app.train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+clean-outputs:
+	rm -rf outputs multirun

@@ -1,0 +1,104 @@
+"""Process group, device and local self-launch.
+
+The same code runs in three ways: under torchrun (the environment names rank and world size),
+as one plain process (a one-rank group, since DistributedModelParallel always needs one), and as
+a plain process that starts N local workers itself (`distributed.nproc_per_node=N`, so a Hydra
+sweep point can use several processes without wrapping the sweep in torchrun).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Dict
+
+import torch
+import torch.distributed as dist
+
+from app.config import DistributedConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def under_launcher() -> bool:
+    """True inside a worker started by torchrun or elastic_launch."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _device(config: DistributedConfig, local_rank: int) -> torch.device:
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("distributed.device=cuda was asked for, but no CUDA device is visible.")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(config: DistributedConfig) -> DistEnv:
+    """Join (or, for one plain process, create) the default process group."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = _device(config, local_rank)
+    backend = config.backend if config.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(seconds=config.timeout_s)
+    if not dist.is_initialized():
+        if under_launcher():
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        device=device,
+    )
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int) -> Dict[int, Any]:
+    """Run `entrypoint(*args)` in `nproc` local workers with torchrun's machinery (each worker gets
+    RANK, WORLD_SIZE, LOCAL_RANK... in its environment); returns each rank's return value.
+    A failing worker raises ChildFailedError with that worker's traceback."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    launch_config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        max_restarts=0,
+        monitor_interval=1,
+    )
+    return elastic_launch(launch_config, entrypoint)(*args)

@@ -1,0 +1,42 @@
+"""The model: an EmbeddingBagCollection built on the meta device under a DLRM or DLRM-DCN head.
+
+The embedding tables are created on the meta device so that no rank ever materialises a full
+table: DistributedModelParallel allocates only each rank's shards. The dense layers are small and
+are built on the target device directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from app.config import ModelConfig
+from app.features import FeatureSchema
+
+
+def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device) -> DLRMTrain:
+    """DLRMTrain: forward(batch) -> (loss, (loss, logits, labels)), what the train pipeline expects."""
+    tables = EmbeddingBagCollection(
+        tables=schema.embedding_bag_configs(), device=torch.device("meta")
+    )
+    common = dict(
+        embedding_bag_collection=tables,
+        dense_in_features=len(schema.dense),
+        dense_arch_layer_sizes=list(config.dense_arch_layer_sizes),
+        over_arch_layer_sizes=list(config.over_arch_layer_sizes),
+        dense_device=device,
+    )
+    if config.arch == "dcn":
+        head: nn.Module = DLRM_DCN(
+            **common, dcn_num_layers=config.dcn_num_layers, dcn_low_rank_dim=config.dcn_low_rank_dim
+        )
+    else:
+        head = DLRM(**common)
+    return DLRMTrain(head)
+
+
+def embedding_tables(model: nn.Module) -> EmbeddingBagCollection:
+    """The (unsharded) EmbeddingBagCollection inside a model from build_model."""
+    return model.model.sparse_arch.embedding_bag_collection

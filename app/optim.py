@@ -1,0 +1,101 @@
+"""Optimizers: the sparse one fused into the embedding backward, the dense one, and the LR schedule.
+
+The sparse optimizer is attached to the unsharded tables *before* sharding
+(`apply_sparse_optimizer`): DistributedModelParallel reads it from the parameters and fuses it into
+the FBGEMM kernels of every sharded table, so embedding rows are updated during backward and their
+gradients never exist as dense tensors. Tables the planner makes data_parallel are replicated
+plain parameters whose gradients DDP all-reduces; the in-backward hook does not reach them, so
+`build_optimizer` gives them their own group with the sparse optimizer's kind and settings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torch.optim.lr_scheduler import LambdaLR
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from app.config import OptimConfig
+from app.model import embedding_tables
+
+_OPTIMIZER_CLASSES = {
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adam": torch.optim.Adam,
+}
+# Parameters under this module name are embedding tables, whatever the sharding wrapped them in.
+_TABLES_FQN_PART = "embedding_bag_collection"
+
+
+def _optimizer_kwargs(name: str, lr: float, config: OptimConfig) -> Dict[str, object]:
+    kwargs: Dict[str, object] = {"lr": lr, "weight_decay": config.weight_decay}
+    if name in ("adagrad", "rowwise_adagrad", "adam"):
+        kwargs["eps"] = config.eps
+    if name == "adam":
+        kwargs["betas"] = tuple(config.betas)
+    return kwargs
+
+
+def apply_sparse_optimizer(model: nn.Module, config: OptimConfig) -> None:
+    """Attach the sparse optimizer to the unsharded model's tables; call before sharding."""
+    _apply_optimizer_in_backward(
+        _OPTIMIZER_CLASSES[config.sparse],
+        embedding_tables(model).parameters(),
+        _optimizer_kwargs(config.sparse, config.effective_sparse_lr, config),
+    )
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
+    """One KeyedOptimizer over everything: the fused table optimizers of the sharded model, the
+    dense layers, and replicated (data_parallel) tables. Its state_dict is what checkpoints save."""
+    plain = dict(in_backward_optimizer_filter(model.named_parameters()))
+    replicated_tables = {n: p for n, p in plain.items() if _TABLES_FQN_PART in n}
+    dense = {n: p for n, p in plain.items() if _TABLES_FQN_PART not in n}
+
+    def wrap(name: str, lr: float, params: Dict[str, nn.Parameter]) -> KeyedOptimizer:
+        optimizer_class = _OPTIMIZER_CLASSES[name]
+        kwargs = _optimizer_kwargs(name, lr, config)
+        return KeyedOptimizerWrapper(params, lambda p: optimizer_class(p, **kwargs))
+
+    parts = [("sparse", model.fused_optimizer), ("dense", wrap(config.dense, config.lr, dense))]
+    if replicated_tables:
+        parts.append(
+            ("replicated_tables", wrap(config.sparse, config.effective_sparse_lr, replicated_tables))
+        )
+    return CombinedOptimizer(parts)
+
+
+def lr_multiplier(config: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier by step: linear warmup, hold, then linear or cosine decay."""
+    decay_steps = config.decay_steps or max(1, total_steps - config.decay_start_step)
+
+    def multiplier(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.decay == "none" or step < config.decay_start_step:
+            return 1.0
+        progress = min(1.0, (step - config.decay_start_step) / decay_steps)
+        shape = 1.0 - progress if config.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
+
+    return multiplier
+
+
+def build_lr_scheduler(optimizer: KeyedOptimizer, config: OptimConfig, total_steps: int) -> LambdaLR:
+    """Scales every group's learning rate (fused tables included: their optimizer pushes the
+    group's lr into the kernel on each step())."""
+    return LambdaLR(optimizer, lr_multiplier(config, total_steps))
+
+
+def optimizer_and_schedule(
+    model: nn.Module, config: OptimConfig, total_steps: int
+) -> Tuple[CombinedOptimizer, LambdaLR]:
+    optimizer = build_optimizer(model, config)
+    return optimizer, build_lr_scheduler(optimizer, config, total_steps)

@@ -1,0 +1,249 @@
+"""Trainer: the training loop, evaluation cadence and checkpoint cadence. Never sees Hydra.
+
+Training runs in segments that end at the next evaluation, checkpoint or epoch boundary. Each
+segment feeds TrainPipelineSparseDist a slice of the epoch's iterator, so the pipeline drains at
+the boundary: checkpoints are taken with no batch in flight, and the data position saved with them
+is exactly the number of steps done in the epoch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
+
+from app.checkpoint import CheckpointManager
+from app.config import TrainerConfig
+from app.data.parquet import ParquetBatches
+from app.distributed import DistEnv
+from app.metrics import EvalMetrics, MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # steps done in the current epoch
+    samples: int = 0  # over all ranks
+
+
+def planned_steps(config: TrainerConfig, steps_per_epoch: int) -> int:
+    total = config.epochs * steps_per_epoch
+    return total if config.max_steps is None else min(total, config.max_steps)
+
+
+def _next_multiple(step: int, every: int) -> Optional[int]:
+    return (step // every + 1) * every if every > 0 else None
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_data: ParquetBatches,
+        val_data: ParquetBatches,
+        checkpoints: CheckpointManager,
+        checkpoint_every_n_steps: int,
+        metrics_logger: MetricsLogger,
+        config: TrainerConfig,
+        env: DistEnv,
+        run_meta: Dict[str, Any],
+        progress_bar: bool = True,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.train_data = train_data
+        self.val_data = val_data
+        self.checkpoints = checkpoints
+        self.checkpoint_every = checkpoint_every_n_steps
+        self.metrics_logger = metrics_logger
+        self.config = config
+        self.env = env
+        self.run_meta = run_meta
+        self.progress_bar = progress_bar and env.is_rank0
+        self.global_batch_size = train_data.batch_size * env.world_size
+        self.steps_per_epoch = len(train_data)
+        self.total_steps = planned_steps(config, self.steps_per_epoch)
+        self._pipeline: Optional[TrainPipelineSparseDist] = None
+        if config.pipeline == "sparse_dist":
+            self._pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
+        self._last_saved_step = -1
+
+    # ---- state that checkpoints carry -------------------------------------------------------
+
+    def _checkpoint_state(self) -> Dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def save(self, state: TrainState) -> None:
+        meta = {
+            "train_state": asdict(state),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "world_size": self.env.world_size,
+            **self.run_meta,
+        }
+        path = self.checkpoints.save(state.step, self._checkpoint_state(), meta)
+        self._last_saved_step = state.step
+        log.info("saved checkpoint %s", path)
+
+    def resume(self) -> TrainState:
+        """Load the newest complete checkpoint of the run, if any; returns where to continue."""
+        path = self.checkpoints.latest()
+        if path is None:
+            return TrainState()
+        # The dense optimizers create their state lazily; DCP loads in place, so it must exist.
+        for name, part in self.optimizer.optimizers:
+            if name != "sparse":
+                part.init_state()
+        state = self._checkpoint_state()
+        meta = self.checkpoints.load(path, state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        train_state = TrainState(**meta["train_state"])
+        self._last_saved_step = train_state.step
+        log.info("resumed from %s at step %d (epoch %d)", path, train_state.step, train_state.epoch)
+        return train_state
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def fit(self, state: TrainState) -> Dict[str, float]:
+        """Train from `state` to the end; returns the final validation metrics."""
+        bar = tqdm(total=self.total_steps, initial=state.step, disable=not self.progress_bar,
+                   desc="train", unit="step", dynamic_ncols=True)
+        window = _Window(time.perf_counter())
+        while state.step < self.total_steps:
+            if state.batches_done >= self.steps_per_epoch:
+                state.epoch, state.batches_done = state.epoch + 1, 0
+            self.train_data.set_epoch(state.epoch)
+            self.train_data.load_state_dict({"epoch": state.epoch, "batches_done": state.batches_done})
+            epoch_batches = iter(self.train_data)
+            try:
+                while state.batches_done < self.steps_per_epoch and state.step < self.total_steps:
+                    segment = self._segment_length(state)
+                    for loss in self._train_steps(epoch_batches, segment):
+                        state.step += 1
+                        state.batches_done += 1
+                        state.samples += self.global_batch_size
+                        self.lr_scheduler.step()
+                        window.add(loss)
+                        bar.update(1)
+                        if state.step % self.config.log_every_n_steps == 0:
+                            self._log_train(state, window, bar)
+                    self._at_boundary(state)
+            finally:
+                close = getattr(epoch_batches, "close", None)
+                if close is not None:
+                    close()
+        bar.close()
+        final = self.evaluate(state)
+        if self._last_saved_step != state.step:
+            self.save(state)
+        return final
+
+    def _segment_length(self, state: TrainState) -> int:
+        ends = [state.step + self.steps_per_epoch - state.batches_done, self.total_steps]
+        for every in (self.config.eval_every_n_steps, self.checkpoint_every):
+            boundary = _next_multiple(state.step, every)
+            if boundary is not None:
+                ends.append(boundary)
+        return min(ends) - state.step
+
+    def _train_steps(self, batches: Iterator, count: int) -> Iterator[torch.Tensor]:
+        """Yields each step's (local) loss after its optimizer step."""
+        segment = itertools.islice(batches, count)
+        if self._pipeline is not None:
+            for _ in range(count):
+                loss, _logits, _labels = self._pipeline.progress(segment)
+                yield loss
+            return
+        for batch in segment:
+            batch = batch.to(self.env.device)
+            self.optimizer.zero_grad()
+            loss, _ = self.model(batch)
+            loss.backward()
+            self.optimizer.step()
+            yield loss.detach()
+
+    def _at_boundary(self, state: TrainState) -> None:
+        if state.step >= self.total_steps:
+            return  # fit() evaluates and saves at the end
+        if self.config.eval_every_n_steps and state.step % self.config.eval_every_n_steps == 0:
+            self.evaluate(state)
+        if self.checkpoint_every and state.step % self.checkpoint_every == 0:
+            self.save(state)
+
+    def _log_train(self, state: TrainState, window: "_Window", bar: tqdm) -> None:
+        loss = window.mean_loss()
+        elapsed = time.perf_counter() - window.start
+        record = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "samples": state.samples,
+            "loss": loss,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "samples_per_s": window.steps * self.global_batch_size / max(elapsed, 1e-9),
+        }
+        self.metrics_logger.log("train", record)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        window.reset(time.perf_counter())
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    def evaluate(self, state: TrainState) -> Dict[str, float]:
+        model = self._pipeline.detach() if self._pipeline is not None else self.model
+        model.eval()
+        metrics = EvalMetrics(self.env.device)
+        batches = iter(self.val_data)
+        if self.config.eval_max_batches is not None:
+            batches = itertools.islice(batches, self.config.eval_max_batches)
+        with torch.no_grad():
+            for item in batches:
+                batch = item.batch.to(self.env.device)
+                _, (_loss, logits, labels) = model(batch)
+                metrics.update(logits[: item.valid], labels[: item.valid])
+        result = metrics.compute()
+        model.train()
+        if self._pipeline is not None:
+            self._pipeline.attach(model)
+        self.metrics_logger.log("eval", {"step": state.step, "epoch": state.epoch, "samples": state.samples, **result})
+        log.info(
+            "eval step %d: auc %.4f  logloss %.4f  ne %.4f  (%d samples)",
+            state.step, result["auc"], result["logloss"], result["ne"], result["samples"],
+        )
+        return result
+
+
+class _Window:
+    """Loss and throughput since the last log line; the loss is averaged over all ranks."""
+
+    def __init__(self, start: float) -> None:
+        self.reset(start)
+
+    def reset(self, start: float) -> None:
+        self.start = start
+        self.steps = 0
+        self._loss_sum: Optional[torch.Tensor] = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.steps += 1
+        loss = loss.detach().float()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+
+    def mean_loss(self) -> float:
+        total = torch.stack([self._loss_sum, torch.tensor(float(self.steps), device=self._loss_sum.device)])
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        return (total[0] / total[1]).item()

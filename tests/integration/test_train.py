@@ -1,0 +1,90 @@
+"""Real training jobs: 2-process torchrun on real Parquet files, checkpoints on disk, resume,
+self-launched workers, and a Hydra sweep."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_command
+
+
+def tiny(tmp_path: Path, *overrides: str):
+    return [
+        "experiment=tiny",
+        f"data.synthetic.root={tmp_path / 'data'}",
+        f"output_root={tmp_path / 'outputs'}",
+        "logging.progress_bar=false",
+        *overrides,
+    ]
+
+
+def torchrun(*args: str):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "app.train", *args]
+
+
+def records(run_dir: Path, kind: str):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def check(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    return result.stdout + result.stderr
+
+
+def test_two_process_training_saves_then_resumes(tmp_path):
+    first = check(run_command(torchrun(*tiny(tmp_path, "checkpoint.every_n_steps=5")), cwd=REPO))
+    run_dir = tmp_path / "outputs" / "tiny"
+    assert "final validation AUC" in first
+    for name in (".hydra/config.yaml", "plan.txt", "plan.json", "metrics.jsonl", "checkpoints/latest"):
+        assert (run_dir / name).exists(), name
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["world_size"] == 2 and len(plan["tables"]) == 26
+
+    steps_per_epoch = records(run_dir, "train")[-1]["step"]  # tiny logs every 5 steps
+    final_eval = records(run_dir, "eval")[-1]
+    assert final_eval["samples"] == 2000  # every val row once, padding excluded
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 2 and checkpoints[-1] == latest  # keep_last=2
+
+    # The same command with a second epoch continues from the last checkpoint, step count and all.
+    second = check(run_command(torchrun(*tiny(tmp_path, "checkpoint.every_n_steps=5", "trainer.epochs=2")), cwd=REPO))
+    final_step = int(latest.split("_")[1])
+    assert f"at step {final_step} " in second
+    train_steps = [r["step"] for r in records(run_dir, "train")]
+    assert train_steps == sorted(train_steps) and len(set(train_steps)) == len(train_steps)
+    assert max(train_steps) > steps_per_epoch
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{2 * final_step:08d}"
+
+
+@pytest.mark.parametrize(
+    "sharding", ["data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise"]
+)
+def test_every_sharding_type_trains_to_the_end(tmp_path, sharding):
+    out = check(run_command(torchrun(*tiny(tmp_path, f"sharding={sharding}", "trainer.max_steps=6")), cwd=REPO))
+    assert "final validation AUC" in out
+    plan = json.loads((tmp_path / "outputs" / "tiny" / "plan.json").read_text())
+    assert {t["sharding_type"] for t in plan["tables"].values()} == {sharding}
+
+
+def test_self_launched_workers(tmp_path):
+    args = [sys.executable, "-m", "app.train", *tiny(tmp_path, "distributed.nproc_per_node=2", "trainer.max_steps=4")]
+    out = check(run_command(args, cwd=REPO))
+    assert "final validation AUC" in out
+    assert json.loads((tmp_path / "outputs" / "tiny" / "plan.json").read_text())["world_size"] == 2
+
+
+def test_sweep_runs_each_point_in_its_own_directory(tmp_path):
+    args = [sys.executable, "-m", "app.train", "-m", "optim.lr=0.01,0.02", *tiny(tmp_path, "trainer.max_steps=3")]
+    check(run_command(args, cwd=REPO))
+    points = sorted(p for p in (tmp_path / "outputs" / "tiny").iterdir() if p.is_dir())
+    assert len(points) == 2
+    assert "optim.lr=0.01" in points[0].name and "optim.lr=0.02" in points[1].name
+    for point in points:
+        assert (point / "checkpoints" / "latest").exists()

@@ -1,0 +1,88 @@
+"""Every config composes and validates; typos and impossible values fail naming the key."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+import app.train  # registers the schemas and the rank0_only resolver, as a real run does
+from app.config import Config, ConfigError, TableConstraint
+from tests.conftest import CONFIGS, REPO, run_command
+
+GROUPS = ["features", "model", "data", "sharding", "optim", "checkpoint", "trainer", "logging", "distributed"]
+# Options that need paths only the user can give.
+NEEDS_PATHS = ["data.train_path=/data/train", "data.val_path=/data/val"]
+
+
+def load(overrides=()) -> Config:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return app.train.to_config(compose("train", overrides=list(overrides)))
+
+
+def options(group: str):
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_validates(group, option):
+    extra = NEEDS_PATHS if (group, option) == ("data", "parquet") else []
+    config = load([f"{group}={option}", *extra])
+    assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_validates(experiment):
+    config = load([f"experiment={experiment}", *NEEDS_PATHS])
+    assert config.run_name == experiment
+
+
+def test_default_is_criteo_shaped():
+    config = load()
+    assert len(config.features.dense) == 13 and len(config.features.sparse) == 26
+    assert config.data.source == "synthetic"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("features.embedding_dim=10", "features.embedding_dim"),
+        ("sharding.sharding_types=[diagonal]", "sharding.sharding_types"),
+        ("optim.sparse=lion", "optim.sparse"),
+        ("model.over_arch_layer_sizes=[8,2]", "model.over_arch_layer_sizes"),
+        ("model.dense_arch_layer_sizes=[32,8]", "model.dense_arch_layer_sizes"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ],
+)
+def test_impossible_values_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load([override])
+
+
+def test_per_table_constraints_must_name_a_sparse_feature():
+    config = load(["sharding=mixed"])
+    assert config.sharding.tables["cat_9"].sharding_types == ["row_wise"]
+    config.sharding.tables["no_such_feature"] = TableConstraint(sharding_types=["row_wise"])
+    with pytest.raises(ConfigError, match=r"sharding\.tables names unknown features \['no_such_feature'\]"):
+        config.validate()
+
+
+@pytest.mark.parametrize("override", ["optim.lrr=0.1", "data.batch_size=many", "trainer.epoch=2"])
+def test_unknown_keys_and_wrong_types_fail_at_composition(override):
+    with pytest.raises(ConfigCompositionException, match=override.split("=")[0].replace(".", r"\.")):
+        load([override])
+
+
+def test_entrypoint_rejects_a_typo_quickly(tmp_path):
+    start = time.monotonic()
+    result = run_command([sys.executable, "-m", "app.train", "optim.lrr=0.1", f"output_root={tmp_path}"], cwd=REPO)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert "optim.lrr" in result.stderr + result.stdout
+    assert elapsed < 10, f"took {elapsed:.1f}s"
+    assert not list(tmp_path.iterdir()), "a rejected config must not create a run directory"
+

@@ -1,0 +1,29 @@
+"""LR schedule shape, and which optimizer each parameter gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.config import OptimConfig
+from app.optim import lr_multiplier
+
+
+def test_warmup_then_hold():
+    m = lr_multiplier(OptimConfig(warmup_steps=4), total_steps=100)
+    assert [m(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_decay_reaches_the_floor_at_the_end(decay):
+    config = OptimConfig(decay=decay, decay_start_step=10, min_lr_ratio=0.1)
+    m = lr_multiplier(config, total_steps=110)
+    assert m(5) == 1.0 and m(10) == 1.0
+    assert m(60) == pytest.approx(0.55)  # halfway, for both shapes
+    assert m(110) == pytest.approx(0.1) and m(500) == pytest.approx(0.1)
+    values = [m(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_explicit_decay_steps():
+    m = lr_multiplier(OptimConfig(decay="linear", decay_steps=10), total_steps=1000)
+    assert m(5) == pytest.approx(0.5) and m(10) == 0.0
