@@ -14,8 +14,13 @@ from app.config import Config, ConfigError, TableConstraint
 from tests.conftest import CONFIGS, REPO, run_command
 
 GROUPS = ["features", "model", "data", "sharding", "optim", "checkpoint", "trainer", "logging", "distributed"]
-# Options that need paths only the user can give.
+# Options that need paths only the user can give, or a dense arch ending in their embedding dim.
 NEEDS_PATHS = ["data.train_path=/data/train", "data.val_path=/data/val"]
+COMPANIONS = {
+    ("data", "parquet"): NEEDS_PATHS,
+    ("features", "criteo_kaggle"): ["model.dense_arch_layer_sizes=[512,256,128]"],
+    ("features", "criteo_1tb"): ["model.dense_arch_layer_sizes=[512,256,128]"],
+}
 
 
 def load(overrides=()) -> Config:
@@ -29,8 +34,7 @@ def options(group: str):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes_and_validates(group, option):
-    extra = NEEDS_PATHS if (group, option) == ("data", "parquet") else []
-    config = load([f"{group}={option}", *extra])
+    config = load([f"{group}={option}", *COMPANIONS.get((group, option), [])])
     assert isinstance(config, Config)
 
 
