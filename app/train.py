@@ -39,17 +39,21 @@ log = logging.getLogger("app.train")
 
 
 
-def _path_safe(name: str) -> str:
-    """A sweep point's directory name from its overrides: one path component, of bounded length."""
-    name = name.replace(os.sep, "_") or "default"
-    return name if len(name) <= 120 else f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+def _sweep_point_dir(overrides: str) -> str:
+    """A sweep point's directory name from its overrides (Hydra's override_dirname): one path
+    component, readable, unique. Path-valued overrides (the same for every point, usually) are
+    left out of the readable part; a hash of the whole string then keeps points apart."""
+    readable = ",".join(item for item in overrides.split(",") if os.sep not in item) or "default"
+    if readable == overrides and len(readable) <= 100:
+        return readable
+    return f"{readable[:100]}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
 
 
 # Every torchrun worker composes the config, but only rank 0 writes .hydra/ into the shared run dir.
 OmegaConf.register_new_resolver(
     "rank0_only", lambda value: value if os.environ.get("RANK", "0") == "0" else None, replace=True
 )
-OmegaConf.register_new_resolver("path_safe", _path_safe, replace=True)
+OmegaConf.register_new_resolver("sweep_point_dir", _sweep_point_dir, replace=True)
 register_schemas()
 
 
