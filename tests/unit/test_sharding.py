@@ -1,0 +1,70 @@
+"""Planner inputs from config, refusal of CUDA-only kernels on CPU, and the plan report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from app.config import (ConfigError, FeaturesConfig, ModelConfig, OptimConfig, ShardingConfig, SparseFeature,
+                        TableConstraint)
+from app.features import FeatureSchema
+from app.model import build_model
+from app.optim import apply_sparse_optimizer
+from app.sharding import parameter_constraints, plan_report, plan_sharding, write_plan_report
+
+SCHEMA = FeatureSchema.from_config(
+    FeaturesConfig(dense=["d"], sparse=[SparseFeature("small", 100), SparseFeature("big", 5000)], embedding_dim=8)
+)
+
+
+def test_global_constraints_with_a_per_table_override():
+    config = ShardingConfig(sharding_types=["table_wise"], compute_kernels=["fused"],
+                            tables={"big": TableConstraint(sharding_types=["row_wise", "table_row_wise"])})
+    constraints = parameter_constraints(config, SCHEMA, "cpu")
+    assert constraints["t_small"].sharding_types == ["table_wise"]
+    assert constraints["t_big"].sharding_types == ["row_wise", "table_row_wise"]
+    assert constraints["t_big"].compute_kernels == ["fused"]
+
+
+def test_no_constraints_leaves_the_planner_free():
+    assert parameter_constraints(ShardingConfig(), SCHEMA, "cpu") == {}
+
+
+def test_cuda_only_kernels_are_refused_on_cpu_naming_the_key():
+    config = ShardingConfig(tables={"big": TableConstraint(compute_kernels=["fused_uvm_caching"])})
+    with pytest.raises(ConfigError, match="sharding.tables.big.compute_kernels: fused_uvm_caching needs CUDA"):
+        parameter_constraints(config, SCHEMA, "cpu")
+    assert parameter_constraints(config, SCHEMA, "cuda")["t_big"].compute_kernels == ["fused_uvm_caching"]
+
+
+def plan_for(config: ShardingConfig, world_size: int):
+    model = build_model(ModelConfig(dense_arch_layer_sizes=[8]), SCHEMA, torch.device("cpu"))
+    apply_sparse_optimizer(model, OptimConfig())
+    # Planning for 2 ranks needs no second process: the planner only reads the topology.
+    return plan_sharding(model, config, SCHEMA, torch.device("cpu"), 32, world_size, world_size, dist.group.WORLD)
+
+
+def test_plan_report_describes_tables_and_ranks(tmp_path, single_process_group):
+    config = ShardingConfig(tables={"big": TableConstraint(sharding_types=["row_wise"]),
+                                    "small": TableConstraint(sharding_types=["table_wise"])})
+    report = plan_report(plan_for(config, 2), SCHEMA, 2)
+    big, small = report["tables"]["t_big"], report["tables"]["t_small"]
+    assert big["sharding_type"] == "row_wise" and big["ranks"] == [0, 1]
+    assert sum(s["sizes"][0] for s in big["shards"]) == 5000
+    assert small["sharding_type"] == "table_wise" and len(small["ranks"]) == 1
+    total = sum(r["embedding_bytes"] for r in report["ranks"].values())
+    assert total == (5000 + 100) * 8 * 4
+
+    text = write_plan_report(report, tmp_path)
+    assert json.loads((tmp_path / "plan.json").read_text()) == json.loads(json.dumps(report))
+    assert (tmp_path / "plan.txt").read_text() == text
+    assert "t_big" in text and "row_wise" in text and "imbalance" in text
+
+
+def test_an_impossible_plan_is_a_clear_error(single_process_group):
+    config = ShardingConfig(ddr_cap_gb=1e-6, sharding_types=["table_wise"])
+    with pytest.raises(ConfigError, match="found no plan for 2 rank\\(s\\) on cpu"):
+        plan_for(config, 2)
