@@ -1,7 +1,7 @@
 """Typed configuration schema: one dataclass per Hydra config group.
 
 Hydra merges the YAML files in configs/ onto these dataclasses (registered in its ConfigStore by
-`register_schemas`), so an unknown key or a value of the wrong type fails at start-up with the key's
+`register_with_hydra`), so an unknown key or a value of the wrong type fails at start-up with the key's
 name. `Config.validate()` (run once, by train.py) rejects values that are well-typed but impossible, with a sentence
 saying what is allowed. Nothing here imports from the rest of `app`, and nothing below `train.py`
 sees an OmegaConf object: they receive these plain dataclasses.
@@ -9,6 +9,8 @@ sees an OmegaConf object: they receive these plain dataclasses.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -120,10 +122,10 @@ class SyntheticConfig:
     """The embedded default dataset, generated on first use (see app/data/synthetic.py)."""
 
     root: str = "data/synthetic"
-    train_rows: int = 200_000
-    val_rows: int = 50_000
-    rows_per_file: int = 50_000
-    rows_per_row_group: int = 10_000
+    train_rows: int = 1_000_000
+    val_rows: int = 100_000
+    rows_per_file: int = 250_000
+    rows_per_row_group: int = 25_000
     seed: int = 1234
     # Exponent of the power law ids are drawn from: larger is more skewed.
     zipf_exponent: float = 1.1
@@ -361,12 +363,37 @@ GROUP_SCHEMAS = {
 }
 
 
-def register_schemas() -> None:
-    """Register the schemas in Hydra's ConfigStore: `config_schema` for train.yaml, and
-    `<group>/schema` that each group's YAML files name first in their defaults list."""
+def _sweep_point_dir(overrides: str) -> str:
+    """A sweep point's directory name from its overrides (Hydra's override_dirname): one path
+    component, readable, unique. Path-valued overrides (the same for every point, usually) are
+    left out of the readable part; a hash of the whole string then keeps points apart."""
+    readable = ",".join(item for item in overrides.split(",") if os.sep not in item) or "default"
+    if readable == overrides and len(readable) <= 100:
+        return readable
+    return f"{readable[:100]}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+
+
+def _rank0_only(value: str) -> Optional[str]:
+    """Every torchrun worker composes the config; only rank 0 may write `value` (.hydra/)."""
+    return value if os.environ.get("RANK", "0") == "0" else None
+
+
+def register_with_hydra() -> None:
+    """Register what configs/ needs: `config_schema` for train.yaml, `<group>/schema` that each
+    group's YAML files name first in their defaults list, and the resolvers hydra/default.yaml uses."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
     for group, schema in GROUP_SCHEMAS.items():
         store.store(group=group, name="schema", node=schema)
+    OmegaConf.register_new_resolver("rank0_only", _rank0_only, replace=True)
+    OmegaConf.register_new_resolver("sweep_point_dir", _sweep_point_dir, replace=True)
+
+
+def to_config(cfg) -> Config:
+    """The composed Hydra config as a validated Config (the only conversion; see train.py)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg).validate()

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torch.optim.lr_scheduler import LambdaLR
+from torchrec import optim as trec_optim
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from app.config import OptimConfig
+from app.config import ConfigError, OptimConfig
 from app.model import embedding_tables
 
 _OPTIMIZER_CLASSES = {
@@ -30,6 +31,10 @@ _OPTIMIZER_CLASSES = {
     "rowwise_adagrad": RowWiseAdagrad,
     "adam": torch.optim.Adam,
 }
+# What the sharder reads to pick the FBGEMM optimizer. Its kwargs go to FBGEMM as they are, so Adam
+# is torchrec's placeholder class, which accepts FBGEMM's beta1/beta2 instead of torch's betas.
+_FUSED_CLASSES = {**_OPTIMIZER_CLASSES, "adam": trec_optim.Adam}
+_FUSED_ON_CPU = ("sgd", "adagrad", "rowwise_adagrad")
 # Parameters under this module name are embedding tables, whatever the sharding wrapped them in.
 _TABLES_FQN_PART = "embedding_bag_collection"
 
@@ -43,13 +48,17 @@ def _optimizer_kwargs(name: str, lr: float, config: OptimConfig) -> Dict[str, ob
     return kwargs
 
 
-def apply_sparse_optimizer(model: nn.Module, config: OptimConfig) -> None:
+def apply_sparse_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> None:
     """Attach the sparse optimizer to the unsharded model's tables; call before sharding."""
-    _apply_optimizer_in_backward(
-        _OPTIMIZER_CLASSES[config.sparse],
-        embedding_tables(model).parameters(),
-        _optimizer_kwargs(config.sparse, config.effective_sparse_lr, config),
-    )
+    if device.type != "cuda" and config.sparse not in _FUSED_ON_CPU:
+        raise ConfigError(
+            f"optim.sparse={config.sparse} needs CUDA: FBGEMM's CPU kernels fuse only "
+            f"{', '.join(_FUSED_ON_CPU)} into the embedding backward."
+        )
+    kwargs = _optimizer_kwargs(config.sparse, config.effective_sparse_lr, config)
+    if "betas" in kwargs:
+        kwargs["beta1"], kwargs["beta2"] = kwargs.pop("betas")
+    _apply_optimizer_in_backward(_FUSED_CLASSES[config.sparse], embedding_tables(model).parameters(), kwargs)
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:

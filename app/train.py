@@ -11,9 +11,9 @@ Only this module touches Hydra and OmegaConf; everything below receives plain da
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -21,11 +21,12 @@ import hydra
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from app import distributed
 from app.checkpoint import CheckpointManager
-from app.config import Config, DataConfig, register_schemas
+from app.config import Config, ConfigError, DataConfig, register_with_hydra, to_config
+from app.data.batch import DataError
 from app.data.parquet import ParquetBatches, check_files, resolve_files
 from app.data.synthetic import ensure_dataset
 from app.features import FeatureSchema
@@ -36,29 +37,7 @@ from app.sharding import plan_report, plan_sharding, shard_model, write_plan_rep
 from app.trainer import Trainer, TrainState, planned_steps
 
 log = logging.getLogger("app.train")
-
-
-
-def _sweep_point_dir(overrides: str) -> str:
-    """A sweep point's directory name from its overrides (Hydra's override_dirname): one path
-    component, readable, unique. Path-valued overrides (the same for every point, usually) are
-    left out of the readable part; a hash of the whole string then keeps points apart."""
-    readable = ",".join(item for item in overrides.split(",") if os.sep not in item) or "default"
-    if readable == overrides and len(readable) <= 100:
-        return readable
-    return f"{readable[:100]}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
-
-
-# Every torchrun worker composes the config, but only rank 0 writes .hydra/ into the shared run dir.
-OmegaConf.register_new_resolver(
-    "rank0_only", lambda value: value if os.environ.get("RANK", "0") == "0" else None, replace=True
-)
-OmegaConf.register_new_resolver("sweep_point_dir", _sweep_point_dir, replace=True)
-register_schemas()
-
-
-def to_config(cfg: DictConfig) -> Config:
-    return OmegaConf.to_object(cfg).validate()
+register_with_hydra()
 
 
 def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> Tuple[List[str], List[str]]:
@@ -95,7 +74,7 @@ def run(config: Config, run_dir: Path) -> Dict[str, float]:
         train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
 
         model = build_model(config.model, schema, env.device)
-        apply_sparse_optimizer(model, config.optim)
+        apply_sparse_optimizer(model, config.optim, env.device)
         plan = plan_sharding(model, config.sharding, schema, env.device, config.data.batch_size,
                              env.world_size, env.local_world_size, dist.group.WORLD)
         if env.is_rank0:
@@ -134,12 +113,16 @@ def run(config: Config, run_dir: Path) -> Dict[str, float]:
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    config = to_config(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if config.distributed.nproc_per_node > 1 and not distributed.under_launcher():
-        result = distributed.launch_local(run, (config, run_dir), config.distributed.nproc_per_node)[0]
-    else:
-        result = run(config, run_dir)
+    try:
+        config = to_config(cfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if config.distributed.nproc_per_node > 1 and not distributed.under_launcher():
+            result = distributed.launch_local(run, (config, run_dir), config.distributed.nproc_per_node)[0]
+        else:
+            result = run(config, run_dir)
+    except (ConfigError, DataError) as error:  # bad input: say what and where, no traceback
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if os.environ.get("RANK", "0") == "0":
         print(f"final validation AUC {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
               f"NE {result['ne']:.4f}  run dir {run_dir}", flush=True)

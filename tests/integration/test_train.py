@@ -88,3 +88,37 @@ def test_sweep_runs_each_point_in_its_own_directory(tmp_path):
     assert "optim.lr=0.01" in points[0].name and "optim.lr=0.02" in points[1].name
     for point in points:
         assert (point / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.parametrize("overrides", [["optim=sgd", "model=dcn"], ["optim=adam"]])
+def test_other_optimizers_and_the_dcn_head_train(tmp_path, overrides):
+    args = [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4", *overrides)]
+    assert "final validation AUC" in check(run_command(args, cwd=REPO))
+
+
+def test_bad_input_fails_clearly_and_keeps_earlier_checkpoints(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    first = [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4")]
+    check(run_command(first, cwd=REPO))
+    checkpoints = tmp_path / "outputs" / "tiny" / "checkpoints"
+    saved = sorted(p.name for p in checkpoints.iterdir())
+
+    # The same job continued on Parquet files where one row group holds an id past its table.
+    synthetic = next((tmp_path / "data").iterdir())
+    table = pq.read_table(synthetic / "train" / "part-00000.parquet")
+    ids = table.column("cat_3").to_numpy().copy()
+    # cat_3 has 10000 rows. The resumed job skips the 4 batches (512 rows) it has trained on, so the
+    # bad id goes past them: row 700, in the third row group of 250.
+    ids[700] = 10_000
+    bad = tmp_path / "bad" / "part-00000.parquet"
+    bad.parent.mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("cat_3"), "cat_3", pa.array(ids)), bad,
+                   row_group_size=250)
+    second = [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=8", "data=parquet",
+              f"data.train_path={bad.parent}", f"data.val_path={synthetic / 'val'}", "data.shuffle=false")]
+    result = run_command(second, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "bad/part-00000.parquet row group 2, row 200: column 'cat_3' has id 10000" in result.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == saved

@@ -9,9 +9,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-import app.train  # registers the schemas and the rank0_only resolver, as a real run does
-from app.config import Config, ConfigError, TableConstraint
+from app.config import Config, ConfigError, TableConstraint, register_with_hydra, to_config
 from tests.conftest import CONFIGS, REPO, run_command
+
+register_with_hydra()
 
 GROUPS = ["features", "model", "data", "sharding", "optim", "checkpoint", "trainer", "logging", "distributed"]
 # Options that need paths only the user can give, or a dense arch ending in their embedding dim.
@@ -25,7 +26,7 @@ COMPANIONS = {
 
 def load(overrides=()) -> Config:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return app.train.to_config(compose("train", overrides=list(overrides)))
+        return to_config(compose("train", overrides=list(overrides)))
 
 
 def options(group: str):

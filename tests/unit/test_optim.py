@@ -27,3 +27,17 @@ def test_decay_reaches_the_floor_at_the_end(decay):
 def test_explicit_decay_steps():
     m = lr_multiplier(OptimConfig(decay="linear", decay_steps=10), total_steps=1000)
     assert m(5) == pytest.approx(0.5) and m(10) == 0.0
+
+
+def test_sparse_adam_is_refused_on_cpu_naming_the_key():
+    import torch
+
+    from app.config import ConfigError, FeaturesConfig, ModelConfig, SparseFeature
+    from app.features import FeatureSchema
+    from app.model import build_model
+    from app.optim import apply_sparse_optimizer
+
+    schema = FeatureSchema.from_config(FeaturesConfig(dense=["d"], sparse=[SparseFeature("a", 10)], embedding_dim=8))
+    model = build_model(ModelConfig(dense_arch_layer_sizes=[8]), schema, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="optim.sparse=adam needs CUDA"):
+        apply_sparse_optimizer(model, OptimConfig(sparse="adam"), torch.device("cpu"))

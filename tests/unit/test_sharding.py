@@ -42,7 +42,7 @@ def test_cuda_only_kernels_are_refused_on_cpu_naming_the_key():
 
 def plan_for(config: ShardingConfig, world_size: int):
     model = build_model(ModelConfig(dense_arch_layer_sizes=[8]), SCHEMA, torch.device("cpu"))
-    apply_sparse_optimizer(model, OptimConfig())
+    apply_sparse_optimizer(model, OptimConfig(), torch.device("cpu"))
     # Planning for 2 ranks needs no second process: the planner only reads the topology.
     return plan_sharding(model, config, SCHEMA, torch.device("cpu"), 32, world_size, world_size, dist.group.WORLD)
 
