@@ -89,10 +89,17 @@ def run(config: Config, run_dir: Path) -> Dict[str, float]:
         optimizer, lr_scheduler = optimizer_and_schedule(
             model, config.optim, planned_steps(config.trainer, len(train_data)))
 
+        checkpoints = CheckpointManager(run_dir / "checkpoints", config.checkpoint.keep_last, env.rank)
+        if not config.checkpoint.resume and checkpoints.latest() is not None:
+            # Starting over beside them would mix two runs' steps, and pruning would delete the new ones.
+            raise ConfigError(
+                f"checkpoint.resume=false, but {checkpoints.directory} already holds checkpoints (newest: "
+                f"{checkpoints.latest().name}); choose another run_name or remove them."
+            )
         metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard)
         trainer = Trainer(
             model, optimizer, lr_scheduler, train_data, val_data,
-            checkpoints=CheckpointManager(run_dir / "checkpoints", config.checkpoint.keep_last, env.rank),
+            checkpoints=checkpoints,
             checkpoint_every_n_steps=config.checkpoint.every_n_steps,
             metrics_logger=metrics_logger,
             config=config.trainer,

@@ -96,7 +96,7 @@ def test_other_optimizers_and_the_dcn_head_train(tmp_path, overrides):
     assert "final validation AUC" in check(run_command(args, cwd=REPO))
 
 
-def test_bad_input_fails_clearly_and_keeps_earlier_checkpoints(tmp_path):
+def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -121,4 +121,8 @@ def test_bad_input_fails_clearly_and_keeps_earlier_checkpoints(tmp_path):
     result = run_command(second, cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "bad/part-00000.parquet row group 2, row 200: column 'cat_3' has id 10000" in result.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == saved
+    # Starting over in a run directory that holds checkpoints is refused, not mixed in.
+    fresh = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "checkpoint.resume=false")], cwd=REPO)
+    assert fresh.returncode == 2 and "checkpoint.resume=false, but" in fresh.stderr, fresh.stderr[-3000:]
     assert sorted(p.name for p in checkpoints.iterdir()) == saved
