@@ -1,0 +1,223 @@
+"""The embedded default dataset: Criteo-shaped Parquet files drawn from a planted model.
+
+Labels come from a known logistic model over the features (per-id weights, pairwise interactions
+of per-id latent vectors, dense terms), so each row's true click probability is known, and so is
+the best AUC and logloss any model can reach on the validation split: they are written to
+metadata.json, to judge a trained model against the best possible rather than against 0.5.
+
+Ids follow a power law, like real categorical features (a few ids are very frequent). Nothing is
+stored per id: the per-id weights and latent vectors are hashes of (seed, feature, id), so tables
+of any size cost no memory, and files are generated one at a time so row counts are unbounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from app.config import SyntheticConfig
+from app.features import FeatureSchema
+
+METADATA_FILE = "metadata.json"
+LATENT_DIM = 4
+FORMAT_VERSION = 1  # bump when the generator changes what a fingerprint produces
+
+
+def dataset_dir(schema: FeatureSchema, cfg: SyntheticConfig) -> Path:
+    """cfg.root/<fingerprint>: a changed feature schema or generator setting gets its own dataset."""
+    params = {k: v for k, v in asdict(cfg).items() if k != "root"}
+    key = {
+        "version": FORMAT_VERSION,
+        "label": schema.label,
+        "dense": list(schema.dense),
+        "sparse": [(f.name, f.num_embeddings, f.hotness) for f in schema.sparse],
+        "params": params,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.root) / digest
+
+
+def ensure_dataset(schema: FeatureSchema, cfg: SyntheticConfig) -> Tuple[Path, Path]:
+    """(train_dir, val_dir), generating the dataset first if it is not there. The dataset is built
+    under a temporary name and renamed into place, so a crash never leaves one that looks complete."""
+    final = dataset_dir(schema, cfg)
+    if not (final / METADATA_FILE).is_file():
+        staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            generate(schema, cfg, staging)
+            try:
+                os.rename(staging, final)
+            except OSError:  # another process published it first
+                if not (final / METADATA_FILE).is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return final / "train", final / "val"
+
+
+# ---- the planted model -------------------------------------------------------------------------
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _hashed_normal(seed: int, salt: int, ids: np.ndarray) -> np.ndarray:
+    """A standard normal per (seed, salt, id), the same every time it is asked for."""
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.uint64(seed) * np.uint64(1_000_003) + np.uint64(salt))
+        h1 = _splitmix64(ids.astype(np.uint64) ^ key)
+        h2 = _splitmix64(h1)
+    u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
+    u2 = (h2 >> np.uint64(11)).astype(np.float64) / 2.0**53
+    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+
+
+def _power_law_ids(rng: np.random.Generator, count: int, num_embeddings: int, exponent: float,
+                   scatter: Tuple[int, int]) -> np.ndarray:
+    """Ids with P(k-th most frequent) ~ k^-exponent (inverse CDF of the continuous law), the
+    frequency ranks scattered over the table by an affine bijection."""
+    u = rng.random(count)
+    n1 = num_embeddings + 1.0
+    if abs(exponent - 1.0) < 1e-9:
+        x = n1**u
+    else:
+        x = (1.0 + u * (n1 ** (1.0 - exponent) - 1.0)) ** (1.0 / (1.0 - exponent))
+    ranks = np.clip(np.floor(x).astype(np.int64) - 1, 0, num_embeddings - 1)
+    multiplier, offset = scatter
+    return (ranks * multiplier + offset) % num_embeddings
+
+
+def _scatter(seed: int, feature_index: int, num_embeddings: int) -> Tuple[int, int]:
+    rng = np.random.default_rng([seed, 7, feature_index])
+    while True:
+        multiplier = int(rng.integers(1, 2**31 - 1))
+        if math.gcd(multiplier, num_embeddings) == 1:
+            return multiplier % num_embeddings or 1, int(rng.integers(0, num_embeddings))
+
+
+class _PlantedModel:
+    """Per-id weights, latent vectors for chained feature pairs, dense weights, and a bias."""
+
+    # Scales chosen so the default schema gives a best achievable AUC near 0.8 and a CTR near 0.25.
+    ID_WEIGHT = 0.45
+    INTERACTION = 0.5
+    DENSE_WEIGHT = 0.25
+
+    def __init__(self, schema: FeatureSchema, cfg: SyntheticConfig) -> None:
+        self.schema = schema
+        self.seed = cfg.seed
+        rng = np.random.default_rng([cfg.seed, 1])
+        self.dense_weights = rng.normal(0.0, self.DENSE_WEIGHT, len(schema.dense))
+        self.dense_log_means = rng.uniform(0.0, 3.0, len(schema.dense))
+        self.bias = -1.3
+        # Interactions between neighbouring features: enough structure for the interaction layer.
+        count = len(schema.sparse)
+        self.pairs = [(i, i + 1) for i in range(0, count - 1, 2)]
+        self.scatter = [_scatter(cfg.seed, i, f.num_embeddings) for i, f in enumerate(schema.sparse)]
+
+    def _bag_mean(self, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Mean of a per-id quantity over each row's ids (rows have >= 1 id)."""
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        return np.add.reduceat(values, offsets, axis=0) / lengths.reshape((-1,) + (1,) * (values.ndim - 1))
+
+    def sample(self, rng: np.random.Generator, rows: int, exponent: float) -> Tuple[Dict[str, pa.Array], np.ndarray]:
+        columns: Dict[str, pa.Array] = {}
+        logit = np.full(rows, self.bias)
+        dense_raw = np.floor(np.exp(rng.normal(self.dense_log_means, 1.0, (rows, len(self.schema.dense)))))
+        standardized = (np.log1p(dense_raw) - self.dense_log_means) / 1.0
+        logit += standardized @ self.dense_weights
+        for j, name in enumerate(self.schema.dense):
+            columns[name] = pa.array(dense_raw[:, j].astype(np.float32))
+        latent: List[np.ndarray] = []
+        for i, feature in enumerate(self.schema.sparse):
+            hot = feature.hotness
+            lengths = rng.integers(1, hot + 1, rows) if hot > 1 else np.ones(rows, dtype=np.int64)
+            ids = _power_law_ids(rng, int(lengths.sum()), feature.num_embeddings, exponent, self.scatter[i])
+            logit += self.ID_WEIGHT * self._bag_mean(_hashed_normal(self.seed, 2 * i, ids), lengths)
+            vectors = np.stack([_hashed_normal(self.seed, 1000 + LATENT_DIM * i + d, ids) for d in range(LATENT_DIM)], 1)
+            latent.append(self._bag_mean(vectors, lengths))
+            if hot > 1:
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+                columns[feature.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))
+            else:
+                columns[feature.name] = pa.array(ids)
+        for a, b in self.pairs:
+            logit += self.INTERACTION * (latent[a] * latent[b]).sum(1) / math.sqrt(LATENT_DIM)
+        probability = 1.0 / (1.0 + np.exp(-logit))
+        columns[self.schema.label] = pa.array((rng.random(rows) < probability).astype(np.int8))
+        return columns, probability
+
+
+# ---- scores of the true probabilities ----------------------------------------------------------
+
+def auc_score(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties given their average rank."""
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average_rank = first + (counts + 1) / 2.0  # 1-based average rank of each tie group
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(average_rank, counts)
+    positives = labels.astype(bool)
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def logloss_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    p = np.clip(probabilities, 1e-12, 1 - 1e-12)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+def generate(schema: FeatureSchema, cfg: SyntheticConfig, out_dir: Path) -> dict:
+    """Write out_dir/{train,val}/part-NNNNN.parquet and out_dir/metadata.json; returns the metadata."""
+    out_dir = Path(out_dir)
+    model = _PlantedModel(schema, cfg)
+    summary: Dict[str, dict] = {}
+    for split_index, (split, total) in enumerate((("train", cfg.train_rows), ("val", cfg.val_rows))):
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        labels, probabilities = [], []
+        for file_index, start in enumerate(range(0, total, cfg.rows_per_file)):
+            rows = min(cfg.rows_per_file, total - start)
+            rng = np.random.default_rng([cfg.seed, split_index, file_index])
+            columns, probability = model.sample(rng, rows, cfg.zipf_exponent)
+            table = pa.table({name: columns[name] for name in schema.columns})
+            pq.write_table(table, out_dir / split / f"part-{file_index:05d}.parquet",
+                           row_group_size=cfg.rows_per_row_group)
+            labels.append(columns[schema.label].to_numpy())
+            probabilities.append(probability)
+        label_array, probability_array = np.concatenate(labels), np.concatenate(probabilities)
+        summary[split] = {
+            "rows": total,
+            "files": -(-total // cfg.rows_per_file),
+            "click_rate": float(label_array.mean()),
+            "best_auc": auc_score(label_array, probability_array),
+            "best_logloss": logloss_score(label_array, probability_array),
+        }
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "columns": schema.columns,
+        "tables": {f.name: {"num_embeddings": f.num_embeddings, "hotness": f.hotness} for f in schema.sparse},
+        "params": asdict(cfg),
+        "splits": summary,
+        "best_auc": summary["val"]["best_auc"],
+        "best_logloss": summary["val"]["best_logloss"],
+    }
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    return metadata

@@ -1,0 +1,145 @@
+"""The rank-aware reader on real files: equal batch counts, disjoint shards, padding, shuffling,
+exact resume, prefetching, and the footer checks."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pyarrow as pa
+import pytest
+
+from app.data.batch import DataError
+from app.data.parquet import ParquetBatches, check_files, resolve_files
+from tests.unit.data.conftest import SCHEMA, make_rows, write
+
+
+def row_ids(batches):
+    """The global row index of every row yielded (d0 holds it)."""
+    return [int(v) for b in batches for v in b.dense_features[:, 0].tolist()]
+
+
+def reader(files, rank=0, world_size=1, **kwargs):
+    kwargs.setdefault("prefetch_batches", 0)
+    return ParquetBatches(files, SCHEMA, kwargs.pop("batch_size", 16), rank, world_size, **kwargs)
+
+
+def test_ranks_get_equal_batch_counts_and_disjoint_rows(uneven_files):
+    ranks = [reader(uneven_files, rank=r, world_size=2) for r in range(2)]
+    # Row groups [25, 25 | 25 x 5, 5 | 20] alternate between ranks: 120 rows and 80 rows.
+    assert len(ranks[0]) == len(ranks[1]) == 80 // 16
+    seen = [row_ids(r) for r in ranks]
+    assert [len(s) for s in seen] == [len(ranks[0]) * 16] * 2
+    assert not set(seen[0]) & set(seen[1])
+
+
+def test_eval_mode_pads_and_covers_every_row_once(uneven_files):
+    ranks = [reader(uneven_files, rank=r, world_size=2, pad_to_equal=True) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == -(-120 // 16)
+    valid = []
+    for r in ranks:
+        items = list(r)
+        assert len(items) == len(r)
+        assert all(item.batch.labels.numel() == 16 for item in items)
+        valid += [int(v) for item in items for v in item.batch.dense_features[: item.valid, 0].tolist()]
+    assert sorted(valid) == list(range(200))
+
+
+def test_more_ranks_than_row_groups_is_a_clear_error(tmp_path):
+    files = [write(tmp_path / "one.parquet", make_rows(0, 40), row_group_size=40)]
+    with pytest.raises(DataError, match="1 row group\\(s\\) in 1 file\\(s\\) give the 2 ranks \\[40, 0\\] rows"):
+        reader(files, rank=0, world_size=2)
+    assert len(reader(files, rank=1, world_size=2, pad_to_equal=True)) == 3  # eval pads the empty rank
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch(uneven_files):
+    def epoch_rows(epoch, seed=3):
+        r = reader(uneven_files, shuffle=True, seed=seed, batch_size=8)  # 8 divides 200: no rows dropped
+        r.set_epoch(epoch)
+        return row_ids(r)
+
+    first = epoch_rows(0)
+    assert first == epoch_rows(0)
+    assert first != epoch_rows(1) and sorted(first) == sorted(epoch_rows(1))
+    assert first != epoch_rows(0, seed=4)
+    assert first != row_ids(reader(uneven_files, batch_size=8))
+
+
+@pytest.mark.parametrize("stop_after", [1, 4, 7])
+def test_resume_yields_exactly_the_remaining_batches(uneven_files, stop_after):
+    uninterrupted = reader(uneven_files, shuffle=True, seed=1)
+    uninterrupted.set_epoch(2)
+    expected = row_ids(uninterrupted)
+
+    first = reader(uneven_files, shuffle=True, seed=1)
+    first.set_epoch(2)
+    head = row_ids(itertools.islice(iter(first), stop_after))
+    state = first.state_dict()
+    assert state == {"epoch": 2, "batches_done": stop_after}
+
+    resumed = reader(uneven_files, shuffle=True, seed=1)
+    resumed.load_state_dict(state)
+    assert head + row_ids(resumed) == expected
+
+
+def test_prefetch_gives_the_same_batches(uneven_files):
+    plain = row_ids(reader(uneven_files, shuffle=True))
+    assert row_ids(reader(uneven_files, shuffle=True, prefetch_batches=2)) == plain
+
+
+def test_stopping_early_stops_the_prefetch_thread(uneven_files):
+    before = threading.active_count()
+    batches = iter(reader(uneven_files, prefetch_batches=1))
+    next(batches)
+    batches.close()
+    assert threading.active_count() == before
+
+
+def test_errors_while_reading_reach_the_consumer(tmp_path):
+    columns = make_rows(0, 64)
+    columns["one"] = pa.array([11] * 64, type=pa.int64())
+    files = [write(tmp_path / "bad.parquet", columns, row_group_size=32)]
+    with pytest.raises(DataError, match="bad.parquet row group 0, row 0: column 'one' has id 11"):
+        list(reader(files, prefetch_batches=2))
+
+
+def test_resolve_files(tmp_path, uneven_files):
+    assert resolve_files(str(tmp_path)) == sorted(uneven_files)
+    assert resolve_files(uneven_files[0]) == [uneven_files[0]]
+    assert resolve_files(str(tmp_path / "part-[01].parquet")) == sorted(uneven_files)[:2]
+    with pytest.raises(DataError, match="no Parquet files at '.*nowhere'"):
+        resolve_files(str(tmp_path / "nowhere"))
+
+
+def test_check_files_missing_column(tmp_path):
+    columns = make_rows(0, 4)
+    del columns["many"]
+    path = write(tmp_path / "nomany.parquet", columns, row_group_size=4)
+    with pytest.raises(DataError, match="nomany.parquet: missing column\\(s\\) \\['many'\\]"):
+        check_files([path], SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "column,values,expected",
+    [
+        ("one", pa.array(["a", "b"]), "column 'one' has type string; expected int64"),
+        ("many", pa.array([[0.5], [1.5]]), "column 'many' has type list<element: double>; expected int64"),
+        ("d0", pa.array(["x", "y"]), "column 'd0' has type string; expected a number"),
+    ],
+)
+def test_check_files_wrong_types(tmp_path, column, values, expected):
+    columns = make_rows(0, 2)
+    columns[column] = values
+    path = write(tmp_path / "typed.parquet", columns, row_group_size=2)
+    with pytest.raises(DataError, match=f"typed.parquet: {expected}"):
+        check_files([path], SCHEMA)
+
+
+def test_check_files_empty_and_unreadable(tmp_path):
+    empty = write(tmp_path / "empty.parquet", {k: v.slice(0, 0) for k, v in make_rows(0, 1).items()}, 1)
+    with pytest.raises(DataError, match="hold no rows"):
+        check_files([empty], SCHEMA)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="junk.parquet: not a readable Parquet file"):
+        check_files([str(junk)], SCHEMA)
