@@ -17,11 +17,8 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from app.data import DataError
 from app.features import FeatureSchema
-
-
-class DataError(ValueError):
-    """Input data that cannot be trained on; the message names file, row group and column."""
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> pa.Array:

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torchrec.datasets.utils import Batch
 
-from app.data.batch import DataError, table_to_batch, validate_table
+from app.data import DataError
+from app.data.batch import table_to_batch, validate_table
 from app.features import FeatureSchema
 
 

