@@ -124,6 +124,7 @@ class SyntheticConfig:
     root: str = "data/synthetic"
     train_rows: int = 1_000_000
     val_rows: int = 100_000
+    test_rows: int = 0  # a held-out split beside train and val (0: none)
     rows_per_file: int = 250_000
     rows_per_row_group: int = 25_000
     seed: int = 1234
@@ -133,6 +134,7 @@ class SyntheticConfig:
     def validate(self) -> None:
         for key in ("train_rows", "val_rows", "rows_per_file", "rows_per_row_group"):
             _require(getattr(self, key) > 0, f"data.synthetic.{key} must be > 0, got {getattr(self, key)}.")
+        _require(self.test_rows >= 0, f"data.synthetic.test_rows must be >= 0, got {self.test_rows}.")
         _require(self.zipf_exponent > 0, f"data.synthetic.zipf_exponent must be > 0, got {self.zipf_exponent}.")
 
 
@@ -145,10 +147,20 @@ class DataConfig:
     val_path: str = ""
     batch_size: int = 512  # per rank
     eval_batch_size: int = 2048  # per rank
+    # Training order changes every epoch (by seed and epoch): row groups are shuffled, and rows are
+    # mixed within windows of shuffle_window consecutive row groups (the shuffle buffer: memory
+    # and mixing both grow with it).
     shuffle: bool = True
+    shuffle_window: int = 4
     seed: int = 0
     # Batches decoded ahead of training on a background thread.
     prefetch_batches: int = 4
+    # Values that cannot be trained on as they are: "error" stops with the file, row group, row and
+    # column; "hash" maps an id outside [0, num_embeddings) to id mod num_embeddings; "fill"
+    # replaces NaN, inf and null dense values with dense_fill_value. Bad labels always stop.
+    invalid_ids: str = "error"
+    invalid_dense: str = "error"
+    dense_fill_value: float = 0.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self) -> None:
@@ -159,6 +171,9 @@ class DataConfig:
         _require(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}.")
         _require(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}.")
         _require(self.prefetch_batches >= 0, f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}.")
+        _require(self.shuffle_window > 0, f"data.shuffle_window must be > 0 row groups, got {self.shuffle_window}.")
+        _require_choice("data.invalid_ids", self.invalid_ids, ("error", "hash"))
+        _require_choice("data.invalid_dense", self.invalid_dense, ("error", "fill"))
 
 
 @dataclass

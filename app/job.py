@@ -9,14 +9,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from app import distributed
 from app.checkpoint import CheckpointManager
 from app.config import Config, ConfigError, DataConfig, LoggingConfig
+from app.data.batch import InputPolicy
 from app.data.parquet import ParquetBatches, check_files, resolve_files
 from app.data.synthetic import ensure_dataset
 from app.distributed import DistEnv
@@ -59,6 +61,31 @@ def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> 
     return files
 
 
+def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv,
+                        run_dir: Optional[Path]) -> nn.Module:
+    """The model with its sparse optimizer fused in, planned collectively and wrapped in
+    DistributedModelParallel; rank 0 writes the plan report into run_dir (when given)."""
+    model = build_model(config.model, schema, env.device)
+    apply_sparse_optimizer(model, config.optim, env.device)
+    plan = plan_sharding(model, config.sharding, schema, env.device, config.data.batch_size,
+                         env.world_size, env.local_world_size, dist.group.WORLD)
+    if env.is_rank0 and run_dir is not None:
+        log.info("sharding plan:\n%s", write_plan_report(plan_report(plan, schema, env.world_size), run_dir))
+    return shard_model(model, plan, env.device)
+
+
+def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train_files: List[str],
+                  val_files: List[str]) -> Tuple[ParquetBatches, ParquetBatches]:
+    """This rank's training batches (shuffled per epoch) and evaluation batches (padded)."""
+    policy = InputPolicy(config.invalid_ids, config.invalid_dense, config.dense_fill_value)
+    train = ParquetBatches(train_files, schema, config.batch_size, env.rank, env.world_size,
+                           shuffle=config.shuffle, seed=config.seed, prefetch_batches=config.prefetch_batches,
+                           shuffle_window=config.shuffle_window, policy=policy)
+    val = ParquetBatches(val_files, schema, config.eval_batch_size, env.rank, env.world_size,
+                         pad_to_equal=True, prefetch_batches=config.prefetch_batches, policy=policy)
+    return train, val
+
+
 def run(config: Config, run_dir: Path) -> Dict[str, float]:
     """One worker's whole job; returns the final validation metrics (the same on every rank)."""
     env = distributed.init(config.distributed)
@@ -68,19 +95,8 @@ def run(config: Config, run_dir: Path) -> Dict[str, float]:
         schema = FeatureSchema.from_config(config.features)
         train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
 
-        model = build_model(config.model, schema, env.device)
-        apply_sparse_optimizer(model, config.optim, env.device)
-        plan = plan_sharding(model, config.sharding, schema, env.device, config.data.batch_size,
-                             env.world_size, env.local_world_size, dist.group.WORLD)
-        if env.is_rank0:
-            log.info("sharding plan:\n%s", write_plan_report(plan_report(plan, schema, env.world_size), run_dir))
-        model = shard_model(model, plan, env.device)
-
-        train_data = ParquetBatches(train_files, schema, config.data.batch_size, env.rank, env.world_size,
-                                    shuffle=config.data.shuffle, seed=config.data.seed,
-                                    prefetch_batches=config.data.prefetch_batches)
-        val_data = ParquetBatches(val_files, schema, config.data.eval_batch_size, env.rank, env.world_size,
-                                  pad_to_equal=True, prefetch_batches=config.data.prefetch_batches)
+        model = build_sharded_model(config, schema, env, run_dir)
+        train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
         optimizer, lr_scheduler = optimizer_and_schedule(
             model, config.optim, planned_steps(config.trainer, len(train_data)))
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from torchrec.datasets.utils import Batch
 
 from app.data import DataError
-from app.data.batch import table_to_batch, validate_table
+from app.data.batch import InputPolicy, Rows, decode
 from app.features import FeatureSchema
 
 
@@ -50,33 +50,42 @@ def _is_id_column(arrow_type: pa.DataType) -> bool:
     return pa.types.is_integer(arrow_type)
 
 
+def _expected_kind(schema: FeatureSchema, name: str) -> str:
+    return "a number type" if name in (schema.label, *schema.dense) else \
+        "int64 (one id per row) or list<int64> (multi-hot)"
+
+
 def check_files(files: Sequence[str], schema: FeatureSchema) -> None:
-    """Check columns and types from the footers alone (cheap), before any training starts."""
+    """Check columns, types and row counts from the footers alone (cheap), before training starts:
+    a missing column, a column of the wrong type, a file with no rows, or files that disagree on a
+    column's type. Each error names the file and the column."""
     if not files:
         raise DataError("no Parquet files to read.")
-    total_rows = 0
+    first_types: Dict[str, pa.DataType] = {}
     for path in files:
         try:
             metadata = pq.read_metadata(path)
             arrow_schema = metadata.schema.to_arrow_schema()
         except Exception as error:  # pyarrow raises several types for a damaged file
             raise DataError(f"{path}: not a readable Parquet file ({error}).") from error
-        total_rows += metadata.num_rows
         present = set(arrow_schema.names)
         missing = [c for c in schema.columns if c not in present]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; the features config expects {schema.columns}.")
-        for name in (schema.label, *schema.dense):
-            if not _is_number(arrow_schema.field(name).type):
-                raise DataError(f"{path}: column {name!r} has type {arrow_schema.field(name).type}; expected a number type.")
-        for name in schema.sparse_names:
-            if not _is_id_column(arrow_schema.field(name).type):
+        for name in schema.columns:
+            arrow_type = arrow_schema.field(name).type
+            fits = _is_number(arrow_type) if name in (schema.label, *schema.dense) else _is_id_column(arrow_type)
+            if not fits:
+                raise DataError(f"{path}: column {name!r} has type {arrow_type}; expected {_expected_kind(schema, name)}.")
+            if name not in first_types:
+                first_types[name] = arrow_type
+            elif arrow_type != first_types[name]:
                 raise DataError(
-                    f"{path}: column {name!r} has type {arrow_schema.field(name).type}; "
-                    "expected int64 (one id per row) or list<int64> (multi-hot)."
+                    f"{path}: column {name!r} has type {arrow_type}, but {files[0]} has {first_types[name]}; "
+                    "every file of a split must have the same schema."
                 )
-    if total_rows == 0:
-        raise DataError(f"the Parquet files hold no rows: {list(files)[:5]}{' ...' if len(files) > 5 else ''}")
+        if metadata.num_rows == 0:
+            raise DataError(f"{path}: the file holds no rows; remove it or write rows into it.")
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,8 @@ class ParquetBatches:
         seed: int = 0,
         pad_to_equal: bool = False,
         prefetch_batches: int = 4,
+        shuffle_window: int = 4,
+        policy: InputPolicy = InputPolicy(),
     ) -> None:
         self.files = list(files)
         self.schema = schema
@@ -125,6 +136,8 @@ class ParquetBatches:
         self.seed = seed
         self.pad_to_equal = pad_to_equal
         self.prefetch_batches = prefetch_batches
+        self.shuffle_window = shuffle_window if shuffle else 1
+        self.policy = policy
         self._row_groups = self._read_footers()
         self._epoch = 0
         self._start = 0  # batches to skip at the next __iter__ (resume)
@@ -221,55 +234,61 @@ class ParquetBatches:
             stop.set()
             thread.join()
 
+    def _windows(self, epoch: int) -> List[List[_RowGroup]]:
+        """This rank's row groups of the epoch in windows of `shuffle_window` consecutive groups:
+        the shuffle buffer. Rows are mixed within a window, so it bounds both the memory a shuffle
+        takes and how far a row can move; the row group order itself is shuffled per epoch."""
+        groups = self._assignment(epoch, self.rank)
+        return [groups[i : i + self.shuffle_window] for i in range(0, len(groups), self.shuffle_window)]
+
     def _produce(self, epoch: int, skip_batches: int) -> Iterator:
         total = len(self)
-        pending: List[pa.Table] = []
+        pending: List[Rows] = []
         pending_rows = 0
         emitted = skip_batches
         skip_rows = skip_batches * self.batch_size
-        for group in self._assignment(epoch, self.rank):
+        for window in self._windows(epoch):
             if emitted >= total:
                 return
-            if skip_rows >= group.rows:  # resume: whole row groups are skipped unread
-                skip_rows -= group.rows
+            window_rows = sum(group.rows for group in window)
+            if skip_rows >= window_rows:  # resume: whole windows are skipped unread
+                skip_rows -= window_rows
                 continue
-            table = self._read(group, epoch)
+            rows = self._read(window, epoch)
             if skip_rows:
-                table, skip_rows = table.slice(skip_rows), 0
-            pending.append(table)
-            pending_rows += table.num_rows
+                rows, skip_rows = rows.slice(skip_rows, len(rows)), 0
+            pending.append(rows)
+            pending_rows += len(rows)
             while pending_rows >= self.batch_size and emitted < total:
-                rows = pa.concat_tables(pending)
-                batch_rows, rest = rows.slice(0, self.batch_size), rows.slice(self.batch_size)
-                yield self._convert(batch_rows, self.batch_size)
+                rows = Rows.concat(pending)
+                yield self._convert(rows.slice(0, self.batch_size), self.batch_size)
                 emitted += 1
-                pending, pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+                rest = rows.slice(self.batch_size, len(rows))
+                pending, pending_rows = ([rest], len(rest)) if len(rest) else ([], 0)
         if not self.pad_to_equal:
             return
         while emitted < total:  # evaluation: pad this rank up to the longest rank's count
             valid = pending_rows
-            rows = pa.concat_tables(pending) if pending else self._padding_rows()
+            rows = Rows.concat(pending) if pending else self._read(self._row_groups[:1], epoch)
             yield self._convert(self._pad(rows), valid)
             emitted += 1
             pending, pending_rows = [], 0
 
-    def _read(self, group: _RowGroup, epoch: int) -> pa.Table:
-        table = pq.ParquetFile(group.file).read_row_group(group.index, columns=self.schema.columns)
-        validate_table(table, self.schema, f"{group.file} row group {group.index}")
+    def _read(self, window: List[_RowGroup], epoch: int) -> Rows:
+        parts = []
+        for group in window:
+            table = pq.ParquetFile(group.file).read_row_group(group.index, columns=self.schema.columns)
+            parts.append(decode(table, self.schema, f"{group.file} row group {group.index}", self.policy))
+        rows = Rows.concat(parts)
         if self.shuffle:
-            rows = np.random.default_rng([self.seed, epoch, group.position]).permutation(table.num_rows)
-            table = table.take(rows)
-        return table
+            order = np.random.default_rng([self.seed, epoch, window[0].position]).permutation(len(rows))
+            rows = rows.take(order)
+        return rows
 
-    def _padding_rows(self) -> pa.Table:
-        first = self._row_groups[0]
-        return pq.ParquetFile(first.file).read_row_group(first.index, columns=self.schema.columns)
+    def _pad(self, rows: Rows) -> Rows:
+        repeats = -(-self.batch_size // len(rows))
+        return Rows.concat([rows] * repeats).slice(0, self.batch_size)
 
-    def _pad(self, rows: pa.Table) -> pa.Table:
-        repeats = -(-self.batch_size // rows.num_rows)
-        return pa.concat_tables([rows] * repeats).slice(0, self.batch_size)
-
-    def _convert(self, rows: pa.Table, valid: int):
-        batch = table_to_batch(rows, self.schema, validate=False)  # checked row group by row group in _read
+    def _convert(self, rows: Rows, valid: int):
+        batch = rows.to_batch(self.schema.sparse_names)
         return EvalBatch(batch, valid) if self.pad_to_equal else batch
-

@@ -31,7 +31,9 @@ from app.features import FeatureSchema
 
 METADATA_FILE = "metadata.json"
 LATENT_DIM = 4
-FORMAT_VERSION = 1  # bump when the generator changes what a fingerprint produces
+FORMAT_VERSION = 2  # bump when the generator changes what a fingerprint produces
+# Each row's true click probability, beside the features (the loader reads only the features).
+PROBABILITY_COLUMN = "click_probability"
 
 
 def dataset_dir(schema: FeatureSchema, cfg: SyntheticConfig) -> Path:
@@ -49,7 +51,8 @@ def dataset_dir(schema: FeatureSchema, cfg: SyntheticConfig) -> Path:
 
 
 def ensure_dataset(schema: FeatureSchema, cfg: SyntheticConfig) -> Tuple[Path, Path]:
-    """(train_dir, val_dir), generating the dataset first if it is not there. The dataset is built
+    """(train_dir, val_dir), generating the dataset first if it is not there (a test split, if
+    configured, lies beside them). The dataset is built
     under a temporary name and renamed into place, so a crash never leaves one that looks complete."""
     final = dataset_dir(schema, cfg)
     if not (final / METADATA_FILE).is_file():
@@ -138,11 +141,12 @@ class _PlantedModel:
     def sample(self, rng: np.random.Generator, rows: int, exponent: float) -> Tuple[Dict[str, pa.Array], np.ndarray]:
         columns: Dict[str, pa.Array] = {}
         logit = np.full(rows, self.bias)
-        dense_raw = np.floor(np.exp(rng.normal(self.dense_log_means, 1.0, (rows, len(self.schema.dense)))))
-        standardized = (np.log1p(dense_raw) - self.dense_log_means) / 1.0
-        logit += standardized @ self.dense_weights
+        # Count-like values, written as log(1 + count): the transform the Criteo converter applies.
+        counts = np.floor(np.exp(rng.normal(self.dense_log_means, 1.0, (rows, len(self.schema.dense)))))
+        dense = np.log1p(counts)
+        logit += (dense - self.dense_log_means) @ self.dense_weights
         for j, name in enumerate(self.schema.dense):
-            columns[name] = pa.array(dense_raw[:, j].astype(np.float32))
+            columns[name] = pa.array(dense[:, j].astype(np.float32))
         latent: List[np.ndarray] = []
         for i, feature in enumerate(self.schema.sparse):
             hot = feature.hotness
@@ -165,54 +169,75 @@ class _PlantedModel:
 
 # ---- scores of the true probabilities ----------------------------------------------------------
 
-def auc_score(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties given their average rank."""
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    average_rank = first + (counts + 1) / 2.0  # 1-based average rank of each tie group
-    ranks = np.empty(len(scores))
-    ranks[order] = np.repeat(average_rank, counts)
-    positives = labels.astype(bool)
-    n_pos, n_neg = positives.sum(), (~positives).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+class ScoreTally:
+    """Streaming AUC and logloss of probabilities against labels, so a split of any size is scored
+    in constant memory: positives and negatives are counted per probability bin (2**20 bins, 16 MB),
+    and pairs within one bin count as ties. The AUC is exact up to those ties (width 1e-6)."""
 
+    BINS = 1 << 20
 
-def logloss_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    p = np.clip(probabilities, 1e-12, 1 - 1e-12)
-    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    def __init__(self) -> None:
+        self.positives = np.zeros(self.BINS, dtype=np.int64)
+        self.negatives = np.zeros(self.BINS, dtype=np.int64)
+        self.log_loss_sum = 0.0
+        self.rows = 0
+
+    def add(self, labels: np.ndarray, probabilities: np.ndarray) -> None:
+        bins = np.minimum((probabilities * self.BINS).astype(np.int64), self.BINS - 1)
+        clicked = labels.astype(bool)
+        self.positives += np.bincount(bins[clicked], minlength=self.BINS)
+        self.negatives += np.bincount(bins[~clicked], minlength=self.BINS)
+        p = np.clip(probabilities, 1e-12, 1 - 1e-12)
+        self.log_loss_sum -= float(np.sum(np.where(clicked, np.log(p), np.log(1 - p))))
+        self.rows += len(labels)
+
+    def auc(self) -> float:
+        n_pos, n_neg = int(self.positives.sum()), int(self.negatives.sum())
+        if n_pos == 0 or n_neg == 0:
+            return float("nan")
+        negatives_below = np.cumsum(self.negatives) - self.negatives
+        wins = (self.positives * negatives_below).sum() + 0.5 * (self.positives * self.negatives).sum()
+        return float(wins / (n_pos * n_neg))
+
+    def logloss(self) -> float:
+        return self.log_loss_sum / max(self.rows, 1)
+
+    def click_rate(self) -> float:
+        return float(self.positives.sum() / max(self.rows, 1))
 
 
 def generate(schema: FeatureSchema, cfg: SyntheticConfig, out_dir: Path) -> dict:
-    """Write out_dir/{train,val}/part-NNNNN.parquet and out_dir/metadata.json; returns the metadata."""
+    """Write out_dir/<split>/part-NNNNN.parquet for the train, val and (if test_rows) test splits,
+    and out_dir/metadata.json; returns the metadata. Files are written one at a time and scored as
+    they go, so memory does not grow with the row count."""
     out_dir = Path(out_dir)
     model = _PlantedModel(schema, cfg)
+    splits = [("train", cfg.train_rows), ("val", cfg.val_rows), ("test", cfg.test_rows)]
     summary: Dict[str, dict] = {}
-    for split_index, (split, total) in enumerate((("train", cfg.train_rows), ("val", cfg.val_rows))):
+    for split_index, (split, total) in enumerate(splits):
+        if total == 0:
+            continue
         (out_dir / split).mkdir(parents=True, exist_ok=True)
-        labels, probabilities = [], []
+        tally = ScoreTally()
         for file_index, start in enumerate(range(0, total, cfg.rows_per_file)):
             rows = min(cfg.rows_per_file, total - start)
             rng = np.random.default_rng([cfg.seed, split_index, file_index])
             columns, probability = model.sample(rng, rows, cfg.zipf_exponent)
-            table = pa.table({name: columns[name] for name in schema.columns})
+            table = pa.table({**{name: columns[name] for name in schema.columns}, PROBABILITY_COLUMN: probability})
             pq.write_table(table, out_dir / split / f"part-{file_index:05d}.parquet",
                            row_group_size=cfg.rows_per_row_group)
-            labels.append(columns[schema.label].to_numpy())
-            probabilities.append(probability)
-        label_array, probability_array = np.concatenate(labels), np.concatenate(probabilities)
+            tally.add(columns[schema.label].to_numpy(), probability)
         summary[split] = {
             "rows": total,
             "files": -(-total // cfg.rows_per_file),
-            "click_rate": float(label_array.mean()),
-            "best_auc": auc_score(label_array, probability_array),
-            "best_logloss": logloss_score(label_array, probability_array),
+            "click_rate": tally.click_rate(),
+            "best_auc": tally.auc(),
+            "best_logloss": tally.logloss(),
         }
     metadata = {
         "format_version": FORMAT_VERSION,
         "columns": schema.columns,
+        "probability_column": PROBABILITY_COLUMN,
         "tables": {f.name: {"num_embeddings": f.num_embeddings, "hotness": f.hotness} for f in schema.sparse},
         "params": asdict(cfg),
         "splits": summary,

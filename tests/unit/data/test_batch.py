@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.data import DataError
-from app.data.batch import table_to_batch
+from app.data.batch import InputPolicy, table_to_batch
 from tests.unit.data.conftest import SCHEMA, make_rows, write
 
 
@@ -57,3 +57,30 @@ def test_int32_ids_and_float_labels_are_accepted():
     batch = table_to_batch(pa.table(columns), SCHEMA)
     assert batch.sparse_features.values().dtype == torch.int64
     assert batch.labels.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_policy_hashes_out_of_range_ids_into_the_table():
+    columns = make_rows(0, 4)
+    columns["one"] = pa.array([3, -1, 10, 25], type=pa.int64())
+    columns["many"] = pa.array([[7, 1], [], None, [-8]], type=pa.list_(pa.int64()))
+    batch = table_to_batch(pa.table(columns), SCHEMA, policy=InputPolicy(invalid_ids="hash"))
+    sparse = batch.sparse_features.to_dict()
+    assert sparse["one"].values().tolist() == [3, 9, 0, 5]  # mod 10
+    assert sparse["many"].lengths().tolist() == [2, 0, 0, 1]
+    assert sparse["many"].values().tolist() == [0, 1, 6]  # mod 7
+
+
+def test_policy_fills_non_finite_dense_values():
+    columns = make_rows(0, 4)
+    columns["d1"] = pa.array([1.0, float("nan"), None, float("-inf")])
+    batch = table_to_batch(pa.table(columns), SCHEMA, policy=InputPolicy(invalid_dense="fill", dense_fill_value=-1.0))
+    assert batch.dense_features[:, 1].tolist() == [1.0, -1.0, -1.0, -1.0]
+    with pytest.raises(DataError, match="has nan; expected a finite number"):
+        table_to_batch(pa.table(columns), SCHEMA, policy=InputPolicy(invalid_ids="hash"))
+
+
+def test_labels_are_never_repaired():
+    columns = make_rows(0, 2)
+    columns["label"] = pa.array([0, 3])
+    with pytest.raises(DataError, match="row 1: column 'label' has label 3.0"):
+        table_to_batch(pa.table(columns), SCHEMA, policy=InputPolicy("hash", "fill"))

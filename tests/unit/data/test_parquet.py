@@ -65,21 +65,45 @@ def test_shuffle_is_seeded_and_changes_per_epoch(uneven_files):
     assert first != row_ids(reader(uneven_files, batch_size=8))
 
 
-@pytest.mark.parametrize("stop_after", [1, 4, 7])
-def test_resume_yields_exactly_the_remaining_batches(uneven_files, stop_after):
-    uninterrupted = reader(uneven_files, shuffle=True, seed=1)
-    uninterrupted.set_epoch(2)
-    expected = row_ids(uninterrupted)
+def test_shuffle_window_mixes_rows_across_row_groups_and_keeps_them_whole(uneven_files):
+    def first_batch(window):
+        return next(iter(reader(uneven_files, shuffle=True, seed=5, batch_size=40, shuffle_window=window)))
 
-    first = reader(uneven_files, shuffle=True, seed=1)
-    first.set_epoch(2)
-    head = row_ids(itertools.islice(iter(first), stop_after))
-    state = first.state_dict()
-    assert state == {"epoch": 2, "batches_done": stop_after}
+    for window, most_groups in ((1, 2), (4, 4)):
+        batch = first_batch(window)
+        rows = [int(v) for v in batch.dense_features[:, 0].tolist()]
+        # Row groups hold 25 rows each (20 in the last file): a row's group is its index // 25.
+        groups = {r // 25 for r in rows}
+        assert len(groups) <= most_groups and (window == 1 or len(groups) > 2)
+        # Shuffling moves whole rows: every row keeps its own label and multi-hot ids.
+        assert batch.labels.tolist() == [float(r % 2) for r in rows]
+        many = batch.sparse_features["many"]
+        assert many.lengths().tolist() == [r % 3 for r in rows]
+        assert many.values().tolist() == [r % 7 for r in rows for _ in range(r % 3)]
 
-    resumed = reader(uneven_files, shuffle=True, seed=1)
-    resumed.load_state_dict(state)
-    assert head + row_ids(resumed) == expected
+
+@pytest.mark.parametrize("window", [1, 3])
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("stop_after", [1, 2, 4])
+def test_resume_yields_exactly_the_remaining_batches(uneven_files, stop_after, world_size, window):
+    def make(rank):
+        return reader(uneven_files, rank=rank, world_size=world_size, shuffle=True, seed=1, batch_size=12,
+                      shuffle_window=window)
+
+    for rank in range(world_size):
+        uninterrupted = make(rank)
+        uninterrupted.set_epoch(2)
+        expected = row_ids(uninterrupted)
+
+        first = make(rank)
+        first.set_epoch(2)
+        head = row_ids(itertools.islice(iter(first), stop_after))
+        state = first.state_dict()
+        assert state == {"epoch": 2, "batches_done": stop_after}
+
+        resumed = make(rank)
+        resumed.load_state_dict(state)
+        assert head + row_ids(resumed) == expected
 
 
 def test_prefetch_gives_the_same_batches(uneven_files):
@@ -111,6 +135,14 @@ def test_resolve_files(tmp_path, uneven_files):
         resolve_files(str(tmp_path / "nowhere"))
 
 
+def test_check_files_refuses_files_whose_schemas_differ(tmp_path, uneven_files):
+    columns = make_rows(0, 4)
+    columns["one"] = pa.array(columns["one"].to_numpy().astype("int32"))
+    odd = write(tmp_path / "odd.parquet", columns, row_group_size=4)
+    with pytest.raises(DataError, match="odd.parquet: column 'one' has type int32, but .*part-0.parquet has int64"):
+        check_files([*uneven_files, odd], SCHEMA)
+
+
 def test_check_files_missing_column(tmp_path):
     columns = make_rows(0, 4)
     del columns["many"]
@@ -135,10 +167,10 @@ def test_check_files_wrong_types(tmp_path, column, values, expected):
         check_files([path], SCHEMA)
 
 
-def test_check_files_empty_and_unreadable(tmp_path):
+def test_check_files_empty_and_unreadable(tmp_path, uneven_files):
     empty = write(tmp_path / "empty.parquet", {k: v.slice(0, 0) for k, v in make_rows(0, 1).items()}, 1)
-    with pytest.raises(DataError, match="hold no rows"):
-        check_files([empty], SCHEMA)
+    with pytest.raises(DataError, match="empty.parquet: the file holds no rows"):
+        check_files([*uneven_files, empty], SCHEMA)
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="junk.parquet: not a readable Parquet file"):

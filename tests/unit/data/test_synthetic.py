@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc
 
 from app.config import SyntheticConfig
 from app.data.parquet import check_files, resolve_files
-from app.data.synthetic import auc_score, dataset_dir, ensure_dataset, generate
+from app.data.synthetic import PROBABILITY_COLUMN, ScoreTally, dataset_dir, ensure_dataset, generate
 from tests.unit.data.conftest import SCHEMA
 
 
@@ -66,8 +68,24 @@ def test_a_failed_generation_leaves_nothing_that_looks_complete(tmp_path):
     assert not (tmp_path / "synthetic").exists() or not any((tmp_path / "synthetic").iterdir())
 
 
-def test_auc_reference_values():
-    labels = np.array([0, 0, 1, 1])
-    assert auc_score(labels, np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
-    assert auc_score(labels, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
-    assert auc_score(labels, np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+@pytest.mark.parametrize("scores,expected", [([0.1, 0.4, 0.35, 0.8], 0.75), ([0.5] * 4, 0.5), ([0.1, 0.2, 0.3, 0.4], 1.0)])
+def test_auc_reference_values(scores, expected):
+    tally = ScoreTally()
+    tally.add(np.array([0, 0, 1]), np.array(scores[:3]))
+    tally.add(np.array([1]), np.array(scores[3:]))  # streamed in two parts
+    assert tally.auc() == expected
+
+
+def test_recorded_best_scores_are_those_of_the_per_row_true_probabilities(tmp_path):
+    metadata = generate(SCHEMA, config(tmp_path, test_rows=1500), tmp_path / "t")
+    assert sorted(metadata["splits"]) == ["test", "train", "val"]
+    for split in ("val", "test"):
+        table = pq.read_table(tmp_path / "t" / split)
+        assert table.num_rows == metadata["splits"][split]["rows"]
+        labels = table.column("label").to_numpy().astype(np.int64)
+        truth = table.column(PROBABILITY_COLUMN).to_numpy()
+        exact = binary_auroc(torch.from_numpy(truth), torch.from_numpy(labels)).item()
+        assert metadata["splits"][split]["best_auc"] == pytest.approx(exact, abs=1e-5)
+        logloss = -np.mean(labels * np.log(truth) + (1 - labels) * np.log(1 - truth))
+        assert metadata["splits"][split]["best_logloss"] == pytest.approx(logloss, rel=1e-9)
+    assert metadata["best_auc"] == metadata["splits"]["val"]["best_auc"]
