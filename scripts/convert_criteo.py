@@ -1,0 +1,102 @@
+"""Convert Criteo click logs (tab-separated, plain or .gz) into the Parquet files training reads.
+
+    python scripts/convert_criteo.py --out data/criteo_1tb/train --workers 8 /data/day_{0..22}.gz features=criteo_1tb
+    python scripts/convert_criteo.py --out data/criteo_1tb/val /data/day_23.gz features=criteo_1tb
+    python scripts/convert_criteo.py --out data/criteo_kaggle --categorical vocab --min-frequency 3 \\
+        /data/train.txt features=criteo_kaggle
+    python scripts/convert_criteo.py --out data/kaggle_val --categorical vocab --vocabulary data/criteo_kaggle \\
+        /data/val.txt features=criteo_kaggle             # the same ids as the training conversion
+
+Arguments of the form key=value are config overrides, the same as app.train takes: they pick the
+features config whose column names and table sizes the files must match (hash ids are taken modulo
+the table sizes). Running the same command again resumes: inputs already converted are skipped.
+Then train with data.source=parquet data.train_path=<out> (see app/data/criteo.py for the layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from app.config import ConfigError, FeaturesConfig, register_with_hydra
+from app.data import DataError
+from app.data.criteo import CATEGORICAL_MODES, ConvertOptions, convert
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
+    """(options, config overrides); the input paths are in options.inputs."""
+    defaults = ConvertOptions()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("items", nargs="+", metavar="INPUT|key=value", help="Criteo TSV files and config overrides")
+    parser.add_argument("--out", required=True, help="output directory (created; a re-run resumes it)")
+    parser.add_argument("--categorical", choices=CATEGORICAL_MODES, default=defaults.categorical,
+                        help="hash: int(hex) %% num_embeddings; vocab: ids by frequency over the inputs")
+    parser.add_argument("--min-frequency", type=int, default=defaults.min_frequency,
+                        help="vocab: values seen fewer times get the rare id 0")
+    parser.add_argument("--vocabulary", default=defaults.vocabulary,
+                        help="vocab: apply the vocabulary of an earlier conversion (its --out) instead of counting")
+    parser.add_argument("--log-dense", action=argparse.BooleanOptionalAction, default=defaults.log_dense,
+                        help="dense values as log(1 + max(x, 0)) (the DLRM reference's transform)")
+    parser.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file)
+    parser.add_argument("--rows-per-row-group", type=int, default=defaults.rows_per_row_group)
+    parser.add_argument("--block-size-mb", type=float, default=defaults.block_size / 2**20,
+                        help="bytes per streamed read, in MiB: memory per worker is about 45 times it")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="processes, one input each at a time")
+    args = parser.parse_intermixed_args(argv)
+    args.inputs = [item for item in args.items if "=" not in item]
+    return args, [item for item in args.items if "=" in item]
+
+
+def features_config(overrides: List[str]) -> FeaturesConfig:
+    """The features group as training would compose it with these overrides. Only this group is
+    converted and checked: the converter does not care whether the model fits the features."""
+    register_with_hydra()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        features = OmegaConf.to_object(compose("train", overrides=overrides).features)
+    features.validate()
+    return features
+
+
+def main(argv: List[str]) -> int:
+    args, overrides = parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("app").setLevel(logging.INFO)  # progress; the libraries' INFO stays quiet
+    options = ConvertOptions(
+        categorical=args.categorical,
+        min_frequency=args.min_frequency,
+        vocabulary=args.vocabulary,
+        log_dense=args.log_dense,
+        rows_per_file=args.rows_per_file,
+        rows_per_row_group=args.rows_per_row_group,
+        block_size=int(args.block_size_mb * 2**20),
+        workers=args.workers,
+    )
+    try:
+        # The FeaturesConfig, not a FeatureSchema: app.features would load torchrec for nothing.
+        summary = convert(args.inputs, args.out, features_config(overrides), options)
+    except (DataError, ConfigError, HydraException, OmegaConfBaseException) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for stem, entry in summary["inputs"].items():
+        state = "skipped (already converted)" if stem in summary["skipped"] else "converted"
+        print(f"{stem}: {entry['rows']:,} rows in {len(entry['parts'])} part(s), {state}")
+    if summary["vocabulary"]:
+        sizes = ", ".join(f"{name} {size:,}" for name, size in summary["vocabulary"].items())
+        print(f"vocabulary (values kept per feature, plus the rare id 0): {sizes}")
+    print(f"{summary['rows']:,} rows in {summary['out_dir']}; train with data.source=parquet "
+          f"data.train_path={summary['out_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

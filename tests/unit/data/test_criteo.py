@@ -1,0 +1,303 @@
+"""Criteo TSV -> Parquet on small files written here: exact ids (hash and vocabulary), the dense
+transform, nulls for empty fields, part and row group sizes, workers, resume, and errors that name
+file, line and column. The output must pass the loader's checks and load as batches."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import pytest
+
+from app.config import ConfigError, FeaturesConfig, SparseFeature
+from app.data import DataError
+from app.data.criteo import ConvertOptions, convert, input_stem
+from app.data.parquet import ParquetBatches, check_files, resolve_files
+from app.features import FeatureSchema
+
+DENSE = [f"int_{i}" for i in range(13)]
+SPARSE = [f"cat_{j}" for j in range(26)]
+SIZES = [7 + 3 * j for j in range(26)]  # small, and different per table: hash ids must use their own
+SCHEMA = FeatureSchema.from_config(
+    FeaturesConfig(dense=DENSE, sparse=[SparseFeature(n, s) for n, s in zip(SPARSE, SIZES)], embedding_dim=8)
+)
+# Six values per column, drawn with a skew so that counts (and vocabulary ids) differ.
+_POOL_RNG = random.Random(0)
+POOL = [[f"{_POOL_RNG.getrandbits(32):08x}" for _ in range(6)] for _ in SPARSE]
+# Several blocks per file: a line is about 300 bytes.
+SMALL = dict(block_size=4096, rows_per_file=100, rows_per_row_group=30)
+
+
+def criteo_rows(count: int, seed: int) -> List[List[str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        ints = ["" if rng.random() < 0.2 else str(rng.randint(-5, 3000)) for _ in DENSE]
+        cats = ["" if rng.random() < 0.15 else pool[min(int(rng.expovariate(0.8)), 5)] for pool in POOL]
+        rows.append([str(rng.randint(0, 1)), *ints, *cats])
+    return rows
+
+
+def write_tsv(path: Path, rows: List[List[str]]) -> str:
+    text = "".join("\t".join(row) + "\n" for row in rows).encode()
+    if path.name.endswith(".gz"):
+        text = gzip.compress(text)
+    path.write_bytes(text)
+    return str(path)
+
+
+def read_output(out: Path) -> Dict[str, list]:
+    return pa.concat_tables(pq.read_table(f) for f in resolve_files(str(out))).to_pydict()
+
+
+def vocabulary(rows: List[List[str]], j: int, min_frequency: int) -> Dict[str, int]:
+    """The ids the converter must give feature j's values: 1.. by descending count, ties by value."""
+    counts = Counter(row[14 + j] for row in rows if row[14 + j])
+    kept = sorted((v for v, c in counts.items() if c >= min_frequency), key=lambda v: (-counts[v], int(v, 16)))
+    return {value: i + 1 for i, value in enumerate(kept)}
+
+
+def expected(rows: List[List[str]], log_dense: bool = True,
+             vocabularies: Optional[List[dict]] = None) -> Dict[str, list]:
+    """The output columns for these raw rows, computed the plain way (hash ids without vocabularies)."""
+    columns: Dict[str, list] = {"label": [int(row[0]) for row in rows]}
+    for i, name in enumerate(DENSE):
+        raw = [int(row[1 + i]) if row[1 + i] else 0 for row in rows]
+        columns[name] = [math.log1p(max(x, 0)) for x in raw] if log_dense else raw
+    for j, name in enumerate(SPARSE):
+        values = [row[14 + j] for row in rows]
+        if vocabularies is None:
+            columns[name] = [int(v, 16) % SIZES[j] if v else None for v in values]
+        else:
+            columns[name] = [vocabularies[j].get(v, 0) if v else None for v in values]
+    return columns
+
+
+def assert_output(out: Path, want: Dict[str, list]) -> None:
+    got = read_output(out)
+    assert list(got) == ["label", *DENSE, *SPARSE]
+    assert got["label"] == want["label"]
+    for name in DENSE:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, err_msg=name)
+    for name in SPARSE:
+        assert got[name] == want[name], name
+
+
+@pytest.fixture
+def two_inputs(tmp_path):
+    """A plain and a gzipped file: (paths, rows of each)."""
+    rows = [criteo_rows(130, seed=1), criteo_rows(90, seed=2)]
+    paths = [write_tsv(tmp_path / "day_0", rows[0]), write_tsv(tmp_path / "day_1.gz", rows[1])]
+    return paths, rows
+
+
+def test_hash_ids_log_dense_and_nulls(tmp_path, two_inputs):
+    paths, rows = two_inputs
+    rows[0][3][14 + 4] = ""  # an empty categorical is a null id
+    write_tsv(Path(paths[0]), rows[0])
+    summary = convert(paths, str(tmp_path / "out"), SCHEMA, ConvertOptions(**SMALL))
+    assert_output(tmp_path / "out", expected(rows[0] + rows[1]))
+    assert read_output(tmp_path / "out")["cat_4"][3] is None
+    assert summary["rows"] == 220 and summary["converted"] == ["day_0", "day_1"]
+    schema = pq.read_schema(resolve_files(str(tmp_path / "out"))[0])
+    assert [schema.field(n).type for n in ("label", "int_0", "cat_0")] == [pa.int8(), pa.float32(), pa.int64()]
+
+
+def test_raw_dense_keeps_negative_values(tmp_path):
+    rows = criteo_rows(40, seed=3)
+    rows[0][1:4] = ["-4", "", "2500"]
+    convert([write_tsv(tmp_path / "a.txt", rows)], str(tmp_path / "out"), SCHEMA, ConvertOptions(log_dense=False))
+    got = read_output(tmp_path / "out")
+    assert [got["int_0"][0], got["int_1"][0], got["int_2"][0]] == [-4.0, 0.0, 2500.0]
+    assert_output(tmp_path / "out", expected(rows, log_dense=False))
+
+
+def test_vocabulary_ids_by_count_with_a_rare_id(tmp_path, two_inputs):
+    paths, rows = two_inputs
+    # cat_0 over both files: aa x4, bb x3, cc x3, dd x1 (and no other value); min_frequency 2.
+    for row in rows[0] + rows[1]:
+        row[14] = ""
+    for k, value in enumerate(["000000aa"] * 4 + ["000000cc"] * 3 + ["000000bb"] * 3 + ["000000dd"]):
+        rows[k % 2][k // 2][14] = value
+    paths = [write_tsv(Path(p), r) for p, r in zip(paths, rows)]
+    options = ConvertOptions(categorical="vocab", min_frequency=2, **SMALL)
+    summary = convert(paths, str(tmp_path / "out"), SCHEMA, options)
+
+    ids = read_output(tmp_path / "out")["cat_0"]
+    by_value = {row[14]: i for row, i in zip(rows[0] + rows[1], ids) if row[14]}
+    assert by_value == {"000000aa": 1, "000000bb": 2, "000000cc": 3, "000000dd": 0}  # bb < cc: ties by value
+    all_rows = rows[0] + rows[1]
+    vocabularies = [vocabulary(all_rows, j, 2) for j in range(26)]
+    assert_output(tmp_path / "out", expected(all_rows, vocabularies=vocabularies))
+    assert summary["vocabulary"]["cat_0"] == 3
+    # The vocabulary files are not data: the loader's glob sees the parts only.
+    assert [os.path.basename(f) for f in resolve_files(str(tmp_path / "out"))] == [
+        "day_0-00000.parquet", "day_0-00001.parquet", "day_1-00000.parquet"]
+    saved = ipc.open_file(pa.memory_map(str(tmp_path / "out" / "_vocabulary" / "cat_0.arrow"))).read_all()
+    assert saved.sort_by("id").to_pydict() == {"value": [0xAA, 0xBB, 0xCC], "id": [1, 2, 3], "count": [4, 3, 3]}
+
+
+def test_a_given_vocabulary_gives_another_split_the_same_ids(tmp_path):
+    train_rows, val_rows = criteo_rows(120, seed=30), criteo_rows(40, seed=31)
+    val_rows[0][14] = "0badc0de"  # never seen in training: the rare id
+    train = write_tsv(tmp_path / "day_0", train_rows)
+    val = write_tsv(tmp_path / "day_1", val_rows)
+    convert([train], str(tmp_path / "train"), SCHEMA, ConvertOptions(categorical="vocab", min_frequency=2))
+    given = ConvertOptions(categorical="vocab", vocabulary=str(tmp_path / "train"))
+    convert([val], str(tmp_path / "val"), SCHEMA, given)
+    assert_output(tmp_path / "val", expected(val_rows, vocabularies=[vocabulary(train_rows, j, 2) for j in range(26)]))
+    assert read_output(tmp_path / "val")["cat_0"][0] == 0
+    assert not (tmp_path / "val" / "_vocabulary").exists()
+
+
+def test_parts_and_row_groups(tmp_path):
+    path = write_tsv(tmp_path / "train.txt.gz", criteo_rows(250, seed=4))
+    assert input_stem(path) == "train"
+    summary = convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(**SMALL))
+    files = resolve_files(str(tmp_path / "out"))
+    assert [os.path.basename(f) for f in files] == summary["inputs"]["train"]["parts"] == [
+        "train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
+    groups = [[pq.read_metadata(f).row_group(i).num_rows for i in range(pq.read_metadata(f).num_row_groups)]
+              for f in files]
+    assert groups == [[30, 30, 30, 10], [30, 30, 30, 10], [30, 20]]
+
+
+def test_output_loads_for_training(tmp_path, two_inputs):
+    paths, rows = two_inputs
+    convert(paths, str(tmp_path / "out"), SCHEMA, ConvertOptions(**SMALL))
+    files = resolve_files(str(tmp_path / "out"))
+    check_files(files, SCHEMA)
+    batches = list(ParquetBatches(files, SCHEMA, batch_size=20, rank=0, world_size=1, prefetch_batches=0))
+    assert len(batches) == 220 // 20
+    lengths = np.concatenate([b.sparse_features["cat_3"].lengths().numpy() for b in batches])
+    assert lengths.tolist() == [1 if row[14 + 3] else 0 for row in rows[0] + rows[1]]  # empty field: empty bag
+
+
+def test_workers_give_the_same_output(tmp_path):
+    paths = [write_tsv(tmp_path / f"day_{i}.gz", criteo_rows(60 + 20 * i, seed=10 + i)) for i in range(3)]
+    options = dict(categorical="vocab", min_frequency=2, **SMALL)
+    one = convert(paths, str(tmp_path / "one"), SCHEMA, ConvertOptions(workers=1, **options))
+    two = convert(paths, str(tmp_path / "two"), SCHEMA, ConvertOptions(workers=2, **options))
+    assert one["inputs"] == two["inputs"] and one["vocabulary"] == two["vocabulary"]
+    for name in [p for entry in one["inputs"].values() for p in entry["parts"]]:
+        assert pq.read_table(tmp_path / "one" / name).equals(pq.read_table(tmp_path / "two" / name)), name
+    for name in SPARSE:
+        assert (tmp_path / "one" / "_vocabulary" / f"{name}.arrow").read_bytes() == \
+            (tmp_path / "two" / "_vocabulary" / f"{name}.arrow").read_bytes()
+
+
+def test_resume_skips_finished_inputs_and_redoes_an_interrupted_one(tmp_path):
+    rows = [criteo_rows(120, seed=20), criteo_rows(80, seed=21)]
+    good = write_tsv(tmp_path / "day_0", rows[0])
+    broken = [list(r) for r in rows[1]]
+    broken[50] = broken[50][:20]
+    second = write_tsv(tmp_path / "day_1", broken)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="line 51"):
+        convert([good, second], str(out), SCHEMA, ConvertOptions(**SMALL))
+    # day_0 was finished before day_1 failed; day_1 published nothing.
+    assert [os.path.basename(f) for f in resolve_files(str(out))] == ["day_0-00000.parquet", "day_0-00001.parquet"]
+    finished = {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in resolve_files(str(out))}
+    # What a crash could leave: a part moved into place before the marker, a part being written.
+    (out / "day_1-00007.parquet").write_bytes(b"partial")
+    (out / ".tmp" / "day_1").mkdir(parents=True, exist_ok=True)
+    (out / ".tmp" / "day_1" / "day_1-00000.parquet.tmp").write_bytes(b"partial")
+
+    write_tsv(tmp_path / "day_1", rows[1])
+    summary = convert([good, second], str(out), SCHEMA, ConvertOptions(**SMALL))
+    assert summary["skipped"] == ["day_0"] and summary["converted"] == ["day_1"]
+    assert {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in finished} == finished
+    assert not (out / "day_1-00007.parquet").exists() and not (out / ".tmp").exists()
+    assert [os.path.basename(f) for f in resolve_files(str(out))] == [
+        "day_0-00000.parquet", "day_0-00001.parquet", "day_1-00000.parquet"]
+    assert_output(out, expected(rows[0] + rows[1]))
+    assert summary["rows"] == 200
+
+
+def test_a_directory_of_other_settings_is_refused(tmp_path):
+    path = write_tsv(tmp_path / "day_0", criteo_rows(20, seed=5))
+    convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(**SMALL))
+    with pytest.raises(ConfigError, match="'day_0' was converted with other settings \\(rows_per_file: 100 there, 50"):
+        convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(**{**SMALL, "rows_per_file": 50}))
+
+
+def _with(rows: List[List[str]], line: int, field: int, value: str) -> List[List[str]]:
+    rows = [list(r) for r in rows]
+    rows[line - 1][field - 1] = value
+    return rows
+
+
+@pytest.mark.parametrize(
+    "categorical, edit, message",
+    [
+        ("hash", lambda r: r[:76] + [r[76][:39]] + r[77:],
+         "line 77: 39 tab-separated field\\(s\\); expected 40"),
+        ("hash", lambda r: _with(r, 90, 5, "12x"), "line 90, column 'int_3' \\(field 5\\): '12x'; expected an integer"),
+        ("hash", lambda r: _with(r, 3, 1, "2"), "line 3, column 'label' \\(field 1\\): '2'; expected 0 or 1"),
+        ("hash", lambda r: _with(r, 64, 1, ""), "line 64, column 'label' \\(field 1\\): an empty field; expected 0"),
+        ("hash", lambda r: _with(r, 120, 1, "yes"), "line 120, column 'label' \\(field 1\\): 'yes'; expected 0 or 1"),
+        ("hash", lambda r: _with(r, 45, 19, "ab-cd"), "line 45, column 'cat_4' \\(field 19\\): 'ab-cd'; expected a h"),
+        ("vocab", lambda r: _with(r, 45, 19, "ab-cd"), "line 45, column 'cat_4' \\(field 19\\): 'ab-cd'; expected a h"),
+        ("vocab", lambda r: r[:33] + [r[33] + ["extra"]] + r[34:], "line 34: 41 tab-separated field\\(s\\)"),
+    ],
+    ids=["field-count", "integer", "label", "empty-label", "label-text", "hex", "hex-vocab", "field-count-vocab"],
+)
+def test_bad_lines_are_named_by_file_line_and_column(tmp_path, categorical, edit, message):
+    path = write_tsv(tmp_path / "day_3.gz", edit(criteo_rows(150, seed=6)))
+    with pytest.raises(DataError, match=f"^{re.escape(path)}, {message}"):
+        convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical=categorical, **SMALL))
+    assert not resolve_files_or_none(tmp_path / "out")
+
+
+def resolve_files_or_none(out: Path) -> Optional[List[str]]:
+    try:
+        return resolve_files(str(out))
+    except DataError:
+        return None
+
+
+def test_a_vocabulary_larger_than_its_table_is_refused(tmp_path):
+    rows = criteo_rows(100, seed=7)
+    for k, row in enumerate(rows):
+        row[14 + 2] = f"{k % 14:08x}"  # 14 values (2 of them 8 times, the others 7); cat_2's table has 13 rows
+    path = write_tsv(tmp_path / "day_0", rows)
+    with pytest.raises(ConfigError, match="'cat_2' needs 15 \\(num_embeddings is 13\\).*raise min_frequency"):
+        convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical="vocab"))
+    summary = convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical="vocab", min_frequency=8))
+    assert summary["vocabulary"]["cat_2"] == 2
+
+
+def test_a_missing_input_is_named(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}/day_9.gz: no such input file"):
+        convert([str(tmp_path / "day_9.gz")], str(tmp_path / "out"), SCHEMA, ConvertOptions())
+
+
+def test_a_schema_that_is_not_criteo_is_refused(tmp_path):
+    path = write_tsv(tmp_path / "day_0", criteo_rows(5, seed=8))
+    narrow = FeatureSchema.from_config(FeaturesConfig(dense=DENSE[:2], sparse=[SparseFeature(n, 10) for n in SPARSE]))
+    with pytest.raises(ConfigError, match="13 integer and 26 categorical columns.*2 dense and 26 sparse"):
+        convert([path], str(tmp_path / "out"), narrow, ConvertOptions())
+    multi_hot = FeatureSchema.from_config(
+        FeaturesConfig(dense=DENSE, sparse=[SparseFeature(n, 10, hotness=2 if n == "cat_5" else 1) for n in SPARSE]))
+    with pytest.raises(ConfigError, match="'cat_5'\\) has hotness 2"):
+        convert([path], str(tmp_path / "out"), multi_hot, ConvertOptions())
+
+
+def test_the_script_converts_and_exits_2_on_bad_input(tmp_path, capsys):
+    from scripts.convert_criteo import main
+
+    path = write_tsv(tmp_path / "day_0.gz", criteo_rows(30, seed=9))
+    assert main(["--out", str(tmp_path / "out"), path, "features=criteo_small", "--rows-per-file", "20"]) == 0
+    assert "day_0: 30 rows in 2 part(s), converted" in capsys.readouterr().out
+    assert main(["--out", str(tmp_path / "out"), str(tmp_path / "nope.gz")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path}/nope.gz: no such input file")
