@@ -3,7 +3,8 @@
     python scripts/make_dataset.py                                   # the default dataset
     python scripts/make_dataset.py experiment=tiny data.synthetic.train_rows=50000
 
-Takes the same overrides as app.train; prints where the dataset is and its best achievable AUC.
+Takes the same overrides as app.train; prints where the dataset is and, per split, the best
+achievable AUC and logloss (those of the true click probabilities).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ def main(overrides: list) -> None:
     register_with_hydra()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         config = to_config(compose("train", overrides=overrides))
-    train_dir, val_dir = ensure_dataset(FeatureSchema.from_config(config.features), config.data.synthetic)
+    train_dir, _ = ensure_dataset(FeatureSchema.from_config(config.features), config.data.synthetic)
     metadata = json.loads((train_dir.parent / METADATA_FILE).read_text())
-    print(f"train: {train_dir}\nval:   {val_dir}")
-    print(f"best achievable validation AUC {metadata['best_auc']:.4f}, logloss {metadata['best_logloss']:.4f}")
+    print(f"dataset: {train_dir.parent}")
+    for split, scores in metadata["splits"].items():
+        print(f"{split:>5}: {scores['rows']:,} rows, click rate {scores['click_rate']:.3f}, best achievable "
+              f"AUC {scores['best_auc']:.4f}, logloss {scores['best_logloss']:.4f}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,24 @@ def test_two_process_training_saves_then_resumes(tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{2 * final_step:08d}"
 
 
+def test_a_run_stopped_mid_epoch_resumes_at_the_same_sample(tmp_path):
+    # Every step's loss is logged; a resumed run that read other samples than the uninterrupted one
+    # (one batch early or late, reshuffled, another rank's rows) would log other losses.
+    common = ["trainer.log_every_n_steps=1", "checkpoint.every_n_steps=0", "data.shuffle_window=2", "trainer.epochs=2"]
+    check(run_command(torchrun(*tiny(tmp_path / "straight", *common)), cwd=REPO))
+    check(run_command(torchrun(*tiny(tmp_path / "stopped", *common, "trainer.max_steps=19")), cwd=REPO))
+    resumed = check(run_command(torchrun(*tiny(tmp_path / "stopped", *common)), cwd=REPO))
+    assert "at step 19 (epoch 1)" in resumed  # 15 steps per epoch: stopped 4 steps into the second
+
+    def losses(root):
+        return {r["step"]: r["loss"] for r in records(root / "outputs" / "tiny", "train")}
+
+    straight, stopped = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert sorted(stopped) == sorted(straight) == list(range(1, 31))
+    for step in range(1, 31):
+        assert stopped[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step
+
+
 @pytest.mark.parametrize(
     "sharding", ["data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise"]
 )

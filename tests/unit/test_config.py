@@ -60,6 +60,10 @@ def test_default_is_criteo_shaped():
         ("model.over_arch_layer_sizes=[8,2]", "model.over_arch_layer_sizes"),
         ("model.dense_arch_layer_sizes=[32,8]", "model.dense_arch_layer_sizes"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("data.invalid_ids=clip", "data.invalid_ids"),
+        ("data.invalid_dense=drop", "data.invalid_dense"),
+        ("data.shuffle_window=0", "data.shuffle_window"),
+        ("data.synthetic.test_rows=-1", "data.synthetic.test_rows"),
     ],
 )
 def test_impossible_values_fail_naming_the_key(override, key):
