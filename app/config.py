@@ -412,3 +412,11 @@ def to_config(cfg) -> Config:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_object(cfg).validate()
+
+
+def config_from_dict(data: dict) -> Config:
+    """A Config from its dataclasses.asdict() form (as checkpoints and exported models carry it),
+    checked against the schema like a composed one: unknown keys and wrong types fail."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data)).validate()

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from app.config import Config, ConfigError, TableConstraint, register_with_hydra, to_config
+from app.config import Config, ConfigError, TableConstraint, config_from_dict, register_with_hydra, to_config
 from tests.conftest import CONFIGS, REPO, run_command
 
 register_with_hydra()
@@ -91,3 +91,13 @@ def test_entrypoint_rejects_a_typo_before_doing_anything(tmp_path):
     assert "optim.lrr" in result.stderr + result.stdout
     assert not list(tmp_path.iterdir()), "a rejected config must not create a run directory"
 
+
+def test_a_config_round_trips_through_its_dict_form():
+    import dataclasses
+
+    config = load(["experiment=planted", "optim.lr=0.3", "sharding=mixed"])
+    data = dataclasses.asdict(config)
+    assert config_from_dict(data) == config
+    data["optim"]["lrr"] = 1.0
+    with pytest.raises(Exception, match="lrr"):
+        config_from_dict(data)
