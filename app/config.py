@@ -153,8 +153,9 @@ class DataConfig:
     shuffle: bool = True
     shuffle_window: int = 4
     seed: int = 0
-    # Batches decoded ahead of training on a background thread.
-    prefetch_batches: int = 4
+    # Shuffle windows read and decoded ahead of training by a worker process (0: read in the
+    # training process itself, between steps).
+    prefetch_windows: int = 2
     # Values that cannot be trained on as they are: "error" stops with the file, row group, row and
     # column; "hash" maps an id outside [0, num_embeddings) to id mod num_embeddings; "fill"
     # replaces NaN, inf and null dense values with dense_fill_value. Bad labels always stop.
@@ -170,7 +171,7 @@ class DataConfig:
             _require(bool(self.val_path), "data.val_path must be set when data.source=parquet.")
         _require(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}.")
         _require(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}.")
-        _require(self.prefetch_batches >= 0, f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}.")
+        _require(self.prefetch_windows >= 0, f"data.prefetch_windows must be >= 0, got {self.prefetch_windows}.")
         _require(self.shuffle_window > 0, f"data.shuffle_window must be > 0 row groups, got {self.shuffle_window}.")
         _require_choice("data.invalid_ids", self.invalid_ids, ("error", "hash"))
         _require_choice("data.invalid_dense", self.invalid_dense, ("error", "fill"))

@@ -79,10 +79,10 @@ def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train
     """This rank's training batches (shuffled per epoch) and evaluation batches (padded)."""
     policy = InputPolicy(config.invalid_ids, config.invalid_dense, config.dense_fill_value)
     train = ParquetBatches(train_files, schema, config.batch_size, env.rank, env.world_size,
-                           shuffle=config.shuffle, seed=config.seed, prefetch_batches=config.prefetch_batches,
+                           shuffle=config.shuffle, seed=config.seed, prefetch_windows=config.prefetch_windows,
                            shuffle_window=config.shuffle_window, policy=policy)
     val = ParquetBatches(val_files, schema, config.eval_batch_size, env.rank, env.world_size,
-                         pad_to_equal=True, prefetch_batches=config.prefetch_batches, policy=policy)
+                         pad_to_equal=True, prefetch_windows=config.prefetch_windows, policy=policy)
     return train, val
 
 

@@ -13,7 +13,7 @@ error names where the bad value came from; `InputPolicy` says which of them to r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -56,56 +56,67 @@ def _valid(column: pa.Array) -> np.ndarray:
 
 @dataclass
 class Rows:
-    """Decoded rows: dense [rows, D] float32, labels [rows] float32, and for sparse feature f the
-    row offsets offsets[f] into its id array: row r's ids are ids[f][offsets[f, r]:offsets[f, r + 1]].
-    One offsets matrix for all features makes slicing and batching one numpy call each."""
+    """Decoded rows: dense [rows, D] float32, labels [rows] float32, and per sparse feature its ids.
+    A single-hot feature (one id in every row) is just ids[f], row r's id at ids[f][r]; a multi-hot
+    one also has offsets[f]: row r's ids are ids[f][offsets[f][r]:offsets[f][r + 1]]. Single-hot
+    features, the common case, so need no offsets at all: slicing is a view, shuffling one gather."""
 
     dense: np.ndarray
     labels: np.ndarray
-    offsets: np.ndarray  # [features, rows + 1] int64
     ids: List[np.ndarray]
-    single_hot: Tuple[bool, ...]  # per feature: exactly one id in every row (the fast path)
+    offsets: List[Optional[np.ndarray]]  # None for a single-hot feature
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def slice(self, start: int, stop: int) -> "Rows":
-        return Rows(self.dense[start:stop], self.labels[start:stop], self.offsets[:, start : stop + 1], self.ids,
-                    self.single_hot)
+        ids = [i if o is not None else i[start:stop] for i, o in zip(self.ids, self.offsets)]
+        offsets = [o[start : stop + 1] if o is not None else None for o in self.offsets]
+        return Rows(self.dense[start:stop], self.labels[start:stop], ids, offsets)
 
-    def _feature_ids(self, f: int) -> np.ndarray:
-        return self.ids[f][self.offsets[f, 0] : self.offsets[f, -1]]
+    def _lengths_and_ids(self, f: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(ids per row, the ids themselves) of feature f, as the rows are now."""
+        offsets = self.offsets[f]
+        if offsets is None:
+            return np.ones(len(self), dtype=np.int64), self.ids[f]
+        return np.diff(offsets), self.ids[f][offsets[0] : offsets[-1]]
 
     def take(self, order: np.ndarray) -> "Rows":
         """The rows in `order` (a permutation or any selection of row indices)."""
-        offsets = np.empty((len(self.ids), len(order) + 1), dtype=np.int64)
-        ids = []
+        ids, offsets = [], []
         for f, feature_ids in enumerate(self.ids):
-            if self.single_hot[f]:  # row r's id sits at offsets[f, 0] + r: a plain gather
-                offsets[f] = np.arange(len(order) + 1)
-                ids.append(feature_ids[self.offsets[f, 0] + order])
+            old = self.offsets[f]
+            if old is None:
+                ids.append(feature_ids[order])
+                offsets.append(None)
                 continue
-            lengths = np.diff(self.offsets[f])[order]
-            offsets[f, 0] = 0
-            np.cumsum(lengths, out=offsets[f, 1:])
+            lengths = np.diff(old)[order]
+            new = _offsets(lengths)
             # Each output id's source position: its row's old start plus its place within the row.
-            source = np.repeat(self.offsets[f, :-1][order] - offsets[f, :-1], lengths) + np.arange(offsets[f, -1])
+            source = np.repeat(old[:-1][order] - new[:-1], lengths) + np.arange(new[-1])
             ids.append(feature_ids[source])
-        return Rows(self.dense[order], self.labels[order], offsets, ids, self.single_hot)
+            offsets.append(new)
+        return Rows(self.dense[order], self.labels[order], ids, offsets)
 
     @staticmethod
     def concat(parts: Sequence["Rows"]) -> "Rows":
         if len(parts) == 1:
             return parts[0]
-        offsets = _offsets(np.concatenate([np.diff(p.offsets, axis=1) for p in parts], axis=1))
-        ids = [np.concatenate([p._feature_ids(f) for p in parts]) for f in range(len(parts[0].ids))]
-        single_hot = tuple(all(flags) for flags in zip(*(p.single_hot for p in parts)))
-        return Rows(np.concatenate([p.dense for p in parts]), np.concatenate([p.labels for p in parts]), offsets, ids,
-                    single_hot)
+        ids, offsets = [], []
+        for f in range(len(parts[0].ids)):
+            if all(p.offsets[f] is None for p in parts):
+                ids.append(np.concatenate([p.ids[f] for p in parts]))
+                offsets.append(None)
+                continue
+            pieces = [p._lengths_and_ids(f) for p in parts]
+            offsets.append(_offsets(np.concatenate([lengths for lengths, _ in pieces])))
+            ids.append(np.concatenate([feature_ids for _, feature_ids in pieces]))
+        return Rows(np.concatenate([p.dense for p in parts]), np.concatenate([p.labels for p in parts]), ids, offsets)
 
     def to_batch(self, keys: List[str]) -> Batch:
-        lengths = np.diff(self.offsets, axis=1).ravel()
-        values = np.concatenate([self._feature_ids(f) for f in range(len(self.ids))])
+        pieces = [self._lengths_and_ids(f) for f in range(len(self.ids))]
+        lengths = np.concatenate([lengths for lengths, _ in pieces])
+        values = np.concatenate([feature_ids for _, feature_ids in pieces])
         sparse = KeyedJaggedTensor.from_lengths_sync(
             keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths))
         return Batch(dense_features=torch.from_numpy(np.ascontiguousarray(self.dense)),
@@ -113,9 +124,8 @@ class Rows:
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
-    """[features, rows] lengths -> [features, rows + 1] offsets from 0."""
-    offsets = np.zeros((lengths.shape[0], lengths.shape[1] + 1), dtype=np.int64)
-    np.cumsum(lengths, axis=1, out=offsets[:, 1:])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     return offsets
 
 
@@ -153,31 +163,28 @@ def _dense(table: pa.Table, schema: FeatureSchema, source: str, policy: InputPol
 
 
 def _sparse(column: pa.Array, name: str, num_embeddings: int, source: str, policy: InputPolicy):
-    """(offsets, ids) of one sparse feature; a null row (or null list) has no ids."""
+    """(offsets, ids) of one sparse feature, offsets None when every row has exactly one id; a
+    null row (or null list) has no ids."""
+    offsets = None
     if _is_list(column):
         offsets = column.offsets.to_numpy().astype(np.int64)
         ids = column.values.slice(offsets[0], offsets[-1] - offsets[0])
         offsets -= offsets[0]
         if column.null_count:  # a null list may still span values in the child array: drop them
             lengths = np.where(_valid(column), np.diff(offsets), 0)
-            keep = np.repeat(_valid(column), np.diff(offsets))
-            ids = ids.filter(pa.array(keep))
-            offsets = np.zeros(len(column) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
+            ids = ids.filter(pa.array(np.repeat(_valid(column), np.diff(offsets))))
+            offsets = _offsets(lengths)
+    elif column.null_count:
+        offsets = _offsets(_valid(column).astype(np.int64))
+        ids = column.drop_null()
     else:
-        valid = _valid(column) if column.null_count else None
-        offsets = np.zeros(len(column) + 1, dtype=np.int64)
-        if valid is None:
-            offsets[1:] = np.arange(1, len(column) + 1)
-        else:
-            np.cumsum(valid, out=offsets[1:])
-        ids = column.drop_null() if column.null_count else column
+        ids = column
     values = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     bad = (values < 0) | (values >= num_embeddings)
     if bad.any():
         if policy.invalid_ids != "hash":
             index = _first(bad)
-            row = int(np.searchsorted(offsets, index, side="right") - 1)
+            row = index if offsets is None else int(np.searchsorted(offsets, index, side="right") - 1)
             raise DataError(
                 f"{source}, row {row}: column {name!r} has id {int(values[index])}; expected ids in "
                 f"[0, {num_embeddings}) (features config: num_embeddings={num_embeddings}; or set "
@@ -193,14 +200,13 @@ def decode(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
     trained on (naming `source`, the row and the column) unless `policy` says to repair it."""
     labels = _labels(table, schema, source)
     dense = _dense(table, schema, source, policy)
-    offsets = np.empty((len(schema.sparse), table.num_rows + 1), dtype=np.int64)
-    ids, single_hot = [], []
-    for f, feature in enumerate(schema.sparse):
-        column = _flat(table.column(feature.name))
-        offsets[f], feature_ids = _sparse(column, feature.name, feature.num_embeddings, source, policy)
+    ids, offsets = [], []
+    for feature in schema.sparse:
+        feature_offsets, feature_ids = _sparse(_flat(table.column(feature.name)), feature.name,
+                                               feature.num_embeddings, source, policy)
         ids.append(feature_ids)
-        single_hot.append(not _is_list(column) and column.null_count == 0)
-    return Rows(dense, labels, offsets, ids, tuple(single_hot))
+        offsets.append(feature_offsets)
+    return Rows(dense, labels, ids, offsets)
 
 
 def table_to_batch(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",

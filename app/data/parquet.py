@@ -5,21 +5,21 @@ row groups, in which order, belong to which rank), so no communication is needed
 Training must give every rank the same number of batches: a rank that ran out early would leave
 the others waiting forever in the next all-to-all. So a training epoch is as long as the shortest
 rank's share, and an evaluation pass as long as the longest, with padding rows marked invalid.
-Decoding runs on a background thread, ahead of training.
+Reading and decoding run in a worker process, ahead of training.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import queue
-import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from torch.utils.data import DataLoader, IterableDataset
 from torchrec.datasets.utils import Batch
 
 from app.data import DataError
@@ -102,12 +102,19 @@ class EvalBatch:
     valid: int  # the first `valid` rows are real, the rest pad the batch to the common size
 
 
-class _Error:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
+class _Windows(IterableDataset):
+    """A reader's windows of one epoch, as its worker process sends them: numpy arrays (tensors on
+    the way), and an input error as its message, which the reader re-raises as a DataError."""
 
+    def __init__(self, reader: "ParquetBatches", epoch: int, skip_rows: int) -> None:
+        self.reader, self.epoch, self.skip_rows = reader, epoch, skip_rows
 
-_DONE = object()
+    def __iter__(self) -> Iterator[tuple]:
+        try:
+            for rows in self.reader._window_rows(self.epoch, self.skip_rows):
+                yield "rows", rows.dense, rows.labels, tuple(rows.ids), tuple(rows.offsets)
+        except DataError as error:
+            yield "error", str(error)
 
 
 class ParquetBatches:
@@ -123,7 +130,7 @@ class ParquetBatches:
         shuffle: bool = False,
         seed: int = 0,
         pad_to_equal: bool = False,
-        prefetch_batches: int = 4,
+        prefetch_windows: int = 2,
         shuffle_window: int = 4,
         policy: InputPolicy = InputPolicy(),
     ) -> None:
@@ -135,9 +142,10 @@ class ParquetBatches:
         self.shuffle = shuffle
         self.seed = seed
         self.pad_to_equal = pad_to_equal
-        self.prefetch_batches = prefetch_batches
+        self.prefetch_windows = prefetch_windows
         self.shuffle_window = shuffle_window if shuffle else 1
         self.policy = policy
+        self._open_files: "OrderedDict[str, pq.ParquetFile]" = OrderedDict()
         self._row_groups = self._read_footers()
         self._epoch = 0
         self._start = 0  # batches to skip at the next __iter__ (resume)
@@ -188,51 +196,34 @@ class ParquetBatches:
     def __iter__(self) -> Iterator:
         start, self._start = self._start, 0
         self._taken = start
-        produce = self._produce(self._epoch, start)
-        if self.prefetch_batches <= 0:
-            for item in produce:
-                self._taken += 1
-                yield item
-            return
-        yield from self._prefetched(produce)
-
-    def _prefetched(self, produce: Iterator) -> Iterator:
-        """Runs `produce` on a thread, `prefetch_batches` ahead; stops it if the consumer stops."""
-        items: "queue.Queue" = queue.Queue(maxsize=self.prefetch_batches)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    items.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work() -> None:
-            try:
-                for item in produce:
-                    if not put(item):
-                        return
-                put(_DONE)
-            except BaseException as error:  # handed to the consumer, which re-raises it
-                put(_Error(error))
-
-        thread = threading.Thread(target=work, name="parquet-prefetch", daemon=True)
-        thread.start()
+        skip_rows = start * self.batch_size
+        if self.prefetch_windows <= 0:
+            windows = self._window_rows(self._epoch, skip_rows)
+        else:
+            windows = self._prefetched(skip_rows)
         try:
-            while True:
-                item = items.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, _Error):
-                    raise item.error
+            for item in self._batches(windows, start):
                 self._taken += 1
                 yield item
         finally:
-            stop.set()
-            thread.join()
+            windows.close()  # stops the worker process when the consumer stops early
+
+    def _prefetched(self, skip_rows: int) -> Iterator[Rows]:
+        """The epoch's windows read, decoded and shuffled in a worker process, `prefetch_windows`
+        ahead. A process, not a thread, so that this work never holds the training loop's GIL;
+        whole windows travel (through shared memory), so the per-batch cost here is a slice."""
+        loader = DataLoader(_Windows(self, self._epoch, skip_rows), batch_size=None, num_workers=1,
+                            prefetch_factor=self.prefetch_windows, multiprocessing_context="fork")
+        items = iter(loader)
+        try:
+            for packed in items:
+                if packed[0] == "error":
+                    raise DataError(packed[1])
+                _, dense, labels, ids, offsets = packed
+                yield Rows(dense.numpy(), labels.numpy(), [i.numpy() for i in ids],
+                           [None if o is None else o.numpy() for o in offsets])
+        finally:
+            del items  # shuts the worker down
 
     def _windows(self, epoch: int) -> List[List[_RowGroup]]:
         """This rank's row groups of the epoch in windows of `shuffle_window` consecutive groups:
@@ -241,15 +232,9 @@ class ParquetBatches:
         groups = self._assignment(epoch, self.rank)
         return [groups[i : i + self.shuffle_window] for i in range(0, len(groups), self.shuffle_window)]
 
-    def _produce(self, epoch: int, skip_batches: int) -> Iterator:
-        total = len(self)
-        pending: List[Rows] = []
-        pending_rows = 0
-        emitted = skip_batches
-        skip_rows = skip_batches * self.batch_size
+    def _window_rows(self, epoch: int, skip_rows: int) -> Iterator[Rows]:
+        """The rows of each window in order, decoded and shuffled, from `skip_rows` on."""
         for window in self._windows(epoch):
-            if emitted >= total:
-                return
             window_rows = sum(group.rows for group in window)
             if skip_rows >= window_rows:  # resume: whole windows are skipped unread
                 skip_rows -= window_rows
@@ -257,27 +242,56 @@ class ParquetBatches:
             rows = self._read(window, epoch)
             if skip_rows:
                 rows, skip_rows = rows.slice(skip_rows, len(rows)), 0
-            pending.append(rows)
-            pending_rows += len(rows)
-            while pending_rows >= self.batch_size and emitted < total:
-                rows = Rows.concat(pending)
-                yield self._convert(rows.slice(0, self.batch_size), self.batch_size)
+            yield rows
+
+    def _batches(self, windows: Iterator[Rows], skip_batches: int) -> Iterator:
+        """Cuts the stream of rows into this rank's batches, from batch `skip_batches` to len().
+        Batches are slices (views) of a window; only a batch that spans two windows is copied."""
+        total = len(self)
+        emitted = skip_batches
+        carry: Optional[Rows] = None  # the rows left at the end of the previous window
+        for rows in windows:
+            if emitted >= total:
+                return
+            if carry is not None:
+                head = min(self.batch_size - len(carry), len(rows))
+                carry = Rows.concat([carry, rows.slice(0, head)])
+                rows = rows.slice(head, len(rows))
+                if len(carry) < self.batch_size:
+                    continue
+                yield self._convert(carry, self.batch_size)
+                emitted, carry = emitted + 1, None
+            start = 0
+            while len(rows) - start >= self.batch_size and emitted < total:
+                yield self._convert(rows.slice(start, start + self.batch_size), self.batch_size)
                 emitted += 1
-                rest = rows.slice(self.batch_size, len(rows))
-                pending, pending_rows = ([rest], len(rest)) if len(rest) else ([], 0)
+                start += self.batch_size
+            if start < len(rows):
+                carry = rows.slice(start, len(rows))
         if not self.pad_to_equal:
             return
         while emitted < total:  # evaluation: pad this rank up to the longest rank's count
-            valid = pending_rows
-            rows = Rows.concat(pending) if pending else self._read(self._row_groups[:1], epoch)
+            valid = len(carry) if carry is not None else 0
+            rows = carry if carry is not None else self._read(self._row_groups[:1], 0)
             yield self._convert(self._pad(rows), valid)
-            emitted += 1
-            pending, pending_rows = [], 0
+            emitted, carry = emitted + 1, None
+
+    def _file(self, path: str) -> pq.ParquetFile:
+        """An open file, kept for the next row group (reopening re-reads the footer); a few at a
+        time, since a shuffled epoch visits files in any order."""
+        if path in self._open_files:
+            self._open_files.move_to_end(path)
+        else:
+            self._open_files[path] = pq.ParquetFile(path, memory_map=True)
+            while len(self._open_files) > 8:
+                self._open_files.popitem(last=False)
+        return self._open_files[path]
 
     def _read(self, window: List[_RowGroup], epoch: int) -> Rows:
         parts = []
         for group in window:
-            table = pq.ParquetFile(group.file).read_row_group(group.index, columns=self.schema.columns)
+            # One thread: the reader already runs beside training, which needs the other cores.
+            table = self._file(group.file).read_row_group(group.index, columns=self.schema.columns, use_threads=False)
             parts.append(decode(table, self.schema, f"{group.file} row group {group.index}", self.policy))
         rows = Rows.concat(parts)
         if self.shuffle:

@@ -177,7 +177,7 @@ def test_output_loads_for_training(tmp_path, two_inputs):
     convert(paths, str(tmp_path / "out"), SCHEMA, ConvertOptions(**SMALL))
     files = resolve_files(str(tmp_path / "out"))
     check_files(files, SCHEMA)
-    batches = list(ParquetBatches(files, SCHEMA, batch_size=20, rank=0, world_size=1, prefetch_batches=0))
+    batches = list(ParquetBatches(files, SCHEMA, batch_size=20, rank=0, world_size=1, prefetch_windows=0))
     assert len(batches) == 220 // 20
     lengths = np.concatenate([b.sparse_features["cat_3"].lengths().numpy() for b in batches])
     assert lengths.tolist() == [1 if row[14 + 3] else 0 for row in rows[0] + rows[1]]  # empty field: empty bag

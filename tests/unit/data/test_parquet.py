@@ -4,7 +4,7 @@ exact resume, prefetching, and the footer checks."""
 from __future__ import annotations
 
 import itertools
-import threading
+import multiprocessing
 
 import pyarrow as pa
 import pytest
@@ -20,7 +20,7 @@ def row_ids(batches):
 
 
 def reader(files, rank=0, world_size=1, **kwargs):
-    kwargs.setdefault("prefetch_batches", 0)
+    kwargs.setdefault("prefetch_windows", 0)
     return ParquetBatches(files, SCHEMA, kwargs.pop("batch_size", 16), rank, world_size, **kwargs)
 
 
@@ -108,15 +108,15 @@ def test_resume_yields_exactly_the_remaining_batches(uneven_files, stop_after, w
 
 def test_prefetch_gives_the_same_batches(uneven_files):
     plain = row_ids(reader(uneven_files, shuffle=True))
-    assert row_ids(reader(uneven_files, shuffle=True, prefetch_batches=2)) == plain
+    assert row_ids(reader(uneven_files, shuffle=True, prefetch_windows=2)) == plain
 
 
-def test_stopping_early_stops_the_prefetch_thread(uneven_files):
-    before = threading.active_count()
-    batches = iter(reader(uneven_files, prefetch_batches=1))
+def test_stopping_early_stops_the_reader_process(uneven_files):
+    batches = iter(reader(uneven_files, prefetch_windows=1))
     next(batches)
+    assert len(multiprocessing.active_children()) == 1
     batches.close()
-    assert threading.active_count() == before
+    assert multiprocessing.active_children() == []
 
 
 def test_errors_while_reading_reach_the_consumer(tmp_path):
@@ -124,7 +124,7 @@ def test_errors_while_reading_reach_the_consumer(tmp_path):
     columns["one"] = pa.array([11] * 64, type=pa.int64())
     files = [write(tmp_path / "bad.parquet", columns, row_group_size=32)]
     with pytest.raises(DataError, match="bad.parquet row group 0, row 0: column 'one' has id 11"):
-        list(reader(files, prefetch_batches=2))
+        list(reader(files, prefetch_windows=2))
 
 
 def test_resolve_files(tmp_path, uneven_files):

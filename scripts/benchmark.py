@@ -1,0 +1,132 @@
+"""Benchmarks that print measured figures (nothing here asserts a target).
+
+    python scripts/benchmark.py data                  # Parquet -> Batch rows/s on one core
+    python scripts/benchmark.py train                 # training samples/s: Parquet vs in-memory batches
+    python scripts/benchmark.py data train            # both, and the loader/training ratio
+    python scripts/benchmark.py train --steps 400 experiment=tiny data.batch_size=1024
+
+Everything after the benchmark names and flags is a config override, as for app.train; the
+dataset is the one that config trains on (the synthetic one is generated first if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import torch
+from hydra import compose, initialize_config_dir
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from app import distributed
+from app.config import Config, register_with_hydra, to_config
+from app.data.parquet import ParquetBatches
+from app.features import FeatureSchema
+from app.job import build_loaders, build_sharded_model, dataset_files
+from app.optim import optimizer_and_schedule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _config(overrides: List[str]) -> Config:
+    register_with_hydra()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return to_config(compose("train", overrides=overrides))
+
+
+def bench_data(loader: ParquetBatches, max_batches: int) -> Dict[str, float]:
+    """Decode on the calling thread only (no prefetch thread, one torch thread): rows per second
+    of wall time and per CPU-second, i.e. per core."""
+    loader.prefetch_windows = 0
+    max_batches = max_batches or len(loader)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        rows = sum(batch.labels.numel() for batch in itertools.islice(iter(loader), max_batches))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        torch.set_num_threads(threads)
+    return {"rows": rows, "rows_per_s": rows / wall, "rows_per_cpu_s": rows / cpu}
+
+
+def _timed_steps(pipeline: TrainPipelineSparseDist, batches: Iterator, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        pipeline.progress(batches)
+    return time.perf_counter() - start
+
+
+def bench_train(config: Config, loader: ParquetBatches, steps: int, warmup: int, rounds: int) -> Dict[str, float]:
+    """Samples/s of the same model trained from the Parquet loader (prefetching as configured) and
+    from batches already in memory, alternating rounds so both see the same machine state."""
+    env = distributed.init(config.distributed)
+    schema = FeatureSchema.from_config(config.features)
+    model = build_sharded_model(config, schema, env, run_dir=None)
+    optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=10**9)
+    pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
+    needed = warmup + steps
+    if len(loader) < needed + 2:
+        raise SystemExit(f"the training split has {len(loader)} batches; --steps + --warmup needs {needed + 2}.")
+    in_memory = list(itertools.islice(iter(loader), needed + 2))  # +2: the pipeline reads ahead
+    parquet_s, memory_s = 0.0, 0.0
+    for _ in range(rounds):
+        for source in ("parquet", "memory"):
+            batches = iter(loader) if source == "parquet" else iter(in_memory)
+            _timed_steps(pipeline, batches, warmup)
+            seconds = _timed_steps(pipeline, batches, steps)
+            if source == "parquet":
+                parquet_s += seconds
+                batches.close()  # stops the prefetch thread
+            else:
+                memory_s += seconds
+    samples = rounds * steps * loader.batch_size
+    distributed.shutdown()
+    return {"parquet": samples / parquet_s, "memory": samples / memory_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmarks", nargs="+", help="data and/or train, then config overrides (key=value)")
+    parser.add_argument("--data-batches", type=int, default=0,
+                        help="batches decoded by the data benchmark (0: one whole epoch)")
+    parser.add_argument("--steps", type=int, default=1500,
+                        help="timed training steps per round and source: enough to span several shuffle "
+                             "windows, so that reading ahead is measured at its steady rate")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps before each timed stretch")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating Parquet / in-memory rounds")
+    args, rest = parser.parse_known_args()
+    words = args.benchmarks + rest
+    names = [a for a in words if "=" not in a]
+    overrides = [a for a in words if "=" in a]
+    unknown = set(names) - {"data", "train"}
+    if unknown or not names:
+        parser.error(f"unknown argument(s) {sorted(unknown)}; name data and/or train, then key=value overrides.")
+
+    config = _config(overrides)
+    schema = FeatureSchema.from_config(config.features)
+    train_files, val_files = dataset_files(config.data, schema, is_rank0=True)
+    env = distributed.DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    print(f"dataset: {len(train_files)} training file(s), batch size {config.data.batch_size}, "
+          f"{len(schema.dense)} dense + {len(schema.sparse)} sparse features; torch threads {torch.get_num_threads()}")
+    results = {}
+    if "data" in names:
+        loader, _ = build_loaders(config.data, schema, env, train_files, val_files)
+        results["data"] = data = bench_data(loader, args.data_batches)
+        print(f"data:  {data['rows']:,} rows decoded at {data['rows_per_s']:,.0f} rows/s on one thread "
+              f"({data['rows_per_cpu_s']:,.0f} rows per CPU-second)")
+    if "train" in names:
+        loader, _ = build_loaders(config.data, schema, env, train_files, val_files)
+        results["train"] = train = bench_train(config, loader, args.steps, args.warmup, args.rounds)
+        print(f"train: from Parquet {train['parquet']:,.0f} samples/s, from memory {train['memory']:,.0f} "
+              f"samples/s: ratio {train['parquet'] / train['memory']:.3f} ({args.rounds} x {args.steps} steps each)")
+    if len(results) == 2:
+        print(f"loader rows/s over training samples/s (from memory): "
+              f"{results['data']['rows_per_s'] / results['train']['memory']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
