@@ -1,13 +1,20 @@
 """CheckpointManager: sharded checkpoints with torch.distributed.checkpoint (DCP), published atomically.
 
 Layout under the run's checkpoints/ directory:
-    step_00000100/   DCP files of every rank + meta.json (train state, LR schedule, config)
+    step_00000100/   DCP files of every rank + meta.json (train state, LR schedule, config, and
+                     the size and CRC-32 of every file: the manifest)
     latest           the name of the newest complete checkpoint, replaced last
 A checkpoint is written under a hidden temporary name by all ranks, and only after every rank has
 finished does rank 0 add meta.json and rename it into place. So a crash at any point leaves either
 the previous checkpoints untouched or a new complete one: never a half-written step_* that looks
-complete. DCP stores each rank's shards separately, which is what lets a sharded table be saved
-without gathering it anywhere.
+complete. The manifest catches what happens to a checkpoint afterwards (a truncated or damaged
+file): such a checkpoint is skipped, with a warning, for the newest one that is intact.
+
+An asynchronous save copies the state to memory, returns, and writes while training goes on; it is
+published by the next call that needs it finished (the next save, or wait()), on every rank at the
+same point of the run, since publishing takes a barrier. DCP stores each rank's shards separately,
+which is what lets a sharded table be saved without gathering it anywhere, and loaded onto another
+number of ranks or another sharding plan.
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ import logging
 import os
 import re
 import shutil
+import zlib
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
@@ -28,6 +38,11 @@ log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
+_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was asked for; the message says where and why."""
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -39,67 +54,210 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _barrier() -> None:
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def manifest(directory: Path) -> Dict[str, List[int]]:
+    """{file name: [size, crc32]} of every file of a checkpoint but meta.json."""
+    return {
+        p.name: [p.stat().st_size, _crc32(p)]
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != META_FILE
+    }
+
+
+def verify(path: Path) -> Optional[str]:
+    """None if the checkpoint at `path` is complete and intact, else what is wrong with it."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError) as error:
+        return f"{META_FILE} is missing or unreadable ({error})"
+    expected = meta.get("files")
+    if not expected:
+        return f"{META_FILE} lists no files"
+    for name, (size, crc) in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if _crc32(file) != crc:
+            return f"{name} is damaged (its CRC-32 differs from the one written)"
+    return None
+
+
+def read_meta(path: Path) -> Dict[str, Any]:
+    return json.loads((Path(path) / META_FILE).read_text())
+
+
+def _barrier(group: Optional[dist.ProcessGroup]) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 class CheckpointManager:
-    def __init__(self, directory: Path, keep_last: int, rank: int) -> None:
+    def __init__(self, directory: Path, keep_last: int, rank: int,
+                 process_group: Optional[dist.ProcessGroup] = None) -> None:
+        """`process_group` carries the checkpoint's own coordination (a gloo group, so that an
+        asynchronous save's background thread never shares a group with training)."""
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.rank = rank
+        self.group = process_group
+        self._pending: Optional[tuple] = None  # (future, step, staging, final, meta) of an async save
 
-    def _complete(self) -> List[Path]:
-        """Published checkpoints, oldest first."""
+    def _published(self) -> List[Path]:
+        """Published checkpoints (renamed into place, with meta.json), oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [
-            p for p in self.directory.iterdir()
-            if _STEP_DIR.match(p.name) and (p / META_FILE).is_file()
-        ]
+        found = [p for p in self.directory.iterdir() if _STEP_DIR.match(p.name) and (p / META_FILE).is_file()]
         return sorted(found, key=lambda p: p.name)
 
     def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint: the `latest` pointer when it names one, else the
-        newest published step directory (the pointer is replaced after the rename, so a crash in
-        between leaves it one behind)."""
-        complete = self._complete()
-        pointer = self.directory / LATEST_FILE
-        if pointer.is_file():
-            named = self.directory / pointer.read_text().strip()
-            if named in complete and named == complete[-1]:
-                return named
-        return complete[-1] if complete else None
+        """The newest published checkpoint (not verified; see newest_valid)."""
+        published = self._published()
+        return published[-1] if published else None
 
-    def save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any]) -> Path:
+    def newest_valid(self) -> Optional[Path]:
+        """The newest checkpoint whose files match its manifest; each newer one that does not is
+        reported with a warning and skipped. None when there are no checkpoints at all; a
+        CheckpointError when there are some but none is intact."""
+        published = self._published()
+        for path in reversed(published):
+            problem = verify(path)
+            if problem is None:
+                return path
+            log.warning("checkpoint %s is not usable: %s; trying the previous one", path, problem)
+        if published:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}: all {len(published)} failed verification (see the "
+                "warnings above). Remove them to start over, or point checkpoint.load_from at another run."
+            )
+        return None
+
+    # ---- saving -------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any], asynchronous: bool = False) -> Path:
         """Collective: every rank calls it with its own shards in `state`; `meta` (JSON-able, the
-        same on all ranks) is written by rank 0."""
+        same on all ranks) is written by rank 0. Asynchronous: returns once `state` is copied;
+        the checkpoint appears when the next save() or wait() publishes it."""
+        self.wait()
         final = self.directory / f"step_{step:08d}"
         staging = self.directory / f".step_{step:08d}.tmp"
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)  # left by a run that died while saving
-        _barrier()
-        dcp.save(state, checkpoint_id=str(staging))
+        _barrier(self.group)
+        if asynchronous:
+            future = dcp.async_save(state, checkpoint_id=str(staging), process_group=self.group)
+            self._pending = (future, step, staging, final, meta)
+            return final
+        dcp.save(state, checkpoint_id=str(staging), process_group=self.group)
+        self._publish(step, staging, final, meta)
+        return final
+
+    def wait(self) -> Optional[Path]:
+        """Collective: finish and publish the pending asynchronous save, if any."""
+        if self._pending is None:
+            return None
+        future, step, staging, final, meta = self._pending
+        self._pending = None
+        result = future.upload_completion if hasattr(future, "upload_completion") else future
+        result.result()
+        self._publish(step, staging, final, meta)
+        return final
+
+    def _publish(self, step: int, staging: Path, final: Path, meta: Dict[str, Any]) -> None:
+        _barrier(self.group)  # every rank's files are written
         if self.rank == 0:
-            _write_atomically(staging / META_FILE, json.dumps({"step": step, **meta}, indent=2))
+            record = {"step": step, **meta, "files": manifest(staging)}
+            _write_atomically(staging / META_FILE, json.dumps(record, indent=2))
             if final.exists():  # the same step saved again (a resumed run that had nothing left to do)
                 shutil.rmtree(final)
             os.replace(staging, final)
             _write_atomically(self.directory / LATEST_FILE, final.name)
             self._prune()
-        _barrier()
-        return final
+        _barrier(self.group)
 
     def _prune(self) -> None:
-        for old in self._complete()[: -self.keep_last]:
+        for old in self._published()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
             log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old.name, self.keep_last)
 
+    # ---- loading ------------------------------------------------------------------------------
+
     def load(self, path: Path, state: Dict[str, Any]) -> Dict[str, Any]:
-        """Collective: fills `state` (the same structure save() got, with this rank's tensors) in
-        place from `path`, resharding as needed; returns the checkpoint's meta."""
-        meta = json.loads((path / META_FILE).read_text())
-        dcp.load(state, checkpoint_id=str(path))
+        """Collective: fills `state` (a structure like the one save() got, with this rank's
+        tensors, or a part of it) in place from `path`, resharding as needed; returns the meta."""
+        meta = read_meta(path)
+        dcp.load(state, checkpoint_id=str(path), process_group=self.group)
         return meta
+
+
+def broadcast_text(text: Optional[str], group: Optional[dist.ProcessGroup] = None) -> Optional[str]:
+    """Rank 0's text (or None) on every rank, as bytes in tensors: no pickled objects travel."""
+    if not dist.is_initialized():
+        return text
+    data = (text or "").encode()
+    length = torch.tensor([-1 if text is None else len(data)], dtype=torch.int64)
+    dist.broadcast(length, src=0, group=group)
+    if length.item() < 0:
+        return None
+    buffer = torch.tensor(list(data), dtype=torch.uint8) if dist.get_rank() == 0 else \
+        torch.zeros(int(length.item()), dtype=torch.uint8)
+    dist.broadcast(buffer, src=0, group=group)
+    return bytes(buffer.tolist()).decode()
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The newest intact checkpoint that `path` names: a step_N directory itself, or a run
+    directory or its checkpoints/ directory. CheckpointError when there is none."""
+    path = Path(path)
+    if _STEP_DIR.match(path.name):
+        problem = verify(path) if path.is_dir() else "no such directory"
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
+        return path
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not directory.is_dir():
+        raise CheckpointError(f"{path}: no such directory; expected a run directory, its checkpoints/ or a step_N.")
+    found = CheckpointManager(directory, keep_last=1, rank=0).newest_valid()
+    if found is None:
+        raise CheckpointError(f"{path}: no checkpoint there (no step_N directory with {META_FILE} in {directory}).")
+    return found
+
+
+# What the model's shapes depend on: a checkpoint whose values differ cannot be loaded into it.
+_MODEL_SHAPE_KEYS = {
+    "features": ("label", "dense", "embedding_dim", "pooling"),
+    "model": ("arch", "dense_arch_layer_sizes", "over_arch_layer_sizes", "dcn_num_layers", "dcn_low_rank_dim"),
+}
+
+
+def model_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """How the model a checkpoint's config describes differs from the current config's, one
+    line per config key (both as dataclasses.asdict(Config)); empty when the model fits."""
+    lines = []
+
+    def compare(key: str, old: Any, new: Any) -> None:
+        if old != new:
+            lines.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
+
+    for group, keys in _MODEL_SHAPE_KEYS.items():
+        for key in keys:
+            compare(f"{group}.{key}", saved[group].get(key), current[group].get(key))
+    old_tables = {f["name"]: f for f in saved["features"]["sparse"]}
+    new_tables = {f["name"]: f for f in current["features"]["sparse"]}
+    for name in sorted(old_tables.keys() - new_tables.keys()):
+        lines.append(f"features.sparse: {name!r} is in the checkpoint, not in the config")
+    for name in sorted(new_tables.keys() - old_tables.keys()):
+        lines.append(f"features.sparse: {name!r} is in the config, not in the checkpoint")
+    for name in sorted(old_tables.keys() & new_tables.keys()):
+        compare(f"features.sparse[{name}].num_embeddings", old_tables[name].get("num_embeddings"),
+                new_tables[name].get("num_embeddings"))
+    return lines

@@ -265,12 +265,20 @@ class OptimConfig:
 class CheckpointConfig:
     every_n_steps: int = 100  # 0: only at the end
     keep_last: int = 2
-    # Resume from the newest complete checkpoint of this run when there is one.
+    # Resume from the newest intact checkpoint of this run when there is one.
     resume: bool = True
+    # Write checkpoints in the background while training goes on (the state is copied first).
+    async_save: bool = False
+    # Start a run that has no checkpoint of its own from another run's: a run directory, its
+    # checkpoints/ directory or one step_N directory. load_mode "all" continues that run's step,
+    # optimizer state, LR schedule and data position; "model" takes its weights only.
+    load_from: Optional[str] = None
+    load_mode: str = "all"
 
     def validate(self) -> None:
         _require(self.every_n_steps >= 0, f"checkpoint.every_n_steps must be >= 0, got {self.every_n_steps}.")
         _require(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}.")
+        _require_choice("checkpoint.load_mode", self.load_mode, ("all", "model"))
 
 
 @dataclass

@@ -49,6 +49,17 @@ def _device(config: DistributedConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _launcher_store(timeout: datetime.timedelta) -> dist.Store:
+    """The launcher's store, under a prefix of its own per restart. torchrun keeps one store for
+    all the restarts of a job (--max-restarts): without the prefix, the workers of a restart read
+    the addresses their killed predecessors published there, and cannot connect."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_hosts_it and rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"rectrain/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init(config: DistributedConfig) -> DistEnv:
     """Join (or, for one plain process, create) the default process group."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -57,7 +68,8 @@ def init(config: DistributedConfig) -> DistEnv:
     timeout = datetime.timedelta(seconds=config.timeout_s)
     if not dist.is_initialized():
         if under_launcher():
-            dist.init_process_group(backend=backend, timeout=timeout)
+            dist.init_process_group(backend=backend, store=_launcher_store(timeout), timeout=timeout,
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistEnv(
@@ -67,6 +79,12 @@ def init(config: DistributedConfig) -> DistEnv:
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         device=device,
     )
+
+
+def new_gloo_group() -> dist.ProcessGroup:
+    """Collective: a new gloo group of all ranks, for coordination that must not share a group
+    (and its ordering of collectives) with training's, e.g. from a background thread."""
+    return dist.new_group(backend="gloo")
 
 
 def barrier() -> None:

@@ -27,7 +27,7 @@ from app.metrics import MetricsLogger
 from app.model import build_model
 from app.optim import apply_sparse_optimizer, optimizer_and_schedule
 from app.sharding import plan_report, plan_sharding, shard_model, write_plan_report
-from app.trainer import Trainer, TrainState, planned_steps
+from app.trainer import Trainer, planned_steps
 
 log = logging.getLogger("app.job")
 
@@ -86,8 +86,9 @@ def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train
     return train, val
 
 
-def run(config: Config, run_dir: Path) -> Dict[str, float]:
-    """One worker's whole job; returns the final validation metrics (the same on every rank)."""
+def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
+    """One worker's whole job; returns the final validation metrics (the same on every rank), or
+    None when SIGTERM stopped it early (after a checkpoint)."""
     env = distributed.init(config.distributed)
     _setup_logging(config.logging, env)
     try:
@@ -100,7 +101,8 @@ def run(config: Config, run_dir: Path) -> Dict[str, float]:
         optimizer, lr_scheduler = optimizer_and_schedule(
             model, config.optim, planned_steps(config.trainer, len(train_data)))
 
-        checkpoints = CheckpointManager(run_dir / "checkpoints", config.checkpoint.keep_last, env.rank)
+        checkpoints = CheckpointManager(run_dir / "checkpoints", config.checkpoint.keep_last, env.rank,
+                                        process_group=distributed.new_gloo_group())
         if not config.checkpoint.resume and checkpoints.latest() is not None:
             # Starting over beside them would mix two runs' steps, and pruning would delete the new ones.
             raise ConfigError(
@@ -112,13 +114,15 @@ def run(config: Config, run_dir: Path) -> Dict[str, float]:
             model, optimizer, lr_scheduler, train_data, val_data,
             checkpoints=checkpoints,
             checkpoint_every_n_steps=config.checkpoint.every_n_steps,
+            async_save=config.checkpoint.async_save,
             metrics_logger=metrics_logger,
             config=config.trainer,
             env=env,
             run_meta={"config": dataclasses.asdict(config)},
             progress_bar=config.logging.progress_bar,
+            control_group=distributed.new_gloo_group(),
         )
-        state = trainer.resume() if config.checkpoint.resume else TrainState()
+        state = trainer.resume(config.checkpoint.load_from, config.checkpoint.load_mode)
         if state.step == 0:
             log.info("starting %s from scratch: %d steps of %d samples", run_dir, trainer.total_steps,
                      trainer.global_batch_size)

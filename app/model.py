@@ -16,10 +16,12 @@ from app.config import ModelConfig
 from app.features import FeatureSchema
 
 
-def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device) -> DLRMTrain:
-    """DLRMTrain: forward(batch) -> (loss, (loss, logits, labels)), what the train pipeline expects."""
+def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device,
+                tables_device: torch.device = torch.device("meta")) -> DLRMTrain:
+    """DLRMTrain: forward(batch) -> (loss, (loss, logits, labels)), what the train pipeline expects.
+    `tables_device` other than meta builds full tables there: one unsharded process (app/export.py)."""
     tables = EmbeddingBagCollection(
-        tables=schema.embedding_bag_configs(), device=torch.device("meta")
+        tables=schema.embedding_bag_configs(), device=tables_device
     )
     common = dict(
         embedding_bag_collection=tables,

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,8 +22,9 @@ from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
-from app.checkpoint import CheckpointManager
-from app.config import TrainerConfig
+from app.checkpoint import (CheckpointError, CheckpointManager, broadcast_text, find_checkpoint,
+                            model_differences, read_meta)
+from app.config import ConfigError, TrainerConfig
 from app.data.parquet import ParquetBatches
 from app.distributed import DistEnv
 from app.metrics import EvalMetrics, MetricsLogger
@@ -56,12 +59,17 @@ class Trainer:
         val_data: ParquetBatches,
         checkpoints: CheckpointManager,
         checkpoint_every_n_steps: int,
+        async_save: bool,
         metrics_logger: MetricsLogger,
         config: TrainerConfig,
         env: DistEnv,
         run_meta: Dict[str, Any],
         progress_bar: bool = True,
+        control_group: Optional[dist.ProcessGroup] = None,
     ) -> None:
+        """`control_group`: a gloo group for the loop's own agreements (which checkpoint to load,
+        whether to stop), apart from the checkpoint's group, which an asynchronous save uses from
+        a background thread."""
         self.model = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -69,6 +77,7 @@ class Trainer:
         self.val_data = val_data
         self.checkpoints = checkpoints
         self.checkpoint_every = checkpoint_every_n_steps
+        self.async_save = async_save
         self.metrics_logger = metrics_logger
         self.config = config
         self.env = env
@@ -81,50 +90,99 @@ class Trainer:
         if config.pipeline == "sparse_dist":
             self._pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
         self._last_saved_step = -1
+        self.control_group = control_group
+        self.preemption = _Preemption(control_group)
 
     # ---- state that checkpoints carry -------------------------------------------------------
 
     def _checkpoint_state(self) -> Dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def save(self, state: TrainState) -> None:
+    def save(self, state: TrainState, final: bool = False) -> None:
+        """Checkpoint at `state`; asynchronous when so configured, except the last one of a run."""
         meta = {
             "train_state": asdict(state),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "world_size": self.env.world_size,
             **self.run_meta,
         }
-        path = self.checkpoints.save(state.step, self._checkpoint_state(), meta)
+        background = self.async_save and not final
+        path = self.checkpoints.save(state.step, self._checkpoint_state(), meta, asynchronous=background)
         self._last_saved_step = state.step
-        log.info("saved checkpoint %s", path)
+        log.info("saved checkpoint %s%s", path, " (writing in the background)" if background else "")
 
-    def resume(self) -> TrainState:
-        """Load the newest complete checkpoint of the run, if any; returns where to continue."""
-        path = self.checkpoints.latest()
-        if path is None:
+    def resume(self, load_from: Optional[str] = None, load_mode: str = "all") -> TrainState:
+        """Continue from the newest intact checkpoint of the run; if it has none, start from
+        `load_from` (another run's checkpoint: everything, or the model only); else from scratch."""
+        own = self._agreed_checkpoint(self.checkpoints.newest_valid)
+        if own is not None:
+            return self._load(own, everything=True)
+        if load_from:
+            return self._load(self._agreed_checkpoint(lambda: find_checkpoint(Path(load_from))),
+                              everything=load_mode == "all")
+        return TrainState()
+
+    def _agreed_checkpoint(self, find: Callable[[], Optional[Path]]) -> Optional[Path]:
+        """Rank 0 finds and verifies the checkpoint (verifying reads every file: once is enough);
+        every rank gets its answer, or its error."""
+        found, problem = None, None
+        if self.env.is_rank0:
+            try:
+                found = find()
+            except CheckpointError as error:
+                problem = str(error)
+        problem = broadcast_text(problem, self.control_group)
+        if problem is not None:
+            raise CheckpointError(problem)
+        path = broadcast_text(None if found is None else str(found), self.control_group)
+        return None if path is None else Path(path)
+
+    def _load(self, path: Path, everything: bool) -> TrainState:
+        meta = read_meta(path)
+        differences = model_differences(meta["config"], self.run_meta["config"])
+        if differences:
+            raise ConfigError(
+                f"checkpoint {path} holds another model than this config describes: " + "; ".join(differences)
+                + ". Restore those settings, or start a new run_name without checkpoint.load_from."
+            )
+        if not everything:
+            state = {"model": self.model.state_dict()}
+            self.checkpoints.load(path, state)
+            self.model.load_state_dict(state["model"])
+            log.info("started from the model weights of %s (step %d)", path, meta["step"])
             return TrainState()
         # The dense optimizers create their state lazily; DCP loads in place, so it must exist.
         for name, part in self.optimizer.optimizers:
             if name != "sparse":
                 part.init_state()
         state = self._checkpoint_state()
-        meta = self.checkpoints.load(path, state)
+        self.checkpoints.load(path, state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         train_state = TrainState(**meta["train_state"])
-        self._last_saved_step = train_state.step
+        if meta["world_size"] != self.env.world_size:
+            # Row groups are dealt to ranks by world size: the same samples cannot be replayed on
+            # another one. Keep the epoch and the number of samples done in it.
+            done = train_state.batches_done * meta["world_size"] * meta["config"]["data"]["batch_size"]
+            train_state.batches_done = done // self.global_batch_size
+            log.warning("the checkpoint was written by %d ranks, this run has %d: continuing epoch %d after "
+                        "%d samples (the order of the rest differs from a run on %d ranks)",
+                        meta["world_size"], self.env.world_size, train_state.epoch, done, meta["world_size"])
+        self._last_saved_step = train_state.step if path.parent == self.checkpoints.directory else -1
         log.info("resumed from %s at step %d (epoch %d)", path, train_state.step, train_state.epoch)
         return train_state
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def fit(self, state: TrainState) -> Dict[str, float]:
-        """Train from `state` to the end; returns the final validation metrics."""
+    def fit(self, state: TrainState) -> Optional[Dict[str, float]]:
+        """Train from `state` to the end; returns the final validation metrics, or None when
+        stopped by SIGTERM (after saving a checkpoint to resume from)."""
         bar = tqdm(total=self.total_steps, initial=state.step, disable=not self.progress_bar,
                    desc="train", unit="step", dynamic_ncols=True)
         window = _Window(time.perf_counter())
-        while state.step < self.total_steps:
+        preempted = False
+        while state.step < self.total_steps and not preempted:
             if state.batches_done >= self.steps_per_epoch:
                 state.epoch, state.batches_done = state.epoch + 1, 0
             self.train_data.set_epoch(state.epoch)
@@ -142,16 +200,29 @@ class Trainer:
                         bar.update(1)
                         if state.step % self.config.log_every_n_steps == 0:
                             self._log_train(state, window, bar)
+                        if self.preemption.agreed():
+                            preempted = True
+                            break
+                    if preempted:
+                        break
                     self._at_boundary(state)
             finally:
                 close = getattr(epoch_batches, "close", None)
                 if close is not None:
                     close()
         bar.close()
-        final = self.evaluate(state)
-        if self._last_saved_step != state.step:
-            self.save(state)
-        return final
+        try:
+            if preempted:
+                log.warning("SIGTERM: stopping at step %d; saving a checkpoint to resume from", state.step)
+                self.save(state, final=True)
+                return None
+            final = self.evaluate(state)
+            if self._last_saved_step != state.step:
+                self.save(state, final=True)
+            self.checkpoints.wait()
+            return final
+        finally:
+            self.preemption.close()
 
     def _segment_length(self, state: TrainState) -> int:
         ends = [state.step + self.steps_per_epoch - state.batches_done, self.total_steps]
@@ -224,6 +295,29 @@ class Trainer:
             state.step, result["auc"], result["logloss"], result["ne"], result["samples"],
         )
         return result
+
+
+class _Preemption:
+    """SIGTERM (a preemption, or torchrun stopping the job) asks the loop to stop. Ranks receive it
+    at slightly different steps, so they agree after each step (one tiny all-reduce on a gloo
+    group of its own) and all stop at the same one."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
+        self.group = group
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([int(self.requested)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 class _Window:

@@ -6,7 +6,10 @@ import json
 
 import torch
 
-from app.checkpoint import LATEST_FILE, META_FILE, CheckpointManager
+import pytest
+
+from app.checkpoint import (LATEST_FILE, META_FILE, CheckpointError, CheckpointManager, find_checkpoint,
+                            model_differences, verify)
 
 
 def state(value: float):
@@ -31,7 +34,8 @@ def test_load_fills_state_in_place(tmp_path, single_process_group):
     manager.save(5, state(1.5), {"note": "x"})
     target = state(0.0)
     meta = manager.load(manager.latest(), target)
-    assert meta == {"step": 5, "note": "x"}
+    assert {k: meta[k] for k in ("step", "note")} == {"step": 5, "note": "x"}
+    assert sorted(meta["files"]) == [".metadata", "__0_0.distcp"]
     assert torch.equal(target["model"]["w"], torch.full((4, 3), 1.5))
     assert torch.equal(target["optimizer"]["m"], torch.full((2,), 3.0))
 
@@ -58,3 +62,77 @@ def test_saving_a_step_again_replaces_it(tmp_path, single_process_group):
     manager.load(manager.latest(), target)
     assert torch.equal(target["model"]["w"], torch.full((4, 3), 2.0))
     assert not list(tmp_path.glob(".step_*"))
+
+
+def _distcp(path):
+    return next(path.glob("__0_*.distcp"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, single_process_group, caplog, damage):
+    manager = CheckpointManager(tmp_path, keep_last=3, rank=0)
+    manager.save(1, state(1.0), {})
+    newest = manager.save(2, state(2.0), {})
+    data = _distcp(newest)
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[:-7])
+    elif damage == "flip":
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    else:
+        data.unlink()
+    assert verify(newest) is not None
+    with caplog.at_level("WARNING"):
+        assert manager.newest_valid().name == "step_00000001"
+    assert "step_00000002 is not usable" in caplog.text
+    # Every checkpoint damaged: a clear error, not a silent start from scratch.
+    _distcp(tmp_path / "step_00000001").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no intact checkpoint in .*: all 2 failed verification"):
+        manager.newest_valid()
+
+
+def test_async_save_copies_the_state_and_publishes_on_wait(tmp_path, single_process_group):
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0)
+    live = state(1.0)
+    path = manager.save(3, live, {"note": "async"}, asynchronous=True)
+    live["model"]["w"].add_(100.0)  # training goes on while the checkpoint is written
+    assert manager.wait() == path
+    assert manager.newest_valid() == path
+    target = state(0.0)
+    manager.load(path, target)
+    assert torch.equal(target["model"]["w"], torch.full((4, 3), 1.0))
+    assert manager.wait() is None
+
+
+def test_find_checkpoint_accepts_run_checkpoints_and_step_dirs(tmp_path, single_process_group):
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=2, rank=0)
+    manager.save(4, state(1.0), {})
+    newest = manager.save(8, state(1.0), {})
+    assert find_checkpoint(tmp_path / "run") == newest
+    assert find_checkpoint(tmp_path / "run" / "checkpoints") == newest
+    assert find_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004").name == "step_00000004"
+    with pytest.raises(CheckpointError, match="no such directory"):
+        find_checkpoint(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="step_00000005 is not usable"):
+        find_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000005")
+
+
+def test_model_differences_name_each_key():
+    def config(**tables):
+        return {
+            "features": {"label": "label", "dense": ["a"], "embedding_dim": 16, "pooling": "sum",
+                         "sparse": [{"name": n, "num_embeddings": v, "hotness": 1} for n, v in tables.items()]},
+            "model": {"arch": "dlrm", "dense_arch_layer_sizes": [8, 16], "over_arch_layer_sizes": [4, 1],
+                      "dcn_num_layers": 3, "dcn_low_rank_dim": 32},
+        }
+
+    saved = config(x=10, y=20)
+    assert model_differences(saved, config(x=10, y=20)) == []
+    current = config(x=10, z=5, y=30)
+    current["features"]["embedding_dim"] = 8
+    assert model_differences(saved, current) == [
+        "features.embedding_dim: 16 in the checkpoint, 8 now",
+        "features.sparse: 'z' is in the config, not in the checkpoint",
+        "features.sparse[y].num_embeddings: 20 in the checkpoint, 30 now",
+    ]

@@ -1,0 +1,231 @@
+"""Exported models: a sharded training checkpoint as one unsharded model file, scored in one process.
+
+    export_checkpoint(Path("outputs/tiny"), Path("exported/tiny"))   # writes model.pt + config.json
+    model, config = load_exported(Path("exported/tiny"))
+    for logits, labels in score_files(model, config, files, batch_size=2048, labeled=True): ...
+
+A checkpoint holds every rank's shards of every table (DCP). Export builds the plain model with
+full tables on the CPU and has DCP read the shards into them in this one process, without a
+process group: DCP's load planner maps the saved chunks onto whole tensors from the checkpoint's
+metadata alone, whatever the sharding and world size were. No key mapping is needed: the sharded
+model's state_dict keys are the plain model's (DistributedModelParallel strips its wrapper and
+DDP prefixes, and sharded tables keep their unsharded names); they are still checked against the
+metadata first, so a mismatch is a clear error rather than one from deep inside DCP.
+
+Nothing arbitrary is unpickled. Export asks DCP for tensor entries only, which it reads with
+torch.load(weights_only=True); the one pickle it opens is its own .metadata file. model.pt is a
+plain dict of tensors, loaded with weights_only=True, and config.json is JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from app.checkpoint import META_FILE, CheckpointError, find_checkpoint
+from app.config import Config, config_from_dict
+from app.data import DataError
+from app.data.batch import InputPolicy, decode
+from app.data.parquet import check_files
+from app.features import FeatureSchema
+from app.model import build_model
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"  # written last: an export without it is incomplete
+_CPU = torch.device("cpu")
+_MODEL_KEY = "model"  # the model's part of the checkpointed state (app/trainer.py)
+
+
+class ExportError(ValueError):
+    """A checkpoint or exported model that cannot be read; the message names the path."""
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint dir as given, or the newest intact one of a run dir or its checkpoints/ dir."""
+    try:
+        return find_checkpoint(Path(path))
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
+
+
+def _read_meta(checkpoint: Path) -> dict:
+    try:
+        meta = json.loads((checkpoint / META_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{checkpoint / META_FILE}: not readable ({error}).") from error
+    if "config" not in meta:
+        raise ExportError(f"{checkpoint / META_FILE}: holds no config, so the model cannot be rebuilt.")
+    return meta
+
+
+def _check_keys(checkpoint: Path, state: Dict[str, torch.Tensor]) -> None:
+    """The checkpoint's model entries must be exactly `state`'s tensors, with the same shapes."""
+    try:
+        metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
+    except (OSError, EOFError, ValueError) as error:
+        message = f"{checkpoint}: incomplete checkpoint, its DCP metadata is not readable ({error})."
+        raise ExportError(message) from error
+    prefix = f"{_MODEL_KEY}."
+    saved = {k[len(prefix):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
+    missing, unexpected = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
+    if missing or unexpected:
+        raise ExportError(
+            f"{checkpoint}: the checkpoint's model does not match the model its config builds; "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    for key, tensor in state.items():
+        entry = saved[key]
+        if not isinstance(entry, TensorStorageMetadata) or tuple(entry.size) != tuple(tensor.shape):
+            shown = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else type(entry).__name__
+            raise ExportError(f"{checkpoint}: {key!r} is {shown} in the checkpoint; the model its config builds "
+                              f"has {tuple(tensor.shape)}.")
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
+    """Write out_dir/model.pt (the full state_dict, unsharded) and out_dir/config.json from a
+    checkpoint dir, or from the newest complete checkpoint of a run dir; returns out_dir."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    meta = _read_meta(checkpoint)
+    config = config_from_dict(meta["config"])
+    model = build_model(config.model, FeatureSchema.from_config(config.features), _CPU, tables_device=_CPU)
+    state = model.state_dict()
+    _check_keys(checkpoint, state)
+    try:
+        with warnings.catch_warnings():
+            # Only the model: DCP loads the keys asked for, so the optimizer's state is never read.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the intent
+            dcp.load({_MODEL_KEY: state}, checkpoint_id=str(checkpoint), no_dist=True)
+    except (OSError, dcp.CheckpointException) as error:  # e.g. one rank's .distcp file missing
+        # DCP wraps the cause with its traceback; the cause alone says which file.
+        cause = next(iter(error.failures.values()))[0] if isinstance(error, dcp.CheckpointException) else error
+        raise ExportError(f"{checkpoint}: incomplete checkpoint, its shards are not readable ({cause}).") from error
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # config.json marks a complete export: drop an older one first, so a crash below never
+    # leaves a new model.pt beside the old config.
+    (out_dir / CONFIG_FILE).unlink(missing_ok=True)
+    _write_atomically(out_dir / MODEL_FILE, lambda tmp: torch.save(dict(state), tmp))
+    exported = {
+        "step": meta["step"],
+        "checkpoint": str(checkpoint.resolve()),
+        "parameters": sum(t.numel() for t in state.values()),
+        "config": meta["config"],
+    }
+    _write_atomically(out_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(exported, indent=2)))
+    return out_dir
+
+
+# ---- load ---------------------------------------------------------------------------------------
+
+
+def read_export_info(out_dir: Path) -> dict:
+    """config.json of an export: {"step", "checkpoint", "parameters", "config"}."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: no such directory; expected an export from scripts/export.py.")
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if not (out_dir / name).is_file():
+            raise ExportError(f"{out_dir}: incomplete export, {name} is missing; export the checkpoint again.")
+    try:
+        info = json.loads((out_dir / CONFIG_FILE).read_text())
+    except ValueError as error:
+        raise ExportError(f"{out_dir / CONFIG_FILE}: not valid JSON ({error}).") from error
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise ExportError(f"{out_dir / CONFIG_FILE}: holds no config; export the checkpoint again.")
+    return info
+
+
+def _refusal(error: Exception) -> str:
+    """The line of torch's long weights_only message that says what it refused."""
+    found = re.search(r"WeightsUnpickler error:\s*(Unsupported [^\n]*?)(?: was not an allowed global.*)?$",
+                      str(error), re.MULTILINE)
+    return found.group(1) if found else str(error).splitlines()[0]
+
+
+def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
+    """The exported model on the CPU in eval mode, and the config it was trained with."""
+    out_dir = Path(out_dir)
+    config = config_from_dict(read_export_info(out_dir)["config"])
+    model = build_model(config.model, FeatureSchema.from_config(config.features), _CPU, tables_device=_CPU)
+    path = out_dir / MODEL_FILE
+    try:
+        state = torch.load(path, map_location=_CPU, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ExportError(f"{path}: not a file of plain tensors, so it is not loaded (torch.load with "
+                          f"weights_only=True refused it: {_refusal(error)}).") from error
+    except (OSError, RuntimeError, EOFError) as error:  # e.g. a truncated file
+        raise ExportError(f"{path}: not readable ({error}).") from error
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise ExportError(f"{path}: not the model {CONFIG_FILE} describes ({error}).") from error
+    return model.eval(), config
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+
+
+def check_inputs(files: Sequence[str], schema: FeatureSchema) -> bool:
+    """The footer checks training makes, with or without a label column; returns whether the
+    files carry labels (all of them or none)."""
+    labeled: List[bool] = []
+    for path in files:
+        try:
+            labeled.append(schema.label in pq.read_schema(path).names)
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: not a readable Parquet file ({error}).") from error
+    if any(labeled) and not all(labeled):
+        raise DataError(f"{files[labeled.index(False)]}: no {schema.label!r} column, but "
+                        f"{files[labeled.index(True)]} has one; label all files or none.")
+    if all(labeled):
+        check_files(files, schema)
+    else:  # check_files needs a label column: a dense column in its place (checked twice) does
+        check_files(files, dataclasses.replace(schema, label=schema.dense[0]))
+    return all(labeled)
+
+
+def score_files(model: nn.Module, config: Config, files: Sequence[str], batch_size: int,
+                labeled: bool) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(logits, labels or None) of every row of `files`, in order, one batch at a time. Rows are
+    decoded and checked as training does it (config.data's input policy), a row group at a time."""
+    schema = FeatureSchema.from_config(config.features)
+    policy = InputPolicy(config.data.invalid_ids, config.data.invalid_dense, config.data.dense_fill_value)
+    columns = schema.columns if labeled else [c for c in schema.columns if c != schema.label]
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        for index in range(parquet.metadata.num_row_groups):
+            table = parquet.read_row_group(index, columns=columns)
+            if table.num_rows == 0:
+                continue
+            if not labeled:  # the model's forward takes labels; these are never reported
+                table = table.append_column(schema.label, pa.array(np.zeros(table.num_rows, np.float32)))
+            rows = decode(table, schema, f"{path} row group {index}", policy)
+            for start in range(0, len(rows), batch_size):
+                batch = rows.slice(start, start + batch_size).to_batch(schema.sparse_names)
+                with torch.no_grad():
+                    _, (_loss, logits, labels) = model(batch)
+                yield logits, labels if labeled else None

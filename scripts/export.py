@@ -1,0 +1,47 @@
+"""Export a sharded training checkpoint as one unsharded model file, loadable in one CPU process.
+
+    python scripts/export.py outputs/tiny --out exported/tiny                        # the run's newest checkpoint
+    python scripts/export.py outputs/tiny/checkpoints/step_00000010 --out exported/tiny-10
+
+Writes <out>/model.pt (the whole state_dict, every table in full, whatever the sharding and the
+number of ranks it was trained on) and <out>/config.json (the training config and the step).
+Needs no process group and no GPU, but the whole model must fit in this machine's memory.
+Score Parquet files with it: scripts/predict.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List
+
+from app.config import ConfigError
+from app.data import DataError
+from app.export import CONFIG_FILE, MODEL_FILE, ExportError, export_checkpoint
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a run directory (its newest complete checkpoint) or a checkpoint")
+    parser.add_argument("--out", required=True, help="output directory (created; an earlier export there is replaced)")
+    return parser.parse_args(argv)
+
+
+def main(argv: List[str]) -> int:
+    args = parse_args(argv)
+    try:
+        out_dir = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    except (ExportError, ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    info = json.loads((out_dir / CONFIG_FILE).read_text())
+    size_mb = (out_dir / MODEL_FILE).stat().st_size / 2**20
+    print(f"exported step {info['step']} of {info['checkpoint']}: {info['parameters']:,} parameters, "
+          f"{out_dir / MODEL_FILE} ({size_mb:.1f} MiB) and {out_dir / CONFIG_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

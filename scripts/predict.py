@@ -1,0 +1,96 @@
+"""Score Parquet files with an exported model (scripts/export.py) in one CPU process.
+
+    python scripts/predict.py --model exported/tiny --data data/synthetic/<fingerprint>/val --out predictions.parquet
+    python scripts/predict.py --model exported/tiny --data 'new/*.parquet' --out scores.parquet --batch-size 8192
+
+--data is a directory (every .parquet below it), one file, or a glob; files are read in sorted
+order, and row i of --out is the i-th row read. --out holds `prediction` (the click probability,
+float32) and, when the input has a label column, `label` (0.0 / 1.0); with labels, AUC, logloss
+and NE are printed, computed as training's evaluation computes them. Inputs are checked and
+repaired as the model's training config says (data.invalid_ids, data.invalid_dense).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from app.config import ConfigError
+from app.data import DataError
+from app.data.parquet import resolve_files
+from app.export import ExportError, check_inputs, load_exported, score_files
+from app.features import FeatureSchema
+from app.metrics import EvalMetrics
+
+ROWS_PER_ROW_GROUP = 1 << 20  # predictions are buffered into row groups of this size, not one per batch
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="an export directory from scripts/export.py")
+    parser.add_argument("--data", required=True, help="Parquet input: a directory, a file, or a glob")
+    parser.add_argument("--out", required=True, help="the Parquet file to write (replaced when it exists)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="rows per forward pass (default: data.eval_batch_size of the training config)")
+    return parser.parse_args(argv)
+
+
+def predict(args: argparse.Namespace) -> dict:
+    """Writes args.out; returns {"rows", "labeled"} and, with labels, the metrics."""
+    model, config = load_exported(Path(args.model))
+    files = resolve_files(args.data)
+    labeled = check_inputs(files, FeatureSchema.from_config(config.features))
+    schema = pa.schema([("prediction", pa.float32())] + ([("label", pa.float32())] if labeled else []))
+    batches = score_files(model, config, files, args.batch_size or config.data.eval_batch_size, labeled)
+    metrics = EvalMetrics(torch.device("cpu"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")  # renamed into place only once every row is scored
+    rows, written, pending = 0, 0, []
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for logits, labels in batches:
+                columns = [torch.sigmoid(logits)] + ([labels.float()] if labeled else [])
+                pending.append(pa.record_batch([pa.array(c.numpy()) for c in columns], schema=schema))
+                if labeled:
+                    metrics.update(logits, labels)
+                rows += len(logits)
+                if rows - written >= ROWS_PER_ROW_GROUP:
+                    writer.write_table(pa.Table.from_batches(pending))
+                    pending, written = [], rows
+            writer.write_table(pa.Table.from_batches(pending, schema=schema))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"rows": rows, "labeled": labeled, **(metrics.compute() if labeled else {})}
+
+
+def main(argv: List[str]) -> int:
+    args = parse_args(argv)
+    try:
+        result = predict(args)
+    except (ExportError, ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{result['rows']:,} predictions in {args.out}")
+    if result["labeled"]:
+        print(f"AUC {result['auc']:.6f}  logloss {result['logloss']:.6f}  NE {result['ne']:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,216 @@
+"""Checkpoints under real conditions: resharding resume across world sizes and plans, bitwise
+determinism with and without an interruption, SIGKILL under torchrun --max-restarts, SIGTERM,
+a kill during a save, damaged checkpoints, refused and foreign checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.export import MODEL_FILE, export_checkpoint
+from tests.conftest import REPO, run_command
+from tests.integration.test_train import check, records, tiny, torchrun
+
+
+def one_process(*args: str):
+    return [sys.executable, "-m", "app.train", *args]
+
+
+def final_eval(root: Path):
+    return records(root / "outputs" / "tiny", "eval")[-1]
+
+
+def checkpoints(root: Path):
+    return sorted(p.name for p in (root / "outputs" / "tiny" / "checkpoints").glob("step_*"))
+
+
+def exported_parameters(root: Path, tmp_path: Path):
+    out = export_checkpoint(root / "outputs" / "tiny", tmp_path / f"export-{root.name}")
+    return torch.load(out / MODEL_FILE, weights_only=True)
+
+
+def test_resume_onto_other_world_sizes_and_sharding_plans(tmp_path):
+    # 2 ranks, row-wise tables -> 1 rank, table-wise: the same model gives the same outputs.
+    a = tmp_path / "a"
+    check(run_command(torchrun(*tiny(a, "sharding=row_wise", "trainer.max_steps=10")), cwd=REPO))
+    before = final_eval(a)
+    out = check(run_command(one_process(*tiny(a, "sharding=table_wise", "trainer.max_steps=10")), cwd=REPO))
+    assert "resumed from" in out and "written by 2 ranks, this run has 1" in out
+    after = final_eval(a)
+    assert after["step"] == before["step"] == 10
+    assert after["logloss"] == pytest.approx(before["logloss"], abs=1e-6)
+    assert after["auc"] == pytest.approx(before["auc"], abs=1e-6)
+    # ... and training goes on there (the fused optimizer state was resharded too).
+    check(run_command(one_process(*tiny(a, "sharding=table_wise", "trainer.max_steps=14")), cwd=REPO))
+    assert checkpoints(a)[-1] == "step_00000014"
+
+    # 1 rank, table-wise -> 2 ranks, column-wise.
+    b = tmp_path / "b"
+    check(run_command(one_process(*tiny(b, "sharding=table_wise", "trainer.max_steps=8")), cwd=REPO))
+    before = final_eval(b)
+    check(run_command(torchrun(*tiny(b, "sharding=column_wise", "trainer.max_steps=8")), cwd=REPO))
+    after = final_eval(b)
+    assert after["logloss"] == pytest.approx(before["logloss"], abs=1e-6)
+    assert after["auc"] == pytest.approx(before["auc"], abs=1e-6)
+
+
+def test_bitwise_determinism_with_and_without_an_interruption(tmp_path):
+    common = ["trainer.epochs=1", "checkpoint.every_n_steps=0"]
+    for name in ("first", "second"):
+        check(run_command(torchrun(*tiny(tmp_path / name, *common)), cwd=REPO))
+    # Interrupted at step 6 (its checkpoint is the last of that run), then resumed to the end.
+    check(run_command(torchrun(*tiny(tmp_path / "interrupted", *common, "trainer.max_steps=6")), cwd=REPO))
+    check(run_command(torchrun(*tiny(tmp_path / "interrupted", *common)), cwd=REPO))
+
+    reference = exported_parameters(tmp_path / "first", tmp_path)
+    assert len(reference) > 26  # every table and dense layer
+    for name in ("second", "interrupted"):
+        other = exported_parameters(tmp_path / name, tmp_path)
+        assert other.keys() == reference.keys()
+        for key, value in reference.items():
+            assert torch.equal(other[key], value), f"{name}: {key} differs"
+
+
+def _children(pid: int):
+    """Direct child processes of `pid` (from /proc: no extra dependency)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _start(args, log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("RANK", None)
+    log = open(log_path, "w")
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(root: Path, process: subprocess.Popen, at_least: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        names = checkpoints(root) if (root / "outputs" / "tiny" / "checkpoints").is_dir() else []
+        if names and int(names[-1].split("_")[1]) >= at_least:
+            return
+        assert process.poll() is None, "the job ended before it could be interrupted"
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+def test_a_worker_killed_under_max_restarts_resumes_and_finishes(tmp_path):
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+            "-m", "app.train", *tiny(tmp_path, "trainer.epochs=12", "checkpoint.every_n_steps=10")]
+    job = _start(args, tmp_path / "job.log")
+    try:
+        _wait_for_checkpoint(tmp_path, job, at_least=20)
+        workers = [c for c in _children(job.pid) if b"app.train" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        assert job.wait(timeout=300) == 0, (tmp_path / "job.log").read_text()[-4000:]
+    finally:
+        job.kill()
+    log = (tmp_path / "job.log").read_text()
+    assert "resumed from" in log
+    assert checkpoints(tmp_path)[-1] == f"step_{12 * 15:08d}"  # 15 steps per epoch on 2 ranks
+    steps = [r["step"] for r in records(tmp_path / "outputs" / "tiny", "train")]
+    assert steps[-1] == 12 * 15
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    args = one_process(*tiny(tmp_path, "trainer.epochs=40", "checkpoint.every_n_steps=1000"))
+    job = _start(args, tmp_path / "job.log")
+    try:
+        deadline = time.time() + 120
+        log = tmp_path / "job.log"
+        while "starting" not in log.read_text() and time.time() < deadline:
+            assert job.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        time.sleep(1.0)  # some steps in
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        job.kill()
+    text = (tmp_path / "job.log").read_text()
+    assert "stopped by SIGTERM after saving a checkpoint" in text
+    saved = checkpoints(tmp_path)
+    assert len(saved) == 1  # no periodic checkpoint: this one is SIGTERM's
+    step = int(saved[0].split("_")[1])
+    assert 0 < step < 40 * 31
+    out = check(run_command(one_process(*tiny(tmp_path, "trainer.epochs=40", f"trainer.max_steps={step + 3}")),
+                            cwd=REPO))
+    assert f"at step {step} " in out
+
+
+_SAVE_FOREVER = """
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+from app.checkpoint import CheckpointManager
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+manager = CheckpointManager(Path(sys.argv[1]), keep_last=3, rank=0)
+manager.save(1, {"w": torch.ones(1000)}, {})
+print("saved", flush=True)
+big = {"w": torch.ones(1000), "big": torch.randn(64 * 2**20)}  # 256 MB: long enough to be killed in
+for step in range(2, 100):
+    manager.save(step, big, {})
+"""
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    from app.checkpoint import CheckpointManager, verify
+
+    directory = tmp_path / "checkpoints"
+    job = _start([sys.executable, "-c", _SAVE_FOREVER, str(directory)], tmp_path / "save.log")
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # wait until the big save is under way, then kill
+            staging = list(directory.glob(".step_*.tmp"))
+            if staging and any(p.stat().st_size > 2**20 for p in staging[0].glob("*")):
+                break
+            time.sleep(0.01)
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=30)
+    finally:
+        job.kill()
+    assert list(directory.glob(".step_*.tmp")), "killed too late: no save was under way"
+    manager = CheckpointManager(directory, keep_last=3, rank=0)
+    newest = manager.newest_valid()
+    assert newest is not None and verify(newest) is None
+
+
+def test_damaged_incompatible_and_foreign_checkpoints(tmp_path):
+    run = tmp_path / "outputs" / "tiny"
+    check(run_command(one_process(*tiny(tmp_path, "trainer.max_steps=10", "checkpoint.every_n_steps=5")), cwd=REPO))
+    assert checkpoints(tmp_path) == ["step_00000005", "step_00000010"]
+
+    # A truncated newest checkpoint: a warning, and the run continues from the previous one.
+    shard = next((run / "checkpoints" / "step_00000010").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    out = check(run_command(one_process(*tiny(tmp_path, "trainer.max_steps=12")), cwd=REPO))
+    assert "step_00000010 is not usable" in out and "at step 5 " in out
+
+    # A config whose model differs is refused, naming what differs; nothing is written.
+    before = checkpoints(tmp_path)
+    refused = run_command(one_process(*tiny(tmp_path, "trainer.max_steps=14", "features.embedding_dim=8",
+                                            "model.dense_arch_layer_sizes=[64,8]")), cwd=REPO)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "features.embedding_dim: 16 in the checkpoint, 8 now" in refused.stderr
+    assert checkpoints(tmp_path) == before
+
+    # Another run starts from this one's weights only, at step 0.
+    out = check(run_command(one_process(*tiny(tmp_path, "run_name=other", "trainer.max_steps=3",
+                                              f"checkpoint.load_from={run}", "checkpoint.load_mode=model")), cwd=REPO))
+    assert "started from the model weights of" in out
+    assert [r["step"] for r in records(tmp_path / "outputs" / "other", "eval")] == [3]

@@ -1,0 +1,57 @@
+"""Export and predict after a real 2-process run with row-wise sharded tables: the exported model,
+in one process without torch.distributed, scores the val split exactly as the run's evaluation did."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torchmetrics.classification import BinaryAUROC
+
+from tests.conftest import REPO, run_command
+from tests.integration.test_train import check, records, tiny, torchrun
+
+
+def script(name: str, *args: str):
+    return [sys.executable, str(REPO / "scripts" / name), *map(str, args)]
+
+
+def test_the_exported_model_scores_the_val_split_as_the_run_did(tmp_path):
+    check(run_command(torchrun(*tiny(tmp_path, "sharding=row_wise")), cwd=REPO))
+    run_dir = tmp_path / "outputs" / "tiny"
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert {t["sharding_type"] for t in plan["tables"].values()} == {"row_wise"}  # every table split over 2 ranks
+    final_eval = records(run_dir, "eval")[-1]
+
+    exported = check(run_command(script("export.py", run_dir, "--out", tmp_path / "exported"), cwd=tmp_path))
+    step = final_eval["step"]
+    assert f"exported step {step} of {run_dir.resolve() / 'checkpoints' / f'step_{step:08d}'}:" in exported
+
+    val = next((tmp_path / "data").iterdir()) / "val"
+    predictions = tmp_path / "predictions.parquet"
+    printed = check(run_command(script("predict.py", "--model", tmp_path / "exported", "--data", val,
+                                       "--out", predictions), cwd=tmp_path))
+    metrics = {name: float(value) for name, value in re.findall(r"\b(AUC|logloss|NE) ([0-9.]+)", printed)}
+    assert metrics["AUC"] == pytest.approx(final_eval["auc"], abs=1e-6)  # printed to 6 decimals
+    assert metrics["logloss"] == pytest.approx(final_eval["logloss"], abs=1e-6)
+    assert metrics["NE"] == pytest.approx(final_eval["ne"], abs=1e-6)
+
+    # One row per val row, in file order, and the AUC of what was written is the run's, exactly.
+    table = pq.read_table(predictions)
+    assert table.schema == pa.schema([("prediction", pa.float32()), ("label", pa.float32())])
+    labels = np.concatenate([pq.read_table(f, columns=["label"])["label"].to_numpy()
+                             for f in sorted(val.glob("*.parquet"))])
+    assert table.num_rows == len(labels) == final_eval["samples"]
+    assert np.array_equal(table["label"].to_numpy(), labels)
+    scores = torch.from_numpy(table["prediction"].to_numpy().copy())
+    assert float(BinaryAUROC(thresholds=None)(scores, torch.from_numpy(labels).long())) == final_eval["auc"]
+
+    missing = run_command(script("predict.py", "--model", tmp_path / "nowhere", "--data", val, "--out", predictions),
+                          cwd=tmp_path)
+    assert missing.returncode == 2 and f"error: {tmp_path / 'nowhere'}: no such directory" in missing.stderr
