@@ -19,19 +19,20 @@ number of ranks or another sharding plan.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import re
 import shutil
 import zlib
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,38 @@ def read_meta(path: Path) -> Dict[str, Any]:
     return json.loads((Path(path) / META_FILE).read_text())
 
 
+def _copy(value: Any) -> Any:
+    """A copy of a state dict that training can no longer change: what an asynchronous save
+    writes. (DCP's own staging copies plain tensors but refuses the ShardedTensors torchrec's
+    sharded tables and their optimizer states are.)"""
+    if isinstance(value, ShardedTensor):
+        shards = [Shard(shard.tensor.detach().clone(), shard.metadata) for shard in value.local_shards()]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards, value.metadata(), process_group=value._process_group)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(item) for item in value)
+    return copy.deepcopy(value)
+
+
+class _AlreadyCopied:
+    """DCP's staging step for a state that _copy already made safe to write in the background."""
+
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _barrier(group: Optional[dist.ProcessGroup]) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
@@ -154,7 +187,8 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)  # left by a run that died while saving
         _barrier(self.group)
         if asynchronous:
-            future = dcp.async_save(state, checkpoint_id=str(staging), process_group=self.group)
+            future = dcp.async_save(_copy(state), checkpoint_id=str(staging), process_group=self.group,
+                                    async_stager=_AlreadyCopied())
             self._pending = (future, step, staging, final, meta)
             return final
         dcp.save(state, checkpoint_id=str(staging), process_group=self.group)

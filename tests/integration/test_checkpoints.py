@@ -214,3 +214,15 @@ def test_damaged_incompatible_and_foreign_checkpoints(tmp_path):
                                               f"checkpoint.load_from={run}", "checkpoint.load_mode=model")), cwd=REPO))
     assert "started from the model weights of" in out
     assert [r["step"] for r in records(tmp_path / "outputs" / "other", "eval")] == [3]
+
+
+def test_asynchronous_saves_are_published_intact_and_resume(tmp_path):
+    from app.checkpoint import verify
+
+    check(run_command(torchrun(*tiny(tmp_path, "checkpoint.async_save=true", "checkpoint.every_n_steps=4",
+                                     "trainer.max_steps=13")), cwd=REPO))
+    assert checkpoints(tmp_path) == ["step_00000012", "step_00000013"]
+    for name in checkpoints(tmp_path):
+        assert verify(tmp_path / "outputs" / "tiny" / "checkpoints" / name) is None
+    out = check(run_command(torchrun(*tiny(tmp_path, "checkpoint.async_save=true", "trainer.max_steps=15")), cwd=REPO))
+    assert "at step 13 " in out
