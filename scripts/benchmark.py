@@ -3,6 +3,7 @@
     python scripts/benchmark.py data                  # Parquet -> Batch rows/s on one core
     python scripts/benchmark.py train                 # training samples/s: Parquet vs in-memory batches
     python scripts/benchmark.py data train            # both, and the loader/training ratio
+    python scripts/benchmark.py checkpoint            # save/load GB/s of a 1 GB model vs the disk; async stall
     python scripts/benchmark.py train --steps 400 experiment=tiny data.batch_size=1024
 
 Everything after the benchmark names and flags is a config override, as for app.train; the
@@ -12,7 +13,11 @@ dataset is the one that config trains on (the synthetic one is generated first i
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import itertools
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List
@@ -88,6 +93,60 @@ def bench_train(config: Config, loader: ParquetBatches, steps: int, warmup: int,
     return {"parquet": samples / parquet_s, "memory": samples / memory_s}
 
 
+def _disk_write_speed(directory: Path, gigabytes: float) -> float:
+    """GB/s of `dd` writing to `directory` with O_DIRECT (no page cache): the disk's own speed."""
+    target = directory / "dd.tmp"
+    count = max(1, int(gigabytes * 1024 / 16))
+    start = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "oflag=direct"],
+                   check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    target.unlink()
+    return count * 16 / 1024 / seconds
+
+
+def bench_checkpoint(config: Config, directory: Path, gigabytes: float) -> Dict[str, float]:
+    """Save (DCP, fsynced, with the CRC manifest) and load times of a model of `gigabytes` of
+    tables, against dd's raw write speed to the same directory; and how long an asynchronous save
+    stalls the caller (copying the state) before writing in the background."""
+    from app.checkpoint import CheckpointManager, manifest
+
+    features = copy.deepcopy(config.features)
+    row_bytes = features.embedding_dim * 4
+    rows = -(-int(gigabytes * 2**30) // (row_bytes * len(features.sparse)))
+    for feature in features.sparse:
+        feature.num_embeddings = rows
+    config = dataclasses.replace(config, features=features)
+    env = distributed.init(config.distributed)
+    schema = FeatureSchema.from_config(config.features)
+    model = build_sharded_model(config, schema, env, run_dir=None)
+    optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=1)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    directory.mkdir(parents=True, exist_ok=True)
+    manager = CheckpointManager(directory / "checkpoints", keep_last=1, rank=0)
+    results: Dict[str, float] = {"disk_gb_per_s": _disk_write_speed(directory, gigabytes)}
+
+    start = time.perf_counter()
+    path = manager.save(1, state, {})
+    results["save_s"] = time.perf_counter() - start
+    results["size_gb"] = sum(f.stat().st_size for f in path.iterdir()) / 2**30
+    start = time.perf_counter()
+    manifest(path)
+    results["manifest_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    manager.load(path, state)
+    results["load_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    manager.save(2, state, {}, asynchronous=True)
+    results["async_stall_s"] = time.perf_counter() - start
+    manager.wait()
+    results["async_total_s"] = time.perf_counter() - start
+    distributed.shutdown()
+    shutil.rmtree(directory / "checkpoints")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmarks", nargs="+", help="data and/or train, then config overrides (key=value)")
@@ -98,21 +157,34 @@ def main() -> None:
                              "windows, so that reading ahead is measured at its steady rate")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps before each timed stretch")
     parser.add_argument("--rounds", type=int, default=2, help="alternating Parquet / in-memory rounds")
+    parser.add_argument("--checkpoint-gb", type=float, default=1.0, help="size of the checkpointed tables")
+    parser.add_argument("--checkpoint-dir", default="outputs/benchmark", help="where to write (and remove) it")
     args, rest = parser.parse_known_args()
     words = args.benchmarks + rest
     names = [a for a in words if "=" not in a]
     overrides = [a for a in words if "=" in a]
-    unknown = set(names) - {"data", "train"}
+    unknown = set(names) - {"data", "train", "checkpoint"}
     if unknown or not names:
-        parser.error(f"unknown argument(s) {sorted(unknown)}; name data and/or train, then key=value overrides.")
+        parser.error(f"unknown argument(s) {sorted(unknown)}; name data, train and/or checkpoint, "
+                     "then key=value overrides.")
 
     config = _config(overrides)
     schema = FeatureSchema.from_config(config.features)
+    results = {}
+    if "checkpoint" in names:
+        bench = bench_checkpoint(config, Path(args.checkpoint_dir), args.checkpoint_gb)
+        size = bench["size_gb"]
+        print(f"checkpoint: {size:.2f} GB in {args.checkpoint_dir}; disk (dd, O_DIRECT) {bench['disk_gb_per_s']:.2f} GB/s")
+        print(f"  save {bench['save_s']:.2f} s = {size / bench['save_s']:.2f} GB/s (of which CRC manifest "
+              f"{bench['manifest_s']:.2f} s); load {bench['load_s']:.2f} s = {size / bench['load_s']:.2f} GB/s")
+        print(f"  async save: training stalled {bench['async_stall_s']:.2f} s (copying the state), "
+              f"written and published after {bench['async_total_s']:.2f} s")
+    if not {"data", "train"} & set(names):
+        return
     train_files, val_files = dataset_files(config.data, schema, is_rank0=True)
     env = distributed.DistEnv(0, 1, 0, 1, torch.device("cpu"))
     print(f"dataset: {len(train_files)} training file(s), batch size {config.data.batch_size}, "
           f"{len(schema.dense)} dense + {len(schema.sparse)} sparse features; torch threads {torch.get_num_threads()}")
-    results = {}
     if "data" in names:
         loader, _ = build_loaders(config.data, schema, env, train_files, val_files)
         results["data"] = data = bench_data(loader, args.data_batches)
