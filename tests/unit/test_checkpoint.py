@@ -35,7 +35,7 @@ def test_load_fills_state_in_place(tmp_path, single_process_group):
     target = state(0.0)
     meta = manager.load(manager.latest(), target)
     assert {k: meta[k] for k in ("step", "note")} == {"step": 5, "note": "x"}
-    assert sorted(meta["files"]) == [".metadata", "__0_0.distcp"]
+    assert ".metadata" in meta["files"] and any(name.endswith(".distcp") for name in meta["files"])
     assert torch.equal(target["model"]["w"], torch.full((4, 3), 1.5))
     assert torch.equal(target["optimizer"]["m"], torch.full((2,), 3.0))
 
