@@ -67,10 +67,11 @@ def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv,
     DistributedModelParallel; rank 0 writes the plan report into run_dir (when given)."""
     model = build_model(config.model, schema, env.device)
     apply_sparse_optimizer(model, config.optim, env.device)
-    plan = plan_sharding(model, config.sharding, schema, env.device, config.data.batch_size,
-                         env.world_size, env.local_world_size, dist.group.WORLD)
+    plan, chosen = plan_sharding(model, config.sharding, schema, env.device, config.data.batch_size,
+                                 env.world_size, env.local_world_size, dist.group.WORLD)
     if env.is_rank0 and run_dir is not None:
-        log.info("sharding plan:\n%s", write_plan_report(plan_report(plan, schema, env.world_size), run_dir))
+        report = plan_report(plan, schema, env.world_size, chosen)
+        log.info("sharding plan:\n%s", write_plan_report(report, run_dir))
     return shard_model(model, plan, env.device)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import PlannerError
+from torchrec.distributed.planner.types import PlannerError, ShardingOption, Stats
 from torchrec.distributed.types import ShardingPlan, ShardingType
 
 from app.config import CUDA_ONLY_KERNELS, ConfigError, ShardingConfig
@@ -74,37 +74,71 @@ def _topology(config: ShardingConfig, device: torch.device, world_size: int, loc
     return Topology(world_size=world_size, compute_device=device.type, local_world_size=local_world_size, **caps)
 
 
-def _planner(config: ShardingConfig, schema: FeatureSchema, device: torch.device, batch_size: int,
-             world_size: int, local_world_size: int) -> EmbeddingShardingPlanner:
+class _Chosen(Stats):
+    """Keeps the planner's chosen sharding options: each shard's rank, storage (HBM, DDR) and
+    estimated cost, which the ShardingPlan itself does not carry. (In place of the planner's
+    default stats, which log the same as a long table.)"""
+
+    def __init__(self) -> None:
+        self.options: List[ShardingOption] = []
+
+    def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals, num_plans,
+            run_time, best_plan, *args, **kwargs) -> None:
+        self.options = list(best_plan)
+
+
+def _planner(config: ShardingConfig, schema: FeatureSchema, device_type: str, batch_size: int,
+             world_size: int, local_world_size: int, chosen: _Chosen) -> EmbeddingShardingPlanner:
     return EmbeddingShardingPlanner(
-        topology=_topology(config, device, world_size, local_world_size),
+        topology=_topology(config, torch.device(device_type), world_size, local_world_size),
         batch_size=batch_size,
         storage_reservation=FixedPercentageStorageReservation(config.storage_reserve_percentage),
-        constraints=parameter_constraints(config, schema, device.type),
+        constraints=parameter_constraints(config, schema, device_type),
+        stats=[chosen],
+    )
+
+
+def _no_plan(config: ShardingConfig, world_size: int, device_type: str, error: Exception) -> ConfigError:
+    caps = f"hbm_cap_gb={config.hbm_cap_gb}, ddr_cap_gb={config.ddr_cap_gb}"
+    return ConfigError(
+        f"the sharding planner found no plan for {world_size} rank(s) on {device_type} ({caps}, "
+        f"storage_reserve_percentage={config.storage_reserve_percentage}) within the sharding "
+        f"constraints. Planner said: {error}"
     )
 
 
 def plan_sharding(model: nn.Module, config: ShardingConfig, schema: FeatureSchema, device: torch.device,
-                  batch_size: int, world_size: int, local_world_size: int, process_group) -> ShardingPlan:
-    """Collective: every rank calls it and gets rank 0's plan."""
-    planner = _planner(config, schema, device, batch_size, world_size, local_world_size)
+                  batch_size: int, world_size: int, local_world_size: int,
+                  process_group) -> Tuple[ShardingPlan, List[ShardingOption]]:
+    """Collective: every rank calls it and gets rank 0's plan; the chosen options (for the
+    report) only on rank 0, where the planner ran."""
+    chosen = _Chosen()
+    planner = _planner(config, schema, device.type, batch_size, world_size, local_world_size, chosen)
     try:
-        return planner.collective_plan(model, sharders(), process_group)
+        return planner.collective_plan(model, sharders(), process_group), chosen.options
     except PlannerError as error:
-        caps = f"hbm_cap_gb={config.hbm_cap_gb}, ddr_cap_gb={config.ddr_cap_gb}"
-        raise ConfigError(
-            f"the sharding planner found no plan for {world_size} rank(s) on {device.type} ({caps}, "
-            f"storage_reserve_percentage={config.storage_reserve_percentage}) within the sharding "
-            f"constraints. Planner said: {error}"
-        ) from error
+        raise _no_plan(config, world_size, device.type, error) from error
+
+
+def plan_offline(model: nn.Module, config: ShardingConfig, schema: FeatureSchema, device_type: str,
+                 batch_size: int, world_size: int, local_world_size: int) -> Tuple[ShardingPlan, List[ShardingOption]]:
+    """The plan for a world size, computed here without any process group (a dry run)."""
+    chosen = _Chosen()
+    planner = _planner(config, schema, device_type, batch_size, world_size, local_world_size, chosen)
+    try:
+        return planner.plan(model, sharders()), chosen.options
+    except PlannerError as error:
+        raise _no_plan(config, world_size, device_type, error) from error
 
 
 def shard_model(model: nn.Module, plan: ShardingPlan, device: torch.device) -> DistributedModelParallel:
     return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders())
 
 
-def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int) -> dict:
-    """What the planner decided, as plain data: per table and per rank."""
+def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,
+                options: Optional[List[ShardingOption]] = None) -> dict:
+    """What the planner decided, as plain data: per table, and per rank its tables' bytes and,
+    from the chosen `options`, its planned HBM and DDR use and the planner's cost estimate."""
     features = {table_name(f.name): f for f in schema.sparse}
     tables: Dict[str, dict] = {}
     rank_bytes: Dict[int, int] = defaultdict(int)
@@ -134,22 +168,37 @@ def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int) -> d
     ranks = {
         str(r): {"tables": sorted(set(rank_tables[r])), "embedding_bytes": rank_bytes[r]} for r in range(world_size)
     }
-    sizes = [rank_bytes[r] for r in range(world_size)]
-    mean = sum(sizes) / world_size
-    return {
-        "world_size": world_size,
-        "tables": tables,
-        "ranks": ranks,
-        "imbalance": (max(sizes) / mean) if mean else 1.0,  # max over mean of per-rank table bytes
-    }
+    for option in options or []:
+        for shard in option.shards:
+            if shard.rank is None:
+                continue
+            info = ranks[str(shard.rank)]
+            for key, value in (("hbm_bytes", shard.storage.hbm if shard.storage else 0),
+                               ("ddr_bytes", shard.storage.ddr if shard.storage else 0),
+                               ("cost", shard.perf.total if shard.perf else 0.0),
+                               ("compute_cost", (shard.perf.fwd_compute + shard.perf.bwd_compute) if shard.perf else 0.0),
+                               ("comms_cost", (shard.perf.fwd_comms + shard.perf.bwd_comms) if shard.perf else 0.0)):
+                info[key] = info.get(key, 0) + value
+    report = {"world_size": world_size, "tables": tables, "ranks": ranks,
+              # max over mean of per-rank table bytes: how evenly memory is spread
+              "imbalance": _imbalance([rank_bytes[r] for r in range(world_size)])}
+    if options:
+        report["planned_memory_imbalance"] = _imbalance(
+            [ranks[str(r)].get("hbm_bytes", 0) + ranks[str(r)].get("ddr_bytes", 0) for r in range(world_size)])
+        report["cost_imbalance"] = _imbalance([ranks[str(r)].get("cost", 0.0) for r in range(world_size)])
+    return report
+
+
+def _imbalance(values: List[float]) -> float:
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean else 1.0
 
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MB"
 
 
-def write_plan_report(report: dict, run_dir: Path) -> str:
-    """Writes plan.json and plan.txt into run_dir; returns the text."""
+def format_plan_report(report: dict) -> str:
     lines = [f"sharding plan for {report['world_size']} rank(s)", ""]
     lines.append(f"{'table':<14}{'rows':>12}{'dim':>5}  {'sharding':<18}{'kernel':<8}ranks (shard rows x cols)")
     for name, table in report["tables"].items():
@@ -158,11 +207,23 @@ def write_plan_report(report: dict, run_dir: Path) -> str:
             f"{name:<14}{table['num_embeddings']:>12}{table['embedding_dim']:>5}  "
             f"{table['sharding_type']:<18}{table['compute_kernel']:<8}{shards}"
         )
-    lines += ["", "per rank (fp32 table weights)"]
+    lines += ["", "per rank: fp32 table weights; planned HBM and DDR (weights, optimizer state, buffers); "
+              "the planner's cost estimate (compute + communication)"]
     for rank, info in report["ranks"].items():
-        lines.append(f"  rank {rank}: {_mb(info['embedding_bytes']):>12} in {len(info['tables'])} table(s)")
-    lines.append(f"  imbalance (max / mean): {report['imbalance']:.3f}")
-    text = "\n".join(lines) + "\n"
+        line = f"  rank {rank}: {_mb(info['embedding_bytes']):>12} in {len(info['tables'])} table(s)"
+        if "cost" in info:
+            line += (f"; HBM {_mb(info['hbm_bytes'])}, DDR {_mb(info['ddr_bytes'])}; cost {info['cost']:.4g} "
+                     f"(compute {info['compute_cost']:.4g}, comms {info['comms_cost']:.4g})")
+        lines.append(line)
+    lines.append(f"  imbalance (max / mean): table bytes {report['imbalance']:.3f}"
+                 + (f", planned memory {report['planned_memory_imbalance']:.3f}, cost {report['cost_imbalance']:.3f}"
+                    if "cost_imbalance" in report else ""))
+    return "\n".join(lines) + "\n"
+
+
+def write_plan_report(report: dict, run_dir: Path) -> str:
+    """Writes plan.json and plan.txt into run_dir; returns the text."""
+    text = format_plan_report(report)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "plan.json").write_text(json.dumps(report, indent=2))

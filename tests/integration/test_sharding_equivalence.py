@@ -93,7 +93,7 @@ def check_one(sharding_type: str, arch: str) -> None:
 
     model = build_model(model_config(arch), SCHEMA, torch.device("cpu"))
     apply_sparse_optimizer(model, OPTIM, torch.device("cpu"))
-    plan = plan_sharding(model, ShardingConfig(sharding_types=[sharding_type]), SCHEMA, torch.device("cpu"),
+    plan, _ = plan_sharding(model, ShardingConfig(sharding_types=[sharding_type]), SCHEMA, torch.device("cpu"),
                          BATCH, WORLD, WORLD, dist.group.WORLD)
     chosen = {p.sharding_type for p in plan.plan["model.sparse_arch.embedding_bag_collection"].values()}
     assert chosen == {sharding_type}, chosen

@@ -50,18 +50,23 @@ def plan_for(config: ShardingConfig, world_size: int):
 def test_plan_report_describes_tables_and_ranks(tmp_path, single_process_group):
     config = ShardingConfig(tables={"big": TableConstraint(sharding_types=["row_wise"]),
                                     "small": TableConstraint(sharding_types=["table_wise"])})
-    report = plan_report(plan_for(config, 2), SCHEMA, 2)
+    plan, chosen = plan_for(config, 2)
+    report = plan_report(plan, SCHEMA, 2, chosen)
     big, small = report["tables"]["t_big"], report["tables"]["t_small"]
     assert big["sharding_type"] == "row_wise" and big["ranks"] == [0, 1]
     assert sum(s["sizes"][0] for s in big["shards"]) == 5000
     assert small["sharding_type"] == "table_wise" and len(small["ranks"]) == 1
     total = sum(r["embedding_bytes"] for r in report["ranks"].values())
     assert total == (5000 + 100) * 8 * 4
+    for info in report["ranks"].values():  # the planner's own accounting, per rank
+        assert info["ddr_bytes"] >= info["embedding_bytes"] and info["hbm_bytes"] == 0  # CPU: host memory
+        assert info["cost"] > 0 and info["cost"] >= info["compute_cost"]
+    assert report["cost_imbalance"] >= 1.0 and report["planned_memory_imbalance"] >= 1.0
 
     text = write_plan_report(report, tmp_path)
     assert json.loads((tmp_path / "plan.json").read_text()) == json.loads(json.dumps(report))
     assert (tmp_path / "plan.txt").read_text() == text
-    assert "t_big" in text and "row_wise" in text and "imbalance" in text
+    assert "t_big" in text and "row_wise" in text and "imbalance" in text and "cost" in text
 
 
 def test_an_impossible_plan_is_a_clear_error(single_process_group):

@@ -1,0 +1,85 @@
+"""Print the sharding plan a config would get on N workers, without training or any process group:
+a dry run to try before asking for machines.
+
+    python scripts/plan.py --world-size 8
+    python scripts/plan.py --world-size 16 --local-world-size 8 features=criteo_1tb model.dense_arch_layer_sizes=[512,256,128]
+    python scripts/plan.py --world-size 1,2,4,8,16,32,64 --summary sharding.ddr_cap_gb=64
+    python scripts/plan.py --world-size 4 --json plan.json       # also write the report as JSON
+
+Everything of the form key=value is a config override, as for app.train (sharding.*, features.*,
+data.batch_size ...). The planner sees the topology the sharding config describes; the device
+type is the one training would use on this machine unless --device says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from app.config import ConfigError, register_with_hydra, to_config
+from app.features import FeatureSchema
+from app.model import build_model
+from app.optim import apply_sparse_optimizer
+from app.sharding import format_plan_report, plan_offline, plan_report
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _world_sizes(text: str) -> List[int]:
+    sizes = [int(part) for part in text.split(",") if part]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected world sizes >= 1 separated by commas, got {text!r}")
+    return sizes
+
+
+def main(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-size", type=_world_sizes, required=True, help="one or more, e.g. 8 or 1,2,4,8")
+    parser.add_argument("--local-world-size", type=int, default=None,
+                        help="workers per node (default: the world size, one node)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="the device type to plan for")
+    parser.add_argument("--summary", action="store_true", help="one line per world size instead of the full plan")
+    parser.add_argument("--json", default=None, help="write the (last) report to this file")
+    args, overrides = parser.parse_known_args(argv)
+    logging.disable(logging.WARNING)  # the planner's per-table chatter; errors still show
+    unknown = [o for o in overrides if "=" not in o]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        register_with_hydra()
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            config = to_config(compose("train", overrides=overrides))
+        device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        schema = FeatureSchema.from_config(config.features)
+        model = build_model(config.model, schema, torch.device("cpu"))  # tables stay on meta
+        apply_sparse_optimizer(model, config.optim, torch.device(device_type))
+        report = None
+        for world_size in args.world_size:
+            local = min(args.local_world_size or world_size, world_size)
+            plan, chosen = plan_offline(model, config.sharding, schema, device_type, config.data.batch_size,
+                                        world_size, local)
+            report = plan_report(plan, schema, world_size, chosen)
+            if args.summary:
+                types = sorted({t["sharding_type"] for t in report["tables"].values()})
+                print(f"world size {world_size:>3}: {', '.join(types)}; imbalance: table bytes "
+                      f"{report['imbalance']:.3f}, planned memory {report['planned_memory_imbalance']:.3f}, "
+                      f"cost {report['cost_imbalance']:.3f}")
+            else:
+                print(format_plan_report(report))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json and report is not None:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
