@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import PlannerError, ShardingOption, Stats
@@ -40,8 +42,20 @@ class _CPUCapableSharder(EmbeddingBagCollectionSharder):
         return types + [t for t in _CPU_EXTRA_TYPES if t not in types]
 
 
-def sharders() -> list:
-    return [_CPUCapableSharder()]
+def sharders(config: ShardingConfig, device: torch.device) -> list:
+    """The sharders the planner and DistributedModelParallel use, with quantized communication
+    codecs when the config asks for a precision below fp32."""
+    precisions = (config.comm_forward_precision, config.comm_backward_precision)
+    if "bf16" in precisions and dist.is_initialized() and dist.get_backend() == "gloo":
+        raise ConfigError(
+            "sharding.comm_forward_precision / comm_backward_precision = bf16: torchrec sends bf16 "
+            "all-to-alls over NCCL only (over gloo it would quietly send fp16); use fp16 on CPU."
+        )
+    codecs = None
+    if precisions != ("fp32", "fp32"):
+        qcomms = QCommsConfig(forward_precision=CommType(precisions[0]), backward_precision=CommType(precisions[1]))
+        codecs = get_qcomm_codecs_registry(qcomms, device=device)
+    return [_CPUCapableSharder(qcomm_codecs_registry=codecs)]
 
 
 def parameter_constraints(config: ShardingConfig, schema: FeatureSchema, device_type: str) -> Dict[str, ParameterConstraints]:
@@ -115,7 +129,7 @@ def plan_sharding(model: nn.Module, config: ShardingConfig, schema: FeatureSchem
     chosen = _Chosen()
     planner = _planner(config, schema, device.type, batch_size, world_size, local_world_size, chosen)
     try:
-        return planner.collective_plan(model, sharders(), process_group), chosen.options
+        return planner.collective_plan(model, sharders(config, device), process_group), chosen.options
     except PlannerError as error:
         raise _no_plan(config, world_size, device.type, error) from error
 
@@ -126,13 +140,14 @@ def plan_offline(model: nn.Module, config: ShardingConfig, schema: FeatureSchema
     chosen = _Chosen()
     planner = _planner(config, schema, device_type, batch_size, world_size, local_world_size, chosen)
     try:
-        return planner.plan(model, sharders()), chosen.options
+        return planner.plan(model, sharders(config, torch.device(device_type))), chosen.options
     except PlannerError as error:
         raise _no_plan(config, world_size, device_type, error) from error
 
 
-def shard_model(model: nn.Module, plan: ShardingPlan, device: torch.device) -> DistributedModelParallel:
-    return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders())
+def shard_model(model: nn.Module, plan: ShardingPlan, config: ShardingConfig,
+                device: torch.device) -> DistributedModelParallel:
+    return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(config, device))
 
 
 def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,

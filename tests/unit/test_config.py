@@ -61,6 +61,7 @@ def test_default_is_criteo_shaped():
         ("model.dense_arch_layer_sizes=[32,8]", "model.dense_arch_layer_sizes"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),
         ("data.invalid_ids=clip", "data.invalid_ids"),
+        ("sharding.comm_forward_precision=fp4", "sharding.comm_forward_precision"),
         ("data.invalid_dense=drop", "data.invalid_dense"),
         ("data.shuffle_window=0", "data.shuffle_window"),
         ("data.synthetic.test_rows=-1", "data.synthetic.test_rows"),
