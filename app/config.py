@@ -204,11 +204,17 @@ class ShardingConfig:
     # backward): fp16 or bf16 halve the bytes sent, at a small cost in accuracy.
     comm_forward_precision: str = "fp32"
     comm_backward_precision: str = "fp32"
+    # What the plan balances across ranks. "cost": the planner's estimate of step time (its own
+    # choice; a large table may sit whole on one rank). "memory": in addition, a table larger than
+    # half of one rank's share of all table bytes, and not constrained in sharding.tables, is
+    # split by rows over all ranks, so that every rank holds about the same bytes.
+    balance: str = "cost"
 
     def validate(self) -> None:
         self._check_lists("sharding", self.sharding_types, self.compute_kernels)
         _require_choice("sharding.comm_forward_precision", self.comm_forward_precision, COMM_PRECISIONS)
         _require_choice("sharding.comm_backward_precision", self.comm_backward_precision, COMM_PRECISIONS)
+        _require_choice("sharding.balance", self.balance, ("cost", "memory"))
         for table, constraint in self.tables.items():
             self._check_lists(f"sharding.tables.{table}", constraint.sharding_types, constraint.compute_kernels)
         for key in ("hbm_cap_gb", "ddr_cap_gb"):

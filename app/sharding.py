@@ -58,8 +58,10 @@ def sharders(config: ShardingConfig, device: torch.device) -> list:
     return [_CPUCapableSharder(qcomm_codecs_registry=codecs)]
 
 
-def parameter_constraints(config: ShardingConfig, schema: FeatureSchema, device_type: str) -> Dict[str, ParameterConstraints]:
-    """Per table: the global allowed types/kernels, narrowed by sharding.tables.<feature>."""
+def parameter_constraints(config: ShardingConfig, schema: FeatureSchema, device_type: str,
+                          world_size: int = 1) -> Dict[str, ParameterConstraints]:
+    """Per table: the global allowed types/kernels, narrowed by sharding.tables.<feature>; with
+    sharding.balance=memory, row-wise for the tables too large to place whole."""
     constraints: Dict[str, ParameterConstraints] = {}
     for feature in schema.sparse_names:
         override = config.tables.get(feature)
@@ -72,11 +74,20 @@ def parameter_constraints(config: ShardingConfig, schema: FeatureSchema, device_
                 f"{key}.compute_kernels: {', '.join(cuda_only)} needs CUDA (device memory backed by "
                 f"host memory or SSD), but this job runs on {device_type}; use fused or dense."
             )
+        if not types and config.balance == "memory" and feature in _oversized(schema, world_size):
+            types = [ShardingType.ROW_WISE.value]
         if types or kernels:
             constraints[table_name(feature)] = ParameterConstraints(
                 sharding_types=list(types) or None, compute_kernels=list(kernels) or None
             )
     return constraints
+
+
+def _oversized(schema: FeatureSchema, world_size: int) -> List[str]:
+    """Features whose table holds more than half of one rank's share of all table bytes: placed
+    whole, such a table alone would unbalance memory."""
+    share = sum(f.num_embeddings for f in schema.sparse) / world_size
+    return [f.name for f in schema.sparse if world_size > 1 and f.num_embeddings > share / 2]
 
 
 def _topology(config: ShardingConfig, device: torch.device, world_size: int, local_world_size: int) -> Topology:
@@ -107,7 +118,7 @@ def _planner(config: ShardingConfig, schema: FeatureSchema, device_type: str, ba
         topology=_topology(config, torch.device(device_type), world_size, local_world_size),
         batch_size=batch_size,
         storage_reservation=FixedPercentageStorageReservation(config.storage_reserve_percentage),
-        constraints=parameter_constraints(config, schema, device_type),
+        constraints=parameter_constraints(config, schema, device_type, world_size),
         stats=[chosen],
     )
 

@@ -62,6 +62,7 @@ def test_default_is_criteo_shaped():
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),
         ("data.invalid_ids=clip", "data.invalid_ids"),
         ("sharding.comm_forward_precision=fp4", "sharding.comm_forward_precision"),
+        ("sharding.balance=rows", "sharding.balance"),
         ("data.invalid_dense=drop", "data.invalid_dense"),
         ("data.shuffle_window=0", "data.shuffle_window"),
         ("data.synthetic.test_rows=-1", "data.synthetic.test_rows"),

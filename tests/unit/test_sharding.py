@@ -13,7 +13,7 @@ from app.config import (ConfigError, FeaturesConfig, ModelConfig, OptimConfig, S
 from app.features import FeatureSchema
 from app.model import build_model
 from app.optim import apply_sparse_optimizer
-from app.sharding import parameter_constraints, plan_report, plan_sharding, write_plan_report
+from app.sharding import parameter_constraints, plan_offline, plan_report, plan_sharding, write_plan_report
 
 SCHEMA = FeatureSchema.from_config(
     FeaturesConfig(dense=["d"], sparse=[SparseFeature("small", 100), SparseFeature("big", 5000)], embedding_dim=8)
@@ -73,3 +73,22 @@ def test_an_impossible_plan_is_a_clear_error(single_process_group):
     config = ShardingConfig(ddr_cap_gb=1e-6, sharding_types=["table_wise"])
     with pytest.raises(ConfigError, match="found no plan for 2 rank\\(s\\) on cpu"):
         plan_for(config, 2)
+
+
+SKEWED = FeatureSchema.from_config(FeaturesConfig(
+    dense=["d"], embedding_dim=16,
+    sparse=[SparseFeature("big", 4_000_000)] + [SparseFeature(f"small{i}", 1000 + 500 * i) for i in range(25)],
+))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_memory_balance_on_a_skewed_model(world_size):
+    model = build_model(ModelConfig(dense_arch_layer_sizes=[16]), SKEWED, torch.device("cpu"))
+    apply_sparse_optimizer(model, OptimConfig(), torch.device("cpu"))
+    plan, chosen = plan_offline(model, ShardingConfig(balance="memory"), SKEWED, "cpu", 512, world_size, world_size)
+    report = plan_report(plan, SKEWED, world_size, chosen)
+    assert report["tables"]["t_big"]["sharding_type"] == "row_wise"
+    planned = [info["hbm_bytes"] + info["ddr_bytes"] for info in report["ranks"].values()]
+    mean = sum(planned) / world_size
+    assert all(abs(p - mean) <= 0.10 * mean for p in planned), planned
+    assert report["imbalance"] <= 1.10
