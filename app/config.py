@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -182,10 +183,15 @@ class DataConfig:
 
 @dataclass
 class TableConstraint:
-    """Planner constraints for one table, keyed by its feature name in sharding.tables."""
+    """Planner constraints for the tables of sharding.tables.<key>: a feature name, or a pattern
+    such as "cat_*" (fnmatch) for several; a feature's own name wins over any pattern."""
 
     sharding_types: List[str] = field(default_factory=list)
     compute_kernels: List[str] = field(default_factory=list)
+    # Smallest column slice (column_wise / table_column_wise), in embedding dims.
+    min_partition: Optional[int] = None
+    # fused_uvm_caching: share of the table's rows cached in device memory.
+    cache_load_factor: Optional[float] = None
 
 
 @dataclass
@@ -217,6 +223,10 @@ class ShardingConfig:
         _require_choice("sharding.balance", self.balance, ("cost", "memory"))
         for table, constraint in self.tables.items():
             self._check_lists(f"sharding.tables.{table}", constraint.sharding_types, constraint.compute_kernels)
+            _require(constraint.min_partition is None or constraint.min_partition > 0,
+                     f"sharding.tables.{table}.min_partition must be > 0, got {constraint.min_partition}.")
+            _require(constraint.cache_load_factor is None or 0 < constraint.cache_load_factor <= 1,
+                     f"sharding.tables.{table}.cache_load_factor must be in (0, 1], got {constraint.cache_load_factor}.")
         for key in ("hbm_cap_gb", "ddr_cap_gb"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"sharding.{key} must be > 0 GB or null, got {value}.")
@@ -379,11 +389,11 @@ class Config:
         )
         _require(len(self.features.dense) > 0, "features.dense must list at least one dense column.")
         feature_names = {f.name for f in self.features.sparse}
-        unknown = sorted(set(self.sharding.tables) - feature_names)
+        unknown = sorted(k for k in self.sharding.tables if not fnmatch.filter(feature_names, k))
         _require(
             not unknown,
-            f"sharding.tables names unknown features {unknown}; the sparse features are "
-            f"{sorted(feature_names)}.",
+            f"sharding.tables names unknown features {unknown} (no sparse feature matches); the sparse "
+            f"features are {sorted(feature_names)}.",
         )
         return self
 
@@ -444,3 +454,10 @@ def config_from_dict(data: dict) -> Config:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data)).validate()
+
+
+def table_constraint(tables: Dict[str, TableConstraint], feature: str) -> Optional[TableConstraint]:
+    """sharding.tables' entry for a feature: its own name, else the first pattern that matches."""
+    if feature in tables:
+        return tables[feature]
+    return next((c for key, c in tables.items() if fnmatch.fnmatchcase(feature, key)), None)

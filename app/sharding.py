@@ -26,9 +26,9 @@ from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import PlannerError, ShardingOption, Stats
-from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.distributed.types import CacheParams, ShardingPlan, ShardingType
 
-from app.config import CUDA_ONLY_KERNELS, ConfigError, ShardingConfig
+from app.config import CUDA_ONLY_KERNELS, ConfigError, ShardingConfig, table_constraint
 from app.features import FeatureSchema, table_name
 
 TABLES_PATH = "model.sparse_arch.embedding_bag_collection"
@@ -64,7 +64,7 @@ def parameter_constraints(config: ShardingConfig, schema: FeatureSchema, device_
     sharding.balance=memory, row-wise for the tables too large to place whole."""
     constraints: Dict[str, ParameterConstraints] = {}
     for feature in schema.sparse_names:
-        override = config.tables.get(feature)
+        override = table_constraint(config.tables, feature)
         types = (override.sharding_types if override and override.sharding_types else config.sharding_types)
         kernels = (override.compute_kernels if override and override.compute_kernels else config.compute_kernels)
         key = f"sharding.tables.{feature}" if override and override.compute_kernels else "sharding"
@@ -76,9 +76,14 @@ def parameter_constraints(config: ShardingConfig, schema: FeatureSchema, device_
             )
         if not types and config.balance == "memory" and feature in _oversized(schema, world_size):
             types = [ShardingType.ROW_WISE.value]
-        if types or kernels:
+        extra = {}
+        if override and override.min_partition is not None:
+            extra["min_partition"] = override.min_partition
+        if override and override.cache_load_factor is not None:
+            extra["cache_params"] = CacheParams(load_factor=override.cache_load_factor)
+        if types or kernels or extra:
             constraints[table_name(feature)] = ParameterConstraints(
-                sharding_types=list(types) or None, compute_kernels=list(kernels) or None
+                sharding_types=list(types) or None, compute_kernels=list(kernels) or None, **extra
             )
     return constraints
 

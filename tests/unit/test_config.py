@@ -79,6 +79,12 @@ def test_per_table_constraints_must_name_a_sparse_feature():
     config.sharding.tables["no_such_feature"] = TableConstraint(sharding_types=["row_wise"])
     with pytest.raises(ConfigError, match=r"sharding\.tables names unknown features \['no_such_feature'\]"):
         config.validate()
+    del config.sharding.tables["no_such_feature"]
+    config.sharding.tables["cat_1*"] = TableConstraint(sharding_types=["table_wise"])
+    config.validate()  # a pattern is fine when it matches a feature
+    config.sharding.tables["dense_*"] = TableConstraint(sharding_types=["table_wise"])
+    with pytest.raises(ConfigError, match=r"unknown features \['dense_\*'\]"):
+        config.validate()
 
 
 @pytest.mark.parametrize("override", ["optim.lrr=0.1", "data.batch_size=many", "trainer.epoch=2"])

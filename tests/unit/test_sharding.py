@@ -29,6 +29,18 @@ def test_global_constraints_with_a_per_table_override():
     assert constraints["t_big"].compute_kernels == ["fused"]
 
 
+def test_patterns_name_several_tables_and_a_feature_name_wins():
+    config = ShardingConfig(tables={
+        "*": TableConstraint(sharding_types=["column_wise"], min_partition=4),
+        "big": TableConstraint(compute_kernels=["fused_uvm_caching"], cache_load_factor=0.2),
+    })
+    constraints = parameter_constraints(config, SCHEMA, "cuda")
+    assert constraints["t_small"].sharding_types == ["column_wise"] and constraints["t_small"].min_partition == 4
+    big = constraints["t_big"]
+    assert big.compute_kernels == ["fused_uvm_caching"] and big.cache_params.load_factor == 0.2
+    assert big.sharding_types is None  # its own entry replaces the pattern's, it does not merge with it
+
+
 def test_no_constraints_leaves_the_planner_free():
     assert parameter_constraints(ShardingConfig(), SCHEMA, "cpu") == {}
 
