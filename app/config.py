@@ -314,9 +314,16 @@ class TrainerConfig:
     eval_max_batches: Optional[int] = None  # per rank; None: the whole validation split
     log_every_n_steps: int = 20
     pipeline: str = "sparse_dist"
+    # 0: the dense part's gradients are all-reduced every step (synchronous data parallel).
+    # k > 0: each rank steps its dense part on its own gradients, and the ranks average their
+    # dense parameters every k steps (and before every evaluation and checkpoint): k-step model
+    # averaging, 1/k of the dense all-reduces. Embedding tables stay sharded and exact.
+    dense_average_every: int = 0
 
     def validate(self) -> None:
         _require(self.epochs >= 1, f"trainer.epochs must be >= 1, got {self.epochs}.")
+        _require(self.dense_average_every >= 0,
+                 f"trainer.dense_average_every must be >= 0 steps, got {self.dense_average_every}.")
         _require(
             self.max_steps is None or self.max_steps >= 1,
             f"trainer.max_steps must be >= 1 or null, got {self.max_steps}.",

@@ -20,7 +20,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -161,9 +163,30 @@ def plan_offline(model: nn.Module, config: ShardingConfig, schema: FeatureSchema
         raise _no_plan(config, world_size, device_type, error) from error
 
 
-def shard_model(model: nn.Module, plan: ShardingPlan, config: ShardingConfig,
-                device: torch.device) -> DistributedModelParallel:
-    return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(config, device))
+class _LocalGradients(DefaultDataParallelWrapper):
+    """DDP over the dense part, as by default, but with gradients kept local (no all-reduce): for
+    k-step model averaging, where the ranks average parameters instead (app/trainer.py). DDP
+    still broadcasts rank 0's initial parameters, so every rank starts from the same ones."""
+
+    def wrap(self, dmp: DistributedModelParallel, env, device: torch.device) -> None:
+        super().wrap(dmp, env, device)
+        wrapped = dmp._dmp_wrapped_module
+        if isinstance(wrapped, DistributedDataParallel):
+            wrapped.register_comm_hook(None, _keep_local)
+
+
+def _keep_local(state, bucket):  # no annotations: DDP checks them, and this module's are strings
+    """A DDP communication hook that communicates nothing: the bucket's local gradients."""
+    future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+def shard_model(model: nn.Module, plan: ShardingPlan, config: ShardingConfig, device: torch.device,
+                local_dense_gradients: bool = False) -> DistributedModelParallel:
+    wrapper = _LocalGradients() if local_dense_gradients else None
+    return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(config, device),
+                                    data_parallel_wrapper=wrapper)
 
 
 def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,

@@ -91,6 +91,7 @@ class Trainer:
             self._pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
         self._last_saved_step = -1
         self.control_group = control_group
+        self.dense_averages = 0
         self.preemption = _Preemption(control_group)
 
     # ---- state that checkpoints carry -------------------------------------------------------
@@ -198,6 +199,8 @@ class Trainer:
                         self.lr_scheduler.step()
                         window.add(loss)
                         bar.update(1)
+                        if self.config.dense_average_every and state.step % self.config.dense_average_every == 0:
+                            self._average_dense()
                         if state.step % self.config.log_every_n_steps == 0:
                             self._log_train(state, window, bar)
                         if self.preemption.agreed():
@@ -214,9 +217,15 @@ class Trainer:
         try:
             if preempted:
                 log.warning("SIGTERM: stopping at step %d; saving a checkpoint to resume from", state.step)
+                if self.config.dense_average_every:
+                    self._average_dense()
                 self.save(state, final=True)
                 return None
+            if self.config.dense_average_every and state.step % self.config.dense_average_every:
+                self._average_dense()
             final = self.evaluate(state)
+            if self.config.dense_average_every:
+                log.info("k-step averaging: %d dense parameter averages in this run", self.dense_averages)
             if self._last_saved_step != state.step:
                 self.save(state, final=True)
             self.checkpoints.wait()
@@ -248,9 +257,27 @@ class Trainer:
             self.optimizer.step()
             yield loss.detach()
 
+    def _average_dense(self) -> None:
+        """k-step model averaging: every rank's dense (and replicated-table) parameters become the
+        mean over ranks, in one all-reduce of them all flattened."""
+        params = [p for name, part in self.optimizer.optimizers if name != "sparse" for p in part.params.values()]
+        if not params or self.env.world_size == 1:
+            return
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            flat /= self.env.world_size
+            offset = 0
+            for p in params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        self.dense_averages += 1
+
     def _at_boundary(self, state: TrainState) -> None:
         if state.step >= self.total_steps:
             return  # fit() evaluates and saves at the end
+        if self.config.dense_average_every and state.step % self.config.dense_average_every:
+            self._average_dense()  # evaluation and checkpoints see one model, the same on every rank
         if self.config.eval_every_n_steps and state.step % self.config.eval_every_n_steps == 0:
             self.evaluate(state)
         if self.checkpoint_every and state.step % self.checkpoint_every == 0:
