@@ -204,6 +204,16 @@ class ShardingConfig:
     # Memory per rank the planner may fill (GB); None uses torchrec's topology defaults.
     hbm_cap_gb: Optional[float] = None
     ddr_cap_gb: Optional[float] = None
+    # Bandwidths the planner's cost model assumes, in GB/s (null: torchrec's defaults).
+    hbm_bw_gbps: Optional[float] = None
+    ddr_bw_gbps: Optional[float] = None
+    intra_host_bw_gbps: Optional[float] = None
+    inter_host_bw_gbps: Optional[float] = None
+    # How the planner searches. proposer: "default" (torchrec's greedy and uniform proposers),
+    # "greedy" or "uniform" (one sharding type for every table). partitioner: "greedy" (places
+    # shards by cost) or "memory_balanced" (the most even memory within 2% of the best cost).
+    proposer: str = "default"
+    partitioner: str = "greedy"
     # Share of each rank's memory held back for the dense part, activations and buffers.
     storage_reserve_percentage: float = 0.15
     # Precision of the embedding all-to-alls (pooled embeddings forward, their gradients
@@ -227,9 +237,11 @@ class ShardingConfig:
                      f"sharding.tables.{table}.min_partition must be > 0, got {constraint.min_partition}.")
             _require(constraint.cache_load_factor is None or 0 < constraint.cache_load_factor <= 1,
                      f"sharding.tables.{table}.cache_load_factor must be in (0, 1], got {constraint.cache_load_factor}.")
-        for key in ("hbm_cap_gb", "ddr_cap_gb"):
+        for key in ("hbm_cap_gb", "ddr_cap_gb", "hbm_bw_gbps", "ddr_bw_gbps", "intra_host_bw_gbps", "inter_host_bw_gbps"):
             value = getattr(self, key)
-            _require(value is None or value > 0, f"sharding.{key} must be > 0 GB or null, got {value}.")
+            _require(value is None or value > 0, f"sharding.{key} must be > 0 or null, got {value}.")
+        _require_choice("sharding.proposer", self.proposer, ("default", "greedy", "uniform"))
+        _require_choice("sharding.partitioner", self.partitioner, ("greedy", "memory_balanced"))
         _require(
             0.0 <= self.storage_reserve_percentage < 1.0,
             "sharding.storage_reserve_percentage must be in [0, 1), "

@@ -26,6 +26,8 @@ from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.partitioners import MemoryBalancedPartitioner
+from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import PlannerError, ShardingOption, Stats
 from torchrec.distributed.types import CacheParams, ShardingPlan, ShardingType
@@ -103,7 +105,23 @@ def _topology(config: ShardingConfig, device: torch.device, world_size: int, loc
         caps["hbm_cap"] = int(config.hbm_cap_gb * _GB)
     if config.ddr_cap_gb is not None:
         caps["ddr_cap"] = int(config.ddr_cap_gb * _GB)
+    for key, name in (("hbm_bw_gbps", "hbm_mem_bw"), ("ddr_bw_gbps", "ddr_mem_bw"),
+                      ("intra_host_bw_gbps", "intra_host_bw"), ("inter_host_bw_gbps", "inter_host_bw")):
+        if getattr(config, key) is not None:
+            caps[name] = getattr(config, key) * _GB / 1000  # torchrec's unit: bytes per millisecond
     return Topology(world_size=world_size, compute_device=device.type, local_world_size=local_world_size, **caps)
+
+
+def _search(config: ShardingConfig) -> dict:
+    """The planner's proposer and partitioner as configured (torchrec's defaults otherwise)."""
+    search = {}
+    if config.proposer == "greedy":
+        search["proposer"] = [GreedyProposer()]
+    elif config.proposer == "uniform":
+        search["proposer"] = [UniformProposer()]
+    if config.partitioner == "memory_balanced":
+        search["partitioner"] = MemoryBalancedPartitioner()
+    return search
 
 
 class _Chosen(Stats):
@@ -127,6 +145,7 @@ def _planner(config: ShardingConfig, schema: FeatureSchema, device_type: str, ba
         storage_reservation=FixedPercentageStorageReservation(config.storage_reserve_percentage),
         constraints=parameter_constraints(config, schema, device_type, world_size),
         stats=[chosen],
+        **_search(config),
     )
 
 

@@ -63,6 +63,8 @@ def test_default_is_criteo_shaped():
         ("data.invalid_ids=clip", "data.invalid_ids"),
         ("sharding.comm_forward_precision=fp4", "sharding.comm_forward_precision"),
         ("sharding.balance=rows", "sharding.balance"),
+        ("sharding.proposer=random", "sharding.proposer"),
+        ("sharding.inter_host_bw_gbps=0", "sharding.inter_host_bw_gbps"),
         ("data.invalid_dense=drop", "data.invalid_dense"),
         ("data.shuffle_window=0", "data.shuffle_window"),
         ("data.synthetic.test_rows=-1", "data.synthetic.test_rows"),

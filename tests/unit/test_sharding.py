@@ -104,3 +104,19 @@ def test_memory_balance_on_a_skewed_model(world_size):
     mean = sum(planned) / world_size
     assert all(abs(p - mean) <= 0.10 * mean for p in planned), planned
     assert report["imbalance"] <= 1.10
+
+
+def test_bandwidths_and_search_strategy_reach_the_planner():
+    from app.sharding import _planner, _Chosen
+
+    config = ShardingConfig(intra_host_bw_gbps=100, inter_host_bw_gbps=12.5, ddr_bw_gbps=40,
+                            proposer="uniform", partitioner="memory_balanced")
+    planner = _planner(config, SKEWED, "cpu", 512, 4, 2, _Chosen())
+    topology = planner._topology
+    assert topology.intra_host_bw == 100 * 2**30 / 1000 and topology.inter_host_bw == 12.5 * 2**30 / 1000
+    assert topology.ddr_mem_bw == 40 * 2**30 / 1000 and topology.local_world_size == 2
+    model = build_model(ModelConfig(dense_arch_layer_sizes=[16]), SKEWED, torch.device("cpu"))
+    apply_sparse_optimizer(model, OptimConfig(), torch.device("cpu"))
+    plan, _ = plan_offline(model, config, SKEWED, "cpu", 512, 4, 2)
+    report = plan_report(plan, SKEWED, 4)
+    assert len({t["sharding_type"] for t in report["tables"].values()}) == 1  # uniform: one type for all
