@@ -179,6 +179,13 @@ class ParquetBatches:
         self._epoch = epoch
 
     def __len__(self) -> int:
+        if self.shuffle and not self.pad_to_equal:
+            # Which rank gets which row groups changes every epoch, and with row groups of unequal
+            # size so would the shortest share. The trainer needs one epoch length, so take one
+            # that every epoch can fill: each rank gets at least len // world_size row groups,
+            # and those hold at least as many rows as the smallest ones do.
+            per_rank = len(self._row_groups) // self.world_size
+            return sum(sorted(rg.rows for rg in self._row_groups)[:per_rank]) // self.batch_size
         rows = [sum(rg.rows for rg in self._assignment(self._epoch, r)) for r in range(self.world_size)]
         if self.pad_to_equal:
             return max(-(-n // self.batch_size) for n in rows)

@@ -33,6 +33,19 @@ def test_ranks_get_equal_batch_counts_and_disjoint_rows(uneven_files):
     assert not set(seen[0]) & set(seen[1])
 
 
+def test_a_shuffled_epoch_has_the_same_length_every_epoch_on_every_rank(uneven_files):
+    # Unequal row groups dealt anew each epoch: the shortest share changes (4 to 6 batches here),
+    # but the trainer plans one epoch length, and every epoch must fill it on every rank.
+    lengths = set()
+    for epoch in range(8):
+        for rank in range(2):
+            r = reader(uneven_files, rank=rank, world_size=2, shuffle=True, seed=3)
+            r.set_epoch(epoch)
+            lengths.add(len(r))
+            assert len(list(r)) == len(r)
+    assert lengths == {(5 + 20 + 25 + 25) // 16}  # the 4 smallest of the 9 row groups
+
+
 def test_eval_mode_pads_and_covers_every_row_once(uneven_files):
     ranks = [reader(uneven_files, rank=r, world_size=2, pad_to_equal=True) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == -(-120 // 16)
