@@ -208,8 +208,7 @@ class CheckpointManager:
             return None
         future, step, staging, final, meta = self._pending
         self._pending = None
-        result = future.upload_completion if hasattr(future, "upload_completion") else future
-        result.result()
+        future.result()  # a plain Future: our stager stages synchronously (see _AlreadyCopied)
         self._publish(step, staging, final, meta)
         return final
 

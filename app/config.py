@@ -13,6 +13,7 @@ import hashlib
 import os
 import fnmatch
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional
 
 SHARDING_TYPES = (
@@ -458,6 +459,17 @@ def register_with_hydra() -> None:
         store.store(group=group, name="schema", node=schema)
     OmegaConf.register_new_resolver("rank0_only", _rank0_only, replace=True)
     OmegaConf.register_new_resolver("sweep_point_dir", _sweep_point_dir, replace=True)
+
+
+def compose_config(overrides: List[str]) -> Config:
+    """The validated Config that `python -m app.train <overrides>` runs: for the scripts, which
+    compose it with Hydra's compose API instead of @hydra.main."""
+    from hydra import compose, initialize_config_dir
+
+    register_with_hydra()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        return to_config(compose("train", overrides=list(overrides)))
 
 
 def to_config(cfg) -> Config:

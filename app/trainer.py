@@ -203,7 +203,7 @@ class Trainer:
                             self._average_dense()
                         if state.step % self.config.log_every_n_steps == 0:
                             self._log_train(state, window, bar)
-                        if self.preemption.agreed():
+                        if state.step % _AGREE_ON_STOPPING_EVERY == 0 and self.preemption.agreed():
                             preempted = True
                             break
                     if preempted:
@@ -217,12 +217,10 @@ class Trainer:
         try:
             if preempted:
                 log.warning("SIGTERM: stopping at step %d; saving a checkpoint to resume from", state.step)
-                if self.config.dense_average_every:
-                    self._average_dense()
+                self._average_if_stale(state)
                 self.save(state, final=True)
                 return None
-            if self.config.dense_average_every and state.step % self.config.dense_average_every:
-                self._average_dense()
+            self._average_if_stale(state)
             final = self.evaluate(state)
             if self.config.dense_average_every:
                 log.info("k-step averaging: %d dense parameter averages in this run", self.dense_averages)
@@ -273,14 +271,23 @@ class Trainer:
                 offset += p.numel()
         self.dense_averages += 1
 
+    def _average_if_stale(self, state: TrainState) -> None:
+        """With k-step averaging, make the ranks' dense parts one model again (unless this step
+        just did) before it is evaluated or saved."""
+        every = self.config.dense_average_every
+        if every and state.step % every:
+            self._average_dense()
+
     def _at_boundary(self, state: TrainState) -> None:
         if state.step >= self.total_steps:
             return  # fit() evaluates and saves at the end
-        if self.config.dense_average_every and state.step % self.config.dense_average_every:
-            self._average_dense()  # evaluation and checkpoints see one model, the same on every rank
-        if self.config.eval_every_n_steps and state.step % self.config.eval_every_n_steps == 0:
+        evaluate = self.config.eval_every_n_steps and state.step % self.config.eval_every_n_steps == 0
+        save = self.checkpoint_every and state.step % self.checkpoint_every == 0
+        if evaluate or save:
+            self._average_if_stale(state)
+        if evaluate:
             self.evaluate(state)
-        if self.checkpoint_every and state.step % self.checkpoint_every == 0:
+        if save:
             self.save(state)
 
     def _log_train(self, state: TrainState, window: "_Window", bar: tqdm) -> None:
@@ -324,9 +331,14 @@ class Trainer:
         return result
 
 
+# Agreeing whether to stop is an all-reduce (0.35 ms on 2 gloo ranks here, against steps of about
+# 20 ms): every 10 steps costs under 0.2% of the time and still stops well within torchrun's grace.
+_AGREE_ON_STOPPING_EVERY = 10
+
+
 class _Preemption:
     """SIGTERM (a preemption, or torchrun stopping the job) asks the loop to stop. Ranks receive it
-    at slightly different steps, so they agree after each step (one tiny all-reduce on a gloo
+    at slightly different steps, so they agree every few steps (one tiny all-reduce on a gloo
     group of its own) and all stop at the same one."""
 
     def __init__(self, group: Optional[dist.ProcessGroup]) -> None:

@@ -20,27 +20,17 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator
 
 import torch
-from hydra import compose, initialize_config_dir
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from app import distributed
-from app.config import Config, register_with_hydra, to_config
+from app.config import Config, compose_config
 from app.data.parquet import ParquetBatches
 from app.features import FeatureSchema
 from app.job import build_loaders, build_sharded_model, dataset_files
 from app.optim import optimizer_and_schedule
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _config(overrides: List[str]) -> Config:
-    register_with_hydra()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return to_config(compose("train", overrides=overrides))
-
 
 def bench_data(loader: ParquetBatches, max_batches: int) -> Dict[str, float]:
     """Decode on the calling thread only (no prefetch thread, one torch thread): rows per second
@@ -168,7 +158,7 @@ def main() -> None:
         parser.error(f"unknown argument(s) {sorted(unknown)}; name data, train and/or checkpoint, "
                      "then key=value overrides.")
 
-    config = _config(overrides)
+    config = compose_config(overrides)
     schema = FeatureSchema.from_config(config.features)
     results = {}
     if "checkpoint" in names:

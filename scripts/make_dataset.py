@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from app.config import register_with_hydra, to_config
+from app.config import compose_config
 from app.data.synthetic import METADATA_FILE, ensure_dataset
 from app.features import FeatureSchema
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def main(overrides: list) -> None:
-    register_with_hydra()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        config = to_config(compose("train", overrides=overrides))
+    config = compose_config(overrides)
     train_dir, _ = ensure_dataset(FeatureSchema.from_config(config.features), config.data.synthetic)
     metadata = json.loads((train_dir.parent / METADATA_FILE).read_text())
     print(f"dataset: {train_dir.parent}")

@@ -21,16 +21,12 @@ from pathlib import Path
 from typing import List
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from app.config import ConfigError, register_with_hydra, to_config
+from app.config import ConfigError, compose_config
 from app.features import FeatureSchema
 from app.model import build_model
 from app.optim import apply_sparse_optimizer
 from app.sharding import format_plan_report, plan_offline, plan_report
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def _world_sizes(text: str) -> List[int]:
     sizes = [int(part) for part in text.split(",") if part]
@@ -53,9 +49,7 @@ def main(argv: List[str]) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        register_with_hydra()
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            config = to_config(compose("train", overrides=overrides))
+        config = compose_config(overrides)
         device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         schema = FeatureSchema.from_config(config.features)
         model = build_model(config.model, schema, torch.device("cpu"))  # tables stay on meta

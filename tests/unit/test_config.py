@@ -5,13 +5,11 @@ from __future__ import annotations
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from app.config import Config, ConfigError, TableConstraint, config_from_dict, register_with_hydra, to_config
+from app.config import Config, ConfigError, TableConstraint, compose_config, config_from_dict
 from tests.conftest import CONFIGS, REPO, run_command
 
-register_with_hydra()
 
 GROUPS = ["features", "model", "data", "sharding", "optim", "checkpoint", "trainer", "logging", "distributed"]
 # Options that need paths only the user can give, or a dense arch ending in their embedding dim.
@@ -24,8 +22,7 @@ COMPANIONS = {
 
 
 def load(overrides=()) -> Config:
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return to_config(compose("train", overrides=list(overrides)))
+    return compose_config(list(overrides))
 
 
 def options(group: str):
