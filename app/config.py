@@ -37,7 +37,10 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 
 
-COMM_PRECISIONS = ("fp32", "fp16", "bf16")
+# Precisions of the embedding all-to-alls torchrec's codecs offer. fbgemm has no CPU kernel for
+# fp8, so fp8 needs CUDA; the others run over gloo and NCCL.
+COMM_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mx4", "fp8")
+CUDA_ONLY_COMM_PRECISIONS = ("fp8",)
 
 
 class ConfigError(ValueError):
@@ -218,7 +221,9 @@ class ShardingConfig:
     # Share of each rank's memory held back for the dense part, activations and buffers.
     storage_reserve_percentage: float = 0.15
     # Precision of the embedding all-to-alls (pooled embeddings forward, their gradients
-    # backward): fp16 or bf16 halve the bytes sent, at a small cost in accuracy.
+    # backward): fp16 or bf16 halve the bytes sent, int8 (per-row scale) and fp8 (CUDA only)
+    # quarter them, mx4 (4-bit blocks with a shared exponent) sends an eighth, each at a growing
+    # cost in accuracy.
     comm_forward_precision: str = "fp32"
     comm_backward_precision: str = "fp32"
     # What the plan balances across ranks. "cost": the planner's estimate of step time (its own

@@ -13,30 +13,33 @@ table larger than one worker's memory needs them, so our sharder allows them on 
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
+from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.partitioners import MemoryBalancedPartitioner
 from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import PlannerError, ShardingOption, Stats
-from torchrec.distributed.types import CacheParams, ShardingPlan, ShardingType
+from torchrec.distributed.types import CacheParams, CommOp, QuantizedCommCodecs, ShardingPlan, ShardingType
 
-from app.config import CUDA_ONLY_KERNELS, ConfigError, ShardingConfig, table_constraint
+from app.config import CUDA_ONLY_COMM_PRECISIONS, CUDA_ONLY_KERNELS, ConfigError, ShardingConfig, table_constraint
 from app.features import FeatureSchema, table_name
 
+log = logging.getLogger("app.sharding")
 TABLES_PATH = "model.sparse_arch.embedding_bag_collection"
 _GB = 1024**3
+# Encodings with per-row or per-block scales: a reduce-scatter cannot sum them while encoded.
+_SCALED_PRECISIONS = ("int8", "fp8", "mx4")
 _CPU_EXTRA_TYPES = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
 
 
@@ -49,17 +52,36 @@ class _CPUCapableSharder(EmbeddingBagCollectionSharder):
 def sharders(config: ShardingConfig, device: torch.device) -> list:
     """The sharders the planner and DistributedModelParallel use, with quantized communication
     codecs when the config asks for a precision below fp32."""
-    precisions = (config.comm_forward_precision, config.comm_backward_precision)
-    if "bf16" in precisions and dist.is_initialized() and dist.get_backend() == "gloo":
-        raise ConfigError(
-            "sharding.comm_forward_precision / comm_backward_precision = bf16: torchrec sends bf16 "
-            "all-to-alls over NCCL only (over gloo it would quietly send fp16); use fp16 on CPU."
-        )
-    codecs = None
-    if precisions != ("fp32", "fp32"):
-        qcomms = QCommsConfig(forward_precision=CommType(precisions[0]), backward_precision=CommType(precisions[1]))
-        codecs = get_qcomm_codecs_registry(qcomms, device=device)
-    return [_CPUCapableSharder(qcomm_codecs_registry=codecs)]
+    return [_CPUCapableSharder(qcomm_codecs_registry=_qcomm_codecs(config, device))]
+
+
+def _qcomm_codecs(config: ShardingConfig, device: torch.device) -> Optional[Dict[str, QuantizedCommCodecs]]:
+    """One codec pair per embedding collective. torchrec's get_qcomm_codecs_registry turns bf16
+    into fp16 whenever the device is a CPU, an assumption older than gloo's bf16 all-to-all (torch
+    2.13 sends bf16 over gloo; tests/integration/test_qcomms.py trains with it), so we build the
+    registry here and keep only its reduce-scatter rule."""
+    forward, backward = config.comm_forward_precision, config.comm_backward_precision
+    if (forward, backward) == ("fp32", "fp32"):
+        return None
+    for key, precision in (("comm_forward_precision", forward), ("comm_backward_precision", backward)):
+        if precision in CUDA_ONLY_COMM_PRECISIONS and device.type != "cuda":
+            raise ConfigError(f"sharding.{key}={precision} needs CUDA (fbgemm has no CPU {precision} "
+                              f"kernel), but this job runs on {device.type}; use fp16, bf16, int8 or mx4.")
+    registry = {}
+    for op in (CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL, CommOp.POOLED_EMBEDDINGS_REDUCE_SCATTER,
+               CommOp.SEQUENCE_EMBEDDINGS_ALL_TO_ALL):
+        op_forward, op_backward = forward, backward
+        if op == CommOp.POOLED_EMBEDDINGS_REDUCE_SCATTER:
+            # torchrec's own fallbacks for fp8 and mx4, which int8 needs as well.
+            op_forward = "fp16" if forward in _SCALED_PRECISIONS else forward
+            op_backward = "bf16" if backward in _SCALED_PRECISIONS else backward
+            if (op_forward, op_backward) != (forward, backward):
+                log.info("Reduce-scatters (row_wise and table_row_wise tables) send %s forward and %s "
+                         "backward: %s/%s values cannot be summed while encoded.",
+                         op_forward, op_backward, forward, backward)
+        qcomms = QCommsConfig(forward_precision=CommType(op_forward), backward_precision=CommType(op_backward))
+        registry[op.name] = get_qcomm_codecs(qcomms)
+    return registry
 
 
 def parameter_constraints(config: ShardingConfig, schema: FeatureSchema, device_type: str,

@@ -13,7 +13,8 @@ from app.config import (ConfigError, FeaturesConfig, ModelConfig, OptimConfig, S
 from app.features import FeatureSchema
 from app.model import build_model
 from app.optim import apply_sparse_optimizer
-from app.sharding import parameter_constraints, plan_offline, plan_report, plan_sharding, write_plan_report
+from app.sharding import (parameter_constraints, plan_offline, plan_report, plan_sharding, sharders,
+                          write_plan_report)
 
 SCHEMA = FeatureSchema.from_config(
     FeaturesConfig(dense=["d"], sparse=[SparseFeature("small", 100), SparseFeature("big", 5000)], embedding_dim=8)
@@ -120,3 +121,31 @@ def test_bandwidths_and_search_strategy_reach_the_planner():
     plan, _ = plan_offline(model, config, SKEWED, "cpu", 512, 4, 2)
     report = plan_report(plan, SKEWED, 4)
     assert len({t["sharding_type"] for t in report["tables"].values()}) == 1  # uniform: one type for all
+
+
+def _codec_precisions(config: ShardingConfig) -> dict:
+    registry = sharders(config, torch.device("cpu"))[0].qcomm_codecs_registry
+    return {op: (codecs.forward.quantized_dtype, codecs.backward.quantized_dtype) for op, codecs in registry.items()}
+
+
+def test_bf16_communication_stays_bf16_on_cpu():
+    # torchrec's own registry would send fp16 here (it assumes gloo cannot carry bf16).
+    precisions = _codec_precisions(ShardingConfig(comm_forward_precision="bf16", comm_backward_precision="bf16"))
+    assert set(precisions.values()) == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_scaled_precisions_fall_back_for_reduce_scatter_only():
+    precisions = _codec_precisions(ShardingConfig(comm_forward_precision="int8", comm_backward_precision="mx4"))
+    assert precisions["POOLED_EMBEDDINGS_ALL_TO_ALL"] == (torch.uint8, torch.uint8)
+    assert precisions["POOLED_EMBEDDINGS_REDUCE_SCATTER"] == (torch.float16, torch.bfloat16)
+
+
+def test_fp32_communication_needs_no_codecs():
+    assert sharders(ShardingConfig(), torch.device("cpu"))[0].qcomm_codecs_registry is None
+
+
+def test_fp8_communication_is_refused_on_cpu_naming_the_key():
+    with pytest.raises(ConfigError, match=r"sharding.comm_backward_precision=fp8 needs CUDA"):
+        sharders(ShardingConfig(comm_backward_precision="fp8"), torch.device("cpu"))
+    registry = sharders(ShardingConfig(comm_backward_precision="fp8"), torch.device("cuda"))[0].qcomm_codecs_registry
+    assert registry["POOLED_EMBEDDINGS_ALL_TO_ALL"].backward.quantized_dtype == torch.uint8
