@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -29,7 +30,8 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.planner.partitioners import MemoryBalancedPartitioner
 from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import PlannerError, ShardingOption, Stats
+from torchrec.distributed.planner.types import (HardwareConfig, KernelConfig, PlannerError, ShardingOption, Stats,
+                                                TopologyFactory, TrainerConfig)
 from torchrec.distributed.types import CacheParams, CommOp, QuantizedCommCodecs, ShardingPlan, ShardingType
 
 from app.config import CUDA_ONLY_COMM_PRECISIONS, CUDA_ONLY_KERNELS, ConfigError, ShardingConfig, table_constraint
@@ -122,16 +124,17 @@ def _oversized(schema: FeatureSchema, world_size: int) -> List[str]:
 
 
 def _topology(config: ShardingConfig, device: torch.device, world_size: int, local_world_size: int) -> Topology:
-    caps = {}
-    if config.hbm_cap_gb is not None:
-        caps["hbm_cap"] = int(config.hbm_cap_gb * _GB)
-    if config.ddr_cap_gb is not None:
-        caps["ddr_cap"] = int(config.ddr_cap_gb * _GB)
-    for key, name in (("hbm_bw_gbps", "hbm_mem_bw"), ("ddr_bw_gbps", "ddr_mem_bw"),
-                      ("intra_host_bw_gbps", "intra_host_bw"), ("inter_host_bw_gbps", "inter_host_bw")):
-        if getattr(config, key) is not None:
-            caps[name] = getattr(config, key) * _GB / 1000  # torchrec's unit: bytes per millisecond
-    return Topology(world_size=world_size, compute_device=device.type, local_world_size=local_world_size, **caps)
+    gb = lambda value: None if value is None else int(value * _GB)  # noqa: E731
+    per_ms = lambda gbps: None if gbps is None else gbps * _GB / 1000  # noqa: E731  torchrec's unit
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size,
+                                     hbm_cap_bytes=gb(config.hbm_cap_gb), ddr_cap_bytes=gb(config.ddr_cap_gb)),
+        hardware_config=HardwareConfig(hbm_mem_bw=per_ms(config.hbm_bw_gbps), ddr_mem_bw=per_ms(config.ddr_bw_gbps),
+                                       intra_host_bw=per_ms(config.intra_host_bw_gbps),
+                                       inter_host_bw=per_ms(config.inter_host_bw_gbps)),
+        # use_hardware_based_bandwidth: take the bandwidths above, torchrec's defaults where None.
+        kernel_config=KernelConfig(compute_device=device.type, use_hardware_based_bandwidth=True),
+    )
 
 
 def _search(config: ShardingConfig) -> dict:
@@ -226,8 +229,11 @@ def _keep_local(state, bucket):  # no annotations: DDP checks them, and this mod
 def shard_model(model: nn.Module, plan: ShardingPlan, config: ShardingConfig, device: torch.device,
                 local_dense_gradients: bool = False) -> DistributedModelParallel:
     wrapper = _LocalGradients() if local_dense_gradients else None
-    return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(config, device),
-                                    data_parallel_wrapper=wrapper)
+    with warnings.catch_warnings():
+        # torchrec's own DDP wrap passes DDP's deprecated broadcast_buffers; nothing for us to change.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(config, device),
+                                        data_parallel_wrapper=wrapper)
 
 
 def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -110,6 +111,9 @@ class _Windows(IterableDataset):
         self.reader, self.epoch, self.skip_rows = reader, epoch, skip_rows
 
     def __iter__(self) -> Iterator[tuple]:
+        # Arrays decoded zero-copy from Arrow are read-only. The DataLoader copies them into shared
+        # memory on the way, and nothing writes to them, so torch's warning about it is noise.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         try:
             for rows in self.reader._window_rows(self.epoch, self.skip_rows):
                 yield "rows", rows.dense, rows.labels, tuple(rows.ids), tuple(rows.offsets)
