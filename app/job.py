@@ -23,7 +23,7 @@ from app.data.parquet import ParquetBatches, check_files, resolve_files
 from app.data.synthetic import ensure_dataset
 from app.distributed import DistEnv
 from app.features import FeatureSchema
-from app.logs import QuietRootLogger
+from app.logs import QuietLibraries
 from app.metrics import MetricsLogger
 from app.model import build_model
 from app.optim import apply_sparse_optimizer, optimizer_and_schedule
@@ -40,10 +40,10 @@ def _setup_logging(config: LoggingConfig, env: DistEnv) -> None:
     root.setLevel(config.level)
     # TorchRec logs every pipeline fill and drain at INFO; keep its warnings.
     logging.getLogger("torchrec").setLevel(max(logging.WARNING, logging.getLevelName(config.level)))
-    logging.captureWarnings(True)  # library deprecation warnings: into the log files, by rank
+    logging.captureWarnings(True)  # into the log files, by rank (not the console: app/logs.py)
     for handler in root.handlers:
         if type(handler) is logging.StreamHandler:
-            handler.addFilter(QuietRootLogger())
+            handler.addFilter(QuietLibraries())
             if not env.is_rank0:  # one console voice; every rank's log file keeps everything
                 handler.setLevel(logging.ERROR)
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 import logging
 
 
-class QuietRootLogger(logging.Filter):
-    """fbgemm logs at INFO through the root logger (each library it loads, every embedding
-    kernel's full arguments): those lines go to the log file only; its warnings still show."""
+class QuietLibraries(logging.Filter):
+    """Keeps two kinds of library output off the console: fbgemm's INFO through the root logger
+    (each library it loads, every embedding kernel's full arguments; its warnings still show),
+    and Python warnings (deprecations inside torch and torchrec that users cannot act on), which
+    app/job.py routes into logging so that they land in the log files."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings":
+            return False
         return record.name != "root" or record.levelno >= logging.WARNING
