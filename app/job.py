@@ -40,6 +40,9 @@ def _setup_logging(config: LoggingConfig, env: DistEnv) -> None:
     root.setLevel(config.level)
     # TorchRec logs every pipeline fill and drain at INFO; keep its warnings.
     logging.getLogger("torchrec").setLevel(max(logging.WARNING, logging.getLevelName(config.level)))
+    # torch's note to library authors that is_fx_tracing() also covers torch.export, once per rank
+    # through torch's own handler (so app/logs.py cannot catch it), on every start.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     logging.captureWarnings(True)  # into the log files, by rank (not the console: app/logs.py)
     for handler in root.handlers:
         if type(handler) is logging.StreamHandler:
