@@ -17,13 +17,13 @@ from torch import nn
 
 from app import distributed
 from app.checkpoint import CheckpointManager
-from app.config import Config, ConfigError, DataConfig, LoggingConfig
+from app.config import Config, ConfigError, DataConfig
 from app.data.batch import InputPolicy
 from app.data.parquet import ParquetBatches, check_files, resolve_files
 from app.data.synthetic import ensure_dataset
 from app.distributed import DistEnv
 from app.features import FeatureSchema
-from app.logs import QuietLibraries
+from app.logs import setup_logging
 from app.metrics import MetricsLogger
 from app.model import build_model
 from app.optim import apply_sparse_optimizer, optimizer_and_schedule
@@ -31,24 +31,6 @@ from app.sharding import plan_report, plan_sharding, shard_model, write_plan_rep
 from app.trainer import Trainer, planned_steps
 
 log = logging.getLogger("app.job")
-
-
-def _setup_logging(config: LoggingConfig, env: DistEnv) -> None:
-    root = logging.getLogger()
-    if not root.handlers:  # a self-launched worker has no Hydra logging
-        logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    root.setLevel(config.level)
-    # TorchRec logs every pipeline fill and drain at INFO; keep its warnings.
-    logging.getLogger("torchrec").setLevel(max(logging.WARNING, logging.getLevelName(config.level)))
-    # torch's note to library authors that is_fx_tracing() also covers torch.export, once per rank
-    # through torch's own handler (so app/logs.py cannot catch it), on every start.
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    logging.captureWarnings(True)  # into the log files, by rank (not the console: app/logs.py)
-    for handler in root.handlers:
-        if type(handler) is logging.StreamHandler:
-            handler.addFilter(QuietLibraries())
-            if not env.is_rank0:  # one console voice; every rank's log file keeps everything
-                handler.setLevel(logging.ERROR)
 
 
 def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> Tuple[List[str], List[str]]:
@@ -98,7 +80,7 @@ def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
     """One worker's whole job; returns the final validation metrics (the same on every rank), or
     None when SIGTERM stopped it early (after a checkpoint)."""
     env = distributed.init(config.distributed)
-    _setup_logging(config.logging, env)
+    setup_logging(config.logging, env.is_rank0)
     try:
         torch.manual_seed(config.seed)
         schema = FeatureSchema.from_config(config.features)

@@ -1,11 +1,13 @@
 """What reaches the console, as opposed to each rank's log file (which keeps everything).
 
 Hydra's console handler takes this filter from configs/hydra/default.yaml, before torchrec and
-fbgemm are imported; app/job.py adds it to the handlers of workers that start without Hydra."""
+fbgemm are imported; setup_logging adds it to the handlers of workers that start without Hydra."""
 
 from __future__ import annotations
 
 import logging
+
+from app.config import LoggingConfig
 
 
 # Warnings torchrec gives for every data-parallel table, about nothing the user set: such tables
@@ -17,7 +19,7 @@ class QuietLibraries(logging.Filter):
     """Keeps library output that users cannot act on off the console:
     - fbgemm's INFO through the root logger (each library it loads, every embedding kernel's full
       arguments); its warnings still show;
-    - Python warnings (deprecations inside torch and torchrec), which app/job.py routes into
+    - Python warnings (deprecations inside torch and torchrec), which setup_logging routes into
       logging so that they land in the log files;
     - torchrec's routine warnings about data-parallel tables."""
 
@@ -25,3 +27,22 @@ class QuietLibraries(logging.Filter):
         if record.name == "py.warnings" or record.getMessage().startswith(_ROUTINE_WARNINGS):
             return False
         return record.name != "root" or record.levelno >= logging.WARNING
+
+
+def setup_logging(config: LoggingConfig, is_rank0: bool) -> None:
+    """The job's logging: level, library loggers, Python warnings, and the console filter."""
+    root = logging.getLogger()
+    if not root.handlers:  # a self-launched worker has no Hydra logging
+        logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    root.setLevel(config.level)
+    # TorchRec logs every pipeline fill and drain at INFO; keep its warnings.
+    logging.getLogger("torchrec").setLevel(max(logging.WARNING, logging.getLevelName(config.level)))
+    # torch's note to library authors that is_fx_tracing() also covers torch.export, once per rank
+    # through torch's own handler (so QuietLibraries cannot catch it), on every start.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    logging.captureWarnings(True)  # into the log files, by rank (QuietLibraries keeps them off the console)
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.addFilter(QuietLibraries())
+            if not is_rank0:  # one console voice; every rank's log file keeps everything
+                handler.setLevel(logging.ERROR)
