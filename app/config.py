@@ -375,8 +375,14 @@ class DistributedConfig:
     device: str = "auto"
     backend: str = "auto"
     timeout_s: int = 1800
+    # CPU threads of each worker's math (torch intra-op, fbgemm's CPU kernels). 0: the CPUs this
+    # process may run on, shared evenly by the node's workers. torchrun's own default is 1 thread
+    # per worker, which leaves most of a many-core CPU node idle.
+    threads_per_worker: int = 0
 
     def validate(self) -> None:
+        _require(self.threads_per_worker >= 0,
+                 f"distributed.threads_per_worker must be >= 0 (0: automatic), got {self.threads_per_worker}.")
         _require(self.nproc_per_node >= 1, f"distributed.nproc_per_node must be >= 1, got {self.nproc_per_node}.")
         _require_choice("distributed.device", self.device, DEVICES)
         _require_choice("distributed.backend", self.backend, BACKENDS)

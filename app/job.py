@@ -81,6 +81,8 @@ def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
     None when SIGTERM stopped it early (after a checkpoint)."""
     env = distributed.init(config.distributed)
     setup_logging(config.logging, env.is_rank0)
+    log.info("%d worker(s) on %s, %d on this node, %d CPU threads each", env.world_size, env.device,
+             env.local_world_size, torch.get_num_threads())
     try:
         torch.manual_seed(config.seed)
         schema = FeatureSchema.from_config(config.features)

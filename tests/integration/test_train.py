@@ -4,6 +4,7 @@ self-launched workers, and Hydra sweeps (a grid and Optuna)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def test_two_process_training_saves_then_resumes(tmp_path):
     # The console has rank 0's story; fbgemm's INFO chatter and library warnings reach the log files only.
     assert "Successfully loaded" not in first and "FutureWarning" not in first and "Sharding spec" not in first
     assert "Successfully loaded" in (run_dir / "train_rank1.log").read_text()
+    # torchrun sets 1 CPU thread per worker; the job shares this process's CPUs between its 2 workers.
+    assert f"2 on this node, {max(1, len(os.sched_getaffinity(0)) // 2)} CPU threads each" in first
     for name in (".hydra/config.yaml", "plan.txt", "plan.json", "metrics.jsonl", "checkpoints/latest"):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
@@ -96,9 +99,11 @@ def test_every_sharding_type_trains_to_the_end(tmp_path, sharding):
 
 
 def test_self_launched_workers(tmp_path):
-    args = [sys.executable, "-m", "app.train", *tiny(tmp_path, "distributed.nproc_per_node=2", "trainer.max_steps=4")]
+    args = [sys.executable, "-m", "app.train",
+            *tiny(tmp_path, "distributed.nproc_per_node=2", "distributed.threads_per_worker=3", "trainer.max_steps=4")]
     out = check(run_command(args, cwd=REPO))
     assert "final validation AUC" in out
+    assert "2 worker(s) on cpu, 2 on this node, 3 CPU threads each" in out
     assert json.loads((tmp_path / "outputs" / "tiny" / "plan.json").read_text())["world_size"] == 2
 
 

@@ -65,6 +65,7 @@ def test_default_is_criteo_shaped():
         ("data.invalid_dense=drop", "data.invalid_dense"),
         ("data.shuffle_window=0", "data.shuffle_window"),
         ("data.synthetic.test_rows=-1", "data.synthetic.test_rows"),
+        ("distributed.threads_per_worker=-1", "distributed.threads_per_worker"),
     ],
 )
 def test_impossible_values_fail_naming_the_key(override, key):
