@@ -375,9 +375,10 @@ class DistributedConfig:
     device: str = "auto"
     backend: str = "auto"
     timeout_s: int = 1800
-    # CPU threads of each worker's math (torch intra-op, fbgemm's CPU kernels). 0: the CPUs this
-    # process may run on, shared evenly by the node's workers. torchrun's own default is 1 thread
-    # per worker, which leaves most of a many-core CPU node idle.
+    # CPU threads of each worker's math (torch intra-op, fbgemm's CPU kernels). 0: as launched
+    # (torchrun: OMP_NUM_THREADS, 1 unless set; a plain process: torch's default, every core).
+    # More threads pay off only where cores are left over: on 2 cores, 2 threads for one worker
+    # trained slower than 1 (its loader process needs a core too).
     threads_per_worker: int = 0
 
     def validate(self) -> None:

@@ -72,21 +72,15 @@ def init(config: DistributedConfig) -> DistEnv:
                                     rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(config.threads_per_worker or threads_per_worker(local_world_size))
+    if config.threads_per_worker:
+        torch.set_num_threads(config.threads_per_worker)
     return DistEnv(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank,
-        local_world_size=local_world_size,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         device=device,
     )
-
-
-def threads_per_worker(local_world_size: int) -> int:
-    """The CPUs this process may run on (its affinity: a container's or Slurm's CPU set), shared
-    evenly by the node's workers."""
-    return max(1, len(os.sched_getaffinity(0)) // local_world_size)
 
 
 def new_gloo_group() -> dist.ProcessGroup:

@@ -4,7 +4,6 @@ self-launched workers, and Hydra sweeps (a grid and Optuna)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -45,8 +44,6 @@ def test_two_process_training_saves_then_resumes(tmp_path):
     # The console has rank 0's story; fbgemm's INFO chatter and library warnings reach the log files only.
     assert "Successfully loaded" not in first and "FutureWarning" not in first and "Sharding spec" not in first
     assert "Successfully loaded" in (run_dir / "train_rank1.log").read_text()
-    # torchrun sets 1 CPU thread per worker; the job shares this process's CPUs between its 2 workers.
-    assert f"2 on this node, {max(1, len(os.sched_getaffinity(0)) // 2)} CPU threads each" in first
     for name in (".hydra/config.yaml", "plan.txt", "plan.json", "metrics.jsonl", "checkpoints/latest"):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
