@@ -8,7 +8,8 @@ A checkpoint is written under a hidden temporary name by all ranks, and only aft
 finished does rank 0 add meta.json and rename it into place. So a crash at any point leaves either
 the previous checkpoints untouched or a new complete one: never a half-written step_* that looks
 complete. The manifest catches what happens to a checkpoint afterwards (a truncated or damaged
-file): such a checkpoint is skipped, with a warning, for the newest one that is intact.
+file): such a checkpoint is skipped, with a warning, for the newest one that is intact. Every
+rank verifies its share of the files, so the check reads a checkpoint once, in parallel.
 
 An asynchronous save copies the state to memory, returns, and writes while training goes on; it is
 published by the next call that needs it finished (the next save, or wait()), on every rank at the
@@ -28,7 +29,7 @@ import shutil
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -77,26 +78,61 @@ def manifest(directory: Path) -> Dict[str, List[int]]:
     return {p.name: [p.stat().st_size, crc] for p, crc in zip(files, _crc32s(files))}
 
 
-def verify(path: Path) -> Optional[str]:
-    """None if the checkpoint at `path` is complete and intact, else what is wrong with it."""
+def verify(path: Path, group: Optional[dist.ProcessGroup] = None) -> Optional[str]:
+    """None if the checkpoint at `path` is complete and intact, else what is wrong with it.
+
+    Collective where torch.distributed is initialized (every rank of `group` calls it with the
+    same path, and gets the same answer): rank 0 checks meta.json and every file's size, and each
+    rank reads and checks the CRC-32s of its share of the files, so that a checkpoint is read
+    once, in parallel, rather than whole by one rank while the others wait."""
+    rank, ranks = _position(group)
+    problem, expected = None, {}
+    if rank == 0:
+        problem, expected = _check_layout(path)
+    problem = broadcast_text(problem, group)
+    if problem is not None:
+        return problem
+    expected = json.loads(broadcast_text(json.dumps(expected), group))
+    share = sorted(expected)[rank::ranks]
+    damaged = [name for name, crc in zip(share, _crc32s([path / name for name in share])) if crc != expected[name][1]]
+    mine = f"{damaged[0]} is damaged (its CRC-32 differs from the one written)" if damaged else None
+    return _first_problem(mine, group)
+
+
+def _check_layout(path: Path) -> Tuple[Optional[str], Dict[str, List[int]]]:
+    """(what is wrong with meta.json or the files' presence and sizes, or None; the manifest)."""
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError) as error:
-        return f"{META_FILE} is missing or unreadable ({error})"
+        return f"{META_FILE} is missing or unreadable ({error})", {}
     expected = meta.get("files")
     if not expected:
-        return f"{META_FILE} lists no files"
+        return f"{META_FILE} lists no files", {}
     for name, (size, _) in expected.items():
         file = path / name
         if not file.is_file():
-            return f"{name} is missing"
+            return f"{name} is missing", {}
         if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, {size} were written"
-    crcs = _crc32s([path / name for name in expected])
-    for (name, (_, crc)), actual in zip(expected.items(), crcs):
-        if actual != crc:
-            return f"{name} is damaged (its CRC-32 differs from the one written)"
-    return None
+            return f"{name} has {file.stat().st_size} bytes, {size} were written", {}
+    return None, expected
+
+
+def _position(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _first_problem(problem: Optional[str], group: Optional[dist.ProcessGroup]) -> Optional[str]:
+    """The problem of the lowest rank that has one, on every rank; None if no rank has one."""
+    rank, ranks = _position(group)
+    if ranks == 1:
+        return problem
+    first = torch.tensor([rank if problem is not None else ranks], dtype=torch.int64)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+    if first.item() == ranks:
+        return None
+    return broadcast_text(problem, group, src=int(first.item()))
 
 
 def read_meta(path: Path) -> Dict[str, Any]:
@@ -165,12 +201,13 @@ class CheckpointManager:
         return published[-1] if published else None
 
     def newest_valid(self) -> Optional[Path]:
-        """The newest checkpoint whose files match its manifest; each newer one that does not is
-        reported with a warning and skipped. None when there are no checkpoints at all; a
-        CheckpointError when there are some but none is intact."""
-        published = self._published()
+        """Collective (see verify()): the newest checkpoint whose files match its manifest; each
+        newer one that does not is reported with a warning and skipped. None when there are no
+        checkpoints at all; a CheckpointError when there are some but none is intact."""
+        listed = json.dumps([p.name for p in self._published()]) if self.rank == 0 else None
+        published = [self.directory / name for name in json.loads(broadcast_text(listed, self.group))]
         for path in reversed(published):
-            problem = verify(path)
+            problem = verify(path, self.group)
             if problem is None:
                 return path
             log.warning("checkpoint %s is not usable: %s; trying the previous one", path, problem)
@@ -245,34 +282,48 @@ class CheckpointManager:
         return meta
 
 
-def broadcast_text(text: Optional[str], group: Optional[dist.ProcessGroup] = None) -> Optional[str]:
-    """Rank 0's text (or None) on every rank, as bytes in tensors: no pickled objects travel."""
+def broadcast_text(text: Optional[str], group: Optional[dist.ProcessGroup] = None, src: int = 0) -> Optional[str]:
+    """Rank `src`'s text (or None) on every rank (ranks of `group`), as bytes in tensors: no
+    pickled objects travel."""
     if not dist.is_initialized():
         return text
     data = (text or "").encode()
     length = torch.tensor([-1 if text is None else len(data)], dtype=torch.int64)
-    dist.broadcast(length, src=0, group=group)
+    dist.broadcast(length, group=group, group_src=src)
     if length.item() < 0:
         return None
-    buffer = torch.tensor(list(data), dtype=torch.uint8) if dist.get_rank() == 0 else \
+    buffer = torch.tensor(list(data), dtype=torch.uint8) if dist.get_rank(group) == src else \
         torch.zeros(int(length.item()), dtype=torch.uint8)
-    dist.broadcast(buffer, src=0, group=group)
+    dist.broadcast(buffer, group=group, group_src=src)
     return bytes(buffer.tolist()).decode()
 
 
-def find_checkpoint(path: Path) -> Path:
+def find_checkpoint(path: Path, group: Optional[dist.ProcessGroup] = None) -> Path:
     """The newest intact checkpoint that `path` names: a step_N directory itself, or a run
-    directory or its checkpoints/ directory. CheckpointError when there is none."""
+    directory or its checkpoints/ directory. CheckpointError when there is none. Collective,
+    like verify(): rank 0 decides what `path` is, so every rank takes the same branch."""
     path = Path(path)
-    if _STEP_DIR.match(path.name):
-        problem = verify(path) if path.is_dir() else "no such directory"
+    rank, _ = _position(group)
+    kind = None
+    if rank == 0:
+        if _STEP_DIR.match(path.name):
+            kind = "step" if path.is_dir() else f"checkpoint {path} is not usable: no such directory."
+        elif (path / "checkpoints").is_dir():
+            kind = "run"
+        elif path.is_dir():
+            kind = "checkpoints"
+        else:
+            kind = f"{path}: no such directory; expected a run directory, its checkpoints/ or a step_N."
+    kind = broadcast_text(kind, group)
+    if kind == "step":
+        problem = verify(path, group)
         if problem is not None:
             raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
         return path
-    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if not directory.is_dir():
-        raise CheckpointError(f"{path}: no such directory; expected a run directory, its checkpoints/ or a step_N.")
-    found = CheckpointManager(directory, keep_last=1, rank=0).newest_valid()
+    if kind not in ("run", "checkpoints"):
+        raise CheckpointError(kind)
+    directory = path / "checkpoints" if kind == "run" else path
+    found = CheckpointManager(directory, keep_last=1, rank=rank, process_group=group).newest_valid()
     if found is None:
         raise CheckpointError(f"{path}: no checkpoint there (no step_N directory with {META_FILE} in {directory}).")
     return found

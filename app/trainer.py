@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,8 +22,7 @@ from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
-from app.checkpoint import (CheckpointError, CheckpointManager, broadcast_text, find_checkpoint,
-                            model_differences, read_meta)
+from app.checkpoint import CheckpointManager, find_checkpoint, model_differences, read_meta
 from app.config import ConfigError, TrainerConfig
 from app.data.parquet import ParquetBatches
 from app.distributed import DistEnv
@@ -115,28 +114,13 @@ class Trainer:
     def resume(self, load_from: Optional[str] = None, load_mode: str = "all") -> TrainState:
         """Continue from the newest intact checkpoint of the run; if it has none, start from
         `load_from` (another run's checkpoint: everything, or the model only); else from scratch."""
-        own = self._agreed_checkpoint(self.checkpoints.newest_valid)
+        # Both collective: every rank verifies its share of the files and gets the same answer.
+        own = self.checkpoints.newest_valid()
         if own is not None:
             return self._load(own, everything=True)
         if load_from:
-            return self._load(self._agreed_checkpoint(lambda: find_checkpoint(Path(load_from))),
-                              everything=load_mode == "all")
+            return self._load(find_checkpoint(Path(load_from), self.control_group), everything=load_mode == "all")
         return TrainState()
-
-    def _agreed_checkpoint(self, find: Callable[[], Optional[Path]]) -> Optional[Path]:
-        """Rank 0 finds and verifies the checkpoint (verifying reads every file: once is enough);
-        every rank gets its answer, or its error."""
-        found, problem = None, None
-        if self.env.is_rank0:
-            try:
-                found = find()
-            except CheckpointError as error:
-                problem = str(error)
-        problem = broadcast_text(problem, self.control_group)
-        if problem is not None:
-            raise CheckpointError(problem)
-        path = broadcast_text(None if found is None else str(found), self.control_group)
-        return None if path is None else Path(path)
 
     def _load(self, path: Path, everything: bool) -> TrainState:
         meta = read_meta(path)

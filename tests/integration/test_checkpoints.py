@@ -226,3 +226,17 @@ def test_asynchronous_saves_are_published_intact_and_resume(tmp_path):
         assert verify(tmp_path / "outputs" / "tiny" / "checkpoints" / name) is None
     out = check(run_command(torchrun(*tiny(tmp_path, "checkpoint.async_save=true", "trainer.max_steps=15")), cwd=REPO))
     assert "at step 13 " in out
+
+
+def test_two_ranks_share_the_verification_of_a_checkpoint(tmp_path):
+    check(run_command(torchrun(*tiny(tmp_path, "checkpoint.every_n_steps=5", "trainer.max_steps=10")), cwd=REPO))
+    newest = tmp_path / "outputs" / "tiny" / "checkpoints" / "step_00000010"
+    names = sorted(p.name for p in newest.iterdir() if p.name != "meta.json")
+    # Rank 1 reads every second file: damage one of those only, keeping its size, so that rank 0
+    # (which checks sizes) sees nothing wrong and only rank 1's CRC-32 can catch it.
+    victim = newest / names[1::2][0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    out = check(run_command(torchrun(*tiny(tmp_path, "trainer.max_steps=12")), cwd=REPO))
+    assert f"{victim.name} is damaged" in out and "at step 5 " in out
