@@ -33,8 +33,9 @@ from app.features import FeatureSchema
 from app.job import build_loaders, build_sharded_model, dataset_files
 from app.optim import optimizer_and_schedule
 
+
 def bench_data(loader: ParquetBatches, max_batches: int) -> Dict[str, float]:
-    """Decode on the calling thread only (no prefetch thread, one torch thread): rows per second
+    """Decode on the calling thread only (no reader process, one torch thread): rows per second
     of wall time and per CPU-second, i.e. per core."""
     loader.prefetch_windows = 0
     max_batches = max_batches or len(loader)
@@ -76,7 +77,7 @@ def bench_train(config: Config, loader: ParquetBatches, steps: int, warmup: int,
             seconds = _timed_steps(pipeline, batches, steps)
             if source == "parquet":
                 parquet_s += seconds
-                batches.close()  # stops the prefetch thread
+                batches.close()  # stops the reader process
             else:
                 memory_s += seconds
     samples = rounds * steps * loader.batch_size
