@@ -16,25 +16,40 @@ published by the next call that needs it finished (the next save, or wait()), on
 same point of the run, since publishing takes a barrier. DCP stores each rank's shards separately,
 which is what lets a sharded table be saved without gathering it anywhere, and loaded onto another
 number of ranks or another sharding plan.
+
+Loading unpickles nothing but data, so an untrusted checkpoint cannot run code: DCP's .metadata
+file (a pickle, which DCP itself would load with plain pickle.load) is unpickled admitting only
+the classes DCP's metadata is made of, and its non-tensor values (which DCP would load with
+torch.load(weights_only=False)) with weights_only=True, like its tensors. A file that names
+anything else is refused with a CheckpointError naming it.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import zlib
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PosixPath, PurePosixPath
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                   MetadataIndex, StorageMeta, TensorProperties,
+                                                   TensorStorageMetadata, _MEM_FORMAT_ENCODING)
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 
 log = logging.getLogger(__name__)
@@ -99,15 +114,31 @@ def verify(path: Path, group: Optional[dist.ProcessGroup] = None) -> Optional[st
     return _first_problem(mine, group)
 
 
-def _check_layout(path: Path) -> Tuple[Optional[str], Dict[str, List[int]]]:
-    """(what is wrong with meta.json or the files' presence and sizes, or None; the manifest)."""
+def _parse_meta(path: Path) -> Tuple[Optional[str], Dict[str, Any]]:
+    """(what is wrong with meta.json, or None; its contents)."""
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError) as error:
         return f"{META_FILE} is missing or unreadable ({error})", {}
+    if not isinstance(meta, dict):
+        return f"{META_FILE} is not a JSON object", {}
+    return None, meta
+
+
+def _is_manifest_entry(entry: Any) -> bool:
+    return isinstance(entry, list) and len(entry) == 2 and all(type(n) is int and n >= 0 for n in entry)
+
+
+def _check_layout(path: Path) -> Tuple[Optional[str], Dict[str, List[int]]]:
+    """(what is wrong with meta.json or the files' presence and sizes, or None; the manifest)."""
+    problem, meta = _parse_meta(path)
+    if problem is not None:
+        return problem, {}
     expected = meta.get("files")
     if not expected:
         return f"{META_FILE} lists no files", {}
+    if not isinstance(expected, dict) or not all(map(_is_manifest_entry, expected.values())):
+        return f'{META_FILE} is damaged: its "files" is not an object of file name -> [size, CRC-32]', {}
     for name, (size, _) in expected.items():
         file = path / name
         if not file.is_file():
@@ -136,7 +167,107 @@ def _first_problem(problem: Optional[str], group: Optional[dist.ProcessGroup]) -
 
 
 def read_meta(path: Path) -> Dict[str, Any]:
-    return json.loads((Path(path) / META_FILE).read_text())
+    """A checkpoint's meta.json; CheckpointError if it is unreadable or not a JSON object."""
+    problem, meta = _parse_meta(Path(path))
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
+    return meta
+
+
+# ---- loading without running anything a checkpoint names ----------------------------------------
+
+# Everything a DCP .metadata pickle names: the classes of torch.distributed.checkpoint.metadata,
+# FileSystemWriter's _StorageInfo, and the torch values and path types they hold. Calling any of
+# them builds data and nothing else.
+_METADATA_GLOBALS = {
+    f"{value.__module__}.{value.__name__}": value
+    for value in (Metadata, StorageMeta, MetadataIndex, TensorStorageMetadata, BytesStorageMetadata,
+                  ChunkStorageMetadata, TensorProperties, _MEM_FORMAT_ENCODING, _StorageInfo, torch.Size,
+                  torch.serialization._get_layout, OrderedDict, PosixPath, PurePosixPath)
+}
+_METADATA_GLOBALS.update({f"torch.{name}": value for name, value in vars(torch).items()
+                          if isinstance(value, (torch.dtype, torch.layout, torch.memory_format))})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, stream: Any, path: Path) -> None:
+        super().__init__(stream)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _METADATA_GLOBALS.get(f"{module}.{name}")
+        if found is None:
+            raise CheckpointError(f"{self.path}: refused to load: it names {module}.{name}, which a checkpoint "
+                                  "never contains (the file may have been tampered with).")
+        return found
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's FileSystemReader, but .metadata is unpickled with _METADATA_GLOBALS only."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(stream, Path(path)).load()
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not DCP metadata (it holds a {type(metadata).__name__}).")
+        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DCP's DefaultLoadPlanner, but a checkpoint's non-tensor values (numbers, strings, dicts of
+    them) are loaded with torch.load(weights_only=True) rather than weights_only=False."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as error:
+            file = self.path / self.metadata.storage_data[read_item.storage_index].relative_path
+            raise CheckpointError(f"{file}: refused to load {fqn!r}: {weights_only_refusal(error)}; a checkpoint's "
+                                  "values are loaded as plain data only (the file may have been tampered with).")
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+def weights_only_refusal(error: Exception) -> str:
+    """The line of torch.load(weights_only=True)'s long message that says what it refused."""
+    text = str(error)
+    found = (re.search(r"WeightsUnpickler error:\s*(Unsupported [^\n]*?)(?: was not an allowed global.*)?$", text,
+                       re.MULTILINE)
+             or re.search(r"^Trying to load (unsupported GLOBAL \S+) whose module", text, re.MULTILINE))
+    return found.group(1) if found else text.splitlines()[0]
+
+
+def read_dcp_metadata(path: Path) -> Metadata:
+    """The DCP metadata of the checkpoint at `path`; CheckpointError if it names anything else."""
+    return _SafeReader(str(path)).read_metadata()
+
+
+def load_state(path: Path, state: Dict[str, Any], group: Optional[dist.ProcessGroup] = None,
+               no_dist: bool = False) -> None:
+    """dcp.load of the checkpoint at `path` into `state`, unpickling nothing but data: every
+    checkpoint is loaded through here. CheckpointError naming the file that holds anything else."""
+    # Read once before DCP does: inside dcp.load a refused .metadata is taken for a missing one,
+    # retried as a rank's own, and reported as an AssertionError.
+    read_dcp_metadata(path)
+    try:
+        dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(Path(path)),
+                 process_group=group, no_dist=no_dist)
+    except dcp.CheckpointException as error:  # DCP wraps what each rank raised
+        refused = [cause for cause, _ in error.failures.values() if isinstance(cause, CheckpointError)]
+        if not refused:
+            raise
+        raise refused[0] from None
 
 
 def _copy(value: Any) -> Any:
@@ -278,7 +409,7 @@ class CheckpointManager:
         """Collective: fills `state` (a structure like the one save() got, with this rank's
         tensors, or a part of it) in place from `path`, resharding as needed; returns the meta."""
         meta = read_meta(path)
-        dcp.load(state, checkpoint_id=str(path), process_group=self.group)
+        load_state(path, state, self.group)
         return meta
 
 

@@ -12,9 +12,11 @@ model's state_dict keys are the plain model's (DistributedModelParallel strips i
 DDP prefixes, and sharded tables keep their unsharded names); they are still checked against the
 metadata first, so a mismatch is a clear error rather than one from deep inside DCP.
 
-Nothing arbitrary is unpickled. Export asks DCP for tensor entries only, which it reads with
-torch.load(weights_only=True); the one pickle it opens is its own .metadata file. model.pt is a
-plain dict of tensors, loaded with weights_only=True, and config.json is JSON.
+Nothing arbitrary is unpickled. The checkpoint is read as training reads it (app/checkpoint.py's
+load_state): its .metadata pickle admits only the classes DCP's metadata is made of, and its
+entries are loaded with torch.load(weights_only=True); export asks for tensor entries only. A
+checkpoint that names anything else is refused with an ExportError naming the file. model.pt is
+a plain dict of tensors, loaded with weights_only=True, and config.json is JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import dataclasses
 import json
 import os
 import pickle
-import re
 import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -36,7 +37,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from app.checkpoint import META_FILE, CheckpointError, find_checkpoint
+from app.checkpoint import (META_FILE, CheckpointError, find_checkpoint, load_state, read_dcp_metadata, read_meta,
+                            weights_only_refusal)
 from app.config import Config, config_from_dict
 from app.data import DataError
 from app.data.batch import InputPolicy, decode
@@ -67,10 +69,10 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def _read_meta(checkpoint: Path) -> dict:
     try:
-        meta = json.loads((checkpoint / META_FILE).read_text())
-    except (OSError, ValueError) as error:
-        raise ExportError(f"{checkpoint / META_FILE}: not readable ({error}).") from error
-    if "config" not in meta:
+        meta = read_meta(checkpoint)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
+    if not isinstance(meta.get("config"), dict):
         raise ExportError(f"{checkpoint / META_FILE}: holds no config, so the model cannot be rebuilt.")
     return meta
 
@@ -78,8 +80,10 @@ def _read_meta(checkpoint: Path) -> dict:
 def _check_keys(checkpoint: Path, state: Dict[str, torch.Tensor]) -> None:
     """The checkpoint's model entries must be exactly `state`'s tensors, with the same shapes."""
     try:
-        metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
-    except (OSError, EOFError, ValueError) as error:
+        metadata = read_dcp_metadata(checkpoint)
+    except CheckpointError as error:  # it names something that is not DCP metadata
+        raise ExportError(str(error)) from error
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
         message = f"{checkpoint}: incomplete checkpoint, its DCP metadata is not readable ({error})."
         raise ExportError(message) from error
     prefix = f"{_MODEL_KEY}."
@@ -117,7 +121,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
         with warnings.catch_warnings():
             # Only the model: DCP loads the keys asked for, so the optimizer's state is never read.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the intent
-            dcp.load({_MODEL_KEY: state}, checkpoint_id=str(checkpoint), no_dist=True)
+            load_state(checkpoint, {_MODEL_KEY: state}, no_dist=True)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
     except (OSError, dcp.CheckpointException) as error:  # e.g. one rank's .distcp file missing
         # DCP wraps the cause with its traceback; the cause alone says which file.
         cause = next(iter(error.failures.values()))[0] if isinstance(error, dcp.CheckpointException) else error
@@ -159,13 +165,6 @@ def read_export_info(out_dir: Path) -> dict:
     return info
 
 
-def _refusal(error: Exception) -> str:
-    """The line of torch's long weights_only message that says what it refused."""
-    found = re.search(r"WeightsUnpickler error:\s*(Unsupported [^\n]*?)(?: was not an allowed global.*)?$",
-                      str(error), re.MULTILINE)
-    return found.group(1) if found else str(error).splitlines()[0]
-
-
 def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
     """The exported model on the CPU in eval mode, and the config it was trained with."""
     out_dir = Path(out_dir)
@@ -176,7 +175,7 @@ def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
         state = torch.load(path, map_location=_CPU, weights_only=True)
     except pickle.UnpicklingError as error:
         raise ExportError(f"{path}: not a file of plain tensors, so it is not loaded (torch.load with "
-                          f"weights_only=True refused it: {_refusal(error)}).") from error
+                          f"weights_only=True refused it: {weights_only_refusal(error)}).") from error
     except (OSError, RuntimeError, EOFError) as error:  # e.g. a truncated file
         raise ExportError(f"{path}: not readable ({error}).") from error
     try:

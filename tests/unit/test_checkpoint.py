@@ -1,15 +1,20 @@
-"""CheckpointManager on real files: atomic publish, latest, keep-last, in-place load."""
+"""CheckpointManager on real files: atomic publish, latest, keep-last, in-place load, and loads
+that refuse a checkpoint naming code rather than run it."""
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import zlib
+from pathlib import Path
 
 import torch
 
 import pytest
 
 from app.checkpoint import (LATEST_FILE, META_FILE, CheckpointError, CheckpointManager, find_checkpoint,
-                            model_differences, verify)
+                            model_differences, read_meta, verify)
 
 
 def state(value: float):
@@ -90,6 +95,74 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, si
     _distcp(tmp_path / "step_00000001").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no intact checkpoint in .*: all 2 failed verification"):
         manager.newest_valid()
+
+
+@pytest.mark.parametrize("meta", ["[1, 2, 3]", '{"files": 5}', '{"files": {".metadata": [12]}}'])
+def test_a_meta_json_of_another_shape_is_damage_too(tmp_path, single_process_group, caplog, meta):
+    manager = CheckpointManager(tmp_path, keep_last=3, rank=0)
+    manager.save(1, state(1.0), {})
+    newest = manager.save(2, state(2.0), {})
+    (newest / META_FILE).write_text(meta)
+    with caplog.at_level("WARNING"):
+        assert manager.newest_valid().name == "step_00000001"
+    assert f"step_00000002 is not usable: {META_FILE} is " in caplog.text
+    if meta.startswith("["):
+        with pytest.raises(CheckpointError, match=f"{newest}.*{META_FILE} is not a JSON object"):
+            read_meta(newest)
+
+
+class Opens:
+    """Unpickled, it creates a file: the stand-in for any code a crafted checkpoint could run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def replace_file(checkpoint: Path, name: str, data: bytes) -> None:
+    """Replace a checkpoint's file and its manifest entry, as someone who meant it would: it verifies."""
+    (checkpoint / name).write_bytes(data)
+    meta = json.loads((checkpoint / META_FILE).read_text())
+    meta["files"][name] = [len(data), zlib.crc32(data)]
+    (checkpoint / META_FILE).write_text(json.dumps(meta))
+
+
+def forge_metadata(checkpoint: Path, marker: Path) -> None:
+    """The checkpoint's .metadata made to create `marker` when unpickled, and still DCP metadata."""
+    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())  # our own, just written
+    metadata.planner_data = Opens(marker)
+    replace_file(checkpoint, ".metadata", pickle.dumps(metadata))
+
+
+def test_a_checkpoint_whose_metadata_names_code_is_refused_not_run(tmp_path, single_process_group):
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=1, rank=0)
+    path = manager.save(1, state(1.0), {})
+    marker = tmp_path / "ran"
+    forge_metadata(path, marker)
+    assert manager.newest_valid() == path  # the manifest matches: only loading can tell
+    refusal = f"{path / '.metadata'}: refused to load: it names io.open, which a checkpoint never contains"
+    with pytest.raises(CheckpointError, match=re.escape(refusal)):
+        manager.load(path, state(0.0))
+    assert not marker.exists()
+
+
+def test_non_tensor_values_load_as_plain_data_only(tmp_path, single_process_group):
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0)
+    # DCP pickles what is not a tensor whole, with torch.save.
+    path = manager.save(1, {**state(1.0), "extra": {"epoch": 3, "note": "x"}}, {})
+    target = {**state(0.0), "extra": {"epoch": 0, "note": ""}}
+    manager.load(path, target)
+    assert target["extra"] == {"epoch": 3, "note": "x"}
+
+    marker = tmp_path / "ran"
+    path = manager.save(2, {**state(1.0), "extra": {"epoch": Opens(marker)}}, {})
+    assert verify(path) is None
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}/__0_\d+\.distcp: refused to load "
+                                              r"'extra\.epoch': Unsupported global: GLOBAL io\.open"):
+        manager.load(path, {**state(0.0), "extra": {"epoch": 0}})
+    assert not marker.exists()
 
 
 def test_async_save_copies_the_state_and_publishes_on_wait(tmp_path, single_process_group):

@@ -26,6 +26,7 @@ from app.export import (CONFIG_FILE, MODEL_FILE, ExportError, check_inputs, expo
 from app.features import FeatureSchema
 from app.job import build_sharded_model
 from app.optim import optimizer_and_schedule
+from tests.unit.test_checkpoint import forge_metadata
 
 CPU = torch.device("cpu")
 
@@ -124,10 +125,22 @@ def test_missing_or_incomplete_checkpoints_fail_naming_the_path(tmp_path, proces
     assert "__0_0.distcp" in error(step)
     (step / ".metadata").unlink()
     assert ".metadata is missing" in error(step)
+    (step / "meta.json").write_text("[1, 2, 3]")
+    assert "meta.json is not a JSON object" in error(step)
     (step / "meta.json").unlink()
     assert "meta.json is missing or unreadable" in error(step)
     assert "no checkpoint there" in error(tmp_path / "run")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_whose_metadata_names_code_is_refused_not_run(tmp_path, process_group):
+    train_and_save(tmp_path / "run", small_config())
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    marker = tmp_path / "ran"
+    forge_metadata(step, marker)
+    with pytest.raises(ExportError, match=re.escape(f"{step / '.metadata'}: refused to load: it names io.open")):
+        export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    assert not marker.exists() and not (tmp_path / "exported").exists()
 
 
 def test_incomplete_or_foreign_exports_fail_naming_the_path(tmp_path, process_group):
