@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from app.config import ConfigError, FeaturesConfig, register_with_hydra
 from app.data import DataError
-from app.data.criteo import CATEGORICAL_MODES, ConvertOptions, convert
+from app.data.criteo import CATEGORICAL_MODES, MIN_ROW_GROUPS, ConvertOptions, convert
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -47,8 +47,12 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
                         help="vocab: apply the vocabulary of an earlier conversion (its --out) instead of counting")
     parser.add_argument("--log-dense", action=argparse.BooleanOptionalAction, default=defaults.log_dense,
                         help="dense values as log(1 + max(x, 0)) (the DLRM reference's transform)")
-    parser.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file)
-    parser.add_argument("--rows-per-row-group", type=int, default=defaults.rows_per_row_group)
+    parser.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file,
+                        help="rows per Parquet part (default %(default)s)")
+    parser.add_argument("--rows-per-row-group", type=int, default=defaults.rows_per_row_group,
+                        help="rows per row group, the unit training deals to workers (default %(default)s); "
+                             f"an input of fewer than {MIN_ROW_GROUPS} row groups is written in {MIN_ROW_GROUPS} "
+                             "equal smaller ones, so that even a small conversion can be split")
     parser.add_argument("--block-size-mb", type=float, default=defaults.block_size / 2**20,
                         help="bytes per streamed read, in MiB: memory per worker is about 45 times it")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="processes, one input each at a time")

@@ -6,8 +6,9 @@ columns. Everything is vectorised over the column, no per-row Python, because th
 row that is trained on.
 
 The checks are the ones that would otherwise corrupt training silently or crash deep inside an
-FBGEMM kernel: ids outside their table, non-finite dense values, labels that are not 0/1. Each
-error names where the bad value came from; `InputPolicy` says which of them to repair instead.
+FBGEMM kernel: ids outside their table, null ids inside a list, non-finite dense values, labels
+that are not 0/1. Each error names where the bad value came from; `InputPolicy` says which of them
+to repair instead.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class InputPolicy:
     """What to do with values that cannot be trained on as they are. Labels outside {0, 1} are
     always an error: no repair of a label is right."""
 
-    invalid_ids: str = "error"  # "hash": an id outside [0, num_embeddings) becomes id mod num_embeddings
+    # "hash": an id outside [0, num_embeddings) becomes id mod num_embeddings, and a null id inside a
+    # list is dropped from its bag (it has no value to hash).
+    invalid_ids: str = "error"
     invalid_dense: str = "error"  # "fill": NaN, inf and null dense values become dense_fill_value
     dense_fill_value: float = 0.0
 
@@ -162,9 +165,15 @@ def _dense(table: pa.Table, schema: FeatureSchema, source: str, policy: InputPol
     return dense
 
 
+def _row(offsets: Optional[np.ndarray], index: int) -> int:
+    """The row that holds ids[index]."""
+    return index if offsets is None else int(np.searchsorted(offsets, index, side="right") - 1)
+
+
 def _sparse(column: pa.Array, name: str, num_embeddings: int, source: str, policy: InputPolicy):
     """(offsets, ids) of one sparse feature, offsets None when every row has exactly one id; a
-    null row (or null list) has no ids."""
+    null row (or null list) has no ids. A null id inside a list is not a row without ids but an id
+    nobody wrote: an error, or dropped from its bag under invalid_ids=hash."""
     offsets = None
     if _is_list(column):
         offsets = column.offsets.to_numpy().astype(np.int64)
@@ -174,6 +183,17 @@ def _sparse(column: pa.Array, name: str, num_embeddings: int, source: str, polic
             lengths = np.where(_valid(column), np.diff(offsets), 0)
             ids = ids.filter(pa.array(np.repeat(_valid(column), np.diff(offsets))))
             offsets = _offsets(lengths)
+        if ids.null_count:  # (and to_numpy would turn the nulls into -2**63, or every id into a float)
+            valid = _valid(ids)
+            if policy.invalid_ids != "hash":
+                raise DataError(
+                    f"{source}, row {_row(offsets, _first(~valid))}: column {name!r} has a null id inside its "
+                    f"list; expected ids in [0, {num_embeddings}) (or set data.invalid_ids=hash to drop null ids "
+                    "from their lists)."
+                )
+            rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+            offsets = _offsets(np.bincount(rows[valid], minlength=len(offsets) - 1))
+            ids = ids.filter(pa.array(valid))
     elif column.null_count:
         offsets = _offsets(_valid(column).astype(np.int64))
         ids = column.drop_null()
@@ -184,7 +204,7 @@ def _sparse(column: pa.Array, name: str, num_embeddings: int, source: str, polic
     if bad.any():
         if policy.invalid_ids != "hash":
             index = _first(bad)
-            row = index if offsets is None else int(np.searchsorted(offsets, index, side="right") - 1)
+            row = _row(offsets, index)
             raise DataError(
                 f"{source}, row {row}: column {name!r} has id {int(values[index])}; expected ids in "
                 f"[0, {num_embeddings}) (features config: num_embeddings={num_embeddings}; or set "

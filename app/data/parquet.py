@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -89,6 +90,41 @@ def check_files(files: Sequence[str], schema: FeatureSchema) -> None:
             raise DataError(f"{path}: the file holds no rows; remove it or write rows into it.")
 
 
+# What pyarrow raises for a row group whose pages it cannot read: OSError for most damage (a page
+# header that does not deserialize, compressed data that does not decompress, bad levels) and
+# ArrowInvalid for some (a page that decompresses to the wrong size).
+_READ_ERRORS = (OSError, pa.ArrowException)
+
+
+def _read_row_group(path: str, index: int, schema: FeatureSchema, policy: InputPolicy,
+                    open_file: Callable[[str], pq.ParquetFile] = pq.ParquetFile) -> Rows:
+    """Row group `index` of `path`, read and decoded; a damaged page is a DataError naming the row
+    group, as a bad value is. One thread: the reader already runs beside training, which needs the
+    other cores."""
+    source = f"{path} row group {index}"
+    try:
+        table = open_file(path).read_row_group(index, columns=schema.columns, use_threads=False)
+    except _READ_ERRORS as error:
+        raise DataError(
+            f"{source}: cannot be read ({' '.join(str(error).split())}); the file is damaged: write it "
+            "again, or remove it from the split."
+        ) from error
+    return decode(table, schema, source, policy)
+
+
+def check_first_row_group(files: Sequence[str], schema: FeatureSchema, policy: InputPolicy = InputPolicy()) -> None:
+    """Read and decode a split's first row group as the loader will, before the first step: values
+    the loader would refuse there (or a page it cannot read) stop the job now, not at the first
+    evaluation after training. One row group on one thread, so it is cheap; the others are checked
+    as they are read. Call it after check_files, which has checked the footers."""
+    for path in files:
+        metadata = pq.read_metadata(path)
+        for index in range(metadata.num_row_groups):
+            if metadata.row_group(index).num_rows:
+                _read_row_group(path, index, schema, policy)
+                return
+
+
 @dataclass(frozen=True)
 class _RowGroup:
     file: str
@@ -119,6 +155,15 @@ class _Windows(IterableDataset):
                 yield "rows", rows.dense, rows.labels, tuple(rows.ids), tuple(rows.offsets)
         except DataError as error:
             yield "error", str(error)
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """The reader process ignores SIGTERM and SIGINT. Launchers signal a whole process group
+    (torchrun each worker's, Slurm every process, a terminal's Ctrl-C its foreground group): a
+    reader killed by them would crash the training process before it could save a checkpoint.
+    Its training process decides when to stop and shuts it down (as does that process's death)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ParquetBatches:
@@ -216,6 +261,9 @@ class ParquetBatches:
             for item in self._batches(windows, start):
                 self._taken += 1
                 yield item
+        except DataError as error:
+            error.rank_specific = True
+            raise
         finally:
             windows.close()  # stops the worker process when the consumer stops early
 
@@ -224,7 +272,8 @@ class ParquetBatches:
         ahead. A process, not a thread, so that this work never holds the training loop's GIL;
         whole windows travel (through shared memory), so the per-batch cost here is a slice."""
         loader = DataLoader(_Windows(self, self._epoch, skip_rows), batch_size=None, num_workers=1,
-                            prefetch_factor=self.prefetch_windows, multiprocessing_context="fork")
+                            prefetch_factor=self.prefetch_windows, multiprocessing_context="fork",
+                            worker_init_fn=_leave_stop_signals_to_the_trainer)
         items = iter(loader)
         try:
             for packed in items:
@@ -299,12 +348,8 @@ class ParquetBatches:
         return self._open_files[path]
 
     def _read(self, window: List[_RowGroup], epoch: int) -> Rows:
-        parts = []
-        for group in window:
-            # One thread: the reader already runs beside training, which needs the other cores.
-            table = self._file(group.file).read_row_group(group.index, columns=self.schema.columns, use_threads=False)
-            parts.append(decode(table, self.schema, f"{group.file} row group {group.index}", self.policy))
-        rows = Rows.concat(parts)
+        rows = Rows.concat([_read_row_group(group.file, group.index, self.schema, self.policy, self._file)
+                            for group in window])
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, window[0].position]).permutation(len(rows))
             rows = rows.take(order)

@@ -84,3 +84,23 @@ def test_labels_are_never_repaired():
     columns["label"] = pa.array([0, 3])
     with pytest.raises(DataError, match="row 1: column 'label' has label 3.0"):
         table_to_batch(pa.table(columns), SCHEMA, policy=InputPolicy("hash", "fill"))
+
+
+def test_a_null_id_inside_a_list_is_an_error_naming_the_row(tmp_path):
+    columns = make_rows(0, 4)
+    columns["many"] = pa.array([[1], None, [1, None, 2], [3]], type=pa.list_(pa.int64()))
+    path = write(tmp_path / "holes.parquet", columns, row_group_size=4)
+    with pytest.raises(DataError, match="holes.parquet row group 0, row 2: column 'many' has a null id inside its "
+                                        "list; expected ids in \\[0, 7\\) .*data.invalid_ids=hash to drop"):
+        table_to_batch(pq.read_table(path), SCHEMA, source=f"{path} row group 0")
+
+
+def test_hash_policy_drops_null_ids_from_their_bags_and_still_hashes_large_ids():
+    columns = make_rows(0, 4)
+    # A large id: the nulls must not turn the column into floats on the way (2**62 + 3 is not one).
+    columns["many"] = pa.array([[1, None, 2], None, [None], [2**62 + 3, 5]], type=pa.list_(pa.int64()))
+    batch = table_to_batch(pa.table(columns), SCHEMA, policy=InputPolicy(invalid_ids="hash"))
+    many = batch.sparse_features.to_dict()["many"]
+    assert many.lengths().tolist() == [2, 0, 0, 2]
+    assert many.offsets().tolist() == [0, 2, 2, 2, 4]
+    assert many.values().tolist() == [1, 2, (2**62 + 3) % 7, 5]

@@ -172,6 +172,37 @@ def test_parts_and_row_groups(tmp_path):
     assert groups == [[30, 30, 30, 10], [30, 30, 30, 10], [30, 20]]
 
 
+def row_groups(out: Path) -> List[List[int]]:
+    """Rows per row group, per file."""
+    metadata = [pq.read_metadata(f) for f in resolve_files(str(out))]
+    return [[m.row_group(i).num_rows for i in range(m.num_row_groups)] for m in metadata]
+
+
+def test_a_small_input_is_written_in_row_groups_that_ranks_can_split(tmp_path):
+    path = write_tsv(tmp_path / "day_0.gz", criteo_rows(3000, seed=11))
+    convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions())
+    files = resolve_files(str(tmp_path / "out"))
+    for rank in range(2):
+        assert len(ParquetBatches(files, SCHEMA, 256, rank, world_size=2, shuffle=True, prefetch_windows=0)) > 0
+    assert row_groups(tmp_path / "out") == [[375] * 8]
+
+
+@pytest.mark.parametrize(
+    "rows, groups",
+    [
+        (240, [[30, 30, 30, 10], [30, 30, 30, 10], [30, 10]]),  # 8 x 30 rows or more: groups of 30
+        (239, [[29, 30, 30, 11], [19, 30, 30, 21], [9, 30]]),  # fewer: 8 groups (split where a part ends)
+        (60, [[7, 8, 7, 8, 7, 8, 7, 8]]),
+        (5, [[1, 1, 1, 1, 1]]),
+    ],
+)
+def test_row_groups_of_an_input_smaller_than_eight_row_groups(tmp_path, rows, groups):
+    convert([write_tsv(tmp_path / "day_0", criteo_rows(rows, seed=12))], str(tmp_path / "out"), SCHEMA,
+            ConvertOptions(**SMALL))
+    assert row_groups(tmp_path / "out") == groups
+    assert_output(tmp_path / "out", expected(criteo_rows(rows, seed=12)))
+
+
 def test_output_loads_for_training(tmp_path, two_inputs):
     paths, rows = two_inputs
     convert(paths, str(tmp_path / "out"), SCHEMA, ConvertOptions(**SMALL))

@@ -7,10 +7,12 @@ import itertools
 import multiprocessing
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from app.data import DataError
-from app.data.parquet import ParquetBatches, check_files, resolve_files
+from app.data.batch import InputPolicy
+from app.data.parquet import ParquetBatches, check_files, check_first_row_group, resolve_files
 from tests.unit.data.conftest import SCHEMA, make_rows, write
 
 
@@ -125,11 +127,12 @@ def test_prefetch_gives_the_same_batches(uneven_files):
 
 
 def test_stopping_early_stops_the_reader_process(uneven_files):
+    before = set(multiprocessing.active_children())  # (none, unless an earlier test left one)
     batches = iter(reader(uneven_files, prefetch_windows=1))
     next(batches)
-    assert len(multiprocessing.active_children()) == 1
+    assert len(set(multiprocessing.active_children()) - before) == 1
     batches.close()
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) - before == set()
 
 
 def test_errors_while_reading_reach_the_consumer(tmp_path):
@@ -138,6 +141,59 @@ def test_errors_while_reading_reach_the_consumer(tmp_path):
     files = [write(tmp_path / "bad.parquet", columns, row_group_size=32)]
     with pytest.raises(DataError, match="bad.parquet row group 0, row 0: column 'one' has id 11"):
         list(reader(files, prefetch_windows=2))
+
+
+def damage_page(path, row_group, column, fill):
+    """Overwrites the header of a column chunk's first data page; the footer stays intact."""
+    chunk = pq.read_metadata(path).row_group(row_group).column(column)
+    with open(path, "r+b") as f:
+        f.seek(chunk.data_page_offset)
+        f.write(fill * 8)
+
+
+@pytest.mark.parametrize("fill", [b"\xff", b"\x00"])  # two ways a page header fails to deserialize
+@pytest.mark.parametrize("prefetch", [0, 2])  # read here, and in the reader process
+def test_a_damaged_page_is_a_data_error_naming_file_and_row_group(tmp_path, prefetch, fill):
+    path = write(tmp_path / "damaged.parquet", make_rows(0, 96), row_group_size=32)
+    damage_page(path, row_group=1, column=SCHEMA.columns.index("one"), fill=fill)
+    check_files([path], SCHEMA)  # the footer is intact
+    with pytest.raises(DataError, match="damaged.parquet row group 1: cannot be read \\(.+\\); the file is damaged"):
+        list(reader([path], prefetch_windows=prefetch))
+
+
+def with_bad_id(path, row):
+    columns = make_rows(0, 64)
+    columns["one"] = pa.array([12 if r == row else 3 for r in range(64)], type=pa.int64())
+    return write(path, columns, row_group_size=32)
+
+
+def test_check_first_row_group_raises_what_the_loader_would(tmp_path, uneven_files):
+    bad = with_bad_id(tmp_path / "val" / "a.parquet", row=16)
+    with pytest.raises(DataError, match="a.parquet row group 0, row 16: column 'one' has id 12") as loaded:
+        list(reader([bad, *uneven_files]))
+    with pytest.raises(DataError) as checked:
+        check_first_row_group([bad, *uneven_files], SCHEMA)
+    assert str(checked.value) == str(loaded.value)
+    check_first_row_group([bad], SCHEMA, InputPolicy(invalid_ids="hash"))  # the loader's policy applies
+
+
+def test_check_first_row_group_reads_one_row_group_only(tmp_path):
+    # A bad value in a later row group is found when the loader reads it: the check stays cheap.
+    late = with_bad_id(tmp_path / "late.parquet", row=40)
+    check_first_row_group([late], SCHEMA)
+    with pytest.raises(DataError, match="late.parquet row group 1, row 8"):
+        list(reader([late]))
+
+
+def test_check_first_row_group_reads_the_first_row_group_with_rows(tmp_path):
+    columns = pa.table(make_rows(0, 32))
+    path = str(tmp_path / "late.parquet")
+    with pq.ParquetWriter(path, columns.schema) as writer:
+        writer.write_table(columns.slice(0, 0))  # an empty row group first
+        writer.write_table(columns)
+    damage_page(path, row_group=1, column=0, fill=b"\xff")
+    with pytest.raises(DataError, match="late.parquet row group 1: cannot be read"):
+        check_first_row_group([path], SCHEMA)
 
 
 def test_resolve_files(tmp_path, uneven_files):
