@@ -9,9 +9,11 @@ sees an OmegaConf object: they receive these plain dataclasses.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import fnmatch
 import hashlib
 import os
-import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -165,7 +167,8 @@ class DataConfig:
     # training process itself, between steps).
     prefetch_windows: int = 2
     # Values that cannot be trained on as they are: "error" stops with the file, row group, row and
-    # column; "hash" maps an id outside [0, num_embeddings) to id mod num_embeddings; "fill"
+    # column; "hash" maps an id outside [0, num_embeddings) to id mod num_embeddings (and drops a
+    # null id inside a multi-hot list: there is nothing to hash); "fill"
     # replaces NaN, inf and null dense values with dense_fill_value. Bad labels always stop.
     invalid_ids: str = "error"
     invalid_dense: str = "error"
@@ -460,15 +463,15 @@ def _rank0_only(value: str) -> Optional[str]:
 
 
 def register_with_hydra() -> None:
-    """Register what configs/ needs: `config_schema` for train.yaml, `<group>/schema` that each
-    group's YAML files name first in their defaults list, and the resolvers hydra/default.yaml uses."""
+    """Register what configs/ needs: `config_schema`, which train.yaml names first (it types every
+    group, so each group's YAML files merge onto their dataclass), and the resolvers
+    hydra/default.yaml uses. The group schemas are not registered as options of their groups:
+    they would show in --help and be selectable (model=schema)."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
-    for group, schema in GROUP_SCHEMAS.items():
-        store.store(group=group, name="schema", node=schema)
     OmegaConf.register_new_resolver("rank0_only", _rank0_only, replace=True)
     OmegaConf.register_new_resolver("sweep_point_dir", _sweep_point_dir, replace=True)
 
@@ -488,7 +491,75 @@ def to_config(cfg) -> Config:
     """The composed Hydra config as a validated Config (the only conversion; see train.py)."""
     from omegaconf import OmegaConf
 
+    # A key the schema lacks (`+optim.lrr=0.1`, which Hydra admits) would otherwise be dropped in
+    # silence by to_object, and the run would train without the setting its user asked for.
+    for key in _keys_outside_schema(cfg):
+        check_key(key)
     return OmegaConf.to_object(cfg).validate()
+
+
+def _keys_outside_schema(node, prefix: str = "") -> List[str]:
+    """Dotted keys of a composed config that its dataclass schema has no field for."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, ListConfig):
+        return [key for i, item in enumerate(node) for key in _keys_outside_schema(item, f"{prefix}{i}.")]
+    if not isinstance(node, DictConfig):
+        return []
+    schema = OmegaConf.get_type(node)
+    fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    found = []
+    for key in node.keys():
+        if fields is not None and key not in fields:
+            found.append(f"{prefix}{key}")
+        else:
+            found += _keys_outside_schema(node._get_node(key), f"{prefix}{key}.")
+    return found
+
+
+def check_key(key: str) -> None:
+    """ConfigError naming `key` (dotted, as on the command line) and the nearest valid key,
+    unless the schema has it. Below a map (sharding.tables.<feature>) or a list (features.sparse.<i>)
+    the key is checked against the schema of its entries."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    node = OmegaConf.structured(Config)
+    parts = key.split(".")
+    depth = 0
+    while depth < len(parts):
+        if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
+            if parts[depth] not in node:
+                raise ConfigError(_unknown_key_message(key, ".".join(parts[:depth]), list(node.keys())))
+            node = node._get_node(parts[depth])
+        elif isinstance(node, (DictConfig, ListConfig)) and dataclasses.is_dataclass(node._metadata.element_type):
+            node = OmegaConf.structured(node._metadata.element_type)  # parts[depth] names the entry
+        else:
+            return  # a plain value, list or map: Hydra itself refuses what does not fit
+        depth += 1
+
+
+def _unknown_key_message(key: str, parent: str, siblings: List[str]) -> str:
+    name = key.split(".")[len(parent.split(".")) if parent else 0]
+    near = [f"{parent}.{n}" if parent else n for n in difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)]
+    if not near:  # the right name in the wrong group (lr=0.1 for optim.lr=0.1)
+        near = [k for k in _known_keys(Config) if k.rsplit(".", 1)[-1] == name][:1]
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    where = f"{parent!r} has" if parent else "the config has"
+    return (f"{key!r} is not a config key: {where} no field {name!r}.{hint} "
+            "`python -m app.train --cfg job` prints every key.")
+
+
+def _known_keys(schema: type, prefix: str = "") -> List[str]:
+    """Every dotted key of a dataclass schema, groups and fields alike."""
+    import typing
+
+    keys = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _known_keys(hints[f.name], f"{prefix}{f.name}.")
+    return keys
 
 
 def config_from_dict(data: dict) -> Config:

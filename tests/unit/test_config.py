@@ -93,11 +93,33 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override):
         load([override])
 
 
-def test_entrypoint_rejects_a_typo_before_doing_anything(tmp_path):
-    result = run_command([sys.executable, "-m", "app.train", "optim.lrr=0.1", f"output_root={tmp_path}"], cwd=REPO)
-    assert result.returncode != 0
-    assert "optim.lrr" in result.stderr + result.stdout
+@pytest.mark.parametrize("prefix", ["", "+", "++"])
+def test_entrypoint_rejects_an_unknown_key_whatever_its_prefix(tmp_path, prefix):
+    # `+optim.lrr=0.1` is what Hydra itself suggests for an unknown key; it used to train at the default lr.
+    result = run_command([sys.executable, "-m", "app.train", f"{prefix}optim.lrr=0.1", f"output_root={tmp_path}"],
+                         cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    assert "error: 'optim.lrr' is not a config key: 'optim' has no field 'lrr'. Did you mean 'optim.lr'?" \
+        in result.stderr
     assert not list(tmp_path.iterdir()), "a rejected config must not create a run directory"
+
+
+def test_keys_added_anywhere_are_checked_when_the_config_is_made():
+    # What the command line check cannot see (a sweep's or an experiment's additions) is caught here.
+    with pytest.raises(ConfigError, match=r"'trainer\.epoch' is not a config key.*Did you mean 'trainer\.epochs'"):
+        load(["+trainer.epoch=2"])
+    with pytest.raises(ConfigError, match=r"'data\.synthetic\.train_rowz'.*Did you mean 'data\.synthetic\.train_rows'"):
+        load(["+data.synthetic.train_rowz=5"])
+    with pytest.raises(ConfigError, match=r"'lr' is not a config key.*Did you mean 'optim\.lr'"):
+        load(["+lr=0.1"])
+
+
+def test_every_config_error_exits_2_and_group_schemas_are_not_options(tmp_path):
+    for override in ("model=nope", "model=schema", "data.batch_size=many", "optim.lr=-1"):
+        result = run_command([sys.executable, "-m", "app.train", override, f"output_root={tmp_path}"], cwd=REPO)
+        assert result.returncode == 2, (override, result.stderr)
+    help_text = run_command([sys.executable, "-m", "app.train", "--help"], cwd=REPO).stdout
+    assert "dcn, dlrm" in help_text and "schema" not in help_text
 
 
 def test_a_config_round_trips_through_its_dict_form():
