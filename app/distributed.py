@@ -9,7 +9,9 @@ sweep point can use several processes without wrapping the sweep in torchrun).
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
+import signal
 import socket
 import uuid
 from dataclasses import dataclass
@@ -95,8 +97,17 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Destroy every process group, torchrec's cached ones too. torchrec keeps the intra- and
+    cross-node groups of table_row_wise and table_column_wise tables in module globals: left there,
+    a later job in this process (a sweep's next point) would be handed the destroyed ones, and the
+    last are torn down during the interpreter's exit, in no set order with the libraries they use
+    (where a 2-rank test once aborted: "terminate called without an active exception")."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    from torchrec.distributed import comm
+
+    for cached in ("_INTRA_PG", "_CROSS_PG", "_INTRA_PG_2D", "_CROSS_PG_2D"):
+        setattr(comm, cached, None)
 
 
 def _free_port() -> int:
@@ -108,7 +119,11 @@ def _free_port() -> int:
 def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int) -> Dict[int, Any]:
     """Run `entrypoint(*args)` in `nproc` local workers with torchrun's machinery (each worker gets
     RANK, WORLD_SIZE, LOCAL_RANK... in its environment); returns each rank's return value.
-    A failing worker raises ChildFailedError with that worker's traceback."""
+    A failing worker raises ChildFailedError with that worker's traceback.
+
+    SIGTERM to this process is passed on to the workers, which stop at an agreed step, save and
+    return as usual. (torch's launcher would instead raise in this process, stop waiting for the
+    workers' results, and kill them 30 s later; its other signals keep its handling.)"""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     launch_config = LaunchConfig(
@@ -120,5 +135,15 @@ def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int) -> Dic
         rdzv_endpoint=f"127.0.0.1:{_free_port()}",
         max_restarts=0,
         monitor_interval=1,
+        signals_to_handle="SIGINT,SIGHUP,SIGQUIT",  # not SIGTERM: passed on below
     )
-    return elastic_launch(launch_config, entrypoint)(*args)
+    previous = signal.signal(signal.SIGTERM, _pass_on_to_workers)
+    try:
+        return elastic_launch(launch_config, entrypoint)(*args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _pass_on_to_workers(signum, frame) -> None:
+    for worker in multiprocessing.active_children():
+        os.kill(worker.pid, signum)

@@ -19,7 +19,7 @@ from app import distributed
 from app.checkpoint import CheckpointManager
 from app.config import Config, ConfigError, DataConfig
 from app.data.batch import InputPolicy
-from app.data.parquet import ParquetBatches, check_files, resolve_files
+from app.data.parquet import ParquetBatches, check_files, check_first_row_group, resolve_files
 from app.data.synthetic import ensure_dataset
 from app.distributed import DistEnv
 from app.features import FeatureSchema
@@ -27,14 +27,20 @@ from app.logs import setup_logging
 from app.metrics import MetricsLogger
 from app.model import build_model
 from app.optim import apply_sparse_optimizer, optimizer_and_schedule
+from app.preemption import Preemption
 from app.sharding import plan_report, plan_sharding, shard_model, write_plan_report
 from app.trainer import Trainer, planned_steps
 
 log = logging.getLogger("app.job")
 
 
+def input_policy(config: DataConfig) -> InputPolicy:
+    return InputPolicy(config.invalid_ids, config.invalid_dense, config.dense_fill_value)
+
+
 def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> Tuple[List[str], List[str]]:
-    """The train and val Parquet files, checked against the schema from their footers."""
+    """The train and val Parquet files, checked against the schema from their footers, and the
+    values of each split's first row group (the same on every rank, so every rank stops alike)."""
     if config.source == "synthetic":
         if is_rank0:
             ensure_dataset(schema, config.synthetic)  # generates once; the others wait here
@@ -44,9 +50,24 @@ def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> 
     else:
         train_path, val_path = config.train_path, config.val_path
     files = resolve_files(train_path), resolve_files(val_path)
-    for split in files:
+    policy = input_policy(config)
+    for split in files:  # bad rows in a split found before the first step, not after the last
         check_files(split, schema)
+        check_first_row_group(split, schema, policy)
     return files
+
+
+def check_writable(directory: Path, what: str, rank: int) -> None:
+    """Stop before any work when this rank cannot write into `directory` (created if missing),
+    naming it and why: a save would otherwise fail only at the first checkpoint, deep in DCP."""
+    probe = directory / f".rectrain_write_test_rank{rank}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = "a file is in the way" if directory.exists() and not directory.is_dir() else error.strerror or error
+        raise ConfigError(f"cannot write {what} to {directory} (from output_root and run_name): {reason}.") from error
 
 
 def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv,
@@ -67,7 +88,7 @@ def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv,
 def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train_files: List[str],
                   val_files: List[str]) -> Tuple[ParquetBatches, ParquetBatches]:
     """This rank's training batches (shuffled per epoch) and evaluation batches (padded)."""
-    policy = InputPolicy(config.invalid_ids, config.invalid_dense, config.dense_fill_value)
+    policy = input_policy(config)
     train = ParquetBatches(train_files, schema, config.batch_size, env.rank, env.world_size,
                            shuffle=config.shuffle, seed=config.seed, prefetch_windows=config.prefetch_windows,
                            shuffle_window=config.shuffle_window, policy=policy)
@@ -80,10 +101,12 @@ def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
     """One worker's whole job; returns the final validation metrics (the same on every rank), or
     None when SIGTERM stopped it early (after a checkpoint)."""
     env = distributed.init(config.distributed)
+    preemption = Preemption(distributed.new_gloo_group())  # from the start: set-up may take minutes
     setup_logging(config.logging, env.is_rank0)
     log.info("%d worker(s) on %s, %d on this node, %d CPU threads each", env.world_size, env.device,
              env.local_world_size, torch.get_num_threads())
     try:
+        check_writable(run_dir / "checkpoints", "checkpoints", env.rank)  # every rank writes its shards
         torch.manual_seed(config.seed)
         schema = FeatureSchema.from_config(config.features)
         train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
@@ -111,6 +134,7 @@ def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
             config=config.trainer,
             env=env,
             run_meta={"config": dataclasses.asdict(config)},
+            preemption=preemption,
             progress_bar=config.logging.progress_bar,
             control_group=distributed.new_gloo_group(),
         )
@@ -122,4 +146,5 @@ def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
         metrics_logger.close()
         return result
     finally:
+        preemption.close()
         distributed.shutdown()

@@ -13,28 +13,69 @@ override fails in about a second rather than after several seconds of imports.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
+from typing import List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from app.config import ConfigError, register_with_hydra, to_config
+from app.config import ConfigError, check_key, register_with_hydra, to_config
 from app.data import DataError
 
 register_with_hydra()
+_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BAD_INPUT = 2  # exit code for a config, data or checkpoint error
+PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption, after saving a checkpoint
+
+
+def _say(line: str) -> None:
+    """One line on stderr in a single write, so that lines of several ranks never run together."""
+    os.write(sys.stderr.fileno(), f"{line}\n".encode())
 
 
 def _fail(error: Exception) -> None:
-    """Bad input (config, data, checkpoint): say what and where, without a traceback; exit 2."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    """Bad input (config, data, checkpoint): say what and where, without a traceback; exit 2.
+    An error every rank meets alike is said once, by rank 0 (the others' log files keep it);
+    one that only some ranks meet (a bad row in their share of the data) by each of them."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or getattr(error, "rank_specific", False):
+        _say(f"error: {error}" if rank == 0 else f"error (rank {rank}): {error}")
+    sys.exit(BAD_INPUT)
+
+
+def _check_override_keys(argv: List[str]) -> None:
+    """Every key the command line sets must be in the schema, whatever its prefix (none, + or ++):
+    stop naming the key and the nearest valid one. (Hydra refuses an unknown key without a prefix,
+    but names no valid key; with + it adds the key, which the run would then ignore.)"""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args, rest = get_args_parser().parse_known_args(argv)
+    lines = args.overrides + [item for item in rest if not item.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except Exception:
+        return  # not an override Hydra can parse: Hydra says why
+    groups = {p.name for p in _CONFIGS.iterdir() if p.is_dir()}
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_delete() or override.package is not None or key.split(".")[0] == "hydra" or key in groups:
+            continue
+        try:
+            check_key(key)
+        except ConfigError as error:
+            _fail(error)
+
+
+_entered_main = False
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    global _entered_main
+    _entered_main = True
     try:
         config = to_config(cfg)
     except ConfigError as error:
@@ -50,15 +91,36 @@ def main(cfg: DictConfig) -> float:
             result = job.run(config, run_dir)
     except (ConfigError, DataError, CheckpointError) as error:
         _fail(error)
-    if result is None:  # SIGTERM: a checkpoint was saved; not done, so not exit code 0
-        print(f"stopped by SIGTERM after saving a checkpoint; run the same command to resume ({run_dir})",
-              file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGTERM)
+    if result is None:  # SIGTERM: not done, so not exit code 0
+        if os.environ.get("RANK", "0") == "0":
+            _say(_stopped_message(run_dir))
+        sys.exit(PREEMPTED)
     if os.environ.get("RANK", "0") == "0":
         print(f"final validation AUC {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
               f"NE {result['ne']:.4f}  run dir {run_dir}", flush=True)
     return result["auc"]  # the value a sweeper plugin optimises
 
 
+def _stopped_message(run_dir: Path) -> str:
+    from app.checkpoint import CheckpointManager
+
+    newest = CheckpointManager(run_dir / "checkpoints", keep_last=1, rank=0).latest()
+    saved = f"after saving checkpoint {newest}" if newest is not None else "before any checkpoint was saved"
+    return f"stopped by SIGTERM {saved}; run the same command to resume ({run_dir})"
+
+
+def cli() -> None:
+    """`python -m app.train`: Hydra's main, with exit code 2 for every config error. Hydra exits
+    with 1 when it cannot compose the config (an unknown group option, a value of the wrong
+    type), before main() runs; 1 stays for failures of the job itself."""
+    _check_override_keys(sys.argv[1:])
+    try:
+        main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not _entered_main:
+            sys.exit(BAD_INPUT)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()

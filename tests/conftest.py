@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Dict, List, Sequence
 
 import pytest
 import torch.distributed as dist
@@ -23,10 +24,92 @@ def single_process_group():
     dist.destroy_process_group()
 
 
-def run_command(args: Sequence[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a command with the test's python first on PATH; output kept for assertion messages."""
+def _environment() -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(REPO)
     env.pop("RANK", None)
-    return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run_command(args: Sequence[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command with the test's python first on PATH; output kept for assertion messages.
+    Whatever happens, no process it started outlives it (see kill_tree)."""
+    process = subprocess.Popen(list(args), cwd=cwd, env=_environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            kill_tree(process.pid)
+            process.wait()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def start(args: Sequence[str], log_path: Path, new_session: bool = True) -> subprocess.Popen:
+    """Start a command in the background, output to `log_path`; in a process group of its own by
+    default, as a job under a launcher is (so that a test can signal the group)."""
+    log = open(log_path, "w")
+    return subprocess.Popen(list(args), cwd=REPO, env=_environment(), stdout=log, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=new_session)
+
+
+def children(pid: int) -> List[int]:
+    """Direct child processes of `pid` (from /proc: no extra dependency)."""
+    return _children_by_parent().get(pid, [])
+
+
+def _children_by_parent() -> Dict[int, List[int]]:
+    found: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            found.setdefault(parent, []).append(int(entry))
+    return found
+
+
+def descendants(pid: int) -> List[int]:
+    tree, found, todo = _children_by_parent(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it. torchrun starts each worker in a session of its
+    own, and a worker its reader process: killing the launcher alone would leave them running
+    (and, orphaned, no longer findable as its descendants), so they are found first."""
+    for process in [*descendants(pid), pid]:
+        try:
+            os.kill(process, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+    """A test that fails half-way must not leave processes behind to disturb the next ones."""
+    yield
+    for pid in children(os.getpid()):
+        if _is_test_job(pid):
+            kill_tree(pid)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:  # a Popen of the test's reaped it
+                pass
+
+
+def _is_test_job(pid: int) -> bool:
+    """Jobs the tests start, not the helpers of Python's multiprocessing that live on (its
+    resource tracker)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"python" in command and b"multiprocessing" not in command

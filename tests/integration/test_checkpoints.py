@@ -1,6 +1,6 @@
 """Checkpoints under real conditions: resharding resume across world sizes and plans, bitwise
-determinism with and without an interruption, SIGKILL under torchrun --max-restarts, SIGTERM,
-a kill during a save, damaged checkpoints, refused and foreign checkpoints."""
+determinism with and without an interruption, SIGKILL under torchrun --max-restarts, a kill
+during a save, damaged checkpoints, refused and foreign checkpoints. (SIGTERM: test_preemption.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from app.export import MODEL_FILE, export_checkpoint
-from tests.conftest import REPO, run_command
+from tests.conftest import REPO, children, kill_tree, run_command, start
 from tests.integration.test_train import check, records, tiny, torchrun
 
 
@@ -78,27 +78,6 @@ def test_bitwise_determinism_with_and_without_an_interruption(tmp_path):
             assert torch.equal(other[key], value), f"{name}: {key} differs"
 
 
-def _children(pid: int):
-    """Direct child processes of `pid` (from /proc: no extra dependency)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
-def _start(args, log_path: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("RANK", None)
-    log = open(log_path, "w")
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-
-
 def _wait_for_checkpoint(root: Path, process: subprocess.Popen, at_least: int, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -113,45 +92,20 @@ def _wait_for_checkpoint(root: Path, process: subprocess.Popen, at_least: int, t
 def test_a_worker_killed_under_max_restarts_resumes_and_finishes(tmp_path):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
             "-m", "app.train", *tiny(tmp_path, "trainer.epochs=12", "checkpoint.every_n_steps=10")]
-    job = _start(args, tmp_path / "job.log")
+    job = start(args, tmp_path / "job.log")
     try:
         _wait_for_checkpoint(tmp_path, job, at_least=20)
-        workers = [c for c in _children(job.pid) if b"app.train" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        workers = [c for c in children(job.pid) if b"app.train" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGKILL)
         assert job.wait(timeout=300) == 0, (tmp_path / "job.log").read_text()[-4000:]
     finally:
-        job.kill()
+        kill_tree(job.pid)
     log = (tmp_path / "job.log").read_text()
     assert "resumed from" in log
     assert checkpoints(tmp_path)[-1] == f"step_{12 * 15:08d}"  # 15 steps per epoch on 2 ranks
     steps = [r["step"] for r in records(tmp_path / "outputs" / "tiny", "train")]
     assert steps[-1] == 12 * 15
-
-
-def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
-    args = one_process(*tiny(tmp_path, "trainer.epochs=40", "checkpoint.every_n_steps=1000"))
-    job = _start(args, tmp_path / "job.log")
-    try:
-        deadline = time.time() + 120
-        log = tmp_path / "job.log"
-        while "starting" not in log.read_text() and time.time() < deadline:
-            assert job.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.05)
-        time.sleep(1.0)  # some steps in
-        job.send_signal(signal.SIGTERM)
-        assert job.wait(timeout=120) == 128 + signal.SIGTERM
-    finally:
-        job.kill()
-    text = (tmp_path / "job.log").read_text()
-    assert "stopped by SIGTERM after saving a checkpoint" in text
-    saved = checkpoints(tmp_path)
-    assert len(saved) == 1  # no periodic checkpoint: this one is SIGTERM's
-    step = int(saved[0].split("_")[1])
-    assert 0 < step < 40 * 31
-    out = check(run_command(one_process(*tiny(tmp_path, "trainer.epochs=40", f"trainer.max_steps={step + 3}")),
-                            cwd=REPO))
-    assert f"at step {step} " in out
 
 
 _SAVE_FOREVER = """
@@ -172,7 +126,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     from app.checkpoint import CheckpointManager, verify
 
     directory = tmp_path / "checkpoints"
-    job = _start([sys.executable, "-c", _SAVE_FOREVER, str(directory)], tmp_path / "save.log")
+    job = start([sys.executable, "-c", _SAVE_FOREVER, str(directory)], tmp_path / "save.log")
     try:
         deadline = time.time() + 60
         while time.time() < deadline:  # wait until the big save is under way, then kill
@@ -183,7 +137,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
         job.send_signal(signal.SIGKILL)
         job.wait(timeout=30)
     finally:
-        job.kill()
+        kill_tree(job.pid)
     assert list(directory.glob(".step_*.tmp")), "killed too late: no save was under way"
     manager = CheckpointManager(directory, keep_last=3, rank=0)
     newest = manager.newest_valid()
@@ -207,6 +161,7 @@ def test_damaged_incompatible_and_foreign_checkpoints(tmp_path):
                                             "model.dense_arch_layer_sizes=[64,8]")), cwd=REPO)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "features.embedding_dim: 16 in the checkpoint, 8 now" in refused.stderr
+    assert "train this model under another run_name" in refused.stderr and "load_from" not in refused.stderr
     assert checkpoints(tmp_path) == before
 
     # Another run starts from this one's weights only, at step 0.

@@ -23,6 +23,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from app.config import FeaturesConfig, ModelConfig, OptimConfig, ShardingConfig, SparseFeature
+from app.distributed import shutdown
 from app.features import FeatureSchema
 from app.model import build_model
 from app.optim import apply_sparse_optimizer, build_optimizer
@@ -141,7 +142,7 @@ def worker(rank: int, init_file: str, cases, failures) -> None:
                 raise
             dist.barrier()
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 CASES = [(t, "dlrm") for t in SHARDING_TYPES] + [("row_wise", "dcn"), ("table_column_wise", "dcn")]

@@ -4,6 +4,7 @@ self-launched workers, and Hydra sweeps (a grid and Optuna)."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -166,3 +167,56 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(tm
     fresh = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "checkpoint.resume=false")], cwd=REPO)
     assert fresh.returncode == 2 and "checkpoint.resume=false, but" in fresh.stderr, fresh.stderr[-3000:]
     assert sorted(p.name for p in checkpoints.iterdir()) == saved
+
+    # Where checkpoints cannot be written, the job says so before any work, not at its first save.
+    blocked = tmp_path / "outputs" / "blocked" / "checkpoints"
+    blocked.parent.mkdir()
+    blocked.write_text("a file where the checkpoints directory goes")
+    result = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "run_name=blocked")], cwd=REPO)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: cannot write checkpoints to {blocked} (from output_root and run_name): a file is in the way." \
+        in result.stderr
+    assert "Traceback" not in result.stderr
+    # ... and where the run directory itself cannot be made (Hydra makes it), exit code 2 too.
+    result = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, f"output_root={blocked}")], cwd=REPO)
+    assert result.returncode == 2 and f"Not a directory: '{blocked / 'tiny'}'" in result.stderr, result.stderr[-3000:]
+
+
+def _with_bad_id(source: Path, target: Path, row: int) -> None:
+    """A copy of the Parquet file `source` at `target` whose row `row` holds an id past cat_3's table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(source)
+    ids = table.column("cat_3").to_numpy().copy()
+    ids[row] = 10_000  # cat_3 has 10000 rows
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.set_column(table.schema.get_field_index("cat_3"), "cat_3", pa.array(ids)), target,
+                   row_group_size=250)
+
+
+def test_bad_rows_are_reported_once_and_found_late_they_cost_no_training(tmp_path):
+    check(run_command([sys.executable, "scripts/make_dataset.py", *tiny(tmp_path)[:2]], cwd=REPO))
+    synthetic = next((tmp_path / "data").iterdir())
+    on_parquet = ["data=parquet", f"data.train_path={synthetic / 'train'}", "trainer.max_steps=4"]
+
+    # In the first row group of a split: found before the first step, said once (not by every rank).
+    early = tmp_path / "early" / "part-00000.parquet"
+    _with_bad_id(synthetic / "val" / "part-00000.parquet", early, row=10)
+    result = run_command(torchrun(*tiny(tmp_path, *on_parquet, f"data.val_path={early.parent}")), cwd=REPO)
+    assert result.returncode != 0
+    assert result.stderr.count("part-00000.parquet row group 0, row 10: column 'cat_3' has id 10000") == 1, \
+        result.stderr[-4000:]
+    assert "error: " in result.stderr and not list((tmp_path / "outputs" / "tiny").glob("checkpoints/step_*"))
+
+    # In row group 3 of the val split, which rank 1 evaluates: found at the final evaluation, after
+    # the final checkpoint; said by rank 1, on a line of its own.
+    late = tmp_path / "late"
+    _with_bad_id(synthetic / "val" / "part-00000.parquet", late / "part-00000.parquet", row=3 * 250 + 7)
+    shutil.copy(synthetic / "val" / "part-00001.parquet", late)
+    result = run_command(torchrun(*tiny(tmp_path, *on_parquet, f"data.val_path={late}")), cwd=REPO)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "column 'cat_3' has id 10000" in line]
+    assert len(lines) == 1 and lines[0].startswith("error (rank 1): ") and "row group 3, row 7:" in lines[0], \
+        result.stderr[-4000:]
+    assert (tmp_path / "outputs" / "tiny" / "checkpoints" / "step_00000004").is_dir()

@@ -1,0 +1,45 @@
+"""Preemption: SIGTERM asks the job to stop at a step every rank agrees on, save, and exit 143.
+
+Launchers send SIGTERM to a job they stop: torchrun to each worker's process group, Slurm to every
+process of the job, Kubernetes to the container's first process (torchrun, which passes it on).
+So each worker installs its handler as soon as it starts (a SIGTERM during set-up must not kill it
+either), and the Parquet reader processes ignore the signal (app/data/parquet.py): their worker
+shuts them down. Ranks receive the signal at slightly different steps, so they agree every few
+steps, with one tiny all-reduce on a gloo group of its own, and all stop at the same one.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# Agreeing whether to stop is an all-reduce (0.35 ms on 2 gloo ranks here, against steps of about
+# 20 ms): every 10 steps costs under 0.2% of the time and still stops well within the 30 s that
+# torchrun waits before it sends SIGKILL.
+AGREE_EVERY_N_STEPS = 10
+
+
+class Preemption:
+    def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
+        self.group = group
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Collective: whether any rank was asked to stop."""
+        flag = torch.tensor([int(self.requested)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        # After a stop, the handler stays: a launcher's own SIGTERM may still arrive (Slurm signals
+        # every process, then torchrun passes its copy on) and must not kill the worker mid-exit.
+        if not self.requested:
+            signal.signal(signal.SIGTERM, self._previous)

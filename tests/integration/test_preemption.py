@@ -1,0 +1,125 @@
+"""Preemption as launchers deliver it: SIGTERM to whole process groups (which hold each worker's
+Parquet reader process too), to torchrun itself, and to a job that starts its own workers. Each
+time every rank stops at the same step, one checkpoint is written, and the same command resumes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import REPO, children, kill_tree, run_command, start
+from tests.integration.test_train import check, records, tiny, torchrun
+
+PREEMPTED = 128 + signal.SIGTERM
+# Long enough never to end by itself; no periodic checkpoint, so the one written is SIGTERM's.
+LONG = ("trainer.epochs=40", "checkpoint.every_n_steps=1000")
+
+
+def run_dir(root: Path) -> Path:
+    return root / "outputs" / "tiny"
+
+
+def wait_until_training(root: Path, job) -> None:
+    """Until the first training record (tiny logs every 5 steps): the reader processes run."""
+    metrics = run_dir(root) / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert job.poll() is None, "the job ended before it could be stopped"
+        assert time.time() < deadline, "the job did not start training in time"
+        time.sleep(0.05)
+
+
+def stopped_steps(root: Path) -> list:
+    """The step at which each rank's log says it stopped."""
+    logs = sorted(run_dir(root).glob("train_rank*.log"))
+    return [int(m) for log in logs for m in re.findall(r"SIGTERM: stopping at step (\d+)", log.read_text())]
+
+
+def the_one_checkpoint(root: Path) -> int:
+    saved = sorted(p.name for p in (run_dir(root) / "checkpoints").glob("step_*"))
+    assert len(saved) == 1, saved
+    return int(saved[0].split("_")[1])
+
+
+def stop(job, send) -> int:
+    try:
+        send()
+        return job.wait(timeout=120)
+    finally:
+        kill_tree(job.pid)
+
+
+def test_torchrun_workers_signalled_as_torchrun_signals_them_save_once_and_resume(tmp_path):
+    # torchrun lists the exit code of every worker that has ended when it looks (then it stops
+    # the others itself): looking every 3 s, it finds both ended.
+    launch = torchrun(*tiny(tmp_path, *LONG))
+    launch.insert(launch.index("--standalone"), "--monitor-interval=3")
+    job = start(launch, tmp_path / "job.log")
+    wait_until_training(tmp_path, job)
+    workers = [pid for pid in children(job.pid) if b"app.train" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 2, workers
+    # torchrun starts each worker in a session of its own and stops it with SIGTERM to that whole
+    # group: the worker and its Parquet reader process.
+    for worker in workers:
+        assert os.getpgid(worker) == worker
+    stop(job, lambda: [os.killpg(worker, signal.SIGTERM) for worker in workers])
+
+    log = (tmp_path / "job.log").read_text()
+    # torchrun reports each worker's exit code when its workers end on their own.
+    assert log.count(f"exitcode  : {PREEMPTED} ") == 2, log[-4000:]
+    # ... and no worker crashed (its reader process killed by the signal, say): the one traceback
+    # is torchrun's own ChildFailedError, which lists them.
+    assert "killed by signal" not in log and log.count("Traceback") == 1, log[-6000:]
+    steps = stopped_steps(tmp_path)
+    assert len(steps) == 2 and steps[0] == steps[1], steps
+    assert the_one_checkpoint(tmp_path) == steps[0]
+    assert log.count("stopped by SIGTERM after saving checkpoint") == 1  # rank 0 says it
+
+    resumed = check(run_command(torchrun(*tiny(tmp_path, *LONG, f"trainer.max_steps={steps[0] + 2}")), cwd=REPO))
+    assert f"resumed from {run_dir(tmp_path) / 'checkpoints'}/step_{steps[0]:08d} at step {steps[0]} " in resumed
+    assert records(run_dir(tmp_path), "eval")[-1]["step"] == steps[0] + 2
+
+
+def test_sigterm_to_torchrun_itself_saves_and_torchrun_exits_1(tmp_path):
+    # Kubernetes (and `kill`) signal torchrun, the container's first process: it passes SIGTERM on
+    # to its workers, waits for them (up to 30 s), then raises its own SignalException: exit 1.
+    job = start(torchrun(*tiny(tmp_path, *LONG)), tmp_path / "job.log")
+    wait_until_training(tmp_path, job)
+    assert stop(job, lambda: os.killpg(job.pid, signal.SIGTERM)) == 1
+    log = (tmp_path / "job.log").read_text()
+    assert "SignalException: Process" in log and "stopped by SIGTERM after saving checkpoint" in log
+    steps = stopped_steps(tmp_path)
+    assert len(steps) == 2 and steps[0] == steps[1] == the_one_checkpoint(tmp_path)
+
+
+def test_sigterm_to_the_process_group_of_one_process_saves_exits_143_and_resumes(tmp_path):
+    job = start([sys.executable, "-m", "app.train", *tiny(tmp_path, *LONG)], tmp_path / "job.log")
+    wait_until_training(tmp_path, job)
+    assert stop(job, lambda: os.killpg(job.pid, signal.SIGTERM)) == PREEMPTED, \
+        (tmp_path / "job.log").read_text()[-3000:]
+    log = (tmp_path / "job.log").read_text()
+    assert "stopped by SIGTERM after saving checkpoint" in log and "Traceback" not in log
+    step = the_one_checkpoint(tmp_path)
+    assert stopped_steps(tmp_path) == [step]
+    out = check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, *LONG, f"trainer.max_steps={step + 3}")],
+                            cwd=REPO))
+    assert f"at step {step} " in out
+
+
+def test_sigterm_to_a_self_launched_job_saves_and_exits_143_without_a_traceback(tmp_path):
+    args = [sys.executable, "-m", "app.train", "distributed.nproc_per_node=2", *tiny(tmp_path, *LONG)]
+    job = start(args, tmp_path / "job.log")
+    wait_until_training(tmp_path, job)
+    began = time.time()
+    assert stop(job, lambda: os.killpg(job.pid, signal.SIGTERM)) == PREEMPTED, \
+        (tmp_path / "job.log").read_text()[-3000:]
+    # The workers return as usual: the launcher never waits out its 30 s grace to kill them.
+    assert time.time() - began < 25
+    log = (tmp_path / "job.log").read_text()
+    assert "Traceback" not in log and "SignalException" not in log
+    assert "stopped by SIGTERM after saving checkpoint" in log
+    assert the_one_checkpoint(tmp_path) > 0
