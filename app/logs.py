@@ -29,6 +29,13 @@ class QuietLibraries(logging.Filter):
         return record.name != "root" or record.levelno >= logging.WARNING
 
 
+def quiet_torch_notes() -> None:
+    """torch's note to library authors that is_fx_tracing() also covers torch.export comes
+    through torch's own handler (so QuietLibraries cannot catch it) on every first forward of
+    torchrec's models: in training and in scoring alike."""
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
 def setup_logging(config: LoggingConfig, is_rank0: bool) -> None:
     """The job's logging: level, library loggers, Python warnings, and the console filter."""
     root = logging.getLogger()
@@ -37,9 +44,7 @@ def setup_logging(config: LoggingConfig, is_rank0: bool) -> None:
     root.setLevel(config.level)
     # TorchRec logs every pipeline fill and drain at INFO; keep its warnings.
     logging.getLogger("torchrec").setLevel(max(logging.WARNING, logging.getLevelName(config.level)))
-    # torch's note to library authors that is_fx_tracing() also covers torch.export, once per rank
-    # through torch's own handler (so QuietLibraries cannot catch it), on every start.
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    quiet_torch_notes()
     logging.captureWarnings(True)  # into the log files, by rank (QuietLibraries keeps them off the console)
     for handler in root.handlers:
         if type(handler) is logging.StreamHandler:

@@ -26,6 +26,15 @@ def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[logloss sum, prediction sum, label sum, row count] of one batch, on the batch's device:
+    every term, the row count too, since stack refuses to mix devices (a CPU count beside CUDA
+    sums would fail the first evaluation on a GPU)."""
+    losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    count = labels.new_tensor(float(labels.numel()))
+    return torch.stack([losses.sum(), torch.sigmoid(logits).sum(), labels.sum(), count])
+
+
 class EvalMetrics:
     """Accumulates one validation pass on each rank; compute() is collective when distributed."""
 
@@ -45,10 +54,7 @@ class EvalMetrics:
         if logits.numel() == 0:
             return
         self._auc.update(torch.sigmoid(logits), labels.long())
-        losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        self._sums += torch.stack(
-            [losses.sum(), torch.sigmoid(logits).sum(), labels.sum(), torch.tensor(float(labels.numel()))]
-        ).to(self._sums)
+        self._sums += batch_sums(logits, labels).to(self._sums)
 
     def compute(self) -> Dict[str, float]:
         sums = self._sums.clone()

@@ -27,6 +27,7 @@ from app.data import DataError
 from app.data.parquet import resolve_files
 from app.export import ExportError, check_inputs, load_exported, score_files
 from app.features import FeatureSchema
+from app.logs import quiet_torch_notes
 from app.metrics import EvalMetrics
 
 ROWS_PER_ROW_GROUP = 1 << 20  # predictions are buffered into row groups of this size, not one per batch
@@ -81,6 +82,7 @@ def predict(args: argparse.Namespace) -> dict:
 
 def main(argv: List[str]) -> int:
     args = parse_args(argv)
+    quiet_torch_notes()
     try:
         result = predict(args)
     except (ExportError, ConfigError, DataError) as error:

@@ -37,6 +37,7 @@ def test_the_exported_model_scores_the_val_split_as_the_run_did(tmp_path):
     predictions = tmp_path / "predictions.parquet"
     printed = check(run_command(script("predict.py", "--model", tmp_path / "exported", "--data", val,
                                        "--out", predictions), cwd=tmp_path))
+    assert "is_fx_tracing" not in printed  # torch's note to library authors stays off the console
     metrics = {name: float(value) for name, value in re.findall(r"\b(AUC|logloss|NE) ([0-9.]+)", printed)}
     assert metrics["AUC"] == pytest.approx(final_eval["auc"], abs=1e-6)  # printed to 6 decimals
     assert metrics["logloss"] == pytest.approx(final_eval["logloss"], abs=1e-6)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from app.metrics import EvalMetrics, MetricsLogger
+from app.metrics import EvalMetrics, MetricsLogger, batch_sums
 
 LOGITS = torch.tensor([-2.0, 0.5, 1.0, -0.3, 2.0, -1.0, 0.1, 0.7])
 LABELS = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
@@ -45,6 +45,16 @@ def test_perfect_and_base_rate_predictions():
     metrics.reset()
     metrics.update(torch.zeros(8), LABELS)  # p = 0.5 = the base rate of LABELS
     assert metrics.compute()["ne"] == pytest.approx(1.0)
+
+
+def test_batch_sums_stay_on_the_device_of_the_batch():
+    # The meta device stands in for CUDA here: like CUDA, it refuses to stack a CPU tensor with its
+    # own, which is how a CPU row count broke the first evaluation on a GPU.
+    meta = batch_sums(LOGITS.to("meta"), LABELS.to("meta"))
+    assert meta.device.type == "meta" and meta.shape == (4,)
+    sums = batch_sums(LOGITS, LABELS).tolist()
+    assert sums[3] == 8 and sums[2] == float(LABELS.sum())
+    assert sums[1] == pytest.approx(float(torch.sigmoid(LOGITS).sum()))
 
 
 def _two_rank_worker(rank: int, init_file: str, results) -> None:
