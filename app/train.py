@@ -84,13 +84,19 @@ def main(cfg: DictConfig) -> float:
     from app import distributed, job
     from app.checkpoint import CheckpointError
 
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     try:
         if config.distributed.nproc_per_node > 1 and not distributed.under_launcher():
-            result = distributed.launch_local(job.run, (config, run_dir), config.distributed.nproc_per_node)[0]
+            result = distributed.launch_local(_worker, (config, run_dir), config.distributed.nproc_per_node)[0]
         else:
             result = job.run(config, run_dir)
     except (ConfigError, DataError, CheckpointError) as error:
         _fail(error)
+    except ChildFailedError as error:  # a self-launched worker failed
+        if error.get_first_failure()[1].exitcode == BAD_INPUT:
+            sys.exit(BAD_INPUT)  # it said why, as a worker under torchrun does
+        raise
     if result is None:  # SIGTERM: not done, so not exit code 0
         if os.environ.get("RANK", "0") == "0":
             _say(_stopped_message(run_dir))
@@ -99,6 +105,17 @@ def main(cfg: DictConfig) -> float:
         print(f"final validation AUC {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
               f"NE {result['ne']:.4f}  run dir {run_dir}", flush=True)
     return result["auc"]  # the value a sweeper plugin optimises
+
+
+def _worker(config, run_dir: Path):
+    """One self-launched worker: the job, with bad input said and exit code 2 as under torchrun."""
+    from app import job
+    from app.checkpoint import CheckpointError
+
+    try:
+        return job.run(config, run_dir)
+    except (ConfigError, DataError, CheckpointError) as error:
+        _fail(error)
 
 
 def _stopped_message(run_dir: Path) -> str:

@@ -208,6 +208,13 @@ def test_bad_rows_are_reported_once_and_found_late_they_cost_no_training(tmp_pat
     assert result.stderr.count("part-00000.parquet row group 0, row 10: column 'cat_3' has id 10000") == 1, \
         result.stderr[-4000:]
     assert "error: " in result.stderr and not list((tmp_path / "outputs" / "tiny").glob("checkpoints/step_*"))
+    # The same from workers the job starts itself: said once, exit code 2 (torch's launcher still
+    # logs the worker's exit code, but the job ends without a ChildFailedError of its own).
+    self_launched = [sys.executable, "-m", "app.train", "distributed.nproc_per_node=2",
+                     *tiny(tmp_path, *on_parquet, f"data.val_path={early.parent}")]
+    result = run_command(self_launched, cwd=REPO)
+    assert result.returncode == 2 and "ChildFailedError" not in result.stderr, result.stderr[-4000:]
+    assert result.stderr.count("row group 0, row 10: column 'cat_3' has id 10000") == 1
 
     # In row group 3 of the val split, which rank 1 evaluates: found at the final evaluation, after
     # the final checkpoint; said by rank 1, on a line of its own.
