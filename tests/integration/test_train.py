@@ -200,13 +200,20 @@ def test_bad_rows_are_reported_once_and_found_late_they_cost_no_training(tmp_pat
     synthetic = next((tmp_path / "data").iterdir())
     on_parquet = ["data=parquet", f"data.train_path={synthetic / 'train'}", "trainer.max_steps=4"]
 
-    # In the first row group of a split: found before the first step, said once (not by every rank).
+    # An error every rank meets is said once, by rank 0, on a line of its own.
+    result = run_command(torchrun(*tiny(tmp_path, "optim.lr=-1")), cwd=REPO)
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if "optim.lr must be > 0" in line] == \
+        ["error: optim.lr must be > 0, got -1.0."], result.stderr[-4000:]
+
+    # In the first row group of a split: found before the first step, by every rank, said once.
     early = tmp_path / "early" / "part-00000.parquet"
     _with_bad_id(synthetic / "val" / "part-00000.parquet", early, row=10)
     result = run_command(torchrun(*tiny(tmp_path, *on_parquet, f"data.val_path={early.parent}")), cwd=REPO)
     assert result.returncode != 0
     assert result.stderr.count("part-00000.parquet row group 0, row 10: column 'cat_3' has id 10000") == 1, \
         result.stderr[-4000:]
+    assert "from scratch" not in result.stdout + result.stderr  # not one step was trained
     assert "error: " in result.stderr and not list((tmp_path / "outputs" / "tiny").glob("checkpoints/step_*"))
     # The same from workers the job starts itself: said once, exit code 2 (torch's launcher still
     # logs the worker's exit code, but the job ends without a ChildFailedError of its own).

@@ -131,3 +131,16 @@ def test_a_config_round_trips_through_its_dict_form():
     data["optim"]["lrr"] = 1.0
     with pytest.raises(Exception, match="lrr"):
         config_from_dict(data)
+
+
+def test_a_config_error_is_said_by_rank_0_only(tmp_path):
+    # Every worker composes the same config and meets the same error: one line on the console
+    # (torchrun's workers share it), not one per rank run together.
+    import os
+    import subprocess
+
+    command = [sys.executable, "-m", "app.train", "optim.lr=-1", f"output_root={tmp_path}"]
+    for rank, expected in (("0", "error: optim.lr must be > 0, got -1.0.\n"), ("1", "")):
+        env = dict(os.environ, PYTHONPATH=str(REPO), RANK=rank, WORLD_SIZE="2")
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stderr == expected, (rank, result.stderr)
