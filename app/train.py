@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List
 
@@ -42,7 +43,13 @@ def _fail(error: Exception) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0 or getattr(error, "rank_specific", False):
         _say(f"error: {error}" if rank == 0 else f"error (rank {rank}): {error}")
+    else:
+        # The launcher stops every worker as soon as one has ended: leave rank 0 the time to say it.
+        time.sleep(_SILENT_RANKS_WAIT_S)
     sys.exit(BAD_INPUT)
+
+
+_SILENT_RANKS_WAIT_S = 5
 
 
 def _check_override_keys(argv: List[str]) -> None:

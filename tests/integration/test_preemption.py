@@ -114,12 +114,12 @@ def test_sigterm_to_a_self_launched_job_saves_and_exits_143_without_a_traceback(
     args = [sys.executable, "-m", "app.train", "distributed.nproc_per_node=2", *tiny(tmp_path, *LONG)]
     job = start(args, tmp_path / "job.log")
     wait_until_training(tmp_path, job)
-    began = time.time()
     assert stop(job, lambda: os.killpg(job.pid, signal.SIGTERM)) == PREEMPTED, \
         (tmp_path / "job.log").read_text()[-3000:]
-    # The workers return as usual: the launcher never waits out its 30 s grace to kill them.
-    assert time.time() - began < 25
     log = (tmp_path / "job.log").read_text()
+    # The workers return as usual: torch's launcher never takes the signal for a death of its own,
+    # stops waiting for their results and kills them after its 30 s grace.
+    assert "death signal" not in log and "forcefully exiting" not in log, log[-3000:]
     assert "Traceback" not in log and "SignalException" not in log
     assert "stopped by SIGTERM after saving checkpoint" in log
     assert the_one_checkpoint(tmp_path) > 0
