@@ -529,7 +529,8 @@ def check_key(key: str) -> None:
     while depth < len(parts):
         if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
             if parts[depth] not in node:
-                raise ConfigError(_unknown_key_message(key, ".".join(parts[:depth]), list(node.keys())))
+                parent = ".".join(parts[:depth])
+                raise ConfigError(_unknown_key_message(key, parent, parts[depth], list(node.keys())))
             node = node._get_node(parts[depth])
         elif isinstance(node, (DictConfig, ListConfig)) and dataclasses.is_dataclass(node._metadata.element_type):
             node = OmegaConf.structured(node._metadata.element_type)  # parts[depth] names the entry
@@ -538,8 +539,7 @@ def check_key(key: str) -> None:
         depth += 1
 
 
-def _unknown_key_message(key: str, parent: str, siblings: List[str]) -> str:
-    name = key.split(".")[len(parent.split(".")) if parent else 0]
+def _unknown_key_message(key: str, parent: str, name: str, siblings: List[str]) -> str:
     near = [f"{parent}.{n}" if parent else n for n in difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)]
     if not near:  # the right name in the wrong group (lr=0.1 for optim.lr=0.1)
         near = [k for k in _known_keys(Config) if k.rsplit(".", 1)[-1] == name][:1]

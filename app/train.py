@@ -88,18 +88,14 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as error:
         _fail(error)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    from app import distributed, job
-    from app.checkpoint import CheckpointError
-
+    from app import distributed
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         if config.distributed.nproc_per_node > 1 and not distributed.under_launcher():
             result = distributed.launch_local(_worker, (config, run_dir), config.distributed.nproc_per_node)[0]
         else:
-            result = job.run(config, run_dir)
-    except (ConfigError, DataError, CheckpointError) as error:
-        _fail(error)
+            result = _worker(config, run_dir)
     except ChildFailedError as error:  # a self-launched worker failed
         if error.get_first_failure()[1].exitcode == BAD_INPUT:
             sys.exit(BAD_INPUT)  # it said why, as a worker under torchrun does
@@ -115,7 +111,7 @@ def main(cfg: DictConfig) -> float:
 
 
 def _worker(config, run_dir: Path):
-    """One self-launched worker: the job, with bad input said and exit code 2 as under torchrun."""
+    """One worker's job, in this process or self-launched: bad input is said, and exit code 2."""
     from app import job
     from app.checkpoint import CheckpointError
 
