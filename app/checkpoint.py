@@ -4,6 +4,8 @@ Layout under the run's checkpoints/ directory:
     step_00000100/   DCP files of every rank + meta.json (train state, LR schedule, config, and
                      the size and CRC-32 of every file: the manifest)
     latest           the name of the newest complete checkpoint, replaced last
+Checkpoints are ordered by the samples trained when each was written, then by step: a run resumed
+on another number of ranks counts steps of another size, so its step_N can be below older ones.
 A checkpoint is written under a hidden temporary name by all ranks, and only after every rank has
 finished does rank 0 add meta.json and rename it into place. So a crash at any point leaves either
 the previous checkpoints untouched or a new complete one: never a half-written step_* that looks
@@ -324,7 +326,7 @@ class CheckpointManager:
         if not self.directory.is_dir():
             return []
         found = [p for p in self.directory.iterdir() if _STEP_DIR.match(p.name) and (p / META_FILE).is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return sorted(found, key=lambda p: (_samples(p), p.name))
 
     def latest(self) -> Optional[Path]:
         """The newest published checkpoint (not verified; see newest_valid)."""
@@ -351,10 +353,13 @@ class CheckpointManager:
 
     # ---- saving -------------------------------------------------------------------------------
 
-    def save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any], asynchronous: bool = False) -> Path:
+    def save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any], asynchronous: bool = False,
+             samples: int = 0) -> Path:
         """Collective: every rank calls it with its own shards in `state`; `meta` (JSON-able, the
-        same on all ranks) is written by rank 0. Asynchronous: returns once `state` is copied;
-        the checkpoint appears when the next save() or wait() publishes it."""
+        same on all ranks) is written by rank 0, with `samples` (trained so far: what orders
+        checkpoints). Asynchronous: returns once `state` is copied; the checkpoint appears when the
+        next save() or wait() publishes it."""
+        meta = {**meta, "samples": samples}
         self.wait()
         final = self.directory / f"step_{step:08d}"
         staging = self.directory / f".step_{step:08d}.tmp"
@@ -411,6 +416,16 @@ class CheckpointManager:
         meta = read_meta(path)
         load_state(path, state, self.group)
         return meta
+
+
+def _samples(path: Path) -> int:
+    """The samples trained when the checkpoint at `path` was written; -1 if its meta.json does
+    not say (verification reports why)."""
+    try:
+        samples = json.loads((path / META_FILE).read_text()).get("samples", 0)
+    except (OSError, ValueError, AttributeError):
+        return -1
+    return samples if type(samples) is int else -1
 
 
 def broadcast_text(text: Optional[str], group: Optional[dist.ProcessGroup] = None, src: int = 0) -> Optional[str]:

@@ -273,7 +273,7 @@ class OptimConfig:
     dense: str = "adagrad"
     sparse: str = "rowwise_adagrad"
     eps: float = 1e-8
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # L2 on the dense layers; tables get none (see app/optim.py)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     # Schedule (a multiplier on both learning rates): linear warmup from 0, then constant until
     # decay_start_step, then decay over decay_steps (0: until the last step) to min_lr_ratio.

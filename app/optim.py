@@ -6,6 +6,15 @@ the FBGEMM kernels of every sharded table, so embedding rows are updated during 
 gradients never exist as dense tensors. Tables the planner makes data_parallel are replicated
 plain parameters whose gradients DDP all-reduces; the in-backward hook does not reach them, so
 `build_optimizer` gives them their own group with the sparse optimizer's kind and settings.
+
+`optim.weight_decay` is the dense layers' L2 penalty, added to their gradients as torch's SGD,
+Adagrad and Adam do. Tables get none: FBGEMM's CPU kernels ignore weight decay in every mode
+(EXACT_SGD and EXACT_ADAGRAD have none on GPU either), while a replicated table's torch optimizer
+would apply it to every row at every step, so the same setting would mean three things.
+
+The LR schedule is a function of the step, and a resumed run puts it at its step with
+`set_schedule_step` (LambdaLR.load_state_dict alone leaves every group at the previous LR, and
+the fused kernels take their LR from the groups).
 """
 
 from __future__ import annotations
@@ -39,8 +48,8 @@ _FUSED_ON_CPU = ("sgd", "adagrad", "rowwise_adagrad")
 _TABLES_FQN_PART = "embedding_bag_collection"
 
 
-def _optimizer_kwargs(name: str, lr: float, config: OptimConfig) -> Dict[str, object]:
-    kwargs: Dict[str, object] = {"lr": lr, "weight_decay": config.weight_decay}
+def _optimizer_kwargs(name: str, lr: float, config: OptimConfig, weight_decay: float = 0.0) -> Dict[str, object]:
+    kwargs: Dict[str, object] = {"lr": lr, "weight_decay": weight_decay}
     if name in ("adagrad", "rowwise_adagrad", "adam"):
         kwargs["eps"] = config.eps
     if name == "adam":
@@ -68,12 +77,12 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
     replicated_tables = {n: p for n, p in plain.items() if _TABLES_FQN_PART in n}
     dense = {n: p for n, p in plain.items() if _TABLES_FQN_PART not in n}
 
-    def wrap(name: str, lr: float, params: Dict[str, nn.Parameter]) -> KeyedOptimizer:
+    def wrap(name: str, lr: float, params: Dict[str, nn.Parameter], weight_decay: float = 0.0) -> KeyedOptimizer:
         optimizer_class = _OPTIMIZER_CLASSES[name]
-        kwargs = _optimizer_kwargs(name, lr, config)
+        kwargs = _optimizer_kwargs(name, lr, config, weight_decay)
         return KeyedOptimizerWrapper(params, lambda p: optimizer_class(p, **kwargs))
 
-    parts = [("sparse", model.fused_optimizer), ("dense", wrap(config.dense, config.lr, dense))]
+    parts = [("sparse", model.fused_optimizer), ("dense", wrap(config.dense, config.lr, dense, config.weight_decay))]
     if replicated_tables:
         parts.append(
             ("replicated_tables", wrap(config.sparse, config.effective_sparse_lr, replicated_tables))
@@ -82,15 +91,18 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
 
 
 def lr_multiplier(config: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """Learning-rate multiplier by step: linear warmup, hold, then linear or cosine decay."""
-    decay_steps = config.decay_steps or max(1, total_steps - config.decay_start_step)
+    """Learning-rate multiplier by step: linear warmup, hold, then linear or cosine decay. Decay
+    starts at decay_start_step or at the end of warmup, whichever is later: from inside warmup it
+    would make the LR jump down where warmup ends."""
+    decay_start = max(config.decay_start_step, config.warmup_steps)
+    decay_steps = config.decay_steps or max(1, total_steps - decay_start)
 
     def multiplier(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
-        if config.decay == "none" or step < config.decay_start_step:
+        if config.decay == "none" or step < decay_start:
             return 1.0
-        progress = min(1.0, (step - config.decay_start_step) / decay_steps)
+        progress = min(1.0, (step - decay_start) / decay_steps)
         shape = 1.0 - progress if config.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
         return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
 
@@ -101,6 +113,34 @@ def build_lr_scheduler(optimizer: KeyedOptimizer, config: OptimConfig, total_ste
     """Scales every group's learning rate (fused tables included: their optimizer pushes the
     group's lr into the kernel on each step())."""
     return LambdaLR(optimizer, lr_multiplier(config, total_steps))
+
+
+def set_schedule_step(scheduler: LambdaLR, step: int) -> None:
+    """Put the schedule at `step`, every group's LR at its value there: what an uninterrupted run
+    has before that step. (The fused kernels read the groups' LR at zero_grad and step.)"""
+    scheduler.last_epoch = step
+    lrs = [base * scale(step) for base, scale in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
+
+
+def learning_rates(optimizer: CombinedOptimizer) -> Dict[str, float]:
+    """The current LR of the dense layers and of the tables, by their config names."""
+    first = {}
+    for name, part in optimizer.optimizers:
+        first.setdefault(name, part.param_groups[0]["lr"])
+    return {"lr": first["dense"], "sparse_lr": first["sparse"]}
+
+
+def set_fused_optimizer_step(optimizer: CombinedOptimizer, step: int) -> None:
+    """Give FBGEMM's fused table optimizers their step count, which their state_dict leaves out:
+    Adam's bias correction uses it, and would restart from 1 on every resume."""
+    for _, part in optimizer.optimizers:
+        if isinstance(part, CombinedOptimizer):
+            set_fused_optimizer_step(part, step)
+        elif hasattr(part, "set_optimizer_step"):
+            part.set_optimizer_step(step)
 
 
 def optimizer_and_schedule(

@@ -21,11 +21,13 @@ from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
-from app.checkpoint import CheckpointManager, find_checkpoint, model_differences, read_meta
+from app.checkpoint import CheckpointManager, find_checkpoint, model_differences, read_dcp_metadata, read_meta
 from app.config import ConfigError, TrainerConfig
 from app.data.parquet import ParquetBatches
 from app.distributed import DistEnv
 from app.metrics import EvalMetrics, MetricsLogger
+from app.optim import learning_rates, set_fused_optimizer_step, set_schedule_step
+from app.optimizer_state import plan_optimizer_load
 from app.preemption import AGREE_EVERY_N_STEPS, Preemption
 
 log = logging.getLogger(__name__)
@@ -103,12 +105,14 @@ class Trainer:
         """Checkpoint at `state`; asynchronous when so configured, except the last one of a run."""
         meta = {
             "train_state": asdict(state),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
             "world_size": self.env.world_size,
+            "global_batch_size": self.global_batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
             **self.run_meta,
         }
         background = self.async_save and not final
-        path = self.checkpoints.save(state.step, self._checkpoint_state(), meta, asynchronous=background)
+        path = self.checkpoints.save(state.step, self._checkpoint_state(), meta, asynchronous=background,
+                                     samples=state.samples)
         self._last_saved_step = state.step
         log.info("saved checkpoint %s%s", path, " (writing in the background)" if background else "")
 
@@ -142,23 +146,39 @@ class Trainer:
         for name, part in self.optimizer.optimizers:
             if name != "sparse":
                 part.init_state()
-        state = self._checkpoint_state()
+        # Each table's optimizer state where this plan keeps it, from wherever the checkpoint's plan did.
+        optimizer_load = plan_optimizer_load(self.optimizer.state_dict(), read_dcp_metadata(path))
+        state = {"model": self.model.state_dict(), **optimizer_load.targets}
         self.checkpoints.load(path, state)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-        train_state = TrainState(**meta["train_state"])
-        if meta["world_size"] != self.env.world_size:
-            # Row groups are dealt to ranks by world size: the same samples cannot be replayed on
-            # another one. Keep the epoch and the number of samples done in it.
-            done = train_state.batches_done * meta["world_size"] * meta["config"]["data"]["batch_size"]
-            train_state.batches_done = done // self.global_batch_size
-            log.warning("the checkpoint was written by %d ranks, this run has %d: continuing epoch %d after "
-                        "%d samples (the order of the rest differs from a run on %d ranks)",
-                        meta["world_size"], self.env.world_size, train_state.epoch, done, meta["world_size"])
+        train_state = self._position_here(TrainState(**meta["train_state"]), meta)
+        self.optimizer.load_state_dict(optimizer_load.finish(train_state.step))
+        set_schedule_step(self.lr_scheduler, train_state.step)
+        set_fused_optimizer_step(self.optimizer, train_state.step)
         self._last_saved_step = train_state.step if path.parent == self.checkpoints.directory else -1
         log.info("resumed from %s at step %d (epoch %d)", path, train_state.step, train_state.epoch)
         return train_state
+
+    def _position_here(self, saved: TrainState, meta: Dict[str, Any]) -> TrainState:
+        """The checkpoint's position in this run's steps. Progress is samples: a run on another
+        number of ranks or another batch size continues its epoch after as many samples (less than
+        one batch's worth repeated), at the step, and so the LR, an uninterrupted run of this
+        shape would be at, and it ends where that run would."""
+        saved_batch = meta.get("global_batch_size") or meta["world_size"] * meta["config"]["data"]["batch_size"]
+        if meta["world_size"] == self.env.world_size and saved_batch == self.global_batch_size:
+            return saved
+        saved_steps_per_epoch = meta.get("steps_per_epoch")
+        epoch_done = saved_steps_per_epoch is not None and saved.batches_done >= saved_steps_per_epoch
+        done = saved.batches_done * saved_batch
+        batches = self.steps_per_epoch if epoch_done else min(done // self.global_batch_size, self.steps_per_epoch)
+        here = TrainState(step=saved.epoch * self.steps_per_epoch + batches, epoch=saved.epoch,
+                          batches_done=batches, samples=saved.samples)
+        # Row groups are dealt to ranks by world size: the same samples cannot be replayed on another one.
+        log.warning("the checkpoint was written by %d ranks with a global batch of %d, this run has %d ranks and "
+                    "%d: epoch %d continues after %d samples, at step %d of %d (was step %d)",
+                    meta["world_size"], saved_batch, self.env.world_size, self.global_batch_size, saved.epoch,
+                    batches * self.global_batch_size, here.step, self.total_steps, saved.step)
+        return here
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -239,19 +259,28 @@ class Trainer:
             yield loss.detach()
 
     def _average_dense(self) -> None:
-        """k-step model averaging: every rank's dense (and replicated-table) parameters become the
-        mean over ranks, in one all-reduce of them all flattened."""
-        params = [p for name, part in self.optimizer.optimizers if name != "sparse" for p in part.params.values()]
-        if not params or self.env.world_size == 1:
+        """k-step model averaging: every rank's dense (and replicated-table) parameters, and their
+        optimizer's state (Adagrad's sums, Adam's moments), become the mean over ranks, in one
+        all-reduce of them all flattened. Averaging the state too keeps the ranks one optimizer:
+        a checkpoint then holds the state every rank has, not whichever rank's DCP saved."""
+        tensors = []
+        for name, part in self.optimizer.optimizers:
+            if name == "sparse":
+                continue
+            for param in part.params.values():
+                tensors.append(param)
+                tensors += [value for key, value in part.state.get(param, {}).items()
+                            if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point()]
+        if not tensors or self.env.world_size == 1:
             return
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            flat = torch.cat([t.detach().reshape(-1) for t in tensors])
             dist.all_reduce(flat)
             flat /= self.env.world_size
             offset = 0
-            for p in params:
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
         self.dense_averages += 1
 
     def _average_if_stale(self, state: TrainState) -> None:
@@ -281,7 +310,7 @@ class Trainer:
             "epoch": state.epoch,
             "samples": state.samples,
             "loss": loss,
-            "lr": self.lr_scheduler.get_last_lr()[0],
+            **learning_rates(self.optimizer),
             "samples_per_s": window.steps * self.global_batch_size / max(elapsed, 1e-9),
         }
         self.metrics_logger.log("train", record)

@@ -209,3 +209,14 @@ def test_model_differences_name_each_key():
         "features.sparse: 'z' is in the config, not in the checkpoint",
         "features.sparse[y].num_embeddings: 20 in the checkpoint, 30 now",
     ]
+
+
+def test_checkpoints_are_ordered_by_samples_trained_not_by_step_number(tmp_path, single_process_group):
+    # A run resumed on twice the ranks counts steps twice as large: its step 20 comes after step 30
+    # of the run before it, and is what the next resume must take and pruning must keep.
+    manager = CheckpointManager(tmp_path, keep_last=1, rank=0)
+    manager.save(30, state(1.0), {}, samples=30 * 128)
+    manager.save(20, state(2.0), {}, samples=30 * 128 + 5 * 256)
+    assert manager.latest().name == "step_00000020"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000020"]
+    assert manager.newest_valid().name == "step_00000020"

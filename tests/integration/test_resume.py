@@ -1,0 +1,143 @@
+"""Resume with the default plan (sharding=auto), for each optimizer preset: on the same number of
+workers a resumed run ends bitwise identical to an uninterrupted one; on another number (1 -> 2,
+2 -> 1, 2 -> 4) it converts the optimizer state the plans keep differently (small tables are
+replicated on 2+ ranks, sharded on 1), trains the configured samples and uses, at every step, the
+LR an uninterrupted run of that shape uses. Interruptions are made by resuming a copy of an
+uninterrupted run from one of its own checkpoints, so both runs saw the same schedule horizon."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from app.export import MODEL_FILE, export_checkpoint
+from tests.conftest import REPO, run_command
+from tests.integration.test_train import check, records, tiny
+
+# 31 steps an epoch on 1 rank, 15 on 2, 7 on 4 (experiment=tiny: 4000 rows, batch 128 a rank).
+COMMON = ["trainer.epochs=2", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=5",
+          "checkpoint.keep_last=100"]
+PRESETS = {
+    "sgd": ["optim=sgd", "optim.warmup_steps=10"],  # warmup, then linear decay to the end
+    "adagrad": ["optim=adagrad"],
+    "adam": ["optim=adam"],  # dense Adam: stateful, with a step counter
+}
+
+
+def train(root: Path, ranks: int, *overrides: str) -> str:
+    launcher = ([sys.executable, "-m", "app.train"] if ranks == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                 "-m", "app.train"])
+    return check(run_command([*launcher, *tiny(root, *overrides)], cwd=REPO))
+
+
+def run_dir(root: Path) -> Path:
+    return root / "outputs" / "tiny"
+
+
+def interrupted_copy(source: Path, target: Path, at_step: int) -> Path:
+    """A copy of the run at `source` as if it had stopped after its checkpoint at `at_step`."""
+    shutil.copytree(run_dir(source), run_dir(target))
+    (run_dir(target) / "metrics.jsonl").unlink()
+    for checkpoint in (run_dir(target) / "checkpoints").glob("step_*"):
+        if int(checkpoint.name.split("_")[1]) > at_step:
+            shutil.rmtree(checkpoint)
+    shutil.copytree(source / "data", target / "data")
+    return target
+
+
+def parameters(root: Path, tmp_path: Path) -> Dict[str, torch.Tensor]:
+    out = export_checkpoint(run_dir(root), tmp_path / f"export-{root.name}")
+    return torch.load(out / MODEL_FILE, weights_only=True)
+
+
+def assert_bitwise_equal(root: Path, reference: Path, tmp_path: Path) -> None:
+    expected, got = parameters(reference, tmp_path), parameters(root, tmp_path)
+    assert got.keys() == expected.keys() and len(expected) > 26
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), f"{root.name}: {key} differs from the uninterrupted run"
+    assert records(run_dir(root), "eval")[-1]["auc"] == records(run_dir(reference), "eval")[-1]["auc"]
+
+
+def assert_schedule_of(root: Path, reference: Path, first_step: int) -> None:
+    """The resumed run trained from `first_step` to the reference's end, with its LRs at each step."""
+    steps: List[dict] = records(run_dir(root), "train")
+    expected = {r["step"]: r for r in records(run_dir(reference), "train")}
+    assert [r["step"] for r in steps] == list(range(first_step, max(expected) + 1))
+    for record in steps:
+        for key in ("lr", "sparse_lr"):
+            assert record[key] == pytest.approx(expected[record["step"]][key], rel=1e-12, abs=0), (key, record)
+    assert steps[-1]["samples"] == expected[max(expected)]["samples"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Per preset, the uninterrupted runs on 1 and on 2 ranks (each preset trains its own)."""
+    runs = {}
+    for name, overrides in PRESETS.items():
+        base = tmp_path_factory.mktemp(name)
+        for ranks in (1, 2):
+            root = base / f"ranks{ranks}"
+            if ranks == 2:
+                shutil.copytree(base / "ranks1" / "data", root / "data")
+            train(root, ranks, *COMMON, *overrides)
+            runs[name, ranks] = root
+    return runs
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_resume_on_the_same_number_of_workers_is_bitwise_identical(preset, uninterrupted, tmp_path):
+    reference = uninterrupted[preset, 2]
+    # Inside warmup (step 5 of 10) and inside the decay for sgd; mid-run for the others.
+    for at_step in ((5, 20) if preset == "sgd" else (20,)):
+        root = interrupted_copy(reference, tmp_path / f"at{at_step}", at_step)
+        out = train(root, 2, *COMMON, *PRESETS[preset])
+        assert f"resumed from {run_dir(root) / 'checkpoints' / f'step_{at_step:08d}'}" in out
+        assert_bitwise_equal(root, reference, tmp_path)
+        assert_schedule_of(root, reference, first_step=at_step + 1)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_resume_on_another_number_of_workers_continues_the_schedule(preset, uninterrupted, tmp_path):
+    # 1 -> 2: 20 steps of 128 samples are 10 steps of 256; the small tables become data_parallel.
+    grown = interrupted_copy(uninterrupted[preset, 1], tmp_path / "grown", at_step=20)
+    out = train(grown, 2, *COMMON, *PRESETS[preset])
+    assert "written by 1 ranks with a global batch of 128, this run has 2 ranks and 256" in out
+    assert "Missing key" not in out and "starts fresh" not in out
+    assert_schedule_of(grown, uninterrupted[preset, 2], first_step=11)
+
+    # 2 -> 1: 10 steps of 256 are 20 of 128; the replicated tables' state goes back into the fused kernels.
+    shrunk = interrupted_copy(uninterrupted[preset, 2], tmp_path / "shrunk", at_step=10)
+    out = train(shrunk, 1, *COMMON, *PRESETS[preset])
+    assert "starts fresh" not in out
+    assert_schedule_of(shrunk, uninterrupted[preset, 1], first_step=21)
+    for root, reference in ((grown, uninterrupted[preset, 2]), (shrunk, uninterrupted[preset, 1])):
+        # Another data order than the reference's, so close, not equal.
+        final, expected = records(run_dir(root), "eval")[-1], records(run_dir(reference), "eval")[-1]
+        assert final["step"] == expected["step"] and abs(final["auc"] - expected["auc"]) < 0.03
+
+
+def test_resume_onto_four_workers(uninterrupted, tmp_path):
+    root = interrupted_copy(uninterrupted["adagrad", 2], tmp_path / "four", at_step=10)
+    out = train(root, 4, *COMMON, *PRESETS["adagrad"])
+    assert "this run has 4 ranks and 512" in out and "starts fresh" not in out
+    train_records = records(run_dir(root), "train")
+    # 2560 samples are 5 steps of 512; 2 epochs of 7 steps end at step 14.
+    assert [r["step"] for r in train_records] == list(range(6, 15))
+    assert records(run_dir(root), "eval")[-1]["step"] == 14
+
+
+def test_k_step_averaging_resumes_exactly_with_a_stateful_dense_optimizer(tmp_path):
+    # Adam's moments differ between ranks until averaged: averaged with the parameters, every
+    # rank's state is the one a checkpoint holds, so a resume changes nothing.
+    overrides = [*COMMON, "trainer.epochs=1", "optim=adam", "trainer.dense_average_every=4"]
+    reference = tmp_path / "reference"
+    train(reference, 2, *overrides)
+    root = interrupted_copy(reference, tmp_path / "resumed", at_step=10)  # between two averages
+    train(root, 2, *overrides)
+    assert_bitwise_equal(root, reference, tmp_path)
