@@ -141,3 +141,12 @@ def test_k_step_averaging_resumes_exactly_with_a_stateful_dense_optimizer(tmp_pa
     root = interrupted_copy(reference, tmp_path / "resumed", at_step=10)  # between two averages
     train(root, 2, *overrides)
     assert_bitwise_equal(root, reference, tmp_path)
+
+
+def test_a_changed_batch_size_continues_after_as_many_samples(uninterrupted, tmp_path):
+    # 20 steps of 128 on 1 rank, then data.batch_size=256: 10 steps of 256 are done, of 2 x 15.
+    root = interrupted_copy(uninterrupted["sgd", 1], tmp_path / "bigger", at_step=20)
+    out = train(root, 1, *COMMON, *PRESETS["sgd"], "data.batch_size=256")
+    assert "global batch of 128, this run has 1 ranks and 256" in out
+    # 1 rank x 256 has the steps, and so the schedule, of 2 ranks x 128.
+    assert_schedule_of(root, uninterrupted["sgd", 2], first_step=11)
