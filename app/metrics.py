@@ -3,6 +3,12 @@
 NE (normalized entropy) is the logloss divided by the entropy of the base click rate: 1.0 is no
 better than always predicting the average CTR, lower is better. It is what CTR papers report
 beside AUC because it also punishes badly calibrated probabilities.
+
+The AUC is computed on the logits, over every rank's rows gathered on every rank: it depends only
+on their order, which float32 probabilities lose where logits saturate (sigmoid(20) and
+sigmoid(30) are both 1.0). torchmetrics' AUROC applies that sigmoid itself to values outside
+[0, 1], and skips its gather on a rank that saw no rows (which then crashes, and leaves the
+others waiting), so `auc` below does it.
 """
 
 from __future__ import annotations
@@ -12,18 +18,47 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torchmetrics.classification import BinaryAUROC
 
 log = logging.getLogger(__name__)
 
 
 def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve as the Mann-Whitney statistic: the chance that a positive scores
+    above a negative, ties counting half; nan without both classes."""
+    positives = labels > 0.5
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ordered, order = torch.sort(scores.double())
+    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    mean_rank = ends - (counts.double() - 1) / 2  # 1-based; tied scores share their mean rank
+    positive_ranks = mean_rank[group][positives[order]].sum().item()
+    return (positive_ranks - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D `values` (any length, none too), concatenated in rank order on every rank."""
+    if not _distributed():
+        return values
+    count = torch.tensor([values.numel()], dtype=torch.int64, device=values.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    longest = max(int(c.item()) for c in counts)
+    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[: int(c.item())] for rows, c in zip(gathered, counts)])
 
 
 def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -40,12 +75,11 @@ class EvalMetrics:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        # Exact AUC (no thresholds): torchmetrics gathers every rank's predictions at compute().
-        self._auc = BinaryAUROC(thresholds=None).to(device)
         self.reset()
 
     def reset(self) -> None:
-        self._auc.reset()
+        # Exact AUC (no thresholds): every rank's logits and labels are gathered at compute().
+        self._logits, self._labels = [], []
         # logloss sum, prediction sum, label sum, count: float64 so millions of rows add up exactly.
         self._sums = torch.zeros(4, dtype=torch.float64, device=self.device)
 
@@ -53,23 +87,27 @@ class EvalMetrics:
         logits, labels = logits.detach().float(), labels.detach().float()
         if logits.numel() == 0:
             return
-        self._auc.update(torch.sigmoid(logits), labels.long())
+        self._logits.append(logits)
+        self._labels.append(labels)
         self._sums += batch_sums(logits, labels).to(self._sums)
+
+    def _rows(self, batches: List[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(batches) if batches else torch.zeros(0, device=self.device)
 
     def compute(self) -> Dict[str, float]:
         sums = self._sums.clone()
         if _distributed():
             dist.all_reduce(sums)
         loss_sum, pred_sum, label_sum, count = sums.tolist()
-        # Every rank takes part in the AUC gather, even one that saw no rows.
-        auc = float(self._auc.compute()) if count > 0 else float("nan")
+        # Every rank takes part in the gather, one that saw no rows too.
+        area = auc(gather_rows(self._rows(self._logits)), gather_rows(self._rows(self._labels)))
         if count == 0:
-            return {"auc": auc, "logloss": float("nan"), "ne": float("nan"), "calibration": float("nan"), "samples": 0}
+            return {"auc": area, "logloss": float("nan"), "ne": float("nan"), "calibration": float("nan"), "samples": 0}
         logloss = loss_sum / count
         rate = label_sum / count
         base_entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else 0.0
         return {
-            "auc": auc,
+            "auc": area,
             "logloss": logloss,
             "ne": logloss / base_entropy if base_entropy > 0 else float("nan"),
             "calibration": pred_sum / label_sum if label_sum > 0 else float("nan"),

@@ -57,24 +57,47 @@ def test_batch_sums_stay_on_the_device_of_the_batch():
     assert sums[1] == pytest.approx(float(torch.sigmoid(LOGITS).sum()))
 
 
-def _two_rank_worker(rank: int, init_file: str, results) -> None:
+def _two_rank_worker(rank: int, init_file: str, first_rank_rows: int, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     metrics = EvalMetrics(torch.device("cpu"))
-    # Uneven halves: rank 0 gets 3 rows, rank 1 gets 5.
-    rows = slice(0, 3) if rank == 0 else slice(3, 8)
-    metrics.update(LOGITS[rows], LABELS[rows])
+    rows = slice(0, first_rank_rows) if rank == 0 else slice(first_rank_rows, 8)
+    if rows.stop > rows.start:
+        metrics.update(LOGITS[rows], LABELS[rows])
     results[rank] = metrics.compute()
     dist.destroy_process_group()
 
 
-def test_two_ranks_agree_with_one_process(tmp_path):
+# Uneven halves (3 and 5 rows), and a rank that has no validation rows at all (a validation split
+# of fewer row groups than ranks): torchmetrics' AUROC raised "No samples to concatenate" there.
+@pytest.mark.parametrize("first_rank_rows", [3, 0])
+def test_two_ranks_agree_with_one_process(tmp_path, first_rank_rows):
     results = mp.Manager().dict()
-    mp.spawn(_two_rank_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(str(tmp_path / "init"), first_rank_rows, results), nprocs=2, join=True)
     expected = reference(LOGITS, LABELS)
     for rank in (0, 1):
         for key, value in expected.items():
             assert results[rank][key] == pytest.approx(value, rel=1e-6), (rank, key)
         assert results[rank]["samples"] == 8
+
+
+def test_auc_orders_saturated_logits_that_float32_probabilities_tie():
+    metrics = EvalMetrics(torch.device("cpu"))
+    metrics.update(torch.tensor([20.0, 25.0, 30.0, 35.0]), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    assert torch.sigmoid(torch.tensor([20.0, 35.0])).tolist() == [1.0, 1.0]
+    assert metrics.compute()["auc"] == 1.0
+
+
+def test_auc_equals_torchmetrics_where_probabilities_keep_the_order():
+    from torchmetrics.functional.classification import binary_auroc
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5000, generator=generator).mul(2).round(decimals=1)  # many ties
+    labels = (torch.rand(5000, generator=generator) < torch.sigmoid(logits)).float()
+    metrics = EvalMetrics(torch.device("cpu"))
+    for part in range(5):
+        metrics.update(logits[part * 1000 : (part + 1) * 1000], labels[part * 1000 : (part + 1) * 1000])
+    expected = binary_auroc(torch.sigmoid(logits), labels.long(), thresholds=None).item()
+    assert metrics.compute()["auc"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_logger_writes_jsonl_and_tensorboard_on_rank0_only(tmp_path):
