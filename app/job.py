@@ -81,7 +81,7 @@ def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv,
     if env.is_rank0 and run_dir is not None:
         report = plan_report(plan, schema, env.world_size, chosen)
         log.info("sharding plan:\n%s", write_plan_report(report, run_dir))
-    return shard_model(model, plan, config.sharding, env.device,
+    return shard_model(model, plan, config.sharding, env.device, config.data.batch_size,
                        local_dense_gradients=config.trainer.dense_average_every > 0)
 
 

@@ -98,7 +98,8 @@ def check_one(sharding_type: str, arch: str) -> None:
                          BATCH, WORLD, WORLD, dist.group.WORLD)
     chosen = {p.sharding_type for p in plan.plan["model.sparse_arch.embedding_bag_collection"].values()}
     assert chosen == {sharding_type}, chosen
-    sharded = shard_model(model, plan, ShardingConfig(sharding_types=[sharding_type]), torch.device("cpu"))
+    sharded = shard_model(model, plan, ShardingConfig(sharding_types=[sharding_type]), torch.device("cpu"),
+                          batch_size=BATCH)
     sharded.load_state_dict(initial)
     optimizer = build_optimizer(sharded, OPTIM)
 

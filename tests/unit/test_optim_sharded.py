@@ -19,16 +19,16 @@ from app.optim import build_optimizer, set_fused_optimizer_step
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
 
 
-def sharded(*overrides: str):
+def sharded(*overrides: str, env: DistEnv = ENV):
     config = compose_config(["experiment=tiny", *overrides])
     schema = FeatureSchema.from_config(config.features)
     torch.manual_seed(0)
-    model = build_sharded_model(config, schema, ENV, run_dir=None)
+    model = build_sharded_model(config, schema, env, run_dir=None)
     return model, build_optimizer(model, config.optim), schema
 
 
-def batch(schema: FeatureSchema, size: int = 16) -> Batch:
-    generator = torch.Generator().manual_seed(1)
+def batch(schema: FeatureSchema, size: int = 16, seed: int = 1) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
     lengths = torch.ones(size * len(schema.sparse), dtype=torch.int64)
     values = torch.cat([torch.randint(0, f.num_embeddings, (size,), generator=generator) for f in schema.sparse])
     return Batch(dense_features=torch.rand(size, len(schema.dense), generator=generator),

@@ -124,7 +124,7 @@ def test_bandwidths_and_search_strategy_reach_the_planner():
 
 
 def _codec_precisions(config: ShardingConfig) -> dict:
-    registry = sharders(config, torch.device("cpu"))[0].qcomm_codecs_registry
+    registry = sharders(config, torch.device("cpu"), 512)[0].qcomm_codecs_registry
     return {op: (codecs.forward.quantized_dtype, codecs.backward.quantized_dtype) for op, codecs in registry.items()}
 
 
@@ -141,11 +141,62 @@ def test_scaled_precisions_fall_back_for_reduce_scatter_only():
 
 
 def test_fp32_communication_needs_no_codecs():
-    assert sharders(ShardingConfig(), torch.device("cpu"))[0].qcomm_codecs_registry is None
+    assert sharders(ShardingConfig(), torch.device("cpu"), 512)[0].qcomm_codecs_registry is None
 
 
 def test_fp8_communication_is_refused_on_cpu_naming_the_key():
     with pytest.raises(ConfigError, match=r"sharding.comm_backward_precision=fp8 needs CUDA"):
-        sharders(ShardingConfig(comm_backward_precision="fp8"), torch.device("cpu"))
-    registry = sharders(ShardingConfig(comm_backward_precision="fp8"), torch.device("cuda"))[0].qcomm_codecs_registry
+        sharders(ShardingConfig(comm_backward_precision="fp8"), torch.device("cpu"), 512)
+    registry = sharders(ShardingConfig(comm_backward_precision="fp8"), torch.device("cuda"), 512)[0].qcomm_codecs_registry
     assert registry["POOLED_EMBEDDINGS_ALL_TO_ALL"].backward.quantized_dtype == torch.uint8
+
+
+@pytest.mark.parametrize("op", ["POOLED_EMBEDDINGS_ALL_TO_ALL", "POOLED_EMBEDDINGS_REDUCE_SCATTER"])
+def test_small_gradients_survive_fp16_communication(op):
+    # The gradient of a pooled embedding at 8192 rows a rank (the loss is their mean): ~5e-8, below
+    # fp16's smallest normal 6.1e-5; unscaled, fp16 flushes or rounds them coarsely (27% L1 error).
+    config = ShardingConfig(comm_forward_precision="fp16", comm_backward_precision="fp16")
+    codec = sharders(config, torch.device("cpu"), 8192)[0].qcomm_codecs_registry[op].backward
+    gradients = torch.full((4096,), 5e-8) * torch.linspace(0.5, 2.0, 4096)
+    encoded = codec.encode(gradients)
+    assert encoded.dtype == torch.float16
+    decoded = codec.decode(encoded)
+    assert decoded.dtype == torch.float32
+    assert ((decoded - gradients).abs().sum() / gradients.abs().sum()).item() < 1e-3
+    # Values as large as a batch's summed gradient still fit fp16 once scaled.
+    assert torch.isfinite(codec.encode(torch.tensor([1.0]))).all()
+
+
+def _replicated_table_gradient(rank: int, init_file: str, local: bool, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    from tests.unit.test_optim_sharded import batch, sharded
+
+    overrides = ["sharding=data_parallel", f"trainer.dense_average_every={4 if local else 0}"]
+    model, _, schema = sharded(*overrides, env=_env(rank))
+    torch.manual_seed(rank)  # each rank its own batch
+    loss, _ = model(batch(schema, seed=rank))
+    loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    results[rank] = {name: g for name, g in gradients.items() if "t_cat_0" in name or "over_arch" in name}
+    dist.destroy_process_group()
+
+
+def _env(rank: int):
+    from app.distributed import DistEnv
+
+    return DistEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_k_step_averaging_keeps_replicated_tables_gradients_local_too(tmp_path, local):
+    # With k-step averaging no gradient is all-reduced, the data_parallel tables' included (TorchRec
+    # wraps them in DDPs of their own); without it, every rank has the mean gradient.
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_replicated_table_gradient, args=(str(tmp_path / "init"), local, results), nprocs=2, join=True)
+    names = sorted(results[0])
+    assert any("t_cat_0" in name for name in names) and any("over_arch" in name for name in names)
+    for name in names:
+        same = torch.equal(results[0][name], results[1][name])
+        assert same != local, f"{name}: {'all-reduced' if same else 'local'}"
