@@ -32,6 +32,7 @@ import copy
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -418,14 +419,15 @@ class CheckpointManager:
         return meta
 
 
-def _samples(path: Path) -> int:
-    """The samples trained when the checkpoint at `path` was written; -1 if its meta.json does
-    not say (verification reports why)."""
+def _samples(path: Path) -> float:
+    """The samples trained when the checkpoint at `path` was written (0 if its meta.json predates
+    the count). A damaged meta.json counts as newest, so that resuming tries it first and reports
+    why it is not usable."""
     try:
         samples = json.loads((path / META_FILE).read_text()).get("samples", 0)
     except (OSError, ValueError, AttributeError):
-        return -1
-    return samples if type(samples) is int else -1
+        return math.inf
+    return samples if type(samples) is int else math.inf
 
 
 def broadcast_text(text: Optional[str], group: Optional[dist.ProcessGroup] = None, src: int = 0) -> Optional[str]:

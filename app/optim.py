@@ -126,11 +126,10 @@ def set_schedule_step(scheduler: LambdaLR, step: int) -> None:
 
 
 def learning_rates(optimizer: CombinedOptimizer) -> Dict[str, float]:
-    """The current LR of the dense layers and of the tables, by their config names."""
-    first = {}
-    for name, part in optimizer.optimizers:
-        first.setdefault(name, part.param_groups[0]["lr"])
-    return {"lr": first["dense"], "sparse_lr": first["sparse"]}
+    """The current LR of the dense layers and of the tables, by their config names (the tables'
+    from the fused optimizer, or the replicated tables' where the plan shards none)."""
+    first = {name: part.param_groups[0]["lr"] for name, part in optimizer.optimizers if part.param_groups}
+    return {"lr": first["dense"], "sparse_lr": first.get("sparse", first.get("replicated_tables"))}
 
 
 def set_fused_optimizer_step(optimizer: CombinedOptimizer, step: int) -> None:

@@ -64,6 +64,9 @@ def _two_rank_worker(rank: int, init_file: str, first_rank_rows: int, results) -
     if rows.stop > rows.start:
         metrics.update(LOGITS[rows], LABELS[rows])
     results[rank] = metrics.compute()
+    # A pass where no rank has a row: the gathers of nothing still pair up, and nothing is measured.
+    metrics.reset()
+    results[rank, "empty"] = metrics.compute()
     dist.destroy_process_group()
 
 
@@ -78,13 +81,26 @@ def test_two_ranks_agree_with_one_process(tmp_path, first_rank_rows):
         for key, value in expected.items():
             assert results[rank][key] == pytest.approx(value, rel=1e-6), (rank, key)
         assert results[rank]["samples"] == 8
+        assert math.isnan(results[rank, "empty"]["auc"]) and results[rank, "empty"]["samples"] == 0
 
 
 def test_auc_orders_saturated_logits_that_float32_probabilities_tie():
+    from torchmetrics.functional.classification import binary_auroc
+
+    logits, labels = torch.tensor([20.0, 25.0, 30.0, 35.0]), torch.tensor([0.0, 0.0, 1.0, 1.0])
+    assert torch.sigmoid(logits).tolist() == [1.0] * 4
+    assert binary_auroc(torch.sigmoid(logits), labels.long(), thresholds=None) < 1.0
     metrics = EvalMetrics(torch.device("cpu"))
-    metrics.update(torch.tensor([20.0, 25.0, 30.0, 35.0]), torch.tensor([0.0, 0.0, 1.0, 1.0]))
-    assert torch.sigmoid(torch.tensor([20.0, 35.0])).tolist() == [1.0, 1.0]
+    metrics.update(logits, labels)
     assert metrics.compute()["auc"] == 1.0
+
+
+def test_auc_is_nan_without_rows_or_without_both_classes():
+    metrics = EvalMetrics(torch.device("cpu"))
+    empty = metrics.compute()
+    assert math.isnan(empty["auc"]) and empty["samples"] == 0
+    metrics.update(torch.tensor([-1.0, 2.0]), torch.ones(2))
+    assert math.isnan(metrics.compute()["auc"])
 
 
 def test_auc_equals_torchmetrics_where_probabilities_keep_the_order():
