@@ -48,7 +48,7 @@ _FUSED_ON_CPU = ("sgd", "adagrad", "rowwise_adagrad")
 _TABLES_FQN_PART = "embedding_bag_collection"
 
 
-def _optimizer_kwargs(name: str, lr: float, config: OptimConfig, weight_decay: float = 0.0) -> Dict[str, object]:
+def _optimizer_kwargs(name: str, lr: float, config: OptimConfig, weight_decay: float) -> Dict[str, object]:
     kwargs: Dict[str, object] = {"lr": lr, "weight_decay": weight_decay}
     if name in ("adagrad", "rowwise_adagrad", "adam"):
         kwargs["eps"] = config.eps
@@ -64,7 +64,7 @@ def apply_sparse_optimizer(model: nn.Module, config: OptimConfig, device: torch.
             f"optim.sparse={config.sparse} needs CUDA: FBGEMM's CPU kernels fuse only "
             f"{', '.join(_FUSED_ON_CPU)} into the embedding backward."
         )
-    kwargs = _optimizer_kwargs(config.sparse, config.effective_sparse_lr, config)
+    kwargs = _optimizer_kwargs(config.sparse, config.effective_sparse_lr, config, weight_decay=0.0)  # tables: none
     if "betas" in kwargs:
         kwargs["beta1"], kwargs["beta2"] = kwargs.pop("betas")
     _apply_optimizer_in_backward(_FUSED_CLASSES[config.sparse], embedding_tables(model).parameters(), kwargs)
@@ -77,7 +77,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
     replicated_tables = {n: p for n, p in plain.items() if _TABLES_FQN_PART in n}
     dense = {n: p for n, p in plain.items() if _TABLES_FQN_PART not in n}
 
-    def wrap(name: str, lr: float, params: Dict[str, nn.Parameter], weight_decay: float = 0.0) -> KeyedOptimizer:
+    def wrap(name: str, lr: float, params: Dict[str, nn.Parameter], weight_decay: float) -> KeyedOptimizer:
         optimizer_class = _OPTIMIZER_CLASSES[name]
         kwargs = _optimizer_kwargs(name, lr, config, weight_decay)
         return KeyedOptimizerWrapper(params, lambda p: optimizer_class(p, **kwargs))
@@ -85,7 +85,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
     parts = [("sparse", model.fused_optimizer), ("dense", wrap(config.dense, config.lr, dense, config.weight_decay))]
     if replicated_tables:
         parts.append(
-            ("replicated_tables", wrap(config.sparse, config.effective_sparse_lr, replicated_tables))
+            ("replicated_tables", wrap(config.sparse, config.effective_sparse_lr, replicated_tables, weight_decay=0.0))
         )
     return CombinedOptimizer(parts)
 
