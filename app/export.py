@@ -39,7 +39,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from app.checkpoint import (META_FILE, CheckpointError, find_checkpoint, load_state, read_dcp_metadata, read_meta,
                             weights_only_refusal)
-from app.config import Config, config_from_dict
+from app.config import Config
+from app.hydra_edge import config_from_dict
 from app.data import DataError
 from app.data.batch import InputPolicy, decode
 from app.data.parquet import check_files

@@ -16,17 +16,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from app.config import ConfigError, check_key, register_with_hydra, to_config
+from app.config import ConfigError
+from app.hydra_edge import check_override_keys, register_with_hydra, to_config
 from app.data import DataError
 
 register_with_hydra()
-_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BAD_INPUT = 2  # exit code for a config, data or checkpoint error
 PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption, after saving a checkpoint
 
@@ -50,30 +49,6 @@ def _fail(error: Exception) -> None:
 
 
 _SILENT_RANKS_WAIT_S = 5
-
-
-def _check_override_keys(argv: List[str]) -> None:
-    """Every key the command line sets must be in the schema, whatever its prefix (none, + or ++):
-    stop naming the key and the nearest valid one. (Hydra refuses an unknown key without a prefix,
-    but names no valid key; with + it adds the key, which the run would then ignore.)"""
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    args, rest = get_args_parser().parse_known_args(argv)
-    lines = args.overrides + [item for item in rest if not item.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(lines)
-    except Exception:
-        return  # not an override Hydra can parse: Hydra says why
-    groups = {p.name for p in _CONFIGS.iterdir() if p.is_dir()}
-    for override in overrides:
-        key = override.key_or_group
-        if override.is_delete() or override.package is not None or key.split(".")[0] == "hydra" or key in groups:
-            continue
-        try:
-            check_key(key)
-        except ConfigError as error:
-            _fail(error)
 
 
 _entered_main = False
@@ -133,7 +108,10 @@ def cli() -> None:
     """`python -m app.train`: Hydra's main, with exit code 2 for every config error. Hydra exits
     with 1 when it cannot compose the config (an unknown group option, a value of the wrong
     type), before main() runs; 1 stays for failures of the job itself."""
-    _check_override_keys(sys.argv[1:])
+    try:
+        check_override_keys(sys.argv[1:])
+    except ConfigError as error:
+        _fail(error)
     try:
         main()
     except SystemExit as exit_:

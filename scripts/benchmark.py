@@ -27,7 +27,8 @@ import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from app import distributed
-from app.config import Config, compose_config
+from app.config import Config
+from app.hydra_edge import compose_config
 from app.data.parquet import ParquetBatches
 from app.features import FeatureSchema
 from app.job import build_loaders, build_sharded_model, dataset_files

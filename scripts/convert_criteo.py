@@ -26,7 +26,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from app.config import ConfigError, FeaturesConfig, register_with_hydra
+from app.config import ConfigError, FeaturesConfig
+from app.hydra_edge import register_with_hydra
 from app.data import DataError
 from app.data.criteo import CATEGORICAL_MODES, MIN_ROW_GROUPS, ConvertOptions, convert
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from app.config import compose_config
+from app.hydra_edge import compose_config
 from app.data.synthetic import METADATA_FILE, ensure_dataset
 from app.features import FeatureSchema
 

@@ -22,7 +22,8 @@ from typing import List
 
 import torch
 
-from app.config import ConfigError, compose_config
+from app.config import ConfigError
+from app.hydra_edge import compose_config
 from app.features import FeatureSchema
 from app.model import build_model
 from app.optim import apply_sparse_optimizer

@@ -1,9 +1,9 @@
-"""Parquet input: reading (parquet.py), Arrow -> Batch (batch.py), the synthetic dataset (synthetic.py)."""
+"""Parquet input: which rank reads which row groups (row_groups.py), the training and evaluation
+readers (parquet.py), Arrow -> Batch (batch.py), the synthetic dataset (synthetic.py) and the
+Criteo converter (criteo/)."""
+
+from app.errors import UserError
 
 
-class DataError(ValueError):
-    """Input data that cannot be trained on; the message names file, row group, row and column.
-    `rank_specific`: met in this rank's share of the rows while reading, so other ranks may not
-    have met it (unlike the checks every rank makes alike before training)."""
-
-    rank_specific = False
+class DataError(UserError, ValueError):
+    """Input data that cannot be trained on; the message names file, row group, row and column."""

@@ -7,7 +7,8 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from app.config import Config, ConfigError, TableConstraint, compose_config, config_from_dict
+from app.config import Config, ConfigError, TableConstraint
+from app.hydra_edge import compose_config, config_from_dict
 from tests.conftest import CONFIGS, REPO, run_command
 
 

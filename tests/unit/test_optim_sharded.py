@@ -10,7 +10,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from app.config import compose_config
+from app.hydra_edge import compose_config
 from app.distributed import DistEnv
 from app.features import FeatureSchema
 from app.job import build_sharded_model

@@ -1,0 +1,163 @@
+"""The Hydra edge: the only code that touches Hydra and OmegaConf.
+
+configs/ is composed onto app/config.py's dataclasses (registered in Hydra's ConfigStore by
+`register_with_hydra`), so an unknown key or a value of the wrong type fails at start-up with the
+key's name; `to_config` turns the composed config into a validated `Config`, the plain dataclass
+everything below the entrypoints receives. The scripts compose the same config with
+`compose_config`; checkpoints and exports carry it as a dict, read back by `config_from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import os
+import typing
+from pathlib import Path
+from typing import List, Optional
+
+from app.config import Config, ConfigError
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _sweep_point_dir(overrides: str) -> str:
+    """A sweep point's directory name from its overrides (Hydra's override_dirname): one path
+    component, readable, unique. Path-valued overrides (the same for every point, usually) are
+    left out of the readable part; a hash of the whole string then keeps points apart."""
+    readable = ",".join(item for item in overrides.split(",") if os.sep not in item) or "default"
+    if readable == overrides and len(readable) <= 100:
+        return readable
+    return f"{readable[:100]}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+
+
+def _rank0_only(value: str) -> Optional[str]:
+    """Every torchrun worker composes the config; only rank 0 may write `value` (.hydra/)."""
+    return value if os.environ.get("RANK", "0") == "0" else None
+
+
+def register_with_hydra() -> None:
+    """Register what configs/ needs: `config_schema`, which train.yaml names first (it types every
+    group, so each group's YAML files merge onto their dataclass), and the resolvers
+    hydra/default.yaml uses. The group schemas are not registered as options of their groups:
+    they would show in --help and be selectable (model=schema)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    OmegaConf.register_new_resolver("rank0_only", _rank0_only, replace=True)
+    OmegaConf.register_new_resolver("sweep_point_dir", _sweep_point_dir, replace=True)
+
+
+def compose_config(overrides: List[str]) -> Config:
+    """The validated Config that `python -m app.train <overrides>` runs: for the scripts, which
+    compose it with Hydra's compose API instead of @hydra.main."""
+    from hydra import compose, initialize_config_dir
+
+    register_with_hydra()
+    with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):
+        return to_config(compose("train", overrides=list(overrides)))
+
+
+def to_config(cfg) -> Config:
+    """The composed Hydra config as a validated Config (the only conversion; see train.py)."""
+    from omegaconf import OmegaConf
+
+    # A key the schema lacks (`+optim.lrr=0.1`, which Hydra admits) would otherwise be dropped in
+    # silence by to_object, and the run would train without the setting its user asked for.
+    for key in _keys_outside_schema(cfg):
+        check_key(key)
+    return OmegaConf.to_object(cfg).validate()
+
+
+def _keys_outside_schema(node, prefix: str = "") -> List[str]:
+    """Dotted keys of a composed config that its dataclass schema has no field for."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, ListConfig):
+        return [key for i, item in enumerate(node) for key in _keys_outside_schema(item, f"{prefix}{i}.")]
+    if not isinstance(node, DictConfig):
+        return []
+    schema = OmegaConf.get_type(node)
+    fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    found = []
+    for key in node.keys():
+        if fields is not None and key not in fields:
+            found.append(f"{prefix}{key}")
+        else:
+            found += _keys_outside_schema(node._get_node(key), f"{prefix}{key}.")
+    return found
+
+
+def check_key(key: str) -> None:
+    """ConfigError naming `key` (dotted, as on the command line) and the nearest valid key,
+    unless the schema has it. Below a map (sharding.tables.<feature>) or a list (features.sparse.<i>)
+    the key is checked against the schema of its entries."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    node = OmegaConf.structured(Config)
+    parts = key.split(".")
+    depth = 0
+    while depth < len(parts):
+        if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
+            if parts[depth] not in node:
+                parent = ".".join(parts[:depth])
+                raise ConfigError(_unknown_key_message(key, parent, parts[depth], list(node.keys())))
+            node = node._get_node(parts[depth])
+        elif isinstance(node, (DictConfig, ListConfig)) and dataclasses.is_dataclass(node._metadata.element_type):
+            node = OmegaConf.structured(node._metadata.element_type)  # parts[depth] names the entry
+        else:
+            return  # a plain value, list or map: Hydra itself refuses what does not fit
+        depth += 1
+
+
+def _unknown_key_message(key: str, parent: str, name: str, siblings: List[str]) -> str:
+    near = [f"{parent}.{n}" if parent else n for n in difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)]
+    if not near:  # the right name in the wrong group (lr=0.1 for optim.lr=0.1)
+        near = [k for k in _known_keys(Config) if k.rsplit(".", 1)[-1] == name][:1]
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    where = f"{parent!r} has" if parent else "the config has"
+    return (f"{key!r} is not a config key: {where} no field {name!r}.{hint} "
+            "`python -m app.train --cfg job` prints every key.")
+
+
+def _known_keys(schema: type, prefix: str = "") -> List[str]:
+    """Every dotted key of a dataclass schema, groups and fields alike."""
+    keys = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _known_keys(hints[f.name], f"{prefix}{f.name}.")
+    return keys
+
+
+def config_from_dict(data: dict) -> Config:
+    """A Config from its dataclasses.asdict() form (as checkpoints and exported models carry it),
+    checked against the schema like a composed one: unknown keys and wrong types fail."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data)).validate()
+
+
+def check_override_keys(argv: List[str]) -> None:
+    """Every key the command line sets must be in the schema, whatever its prefix (none, + or ++):
+    a ConfigError naming the key and the nearest valid one. (Hydra refuses an unknown key without a prefix,
+    but names no valid key; with + it adds the key, which the run would then ignore.)"""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args, rest = get_args_parser().parse_known_args(argv)
+    lines = args.overrides + [item for item in rest if not item.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except Exception:
+        return  # not an override Hydra can parse: Hydra says why
+    groups = {p.name for p in CONFIGS_DIR.iterdir() if p.is_dir()}
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_delete() or override.package is not None or key.split(".")[0] == "hydra" or key in groups:
+            continue
+        check_key(key)
