@@ -1,10 +1,11 @@
 """The Hydra edge: the only code that touches Hydra and OmegaConf.
 
-configs/ is composed onto app/config.py's dataclasses (registered in Hydra's ConfigStore by
+configs/ is composed onto app/config/'s dataclasses (registered in Hydra's ConfigStore by
 `register_with_hydra`), so an unknown key or a value of the wrong type fails at start-up with the
 key's name; `to_config` turns the composed config into a validated `Config`, the plain dataclass
 everything below the entrypoints receives. The scripts compose the same config with
 `compose_config`; checkpoints and exports carry it as a dict, read back by `config_from_dict`.
+`python -m app.train --help` lists every key with its type, default and help text (`config_docs`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import dataclasses
 import difflib
 import hashlib
 import os
+import textwrap
 import typing
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
-from app.config import Config, ConfigError
+from app.config import Config, ConfigError, field_docs
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -37,6 +39,70 @@ def _rank0_only(value: str) -> Optional[str]:
     return value if os.environ.get("RANK", "0") == "0" else None
 
 
+def _show(value: Any) -> str:
+    """A value as an override writes it; a long or nested list or map by its length."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value or "''"
+    if isinstance(value, (list, dict)):
+        items = list(value.values()) if isinstance(value, dict) else value
+        if len(items) > 8 or any(isinstance(v, (list, dict)) for v in items):
+            return f"[{len(value)} entries]" if isinstance(value, list) else f"{{{len(value)} entries}}"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+_UNSET = object()
+
+
+def _composed_value(root, key: str) -> Any:
+    """The value of `key` in a composed config (??? where it must be given), or _UNSET."""
+    from omegaconf import OmegaConf
+
+    parent_key, _, name = key.rpartition(".")
+    parent = OmegaConf.select(root, parent_key) if parent_key else root
+    if not OmegaConf.is_dict(parent) or name not in parent.keys():  # `in` leaves out a ??? value
+        return _UNSET
+    if OmegaConf.is_missing(parent, name):
+        return "???"
+    value = parent[name]
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def config_docs(composed=None, width: int = 100) -> str:
+    """Every config key as `key: type = default`, then its help text, groups before their keys;
+    with a composed config, `(composed: value)` marks each key whose value differs from its default."""
+    def wrap(text: str, indent: str, more: str) -> List[str]:
+        return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent + more,
+                             break_on_hyphens=False)
+
+    lines = []
+    for doc in field_docs():
+        indent = "  " * (doc.key.count(".") - doc.key.count("<"))  # entries of a list or map sit under it
+        if doc.is_group:
+            lines += ["", *wrap(f"{doc.key}: {doc.help}", indent, "  ")]
+            continue
+        line = f"{indent}{doc.key}: {doc.type} = {_show(doc.default)}"
+        if composed is not None and "<" not in doc.key:
+            value = _composed_value(composed, doc.key)
+            if value is not _UNSET and value != doc.default:
+                line += f"  (composed: {_show(value)})"
+        lines.append(line)
+        lines += wrap(doc.help, indent + "    ", "")
+    return "\n".join(lines).strip("\n")
+
+
+def _config_docs_resolver(*, _root_) -> str:
+    """${config_docs:} in hydra/default.yaml's help template. Hydra then fills the template with
+    string.Template, to which `$` is special: it is doubled."""
+    return config_docs(_root_).replace("$", "$$")
+
+
 def register_with_hydra() -> None:
     """Register what configs/ needs: `config_schema`, which train.yaml names first (it types every
     group, so each group's YAML files merge onto their dataclass), and the resolvers
@@ -49,27 +115,38 @@ def register_with_hydra() -> None:
     store.store(name="config_schema", node=Config)
     OmegaConf.register_new_resolver("rank0_only", _rank0_only, replace=True)
     OmegaConf.register_new_resolver("sweep_point_dir", _sweep_point_dir, replace=True)
+    OmegaConf.register_new_resolver("config_docs", _config_docs_resolver, replace=True)
 
 
-def compose_config(overrides: List[str]) -> Config:
-    """The validated Config that `python -m app.train <overrides>` runs: for the scripts, which
-    compose it with Hydra's compose API instead of @hydra.main."""
+def compose_config(overrides: List[str], validate: bool = True) -> Config:
+    """The Config that `python -m app.train <overrides>` runs: for the scripts, which compose it
+    with Hydra's compose API instead of @hydra.main. Every way the overrides can be wrong (a key
+    the schema lacks, an unknown group option, a value of the wrong type, and, unless `validate`
+    is false, an impossible value) is a ConfigError naming the key."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
+    check_override_keys(list(overrides))
     register_with_hydra()
-    with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):
-        return to_config(compose("train", overrides=list(overrides)))
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):
+            return to_config(compose("train", overrides=list(overrides)), validate)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(" ".join(str(error).split())) from error
 
 
-def to_config(cfg) -> Config:
-    """The composed Hydra config as a validated Config (the only conversion; see train.py)."""
+def to_config(cfg, validate: bool = True) -> Config:
+    """The composed Hydra config as a Config, validated unless `validate` is false (the only
+    conversion; see train.py)."""
     from omegaconf import OmegaConf
 
     # A key the schema lacks (`+optim.lrr=0.1`, which Hydra admits) would otherwise be dropped in
     # silence by to_object, and the run would train without the setting its user asked for.
     for key in _keys_outside_schema(cfg):
         check_key(key)
-    return OmegaConf.to_object(cfg).validate()
+    config = OmegaConf.to_object(cfg)
+    return config.validate() if validate else config
 
 
 def _keys_outside_schema(node, prefix: str = "") -> List[str]:

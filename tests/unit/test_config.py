@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
 
 import pytest
-from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
-from app.config import Config, ConfigError, TableConstraint
+import app.config
+from app.config import GROUP_SCHEMAS, Config, ConfigError, TableConstraint, field_docs
 from app.hydra_edge import compose_config, config_from_dict
 from tests.conftest import CONFIGS, REPO, run_command
 
@@ -90,7 +93,8 @@ def test_per_table_constraints_must_name_a_sparse_feature():
 
 @pytest.mark.parametrize("override", ["optim.lrr=0.1", "data.batch_size=many", "trainer.epoch=2"])
 def test_unknown_keys_and_wrong_types_fail_at_composition(override):
-    with pytest.raises(ConfigCompositionException, match=override.split("=")[0].replace(".", r"\.")):
+    # A ConfigError (a UserError: every script says it and exits 2), not Hydra's own exception.
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load([override])
 
 
@@ -145,3 +149,89 @@ def test_a_config_error_is_said_by_rank_0_only(tmp_path):
         env = dict(os.environ, PYTHONPATH=str(REPO), RANK=rank, WORLD_SIZE="2")
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and result.stderr == expected, (rank, result.stderr)
+
+
+def _differences(left, right, prefix: str = "") -> dict:
+    """{dotted key: (left, right)} wherever two dataclasses.asdict() forms differ."""
+    if isinstance(left, dict) and isinstance(right, dict):
+        found = {}
+        for key in [*left, *(k for k in right if k not in left)]:
+            found.update(_differences(left.get(key), right.get(key), f"{prefix}{key}."))
+        return found
+    return {} if left == right else {prefix.rstrip("."): (left, right)}
+
+
+def test_group_schemas_are_configs_dataclass_fields():
+    assert list(GROUP_SCHEMAS) == GROUPS
+    assert all(GROUP_SCHEMAS[g] is type(getattr(Config(), g)) for g in GROUPS)
+    assert {p.name for p in CONFIGS.iterdir() if p.is_dir()} - {"hydra", "experiment", "sweep"} == set(GROUPS)
+
+
+def test_the_default_config_is_the_dataclass_defaults():
+    # The dataclasses are the one source of defaults: `python -m app.train` with no overrides runs
+    # Config() but for the dataset the default features option (criteo_small) describes.
+    composed, defaults = dataclasses.asdict(load()), dataclasses.asdict(Config())
+    for group in GROUPS:
+        if group == "features":
+            continue
+        differences = _differences(composed[group], defaults[group], f"{group}.")
+        assert not differences, f"configs/ and app/config/ disagree (composed, dataclass): {differences}"
+    for key in ("run_name", "seed", "output_root"):
+        assert composed[key] == defaults[key], key
+    differences = _differences(composed["features"], defaults["features"], "features.")
+    assert set(differences) == {"features.dense", "features.sparse"}, differences
+    assert Config().features.dense == [] and Config().features.sparse == []
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_group_options_hold_only_what_they_change(group):
+    # An option sets no key to its dataclass default, but for the values that name it (model.arch=dlrm).
+    naming = {"model.arch", "data.source", "optim.dense", "optim.sparse"}
+    defaults = _leaves(dataclasses.asdict(GROUP_SCHEMAS[group]()), f"{group}.")
+    for path in sorted((CONFIGS / group).glob("*.yaml")):
+        values = OmegaConf.to_container(OmegaConf.load(path))
+        repeated = {k for k, v in _leaves(values, f"{group}.").items() if k in defaults and defaults[k] == v} - naming
+        assert not repeated, f"{path.relative_to(REPO)} repeats defaults of app/config/: {sorted(repeated)}"
+        if path.stem == "default":
+            assert values == {}, f"{path.relative_to(REPO)}: the defaults are app/config/'s"
+
+
+def _leaves(values: dict, prefix: str) -> dict:
+    """{dotted key: value} of a nested dict (a list is one value)."""
+    found = {}
+    for name, value in values.items():
+        found.update(_leaves(value, f"{prefix}{name}.") if isinstance(value, dict) else {f"{prefix}{name}": value})
+    return found
+
+
+def test_every_field_has_help_text():
+    schemas = [c for _, c in inspect.getmembers(app.config, inspect.isclass)
+               if dataclasses.is_dataclass(c) and c.__module__.startswith("app.config")]
+    assert len(schemas) >= 13  # the groups, Config, SparseFeature, SyntheticConfig, TableConstraint
+    missing = [f"{c.__name__}.{f.name}" for c in schemas for f in dataclasses.fields(c) if not f.metadata.get("help")]
+    assert not missing, f"fields without help text: {missing}"
+    documented = {d.key for d in field_docs()}
+    assert {"checkpoint.every_n_steps", "data.synthetic.seed", "features.sparse.<i>.hotness",
+            "sharding.tables.<feature>.min_partition"} <= documented
+
+
+def test_help_lists_every_key_with_its_default_and_help():
+    result = run_command([sys.executable, "-m", "app.train", "--help"], cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "checkpoint.every_n_steps: int = 500\n" in text
+    assert "trainer.epochs: int = 2\n" in text and "optim.lr: float = 0.01\n" in text
+    assert "sharding.hbm_cap_gb: Optional[float] = null\n" in text
+    assert "    Save a checkpoint every this many steps, and always at the end (0: only at the end)." in text
+    assert "model: dcn, dlrm" in text, "Hydra's list of groups and options stays"
+    flat = " ".join(text.split())
+    for doc in field_docs():
+        if not doc.is_group:
+            assert f"{doc.key}: {doc.type} = " in text, doc.key
+        assert " ".join(doc.help.split()) in flat, doc.key
+    # The group options and overrides given show where they change a default.
+    text = run_command([sys.executable, "-m", "app.train", "--help", "experiment=tiny", "optim.lr=0.5"],
+                       cwd=REPO).stdout
+    assert "checkpoint.every_n_steps: int = 500  (composed: 10)\n" in text
+    assert "optim.lr: float = 0.01  (composed: 0.5)\n" in text and "optim.eps: float = 1e-08\n" in text
+    assert "features.sparse: List[SparseFeature] = []  (composed: [26 entries])\n" in text

@@ -1,0 +1,370 @@
+"""CheckpointStore: a run's published checkpoints, written with torch.distributed.checkpoint (DCP).
+
+Layout under the run's checkpoints/ directory:
+    step_00000100/   DCP files of every rank + meta.json (train state, config, and the size and
+                     CRC-32 of every file: the manifest)
+    latest           the name of the newest complete checkpoint, replaced last
+Checkpoints are ordered by the samples trained when each was written, then by step: a run resumed
+on another number of ranks counts steps of another size, so its step_N can be below older ones.
+A checkpoint is written under a hidden temporary name by all ranks, and only after every rank has
+finished does rank 0 add meta.json and publish it under its name. So a crash at any point leaves
+either the previous checkpoints untouched or a new complete one: never a half-written step_* that
+looks complete. The manifest catches what happens to a checkpoint afterwards (a truncated or
+damaged file): such a checkpoint is skipped, with a warning, for the newest one that is intact.
+Every rank verifies its share of the files, so the check reads a checkpoint once, in parallel.
+
+An asynchronous save copies the state to memory, returns, and writes while training goes on; it is
+published by the next call that needs it finished (the next save, or wait()), on every rank at the
+same point of the run, since publishing takes a barrier. DCP stores each rank's shards separately,
+which is what lets a sharded table be saved without gathering it anywhere, and loaded onto another
+number of ranks or another sharding plan. Files are written and listed through a storage
+(app/storage.py); loading goes through app/checkpoint/safe_load.py, which unpickles nothing but data.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+
+from app.checkpoint.safe_load import CheckpointError, load_state
+from app.storage import LocalStorage
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+META_FILE = "meta.json"
+LATEST_FILE = "latest"
+_CHUNK = 8 << 20
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _crc32(storage: LocalStorage, name: str) -> int:
+    crc = 0
+    with storage.open(name) as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _crc32s(storage: LocalStorage, names: List[str]) -> List[int]:
+    # zlib releases the GIL on large buffers: one thread per file uses every core.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda name: _crc32(storage, name), names))
+
+
+def manifest(storage: LocalStorage, directory: str) -> Dict[str, List[int]]:
+    """{file name: [size, crc32]} of every file of checkpoint `directory` but meta.json."""
+    sizes = {name: size for name, size in storage.files(directory).items() if name != META_FILE}
+    crcs = _crc32s(storage, [f"{directory}/{name}" for name in sizes])
+    return {name: [size, crc] for (name, size), crc in zip(sizes.items(), crcs)}
+
+
+def verify(path: Path, group: Optional[dist.ProcessGroup] = None, storage: Optional[LocalStorage] = None) -> Optional[str]:
+    """None if the checkpoint at `path` (a name in `storage`, or a local path) is complete and
+    intact, else what is wrong with it.
+
+    Collective where torch.distributed is initialized (every rank of `group` calls it with the
+    same path, and gets the same answer): rank 0 checks meta.json and every file's size, and each
+    rank reads and checks the CRC-32s of its share of the files, so that a checkpoint is read
+    once, in parallel, rather than whole by one rank while the others wait."""
+    if storage is None:
+        storage, path = LocalStorage(Path(path).parent), Path(path).name
+    name = str(path)
+    rank, ranks = _position(group)
+    problem, expected = None, {}
+    if rank == 0:
+        problem, expected = _check_layout(storage, name)
+    problem = broadcast_text(problem, group)
+    if problem is not None:
+        return problem
+    expected = json.loads(broadcast_text(json.dumps(expected), group))
+    share = sorted(expected)[rank::ranks]
+    crcs = _crc32s(storage, [f"{name}/{file}" for file in share])
+    damaged = [file for file, crc in zip(share, crcs) if crc != expected[file][1]]
+    mine = f"{damaged[0]} is damaged (its CRC-32 differs from the one written)" if damaged else None
+    return _first_problem(mine, group)
+
+
+def _parse_meta(storage: LocalStorage, name: str) -> Tuple[Optional[str], Dict[str, Any]]:
+    """(what is wrong with checkpoint `name`'s meta.json, or None; its contents)."""
+    try:
+        meta = json.loads(storage.read(f"{name}/{META_FILE}"))
+    except (OSError, ValueError) as error:
+        return f"{META_FILE} is missing or unreadable ({error})", {}
+    if not isinstance(meta, dict):
+        return f"{META_FILE} is not a JSON object", {}
+    return None, meta
+
+
+def _is_manifest_entry(entry: Any) -> bool:
+    return isinstance(entry, list) and len(entry) == 2 and all(type(n) is int and n >= 0 for n in entry)
+
+
+def _check_layout(storage: LocalStorage, name: str) -> Tuple[Optional[str], Dict[str, List[int]]]:
+    """(what is wrong with meta.json or the files' presence and sizes, or None; the manifest)."""
+    problem, meta = _parse_meta(storage, name)
+    if problem is not None:
+        return problem, {}
+    expected = meta.get("files")
+    if not expected:
+        return f"{META_FILE} lists no files", {}
+    if not isinstance(expected, dict) or not all(map(_is_manifest_entry, expected.values())):
+        return f'{META_FILE} is damaged: its "files" is not an object of file name -> [size, CRC-32]', {}
+    present = storage.files(name)
+    for file, (size, _) in expected.items():
+        if file not in present:
+            return f"{file} is missing", {}
+        if present[file] != size:
+            return f"{file} has {present[file]} bytes, {size} were written", {}
+    return None, expected
+
+
+def _position(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _first_problem(problem: Optional[str], group: Optional[dist.ProcessGroup]) -> Optional[str]:
+    """The problem of the lowest rank that has one, on every rank; None if no rank has one."""
+    rank, ranks = _position(group)
+    if ranks == 1:
+        return problem
+    first = torch.tensor([rank if problem is not None else ranks], dtype=torch.int64)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+    if first.item() == ranks:
+        return None
+    return broadcast_text(problem, group, src=int(first.item()))
+
+
+def read_meta(path: Path) -> Dict[str, Any]:
+    """The meta.json of the checkpoint at `path`; CheckpointError if unreadable or not an object."""
+    path = Path(path)
+    problem, meta = _parse_meta(LocalStorage(path.parent), path.name)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
+    return meta
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a state dict that training can no longer change: what an asynchronous save
+    writes. (DCP's own staging copies plain tensors but refuses the ShardedTensors torchrec's
+    sharded tables and their optimizer states are.)"""
+    if isinstance(value, ShardedTensor):
+        shards = [Shard(shard.tensor.detach().clone(), shard.metadata) for shard in value.local_shards()]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards, value.metadata(), process_group=value._process_group)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(item) for item in value)
+    return copy.deepcopy(value)
+
+
+class _AlreadyCopied:
+    """DCP's staging step for a state that _copy already made safe to write in the background."""
+
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _barrier(group: Optional[dist.ProcessGroup]) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+class CheckpointStore:
+    def __init__(self, storage: Union[LocalStorage, str, Path], keep_last: int, rank: int,
+                 process_group: Optional[dist.ProcessGroup] = None, io_threads: int = 4) -> None:
+        """`storage`: where the checkpoints live (a path is a local directory). `process_group`
+        carries the checkpoint's own coordination (a gloo group, so that an asynchronous save's
+        background thread never shares a group with training)."""
+        self.storage = storage if isinstance(storage, LocalStorage) else LocalStorage(storage)
+        self.directory = self.storage.path()
+        self.keep_last = keep_last
+        self.rank = rank
+        self.group = process_group
+        self.io_threads = io_threads
+        self._pending: Optional[tuple] = None  # (future, step, staging, final, meta) of an async save
+
+    def _published(self) -> List[str]:
+        """Names of the published checkpoints (with meta.json), oldest first. Reads each meta.json
+        once, for its samples."""
+        found = [name for name in self.storage.list() if _STEP_DIR.match(name)
+                 and META_FILE in self.storage.files(name)]
+        return sorted(found, key=lambda name: (self._samples(name), name))
+
+    def _samples(self, name: str) -> float:
+        """The samples trained when checkpoint `name` was written (0 if its meta.json predates the
+        count). A damaged meta.json counts as newest, so that resuming tries it first and reports
+        why it is not usable."""
+        try:
+            samples = json.loads(self.storage.read(f"{name}/{META_FILE}")).get("samples", 0)
+        except (OSError, ValueError, AttributeError):
+            return math.inf
+        return samples if type(samples) is int else math.inf
+
+    def latest(self) -> Optional[Path]:
+        """The newest published checkpoint (not verified; see newest_valid)."""
+        published = self._published()
+        return self.storage.path(published[-1]) if published else None
+
+    def newest_valid(self) -> Optional[Path]:
+        """Collective (see verify()): the newest checkpoint whose files match its manifest; each
+        newer one that does not is reported with a warning and skipped. None when there are no
+        checkpoints at all; a CheckpointError when there are some but none is intact."""
+        listed = json.dumps(self._published()) if self.rank == 0 else None
+        published = json.loads(broadcast_text(listed, self.group))
+        for name in reversed(published):
+            problem = verify(name, self.group, self.storage)
+            if problem is None:
+                return self.storage.path(name)
+            log.warning("checkpoint %s is not usable: %s; trying the previous one", self.storage.path(name), problem)
+        if published:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}: all {len(published)} failed verification (see the "
+                "warnings above). Remove them to start over, or point checkpoint.load_from at another run."
+            )
+        return None
+
+    def holds(self, path: Path) -> bool:
+        """Whether the checkpoint at `path` is one of this store's."""
+        return Path(path).parent == self.directory
+
+    # ---- saving -------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any], asynchronous: bool = False,
+             samples: int = 0) -> Path:
+        """Collective: every rank calls it with its own shards in `state`; `meta` (JSON-able, the
+        same on all ranks) is written by rank 0, with `samples` (trained so far: what orders
+        checkpoints). Asynchronous: returns once `state` is copied; the checkpoint appears when the
+        next save() or wait() publishes it."""
+        meta = {**meta, "samples": samples}
+        self.wait()
+        final, staging = step_name(step), f".{step_name(step)}.tmp"
+        if self.rank == 0:
+            self.storage.delete(staging)  # left by a run that died while saving
+        _barrier(self.group)
+        if asynchronous:
+            future = dcp.async_save(_copy(state), storage_writer=self._writer(staging), process_group=self.group,
+                                    async_stager=_AlreadyCopied())
+            self._pending = (future, step, staging, final, meta)
+            return self.storage.path(final)
+        dcp.save(state, storage_writer=self._writer(staging), process_group=self.group)
+        self._publish(step, staging, final, meta)
+        return self.storage.path(final)
+
+    def _writer(self, staging: str) -> FileSystemWriter:
+        # Several writer threads: one thread leaves most of a disk's bandwidth unused (measured by
+        # scripts/benchmark.py checkpoint). Files are fsynced before the checkpoint is published.
+        return FileSystemWriter(str(self.storage.path(staging)), thread_count=self.io_threads, sync_files=True)
+
+    def wait(self) -> Optional[Path]:
+        """Collective: finish and publish the pending asynchronous save, if any."""
+        if self._pending is None:
+            return None
+        future, step, staging, final, meta = self._pending
+        self._pending = None
+        future.result()  # a plain Future: our stager stages synchronously (see _AlreadyCopied)
+        self._publish(step, staging, final, meta)
+        return self.storage.path(final)
+
+    def _publish(self, step: int, staging: str, final: str, meta: Dict[str, Any]) -> None:
+        _barrier(self.group)  # every rank's files are written
+        if self.rank == 0:
+            record = {"step": step, **meta, "files": manifest(self.storage, staging)}
+            self.storage.write(f"{staging}/{META_FILE}", json.dumps(record, indent=2))
+            # Replaces the same step saved before (a resumed run that had nothing left to do).
+            self.storage.publish(staging, final)
+            self.storage.write(LATEST_FILE, final)
+            self._prune()
+        _barrier(self.group)
+
+    def _prune(self) -> None:
+        for old in self._published()[: -self.keep_last]:
+            self.storage.delete(old)
+            log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old, self.keep_last)
+
+    # ---- loading ------------------------------------------------------------------------------
+
+    def load(self, path: Path, state: Dict[str, Any], metadata: Any = None) -> Dict[str, Any]:
+        """Collective: fills `state` (a structure like the one save() got, with this rank's
+        tensors, or a part of it) in place from `path`, resharding as needed; returns the meta.
+        `metadata`: the checkpoint's DCP metadata, where the caller has read it already."""
+        meta = read_meta(path)
+        load_state(path, state, self.group, metadata=metadata)
+        return meta
+
+
+def broadcast_text(text: Optional[str], group: Optional[dist.ProcessGroup] = None, src: int = 0) -> Optional[str]:
+    """Rank `src`'s text (or None) on every rank (ranks of `group`), as bytes in tensors: no
+    pickled objects travel."""
+    if not dist.is_initialized():
+        return text
+    data = (text or "").encode()
+    length = torch.tensor([-1 if text is None else len(data)], dtype=torch.int64)
+    dist.broadcast(length, group=group, group_src=src)
+    if length.item() < 0:
+        return None
+    buffer = torch.tensor(list(data), dtype=torch.uint8) if dist.get_rank(group) == src else \
+        torch.zeros(int(length.item()), dtype=torch.uint8)
+    dist.broadcast(buffer, group=group, group_src=src)
+    return bytes(buffer.tolist()).decode()
+
+
+def find_checkpoint(path: Path, group: Optional[dist.ProcessGroup] = None) -> Path:
+    """The newest intact checkpoint that `path` names: a step_N directory itself, or a run
+    directory or its checkpoints/ directory. CheckpointError when there is none. Collective,
+    like verify(): rank 0 decides what `path` is, so every rank takes the same branch."""
+    path = Path(path)
+    rank, _ = _position(group)
+    kind = None
+    if rank == 0:
+        if _STEP_DIR.match(path.name):
+            kind = "step" if path.is_dir() else f"checkpoint {path} is not usable: no such directory."
+        elif (path / "checkpoints").is_dir():
+            kind = "run"
+        elif path.is_dir():
+            kind = "checkpoints"
+        else:
+            kind = f"{path}: no such directory; expected a run directory, its checkpoints/ or a step_N."
+    kind = broadcast_text(kind, group)
+    if kind == "step":
+        problem = verify(path, group)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
+        return path
+    if kind not in ("run", "checkpoints"):
+        raise CheckpointError(kind)
+    directory = path / "checkpoints" if kind == "run" else path
+    found = CheckpointStore(directory, keep_last=1, rank=rank, process_group=group).newest_valid()
+    if found is None:
+        raise CheckpointError(f"{path}: no checkpoint there (no step_N directory with {META_FILE} in {directory}).")
+    return found

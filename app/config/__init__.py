@@ -1,0 +1,93 @@
+"""Typed configuration schema: one dataclass per Hydra config group, `Config` of them all.
+
+The groups live by theme in data.py (features, data), training.py (model, optim, checkpoint,
+trainer, logging) and parallel.py (sharding, distributed); fields.py has what they are built from.
+
+Hydra merges the YAML files in configs/ onto these dataclasses (app/hydra_edge.py registers them),
+so an unknown key or a value of the wrong type fails at start-up with the key's name.
+`Config.validate()` (run once, at the edge) rejects values that are well-typed but impossible, with a
+sentence saying what is allowed. Nothing here imports Hydra, OmegaConf or the rest of `app` (but
+the error base class), and nothing below the entrypoints sees an OmegaConf object: they receive
+these plain dataclasses.
+
+The dataclasses are the one source of defaults: a group option in configs/ holds only what it
+changes. Every field documents itself (`doc`); `python -m app.train --help` lists every key with its
+type, default and that text (`field_docs`, rendered by app/hydra_edge.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import typing
+from dataclasses import dataclass
+from typing import Dict, Iterator
+
+from app.config.data import POOLINGS, DataConfig, FeaturesConfig, SparseFeature, SyntheticConfig
+from app.config.fields import ConfigError, FieldDoc, _require, doc, doc_factory
+from app.config.fields import field_docs as _field_docs
+from app.config.parallel import (BACKENDS, COMM_PRECISIONS, COMPUTE_KERNELS, CUDA_ONLY_COMM_PRECISIONS,
+                                 CUDA_ONLY_KERNELS, DEVICES, SHARDING_TYPES, DistributedConfig, ShardingConfig,
+                                 TableConstraint, table_constraint)
+from app.config.training import (DENSE_OPTIMIZERS, LR_DECAYS, MODEL_ARCHS, PIPELINES, SPARSE_OPTIMIZERS,
+                                 CheckpointConfig, LoggingConfig, ModelConfig, OptimConfig, TrainerConfig)
+
+
+@dataclass
+class Config:
+    run_name: str = doc("default", "The run directory is <output_root>/<run_name>; running again with the same name "
+                                   "resumes it. A name, without '/'.")
+    seed: int = doc(0, "Seed of torch's generator: the model's initial weights.")
+    output_root: str = doc("outputs", "Directory the run directories are made in.")
+    features: FeaturesConfig = doc_factory(FeaturesConfig, "The dataset's columns: label, dense columns, sparse "
+                                                           "features with their table sizes, embedding width.")
+    model: ModelConfig = doc_factory(ModelConfig, "The network: DLRM's dense and over arches and its interaction.")
+    data: DataConfig = doc_factory(DataConfig, "Where the data comes from and how it is batched and shuffled.")
+    sharding: ShardingConfig = doc_factory(ShardingConfig, "How the planner shards the embedding tables over the "
+                                                           "ranks.")
+    optim: OptimConfig = doc_factory(OptimConfig, "Optimizers, learning rates and their schedule.")
+    checkpoint: CheckpointConfig = doc_factory(CheckpointConfig, "When checkpoints are saved, how many are kept, and "
+                                                                 "what a run starts from.")
+    trainer: TrainerConfig = doc_factory(TrainerConfig, "Epochs, steps, evaluation and logging cadence, the train "
+                                                        "pipeline.")
+    logging: LoggingConfig = doc_factory(LoggingConfig, "Console, log files and TensorBoard.")
+    distributed: DistributedConfig = doc_factory(DistributedConfig, "Workers, device, process group backend and CPU "
+                                                                    "threads.")
+
+    def validate(self) -> "Config":
+        """Check every group, then the rules that span groups; returns self for chaining."""
+        for group in GROUP_SCHEMAS:
+            getattr(self, group).validate()
+        self.data.synthetic.validate()
+        _require(
+            bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
+            f"run_name={self.run_name!r} must be a non-empty name without '/'.",
+        )
+        _require(
+            self.model.dense_arch_layer_sizes[-1] == self.features.embedding_dim,
+            f"model.dense_arch_layer_sizes must end in features.embedding_dim={self.features.embedding_dim} "
+            f"(the dense vector joins the embeddings), got {list(self.model.dense_arch_layer_sizes)}.",
+        )
+        _require(len(self.features.dense) > 0, "features.dense must list at least one dense column.")
+        feature_names = {f.name for f in self.features.sparse}
+        unknown = sorted(k for k in self.sharding.tables if not fnmatch.filter(feature_names, k))
+        _require(
+            not unknown,
+            f"sharding.tables names unknown features {unknown} (no sparse feature matches); the sparse "
+            f"features are {sorted(feature_names)}.",
+        )
+        return self
+
+
+def _group_schemas() -> Dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+
+
+# Groups whose YAML files in configs/ are typed by these schemas: Config's dataclass-typed fields.
+GROUP_SCHEMAS = _group_schemas()
+
+
+def field_docs(schema: type = Config, prefix: str = "") -> Iterator[FieldDoc]:
+    """Every key of `schema` (the whole Config by default) with its type, default and help text."""
+    return _field_docs(schema, prefix)

@@ -1,0 +1,119 @@
+"""The data groups: the dataset's columns (features), where rows come from and how they are
+batched (data), and the embedded synthetic dataset (data.synthetic)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+from app.config.fields import _require, _require_choice, doc, doc_factory
+
+POOLINGS = ("sum", "mean")
+
+
+@dataclass
+class SparseFeature:
+    """One entry of features.sparse: an id column and its embedding table."""
+
+    name: str = doc("", "Column of the ids in the data; sharding.tables.<name> constrains its table.")
+    num_embeddings: int = doc(0, "Rows of the feature's embedding table: ids lie in [0, num_embeddings) "
+                                 "(see data.invalid_ids).")
+    hotness: int = doc(1, "Ids per row: 1 is a single-hot int64 column; >1 is a list<int64> column (multi-hot) "
+                          "whose rows hold up to this many ids (used by the synthetic generator; the loader "
+                          "takes any length).")
+
+
+@dataclass
+class FeaturesConfig:
+    """A dataset's columns. dense and sparse have no default: a features option (features=NAME)
+    names a dataset's columns and table sizes."""
+
+    label: str = doc("label", "Column of the click label (0 or 1).")
+    dense: List[str] = doc([], "Dense (float) feature columns, in the order the dense arch reads them; at least one.")
+    sparse: List[SparseFeature] = doc([], "Sparse (id) features, one embedding table each: a list of "
+                                          "{name, num_embeddings, hotness}; at least one.")
+    embedding_dim: int = doc(16, "Width of every embedding table, a positive multiple of 4 (FBGEMM's kernels): "
+                                 "one width for every table, as DLRM's dot interaction and DCN's stacking both need.")
+    pooling: str = doc("sum", "How a multi-hot feature's embeddings are combined within a row: sum or mean.")
+
+    def validate(self) -> None:
+        _require(len(self.sparse) > 0, "features.sparse must list at least one sparse feature.")
+        _require(
+            self.embedding_dim > 0 and self.embedding_dim % 4 == 0,
+            f"features.embedding_dim={self.embedding_dim} is not valid: FBGEMM's embedding kernels "
+            "need a positive multiple of 4.",
+        )
+        _require_choice("features.pooling", self.pooling, POOLINGS)
+        names = [self.label, *self.dense, *(f.name for f in self.sparse)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        _require(not duplicates, f"features: column names must be unique; repeated: {duplicates}.")
+        for i, feature in enumerate(self.sparse):
+            key = f"features.sparse[{i}]"
+            _require(bool(feature.name), f"{key}.name must be a non-empty column name.")
+            _require(
+                feature.num_embeddings > 0,
+                f"{key}.num_embeddings must be > 0 (rows of the {feature.name!r} table), "
+                f"got {feature.num_embeddings}.",
+            )
+            _require(feature.hotness >= 1, f"{key}.hotness must be >= 1, got {feature.hotness}.")
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default dataset, generated on first use (see app/data/synthetic.py)."""
+
+    root: str = doc("data/synthetic", "Directory of the generated datasets: each lies under a fingerprint of "
+                                      "the features and the settings below, generated once and found again.")
+    train_rows: int = doc(1_000_000, "Rows of the training split.")
+    val_rows: int = doc(100_000, "Rows of the validation split.")
+    test_rows: int = doc(0, "Rows of a held-out test split beside train and val (0: none).")
+    rows_per_file: int = doc(250_000, "Rows per generated Parquet file.")
+    rows_per_row_group: int = doc(25_000, "Rows per Parquet row group (the unit the loader shuffles and reads).")
+    seed: int = doc(1234, "Seed of the generator: the planted truth and the rows.")
+    zipf_exponent: float = doc(1.1, "Exponent of the power law ids are drawn from: larger is more skewed.")
+
+    def validate(self) -> None:
+        for key in ("train_rows", "val_rows", "rows_per_file", "rows_per_row_group"):
+            _require(getattr(self, key) > 0, f"data.synthetic.{key} must be > 0, got {getattr(self, key)}.")
+        _require(self.test_rows >= 0, f"data.synthetic.test_rows must be >= 0, got {self.test_rows}.")
+        _require(self.zipf_exponent > 0, f"data.synthetic.zipf_exponent must be > 0, got {self.zipf_exponent}.")
+
+
+@dataclass
+class DataConfig:
+    source: str = doc("synthetic", "synthetic: generate (once) and use the planted dataset under "
+                                   "data.synthetic.root; parquet: read data.train_path and data.val_path.")
+    train_path: str = doc("", "Training data for data.source=parquet: a directory of .parquet files, one file, "
+                              "or a glob.")
+    val_path: str = doc("", "Validation data for data.source=parquet: a directory of .parquet files, one file, "
+                            "or a glob.")
+    batch_size: int = doc(512, "Training rows per step on each rank.")
+    eval_batch_size: int = doc(2048, "Evaluation rows per batch on each rank.")
+    shuffle: bool = doc(True, "Change the training order every epoch (by data.seed and the epoch): row groups are "
+                              "shuffled, and rows are mixed within windows of data.shuffle_window consecutive row "
+                              "groups.")
+    shuffle_window: int = doc(4, "Consecutive row groups whose rows are mixed together: the shuffle buffer "
+                                 "(memory and mixing both grow with it).")
+    seed: int = doc(0, "Seed of the training order (with the epoch).")
+    prefetch_windows: int = doc(2, "Shuffle windows read and decoded ahead of training by a worker process (0: read "
+                                   "in the training process itself, between steps).")
+    invalid_ids: str = doc("error", "A sparse id that cannot be trained on as it is: error stops with the file, row "
+                                    "group, row and column; hash maps an id outside [0, num_embeddings) to id mod "
+                                    "num_embeddings (and drops a null id inside a multi-hot list: there is nothing "
+                                    "to hash). Bad labels always stop.")
+    invalid_dense: str = doc("error", "A NaN, inf or null dense value: error stops with the file, row group, row "
+                                      "and column; fill replaces it with data.dense_fill_value.")
+    dense_fill_value: float = doc(0.0, "The value data.invalid_dense=fill puts in place of a bad dense value.")
+    synthetic: SyntheticConfig = doc_factory(SyntheticConfig, "The generated dataset of data.source=synthetic.")
+
+    def validate(self) -> None:
+        _require_choice("data.source", self.source, ("synthetic", "parquet"))
+        if self.source == "parquet":
+            _require(bool(self.train_path), "data.train_path must be set when data.source=parquet.")
+            _require(bool(self.val_path), "data.val_path must be set when data.source=parquet.")
+        _require(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}.")
+        _require(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}.")
+        _require(self.prefetch_windows >= 0, f"data.prefetch_windows must be >= 0, got {self.prefetch_windows}.")
+        _require(self.shuffle_window > 0, f"data.shuffle_window must be > 0 row groups, got {self.shuffle_window}.")
+        _require_choice("data.invalid_ids", self.invalid_ids, ("error", "hash"))
+        _require_choice("data.invalid_dense", self.invalid_dense, ("error", "fill"))

@@ -1,0 +1,155 @@
+"""The training groups: the network (model), its optimizers and schedule (optim), checkpoints,
+the loop's cadences (trainer) and logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from app.config.fields import _require, _require_choice, doc
+
+SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+LR_DECAYS = ("none", "linear", "cosine")
+MODEL_ARCHS = ("dlrm", "dcn")
+PIPELINES = ("sparse_dist", "base")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = doc("dlrm", "dlrm: dot-product feature interaction (torchrec's DLRM); dcn: a low-rank DCNv2 "
+                            "cross network as the interaction (DLRM_DCN).")
+    dense_arch_layer_sizes: List[int] = doc([64, 16], "Layer sizes of the dense arch, which maps the dense "
+                                                      "features to one embedding-sized vector: the last size must "
+                                                      "equal features.embedding_dim.")
+    over_arch_layer_sizes: List[int] = doc([64, 32, 1], "Layer sizes of the over arch on top of the interaction: "
+                                                        "at least two, ending in 1 (one logit).")
+    dcn_num_layers: int = doc(3, "Cross layers of the DCNv2 interaction (model.arch=dcn).")
+    dcn_low_rank_dim: int = doc(32, "Rank of each cross layer's low-rank weight (model.arch=dcn).")
+
+    def validate(self) -> None:
+        _require_choice("model.arch", self.arch, MODEL_ARCHS)
+        for key in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+            sizes = getattr(self, key)
+            _require(
+                len(sizes) > 0 and all(s > 0 for s in sizes),
+                f"model.{key} must be a non-empty list of positive sizes, got {list(sizes)}.",
+            )
+        _require(
+            len(self.over_arch_layer_sizes) >= 2 and self.over_arch_layer_sizes[-1] == 1,
+            "model.over_arch_layer_sizes must have at least two layers and end in 1 (one logit), "
+            f"got {list(self.over_arch_layer_sizes)}.",
+        )
+        _require(self.dcn_num_layers > 0, f"model.dcn_num_layers must be > 0, got {self.dcn_num_layers}.")
+        _require(
+            self.dcn_low_rank_dim > 0, f"model.dcn_low_rank_dim must be > 0, got {self.dcn_low_rank_dim}."
+        )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc(0.01, "Learning rate of both optimizers unless optim.sparse_lr is set, so optim.lr=... sweeps "
+                          "the whole model.")
+    sparse_lr: Optional[float] = doc(None, "Learning rate of the embedding tables (null: optim.lr).")
+    dense: str = doc("adagrad", f"Optimizer of the dense layers: {', '.join(DENSE_OPTIMIZERS)}.")
+    sparse: str = doc("rowwise_adagrad", f"Optimizer of the embedding tables, fused into their backward by FBGEMM: "
+                                         f"{', '.join(SPARSE_OPTIMIZERS)} (FBGEMM's CPU kernels fuse all but adam, "
+                                         "which needs CUDA).")
+    eps: float = doc(1e-8, "Epsilon of adagrad, rowwise_adagrad and adam.")
+    weight_decay: float = doc(0.0, "L2 on the dense layers; the tables get none (see app/optim.py).")
+    betas: List[float] = doc([0.9, 0.999], "Adam's two betas, each in [0, 1).")
+    warmup_steps: int = doc(0, "The schedule (a multiplier on both learning rates) warms up linearly from 0 over "
+                               "this many steps, then stays constant until optim.decay_start_step.")
+    decay: str = doc("none", f"Decay after optim.decay_start_step: {', '.join(LR_DECAYS)}.")
+    decay_start_step: int = doc(0, "Step at which the decay starts.")
+    decay_steps: int = doc(0, "Steps the decay takes to reach optim.min_lr_ratio (0: until the last step).")
+    min_lr_ratio: float = doc(0.0, "The multiplier the decay ends at, in [0, 1].")
+
+    def validate(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}.")
+        _require(
+            self.sparse_lr is None or self.sparse_lr > 0,
+            f"optim.sparse_lr must be > 0 or null (use optim.lr), got {self.sparse_lr}.",
+        )
+        _require_choice("optim.dense", self.dense, DENSE_OPTIMIZERS)
+        _require_choice("optim.sparse", self.sparse, SPARSE_OPTIMIZERS)
+        _require(self.eps > 0, f"optim.eps must be > 0, got {self.eps}.")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}.",
+        )
+        _require_choice("optim.decay", self.decay, LR_DECAYS)
+        for key in ("warmup_steps", "decay_start_step", "decay_steps"):
+            _require(getattr(self, key) >= 0, f"optim.{key} must be >= 0, got {getattr(self, key)}.")
+        _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+
+    @property
+    def effective_sparse_lr(self) -> float:
+        return self.lr if self.sparse_lr is None else self.sparse_lr
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = doc(500, "Save a checkpoint every this many steps, and always at the end (0: only at the "
+                                  "end).")
+    keep_last: int = doc(2, "How many of the newest checkpoints are kept: older ones are deleted.")
+    resume: bool = doc(True, "Resume from the newest intact checkpoint of this run when there is one.")
+    async_save: bool = doc(False, "Write checkpoints in the background while training goes on (the state is copied "
+                                  "first).")
+    load_from: Optional[str] = doc(None, "Start a run that has no checkpoint of its own from another run's: a run "
+                                         "directory, its checkpoints/ directory or one step_N directory.")
+    load_mode: str = doc("all", "What checkpoint.load_from takes: all continues that run's step, optimizer state, "
+                                "LR schedule and data position; model takes its weights only.")
+
+    def validate(self) -> None:
+        _require(self.every_n_steps >= 0, f"checkpoint.every_n_steps must be >= 0, got {self.every_n_steps}.")
+        _require(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}.")
+        _require_choice("checkpoint.load_mode", self.load_mode, ("all", "model"))
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = doc(2, "Passes over the training data.")
+    max_steps: Optional[int] = doc(None, "Stop early after this many steps in total (null: train every epoch).")
+    eval_every_n_steps: int = doc(1000, "Evaluate every this many steps, and always at the end (0: only at the "
+                                        "end).")
+    eval_max_batches: Optional[int] = doc(None, "Evaluation batches per rank (null: the whole validation split).")
+    log_every_n_steps: int = doc(20, "Log the training loss, learning rates and throughput every this many steps.")
+    pipeline: str = doc("sparse_dist", "sparse_dist: torchrec's TrainPipelineSparseDist, which overlaps the next "
+                                       "batches' copy to the device and their ids' all-to-all with the current step; "
+                                       "base: one plain step after another.")
+    dense_average_every: int = doc(0, "0: the dense part's gradients are all-reduced every step (synchronous data "
+                                      "parallel). k > 0: each rank steps its dense part on its own gradients, and "
+                                      "the ranks average their dense parameters every k steps (and before every "
+                                      "evaluation and checkpoint): k-step model averaging, 1/k of the dense "
+                                      "all-reduces. Embedding tables stay sharded and exact.")
+
+    def validate(self) -> None:
+        _require(self.epochs >= 1, f"trainer.epochs must be >= 1, got {self.epochs}.")
+        _require(self.dense_average_every >= 0,
+                 f"trainer.dense_average_every must be >= 0 steps, got {self.dense_average_every}.")
+        _require(
+            self.max_steps is None or self.max_steps >= 1,
+            f"trainer.max_steps must be >= 1 or null, got {self.max_steps}.",
+        )
+        _require(
+            self.eval_every_n_steps >= 0, f"trainer.eval_every_n_steps must be >= 0, got {self.eval_every_n_steps}."
+        )
+        _require(
+            self.eval_max_batches is None or self.eval_max_batches >= 1,
+            f"trainer.eval_max_batches must be >= 1 or null, got {self.eval_max_batches}.",
+        )
+        _require(self.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {self.log_every_n_steps}.")
+        _require_choice("trainer.pipeline", self.pipeline, PIPELINES)
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = doc(True, "Show a progress bar on rank 0's console.")
+    tensorboard: bool = doc(True, "Write the metrics as TensorBoard scalars under tb/ in the run directory "
+                                  "(metrics.jsonl is always written).")
+    level: str = doc("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.")
+
+    def validate(self) -> None:
+        _require_choice("logging.level", self.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
