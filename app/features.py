@@ -7,11 +7,12 @@ once, in configs/features/, and the model, the planner, the loader and the gener
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
-
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from typing import TYPE_CHECKING, List, Tuple
 
 from app.config import FeaturesConfig, SparseFeature
+
+if TYPE_CHECKING:
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 
 def table_name(feature_name: str) -> str:
@@ -45,11 +46,11 @@ class FeatureSchema:
         """Every column the loader reads, in a fixed order."""
         return [self.label, *self.dense, *self.sparse_names]
 
-    @property
-    def num_embeddings(self) -> Dict[str, int]:
-        return {f.name: f.num_embeddings for f in self.sparse}
+    def embedding_bag_configs(self) -> List["EmbeddingBagConfig"]:
+        # Imported here: the Parquet reader processes unpickle a FeatureSchema, and importing
+        # torchrec there would add seconds to their start (app/data/reader_worker.py).
+        from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         pooling = PoolingType.SUM if self.pooling == "sum" else PoolingType.MEAN
         return [
             EmbeddingBagConfig(

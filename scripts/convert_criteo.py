@@ -10,7 +10,7 @@
 Arguments of the form key=value are config overrides, the same as app.train takes: they pick the
 features config whose column names and table sizes the files must match (hash ids are taken modulo
 the table sizes). Running the same command again resumes: inputs already converted are skipped.
-Then train with data.source=parquet data.train_path=<out> (see app/data/criteo.py for the layout).
+Then train with data.source=parquet data.train_path=<out> (see app/data/criteo/ for the layout).
 """
 
 from __future__ import annotations
@@ -18,20 +18,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import List, Tuple
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from app.config import ConfigError, FeaturesConfig
-from app.hydra_edge import register_with_hydra
-from app.data import DataError
+from app.config import FeaturesConfig
 from app.data.criteo import CATEGORICAL_MODES, MIN_ROW_GROUPS, ConvertOptions, convert
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from app.errors import BAD_INPUT, UserError
+from app.hydra_edge import compose_config
 
 
 def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
@@ -64,10 +56,9 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
 
 def features_config(overrides: List[str]) -> FeaturesConfig:
     """The features group as training would compose it with these overrides. Only this group is
-    converted and checked: the converter does not care whether the model fits the features."""
-    register_with_hydra()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        features = OmegaConf.to_object(compose("train", overrides=overrides).features)
+    checked: the converter does not care whether the model fits the features (the default model's
+    dense arch ends in 16, `features=criteo_1tb` has 128-wide tables)."""
+    features = compose_config(overrides, validate=False).features
     features.validate()
     return features
 
@@ -89,9 +80,9 @@ def main(argv: List[str]) -> int:
     try:
         # The FeaturesConfig, not a FeatureSchema: app.features would load torchrec for nothing.
         summary = convert(args.inputs, args.out, features_config(overrides), options)
-    except (DataError, ConfigError, HydraException, OmegaConfBaseException) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     for stem, entry in summary["inputs"].items():
         state = "skipped (already converted)" if stem in summary["skipped"] else "converted"
         print(f"{stem}: {entry['rows']:,} rows in {len(entry['parts'])} part(s), {state}")

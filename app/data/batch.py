@@ -14,19 +14,18 @@ to repair instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import torch
-from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+if TYPE_CHECKING:
+    from torchrec.datasets.utils import Batch
+
+from app.config import DataConfig
 from app.data import DataError
 from app.features import FeatureSchema
-
-INVALID_ID_POLICIES = ("error", "hash")
-INVALID_DENSE_POLICIES = ("error", "fill")
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,11 @@ class InputPolicy:
     invalid_ids: str = "error"
     invalid_dense: str = "error"  # "fill": NaN, inf and null dense values become dense_fill_value
     dense_fill_value: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> "InputPolicy":
+        """The policy of data.invalid_ids, data.invalid_dense and data.dense_fill_value."""
+        return cls(config.invalid_ids, config.invalid_dense, config.dense_fill_value)
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -116,7 +120,12 @@ class Rows:
             ids.append(np.concatenate([feature_ids for _, feature_ids in pieces]))
         return Rows(np.concatenate([p.dense for p in parts]), np.concatenate([p.labels for p in parts]), ids, offsets)
 
-    def to_batch(self, keys: List[str]) -> Batch:
+    def to_batch(self, keys: List[str]) -> "Batch":
+        # torchrec is imported here, in the training process: the reader processes decode Rows and
+        # never build a Batch, and importing torchrec would add seconds to their start.
+        from torchrec.datasets.utils import Batch
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
         pieces = [self._lengths_and_ids(f) for f in range(len(self.ids))]
         lengths = np.concatenate([lengths for lengths, _ in pieces])
         values = np.concatenate([feature_ids for _, feature_ids in pieces])
@@ -230,6 +239,6 @@ def decode(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
 
 
 def table_to_batch(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
-                   policy: InputPolicy = InputPolicy()) -> Batch:
+                   policy: InputPolicy = InputPolicy()) -> "Batch":
     """One Batch from all the rows of `table`."""
     return decode(table, schema, source, policy).to_batch(schema.sparse_names)

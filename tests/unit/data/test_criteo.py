@@ -22,7 +22,8 @@ import pytest
 from app.config import ConfigError, FeaturesConfig, SparseFeature
 from app.data import DataError
 from app.data.criteo import ConvertOptions, convert, input_stem
-from app.data.parquet import ParquetBatches, check_files, resolve_files
+from app.data.files import check_files, resolve_files
+from app.data.parquet import TrainingBatches
 from app.features import FeatureSchema
 
 DENSE = [f"int_{i}" for i in range(13)]
@@ -183,7 +184,7 @@ def test_a_small_input_is_written_in_row_groups_that_ranks_can_split(tmp_path):
     convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions())
     files = resolve_files(str(tmp_path / "out"))
     for rank in range(2):
-        assert len(ParquetBatches(files, SCHEMA, 256, rank, world_size=2, shuffle=True, prefetch_windows=0)) > 0
+        assert len(TrainingBatches(files, SCHEMA, 256, rank, world_size=2, shuffle=True, prefetch_windows=0)) > 0
     assert row_groups(tmp_path / "out") == [[375] * 8]
 
 
@@ -208,7 +209,7 @@ def test_output_loads_for_training(tmp_path, two_inputs):
     convert(paths, str(tmp_path / "out"), SCHEMA, ConvertOptions(**SMALL))
     files = resolve_files(str(tmp_path / "out"))
     check_files(files, SCHEMA)
-    batches = list(ParquetBatches(files, SCHEMA, batch_size=20, rank=0, world_size=1, prefetch_windows=0))
+    batches = list(TrainingBatches(files, SCHEMA, batch_size=20, rank=0, world_size=1, prefetch_windows=0))
     assert len(batches) == 220 // 20
     lengths = np.concatenate([b.sparse_features["cat_3"].lengths().numpy() for b in batches])
     assert lengths.tolist() == [1 if row[14 + 3] else 0 for row in rows[0] + rows[1]]  # empty field: empty bag
@@ -243,12 +244,14 @@ def test_resume_skips_finished_inputs_and_redoes_an_interrupted_one(tmp_path):
     (out / "day_1-00007.parquet").write_bytes(b"partial")
     (out / ".tmp" / "day_1").mkdir(parents=True, exist_ok=True)
     (out / ".tmp" / "day_1" / "day_1-00000.parquet.tmp").write_bytes(b"partial")
+    (out / ".day_1-00009.parquet.tmp").write_bytes(b"partial")
 
     write_tsv(tmp_path / "day_1", rows[1])
     summary = convert([good, second], str(out), SCHEMA, ConvertOptions(**SMALL))
     assert summary["skipped"] == ["day_0"] and summary["converted"] == ["day_1"]
     assert {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in finished} == finished
     assert not (out / "day_1-00007.parquet").exists() and not (out / ".tmp").exists()
+    assert not (out / ".day_1-00009.parquet.tmp").exists()
     assert [os.path.basename(f) for f in resolve_files(str(out))] == [
         "day_0-00000.parquet", "day_0-00001.parquet", "day_1-00000.parquet"]
     assert_output(out, expected(rows[0] + rows[1]))
@@ -332,3 +335,15 @@ def test_the_script_converts_and_exits_2_on_bad_input(tmp_path, capsys):
     assert "day_0: 30 rows in 2 part(s), converted" in capsys.readouterr().out
     assert main(["--out", str(tmp_path / "out"), str(tmp_path / "nope.gz")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path}/nope.gz: no such input file")
+
+
+def test_the_script_takes_any_features_config_and_names_a_bad_override(tmp_path, capsys):
+    from scripts.convert_criteo import main
+
+    path = write_tsv(tmp_path / "day_0", criteo_rows(10, seed=13))
+    # Only the features group is checked: the default model does not fit criteo_1tb's embeddings.
+    assert main(["--out", str(tmp_path / "out"), path, "features=criteo_1tb"]) == 0
+    assert main(["--out", str(tmp_path / "bad"), path, "features.embeding_dim=8"]) == 2
+    assert "Did you mean 'features.embedding_dim'?" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "bad"), path, "features=nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: In 'train': Could not find 'features/nope'")

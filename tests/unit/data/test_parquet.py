@@ -1,10 +1,15 @@
-"""The rank-aware reader on real files: equal batch counts, disjoint shards, padding, shuffling,
-exact resume, prefetching, and the footer checks."""
+"""The rank-aware readers on real files: equal batch counts, disjoint shards, padding, shuffling,
+exact resume, prefetching (in a process from the fork server), the row group plan, and the file checks."""
 
 from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +17,9 @@ import pytest
 
 from app.data import DataError
 from app.data.batch import InputPolicy
-from app.data.parquet import ParquetBatches, check_files, check_first_row_group, resolve_files
+from app.data.files import check_files, check_first_row_group, resolve_files
+from app.data.parquet import EvaluationBatches, TrainingBatches
+from tests.conftest import REPO
 from tests.unit.data.conftest import SCHEMA, make_rows, write
 
 
@@ -23,7 +30,12 @@ def row_ids(batches):
 
 def reader(files, rank=0, world_size=1, **kwargs):
     kwargs.setdefault("prefetch_windows", 0)
-    return ParquetBatches(files, SCHEMA, kwargs.pop("batch_size", 16), rank, world_size, **kwargs)
+    return TrainingBatches(files, SCHEMA, kwargs.pop("batch_size", 16), rank, world_size, **kwargs)
+
+
+def evaluation(files, rank=0, world_size=1, **kwargs):
+    kwargs.setdefault("prefetch_windows", 0)
+    return EvaluationBatches(files, SCHEMA, kwargs.pop("batch_size", 16), rank, world_size, **kwargs)
 
 
 def test_ranks_get_equal_batch_counts_and_disjoint_rows(uneven_files):
@@ -49,7 +61,7 @@ def test_a_shuffled_epoch_has_the_same_length_every_epoch_on_every_rank(uneven_f
 
 
 def test_eval_mode_pads_and_covers_every_row_once(uneven_files):
-    ranks = [reader(uneven_files, rank=r, world_size=2, pad_to_equal=True) for r in range(2)]
+    ranks = [evaluation(uneven_files, rank=r, world_size=2) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == -(-120 // 16)
     valid = []
     for r in ranks:
@@ -64,7 +76,7 @@ def test_more_ranks_than_row_groups_is_a_clear_error(tmp_path):
     files = [write(tmp_path / "one.parquet", make_rows(0, 40), row_group_size=40)]
     with pytest.raises(DataError, match="1 row group\\(s\\) in 1 file\\(s\\) give the 2 ranks \\[40, 0\\] rows"):
         reader(files, rank=0, world_size=2)
-    assert len(reader(files, rank=1, world_size=2, pad_to_equal=True)) == 3  # eval pads the empty rank
+    assert len(evaluation(files, rank=1, world_size=2)) == 3  # eval pads the empty rank
 
 
 def test_shuffle_is_seeded_and_changes_per_epoch(uneven_files):
@@ -244,3 +256,84 @@ def test_check_files_empty_and_unreadable(tmp_path, uneven_files):
     junk.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="junk.parquet: not a readable Parquet file"):
         check_files([str(junk)], SCHEMA)
+
+
+# ---- the reader process, from the fork server ---------------------------------------------------
+
+def parent_of(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def is_running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("evaluate", [False, True])
+def test_the_reader_process_comes_from_the_fork_server_and_reads_the_same(uneven_files, evaluate):
+    def rows(prefetch):
+        if evaluate:
+            items = list(evaluation(uneven_files, batch_size=24, prefetch_windows=prefetch))
+            return [int(v) for item in items for v in item.batch.dense_features[: item.valid, 0].tolist()]
+        return row_ids(reader(uneven_files, shuffle=True, seed=2, batch_size=24, prefetch_windows=prefetch))
+
+    before = set(multiprocessing.active_children())
+    batches = iter(reader(uneven_files, prefetch_windows=2))
+    next(batches)
+    (process,) = set(multiprocessing.active_children()) - before
+    # Not a fork of this process (whose threads' locks a fork would copy): a fork of the server.
+    assert isinstance(process, multiprocessing.context.ForkServerProcess)
+    assert parent_of(process.pid) != os.getpid()
+    batches.close()
+    assert rows(2) == rows(0)
+
+
+def test_the_reader_process_and_its_server_ignore_stop_signals(uneven_files):
+    # A launcher's SIGTERM (or a terminal's Ctrl-C) reaches the whole process group: the reader
+    # and the fork server too. They keep going; the training process decides when to stop.
+    expected = row_ids(reader(uneven_files, batch_size=8))
+    before = set(multiprocessing.active_children())
+    batches = iter(reader(uneven_files, batch_size=8, prefetch_windows=1))
+    head = row_ids([next(batches)])
+    (process,) = set(multiprocessing.active_children()) - before
+    server = parent_of(process.pid)
+    for pid in (process.pid, server):
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert head + row_ids(batches) == expected
+    assert is_running(server)
+
+
+def test_the_reader_process_exits_with_its_training_process(tmp_path, uneven_files):
+    # Killed outright, the training process cannot stop its reader; the reader, whose parent is the
+    # fork server (which lives as long as a reader does), must notice by itself.
+    pids = tmp_path / "pids"
+    script = (
+        "import multiprocessing, os, signal, sys\n"
+        "from app.data.parquet import TrainingBatches\n"
+        "from tests.unit.data.conftest import SCHEMA\n"
+        "batches = iter(TrainingBatches(sys.argv[2:], SCHEMA, 8, 0, 1, prefetch_windows=1))\n"
+        "next(batches)\n"
+        "(reader,) = multiprocessing.active_children()\n"
+        "open(sys.argv[1], 'w').write(str(reader.pid))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    trainer = subprocess.run([sys.executable, "-c", script, str(pids), *uneven_files], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert trainer.returncode == -signal.SIGKILL
+    reader_pid = int(pids.read_text())
+    server = parent_of(reader_pid) if is_running(reader_pid) else None
+    deadline = time.time() + 20
+    while is_running(reader_pid) and time.time() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not is_running(reader_pid)
+    finally:
+        for pid in (reader_pid, server):
+            if pid is not None and is_running(pid):
+                os.kill(pid, signal.SIGKILL)

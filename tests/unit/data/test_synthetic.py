@@ -11,7 +11,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from app.config import SyntheticConfig
-from app.data.parquet import check_files, resolve_files
+from app.data.files import check_files, resolve_files
 from app.data.synthetic import PROBABILITY_COLUMN, ScoreTally, dataset_dir, ensure_dataset, generate
 from tests.unit.data.conftest import SCHEMA
 

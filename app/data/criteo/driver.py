@@ -1,0 +1,170 @@
+"""The whole conversion: which inputs to do, the vocabulary they need, one worker job per input,
+the markers that make a re-run resume, and the summary of what the directory holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
+
+from app.config import ConfigError
+from app.data import DataError
+from app.data.criteo.options import ConvertOptions, CriteoColumns
+from app.data.criteo.output_dir import (
+    DONE_DIR, SUMMARY_FILE, VOCABULARY_DIR, VOCABULARY_META, WORK_DIR, input_stem, read_json, write_json,
+)
+from app.data.criteo.parts import PartWriter, output_rows, output_schema
+from app.data.criteo.processes import map_in_processes
+from app.data.criteo.tsv import read_blocks
+from app.data.criteo.vocabulary import check_vocabulary_fits, ensure_vocabulary, given_vocabulary, load_vocabularies
+from app.storage import atomic_output
+
+if TYPE_CHECKING:
+    from app.config import FeaturesConfig
+    from app.features import FeatureSchema
+
+
+def convert(inputs: Sequence[str], out_dir: str, schema: "FeatureSchema | FeaturesConfig",
+            options: ConvertOptions) -> dict:
+    """Convert every input not yet done into out_dir; returns (and writes to _conversion.json) a
+    summary of all the directory holds. `options.workers` processes convert inputs in parallel;
+    the output does not depend on their number. Only the schema's label, dense and sparse are
+    read, so the FeaturesConfig it is built from will do (and spares loading torchrec)."""
+    options.validate()
+    columns = CriteoColumns.from_schema(schema)
+    inputs = [str(p) for p in inputs]
+    if not inputs:
+        raise ConfigError("no input files given.")
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such input file; expected a Criteo TSV file (plain or .gz).")
+    stems = [input_stem(p) for p in inputs]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"inputs {repeated} appear twice (by name less .gz/.txt): their parts would collide.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    given = given_vocabulary(options.vocabulary) if options.vocabulary else None
+    built_from = None
+    if options.categorical == "vocab":
+        built_from = (
+            read_json(given / VOCABULARY_META)["built_from"]
+            if given
+            else {"inputs": sorted(stems), "min_frequency": options.min_frequency}
+        )
+    settings = _settings(columns, options, built_from)
+    finished = _check_finished(out, settings)
+    todo = [(path, stem) for path, stem in zip(inputs, stems) if stem not in finished]
+
+    vocabulary_dir = given
+    if options.categorical == "vocab" and vocabulary_dir is None:
+        vocabulary_dir = out / VOCABULARY_DIR
+        if todo:
+            vocabulary_dir = ensure_vocabulary(out, inputs, stems, columns, options, built_from)
+    if todo and vocabulary_dir is not None:
+        check_vocabulary_fits(vocabulary_dir, columns)
+
+    jobs = [InputJob(path, stem, str(out), columns, options, str(vocabulary_dir) if vocabulary_dir else None,
+                     settings)
+            for path, stem in todo]
+    map_in_processes(convert_input, jobs, options.workers, "converted")
+
+    markers = _markers(out)
+    vocabulary = read_json(vocabulary_dir / VOCABULARY_META) if vocabulary_dir else None
+    summary = {
+        "out_dir": str(out),
+        "rows": sum(m["rows"] for m in markers.values()),
+        "inputs": {stem: {k: m[k] for k in ("input", "rows", "parts")} for stem, m in sorted(markers.items())},
+        "converted": [stem for _, stem in todo],
+        "skipped": [stem for stem in stems if stem in finished],
+        "settings": settings,
+        "options": asdict(options),
+        "vocabulary": vocabulary["sizes"] if vocabulary else None,
+    }
+    write_json(out / SUMMARY_FILE, summary)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    return summary
+
+
+def _settings(columns: CriteoColumns, options: ConvertOptions, built_from: Optional[dict]) -> dict:
+    """What the output depends on: inputs converted under other settings cannot share a directory."""
+    settings = {
+        "columns": list(columns.names),
+        "categorical": options.categorical,
+        "log_dense": options.log_dense,
+        "rows_per_file": options.rows_per_file,
+        "rows_per_row_group": options.rows_per_row_group,
+    }
+    if options.categorical == "hash":
+        settings["num_embeddings"] = list(columns.num_embeddings)
+    else:
+        settings["vocabulary"] = built_from
+    return json.loads(json.dumps(settings))  # as it reads back from a marker
+
+
+def _markers(out: Path) -> Dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / DONE_DIR).glob("*.json"))}
+
+
+def _check_finished(out: Path, settings: dict) -> Dict[str, dict]:
+    """The finished inputs (by stem); refuses a directory whose inputs were converted differently."""
+    markers = _markers(out)
+    for stem, marker in markers.items():
+        if marker["settings"] != settings:
+            differ = sorted(k for k in settings.keys() | marker["settings"].keys()
+                            if settings.get(k) != marker["settings"].get(k))
+            changes = "; ".join(f"{k}: {marker['settings'].get(k)} there, {settings.get(k)} now" for k in differ)
+            raise ConfigError(
+                f"{out}: input {stem!r} was converted with other settings ({changes}); convert into another "
+                "directory, or delete this one to start over."
+            )
+    return markers
+
+
+@dataclass(frozen=True)
+class InputJob:
+    path: str
+    stem: str
+    out_dir: str
+    columns: CriteoColumns
+    options: ConvertOptions
+    vocabulary_dir: Optional[str]
+    settings: dict
+
+
+def convert_input(job: InputJob) -> dict:
+    """One input's parts, then its marker. Each part is written under a temporary name beside its
+    own, and all are renamed into place only once the whole input is written: a crash at any point
+    leaves no marker, and the next run redoes the input."""
+    out = Path(job.out_dir)
+    _remove_leftovers(out, job.stem)
+    vocabularies = load_vocabularies(Path(job.vocabulary_dir), job.columns) if job.vocabulary_dir else None
+    options, rows = job.options, 0
+    with ExitStack() as publish:
+        def open_part(name: str) -> Path:
+            return publish.enter_context(atomic_output(out / name))
+
+        with PartWriter(open_part, job.stem, output_schema(job.columns), options.rows_per_file,
+                        options.rows_per_row_group) as writer:
+            for first_line, batch in read_blocks(job.path, job.columns, options.block_size):
+                writer.write(output_rows(batch, first_line, job.path, job.columns, options.log_dense, vocabularies))
+                rows += batch.num_rows
+            parts = writer.close()
+    marker = {"input": os.path.abspath(job.path), "rows": rows, "parts": parts, "settings": job.settings}
+    write_json(out / DONE_DIR / f"{job.stem}.json", marker)
+    return marker
+
+
+def _remove_leftovers(out: Path, stem: str) -> None:
+    """What an interrupted conversion of this input left: parts published before its marker was
+    written, and parts a killed process was writing."""
+    leftover = re.compile(rf"{re.escape(stem)}-\d{{5,}}\.parquet|\.{re.escape(stem)}-\d{{5,}}\.parquet\.tmp")
+    for name in os.listdir(out):
+        if leftover.fullmatch(name):
+            os.remove(out / name)

@@ -1,0 +1,179 @@
+"""The reader process: what it runs, and where it comes from.
+
+Each epoch and each evaluation pass of a reader (app/data/parquet.py) reads, decodes and shuffles
+its windows in one worker process, whole windows ahead of training. The process is forked from a
+fork server, never from the training process (see _worker_context), and this module is all the
+server preloads: it imports numpy, pyarrow and torch, never torchrec, so that the server starts in
+about the time torch takes to import.
+
+Imported by the fork server (its preload), this module also makes the server ignore SIGTERM, as
+the readers do: launchers signal a whole process group, and the server is in the training
+process's. A server killed by SIGTERM would take its readers with it (a DataLoader worker exits
+when its parent does, and a reader's parent is the server), crashing the training process before
+it could save a checkpoint. The server still exits with the training process: it stops when the
+last process holding its "alive" pipe (the trainer, its readers) is gone. It ignores SIGINT already.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import sys
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Iterator, List, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+from torch.utils.data import DataLoader, IterableDataset
+
+from app.data import DataError
+from app.data.batch import InputPolicy, Rows
+from app.data.files import read_row_group
+from app.data.row_groups import RowGroup, Window
+from app.features import FeatureSchema
+
+
+class WindowSource(IterableDataset):
+    """One rank's windows of one pass, read, decoded and shuffled, from row `skip_rows` on. It is
+    sent to the worker process, so it holds only what pickles: files are opened where they are read,
+    memory-mapped, and a few kept open for the next row group (reopening re-reads the footer)."""
+
+    def __init__(self, windows: List[Window], schema: FeatureSchema, policy: InputPolicy, skip_rows: int) -> None:
+        self.windows, self.schema, self.policy, self.skip_rows = windows, schema, policy, skip_rows
+        self._open_files: "OrderedDict[str, pq.ParquetFile]" = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open_files": OrderedDict()}
+
+    def rows(self) -> Iterator[Rows]:
+        """The rows of each window in order, decoded and shuffled, from `skip_rows` on."""
+        skip_rows = self.skip_rows
+        for groups, row_seed in self.windows:
+            window_rows = sum(group.rows for group in groups)
+            if skip_rows >= window_rows:  # resume: whole windows are skipped unread
+                skip_rows -= window_rows
+                continue
+            rows = self._read(groups, row_seed)
+            if skip_rows:
+                rows, skip_rows = rows.slice(skip_rows, len(rows)), 0
+            yield rows
+
+    def __iter__(self) -> Iterator[tuple]:
+        """The worker's side: numpy arrays (tensors on the way), and an input error as its message,
+        which the training process re-raises as a DataError."""
+        # Arrays decoded zero-copy from Arrow are read-only. The DataLoader copies them into shared
+        # memory on the way, and nothing writes to them, so torch's warning about it is noise.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        try:
+            for rows in self.rows():
+                yield "rows", rows.dense, rows.labels, tuple(rows.ids), tuple(rows.offsets)
+        except DataError as error:
+            yield "error", str(error)
+
+    def _file(self, path: str) -> pq.ParquetFile:
+        """An open file; a few at a time, since a shuffled epoch visits files in any order."""
+        if path in self._open_files:
+            self._open_files.move_to_end(path)
+        else:
+            self._open_files[path] = pq.ParquetFile(path, memory_map=True)
+            while len(self._open_files) > 8:
+                self._open_files.popitem(last=False)
+        return self._open_files[path]
+
+    def _read(self, groups: List[RowGroup], row_seed: Optional[List[int]]) -> Rows:
+        rows = Rows.concat([read_row_group(g.file, g.index, self.schema, self.policy, self._file) for g in groups])
+        if row_seed is not None:
+            rows = rows.take(np.random.default_rng(row_seed).permutation(len(rows)))
+        return rows
+
+
+# ---- the worker process ---------------------------------------------------------------------
+
+def _start_worker(worker_id: int) -> None:
+    """In the reader process, before it reads. It ignores SIGTERM and SIGINT: launchers signal a
+    whole process group (torchrun each worker's, Slurm every process, a terminal's Ctrl-C its
+    foreground group), and a reader killed by them would crash the training process before it
+    could save a checkpoint. Its training process decides when to stop and shuts it down; and should
+    that process die, the reader exits at once. Its parent is the fork server, which lives as long
+    as any reader does, so the DataLoader's own check (that the worker's parent is alive) would
+    never fire: the reader of a killed training process would run on, and its server with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    trainer = multiprocessing.parent_process()
+    if trainer is not None:
+        threading.Thread(target=_exit_with, args=(trainer,), daemon=True, name="exit-with-trainer").start()
+
+
+def _exit_with(trainer: multiprocessing.process.BaseProcess) -> None:
+    trainer.join()  # returns when the training process has exited
+    os._exit(0)
+
+
+_SERVER_MODULE = __name__
+_preloaded = False
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Where reader processes come from: a fork server, not a fork of the training process. A fork
+    copies the process as it is, threads' locks included (Arrow's pools, torch's, NCCL's, CUDA's
+    after it is initialised), and the child may hang on a lock some thread held at the fork. The
+    server is a fresh interpreter, started once per training process, that imports the reader's
+    modules once (this module) and forks each reader from itself: a reader starts in
+    milliseconds, where a spawned one would import torch again, every epoch and evaluation pass.
+    As with spawn, each reader re-imports the main module, so a script must start its work under
+    `if __name__ == "__main__"`; one run as `python -m module` is preloaded too, so its imports are
+    done once (Python 3.11's server cannot preload a script given by path: a script's own imports
+    are redone per reader). The preload list is the process's own (multiprocessing keeps one fork
+    server), set here before the server starts, at the first reader process."""
+    global _preloaded
+    context = multiprocessing.get_context("forkserver")
+    if not _preloaded:
+        main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        main = [main_spec.name] if main_spec is not None and not main_spec.name.endswith("__main__") else []
+        context.set_forkserver_preload([_SERVER_MODULE, *main])
+        _preloaded = True
+    return context
+
+
+def start_reader_server() -> None:
+    """Start the fork server now, rather than at the first reader: its imports then overlap the
+    training process's own set-up (process group, plan, model) instead of delaying the first step."""
+    _worker_context()
+    multiprocessing.forkserver.ensure_running()
+
+
+def prefetched(source: WindowSource, prefetch_windows: int) -> Iterator[Rows]:
+    """The windows read, decoded and shuffled in a worker process, `prefetch_windows` ahead. A
+    process, not a thread, so that this work never holds the training loop's GIL; whole windows
+    travel (through shared memory), so the per-batch cost here is a slice."""
+    loader = DataLoader(source, batch_size=None, num_workers=1, prefetch_factor=prefetch_windows,
+                        multiprocessing_context=_worker_context(), worker_init_fn=_start_worker)
+    items = iter(loader)
+    try:
+        for packed in items:
+            if packed[0] == "error":
+                raise DataError(packed[1])
+            _, dense, labels, ids, offsets = packed
+            yield Rows(dense.numpy(), labels.numpy(), [i.numpy() for i in ids],
+                       [None if o is None else o.numpy() for o in offsets])
+    finally:
+        del items  # shuts the worker down
+
+
+def _imported_by_the_fork_server() -> bool:
+    """True while the fork server's main() imports this module (its preload); anywhere else,
+    importing it must not change how the process handles signals."""
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code is multiprocessing.forkserver.main.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+if _imported_by_the_fork_server():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
