@@ -12,7 +12,7 @@ model's state_dict keys are the plain model's (DistributedModelParallel strips i
 DDP prefixes, and sharded tables keep their unsharded names); they are still checked against the
 metadata first, so a mismatch is a clear error rather than one from deep inside DCP.
 
-Nothing arbitrary is unpickled. The checkpoint is read as training reads it (app/checkpoint.py's
+Nothing arbitrary is unpickled. The checkpoint is read as training reads it (app/checkpoint/safe_load.py's
 load_state): its .metadata pickle admits only the classes DCP's metadata is made of, and its
 entries are loaded with torch.load(weights_only=True); export asks for tensor entries only. A
 checkpoint that names anything else is refused with an ExportError naming the file. model.pt is
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -37,23 +36,24 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from app.checkpoint import (META_FILE, CheckpointError, find_checkpoint, load_state, read_dcp_metadata, read_meta,
-                            weights_only_refusal)
+from app.checkpoint import (META_FILE, MODEL_KEY, CheckpointError, find_checkpoint, load_state, read_dcp_metadata,
+                            read_meta, weights_only_refusal)
 from app.config import Config
 from app.hydra_edge import config_from_dict
 from app.data import DataError
 from app.data.batch import InputPolicy, decode
-from app.data.parquet import check_files
+from app.data.files import check_files
+from app.errors import UserError
 from app.features import FeatureSchema
 from app.model import build_model
+from app.storage import atomic_output, write_atomically
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"  # written last: an export without it is incomplete
 _CPU = torch.device("cpu")
-_MODEL_KEY = "model"  # the model's part of the checkpointed state (app/trainer.py)
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A checkpoint or exported model that cannot be read; the message names the path."""
 
 
@@ -87,7 +87,7 @@ def _check_keys(checkpoint: Path, state: Dict[str, torch.Tensor]) -> None:
     except (OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
         message = f"{checkpoint}: incomplete checkpoint, its DCP metadata is not readable ({error})."
         raise ExportError(message) from error
-    prefix = f"{_MODEL_KEY}."
+    prefix = f"{MODEL_KEY}."
     saved = {k[len(prefix):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
     missing, unexpected = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
     if missing or unexpected:
@@ -103,12 +103,6 @@ def _check_keys(checkpoint: Path, state: Dict[str, torch.Tensor]) -> None:
                               f"has {tuple(tensor.shape)}.")
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     """Write out_dir/model.pt (the full state_dict, unsharded) and out_dir/config.json from a
     checkpoint dir, or from the newest complete checkpoint of a run dir; returns out_dir."""
@@ -122,7 +116,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
         with warnings.catch_warnings():
             # Only the model: DCP loads the keys asked for, so the optimizer's state is never read.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the intent
-            load_state(checkpoint, {_MODEL_KEY: state}, no_dist=True)
+            load_state(checkpoint, {MODEL_KEY: state}, no_dist=True)
     except CheckpointError as error:
         raise ExportError(str(error)) from error
     except (OSError, dcp.CheckpointException) as error:  # e.g. one rank's .distcp file missing
@@ -135,14 +129,15 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     # config.json marks a complete export: drop an older one first, so a crash below never
     # leaves a new model.pt beside the old config.
     (out_dir / CONFIG_FILE).unlink(missing_ok=True)
-    _write_atomically(out_dir / MODEL_FILE, lambda tmp: torch.save(dict(state), tmp))
+    with atomic_output(out_dir / MODEL_FILE) as tmp:
+        torch.save(dict(state), tmp)
     exported = {
         "step": meta["step"],
         "checkpoint": str(checkpoint.resolve()),
         "parameters": sum(t.numel() for t in state.values()),
         "config": meta["config"],
     }
-    _write_atomically(out_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(exported, indent=2)))
+    write_atomically(out_dir / CONFIG_FILE, json.dumps(exported, indent=2))
     return out_dir
 
 
@@ -213,7 +208,7 @@ def score_files(model: nn.Module, config: Config, files: Sequence[str], batch_si
     """(logits, labels or None) of every row of `files`, in order, one batch at a time. Rows are
     decoded and checked as training does it (config.data's input policy), a row group at a time."""
     schema = FeatureSchema.from_config(config.features)
-    policy = InputPolicy(config.data.invalid_ids, config.data.invalid_dense, config.data.dense_fill_value)
+    policy = InputPolicy.from_config(config.data)
     columns = schema.columns if labeled else [c for c in schema.columns if c != schema.label]
     for path in files:
         parquet = pq.ParquetFile(path)

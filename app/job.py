@@ -6,7 +6,6 @@ edge) calls it in this process, or in each self-launched worker, once the config
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -16,10 +15,12 @@ import torch.distributed as dist
 from torch import nn
 
 from app import distributed
-from app.checkpoint import CheckpointManager
+from app.checkpoint import Checkpointer, CheckpointStore, RunParts, RunShape
 from app.config import Config, ConfigError, DataConfig
 from app.data.batch import InputPolicy
-from app.data.parquet import ParquetBatches, check_files, check_first_row_group, resolve_files
+from app.data.files import check_files, check_first_row_group, resolve_files
+from app.data.parquet import EvaluationBatches, TrainingBatches
+from app.data.reader_process import start_reader_server
 from app.data.synthetic import ensure_dataset
 from app.distributed import DistEnv
 from app.features import FeatureSchema
@@ -29,13 +30,10 @@ from app.model import build_model
 from app.optim import apply_sparse_optimizer, optimizer_and_schedule
 from app.preemption import Preemption
 from app.sharding import plan_report, plan_sharding, shard_model, write_plan_report
+from app.storage import LocalStorage
 from app.trainer import Trainer, planned_steps
 
 log = logging.getLogger("app.job")
-
-
-def input_policy(config: DataConfig) -> InputPolicy:
-    return InputPolicy(config.invalid_ids, config.invalid_dense, config.dense_fill_value)
 
 
 def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> Tuple[List[str], List[str]]:
@@ -50,22 +48,20 @@ def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> 
     else:
         train_path, val_path = config.train_path, config.val_path
     files = resolve_files(train_path), resolve_files(val_path)
-    policy = input_policy(config)
+    policy = InputPolicy.from_config(config)
     for split in files:  # bad rows in a split found before the first step, not after the last
         check_files(split, schema)
         check_first_row_group(split, schema, policy)
     return files
 
 
-def check_writable(directory: Path, what: str, rank: int) -> None:
-    """Stop before any work when this rank cannot write into `directory` (created if missing),
+def check_writable(storage: LocalStorage, what: str, rank: int) -> None:
+    """Stop before any work when this rank cannot write into `storage` (created if missing),
     naming it and why: a save would otherwise fail only at the first checkpoint, deep in DCP."""
-    probe = directory / f".rectrain_write_test_rank{rank}"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        storage.check_writable(f".rectrain_write_test_rank{rank}")
     except OSError as error:
+        directory = storage.path()
         reason = "a file is in the way" if directory.exists() and not directory.is_dir() else error.strerror or error
         raise ConfigError(f"cannot write {what} to {directory} (from output_root and run_name): {reason}.") from error
 
@@ -86,62 +82,50 @@ def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv,
 
 
 def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train_files: List[str],
-                  val_files: List[str]) -> Tuple[ParquetBatches, ParquetBatches]:
+                  val_files: List[str]) -> Tuple[TrainingBatches, EvaluationBatches]:
     """This rank's training batches (shuffled per epoch) and evaluation batches (padded)."""
-    policy = input_policy(config)
-    train = ParquetBatches(train_files, schema, config.batch_size, env.rank, env.world_size,
-                           shuffle=config.shuffle, seed=config.seed, prefetch_windows=config.prefetch_windows,
-                           shuffle_window=config.shuffle_window, policy=policy)
-    val = ParquetBatches(val_files, schema, config.eval_batch_size, env.rank, env.world_size,
-                         pad_to_equal=True, prefetch_windows=config.prefetch_windows, policy=policy)
+    policy = InputPolicy.from_config(config)
+    train = TrainingBatches(train_files, schema, config.batch_size, env.rank, env.world_size,
+                            shuffle=config.shuffle, seed=config.seed, shuffle_window=config.shuffle_window,
+                            prefetch_windows=config.prefetch_windows, policy=policy)
+    val = EvaluationBatches(val_files, schema, config.eval_batch_size, env.rank, env.world_size,
+                            prefetch_windows=config.prefetch_windows, policy=policy)
     return train, val
 
 
 def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
     """One worker's whole job; returns the final validation metrics (the same on every rank), or
     None when SIGTERM stopped it early (after a checkpoint)."""
+    if config.data.prefetch_windows > 0:
+        start_reader_server()  # its imports overlap the set-up below
     env = distributed.init(config.distributed)
     preemption = Preemption(distributed.new_gloo_group())  # from the start: set-up may take minutes
     setup_logging(config.logging, env.is_rank0)
     log.info("%d worker(s) on %s, %d on this node, %d CPU threads each", env.world_size, env.device,
              env.local_world_size, torch.get_num_threads())
     try:
-        check_writable(run_dir / "checkpoints", "checkpoints", env.rank)  # every rank writes its shards
+        checkpoint_storage = LocalStorage(run_dir / "checkpoints")
+        check_writable(checkpoint_storage, "checkpoints", env.rank)  # every rank writes its shards
         torch.manual_seed(config.seed)
         schema = FeatureSchema.from_config(config.features)
         train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
 
         model = build_sharded_model(config, schema, env, run_dir)
         train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
-        optimizer, lr_scheduler = optimizer_and_schedule(
-            model, config.optim, planned_steps(config.trainer, len(train_data)))
-
-        checkpoints = CheckpointManager(run_dir / "checkpoints", config.checkpoint.keep_last, env.rank,
-                                        process_group=distributed.new_gloo_group())
-        if not config.checkpoint.resume and checkpoints.latest() is not None:
-            # Starting over beside them would mix two runs' steps, and pruning would delete the new ones.
-            raise ConfigError(
-                f"checkpoint.resume=false, but {checkpoints.directory} already holds checkpoints (newest: "
-                f"{checkpoints.latest().name}); choose another run_name or remove them."
-            )
-        metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard)
-        trainer = Trainer(
-            model, optimizer, lr_scheduler, train_data, val_data,
-            checkpoints=checkpoints,
-            checkpoint_every_n_steps=config.checkpoint.every_n_steps,
-            async_save=config.checkpoint.async_save,
-            metrics_logger=metrics_logger,
-            config=config.trainer,
-            env=env,
-            run_meta={"config": dataclasses.asdict(config)},
-            preemption=preemption,
-            progress_bar=config.logging.progress_bar,
-            control_group=distributed.new_gloo_group(),
-        )
-        state = trainer.resume(config.checkpoint.load_from, config.checkpoint.load_mode)
+        shape = RunShape(env.world_size, config.data.batch_size * env.world_size, len(train_data),
+                         planned_steps(config.trainer, len(train_data)))
+        optimizer, lr_scheduler = optimizer_and_schedule(model, config.optim, shape.total_steps)
+        parts = RunParts(model, optimizer, lr_scheduler, train_data, val_data)
+        store = CheckpointStore(checkpoint_storage, config.checkpoint.keep_last, env.rank,
+                                process_group=distributed.new_gloo_group())
+        checkpointer = Checkpointer(store, config.checkpoint, config, parts, shape)
+        state = checkpointer.restore(config.checkpoint.load_from, config.checkpoint.load_mode)
         if state.step == 0:
-            log.info("starting %s from scratch: %d steps of %d samples", run_dir, trainer.total_steps,
-                     trainer.global_batch_size)
+            log.info("starting %s from scratch: %d steps of %d samples", run_dir, shape.total_steps,
+                     shape.global_batch_size)
+        metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard)
+        trainer = Trainer(parts, checkpointer, metrics_logger, preemption, config.trainer, env,
+                          progress_bar=config.logging.progress_bar)
         result = trainer.fit(state)
         metrics_logger.close()
         return result

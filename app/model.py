@@ -15,6 +15,9 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from app.config import ModelConfig
 from app.features import FeatureSchema
 
+# Where the tables are in a model from build_model; sharding keeps the path (its plan is keyed by it).
+TABLES_PATH = "model.sparse_arch.embedding_bag_collection"
+
 
 def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device,
                 tables_device: torch.device = torch.device("meta")) -> DLRMTrain:
@@ -41,4 +44,4 @@ def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device
 
 def embedding_tables(model: nn.Module) -> EmbeddingBagCollection:
     """The (unsharded) EmbeddingBagCollection inside a model from build_model."""
-    return model.model.sparse_arch.embedding_bag_collection
+    return model.get_submodule(TABLES_PATH)

@@ -32,7 +32,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from app.config import ConfigError, OptimConfig
-from app.model import embedding_tables
+from app.model import TABLES_PATH, embedding_tables
 
 _OPTIMIZER_CLASSES = {
     "sgd": torch.optim.SGD,
@@ -44,8 +44,9 @@ _OPTIMIZER_CLASSES = {
 # is torchrec's placeholder class, which accepts FBGEMM's beta1/beta2 instead of torch's betas.
 _FUSED_CLASSES = {**_OPTIMIZER_CLASSES, "adam": trec_optim.Adam}
 _FUSED_ON_CPU = ("sgd", "adagrad", "rowwise_adagrad")
-# Parameters under this module name are embedding tables, whatever the sharding wrapped them in.
-_TABLES_FQN_PART = "embedding_bag_collection"
+# The parts of the CombinedOptimizer: tables FBGEMM steps inside the backward (their state exists
+# from the start), the dense layers, and tables the plan replicates (stepped like dense layers).
+FUSED_PART, DENSE_PART, REPLICATED_PART = "sparse", "dense", "replicated_tables"
 
 
 def _optimizer_kwargs(name: str, lr: float, config: OptimConfig, weight_decay: float) -> Dict[str, object]:
@@ -74,18 +75,19 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
     """One KeyedOptimizer over everything: the fused table optimizers of the sharded model, the
     dense layers, and replicated (data_parallel) tables. Its state_dict is what checkpoints save."""
     plain = dict(in_backward_optimizer_filter(model.named_parameters()))
-    replicated_tables = {n: p for n, p in plain.items() if _TABLES_FQN_PART in n}
-    dense = {n: p for n, p in plain.items() if _TABLES_FQN_PART not in n}
+    # Wrappers the sharding adds sit around or inside the tables' module, never within its path.
+    replicated_tables = {n: p for n, p in plain.items() if f"{TABLES_PATH}." in n}
+    dense = {n: p for n, p in plain.items() if f"{TABLES_PATH}." not in n}
 
     def wrap(name: str, lr: float, params: Dict[str, nn.Parameter], weight_decay: float) -> KeyedOptimizer:
         optimizer_class = _OPTIMIZER_CLASSES[name]
         kwargs = _optimizer_kwargs(name, lr, config, weight_decay)
         return KeyedOptimizerWrapper(params, lambda p: optimizer_class(p, **kwargs))
 
-    parts = [("sparse", model.fused_optimizer), ("dense", wrap(config.dense, config.lr, dense, config.weight_decay))]
+    parts = [(FUSED_PART, model.fused_optimizer), (DENSE_PART, wrap(config.dense, config.lr, dense, config.weight_decay))]
     if replicated_tables:
         parts.append(
-            ("replicated_tables", wrap(config.sparse, config.effective_sparse_lr, replicated_tables, weight_decay=0.0))
+            (REPLICATED_PART, wrap(config.sparse, config.effective_sparse_lr, replicated_tables, weight_decay=0.0))
         )
     return CombinedOptimizer(parts)
 
@@ -129,7 +131,7 @@ def learning_rates(optimizer: CombinedOptimizer) -> Dict[str, float]:
     """The current LR of the dense layers and of the tables, by their config names (the tables'
     from the fused optimizer, or the replicated tables' where the plan shards none)."""
     first = {name: part.param_groups[0]["lr"] for name, part in optimizer.optimizers if part.param_groups}
-    return {"lr": first["dense"], "sparse_lr": first.get("sparse", first.get("replicated_tables"))}
+    return {"lr": first[DENSE_PART], "sparse_lr": first.get(FUSED_PART, first.get(REPLICATED_PART))}
 
 
 def set_fused_optimizer_step(optimizer: CombinedOptimizer, step: int) -> None:

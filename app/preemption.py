@@ -36,10 +36,16 @@ class Preemption:
         flag = torch.tensor([int(self.requested)])
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        # A rank stopped by another's signal gets its own later, maybe while it exits: keep the handler.
+        self.requested = self.requested or bool(flag.item())
         return bool(flag.item())
 
     def close(self) -> None:
-        # After a stop, the handler stays: a launcher's own SIGTERM may still arrive (Slurm signals
-        # every process, then torchrun passes its copy on) and must not kill the worker mid-exit.
         if not self.requested:
             signal.signal(signal.SIGTERM, self._previous)
+            return
+        # After a stop, a launcher's own SIGTERM may still arrive (Slurm signals every process, then
+        # torchrun passes its copy on; a rank stopped by another's signal gets its own later) and must
+        # not kill the worker mid-exit. Ignored, not handled: Python's finalization puts a handled
+        # signal back to its default action, which would kill the worker while it exits.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

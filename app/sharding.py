@@ -38,9 +38,9 @@ from torchrec.distributed.types import CacheParams, CommOp, QuantizedCommCodecs,
 
 from app.config import CUDA_ONLY_COMM_PRECISIONS, CUDA_ONLY_KERNELS, ConfigError, ShardingConfig, table_constraint
 from app.features import FeatureSchema, table_name
+from app.model import TABLES_PATH
 
 log = logging.getLogger("app.sharding")
-TABLES_PATH = "model.sparse_arch.embedding_bag_collection"
 _GB = 1024**3
 # Encodings with per-row or per-block scales: a reduce-scatter cannot sum them while encoded.
 _SCALED_PRECISIONS = ("int8", "fp8", "mx4")

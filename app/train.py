@@ -22,11 +22,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from app.config import ConfigError
+from app.errors import BAD_INPUT, UserError
 from app.hydra_edge import check_override_keys, register_with_hydra, to_config
-from app.data import DataError
 
 register_with_hydra()
-BAD_INPUT = 2  # exit code for a config, data or checkpoint error
 PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption, after saving a checkpoint
 
 
@@ -35,7 +34,7 @@ def _say(line: str) -> None:
     os.write(sys.stderr.fileno(), f"{line}\n".encode())
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: UserError) -> None:
     """Bad input (config, data, checkpoint): say what and where, without a traceback; exit 2.
     An error every rank meets alike is said once, by rank 0 (the others' log files keep it);
     one that only some ranks meet (a bad row in their share of the data) by each of them."""
@@ -88,18 +87,17 @@ def main(cfg: DictConfig) -> float:
 def _worker(config, run_dir: Path):
     """One worker's job, in this process or self-launched: bad input is said, and exit code 2."""
     from app import job
-    from app.checkpoint import CheckpointError
 
     try:
         return job.run(config, run_dir)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except UserError as error:
         _fail(error)
 
 
 def _stopped_message(run_dir: Path) -> str:
-    from app.checkpoint import CheckpointManager
+    from app.checkpoint import CheckpointStore
 
-    newest = CheckpointManager(run_dir / "checkpoints", keep_last=1, rank=0).latest()
+    newest = CheckpointStore(run_dir / "checkpoints", keep_last=1, rank=0).latest()
     saved = f"after saving checkpoint {newest}" if newest is not None else "before any checkpoint was saved"
     return f"stopped by SIGTERM {saved}; run the same command to resume ({run_dir})"
 

@@ -29,13 +29,13 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from app import distributed
 from app.config import Config
 from app.hydra_edge import compose_config
-from app.data.parquet import ParquetBatches
+from app.data.parquet import TrainingBatches
 from app.features import FeatureSchema
 from app.job import build_loaders, build_sharded_model, dataset_files
 from app.optim import optimizer_and_schedule
 
 
-def bench_data(loader: ParquetBatches, max_batches: int) -> Dict[str, float]:
+def bench_data(loader: TrainingBatches, max_batches: int) -> Dict[str, float]:
     """Decode on the calling thread only (no reader process, one torch thread): rows per second
     of wall time and per CPU-second, i.e. per core."""
     loader.prefetch_windows = 0
@@ -58,7 +58,7 @@ def _timed_steps(pipeline: TrainPipelineSparseDist, batches: Iterator, steps: in
     return time.perf_counter() - start
 
 
-def bench_train(config: Config, loader: ParquetBatches, steps: int, warmup: int, rounds: int) -> Dict[str, float]:
+def bench_train(config: Config, loader: TrainingBatches, steps: int, warmup: int, rounds: int) -> Dict[str, float]:
     """Samples/s of the same model trained from the Parquet loader (prefetching as configured) and
     from batches already in memory, alternating rounds so both see the same machine state."""
     env = distributed.init(config.distributed)
@@ -102,7 +102,7 @@ def bench_checkpoint(config: Config, directory: Path, gigabytes: float, repeats:
     """Save (DCP, fsynced, with the CRC manifest) and load times of a model of `gigabytes` of
     tables, against dd's raw write speed to the same directory; and how long an asynchronous save
     stalls the caller (copying the state) before writing in the background."""
-    from app.checkpoint import CheckpointManager, manifest
+    from app.checkpoint import CheckpointStore, manifest
 
     features = copy.deepcopy(config.features)
     row_bytes = features.embedding_dim * 4
@@ -116,7 +116,7 @@ def bench_checkpoint(config: Config, directory: Path, gigabytes: float, repeats:
     optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=1)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     directory.mkdir(parents=True, exist_ok=True)
-    manager = CheckpointManager(directory / "checkpoints", keep_last=1, rank=0)
+    manager = CheckpointStore(directory / "checkpoints", keep_last=1, rank=0)
     results: Dict[str, float] = {"disk_gb_per_s": _disk_write_speed(directory, gigabytes)}
 
     # One save varies by 2x here (disk and page cache state): the first, and the median of the
@@ -133,7 +133,7 @@ def bench_checkpoint(config: Config, directory: Path, gigabytes: float, repeats:
     results["load_s"] = statistics.median(load_s)
     results["size_gb"] = sum(f.stat().st_size for f in path.iterdir()) / 2**30
     start = time.perf_counter()
-    manifest(path)
+    manifest(manager.storage, path.name)
     results["manifest_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 from typing import List
 
-from app.config import ConfigError
-from app.data import DataError
-from app.export import CONFIG_FILE, MODEL_FILE, ExportError, export_checkpoint
+from app.errors import BAD_INPUT, UserError
+from app.export import CONFIG_FILE, MODEL_FILE, export_checkpoint
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -33,9 +32,9 @@ def main(argv: List[str]) -> int:
     args = parse_args(argv)
     try:
         out_dir = export_checkpoint(Path(args.checkpoint), Path(args.out))
-    except (ExportError, ConfigError, DataError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     info = json.loads((out_dir / CONFIG_FILE).read_text())
     size_mb = (out_dir / MODEL_FILE).stat().st_size / 2**20
     print(f"exported step {info['step']} of {info['checkpoint']}: {info['parameters']:,} parameters, "

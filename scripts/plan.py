@@ -22,7 +22,7 @@ from typing import List
 
 import torch
 
-from app.config import ConfigError
+from app.errors import BAD_INPUT, UserError
 from app.hydra_edge import compose_config
 from app.features import FeatureSchema
 from app.model import build_model
@@ -68,9 +68,9 @@ def main(argv: List[str]) -> int:
                       f"cost {report['cost_imbalance']:.3f}")
             else:
                 print(format_plan_report(report))
-    except ConfigError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     if args.json and report is not None:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -22,10 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from app.config import ConfigError
-from app.data import DataError
-from app.data.parquet import resolve_files
-from app.export import ExportError, check_inputs, load_exported, score_files
+from app.errors import BAD_INPUT, UserError
+from app.data.files import resolve_files
+from app.export import check_inputs, load_exported, score_files
 from app.features import FeatureSchema
 from app.logs import quiet_torch_notes
 from app.metrics import EvalMetrics
@@ -85,9 +84,9 @@ def main(argv: List[str]) -> int:
     quiet_torch_notes()
     try:
         result = predict(args)
-    except (ExportError, ConfigError, DataError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     print(f"{result['rows']:,} predictions in {args.out}")
     if result["labeled"]:
         print(f"AUC {result['auc']:.6f}  logloss {result['logloss']:.6f}  NE {result['ne']:.6f}")

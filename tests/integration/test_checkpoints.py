@@ -112,9 +112,9 @@ def test_a_worker_killed_under_max_restarts_resumes_and_finishes(tmp_path):
 _SAVE_FOREVER = """
 import sys, torch, torch.distributed as dist
 from pathlib import Path
-from app.checkpoint import CheckpointManager
+from app.checkpoint import CheckpointStore
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-manager = CheckpointManager(Path(sys.argv[1]), keep_last=3, rank=0)
+manager = CheckpointStore(Path(sys.argv[1]), keep_last=3, rank=0)
 manager.save(1, {"w": torch.ones(1000)}, {})
 print("saved", flush=True)
 big = {"w": torch.ones(1000), "big": torch.randn(64 * 2**20)}  # 256 MB: long enough to be killed in
@@ -124,7 +124,7 @@ for step in range(2, 100):
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
-    from app.checkpoint import CheckpointManager, verify
+    from app.checkpoint import CheckpointStore, verify
 
     directory = tmp_path / "checkpoints"
     job = start([sys.executable, "-c", _SAVE_FOREVER, str(directory)], tmp_path / "save.log")
@@ -140,7 +140,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     finally:
         kill_tree(job.pid)
     assert list(directory.glob(".step_*.tmp")), "killed too late: no save was under way"
-    manager = CheckpointManager(directory, keep_last=3, rank=0)
+    manager = CheckpointStore(directory, keep_last=3, rank=0)
     newest = manager.newest_valid()
     assert newest is not None and verify(newest) is None
 

@@ -84,6 +84,34 @@ def test_torchrun_workers_signalled_as_torchrun_signals_them_save_once_and_resum
     assert records(run_dir(tmp_path), "eval")[-1]["step"] == steps[0] + 2
 
 
+def test_sigterm_reaching_the_ranks_at_different_steps_stops_them_at_one_step_with_one_checkpoint(tmp_path):
+    # Slurm signals every process, but not at the same instant; a node's kubelet stops only its own
+    # pods. Rank 1 is signalled first, rank 0 a second (tens of steps) later, if it still runs.
+    launch = torchrun(*tiny(tmp_path, *LONG))
+    launch.insert(launch.index("--standalone"), "--monitor-interval=3")
+    job = start(launch, tmp_path / "job.log")
+    wait_until_training(tmp_path, job)
+    workers = sorted(pid for pid in children(job.pid) if b"app.train" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    ranks = {int(dict(line.split(b"=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                      if b"=" in line)[b"RANK"]): pid for pid in workers}
+    assert sorted(ranks) == [0, 1], ranks
+
+    def signal_rank_1_then_rank_0():
+        os.killpg(ranks[1], signal.SIGTERM)
+        time.sleep(1.0)
+        try:
+            os.killpg(ranks[0], signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # it had stopped already: the agreement does not wait for every rank's signal
+
+    stop(job, signal_rank_1_then_rank_0)
+    log = (tmp_path / "job.log").read_text()
+    assert log.count(f"exitcode  : {PREEMPTED} ") == 2 and "killed by signal" not in log, log[-4000:]
+    steps = stopped_steps(tmp_path)
+    assert len(steps) == 2 and steps[0] == steps[1], steps
+    assert the_one_checkpoint(tmp_path) == steps[0]
+
+
 def test_sigterm_to_torchrun_itself_saves_and_torchrun_exits_1(tmp_path):
     # Kubernetes (and `kill`) signal torchrun, the container's first process: it passes SIGTERM on
     # to its workers, waits for them (up to 30 s), then raises its own SignalException: exit 1.

@@ -1,4 +1,4 @@
-"""CheckpointManager on real files: atomic publish, latest, keep-last, in-place load, and loads
+"""CheckpointStore on real files: atomic publish, latest, keep-last, in-place load, and loads
 that refuse a checkpoint naming code rather than run it."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 
 import pytest
 
-from app.checkpoint import (LATEST_FILE, META_FILE, CheckpointError, CheckpointManager, find_checkpoint,
+from app.config import Config, FeaturesConfig, ModelConfig, SparseFeature
+from app.checkpoint import (LATEST_FILE, META_FILE, CheckpointError, CheckpointStore, find_checkpoint,
                             model_differences, read_meta, verify)
 
 
@@ -22,7 +23,7 @@ def state(value: float):
 
 
 def test_save_publishes_complete_checkpoints_and_keeps_last_k(tmp_path, single_process_group):
-    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2, rank=0)
+    manager = CheckpointStore(tmp_path / "checkpoints", keep_last=2, rank=0)
     assert manager.latest() is None
     for step in (10, 20, 30):
         path = manager.save(step, state(float(step)), {"train_state": {"step": step}})
@@ -35,7 +36,7 @@ def test_save_publishes_complete_checkpoints_and_keeps_last_k(tmp_path, single_p
 
 
 def test_load_fills_state_in_place(tmp_path, single_process_group):
-    manager = CheckpointManager(tmp_path, keep_last=1, rank=0)
+    manager = CheckpointStore(tmp_path, keep_last=1, rank=0)
     manager.save(5, state(1.5), {"note": "x"})
     target = state(0.0)
     meta = manager.load(manager.latest(), target)
@@ -46,7 +47,7 @@ def test_load_fills_state_in_place(tmp_path, single_process_group):
 
 
 def test_half_written_checkpoints_are_never_picked(tmp_path, single_process_group):
-    manager = CheckpointManager(tmp_path, keep_last=3, rank=0)
+    manager = CheckpointStore(tmp_path, keep_last=3, rank=0)
     manager.save(1, state(1.0), {})
     # A run that died while saving step 2 leaves its staging dir; one that died before meta.json
     # was written leaves a step dir without it (cannot happen through save(), but a copy can).
@@ -60,7 +61,7 @@ def test_half_written_checkpoints_are_never_picked(tmp_path, single_process_grou
 
 
 def test_saving_a_step_again_replaces_it(tmp_path, single_process_group):
-    manager = CheckpointManager(tmp_path, keep_last=2, rank=0)
+    manager = CheckpointStore(tmp_path, keep_last=2, rank=0)
     manager.save(7, state(1.0), {})
     manager.save(7, state(2.0), {})
     target = state(0.0)
@@ -75,7 +76,7 @@ def _distcp(path):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_a_damaged_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, single_process_group, caplog, damage):
-    manager = CheckpointManager(tmp_path, keep_last=3, rank=0)
+    manager = CheckpointStore(tmp_path, keep_last=3, rank=0)
     manager.save(1, state(1.0), {})
     newest = manager.save(2, state(2.0), {})
     data = _distcp(newest)
@@ -99,7 +100,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, si
 
 @pytest.mark.parametrize("meta", ["[1, 2, 3]", '{"files": 5}', '{"files": {".metadata": [12]}}'])
 def test_a_meta_json_of_another_shape_is_damage_too(tmp_path, single_process_group, caplog, meta):
-    manager = CheckpointManager(tmp_path, keep_last=3, rank=0)
+    manager = CheckpointStore(tmp_path, keep_last=3, rank=0)
     manager.save(1, state(1.0), {})
     newest = manager.save(2, state(2.0), {})
     (newest / META_FILE).write_text(meta)
@@ -137,7 +138,7 @@ def forge_metadata(checkpoint: Path, marker: Path) -> None:
 
 
 def test_a_checkpoint_whose_metadata_names_code_is_refused_not_run(tmp_path, single_process_group):
-    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=1, rank=0)
+    manager = CheckpointStore(tmp_path / "checkpoints", keep_last=1, rank=0)
     path = manager.save(1, state(1.0), {})
     marker = tmp_path / "ran"
     forge_metadata(path, marker)
@@ -149,7 +150,7 @@ def test_a_checkpoint_whose_metadata_names_code_is_refused_not_run(tmp_path, sin
 
 
 def test_non_tensor_values_load_as_plain_data_only(tmp_path, single_process_group):
-    manager = CheckpointManager(tmp_path, keep_last=2, rank=0)
+    manager = CheckpointStore(tmp_path, keep_last=2, rank=0)
     # DCP pickles what is not a tensor whole, with torch.save.
     path = manager.save(1, {**state(1.0), "extra": {"epoch": 3, "note": "x"}}, {})
     target = {**state(0.0), "extra": {"epoch": 0, "note": ""}}
@@ -166,7 +167,7 @@ def test_non_tensor_values_load_as_plain_data_only(tmp_path, single_process_grou
 
 
 def test_async_save_copies_the_state_and_publishes_on_wait(tmp_path, single_process_group):
-    manager = CheckpointManager(tmp_path, keep_last=2, rank=0)
+    manager = CheckpointStore(tmp_path, keep_last=2, rank=0)
     live = state(1.0)
     path = manager.save(3, live, {"note": "async"}, asynchronous=True)
     live["model"]["w"].add_(100.0)  # training goes on while the checkpoint is written
@@ -179,7 +180,7 @@ def test_async_save_copies_the_state_and_publishes_on_wait(tmp_path, single_proc
 
 
 def test_find_checkpoint_accepts_run_checkpoints_and_step_dirs(tmp_path, single_process_group):
-    manager = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=2, rank=0)
+    manager = CheckpointStore(tmp_path / "run" / "checkpoints", keep_last=2, rank=0)
     manager.save(4, state(1.0), {})
     newest = manager.save(8, state(1.0), {})
     assert find_checkpoint(tmp_path / "run") == newest
@@ -193,17 +194,17 @@ def test_find_checkpoint_accepts_run_checkpoints_and_step_dirs(tmp_path, single_
 
 def test_model_differences_name_each_key():
     def config(**tables):
-        return {
-            "features": {"label": "label", "dense": ["a"], "embedding_dim": 16, "pooling": "sum",
-                         "sparse": [{"name": n, "num_embeddings": v, "hotness": 1} for n, v in tables.items()]},
-            "model": {"arch": "dlrm", "dense_arch_layer_sizes": [8, 16], "over_arch_layer_sizes": [4, 1],
-                      "dcn_num_layers": 3, "dcn_low_rank_dim": 32},
-        }
+        return Config(
+            features=FeaturesConfig(label="label", dense=["a"], embedding_dim=16, pooling="sum",
+                                    sparse=[SparseFeature(n, v, 1) for n, v in tables.items()]),
+            model=ModelConfig(arch="dlrm", dense_arch_layer_sizes=[8, 16], over_arch_layer_sizes=[4, 1],
+                              dcn_num_layers=3, dcn_low_rank_dim=32),
+        )
 
     saved = config(x=10, y=20)
     assert model_differences(saved, config(x=10, y=20)) == []
     current = config(x=10, z=5, y=30)
-    current["features"]["embedding_dim"] = 8
+    current.features.embedding_dim = 8
     assert model_differences(saved, current) == [
         "features.embedding_dim: 16 in the checkpoint, 8 now",
         "features.sparse: 'z' is in the config, not in the checkpoint",
@@ -214,7 +215,7 @@ def test_model_differences_name_each_key():
 def test_checkpoints_are_ordered_by_samples_trained_not_by_step_number(tmp_path, single_process_group):
     # A run resumed on twice the ranks counts steps twice as large: its step 20 comes after step 30
     # of the run before it, and is what the next resume must take and pruning must keep.
-    manager = CheckpointManager(tmp_path, keep_last=1, rank=0)
+    manager = CheckpointStore(tmp_path, keep_last=1, rank=0)
     manager.save(30, state(1.0), {}, samples=30 * 128)
     manager.save(20, state(2.0), {}, samples=30 * 128 + 5 * 256)
     assert manager.latest().name == "step_00000020"

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from app.checkpoint import CheckpointManager
+from app.checkpoint import CheckpointStore
 from app.config import Config, FeaturesConfig, ModelConfig, ShardingConfig, SparseFeature
 from app.data import DataError
 from app.distributed import DistEnv
@@ -68,7 +68,7 @@ def train_and_save(run_dir: Path, config: Config) -> torch.Tensor:
     loss, _ = model(batch(32))
     loss.backward()
     optimizer.step()
-    CheckpointManager(run_dir / "checkpoints", keep_last=1, rank=0).save(
+    CheckpointStore(run_dir / "checkpoints", keep_last=1, rank=0).save(
         1, {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
         {"world_size": 1, "config": dataclasses.asdict(config)})
     model.eval()

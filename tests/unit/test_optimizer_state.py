@@ -9,7 +9,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from app.checkpoint import load_state, read_dcp_metadata
-from app.optimizer_state import plan_optimizer_load
+from app.checkpoint.optimizer_state import plan_optimizer_load
 
 TABLE = "model.sparse_arch.embedding_bag_collection.embedding_bags.t_a.weight"
 FUSED = {"state": {f"sparse.{TABLE}": {"t_a.momentum1": None}}, "param_groups": []}

@@ -1,10 +1,75 @@
-"""The training loop's own bookkeeping (the loop itself runs in tests/integration)."""
+"""The training loop's bookkeeping: where segments end, when it evaluates, logs and checkpoints.
+
+One real run in this process (`python -m app.train`'s path for one worker, without a subprocess),
+inspected by several tests; the multi-process loop runs in tests/integration.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 
-from app.trainer import _Window
+from app import job
+from app.checkpoint import RunShape, TrainState
+from app.hydra_edge import compose_config
+from app.trainer import _Window, segment_length
+
+STEPS_PER_EPOCH = 4000 // 128  # experiment=tiny on one rank: 31 full batches
+CADENCE = ["trainer.epochs=2", "trainer.eval_every_n_steps=10", "trainer.eval_max_batches=1",
+           "checkpoint.every_n_steps=7", "checkpoint.keep_last=100", "trainer.log_every_n_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """experiment=tiny for 2 epochs, evaluating every 10 steps and saving every 7, run to the end."""
+    root = tmp_path_factory.mktemp("trainer")
+    config = compose_config(["experiment=tiny", f"output_root={root}", "logging.progress_bar=false",
+                             "logging.tensorboard=false", f"data.synthetic.root={root / 'data'}", *CADENCE])
+    run_dir = root / config.run_name
+    result = job.run(config, run_dir)
+    return run_dir, result
+
+
+def records(run_dir: Path, kind: str):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_segments_end_at_the_epoch_the_run_and_every_cadence():
+    shape = RunShape(world_size=1, global_batch_size=128, steps_per_epoch=31, total_steps=62)
+    assert segment_length(TrainState(), shape, 10, 7) == 7
+    assert segment_length(TrainState(step=7, batches_done=7), shape, 10, 7) == 3
+    assert segment_length(TrainState(step=28, batches_done=28), shape, 10, 7) == 2  # 30: eval
+    assert segment_length(TrainState(step=30, batches_done=30), shape, 10, 7) == 1  # 31: the epoch ends
+    assert segment_length(TrainState(step=31, epoch=1), shape, 10, 7) == 4  # 35: a checkpoint
+    assert segment_length(TrainState(step=60, epoch=1, batches_done=29), shape, 10, 7) == 2  # the run ends
+    assert segment_length(TrainState(step=3, batches_done=3), shape, 0, 0) == 28  # no cadence: the epoch
+    # A resumed run on another shape starts mid-epoch: its boundaries are its own multiples.
+    assert segment_length(TrainState(step=13, batches_done=13), shape, 0, 7) == 1
+
+
+def test_a_run_evaluates_logs_and_checkpoints_at_its_cadences_and_at_the_end(finished_run):
+    run_dir, result = finished_run
+    total = 2 * STEPS_PER_EPOCH
+    assert [r["step"] for r in records(run_dir, "eval")] == [10, 20, 30, 40, 50, 60, total]
+    assert records(run_dir, "eval")[-1]["auc"] == result["auc"]
+    assert [r["step"] for r in records(run_dir, "train")] == list(range(5, total + 1, 5))
+    saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert saved == [*range(7, total, 7), total]
+
+
+def test_checkpoints_hold_the_data_position_across_the_epoch_boundary(finished_run):
+    run_dir, _ = finished_run
+    positions = {}
+    for step in (28, 35, 2 * STEPS_PER_EPOCH):
+        meta = json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "meta.json").read_text())
+        positions[step] = meta["train_state"]
+        assert (meta["world_size"], meta["global_batch_size"], meta["steps_per_epoch"]) == (1, 128, STEPS_PER_EPOCH)
+    assert positions[28] == {"step": 28, "epoch": 0, "batches_done": 28, "samples": 28 * 128}
+    assert positions[35] == {"step": 35, "epoch": 1, "batches_done": 35 - STEPS_PER_EPOCH, "samples": 35 * 128}
+    assert positions[62] == {"step": 62, "epoch": 1, "batches_done": STEPS_PER_EPOCH, "samples": 62 * 128}
 
 
 def test_the_loss_window_keeps_its_totals_on_the_device_of_the_losses():

@@ -1,0 +1,16 @@
+"""Checkpoints: the Checkpointer's save and restore policy (checkpointer.py) over the published
+checkpoints of a run (store.py), loaded without running anything they name (safe_load.py), with
+each table's optimizer state carried across sharding plans (optimizer_state.py)."""
+
+from app.checkpoint.checkpointer import (MODEL_KEY, OPTIMIZER_KEY, Checkpointer, RunParts, RunShape, SavedCheckpoint,
+                                         TrainState, model_differences, position_here)
+from app.checkpoint.safe_load import CheckpointError, load_state, read_dcp_metadata, weights_only_refusal
+from app.checkpoint.store import (LATEST_FILE, META_FILE, CheckpointStore, find_checkpoint, manifest, read_meta,
+                                  verify)
+
+__all__ = [
+    "MODEL_KEY", "OPTIMIZER_KEY", "Checkpointer", "RunParts", "RunShape", "SavedCheckpoint", "TrainState",
+    "model_differences", "position_here", "CheckpointError", "load_state", "read_dcp_metadata",
+    "weights_only_refusal", "LATEST_FILE", "META_FILE", "CheckpointStore", "find_checkpoint", "manifest",
+    "read_meta", "verify",
+]

@@ -1,0 +1,252 @@
+"""Checkpointer: what a run is made of, when it is saved, and how a run continues from a checkpoint.
+
+It is given the parts of a run that a checkpoint carries (model, optimizer, LR schedule; the data
+position is the train state's epoch and batches done) and decides everything about them: the
+cadence (checkpoint.every_n_steps), asynchronous saves, the final save, which checkpoint a run
+starts from (its own newest intact one, else checkpoint.load_from, else none), refusing a
+checkpoint of another model, the optimizers' lazily created state, and converting the saved
+position to this run's steps when the number of ranks or the batch size changed. The files
+themselves are the CheckpointStore's (app/checkpoint/store.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from app.checkpoint.optimizer_state import plan_optimizer_load
+from app.checkpoint.safe_load import CheckpointError, load_state, read_dcp_metadata
+from app.checkpoint.store import CheckpointStore, find_checkpoint, read_meta
+from app.config import CheckpointConfig, Config, ConfigError
+from app.optim import FUSED_PART, set_fused_optimizer_step, set_schedule_step
+
+log = logging.getLogger(__name__)
+
+# The two parts of a checkpoint's state (DCP keys are "<part>.<the part's state_dict key>").
+MODEL_KEY = "model"
+OPTIMIZER_KEY = "optimizer"
+
+
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint resumes. The data position is (epoch, batches_done)."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # steps done in the current epoch
+    samples: int = 0  # over all ranks
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """How many samples a step is and how many steps an epoch and the run are."""
+
+    world_size: int
+    global_batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A checkpoint's meta.json, typed: the position it was saved at, in the shape of its run."""
+
+    path: Path
+    step: int
+    state: TrainState
+    world_size: int
+    global_batch_size: int
+    steps_per_epoch: Optional[int]  # None in checkpoints that predate it
+    config: Config
+
+    @classmethod
+    def read(cls, path: Path) -> "SavedCheckpoint":
+        from app.hydra_edge import config_from_dict  # the config's dict form is checked like a composed one
+
+        meta = read_meta(path)
+        try:
+            config = config_from_dict(meta["config"])
+            state = TrainState(**meta["train_state"])
+            world_size = int(meta["world_size"])
+            global_batch_size = int(meta.get("global_batch_size") or world_size * config.data.batch_size)
+            steps_per_epoch = meta.get("steps_per_epoch")
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {path} is not usable: its meta.json does not describe a run of this "
+                                  f"version of rectrain ({type(error).__name__}: {error}).") from error
+        return cls(Path(path), int(meta["step"]), state, world_size, global_batch_size, steps_per_epoch, config)
+
+
+@dataclass
+class RunParts:
+    """What a run trains and on what. A checkpoint saves the model and the optimizer (and a restore
+    fills them in place); the LR schedule is recomputed for the step and the training data is
+    positioned by the TrainState, so neither needs state of its own in the files."""
+
+    model: nn.Module
+    optimizer: Any  # torchrec's CombinedOptimizer (app/optim.py)
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_data: Any  # app/data/parquet.py's training reader: set_epoch, load_state_dict, len(), iter()
+    val_data: Any  # its evaluation reader
+
+
+def position_here(saved: SavedCheckpoint, here: RunShape) -> TrainState:
+    """The checkpoint's position in this run's steps. Progress is samples: a run on another number
+    of ranks or another batch size continues its epoch after as many samples (less than one batch's
+    worth repeated), at the step, and so the LR, an uninterrupted run of this shape would be at,
+    and it ends where that run would."""
+    if saved.world_size == here.world_size and saved.global_batch_size == here.global_batch_size:
+        return dataclasses.replace(saved.state)
+    epoch_done = saved.steps_per_epoch is not None and saved.state.batches_done >= saved.steps_per_epoch
+    done = saved.state.batches_done * saved.global_batch_size
+    batches = here.steps_per_epoch if epoch_done else min(done // here.global_batch_size, here.steps_per_epoch)
+    position = TrainState(step=saved.state.epoch * here.steps_per_epoch + batches, epoch=saved.state.epoch,
+                          batches_done=batches, samples=saved.state.samples)
+    # Row groups are dealt to ranks by world size: the same samples cannot be replayed on another one.
+    log.warning("the checkpoint was written by %d ranks with a global batch of %d, this run has %d ranks and "
+                "%d: epoch %d continues after %d samples, at step %d of %d (was step %d)",
+                saved.world_size, saved.global_batch_size, here.world_size, here.global_batch_size,
+                saved.state.epoch, batches * here.global_batch_size, position.step, here.total_steps,
+                saved.state.step)
+    return position
+
+
+# What the model's shapes depend on: a checkpoint whose values differ cannot be loaded into it.
+_MODEL_SHAPE_KEYS = {
+    "features": ("label", "dense", "embedding_dim", "pooling"),
+    "model": ("arch", "dense_arch_layer_sizes", "over_arch_layer_sizes", "dcn_num_layers", "dcn_low_rank_dim"),
+}
+
+
+def model_differences(saved: Config, current: Config) -> List[str]:
+    """How the model a checkpoint's config describes differs from the current config's, one line
+    per config key; empty when the model fits."""
+    lines = []
+
+    def compare(key: str, old: Any, new: Any) -> None:
+        if old != new:
+            lines.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
+
+    for group, keys in _MODEL_SHAPE_KEYS.items():
+        for key in keys:
+            compare(f"{group}.{key}", getattr(getattr(saved, group), key), getattr(getattr(current, group), key))
+    old_tables = {f.name: f for f in saved.features.sparse}
+    new_tables = {f.name: f for f in current.features.sparse}
+    for name in sorted(old_tables.keys() - new_tables.keys()):
+        lines.append(f"features.sparse: {name!r} is in the checkpoint, not in the config")
+    for name in sorted(new_tables.keys() - old_tables.keys()):
+        lines.append(f"features.sparse: {name!r} is in the config, not in the checkpoint")
+    for name in sorted(old_tables.keys() & new_tables.keys()):
+        compare(f"features.sparse[{name}].num_embeddings", old_tables[name].num_embeddings,
+                new_tables[name].num_embeddings)
+    return lines
+
+
+class Checkpointer:
+    def __init__(self, store: CheckpointStore, config: CheckpointConfig, run_config: Config, parts: RunParts,
+                 shape: RunShape) -> None:
+        """`run_config`: the whole config, saved with every checkpoint (the model is compared
+        against it on load, and export rebuilds the model from it)."""
+        self.store = store
+        self.config = config
+        self.run_config = run_config
+        self.parts = parts
+        self.shape = shape
+        self._last_saved_step = -1
+
+    @property
+    def every_n_steps(self) -> int:
+        return self.config.every_n_steps
+
+    def is_due(self, step: int) -> bool:
+        """Whether the cadence saves at `step` (the end of a run is saved whatever it says)."""
+        return self.config.every_n_steps > 0 and step % self.config.every_n_steps == 0
+
+    # ---- saving -------------------------------------------------------------------------------
+
+    def maybe_save(self, state: TrainState, force: bool = False) -> bool:
+        """Collective. Save at `state` when the cadence says so (asynchronously, if so configured);
+        `force`: the end of a run or a preemption, saved now and synchronously unless this step is
+        saved already, and any asynchronous save published. Returns whether it saved."""
+        if force:
+            if self._last_saved_step == state.step:
+                self.store.wait()
+                return False
+        elif not self.is_due(state.step):
+            return False
+        background = self.config.async_save and not force
+        meta = {
+            "train_state": asdict(state),
+            "world_size": self.shape.world_size,
+            "global_batch_size": self.shape.global_batch_size,
+            "steps_per_epoch": self.shape.steps_per_epoch,
+            "config": dataclasses.asdict(self.run_config),
+        }
+        state_dict = {MODEL_KEY: self.parts.model.state_dict(), OPTIMIZER_KEY: self.parts.optimizer.state_dict()}
+        path = self.store.save(state.step, state_dict, meta, asynchronous=background, samples=state.samples)
+        self._last_saved_step = state.step
+        log.info("saved checkpoint %s%s", path, " (writing in the background)" if background else "")
+        return True
+
+    def wait(self) -> None:
+        """Collective: publish an asynchronous save still being written."""
+        self.store.wait()
+
+    # ---- restoring ----------------------------------------------------------------------------
+
+    def restore(self, load_from: Optional[str] = None, mode: str = "all") -> TrainState:
+        """Collective. Continue from the newest intact checkpoint of the run; if it has none, start
+        from `load_from` (another run's checkpoint: everything, or with mode "model" the weights
+        only); else from scratch. With checkpoint.resume=false, a run that has checkpoints is refused."""
+        if not self.config.resume and self.store.latest() is not None:
+            # Starting over beside them would mix two runs' steps, and pruning would delete the new ones.
+            raise ConfigError(
+                f"checkpoint.resume=false, but {self.store.directory} already holds checkpoints (newest: "
+                f"{self.store.latest().name}); choose another run_name or remove them."
+            )
+        own = self.store.newest_valid()
+        if own is not None:
+            return self._load(own, everything=True)
+        if load_from:
+            return self._load(find_checkpoint(Path(load_from), self.store.group), everything=mode == "all")
+        return TrainState()
+
+    def _load(self, path: Path, everything: bool) -> TrainState:
+        saved = SavedCheckpoint.read(path)
+        own = self.store.holds(path)
+        differences = model_differences(saved.config, self.run_config)
+        if differences:
+            advice = ("Restore those settings, or train this model under another run_name." if own else
+                      "Restore those settings, or set checkpoint.load_from to a checkpoint of this model.")
+            raise ConfigError(f"checkpoint {path} holds another model than this config describes: "
+                              + "; ".join(differences) + f". {advice}")
+        model, optimizer = self.parts.model, self.parts.optimizer
+        metadata = read_dcp_metadata(path)
+        if not everything:
+            state = {MODEL_KEY: model.state_dict()}
+            load_state(path, state, self.store.group, metadata=metadata)
+            model.load_state_dict(state[MODEL_KEY])
+            log.info("started from the model weights of %s (step %d)", path, saved.step)
+            return TrainState()
+        # The dense optimizers create their state lazily; DCP loads in place, so it must exist.
+        for name, part in optimizer.optimizers:
+            if name != FUSED_PART:
+                part.init_state()
+        # Each table's optimizer state where this plan keeps it, from wherever the checkpoint's plan did.
+        optimizer_load = plan_optimizer_load(optimizer.state_dict(), metadata)
+        state = {MODEL_KEY: model.state_dict(), **optimizer_load.targets}
+        load_state(path, state, self.store.group, metadata=metadata)
+        model.load_state_dict(state[MODEL_KEY])
+        position = position_here(saved, self.shape)
+        optimizer.load_state_dict(optimizer_load.finish(position.step))
+        # The schedule is recomputed for the step, not loaded: a changed optim.lr takes effect.
+        set_schedule_step(self.parts.lr_scheduler, position.step)
+        set_fused_optimizer_step(optimizer, position.step)
+        self._last_saved_step = position.step if own else -1
+        log.info("resumed from %s at step %d (epoch %d)", path, position.step, position.epoch)
+        return position
