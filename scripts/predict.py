@@ -13,7 +13,6 @@ repaired as the model's training config says (data.invalid_ids, data.invalid_den
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import List
@@ -28,6 +27,7 @@ from app.export import check_inputs, load_exported, score_files
 from app.features import FeatureSchema
 from app.logs import quiet_torch_notes
 from app.metrics import EvalMetrics
+from app.storage import atomic_output
 
 ROWS_PER_ROW_GROUP = 1 << 20  # predictions are buffered into row groups of this size, not one per batch
 
@@ -59,23 +59,18 @@ def predict(args: argparse.Namespace) -> dict:
     metrics = EvalMetrics(torch.device("cpu"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")  # renamed into place only once every row is scored
     rows, written, pending = 0, 0, []
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for logits, labels in batches:
-                columns = [torch.sigmoid(logits)] + ([labels.float()] if labeled else [])
-                pending.append(pa.record_batch([pa.array(c.numpy()) for c in columns], schema=schema))
-                if labeled:
-                    metrics.update(logits, labels)
-                rows += len(logits)
-                if rows - written >= ROWS_PER_ROW_GROUP:
-                    writer.write_table(pa.Table.from_batches(pending))
-                    pending, written = [], rows
-            writer.write_table(pa.Table.from_batches(pending, schema=schema))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:  # in place once every row is scored
+        for logits, labels in batches:
+            columns = [torch.sigmoid(logits)] + ([labels.float()] if labeled else [])
+            pending.append(pa.record_batch([pa.array(c.numpy()) for c in columns], schema=schema))
+            if labeled:
+                metrics.update(logits, labels)
+            rows += len(logits)
+            if rows - written >= ROWS_PER_ROW_GROUP:
+                writer.write_table(pa.Table.from_batches(pending))
+                pending, written = [], rows
+        writer.write_table(pa.Table.from_batches(pending, schema=schema))
     return {"rows": rows, "labeled": labeled, **(metrics.compute() if labeled else {})}
 
 

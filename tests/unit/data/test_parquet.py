@@ -7,8 +7,6 @@ import itertools
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pyarrow as pa
@@ -19,7 +17,6 @@ from app.data import DataError
 from app.data.batch import InputPolicy
 from app.data.files import check_files, check_first_row_group, resolve_files
 from app.data.parquet import EvaluationBatches, TrainingBatches
-from tests.conftest import REPO
 from tests.unit.data.conftest import SCHEMA, make_rows, write
 
 
@@ -307,33 +304,3 @@ def test_the_reader_process_and_its_server_ignore_stop_signals(uneven_files):
     time.sleep(0.5)
     assert head + row_ids(batches) == expected
     assert is_running(server)
-
-
-def test_the_reader_process_exits_with_its_training_process(tmp_path, uneven_files):
-    # Killed outright, the training process cannot stop its reader; the reader, whose parent is the
-    # fork server (which lives as long as a reader does), must notice by itself.
-    pids = tmp_path / "pids"
-    script = (
-        "import multiprocessing, os, signal, sys\n"
-        "from app.data.parquet import TrainingBatches\n"
-        "from tests.unit.data.conftest import SCHEMA\n"
-        "batches = iter(TrainingBatches(sys.argv[2:], SCHEMA, 8, 0, 1, prefetch_windows=1))\n"
-        "next(batches)\n"
-        "(reader,) = multiprocessing.active_children()\n"
-        "open(sys.argv[1], 'w').write(str(reader.pid))\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
-    )
-    trainer = subprocess.run([sys.executable, "-c", script, str(pids), *uneven_files], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    assert trainer.returncode == -signal.SIGKILL
-    reader_pid = int(pids.read_text())
-    server = parent_of(reader_pid) if is_running(reader_pid) else None
-    deadline = time.time() + 20
-    while is_running(reader_pid) and time.time() < deadline:
-        time.sleep(0.1)
-    try:
-        assert not is_running(reader_pid)
-    finally:
-        for pid in (reader_pid, server):
-            if pid is not None and is_running(pid):
-                os.kill(pid, signal.SIGKILL)
