@@ -56,9 +56,7 @@ class Trainer:
         self.config = config
         self.env = env
         self.progress_bar = progress_bar and env.is_rank0
-        shape = checkpointer.shape
-        self.global_batch_size, self.steps_per_epoch, self.total_steps = \
-            shape.global_batch_size, shape.steps_per_epoch, shape.total_steps
+        self.shape = checkpointer.shape  # the checkpointer's: it converts positions by it
         self._pipeline: Optional[TrainPipelineSparseDist] = None
         if config.pipeline == "sparse_dist":
             self._pipeline = TrainPipelineSparseDist(self.model, self.optimizer, env.device)
@@ -69,7 +67,7 @@ class Trainer:
     def fit(self, state: TrainState) -> Optional[Dict[str, float]]:
         """Train from `state` to the end; returns the final validation metrics, or None when
         stopped by SIGTERM (after saving a checkpoint to resume from)."""
-        bar = tqdm(total=self.total_steps, initial=state.step, disable=not self.progress_bar,
+        bar = tqdm(total=self.shape.total_steps, initial=state.step, disable=not self.progress_bar,
                    desc="train", unit="step", dynamic_ncols=True)
         with closing(bar):
             stopped = self._train(state, _Window(time.perf_counter()), bar)
@@ -88,14 +86,14 @@ class Trainer:
     def _train(self, state: TrainState, window: "_Window", bar: tqdm) -> bool:
         """Train `state` on to the last step; True when the ranks agreed to stop (SIGTERM) first."""
         train_data = self.parts.train_data
-        while state.step < self.total_steps:
-            if state.batches_done >= self.steps_per_epoch:
+        while state.step < self.shape.total_steps:
+            if state.batches_done >= self.shape.steps_per_epoch:
                 state.epoch, state.batches_done = state.epoch + 1, 0
             train_data.set_epoch(state.epoch)
             train_data.load_state_dict({"epoch": state.epoch, "batches_done": state.batches_done})
             with closing(iter(train_data)) as epoch_batches:
-                while state.batches_done < self.steps_per_epoch and state.step < self.total_steps:
-                    length = segment_length(state, self.checkpointer.shape, self.config.eval_every_n_steps,
+                while state.batches_done < self.shape.steps_per_epoch and state.step < self.shape.total_steps:
+                    length = segment_length(state, self.shape, self.config.eval_every_n_steps,
                                             self.checkpointer.every_n_steps)
                     for loss in self._train_steps(epoch_batches, length):
                         self._count_step(state, loss, window, bar)
@@ -107,7 +105,7 @@ class Trainer:
     def _count_step(self, state: TrainState, loss: torch.Tensor, window: "_Window", bar: tqdm) -> None:
         state.step += 1
         state.batches_done += 1
-        state.samples += self.global_batch_size
+        state.samples += self.shape.global_batch_size
         self.lr_scheduler.step()
         window.add(loss)
         bar.update(1)
@@ -165,7 +163,7 @@ class Trainer:
             self._average_dense()
 
     def _at_boundary(self, state: TrainState) -> None:
-        if state.step >= self.total_steps:
+        if state.step >= self.shape.total_steps:
             return  # fit() evaluates and saves at the end
         evaluate = self.config.eval_every_n_steps and state.step % self.config.eval_every_n_steps == 0
         save = self.checkpointer.is_due(state.step)
@@ -185,7 +183,7 @@ class Trainer:
             "samples": state.samples,
             "loss": loss,
             **learning_rates(self.optimizer),
-            "samples_per_s": window.steps * self.global_batch_size / max(elapsed, 1e-9),
+            "samples_per_s": window.steps * self.shape.global_batch_size / max(elapsed, 1e-9),
         }
         self.metrics_logger.log("train", record)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)

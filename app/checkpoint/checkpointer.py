@@ -203,11 +203,12 @@ class Checkpointer:
         """Collective. Continue from the newest intact checkpoint of the run; if it has none, start
         from `load_from` (another run's checkpoint: everything, or with mode "model" the weights
         only); else from scratch. With checkpoint.resume=false, a run that has checkpoints is refused."""
-        if not self.config.resume and self.store.latest() is not None:
+        newest = None if self.config.resume else self.store.latest()
+        if newest is not None:
             # Starting over beside them would mix two runs' steps, and pruning would delete the new ones.
             raise ConfigError(
                 f"checkpoint.resume=false, but {self.store.directory} already holds checkpoints (newest: "
-                f"{self.store.latest().name}); choose another run_name or remove them."
+                f"{newest.name}); choose another run_name or remove them."
             )
         own = self.store.newest_valid()
         if own is not None:
