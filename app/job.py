@@ -27,7 +27,8 @@ from app.features import FeatureSchema
 from app.logs import setup_logging
 from app.metrics import MetricsLogger
 from app.model import build_model
-from app.optim import apply_sparse_optimizer, optimizer_and_schedule
+from app.optim import OptimizerStep, apply_sparse_optimizer, optimizer_and_schedule
+from app.precision import TableGradients, autocast_dtype, loss_scaler
 from app.preemption import Preemption
 from app.sharding import plan_report, plan_sharding, shard_model, write_plan_report
 from app.storage import LocalStorage
@@ -66,11 +67,14 @@ def check_writable(storage: LocalStorage, what: str, rank: int) -> None:
         raise ConfigError(f"cannot write {what} to {directory} (from output_root and run_name): {reason}.") from error
 
 
-def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv,
-                        run_dir: Optional[Path]) -> nn.Module:
+def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run_dir: Optional[Path],
+                        scaler: Optional[torch.amp.GradScaler] = None) -> nn.Module:
     """The model with its sparse optimizer fused in, planned collectively and wrapped in
-    DistributedModelParallel; rank 0 writes the plan report into run_dir (when given)."""
-    model = build_model(config.model, schema, env.device)
+    DistributedModelParallel; rank 0 writes the plan report into run_dir (when given). Its dense
+    part computes in trainer.precision; `scaler` is fp16's loss scale (see app/precision.py)."""
+    model = build_model(config.model, schema, env.device,
+                        autocast_dtype=autocast_dtype(config.trainer.precision, env.device),
+                        table_gradients=TableGradients(scaler))
     apply_sparse_optimizer(model, config.optim, env.device)
     plan, chosen = plan_sharding(model, config.sharding, schema, env.device, config.data.batch_size,
                                  env.world_size, env.local_world_size, dist.group.WORLD)
@@ -110,7 +114,8 @@ def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
         schema = FeatureSchema.from_config(config.features)
         train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
 
-        model = build_sharded_model(config, schema, env, run_dir)
+        scaler = loss_scaler(config.trainer.precision, env.device)
+        model = build_sharded_model(config, schema, env, run_dir, scaler)
         train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
         shape = RunShape(env.world_size, config.data.batch_size * env.world_size, len(train_data),
                          planned_steps(config.trainer, len(train_data)))
@@ -125,7 +130,8 @@ def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
                      shape.global_batch_size)
         metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard)
         trainer = Trainer(parts, checkpointer, metrics_logger, preemption, config.trainer, env,
-                          progress_bar=config.logging.progress_bar)
+                          progress_bar=config.logging.progress_bar,
+                          optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler))
         result = trainer.fit(state)
         metrics_logger.close()
         return result

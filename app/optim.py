@@ -20,7 +20,7 @@ the fused kernels take their LR from the groups).
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -149,3 +149,36 @@ def optimizer_and_schedule(
 ) -> Tuple[CombinedOptimizer, LambdaLR]:
     optimizer = build_optimizer(model, config)
     return optimizer, build_lr_scheduler(optimizer, config, total_steps)
+
+
+class OptimizerStep:
+    """What one training step does after its forward: backward (of the scaled loss under fp16),
+    then unscale, clip the dense gradients to optim.clip_grad_norm, and step every optimizer (a
+    GradScaler skips the step whose gradients are not finite). The tables' own gradients are
+    applied by FBGEMM inside the backward; see app/precision.py for their unscaling."""
+
+    def __init__(self, optimizer: CombinedOptimizer, clip_grad_norm: Optional[float] = None,
+                 scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        self.optimizer = optimizer
+        self.clip_grad_norm = clip_grad_norm
+        self.scaler = scaler
+        self.last_grad_norm: Optional[torch.Tensor] = None  # before clipping, for the logs
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad_norm is not None:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(dense_parameters(self.optimizer), self.clip_grad_norm)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+
+def dense_parameters(optimizer: CombinedOptimizer) -> List[torch.Tensor]:
+    """The parameters stepped after the backward (dense layers, replicated tables), not by FBGEMM."""
+    return [param for name, part in optimizer.optimizers if name != FUSED_PART for param in part.params.values()]

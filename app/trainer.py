@@ -24,7 +24,7 @@ from app.checkpoint import Checkpointer, RunParts, RunShape, TrainState
 from app.config import TrainerConfig
 from app.distributed import DistEnv
 from app.metrics import EvalMetrics, MetricsLogger
-from app.optim import FUSED_PART, learning_rates
+from app.optim import FUSED_PART, OptimizerStep, learning_rates
 from app.preemption import AGREE_EVERY_N_STEPS, Preemption
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,28 @@ def segment_length(state: TrainState, shape: RunShape, *cadences: int) -> int:
     return min(ends) - state.step
 
 
+class StepPipeline(TrainPipelineSparseDist):
+    """TrainPipelineSparseDist whose backward and optimizer step are an OptimizerStep's (loss
+    scaling, clipping)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer_step: OptimizerStep, device: torch.device) -> None:
+        super().__init__(model, optimizer_step.optimizer, device)
+        self.optimizer_step = optimizer_step
+
+    def _backward(self, losses: torch.Tensor) -> None:
+        self.optimizer_step.backward(torch.sum(losses, dim=0))
+
+    def _optimizer_step(self) -> None:
+        self.optimizer_step.step()
+
+
 class Trainer:
     def __init__(self, parts: RunParts, checkpointer: Checkpointer, metrics_logger: MetricsLogger,
-                 preemption: Preemption, config: TrainerConfig, env: DistEnv, progress_bar: bool = True) -> None:
+                 preemption: Preemption, config: TrainerConfig, env: DistEnv, progress_bar: bool = True,
+                 optimizer_step: Optional[OptimizerStep] = None) -> None:
         """`preemption` says when SIGTERM asks every rank to stop; the run's shape (steps per
-        epoch, total steps, global batch) is the checkpointer's, which converts positions by it."""
+        epoch, total steps, global batch) is the checkpointer's, which converts positions by it.
+        `optimizer_step` does backward and step (default: plain, for parts.optimizer)."""
         self.parts = parts
         self.model, self.optimizer, self.lr_scheduler = parts.model, parts.optimizer, parts.lr_scheduler
         self.checkpointer = checkpointer
@@ -57,9 +74,10 @@ class Trainer:
         self.env = env
         self.progress_bar = progress_bar and env.is_rank0
         self.shape = checkpointer.shape  # the checkpointer's: it converts positions by it
-        self._pipeline: Optional[TrainPipelineSparseDist] = None
+        self.optimizer_step = optimizer_step or OptimizerStep(self.optimizer)
+        self._pipeline: Optional[StepPipeline] = None
         if config.pipeline == "sparse_dist":
-            self._pipeline = TrainPipelineSparseDist(self.model, self.optimizer, env.device)
+            self._pipeline = StepPipeline(self.model, self.optimizer_step, env.device)
         self.dense_averages = 0
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -126,8 +144,8 @@ class Trainer:
             batch = batch.to(self.env.device)
             self.optimizer.zero_grad()
             loss, _ = self.model(batch)
-            loss.backward()
-            self.optimizer.step()
+            self.optimizer_step.backward(loss)
+            self.optimizer_step.step()
             yield loss.detach()
 
     def _average_dense(self) -> None:

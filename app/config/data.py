@@ -58,6 +58,9 @@ class FeaturesConfig:
             _require(feature.hotness >= 1, f"{key}.hotness must be >= 1, got {feature.hotness}.")
 
 
+ID_DISTRIBUTIONS = ("power_law", "uniform")
+
+
 @dataclass
 class SyntheticConfig:
     """The embedded default dataset, generated on first use (see app/data/synthetic.py)."""
@@ -70,12 +73,16 @@ class SyntheticConfig:
     rows_per_file: int = doc(250_000, "Rows per generated Parquet file.")
     rows_per_row_group: int = doc(25_000, "Rows per Parquet row group (the unit the loader shuffles and reads).")
     seed: int = doc(1234, "Seed of the generator: the planted truth and the rows.")
+    id_distribution: str = doc("power_law", "How ids are drawn: power_law (a few ids are very frequent, as in real "
+                                            "categorical features; see zipf_exponent) or uniform (every id equally "
+                                            "likely, as in the reference trainers' random benchmark data).")
     zipf_exponent: float = doc(1.1, "Exponent of the power law ids are drawn from: larger is more skewed.")
 
     def validate(self) -> None:
         for key in ("train_rows", "val_rows", "rows_per_file", "rows_per_row_group"):
             _require(getattr(self, key) > 0, f"data.synthetic.{key} must be > 0, got {getattr(self, key)}.")
         _require(self.test_rows >= 0, f"data.synthetic.test_rows must be >= 0, got {self.test_rows}.")
+        _require_choice("data.synthetic.id_distribution", self.id_distribution, ID_DISTRIBUTIONS)
         _require(self.zipf_exponent > 0, f"data.synthetic.zipf_exponent must be > 0, got {self.zipf_exponent}.")
 
 

@@ -13,6 +13,7 @@ DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 LR_DECAYS = ("none", "linear", "cosine")
 MODEL_ARCHS = ("dlrm", "dcn")
 PIPELINES = ("sparse_dist", "base")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -64,6 +65,13 @@ class OptimConfig:
     decay_start_step: int = doc(0, "Step at which the decay starts.")
     decay_steps: int = doc(0, "Steps the decay takes to reach optim.min_lr_ratio (0: until the last step).")
     min_lr_ratio: float = doc(0.0, "The multiplier the decay ends at, in [0, 1].")
+    clip_grad_norm: Optional[float] = doc(None, "Clip the dense part's gradients (dense layers and replicated "
+                                                "tables) to this total L2 norm before each step (null: no "
+                                                "clipping). The norm is the global one: data-parallel gradients "
+                                                "are already summed over the ranks when it is taken.")
+    sparse_clip_value: Optional[float] = doc(None, "Clip each element of the sharded tables' gradients to "
+                                                   "[-value, value] inside FBGEMM's fused optimizer (its "
+                                                   "gradient_clipping; null: none).")
 
     def validate(self) -> None:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}.")
@@ -82,6 +90,9 @@ class OptimConfig:
         _require_choice("optim.decay", self.decay, LR_DECAYS)
         for key in ("warmup_steps", "decay_start_step", "decay_steps"):
             _require(getattr(self, key) >= 0, f"optim.{key} must be >= 0, got {getattr(self, key)}.")
+        for key in ("clip_grad_norm", "sparse_clip_value"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"optim.{key} must be > 0 or null, got {value}.")
         _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
 
     @property
@@ -119,6 +130,10 @@ class TrainerConfig:
     pipeline: str = doc("sparse_dist", "sparse_dist: torchrec's TrainPipelineSparseDist, which overlaps the next "
                                        "batches' copy to the device and their ids' all-to-all with the current step; "
                                        "base: one plain step after another.")
+    precision: str = doc("fp32", "Precision of the dense arch, interaction and over arch: fp32, bf16 (autocast; "
+                                 "CPUs with AVX512-BF16 or AMX, and GPUs from Ampere on) or fp16 (autocast with a "
+                                 "dynamic loss scale; fast on GPUs). Tables, loss and metrics stay in fp32; "
+                                 "features.data_type sets the tables' own precision.")
     dense_average_every: int = doc(0, "0: the dense part's gradients are all-reduced every step (synchronous data "
                                       "parallel). k > 0: each rank steps its dense part on its own gradients, and "
                                       "the ranks average their dense parameters every k steps (and before every "
@@ -142,6 +157,7 @@ class TrainerConfig:
         )
         _require(self.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {self.log_every_n_steps}.")
         _require_choice("trainer.pipeline", self.pipeline, PIPELINES)
+        _require_choice("trainer.precision", self.precision, PRECISIONS)
 
 
 @dataclass

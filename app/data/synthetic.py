@@ -5,7 +5,8 @@ of per-id latent vectors, dense terms), so each row's true click probability is 
 the best AUC and logloss any model can reach on the validation split: they are written to
 metadata.json, to judge a trained model against the best possible rather than against 0.5.
 
-Ids follow a power law, like real categorical features (a few ids are very frequent). Nothing is
+Ids follow a power law, like real categorical features (a few ids are very frequent), or, as in
+the reference trainers' random benchmark data, a uniform distribution. Nothing is
 stored per id: the per-id weights and latent vectors are hashes of (seed, feature, id), so tables
 of any size cost no memory, and files are generated one at a time so row counts are unbounded.
 """
@@ -138,7 +139,7 @@ class _PlantedModel:
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         return np.add.reduceat(values, offsets, axis=0) / lengths.reshape((-1,) + (1,) * (values.ndim - 1))
 
-    def sample(self, rng: np.random.Generator, rows: int, exponent: float) -> Tuple[Dict[str, pa.Array], np.ndarray]:
+    def sample(self, rng: np.random.Generator, rows: int, cfg: SyntheticConfig) -> Tuple[Dict[str, pa.Array], np.ndarray]:
         columns: Dict[str, pa.Array] = {}
         logit = np.full(rows, self.bias)
         # Count-like values, written as log(1 + count): the transform the Criteo converter applies.
@@ -151,7 +152,11 @@ class _PlantedModel:
         for i, feature in enumerate(self.schema.sparse):
             hot = feature.hotness
             lengths = rng.integers(1, hot + 1, rows) if hot > 1 else np.ones(rows, dtype=np.int64)
-            ids = _power_law_ids(rng, int(lengths.sum()), feature.num_embeddings, exponent, self.scatter[i])
+            if cfg.id_distribution == "uniform":
+                ids = rng.integers(0, feature.num_embeddings, int(lengths.sum()))
+            else:
+                ids = _power_law_ids(rng, int(lengths.sum()), feature.num_embeddings, cfg.zipf_exponent,
+                                     self.scatter[i])
             logit += self.ID_WEIGHT * self._bag_mean(_hashed_normal(self.seed, 2 * i, ids), lengths)
             vectors = np.stack([_hashed_normal(self.seed, 1000 + LATENT_DIM * i + d, ids) for d in range(LATENT_DIM)], 1)
             latent.append(self._bag_mean(vectors, lengths))
@@ -222,7 +227,7 @@ def generate(schema: FeatureSchema, cfg: SyntheticConfig, out_dir: Path) -> dict
         for file_index, start in enumerate(range(0, total, cfg.rows_per_file)):
             rows = min(cfg.rows_per_file, total - start)
             rng = np.random.default_rng([cfg.seed, split_index, file_index])
-            columns, probability = model.sample(rng, rows, cfg.zipf_exponent)
+            columns, probability = model.sample(rng, rows, cfg)
             table = pa.table({**{name: columns[name] for name in schema.columns}, PROBABILITY_COLUMN: probability})
             pq.write_table(table, out_dir / split / f"part-{file_index:05d}.parquet",
                            row_group_size=cfg.rows_per_row_group)

@@ -21,6 +21,7 @@ COMPANIONS = {
     ("data", "parquet"): NEEDS_PATHS,
     ("features", "criteo_kaggle"): ["model.dense_arch_layer_sizes=[512,256,128]"],
     ("features", "criteo_1tb"): ["model.dense_arch_layer_sizes=[512,256,128]"],
+    ("features", "criteo_kaggle_capped"): ["model.dense_arch_layer_sizes=[512,256,64]"],
 }
 
 
