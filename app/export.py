@@ -45,7 +45,7 @@ from app.data.batch import InputPolicy, decode
 from app.data.files import check_files
 from app.errors import UserError
 from app.features import FeatureSchema
-from app.model import build_model
+from app.model import build_model, embedding_tables
 from app.storage import atomic_output, write_atomically
 
 MODEL_FILE = "model.pt"
@@ -178,6 +178,9 @@ def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as error:
         raise ExportError(f"{path}: not the model {CONFIG_FILE} describes ({error}).") from error
+    # fp16 tables are stored as such, but scored in fp32: FBGEMM's kernels, which trained them, sum
+    # fp16 rows in fp32, while nn.EmbeddingBag would sum (and round) in fp16.
+    embedding_tables(model).float()
     return model.eval(), config
 
 

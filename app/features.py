@@ -26,6 +26,7 @@ class FeatureSchema:
     sparse: Tuple[SparseFeature, ...]
     embedding_dim: int
     pooling: str
+    data_type: str = "fp32"
 
     @classmethod
     def from_config(cls, config: FeaturesConfig) -> "FeatureSchema":
@@ -35,6 +36,7 @@ class FeatureSchema:
             sparse=tuple(config.sparse),
             embedding_dim=config.embedding_dim,
             pooling=config.pooling,
+            data_type=config.data_type,
         )
 
     @property
@@ -46,10 +48,15 @@ class FeatureSchema:
         """Every column the loader reads, in a fixed order."""
         return [self.label, *self.dense, *self.sparse_names]
 
+    def table_data_type(self, feature: SparseFeature) -> str:
+        return feature.data_type or self.data_type
+
     def embedding_bag_configs(self) -> List["EmbeddingBagConfig"]:
         # Imported here: the Parquet reader processes unpickle a FeatureSchema, and importing
         # torchrec there would add seconds to their start (app/data/reader_worker.py).
-        from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+        from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+
+        data_types = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
         pooling = PoolingType.SUM if self.pooling == "sum" else PoolingType.MEAN
         return [
@@ -59,6 +66,7 @@ class FeatureSchema:
                 num_embeddings=f.num_embeddings,
                 feature_names=[f.name],
                 pooling=pooling,
+                data_type=data_types[self.table_data_type(f)],
             )
             for f in self.sparse
         ]

@@ -1,10 +1,17 @@
 """Benchmarks that print measured figures (nothing here asserts a target).
 
     python scripts/benchmark.py data                  # Parquet -> Batch rows/s on one core
-    python scripts/benchmark.py train                 # training samples/s: Parquet vs in-memory batches
+    python scripts/benchmark.py train experiment=bench_reference      # vs the reference trainers, per precision
+    python scripts/benchmark.py train experiment=bench_reference_dcn  # the same with DCNv2
     python scripts/benchmark.py data train            # both, and the loader/training ratio
     python scripts/benchmark.py checkpoint            # save/load GB/s of a 1 GB model vs the disk; async stall
-    python scripts/benchmark.py train --steps 400 experiment=tiny data.batch_size=1024
+    python scripts/benchmark.py train --steps 400 --no-processes experiment=tiny data.batch_size=1024
+
+The train benchmark times, on the same in-memory batches and in alternating rounds: the
+reference trainers rebuilt from their configuration (scripts/reference_trainers.py), rectrain in
+fp32 and in each reduced precision the device computes fast, rectrain fp32 reading Parquet, and
+rectrain fp32 in 2 local processes of one thread each; it prints each as samples/s and as a ratio
+to the fastest reference.
 
 Everything after the benchmark names and flags is a config override, as for app.train; the
 dataset is the one that config trains on (the synthetic one is generated first if missing).
@@ -21,18 +28,22 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Iterator
+from contextlib import closing
+from typing import Callable, Dict, Iterator, List
 
 import torch
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+import reference_trainers
 from app import distributed
 from app.config import Config
 from app.hydra_edge import compose_config
 from app.data.parquet import TrainingBatches
 from app.features import FeatureSchema
 from app.job import build_loaders, build_sharded_model, dataset_files
-from app.optim import optimizer_and_schedule
+from app.errors import UserError
+from app.optim import OptimizerStep, optimizer_and_schedule
+from app.precision import autocast_dtype, loss_scaler
+from app.trainer import StepPipeline
 
 
 def bench_data(loader: TrainingBatches, max_batches: int) -> Dict[str, float]:
@@ -51,39 +62,109 @@ def bench_data(loader: TrainingBatches, max_batches: int) -> Dict[str, float]:
     return {"rows": rows, "rows_per_s": rows / wall, "rows_per_cpu_s": rows / cpu}
 
 
-def _timed_steps(pipeline: TrainPipelineSparseDist, batches: Iterator, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        pipeline.progress(batches)
-    return time.perf_counter() - start
+def _in_memory_batches(config: Config, schema: FeatureSchema, env: distributed.DistEnv, count: int) -> List:
+    train_files, val_files = dataset_files(config.data, schema, is_rank0=env.is_rank0)
+    loader, _ = build_loaders(config.data, schema, env, train_files, val_files)
+    if len(loader) < count:
+        raise SystemExit(f"the training split has {len(loader)} batches per rank; --steps + --warmup needs {count}.")
+    with closing(iter(loader)) as batches:
+        return list(itertools.islice(batches, count))
 
 
-def bench_train(config: Config, loader: TrainingBatches, steps: int, warmup: int, rounds: int) -> Dict[str, float]:
-    """Samples/s of the same model trained from the Parquet loader (prefetching as configured) and
-    from batches already in memory, alternating rounds so both see the same machine state."""
+def _rectrain(config: Config, schema: FeatureSchema, env: distributed.DistEnv, precision: str) -> Callable:
+    """rectrain's training step (model, plan, optimizers, pipeline as app.train builds them) in
+    `precision`: a function of (batch iterator, steps)."""
+    config = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, precision=precision))
+    scaler = loss_scaler(precision, env.device)
+    model = build_sharded_model(config, schema, env, run_dir=None, scaler=scaler)
+    optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=10**9)
+    pipeline = StepPipeline(model, OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler), env.device)
+
+    def train(batches: Iterator, steps: int) -> None:
+        for _ in range(steps):
+            pipeline.progress(batches)
+
+    return train
+
+
+def _cycled(train: Callable, batches: List) -> Callable[[int], None]:
+    cycle = itertools.cycle(batches)
+    return lambda steps: train(cycle, steps)
+
+
+def bench_train(config: Config, schema: FeatureSchema, steps: int, warmup: int, rounds: int,
+                processes: bool) -> Dict[str, float]:
+    """Samples/s of the reference trainers and of rectrain in each precision this machine runs,
+    on the same in-memory batches, in alternating rounds so that all see the same machine state
+    (the median over rounds); rectrain fp32 from the Parquet loader too; and, with `processes`,
+    rectrain fp32 in 2 local processes of one thread each (global samples/s)."""
+    env = distributed.init(config.distributed)
+    batch_size = config.data.batch_size
+    batches = _in_memory_batches(config, schema, env, warmup + steps + 2)  # +2: the pipeline reads ahead
+    contestants: Dict[str, Callable[[int], None]] = {}
+    if config.model.arch == "dlrm":
+        contestants["reference dlrm_s_pytorch"] = reference_trainers.dlrm_s_pytorch(config, batches)
+    contestants["reference torchrec_dlrm"] = reference_trainers.torchrec_dlrm(config, batches, env.device)
+    for precision in _precisions(env.device):
+        contestants[f"rectrain {precision}"] = _cycled(_rectrain(config, schema, env, precision), batches)
+    loader_train = _rectrain(config, schema, env, "fp32")
+    figures: Dict[str, List[float]] = {name: [] for name in [*contestants, "rectrain fp32 from Parquet"]}
+    for _ in range(rounds):
+        for name, train in contestants.items():
+            figures[name].append(reference_trainers.samples_per_s(train, batch_size, steps, warmup))
+        train_files, val_files = dataset_files(config.data, schema, is_rank0=True)
+        loader, _ = build_loaders(config.data, schema, env, train_files, val_files)
+        with closing(iter(loader)) as parquet:  # closing stops the reader process
+            figures["rectrain fp32 from Parquet"].append(
+                reference_trainers.samples_per_s(lambda n: loader_train(parquet, n), batch_size, steps, warmup))
+    distributed.shutdown()
+    results = {name: statistics.median(values) for name, values in figures.items()}
+    if processes:
+        per_rank = distributed.launch_local(_two_process_worker, (config, steps, warmup), nproc=2)
+        results["rectrain fp32, 2 processes"] = sum(per_rank.values())
+    return results
+
+
+def _two_process_worker(config: Config, steps: int, warmup: int) -> float:
+    """One of 2 local workers (one thread each: 2 cores): this rank's samples/s of fp32 training."""
+    config = dataclasses.replace(config, distributed=dataclasses.replace(config.distributed, threads_per_worker=1))
     env = distributed.init(config.distributed)
     schema = FeatureSchema.from_config(config.features)
-    model = build_sharded_model(config, schema, env, run_dir=None)
-    optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=10**9)
-    pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
-    needed = warmup + steps
-    if len(loader) < needed + 2:
-        raise SystemExit(f"the training split has {len(loader)} batches; --steps + --warmup needs {needed + 2}.")
-    in_memory = list(itertools.islice(iter(loader), needed + 2))  # +2: the pipeline reads ahead
-    parquet_s, memory_s = 0.0, 0.0
-    for _ in range(rounds):
-        for source in ("parquet", "memory"):
-            batches = iter(loader) if source == "parquet" else iter(in_memory)
-            _timed_steps(pipeline, batches, warmup)
-            seconds = _timed_steps(pipeline, batches, steps)
-            if source == "parquet":
-                parquet_s += seconds
-                batches.close()  # stops the reader process
-            else:
-                memory_s += seconds
-    samples = rounds * steps * loader.batch_size
+    batches = _in_memory_batches(config, schema, env, warmup + steps + 2)
+    train = _cycled(_rectrain(config, schema, env, "fp32"), batches)
+    rate = reference_trainers.samples_per_s(train, config.data.batch_size, steps, warmup)
     distributed.shutdown()
-    return {"parquet": samples / parquet_s, "memory": samples / memory_s}
+    return rate
+
+
+def _precisions(device: torch.device) -> List[str]:
+    """fp32, and the reduced precisions this device computes fast."""
+    fast = ["bf16"] if device.type == "cpu" else ["bf16", "fp16"]
+    supported = []
+    for precision in fast:
+        try:
+            autocast_dtype(precision, device)
+            supported.append(precision)
+        except UserError as error:
+            print(f"({precision} not measured: {error})")
+    return ["fp32", *supported]
+
+
+def print_train(results: Dict[str, float], config: Config, steps: int, rounds: int) -> None:
+    references = {name: rate for name, rate in results.items() if name.startswith("reference")}
+    fastest_name = max(references, key=references.get)
+    fastest = references[fastest_name]
+    print(f"train ({config.model.arch}, batch {config.data.batch_size} per rank, torch threads "
+          f"{torch.get_num_threads()}, median of {rounds} rounds of {steps} steps; in-memory batches unless said):")
+    for name, rate in results.items():
+        print(f"  {name:<30} {rate:>10,.0f} samples/s  {rate / fastest:5.2f}x {fastest_name}")
+    fp32 = results["rectrain fp32"]
+    for precision in ("bf16", "fp16"):
+        if f"rectrain {precision}" in results:
+            print(f"  {precision}/fp32: {results[f'rectrain {precision}'] / fp32:.2f}x")
+    print(f"  Parquet loader/in-memory: {results['rectrain fp32 from Parquet'] / fp32:.3f}")
+    if "rectrain fp32, 2 processes" in results:
+        print(f"  2 processes/1 process: {results['rectrain fp32, 2 processes'] / fp32:.2f}x")
 
 
 def _disk_write_speed(directory: Path, gigabytes: float) -> float:
@@ -116,18 +197,24 @@ def bench_checkpoint(config: Config, directory: Path, gigabytes: float, repeats:
     optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=1)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     directory.mkdir(parents=True, exist_ok=True)
-    manager = CheckpointStore(directory / "checkpoints", keep_last=1, rank=0)
+    # Its own gloo group, as app/job.py gives it: an asynchronous save coordinates from a thread,
+    # which NCCL (the default group on GPUs) does not allow.
+    manager = CheckpointStore(directory / "checkpoints", keep_last=1, rank=0,
+                              process_group=distributed.new_gloo_group())
+    synchronize = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
     results: Dict[str, float] = {"disk_gb_per_s": _disk_write_speed(directory, gigabytes)}
 
     # One save varies by 2x here (disk and page cache state): the first, and the median of the
     # later ones (what a long run sees), are both reported.
     save_s, load_s = [], []
     for step in range(1, repeats + 1):
+        synchronize()
         start = time.perf_counter()
         path = manager.save(step, state, {})
         save_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         manager.load(path, state)
+        synchronize()  # loads into device tensors finish on the device
         load_s.append(time.perf_counter() - start)
     results["first_save_s"], results["save_s"] = save_s[0], statistics.median(save_s[1:] or save_s)
     results["load_s"] = statistics.median(load_s)
@@ -136,8 +223,10 @@ def bench_checkpoint(config: Config, directory: Path, gigabytes: float, repeats:
     manifest(manager.storage, path.name)
     results["manifest_s"] = time.perf_counter() - start
 
+    synchronize()
     start = time.perf_counter()
     manager.save(repeats + 1, state, {}, asynchronous=True)
+    synchronize()  # the copy off the device is part of the stall
     results["async_stall_s"] = time.perf_counter() - start
     manager.wait()
     results["async_total_s"] = time.perf_counter() - start
@@ -151,11 +240,12 @@ def main() -> None:
     parser.add_argument("benchmarks", nargs="+", help="data and/or train, then config overrides (key=value)")
     parser.add_argument("--data-batches", type=int, default=0,
                         help="batches decoded by the data benchmark (0: one whole epoch)")
-    parser.add_argument("--steps", type=int, default=1500,
-                        help="timed training steps per round and source: enough to span several shuffle "
-                             "windows, so that reading ahead is measured at its steady rate")
+    parser.add_argument("--steps", type=int, default=130,
+                        help="timed training steps per round and contestant (the reference benchmark's 130)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps before each timed stretch")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating Parquet / in-memory rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the contestants")
+    parser.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time 2 local processes (train benchmark)")
     parser.add_argument("--checkpoint-gb", type=float, default=1.0, help="size of the checkpointed tables")
     parser.add_argument("--checkpoint-repeats", type=int, default=3, help="saves and loads timed (median)")
     parser.add_argument("--checkpoint-dir", default="outputs/benchmark", help="where to write (and remove) it")
@@ -193,13 +283,12 @@ def main() -> None:
         print(f"data:  {data['rows']:,} rows decoded at {data['rows_per_s']:,.0f} rows/s on one thread "
               f"({data['rows_per_cpu_s']:,.0f} rows per CPU-second)")
     if "train" in names:
-        loader, _ = build_loaders(config.data, schema, env, train_files, val_files)
-        results["train"] = train = bench_train(config, loader, args.steps, args.warmup, args.rounds)
-        print(f"train: from Parquet {train['parquet']:,.0f} samples/s, from memory {train['memory']:,.0f} "
-              f"samples/s: ratio {train['parquet'] / train['memory']:.3f} ({args.rounds} x {args.steps} steps each)")
+        results["train"] = train = bench_train(config, schema, args.steps, args.warmup, args.rounds,
+                                               processes=args.processes)
+        print_train(train, config, args.steps, args.rounds)
     if len(results) == 2:
-        print(f"loader rows/s over training samples/s (from memory): "
-              f"{results['data']['rows_per_s'] / results['train']['memory']:.1f}x")
+        print(f"loader rows/s over training samples/s (fp32, from memory): "
+              f"{results['data']['rows_per_s'] / results['train']['rectrain fp32']:.1f}x")
 
 
 if __name__ == "__main__":

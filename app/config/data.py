@@ -4,7 +4,7 @@ batched (data), and the embedded synthetic dataset (data.synthetic)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 from app.config.fields import _require, _require_choice, doc, doc_factory
 
@@ -21,6 +21,11 @@ class SparseFeature:
     hotness: int = doc(1, "Ids per row: 1 is a single-hot int64 column; >1 is a list<int64> column (multi-hot) "
                           "whose rows hold up to this many ids (used by the synthetic generator; the loader "
                           "takes any length).")
+    data_type: Optional[str] = doc(None, "Precision of this feature's table weights: fp32 or fp16 (null: "
+                                         "features.data_type).")
+
+
+TABLE_DATA_TYPES = ("fp32", "fp16")
 
 
 @dataclass
@@ -35,6 +40,9 @@ class FeaturesConfig:
     embedding_dim: int = doc(16, "Width of every embedding table, a positive multiple of 4 (FBGEMM's kernels): "
                                  "one width for every table, as DLRM's dot interaction and DCN's stacking both need.")
     pooling: str = doc("sum", "How a multi-hot feature's embeddings are combined within a row: sum or mean.")
+    data_type: str = doc("fp32", "Precision of the tables' weights: fp32, or fp16 (half the memory of every table, "
+                                 "in the planner's estimates, in checkpoints and in exported models; FBGEMM updates "
+                                 "fp16 rows with stochastic rounding). sparse[i].data_type sets it per table.")
 
     def validate(self) -> None:
         _require(len(self.sparse) > 0, "features.sparse must list at least one sparse feature.")
@@ -44,6 +52,7 @@ class FeaturesConfig:
             "need a positive multiple of 4.",
         )
         _require_choice("features.pooling", self.pooling, POOLINGS)
+        _require_choice("features.data_type", self.data_type, TABLE_DATA_TYPES)
         names = [self.label, *self.dense, *(f.name for f in self.sparse)]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         _require(not duplicates, f"features: column names must be unique; repeated: {duplicates}.")
@@ -56,6 +65,8 @@ class FeaturesConfig:
                 f"got {feature.num_embeddings}.",
             )
             _require(feature.hotness >= 1, f"{key}.hotness must be >= 1, got {feature.hotness}.")
+            if feature.data_type is not None:
+                _require_choice(f"{key}.data_type", feature.data_type, TABLE_DATA_TYPES)
 
 
 ID_DISTRIBUTIONS = ("power_law", "uniform")

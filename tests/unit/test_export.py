@@ -31,10 +31,11 @@ from tests.unit.test_checkpoint import forge_metadata
 CPU = torch.device("cpu")
 
 
-def small_config(sharding_type: str = "row_wise") -> Config:
+def small_config(sharding_type: str = "row_wise", data_type: str = "fp32") -> Config:
     return Config(
         features=FeaturesConfig(dense=["d0", "d1", "d2"],
-                                sparse=[SparseFeature("a", 50), SparseFeature("b", 20, hotness=3)], embedding_dim=8),
+                                sparse=[SparseFeature("a", 50), SparseFeature("b", 20, hotness=3)], embedding_dim=8,
+                                data_type=data_type),
         model=ModelConfig(dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]),
         sharding=ShardingConfig(sharding_types=[sharding_type]),
     ).validate()
@@ -78,9 +79,11 @@ def train_and_save(run_dir: Path, config: Config) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("sharding_type", ["row_wise", "table_wise", "column_wise", "data_parallel"])
-def test_the_exported_model_scores_exactly_as_the_sharded_one(tmp_path, process_group, sharding_type):
-    config = small_config(sharding_type)
+@pytest.mark.parametrize("sharding_type, data_type", [("row_wise", "fp32"), ("table_wise", "fp32"),
+                                                      ("column_wise", "fp32"), ("data_parallel", "fp32"),
+                                                      ("table_wise", "fp16")])
+def test_the_exported_model_scores_exactly_as_the_sharded_one(tmp_path, process_group, sharding_type, data_type):
+    config = small_config(sharding_type, data_type)
     expected = train_and_save(tmp_path / "run", config)
 
     out = export_checkpoint(tmp_path / "run", tmp_path / "exported")  # a run dir: its newest checkpoint
@@ -97,6 +100,8 @@ def test_the_exported_model_scores_exactly_as_the_sharded_one(tmp_path, process_
     state = torch.load(out / MODEL_FILE, weights_only=True)
     assert type(state) is dict and state.keys() == model.state_dict().keys()
     assert all(type(t) is torch.Tensor for t in state.values())
+    table_dtypes = {t.dtype for name, t in state.items() if "embedding_bags" in name}
+    assert table_dtypes == {torch.float16 if data_type == "fp16" else torch.float32}
 
 
 def test_export_accepts_a_checkpoint_dir_and_replaces_an_earlier_export(tmp_path, process_group):

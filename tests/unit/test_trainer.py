@@ -84,3 +84,24 @@ def test_the_loss_window_keeps_its_totals_on_the_device_of_the_losses():
     window.add(torch.tensor(0.25))
     assert window.totals().tolist() == [0.75, 2.0]
     assert window.mean_loss() == 0.375
+
+
+def test_bf16_with_fp16_tables_trains_checkpoints_fp16_and_resumes(tmp_path):
+    """trainer.precision=bf16 and features.data_type=fp16 through the job's own path: the
+    checkpoint holds the tables in fp16, and the same command resumes from it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    overrides = ["experiment=tiny", f"output_root={tmp_path}", "logging.progress_bar=false",
+                 "logging.tensorboard=false", f"data.synthetic.root={tmp_path / 'data'}", "trainer.precision=bf16",
+                 "features.data_type=fp16", "checkpoint.every_n_steps=3", "trainer.eval_max_batches=1"]
+    first = job.run(compose_config([*overrides, "trainer.max_steps=6"]), tmp_path / "tiny")
+    step_6 = tmp_path / "tiny" / "checkpoints" / "step_00000006"
+    metadata = FileSystemReader(str(step_6)).read_metadata().state_dict_metadata
+    tables = {key: value.properties.dtype for key, value in metadata.items()
+              if key.startswith("model.") and "embedding_bags" in key}
+    assert tables and set(tables.values()) == {torch.float16}
+    second = job.run(compose_config([*overrides, "trainer.max_steps=9"]), tmp_path / "tiny")
+    # Resumed at step 6: started over, it would have logged step 5 again.
+    assert [r["step"] for r in records(tmp_path / "tiny", "train")] == [5]
+    assert [r["step"] for r in records(tmp_path / "tiny", "eval")] == [6, 9]
+    assert 0.5 < first["auc"] and 0.5 < second["auc"]
