@@ -1,4 +1,5 @@
-# rectrain: `make train` trains the default job; `make test` runs the tests. Both set up .venv first.
+# rectrain: `make train` trains the default job; `make test` runs the tests (those marked gpu are skipped
+# where there is no CUDA device); `make test-gpu` runs only those, on one. All set up .venv first.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.setup-$(FBGEMM)
 # Keeps every later install from replacing the torch installed first.
 CONSTRAINTS := $(VENV)/constraints.txt
 
-.PHONY: setup train test clean-outputs
+.PHONY: setup train test test-gpu clean-outputs
 
 setup: $(STAMP)
 
@@ -33,6 +34,9 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu tests/gpu $(ARGS)
 
 clean-outputs:
 	rm -rf outputs multirun

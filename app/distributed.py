@@ -15,12 +15,12 @@ import signal
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 import torch.distributed as dist
 
-from app.config import DistributedConfig
+from app.config import ConfigError, DistributedConfig
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,37 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _device(config: DistributedConfig, local_rank: int) -> torch.device:
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("distributed.device=cuda was asked for, but no CUDA device is visible.")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def resolve_device(config: DistributedConfig, local_rank: int, local_world_size: int,
+                   cuda_devices: int) -> Tuple[torch.device, str]:
+    """(this worker's device, the process group backend) that distributed.device and
+    distributed.backend ask for, with `cuda_devices` CUDA devices visible to the process; a
+    ConfigError naming the keys where they cannot work. Touches no device (init() selects it)."""
+    use_cuda = config.device == "cuda" or (config.device == "auto" and cuda_devices > 0)
+    if not use_cuda:
+        if config.backend == "nccl":
+            why = "distributed.device=cpu" if config.device == "cpu" else "distributed.device=auto found no CUDA device"
+            raise ConfigError(f"distributed.backend=nccl needs CUDA, but {why}: use distributed.backend=gloo (or "
+                              "auto) to train on CPU.")
+        return torch.device("cpu"), "gloo"
+    chosen = "distributed.device=cuda" if config.device == "cuda" else "distributed.device=auto chose CUDA"
+    if config.backend == "gloo":
+        # gloo carries CUDA tensors in broadcast and all-reduce only: the all-to-alls and
+        # reduce-scatters of sharded tables would fail at the first step.
+        raise ConfigError(f"{chosen}, but distributed.backend=gloo cannot train on CUDA (gloo has no all-to-all or "
+                          "reduce-scatter of CUDA tensors, which sharded tables need): use distributed.backend=nccl "
+                          "(or auto), or distributed.device=cpu to train on CPU over gloo.")
+    if cuda_devices == 0:
+        why = "this torch is built without CUDA" if torch.version.cuda is None else \
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"
+        raise ConfigError(f"{chosen}, but no CUDA device is visible ({why}): use distributed.device=cpu (or auto).")
+    workers = max(local_world_size, local_rank + 1)
+    if workers > cuda_devices:
+        # Each worker drives cuda:<LOCAL_RANK>, and NCCL cannot share a device between processes.
+        devices = f"{cuda_devices} CUDA device{'s' if cuda_devices > 1 else ''}"
+        raise ConfigError(f"{chosen}, but {workers} workers per node and {devices} visible: each worker needs a "
+                          f"device of its own. Start at most {cuda_devices} per node (torchrun --nproc_per_node, "
+                          "distributed.nproc_per_node), or use distributed.device=cpu.")
+    return torch.device("cuda", local_rank), "nccl"
 
 
 def _launcher_store(timeout: datetime.timedelta) -> dist.Store:
@@ -65,22 +88,30 @@ def _launcher_store(timeout: datetime.timedelta) -> dist.Store:
 def init(config: DistributedConfig) -> DistEnv:
     """Join (or, for one plain process, create) the default process group."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = _device(config, local_rank)
-    backend = config.backend if config.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    device, backend = resolve_device(config, local_rank, local_world_size, torch.cuda.device_count())
+    # Bound to its device, the NCCL group forms its communicator now (a bad setup fails here, not at
+    # the first step), sub-groups split from it, and a barrier knows which device to use.
+    device_id = None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        device_id = device
     timeout = datetime.timedelta(seconds=config.timeout_s)
     if not dist.is_initialized():
         if under_launcher():
             dist.init_process_group(backend=backend, store=_launcher_store(timeout), timeout=timeout,
-                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                    device_id=device_id)
         else:
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                    device_id=device_id)
     if config.threads_per_worker:
         torch.set_num_threads(config.threads_per_worker)
     return DistEnv(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        local_world_size=local_world_size,
         device=device,
     )
 

@@ -89,11 +89,12 @@ def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train
                   val_files: List[str]) -> Tuple[TrainingBatches, EvaluationBatches]:
     """This rank's training batches (shuffled per epoch) and evaluation batches (padded)."""
     policy = InputPolicy.from_config(config)
+    pin_memory = env.device.type == "cuda"  # so that the copies to the device can overlap compute
     train = TrainingBatches(train_files, schema, config.batch_size, env.rank, env.world_size,
                             shuffle=config.shuffle, seed=config.seed, shuffle_window=config.shuffle_window,
-                            prefetch_windows=config.prefetch_windows, policy=policy)
+                            prefetch_windows=config.prefetch_windows, policy=policy, pin_memory=pin_memory)
     val = EvaluationBatches(val_files, schema, config.eval_batch_size, env.rank, env.world_size,
-                            prefetch_windows=config.prefetch_windows, policy=policy)
+                            prefetch_windows=config.prefetch_windows, policy=policy, pin_memory=pin_memory)
     return train, val
 
 

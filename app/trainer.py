@@ -141,7 +141,7 @@ class Trainer:
                 yield loss
             return
         for batch in segment:
-            batch = batch.to(self.env.device)
+            batch = batch.to(self.env.device, non_blocking=True)
             self.optimizer.zero_grad()
             loss, _ = self.model(batch)
             self.optimizer_step.backward(loss)
@@ -218,7 +218,7 @@ class Trainer:
             batches = itertools.islice(batches, self.config.eval_max_batches)
         with torch.no_grad():
             for item in batches:
-                batch = item.batch.to(self.env.device)
+                batch = item.batch.to(self.env.device, non_blocking=True)
                 _, (_loss, logits, labels) = model(batch)
                 metrics.update(logits[: item.valid], labels[: item.valid])
         result = metrics.compute()

@@ -1,16 +1,27 @@
-"""Shared test helpers: the repo root, the venv's python, and a one-rank process group."""
+"""Shared test helpers: the repo root, the venv's python, a one-rank process group, and the CUDA
+devices that only tests marked gpu see."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
-import pytest
-import torch.distributed as dist
+# The suite runs on CPU and gloo whatever the machine has: with a CUDA device visible,
+# distributed.device=auto would put every job on it (and a 2-rank job on a one-GPU machine fails).
+# Hidden here, before anything in this process initialises CUDA (which reads the variable once),
+# from this process and every process a test starts; tests marked gpu hand their processes the
+# devices back (run_command(..., cuda=True)) and do their CUDA work there.
+_CUDA_VISIBLE_DEVICES: Optional[str] = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -24,18 +35,35 @@ def single_process_group():
     dist.destroy_process_group()
 
 
-def _environment() -> dict:
+def _environment(cuda: bool = False) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(REPO)
     env.pop("RANK", None)
+    if cuda:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        if _CUDA_VISIBLE_DEVICES is not None:
+            env["CUDA_VISIBLE_DEVICES"] = _CUDA_VISIBLE_DEVICES
     return env
 
 
-def run_command(args: Sequence[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+@functools.cache
+def cuda_device_count() -> int:
+    """CUDA devices the machine gives the tests marked gpu. Counted in a process of its own: this
+    one must not initialise CUDA (see _CUDA_VISIBLE_DEVICES)."""
+    if torch.version.cuda is None:
+        return 0
+    count = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           env=_environment(cuda=True), capture_output=True, text=True, timeout=120)
+    printed = count.stdout.split()
+    return int(printed[-1]) if count.returncode == 0 and printed else 0
+
+
+def run_command(args: Sequence[str], cwd: Path, timeout: float = 600, cuda: bool = False) -> subprocess.CompletedProcess:
     """Run a command with the test's python first on PATH; output kept for assertion messages.
+    `cuda`: the command sees the machine's CUDA devices (tests marked gpu only).
     Whatever happens, no process it started outlives it (see kill_tree)."""
-    process = subprocess.Popen(list(args), cwd=cwd, env=_environment(), stdout=subprocess.PIPE,
+    process = subprocess.Popen(list(args), cwd=cwd, env=_environment(cuda), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)

@@ -13,17 +13,17 @@ looks complete. The manifest catches what happens to a checkpoint afterwards (a 
 damaged file): such a checkpoint is skipped, with a warning, for the newest one that is intact.
 Every rank verifies its share of the files, so the check reads a checkpoint once, in parallel.
 
-An asynchronous save copies the state to memory, returns, and writes while training goes on; it is
-published by the next call that needs it finished (the next save, or wait()), on every rank at the
-same point of the run, since publishing takes a barrier. DCP stores each rank's shards separately,
-which is what lets a sharded table be saved without gathering it anywhere, and loaded onto another
-number of ranks or another sharding plan. Files are written and listed through a storage
+An asynchronous save copies the state to host memory (pinned where the process uses CUDA, so that
+tables on the GPU, UVM ones included, never take a second copy of device memory), returns, and
+writes while training goes on; it is published by the next call that needs it finished (the next
+save, or wait()), on every rank at the same point of the run, since publishing takes a barrier.
+DCP stores each rank's shards separately, which is what lets a sharded table be saved without
+gathering it anywhere, and loaded onto another number of ranks or another sharding plan. Files are written and listed through a storage
 (app/storage.py); loading goes through app/checkpoint/safe_load.py, which unpickles nothing but data.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from app.checkpoint.safe_load import CheckpointError, load_state
 from app.storage import LocalStorage
@@ -163,38 +163,6 @@ def read_meta(path: Path) -> Dict[str, Any]:
     return meta
 
 
-def _copy(value: Any) -> Any:
-    """A copy of a state dict that training can no longer change: what an asynchronous save
-    writes. (DCP's own staging copies plain tensors but refuses the ShardedTensors torchrec's
-    sharded tables and their optimizer states are.)"""
-    if isinstance(value, ShardedTensor):
-        shards = [Shard(shard.tensor.detach().clone(), shard.metadata) for shard in value.local_shards()]
-        return ShardedTensor._init_from_local_shards_and_global_metadata(
-            shards, value.metadata(), process_group=value._process_group)
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {key: _copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_copy(item) for item in value)
-    return copy.deepcopy(value)
-
-
-class _AlreadyCopied:
-    """DCP's staging step for a state that _copy already made safe to write in the background."""
-
-    should_synchronize_after_execute = False
-
-    def stage(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
-        return state_dict
-
-    def synchronize_staging(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _barrier(group: Optional[dist.ProcessGroup]) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
@@ -213,6 +181,7 @@ class CheckpointStore:
         self.group = process_group
         self.io_threads = io_threads
         self._pending: Optional[tuple] = None  # (future, step, staging, final, meta) of an async save
+        self._pinned_stager: Optional[BlockingAsyncStager] = None
 
     def _published(self) -> List[str]:
         """Names of the published checkpoints (with meta.json), oldest first. Reads each meta.json
@@ -273,13 +242,27 @@ class CheckpointStore:
             self.storage.delete(staging)  # left by a run that died while saving
         _barrier(self.group)
         if asynchronous:
-            future = dcp.async_save(_copy(state), storage_writer=self._writer(staging), process_group=self.group,
-                                    async_stager=_AlreadyCopied())
+            future = dcp.async_save(state, storage_writer=self._writer(staging), process_group=self.group,
+                                    async_stager=self._stager())
             self._pending = (future, step, staging, final, meta)
             return self.storage.path(final)
         dcp.save(state, storage_writer=self._writer(staging), process_group=self.group)
         self._publish(step, staging, final, meta)
         return self.storage.path(final)
+
+    def _stager(self) -> BlockingAsyncStager:
+        """DCP's staging of an asynchronous save, in async_save itself: a copy of the state in host
+        memory that training can no longer change, ShardedTensors and DTensors included
+        (DefaultStager refuses ShardedTensors, which torchrec's sharded tables and their optimizer
+        states are). Where this process uses CUDA, the copy is pinned, allocated at the first save
+        and refilled by each later one (pinning is slow, and every save of a run has the same
+        shapes; the previous save is written before the next is staged). Elsewhere pinning is not
+        possible, nor of use, and each save takes a copy of its own."""
+        if not torch.cuda.is_initialized():
+            return BlockingAsyncStager()
+        if self._pinned_stager is None:
+            self._pinned_stager = BlockingAsyncStager(cache_staged_state_dict=True)
+        return self._pinned_stager
 
     def _writer(self, staging: str) -> FileSystemWriter:
         # Several writer threads: one thread leaves most of a disk's bandwidth unused (measured by
@@ -292,7 +275,7 @@ class CheckpointStore:
             return None
         future, step, staging, final, meta = self._pending
         self._pending = None
-        future.result()  # a plain Future: our stager stages synchronously (see _AlreadyCopied)
+        future.result()  # a plain Future: the state was staged synchronously (see _stager)
         self._publish(step, staging, final, meta)
         return self.storage.path(final)
 

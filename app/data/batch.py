@@ -120,7 +120,11 @@ class Rows:
             ids.append(np.concatenate([feature_ids for _, feature_ids in pieces]))
         return Rows(np.concatenate([p.dense for p in parts]), np.concatenate([p.labels for p in parts]), ids, offsets)
 
-    def to_batch(self, keys: List[str]) -> "Batch":
+    def to_batch(self, keys: List[str], pin_memory: bool = False) -> "Batch":
+        """The rows as a torchrec Batch. `pin_memory` (needs CUDA): in page-locked memory, so that
+        its copy to the GPU (batch.to(device, non_blocking=True), as TrainPipelineSparseDist makes
+        on its copy stream) runs asynchronously, overlapping the step before it, instead of being
+        staged through a pageable buffer by a blocking copy."""
         # torchrec is imported here, in the training process: the reader processes decode Rows and
         # never build a Batch, and importing torchrec would add seconds to their start.
         from torchrec.datasets.utils import Batch
@@ -131,8 +135,9 @@ class Rows:
         values = np.concatenate([feature_ids for _, feature_ids in pieces])
         sparse = KeyedJaggedTensor.from_lengths_sync(
             keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths))
-        return Batch(dense_features=torch.from_numpy(np.ascontiguousarray(self.dense)),
-                     sparse_features=sparse, labels=torch.from_numpy(np.ascontiguousarray(self.labels)))
+        batch = Batch(dense_features=torch.from_numpy(np.ascontiguousarray(self.dense)),
+                      sparse_features=sparse, labels=torch.from_numpy(np.ascontiguousarray(self.labels)))
+        return batch.pin_memory() if pin_memory else batch
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:

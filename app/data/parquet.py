@@ -65,7 +65,7 @@ class _Reader:
     """What both readers share: the plan, and one pass's batches read through the worker process."""
 
     def __init__(self, plan: RowGroupPlan, files: Sequence[str], schema: FeatureSchema, batch_size: int,
-                 rank: int, prefetch_windows: int, policy: InputPolicy) -> None:
+                 rank: int, prefetch_windows: int, policy: InputPolicy, pin_memory: bool) -> None:
         self.plan = plan
         self.files = list(files)
         self.schema = schema
@@ -73,6 +73,7 @@ class _Reader:
         self.rank = rank
         self.prefetch_windows = prefetch_windows  # 0: read in this process, between steps
         self.policy = policy
+        self.pin_memory = pin_memory  # batches in page-locked memory (see Rows.to_batch): for a CUDA device
 
     def _pass(self, epoch: int, skip_batches: int, count: int) -> Iterator[Rows]:
         """This rank's rows of `epoch` as batches (see _cut), from batch `skip_batches` on. An error
@@ -92,13 +93,14 @@ class _Reader:
 class TrainingBatches(_Reader):
     """This rank's training batches of one epoch (torchrec Batches, all full); `len()` is the same
     on every rank and in every epoch. `set_epoch` picks the epoch's order (shuffled by seed and
-    epoch when `shuffle`); `load_state_dict` makes the next iteration resume mid-epoch."""
+    epoch when `shuffle`); `load_state_dict` makes the next iteration resume mid-epoch.
+    `pin_memory` (training on CUDA; needs CUDA): batches in page-locked memory, see Rows.to_batch."""
 
     def __init__(self, files: Sequence[str], schema: FeatureSchema, batch_size: int, rank: int, world_size: int,
                  *, shuffle: bool = False, seed: int = 0, shuffle_window: int = 4, prefetch_windows: int = 2,
-                 policy: InputPolicy = InputPolicy()) -> None:
+                 policy: InputPolicy = InputPolicy(), pin_memory: bool = False) -> None:
         plan = RowGroupPlan.from_files(files, world_size, shuffle=shuffle, seed=seed, shuffle_window=shuffle_window)
-        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, policy)
+        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, policy, pin_memory)
         self._length = plan.training_batches(batch_size)
         self._epoch = 0
         self._start = 0  # batches to skip at the next __iter__ (resume)
@@ -129,17 +131,18 @@ class TrainingBatches(_Reader):
         with closing(self._pass(self._epoch, start, len(self))) as batches:
             for rows in batches:
                 self._taken += 1
-                yield rows.to_batch(self.schema.sparse_names)
+                yield rows.to_batch(self.schema.sparse_names, self.pin_memory)
 
 
 class EvaluationBatches(_Reader):
     """This rank's evaluation batches: every row of the split once over all ranks, as EvalBatches;
-    `len()` is the longest rank's count, which every rank runs, padding with rows marked invalid."""
+    `len()` is the longest rank's count, which every rank runs, padding with rows marked invalid.
+    `pin_memory`: as TrainingBatches'."""
 
     def __init__(self, files: Sequence[str], schema: FeatureSchema, batch_size: int, rank: int, world_size: int,
-                 *, prefetch_windows: int = 2, policy: InputPolicy = InputPolicy()) -> None:
+                 *, prefetch_windows: int = 2, policy: InputPolicy = InputPolicy(), pin_memory: bool = False) -> None:
         plan = RowGroupPlan.from_files(files, world_size)
-        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, policy)
+        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, policy, pin_memory)
         self._length = plan.evaluation_batches(batch_size)
 
     def __len__(self) -> int:
@@ -163,4 +166,4 @@ class EvaluationBatches(_Reader):
             padding = Rows(np.zeros((count, len(self.schema.dense)), np.float32), np.zeros(count, np.float32),
                            [np.zeros(count, np.int64) for _ in self.schema.sparse], [None] * len(self.schema.sparse))
             rows = padding if rows is None else Rows.concat([rows, padding])
-        return EvalBatch(rows.to_batch(self.schema.sparse_names), valid)
+        return EvalBatch(rows.to_batch(self.schema.sparse_names, self.pin_memory), valid)
