@@ -5,6 +5,12 @@ slices, row slices, or replicas) and which kernel runs it, by estimated cost wit
 memory. This module turns the sharding config into the planner's inputs and reports what it chose
 (plan.txt for people, plan.json for tools).
 
+By default (sharding.proposer=best) the planner also considers tables split into narrower column
+slices than torchrec enumerates (_ColumnSplitProposer): torchrec offers one column-wise split per
+table, 128 columns a shard, so a table at most 128 wide stays whole and a plan can keep no more
+ranks busy than there are tables. torchrec's cost model, which rates a plan by its slowest rank,
+still picks among all proposals.
+
 TorchRec's sharder offers row_wise and table_row_wise only on CUDA. They work on CPU over gloo
 (tests/integration/test_sharding_equivalence.py proves them against an unsharded model), and a
 table larger than one worker's memory needs them, so our sharder allows them on CPU too.
@@ -12,8 +18,10 @@ table larger than one worker's memory needs them, so our sharder allows them on 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -29,11 +37,13 @@ from fbgemm_gpu.quantize_comm import QuantizedCommCodec as FbgemmQuantizedCommCo
 from fbgemm_gpu.split_embedding_configs import SparseType
 from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.constants import DDR_CAP, HBM_CAP
 from torchrec.distributed.planner.partitioners import MemoryBalancedPartitioner
-from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
+from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import (HardwareConfig, KernelConfig, PlannerError, ShardingOption, Stats,
-                                                TopologyFactory, TrainerConfig)
+from torchrec.distributed.planner.types import (Enumerator, HardwareConfig, KernelConfig, PlannerError, Proposer,
+                                                Shard, ShardingOption, Stats, TopologyFactory, TrainerConfig)
+from torchrec.distributed.sharding_plan import calculate_shard_sizes_and_offsets
 from torchrec.distributed.types import CacheParams, CommOp, QuantizedCommCodecs, ShardingPlan, ShardingType
 
 from app.config import CUDA_ONLY_COMM_PRECISIONS, CUDA_ONLY_KERNELS, ConfigError, ShardingConfig, table_constraint
@@ -147,13 +157,17 @@ def _oversized(schema: FeatureSchema, world_size: int) -> List[str]:
     return [f.name for f in schema.sparse if world_size > 1 and f.num_embeddings > share / 2]
 
 
-def _topology(config: ShardingConfig, device: torch.device, world_size: int, local_world_size: int) -> Topology:
+def _topology(config: ShardingConfig, device: torch.device, world_size: int, local_world_size: int,
+              measured: HardwareConfig) -> Topology:
+    """`measured`: this machine's memory per rank (empty for a dry run). torchrec's TopologyFactory
+    resolves each cap from the config first, then `measured`, then torchrec's defaults."""
     gb = lambda value: None if value is None else int(value * _GB)  # noqa: E731
     per_ms = lambda gbps: None if gbps is None else gbps * _GB / 1000  # noqa: E731  torchrec's unit
     return TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size,
                                      hbm_cap_bytes=gb(config.hbm_cap_gb), ddr_cap_bytes=gb(config.ddr_cap_gb)),
-        hardware_config=HardwareConfig(hbm_mem_bw=per_ms(config.hbm_bw_gbps), ddr_mem_bw=per_ms(config.ddr_bw_gbps),
+        hardware_config=HardwareConfig(hbm_cap_bytes=measured.hbm_cap_bytes, ddr_cap_bytes=measured.ddr_cap_bytes,
+                                       hbm_mem_bw=per_ms(config.hbm_bw_gbps), ddr_mem_bw=per_ms(config.ddr_bw_gbps),
                                        intra_host_bw=per_ms(config.intra_host_bw_gbps),
                                        inter_host_bw=per_ms(config.inter_host_bw_gbps)),
         # use_hardware_based_bandwidth: take the bandwidths above, torchrec's defaults where None.
@@ -161,10 +175,170 @@ def _topology(config: ShardingConfig, device: torch.device, world_size: int, loc
     )
 
 
-def _search(config: ShardingConfig) -> dict:
-    """The planner's proposer and partitioner as configured (torchrec's defaults otherwise)."""
+def _measured_memory(device: torch.device, local_world_size: int) -> HardwareConfig:
+    """This machine's memory per rank, for the caps sharding.hbm_cap_gb / ddr_cap_gb leave null
+    (torchrec's defaults, 32 GiB HBM and 128 GiB DDR, fit no machine in particular): on CUDA the
+    device's memory, and the host's memory shared by the workers of this node."""
+    hbm = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return HardwareConfig(hbm_cap_bytes=hbm, ddr_cap_bytes=_host_memory_bytes() // max(local_world_size, 1))
+
+
+def _host_memory_bytes() -> int:
+    """Physical memory, or the container's limit where that is lower (cgroup v2, then v1; an
+    unlimited cgroup reads "max" or a number larger than the memory)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+        break
+    return total
+
+
+def offline_memory_note(config: ShardingConfig, device_type: str) -> Optional[str]:
+    """What a dry run assumes for the memory caps the config leaves null (None: it sets them)."""
+    caps = [("HBM", "hbm_cap_gb", HBM_CAP)] if device_type == "cuda" else []
+    unset = [f"{kind} {default / _GB:g} GiB" for kind, key, default in caps + [("DDR", "ddr_cap_gb", DDR_CAP)]
+             if getattr(config, key) is None]
+    if not unset:
+        return None
+    return (f"memory per rank: torchrec's default ({', '.join(unset)}) where sharding.hbm_cap_gb / ddr_cap_gb "
+            "are null. A dry run does not measure the machines it plans for (training does: the device's "
+            "memory, and the host's shared by its workers): set them for yours.")
+
+
+def _memory_text(config: ShardingConfig, topology: Topology, measured: HardwareConfig) -> str:
+    """Each memory cap the planner fills, per rank, and where it comes from."""
+    storage = topology.devices[0].storage
+    caps = [("DDR", storage.ddr, "ddr_cap_gb", measured.ddr_cap_bytes,
+             f"the host's memory / {topology.local_world_size} worker(s)")]
+    if topology.compute_device == "cuda":
+        caps.insert(0, ("HBM", storage.hbm, "hbm_cap_gb", measured.hbm_cap_bytes, "the device's memory"))
+    parts = []
+    for kind, value, key, detected, source in caps:
+        origin = f"sharding.{key}" if getattr(config, key) is not None else source if detected else "torchrec's default"
+        parts.append(f"{kind} {value / _GB:.3g} GiB ({origin})")
+    return ", ".join(parts)
+
+
+class _ColumnSplitProposer(Proposer):
+    """Proposes plans with tables split into column slices down to 4 columns wide (torchrec's
+    enumerator splits at 128 columns only): with about as many slices as ranks every rank gets
+    work, and a slice costs less than its whole table.
+
+    Each table has a chain of options: its column splits from the finest (no more slices than
+    ranks, none narrower than its min_partition constraint) to the coarsest, then its option of
+    least total cost, of two kinds: any (a small table's replicas, often) and one not replicated
+    (usually the whole table on one rank). Along each kind of chains, two walks, one table a step:
+    from finest to whole, merging the most split table on the slowest rank, which frees ranks
+    until about one slice per rank is left; then from whole to finest, splitting the table with
+    the costliest shard on the slowest rank. A walk ends where the slowest rank has no table left
+    to move, or at a proposal that does not fit in memory. The planner rates every proposal by its
+    slowest rank and keeps the first of the fastest: this proposer goes before torchrec's, so of
+    plans rated alike the one with the most ranks busy wins.
+
+    Only tables the constraints allow column_wise get splits; torchrec's proposers cover the
+    other types."""
+
+    _FINEST = 4
+
+    def __init__(self, world_size: int, min_partitions: Dict[str, int]) -> None:
+        self._world_size = world_size
+        self._min_partitions = min_partitions  # by table name
+        # each walk: its chains by table, its step along them (+1 coarser, -1 finer), where each table is
+        self._walks: List[Tuple[Dict[str, List[ShardingOption]], int, Dict[str, int]]] = []
+
+    def load(self, search_space: List[ShardingOption], enumerator: Optional[Enumerator] = None) -> None:
+        by_table: Dict[str, List[ShardingOption]] = defaultdict(list)
+        for option in search_space:
+            by_table[option.fqn].append(option)
+        cheapest = {fqn: min(options, key=lambda o: o.total_perf) for fqn, options in by_table.items()}
+        unreplicated = {fqn: min([o for o in options if o.sharding_type != ShardingType.DATA_PARALLEL.value]
+                                 or options, key=lambda o: o.total_perf) for fqn, options in by_table.items()}
+        column_wise = {fqn: [o for o in options if o.sharding_type == ShardingType.COLUMN_WISE.value
+                             and o.compute_kernel == unreplicated[fqn].compute_kernel]
+                       for fqn, options in by_table.items()}
+        splits = {fqn: [split for option in options for split in self._splits(option)]
+                  for fqn, options in column_wise.items()}
+        if enumerator is not None:
+            enumerator.populate_estimates([split for table in splits.values() for split in table])
+        self._walks = []
+        for wholes in ([cheapest, unreplicated] if cheapest != unreplicated else [cheapest]):
+            chains = {}
+            for fqn, whole in wholes.items():
+                by_count = {o.num_shards: o for o in column_wise[fqn] + splits[fqn]
+                            if unreplicated[fqn].num_shards < o.num_shards <= self._world_size}
+                chains[fqn] = [by_count[n] for n in sorted(by_count, reverse=True)] + [whole]
+            self._walks += [(chains, +1, {fqn: 0 for fqn in chains}),
+                            (chains, -1, {fqn: len(chain) - 1 for fqn, chain in chains.items()})]
+
+    def _splits(self, option: ShardingOption) -> List[ShardingOption]:
+        """A column-wise option at every other width torchrec's own splits take (a multiple of 4,
+        as fbgemm's kernels need, dividing the table's width); their estimates still to be made."""
+        made = []
+        columns = option.tensor.shape[1]
+        narrowest = self._min_partitions.get(option.name, 0)
+        for width in range(self._FINEST, columns, self._FINEST):
+            slices = columns // width
+            if width < narrowest or columns % width or slices == option.num_shards or slices > self._world_size:
+                continue
+            sizes, offsets = calculate_shard_sizes_and_offsets(
+                option.tensor, self._world_size, self._world_size, option.sharding_type, col_wise_shard_dim=width)
+            split = copy.deepcopy(option)
+            split.shards = [Shard(size=size, offset=offset) for size, offset in zip(sizes, offsets)]
+            made.append(split)
+        return made
+
+    def propose(self) -> Optional[List[ShardingOption]]:
+        if not self._walks:
+            return None
+        chains, _, positions = self._walks[0]
+        return [chains[fqn][index] for fqn, index in positions.items()]
+
+    def feedback(self, partitionable: bool, plan: Optional[List[ShardingOption]] = None,
+                 perf_rating: Optional[float] = None, storage_constraint: Optional[Topology] = None) -> None:
+        chains, step, positions = self._walks[0]
+        table = self._next_table(chains, step, positions, plan) if partitionable and plan else None
+        if table is None:
+            self._walks.pop(0)
+        else:
+            positions[table] += step
+
+    @staticmethod
+    def _next_table(chains: Dict[str, List[ShardingOption]], step: int, positions: Dict[str, int],
+                    plan: List[ShardingOption]) -> Optional[str]:
+        load: Dict[int, float] = defaultdict(float)
+        tables_on: Dict[int, set] = defaultdict(set)
+        for option in plan:
+            for shard in option.shards:
+                if shard.rank is not None:  # None: a plan from the planner's cache, placed before
+                    load[shard.rank] += shard.perf.total
+                    tables_on[shard.rank].add(option.fqn)
+        slowest = max(load, key=load.get) if load else None
+        movable = [fqn for fqn, index in positions.items() if 0 <= index + step < len(chains[fqn])
+                   and (slowest is None or fqn in tables_on[slowest])]
+        if not movable:
+            return None
+        current = {fqn: chains[fqn][positions[fqn]] for fqn in movable}
+        if step > 0:  # merge the most split table
+            return max(movable, key=lambda fqn: (current[fqn].num_shards, fqn))
+        # split the table with the costliest shard
+        return max(movable, key=lambda fqn: (max(s.perf.total for s in current[fqn].shards),
+                                             -current[fqn].num_shards, fqn))
+
+
+def _search(config: ShardingConfig, constraints: Dict[str, ParameterConstraints], world_size: int) -> dict:
+    """The planner's proposers and partitioner as configured (torchrec's defaults otherwise)."""
     search = {}
-    if config.proposer == "greedy":
+    if config.proposer == "best":
+        min_partitions = {name: c.min_partition for name, c in constraints.items() if c.min_partition}
+        # ours first, then torchrec's defaults (EmbeddingShardingPlanner's own list)
+        search["proposer"] = [_ColumnSplitProposer(world_size, min_partitions), GridSearchProposer(),
+                              GreedyProposer(), GreedyProposer(use_depth=False), UniformProposer()]
+    elif config.proposer == "greedy":
         search["proposer"] = [GreedyProposer()]
     elif config.proposer == "uniform":
         search["proposer"] = [UniformProposer()]
@@ -186,24 +360,24 @@ class _Chosen(Stats):
         self.options = list(best_plan)
 
 
-def _planner(config: ShardingConfig, schema: FeatureSchema, device_type: str, batch_size: int,
-             world_size: int, local_world_size: int, chosen: _Chosen) -> EmbeddingShardingPlanner:
+def _planner(config: ShardingConfig, schema: FeatureSchema, topology: Topology, batch_size: int,
+             chosen: _Chosen) -> EmbeddingShardingPlanner:
+    constraints = parameter_constraints(config, schema, topology.compute_device, topology.world_size)
     return EmbeddingShardingPlanner(
-        topology=_topology(config, torch.device(device_type), world_size, local_world_size),
+        topology=topology,
         batch_size=batch_size,
         storage_reservation=FixedPercentageStorageReservation(config.storage_reserve_percentage),
-        constraints=parameter_constraints(config, schema, device_type, world_size),
+        constraints=constraints,
         stats=[chosen],
-        **_search(config),
+        **_search(config, constraints, topology.world_size),
     )
 
 
-def _no_plan(config: ShardingConfig, world_size: int, device_type: str, error: Exception) -> ConfigError:
-    caps = f"hbm_cap_gb={config.hbm_cap_gb}, ddr_cap_gb={config.ddr_cap_gb}"
+def _no_plan(config: ShardingConfig, topology: Topology, measured: HardwareConfig, error: Exception) -> ConfigError:
     return ConfigError(
-        f"the sharding planner found no plan for {world_size} rank(s) on {device_type} ({caps}, "
-        f"storage_reserve_percentage={config.storage_reserve_percentage}) within the sharding "
-        f"constraints. Planner said: {error}"
+        f"the sharding planner found no plan for {topology.world_size} rank(s) on {topology.compute_device} "
+        f"(memory per rank: {_memory_text(config, topology, measured)}; storage_reserve_percentage="
+        f"{config.storage_reserve_percentage}) within the sharding constraints. Planner said: {error}"
     )
 
 
@@ -211,24 +385,30 @@ def plan_sharding(model: nn.Module, config: ShardingConfig, schema: FeatureSchem
                   batch_size: int, world_size: int, local_world_size: int,
                   process_group) -> Tuple[ShardingPlan, List[ShardingOption]]:
     """Collective: every rank calls it and gets rank 0's plan; the chosen options (for the
-    report) only on rank 0, where the planner ran."""
+    report) only on rank 0, where the planner ran. Memory caps left null are this machine's."""
     chosen = _Chosen()
-    planner = _planner(config, schema, device.type, batch_size, world_size, local_world_size, chosen)
+    measured = _measured_memory(device, local_world_size)
+    topology = _topology(config, device, world_size, local_world_size, measured)
+    log.info("Planner memory per rank: %s", _memory_text(config, topology, measured))
+    planner = _planner(config, schema, topology, batch_size, chosen)
     try:
         return planner.collective_plan(model, sharders(config, device, batch_size), process_group), chosen.options
     except PlannerError as error:
-        raise _no_plan(config, world_size, device.type, error) from error
+        raise _no_plan(config, topology, measured, error) from error
 
 
 def plan_offline(model: nn.Module, config: ShardingConfig, schema: FeatureSchema, device_type: str,
                  batch_size: int, world_size: int, local_world_size: int) -> Tuple[ShardingPlan, List[ShardingOption]]:
-    """The plan for a world size, computed here without any process group (a dry run)."""
+    """The plan for a world size, computed here without any process group (a dry run). It
+    measures nothing: memory caps left null are torchrec's defaults (offline_memory_note)."""
     chosen = _Chosen()
-    planner = _planner(config, schema, device_type, batch_size, world_size, local_world_size, chosen)
+    nothing_measured = HardwareConfig()
+    topology = _topology(config, torch.device(device_type), world_size, local_world_size, nothing_measured)
+    planner = _planner(config, schema, topology, batch_size, chosen)
     try:
         return planner.plan(model, sharders(config, torch.device(device_type), batch_size)), chosen.options
     except PlannerError as error:
-        raise _no_plan(config, world_size, device_type, error) from error
+        raise _no_plan(config, topology, nothing_measured, error) from error
 
 
 class _LocalGradients(DefaultDataParallelWrapper):
@@ -322,7 +502,10 @@ def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,
     if options:
         report["planned_memory_imbalance"] = _imbalance(
             [ranks[str(r)].get("hbm_bytes", 0) + ranks[str(r)].get("ddr_bytes", 0) for r in range(world_size)])
-        report["cost_imbalance"] = _imbalance([ranks[str(r)].get("cost", 0.0) for r in range(world_size)])
+        costs = [ranks[str(r)].get("cost", 0.0) for r in range(world_size)]
+        # The planner's own rating of a plan (torchrec's NoopPerfModel): a step waits for its slowest rank.
+        report["estimated_step_ms"] = max(costs)
+        report["cost_imbalance"] = _imbalance(costs)
     return report
 
 
@@ -345,7 +528,7 @@ def format_plan_report(report: dict) -> str:
             f"{table['sharding_type']:<18}{table['compute_kernel']:<8}{shards}"
         )
     lines += ["", "per rank: fp32 table weights; planned HBM and DDR (weights, optimizer state, buffers); "
-              "the planner's cost estimate (compute + communication)"]
+              "the planner's cost estimate in ms (compute + communication)"]
     for rank, info in report["ranks"].items():
         line = f"  rank {rank}: {_mb(info['embedding_bytes']):>12} in {len(info['tables'])} table(s)"
         if "cost" in info:
@@ -355,6 +538,9 @@ def format_plan_report(report: dict) -> str:
     lines.append(f"  imbalance (max / mean): table bytes {report['imbalance']:.3f}"
                  + (f", planned memory {report['planned_memory_imbalance']:.3f}, cost {report['cost_imbalance']:.3f}"
                     if "cost_imbalance" in report else ""))
+    if "estimated_step_ms" in report:
+        lines.append(f"  estimated step time: {report['estimated_step_ms']:.4g} ms (the planner's estimate for the "
+                     "embeddings: the slowest rank's cost)")
     return "\n".join(lines) + "\n"
 
 

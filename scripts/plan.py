@@ -7,27 +7,45 @@ a dry run to try before asking for machines.
     python scripts/plan.py --world-size 4 --json plan.json       # also write the report as JSON
 
 Everything of the form key=value is a config override, as for app.train (sharding.*, features.*,
-data.batch_size ...). The planner sees the topology the sharding config describes; the device
-type is the one training would use on this machine unless --device says otherwise.
+data.batch_size ...); the data paths are not needed (a dry run reads no data). The planner sees
+the topology the sharding config describes, with torchrec's default memory per rank where
+sharding.hbm_cap_gb / ddr_cap_gb are null (training measures its machine; this does not); the
+device type is the one training would use on this machine unless --device says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import List
 
 import torch
 
+from app.config import Config
 from app.errors import BAD_INPUT, UserError
 from app.hydra_edge import compose_config
 from app.features import FeatureSchema
 from app.model import build_model
 from app.optim import apply_sparse_optimizer
-from app.sharding import format_plan_report, plan_offline, plan_report
+from app.sharding import format_plan_report, offline_memory_note, plan_offline, plan_report
+
+
+# torch's CUDA device index is 8 bits (c10::DeviceIndex): the planner's cuda:<local rank> overflows past it.
+_CUDA_DEVICES_PER_HOST = 128
+
+
+def _dry_run_config(overrides: List[str]) -> Config:
+    """The config app.train would run, validated but for where the data is: a dry run reads none,
+    and a synthetic source is the one without paths to check."""
+    config = compose_config(overrides, validate=False)
+    dataclasses.replace(config, data=dataclasses.replace(config.data, source="synthetic")).validate()
+    return config
+
 
 def _world_sizes(text: str) -> List[int]:
     sizes = [int(part) for part in text.split(",") if part]
@@ -50,24 +68,36 @@ def main(argv: List[str]) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        config = compose_config(overrides)
+        config = _dry_run_config(overrides)
         device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        for world_size in args.world_size if device_type == "cuda" else []:
+            local = min(args.local_world_size or world_size, world_size)
+            if local > _CUDA_DEVICES_PER_HOST:
+                parser.error(f"--world-size {world_size} with {local} workers a host: torch numbers a host's CUDA "
+                             f"devices 0 to {_CUDA_DEVICES_PER_HOST - 1}; give --local-world-size (workers a host, "
+                             "e.g. 8).")
+        note = offline_memory_note(config.sharding, device_type)
+        if note:
+            print(note + "\n")
         schema = FeatureSchema.from_config(config.features)
         model = build_model(config.model, schema, torch.device("cpu"))  # tables stay on meta
         apply_sparse_optimizer(model, config.optim, torch.device(device_type))
         report = None
         for world_size in args.world_size:
             local = min(args.local_world_size or world_size, world_size)
+            started = time.perf_counter()
             plan, chosen = plan_offline(model, config.sharding, schema, device_type, config.data.batch_size,
                                         world_size, local)
+            planning_s = time.perf_counter() - started
             report = plan_report(plan, schema, world_size, chosen)
             if args.summary:
                 types = sorted({t["sharding_type"] for t in report["tables"].values()})
-                print(f"world size {world_size:>3}: {', '.join(types)}; imbalance: table bytes "
-                      f"{report['imbalance']:.3f}, planned memory {report['planned_memory_imbalance']:.3f}, "
-                      f"cost {report['cost_imbalance']:.3f}")
+                print(f"world size {world_size:>3}: {', '.join(types)}; estimated step "
+                      f"{report['estimated_step_ms']:.4g} ms; imbalance: table bytes {report['imbalance']:.3f}, "
+                      f"planned memory {report['planned_memory_imbalance']:.3f}, cost {report['cost_imbalance']:.3f}; "
+                      f"planned in {planning_s:.1f} s", flush=True)
             else:
-                print(format_plan_report(report))
+                print(format_plan_report(report), flush=True)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return BAD_INPUT

@@ -7,7 +7,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from app.config.fields import _require, _require_choice, doc
+from app.config.fields import ConfigError, _require, _require_choice, doc
 
 SHARDING_TYPES = (
     "data_parallel",
@@ -20,6 +20,15 @@ SHARDING_TYPES = (
 # Kernels by where their weights live; the ones after "fused" need CUDA (UVM, SSD-backed tables).
 COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value")
 CUDA_ONLY_KERNELS = ("fused_uvm", "fused_uvm_caching", "key_value")
+# Known, so that asking for one says why it is refused rather than that it does not exist.
+UNSUPPORTED_KERNELS = {
+    "key_value": "its shards (FBGEMM's SSD tables, PartiallyMaterializedTensor) neither clone, so an asynchronous "
+                 "checkpoint fails, nor load in place, so a resumed run would silently restart these tables; it "
+                 "accepts optimizers FBGEMM's SSD tables refuse; and it keeps its store in a fresh temporary "
+                 "directory on every start. Use fused, or fused_uvm / fused_uvm_caching (CUDA) for tables larger "
+                 "than device memory.",
+}
+PROPOSERS = ("best", "default", "greedy", "uniform")
 # Precisions of the embedding all-to-alls torchrec's codecs offer. fbgemm has no CPU kernel for
 # fp8, so fp8 needs CUDA; the others run over gloo and NCCL.
 COMM_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mx4", "fp8")
@@ -49,14 +58,17 @@ class ShardingConfig:
                                         "(empty: let the planner choose among all that the device supports); "
                                         "sharding.tables.<feature> can set others per table.")
     compute_kernels: List[str] = doc([], f"Compute kernels allowed for every table, of {', '.join(COMPUTE_KERNELS)} "
-                                         f"({', '.join(CUDA_ONLY_KERNELS)} need CUDA: UVM, SSD-backed tables; empty: "
-                                         "let the planner choose); sharding.tables.<feature> can set others per table.")
+                                         f"({', '.join(CUDA_ONLY_KERNELS)} need CUDA: UVM, SSD-backed tables; "
+                                         f"{', '.join(UNSUPPORTED_KERNELS)} is refused until its checkpoints "
+                                         "round-trip; empty: let the planner choose); sharding.tables.<feature> can "
+                                         "set others per table.")
     tables: Dict[str, TableConstraint] = doc({}, "Per-table constraints, keyed by a feature name or a pattern such "
                                                  "as \"cat_*\" (fnmatch); a feature's own name wins over any pattern.")
-    hbm_cap_gb: Optional[float] = doc(None, "Device (HBM) memory per rank the planner may fill, in GB (null: "
-                                            "torchrec's topology defaults).")
-    ddr_cap_gb: Optional[float] = doc(None, "Host (DDR) memory per rank the planner may fill, in GB (null: "
-                                            "torchrec's topology defaults).")
+    hbm_cap_gb: Optional[float] = doc(None, "Device (HBM) memory per rank the planner may fill, in GB (null: the "
+                                            "CUDA device's memory; torchrec's default, 32, in a dry run).")
+    ddr_cap_gb: Optional[float] = doc(None, "Host (DDR) memory per rank the planner may fill, in GB (null: the "
+                                            "host's memory, or its container's limit, divided by the workers on "
+                                            "it; torchrec's default, 128, in a dry run).")
     hbm_bw_gbps: Optional[float] = doc(None, "Device memory bandwidth the planner's cost model assumes, in GB/s "
                                              "(null: torchrec's default).")
     ddr_bw_gbps: Optional[float] = doc(None, "Host memory bandwidth the planner's cost model assumes, in GB/s "
@@ -65,8 +77,11 @@ class ShardingConfig:
                                                     "assumes, in GB/s (null: torchrec's default).")
     inter_host_bw_gbps: Optional[float] = doc(None, "Bandwidth between hosts the planner's cost model assumes, in "
                                                     "GB/s (null: torchrec's default).")
-    proposer: str = doc("default", "How the planner searches: default (torchrec's greedy and uniform proposers), "
-                                   "greedy, or uniform (one sharding type for every table).")
+    proposer: str = doc("best", "How the planner searches: best (torchrec's proposers, and tables split into "
+                                "column slices as narrow as 4 columns, one table at a time where the slowest rank "
+                                "is; the planner keeps the plan whose slowest rank it estimates fastest), default "
+                                "(torchrec's proposers only: grid search, greedy and uniform), greedy, or uniform "
+                                "(one sharding type for every table).")
     partitioner: str = doc("greedy", "How the planner places shards: greedy (by cost) or memory_balanced (the most "
                                      "even memory within 2% of the best cost).")
     storage_reserve_percentage: float = doc(0.15, "Share of each rank's memory held back for the dense part, "
@@ -98,7 +113,7 @@ class ShardingConfig:
         for key in ("hbm_cap_gb", "ddr_cap_gb", "hbm_bw_gbps", "ddr_bw_gbps", "intra_host_bw_gbps", "inter_host_bw_gbps"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"sharding.{key} must be > 0 or null, got {value}.")
-        _require_choice("sharding.proposer", self.proposer, ("default", "greedy", "uniform"))
+        _require_choice("sharding.proposer", self.proposer, PROPOSERS)
         _require_choice("sharding.partitioner", self.partitioner, ("greedy", "memory_balanced"))
         _require(
             0.0 <= self.storage_reserve_percentage < 1.0,
@@ -112,6 +127,9 @@ class ShardingConfig:
             _require_choice(f"{prefix}.sharding_types", value, SHARDING_TYPES)
         for value in compute_kernels:
             _require_choice(f"{prefix}.compute_kernels", value, COMPUTE_KERNELS)
+            if value in UNSUPPORTED_KERNELS:
+                raise ConfigError(f"{prefix}.compute_kernels={value} is not supported yet: "
+                                  f"{UNSUPPORTED_KERNELS[value]}")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Planner inputs from config, refusal of CUDA-only kernels on CPU, and the plan report."""
+"""Planner inputs from config, refusal of CUDA-only and unsupported kernels, the search for the
+fastest plan, memory caps, and the plan report."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from app.config import (ConfigError, FeaturesConfig, ModelConfig, OptimConfig, ShardingConfig, SparseFeature,
                         TableConstraint)
 from app.features import FeatureSchema
+from app.hydra_edge import compose_config
 from app.model import build_model
 from app.optim import apply_sparse_optimizer
 from app.sharding import (parameter_constraints, plan_offline, plan_report, plan_sharding, sharders,
@@ -75,11 +77,13 @@ def test_plan_report_describes_tables_and_ranks(tmp_path, single_process_group):
         assert info["ddr_bytes"] >= info["embedding_bytes"] and info["hbm_bytes"] == 0  # CPU: host memory
         assert info["cost"] > 0 and info["cost"] >= info["compute_cost"]
     assert report["cost_imbalance"] >= 1.0 and report["planned_memory_imbalance"] >= 1.0
+    assert report["estimated_step_ms"] == max(info["cost"] for info in report["ranks"].values())
 
     text = write_plan_report(report, tmp_path)
     assert json.loads((tmp_path / "plan.json").read_text()) == json.loads(json.dumps(report))
     assert (tmp_path / "plan.txt").read_text() == text
     assert "t_big" in text and "row_wise" in text and "imbalance" in text and "cost" in text
+    assert f"estimated step time: {report['estimated_step_ms']:.4g} ms" in text
 
 
 def test_an_impossible_plan_is_a_clear_error(single_process_group):
@@ -108,12 +112,13 @@ def test_memory_balance_on_a_skewed_model(world_size):
 
 
 def test_bandwidths_and_search_strategy_reach_the_planner():
-    from app.sharding import _planner, _Chosen
+    from torchrec.distributed.planner.types import HardwareConfig
+
+    from app.sharding import _topology
 
     config = ShardingConfig(intra_host_bw_gbps=100, inter_host_bw_gbps=12.5, ddr_bw_gbps=40,
                             proposer="uniform", partitioner="memory_balanced")
-    planner = _planner(config, SKEWED, "cpu", 512, 4, 2, _Chosen())
-    topology = planner._topology
+    topology = _topology(config, torch.device("cpu"), 4, 2, HardwareConfig())
     assert topology.intra_host_bw == 100 * 2**30 / 1000 and topology.inter_host_bw == 12.5 * 2**30 / 1000
     assert topology.ddr_mem_bw == 40 * 2**30 / 1000 and topology.local_world_size == 2
     model = build_model(ModelConfig(dense_arch_layer_sizes=[16]), SKEWED, torch.device("cpu"))
@@ -121,6 +126,81 @@ def test_bandwidths_and_search_strategy_reach_the_planner():
     plan, _ = plan_offline(model, config, SKEWED, "cpu", 512, 4, 2)
     report = plan_report(plan, SKEWED, 4)
     assert len({t["sharding_type"] for t in report["tables"].values()}) == 1  # uniform: one type for all
+
+
+# Three 16-wide tables on 8 ranks: whole tables keep 5 ranks idle, and torchrec's enumerator
+# offers no narrower column slices (it splits at 128 columns).
+NARROW = FeatureSchema.from_config(FeaturesConfig(
+    dense=["d"], embedding_dim=16, sparse=[SparseFeature(f"f{i}", 1000 * (i + 1)) for i in range(3)],
+))
+
+
+def _offline_report(config: ShardingConfig, world_size: int = 8) -> dict:
+    model = build_model(ModelConfig(dense_arch_layer_sizes=[16]), NARROW, torch.device("cpu"))
+    apply_sparse_optimizer(model, OptimConfig(), torch.device("cpu"))
+    plan, chosen = plan_offline(model, config, NARROW, "cpu", 512, world_size, world_size)
+    return plan_report(plan, NARROW, world_size, chosen)
+
+
+def test_the_default_search_keeps_every_rank_busy_and_the_slowest_one_fastest():
+    torchrec_only = _offline_report(ShardingConfig(proposer="default"))
+    assert {t["sharding_type"] for t in torchrec_only["tables"].values()} == {"table_wise"}
+    assert torchrec_only["cost_imbalance"] > 2.5  # 3 busy ranks of 8
+
+    best = _offline_report(ShardingConfig())
+    assert best["estimated_step_ms"] < 0.9 * torchrec_only["estimated_step_ms"]
+    assert best["cost_imbalance"] <= 1.1
+    assert all(info["tables"] for info in best["ranks"].values())
+    for table in best["tables"].values():
+        widths = [s["sizes"][1] for s in table["shards"]]
+        assert table["sharding_type"] == "column_wise" and sum(widths) == 16 and all(w % 4 == 0 for w in widths)
+
+
+def test_the_default_search_keeps_to_the_constraints():
+    whole = _offline_report(ShardingConfig(sharding_types=["table_wise"]))
+    assert {t["sharding_type"] for t in whole["tables"].values()} == {"table_wise"}
+    assert whole["estimated_step_ms"] == _offline_report(ShardingConfig(sharding_types=["table_wise"],
+                                                                        proposer="default"))["estimated_step_ms"]
+    wide = _offline_report(ShardingConfig(tables={"*": TableConstraint(min_partition=8)}))
+    widths = {s["sizes"][1] for t in wide["tables"].values() for s in t["shards"]}
+    assert widths and min(widths) >= 8
+
+
+def test_training_plans_for_the_hosts_memory_and_a_dry_run_for_torchrecs_default(single_process_group):
+    from app.sharding import _host_memory_bytes
+
+    # One whole table twice the memory each of 64 workers on this host would have: the default
+    # 128 GiB a rank holds it, this host's share does not.
+    world_size = 64
+    per_worker = _host_memory_bytes() // world_size
+    rows = 2 * per_worker // (16 * 4)
+    schema = FeatureSchema.from_config(FeaturesConfig(dense=["d"], embedding_dim=16,
+                                                      sparse=[SparseFeature("huge", rows)]))
+    model = build_model(ModelConfig(dense_arch_layer_sizes=[16]), schema, torch.device("meta"))
+    apply_sparse_optimizer(model, OptimConfig(), torch.device("cpu"))
+    config = ShardingConfig(sharding_types=["table_wise"])
+    plan, _ = plan_offline(model, config, schema, "cpu", 512, world_size, world_size)
+    assert plan.plan  # planned for torchrec's default DDR per rank
+    with pytest.raises(ConfigError, match=rf"DDR {per_worker / 2**30:.3g} GiB \(the host's memory / 64 worker"):
+        plan_sharding(model, config, schema, torch.device("cpu"), 512, world_size, world_size, dist.group.WORLD)
+    # sharding.ddr_cap_gb still wins over the measured memory
+    config.ddr_cap_gb = 128
+    plan, _ = plan_sharding(model, config, schema, torch.device("cpu"), 512, world_size, world_size,
+                            dist.group.WORLD)
+    assert plan.plan
+
+
+@pytest.mark.parametrize("tables", [{}, {"f*": TableConstraint(compute_kernels=["key_value"])}])
+def test_key_value_tables_are_refused_naming_the_key(tables):
+    config = ShardingConfig(compute_kernels=[] if tables else ["key_value"], tables=tables)
+    key = "sharding.tables.f*.compute_kernels" if tables else "sharding.compute_kernels"
+    with pytest.raises(ConfigError, match=rf"{key.replace('*', '[*]')}=key_value is not supported yet: .*clone"):
+        config.validate()
+
+
+def test_key_value_is_refused_where_users_set_it():
+    with pytest.raises(ConfigError, match=r"sharding.compute_kernels=key_value is not supported yet"):
+        compose_config(["sharding.compute_kernels=[fused,key_value]"])
 
 
 def _codec_precisions(config: ShardingConfig) -> dict:
