@@ -82,7 +82,8 @@ def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run
         report = plan_report(plan, schema, env.world_size, chosen)
         log.info("sharding plan:\n%s", write_plan_report(report, run_dir))
     return shard_model(model, plan, config.sharding, env.device, config.data.batch_size,
-                       local_dense_gradients=config.trainer.dense_average_every > 0)
+                       local_dense_gradients=config.trainer.dense_average_every > 0,
+                       sparse_clip_value=config.optim.sparse_clip_value)
 
 
 def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train_files: List[str],

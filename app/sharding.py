@@ -63,10 +63,15 @@ class _CPUCapableSharder(EmbeddingBagCollectionSharder):
         return types + [t for t in _CPU_EXTRA_TYPES if t not in types]
 
 
-def sharders(config: ShardingConfig, device: torch.device, batch_size: int) -> list:
+def sharders(config: ShardingConfig, device: torch.device, batch_size: int,
+             sparse_clip_value: Optional[float] = None) -> list:
     """The sharders the planner and DistributedModelParallel use, with quantized communication
-    codecs when the config asks for a precision below fp32 (`batch_size`: per rank)."""
-    return [_CPUCapableSharder(qcomm_codecs_registry=_qcomm_codecs(config, device, batch_size))]
+    codecs when the config asks for a precision below fp32 (`batch_size`: per rank), and FBGEMM's
+    element-wise gradient clipping in the fused table optimizers when `sparse_clip_value` is set."""
+    fused_params = None if sparse_clip_value is None else {"gradient_clipping": True,
+                                                           "max_gradient": float(sparse_clip_value)}
+    return [_CPUCapableSharder(qcomm_codecs_registry=_qcomm_codecs(config, device, batch_size),
+                               fused_params=fused_params)]
 
 
 class _ScaledFP16Codec(FbgemmQuantizedCommCodec):
@@ -442,13 +447,16 @@ def _keep_local(state, bucket):  # no annotations: DDP checks them, and this mod
 
 
 def shard_model(model: nn.Module, plan: ShardingPlan, config: ShardingConfig, device: torch.device,
-                batch_size: int, local_dense_gradients: bool = False) -> DistributedModelParallel:
-    """`batch_size`: per rank (it scales fp16 gradients in communication)."""
+                batch_size: int, local_dense_gradients: bool = False,
+                sparse_clip_value: Optional[float] = None) -> DistributedModelParallel:
+    """`batch_size`: per rank (it scales fp16 gradients in communication); `sparse_clip_value`:
+    optim.sparse_clip_value."""
     wrapper = _LocalGradients() if local_dense_gradients else None
     with warnings.catch_warnings():
         # torchrec's own DDP wrap passes DDP's deprecated broadcast_buffers; nothing for us to change.
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-        return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(config, device, batch_size),
+        return DistributedModelParallel(model, device=device, plan=plan,
+                                        sharders=sharders(config, device, batch_size, sparse_clip_value),
                                         data_parallel_wrapper=wrapper)
 
 

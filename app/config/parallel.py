@@ -138,8 +138,10 @@ class DistributedConfig:
                                  "train.py starts this many local workers itself "
                                  "(so a Hydra sweep point, or a plain `python -m app.train`, can use several "
                                  "processes).")
-    device: str = doc("auto", "auto (CUDA when a device is visible, else CPU), cpu or cuda.")
-    backend: str = doc("auto", "Process group backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl.")
+    device: str = doc("auto", "auto (CUDA when a device is visible, else CPU), cpu or cuda. On CUDA each worker "
+                              "uses cuda:<LOCAL_RANK>: at most one worker per visible device.")
+    backend: str = doc("auto", "Process group backend: auto (nccl on CUDA, gloo on CPU), gloo (CPU only) or nccl "
+                               "(CUDA only).")
     timeout_s: int = doc(1800, "Timeout of the process group's rendezvous and collectives, in seconds.")
     threads_per_worker: int = doc(0, "CPU threads of each worker's math (torch intra-op, fbgemm's CPU kernels). 0: as "
                                      "launched (torchrun: OMP_NUM_THREADS, 1 unless set; a plain process: torch's "
