@@ -5,7 +5,7 @@
     python scripts/benchmark.py train experiment=bench_reference_dcn  # the same with DCNv2
     python scripts/benchmark.py data train            # both, and the loader/training ratio
     python scripts/benchmark.py checkpoint            # save/load GB/s of a 1 GB model vs the disk; async stall
-    python scripts/benchmark.py train --steps 400 --no-processes experiment=tiny data.batch_size=1024
+    python scripts/benchmark.py train --steps 20 --warmup 5 --rounds 1 --no-processes experiment=tiny
 
 The train benchmark times, on the same in-memory batches and in alternating rounds: the
 reference trainers rebuilt from their configuration (scripts/reference_trainers.py), rectrain in
