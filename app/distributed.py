@@ -9,6 +9,7 @@ sweep point can use several processes without wrapping the sweep in torchrun).
 from __future__ import annotations
 
 import datetime
+import gc
 import multiprocessing
 import os
 import signal
@@ -132,13 +133,17 @@ def shutdown() -> None:
     cross-node groups of table_row_wise and table_column_wise tables in module globals: left there,
     a later job in this process (a sweep's next point) would be handed the destroyed ones, and the
     last are torn down during the interpreter's exit, in no set order with the libraries they use
-    (where a 2-rank test once aborted: "terminate called without an active exception")."""
+    (where a 2-rank test once aborted: "terminate called without an active exception").
+    The sharded model's modules reference their groups from reference cycles, which only the
+    garbage collector frees: collected here, the groups' threads are joined now, not by the
+    interpreter's exit, where that abort came back."""
     if dist.is_initialized():
         dist.destroy_process_group()
     from torchrec.distributed import comm
 
     for cached in ("_INTRA_PG", "_CROSS_PG", "_INTRA_PG_2D", "_CROSS_PG_2D"):
         setattr(comm, cached, None)
+    gc.collect()
 
 
 def _free_port() -> int:

@@ -110,33 +110,40 @@ def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
     log.info("%d worker(s) on %s, %d on this node, %d CPU threads each", env.world_size, env.device,
              env.local_world_size, torch.get_num_threads())
     try:
-        checkpoint_storage = LocalStorage(run_dir / "checkpoints")
-        check_writable(checkpoint_storage, "checkpoints", env.rank)  # every rank writes its shards
-        torch.manual_seed(config.seed)
-        schema = FeatureSchema.from_config(config.features)
-        train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
-
-        scaler = loss_scaler(config.trainer.precision, env.device)
-        model = build_sharded_model(config, schema, env, run_dir, scaler)
-        train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
-        shape = RunShape(env.world_size, config.data.batch_size * env.world_size, len(train_data),
-                         planned_steps(config.trainer, len(train_data)))
-        optimizer, lr_scheduler = optimizer_and_schedule(model, config.optim, shape.total_steps)
-        parts = RunParts(model, optimizer, lr_scheduler, train_data, val_data)
-        store = CheckpointStore(checkpoint_storage, config.checkpoint.keep_last, env.rank,
-                                process_group=distributed.new_gloo_group())
-        checkpointer = Checkpointer(store, config.checkpoint, config, parts, shape)
-        state = checkpointer.restore(config.checkpoint.load_from, config.checkpoint.load_mode)
-        if state.step == 0:
-            log.info("starting %s from scratch: %d steps of %d samples", run_dir, shape.total_steps,
-                     shape.global_batch_size)
-        metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard)
-        trainer = Trainer(parts, checkpointer, metrics_logger, preemption, config.trainer, env,
-                          progress_bar=config.logging.progress_bar,
-                          optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler))
-        result = trainer.fit(state)
-        metrics_logger.close()
-        return result
+        # In a function of its own, so that the model and everything holding a process group are
+        # garbage when shutdown() collects them.
+        return _train(config, run_dir, env, preemption)
     finally:
         preemption.close()
         distributed.shutdown()
+
+
+def _train(config: Config, run_dir: Path, env: DistEnv,
+           preemption: Preemption) -> Optional[Dict[str, float]]:
+    checkpoint_storage = LocalStorage(run_dir / "checkpoints")
+    check_writable(checkpoint_storage, "checkpoints", env.rank)  # every rank writes its shards
+    torch.manual_seed(config.seed)
+    schema = FeatureSchema.from_config(config.features)
+    train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
+
+    scaler = loss_scaler(config.trainer.precision, env.device)
+    model = build_sharded_model(config, schema, env, run_dir, scaler)
+    train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
+    shape = RunShape(env.world_size, config.data.batch_size * env.world_size, len(train_data),
+                     planned_steps(config.trainer, len(train_data)))
+    optimizer, lr_scheduler = optimizer_and_schedule(model, config.optim, shape.total_steps)
+    parts = RunParts(model, optimizer, lr_scheduler, train_data, val_data)
+    store = CheckpointStore(checkpoint_storage, config.checkpoint.keep_last, env.rank,
+                            process_group=distributed.new_gloo_group())
+    checkpointer = Checkpointer(store, config.checkpoint, config, parts, shape)
+    state = checkpointer.restore(config.checkpoint.load_from, config.checkpoint.load_mode)
+    if state.step == 0:
+        log.info("starting %s from scratch: %d steps of %d samples", run_dir, shape.total_steps,
+                 shape.global_batch_size)
+    metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard)
+    trainer = Trainer(parts, checkpointer, metrics_logger, preemption, config.trainer, env,
+                      progress_bar=config.logging.progress_bar,
+                      optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler))
+    result = trainer.fit(state)
+    metrics_logger.close()
+    return result

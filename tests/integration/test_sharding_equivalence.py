@@ -5,11 +5,13 @@ Each rank feeds its own batch through the sharded model (our build_model -> appl
 one process. Checked: each rank's logits and loss; the dense gradients (DDP averages them over
 ranks, so the reference loss is the mean of the ranks' losses; TorchRec divides the table
 gradients by the world size to match); and every parameter, tables gathered in full, after one
-SGD step.
+SGD step. Last, that shutdown() leaves none of the process groups' threads behind.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import traceback
 
 import pytest
@@ -132,6 +134,10 @@ def check_one(sharding_type: str, arch: str) -> None:
                                        msg=lambda m: f"{sharding_type}/{arch} {name} after one step: {m}")
 
 
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
 def worker(rank: int, init_file: str, cases, failures) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -144,6 +150,15 @@ def worker(rank: int, init_file: str, cases, failures) -> None:
             dist.barrier()
     finally:
         shutdown()
+    # The sharded models' process groups must be gone with their threads: left to the
+    # interpreter's exit, their teardown once aborted a rank ("terminate called without an
+    # active exception") after every check had passed.
+    left = native_threads()
+    gc.collect()
+    if native_threads() != left:
+        failures[f"rank {rank} shutdown"] = (f"{left - native_threads()} threads outlived shutdown() and ended only at "
+                                             "a later garbage collection")
+        raise AssertionError(failures[f"rank {rank} shutdown"])
 
 
 CASES = [(t, "dlrm") for t in SHARDING_TYPES] + [("row_wise", "dcn"), ("table_column_wise", "dcn")]
