@@ -42,7 +42,8 @@ from app.config import Config
 from app.hydra_edge import config_from_dict
 from app.data import DataError
 from app.data.batch import InputPolicy, decode
-from app.data.files import check_files
+from app.data.files import check_files, open_parquet
+from app.storage import UrlPath, location
 from app.errors import UserError
 from app.features import FeatureSchema
 from app.model import build_model, embedding_tables
@@ -63,7 +64,7 @@ class ExportError(UserError, ValueError):
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint dir as given, or the newest intact one of a run dir or its checkpoints/ dir."""
     try:
-        return find_checkpoint(Path(path))
+        return find_checkpoint(location(path))  # a local path or an object-store URL
     except CheckpointError as error:
         raise ExportError(str(error)) from error
 
@@ -133,7 +134,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
         torch.save(dict(state), tmp)
     exported = {
         "step": meta["step"],
-        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint": str(checkpoint if isinstance(checkpoint, UrlPath) else checkpoint.resolve()),
         "parameters": sum(t.numel() for t in state.values()),
         "config": meta["config"],
     }
@@ -214,7 +215,7 @@ def score_files(model: nn.Module, config: Config, files: Sequence[str], batch_si
     policy = InputPolicy.from_config(config.data)
     columns = schema.columns if labeled else [c for c in schema.columns if c != schema.label]
     for path in files:
-        parquet = pq.ParquetFile(path)
+        parquet = open_parquet(path)
         for index in range(parquet.metadata.num_row_groups):
             table = parquet.read_row_group(index, columns=columns)
             if table.num_rows == 0:

@@ -31,7 +31,7 @@ from app.optim import OptimizerStep, apply_sparse_optimizer, optimizer_and_sched
 from app.precision import TableGradients, autocast_dtype, loss_scaler
 from app.preemption import Preemption
 from app.sharding import plan_report, plan_sharding, shard_model, write_plan_report
-from app.storage import LocalStorage
+from app.storage import Storage, UrlPath, storage_at
 from app.trainer import Trainer, planned_steps
 
 log = logging.getLogger("app.job")
@@ -48,23 +48,34 @@ def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> 
         train_path, val_path = str(train_dir), str(val_dir)
     else:
         train_path, val_path = config.train_path, config.val_path
-    files = resolve_files(train_path), resolve_files(val_path)
+    options = config.storage_options
+    files = (resolve_files(train_path, options, key="data.train_path"),
+             resolve_files(val_path, options, key="data.val_path"))
     policy = InputPolicy.from_config(config)
     for split in files:  # bad rows in a split found before the first step, not after the last
-        check_files(split, schema)
-        check_first_row_group(split, schema, policy)
+        check_files(split, schema, options)
+        check_first_row_group(split, schema, policy, options)
     return files
 
 
-def check_writable(storage: LocalStorage, what: str, rank: int) -> None:
+def checkpoint_location(config: Config, run_dir: Path):
+    """The run's checkpoints directory: checkpoint.dir (a local path or URL), else <run dir>/checkpoints."""
+    return config.checkpoint.dir or run_dir / "checkpoints"
+
+
+def check_writable(storage: Storage, what: str, rank: int, key: str = "output_root and run_name") -> None:
     """Stop before any work when this rank cannot write into `storage` (created if missing),
-    naming it and why: a save would otherwise fail only at the first checkpoint, deep in DCP."""
+    naming it, the config `key` it comes from, and why: a save would otherwise fail only at the
+    first checkpoint, deep in DCP (in an object store: no bucket, no credentials, no permission)."""
     try:
         storage.check_writable(f".rectrain_write_test_rank{rank}")
     except OSError as error:
         directory = storage.path()
-        reason = "a file is in the way" if directory.exists() and not directory.is_dir() else error.strerror or error
-        raise ConfigError(f"cannot write {what} to {directory} (from output_root and run_name): {reason}.") from error
+        if isinstance(directory, UrlPath):
+            reason = str(error)
+        else:
+            reason = "a file is in the way" if directory.exists() and not directory.is_dir() else error.strerror or error
+        raise ConfigError(f"cannot write {what} to {directory} (from {key}): {reason}.") from error
 
 
 def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run_dir: Optional[Path],
@@ -93,9 +104,11 @@ def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train
     pin_memory = env.device.type == "cuda"  # so that the copies to the device can overlap compute
     train = TrainingBatches(train_files, schema, config.batch_size, env.rank, env.world_size,
                             shuffle=config.shuffle, seed=config.seed, shuffle_window=config.shuffle_window,
-                            prefetch_windows=config.prefetch_windows, policy=policy, pin_memory=pin_memory)
+                            prefetch_windows=config.prefetch_windows, policy=policy, pin_memory=pin_memory,
+                            storage_options=config.storage_options)
     val = EvaluationBatches(val_files, schema, config.eval_batch_size, env.rank, env.world_size,
-                            prefetch_windows=config.prefetch_windows, policy=policy, pin_memory=pin_memory)
+                            prefetch_windows=config.prefetch_windows, policy=policy, pin_memory=pin_memory,
+                            storage_options=config.storage_options)
     return train, val
 
 
@@ -120,8 +133,9 @@ def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
 
 def _train(config: Config, run_dir: Path, env: DistEnv,
            preemption: Preemption) -> Optional[Dict[str, float]]:
-    checkpoint_storage = LocalStorage(run_dir / "checkpoints")
-    check_writable(checkpoint_storage, "checkpoints", env.rank)  # every rank writes its shards
+    key = "checkpoint.dir" if config.checkpoint.dir else "output_root and run_name"
+    checkpoint_storage = storage_at(checkpoint_location(config, run_dir), key=key)
+    check_writable(checkpoint_storage, "checkpoints", env.rank, key)  # every rank writes its shards
     torch.manual_seed(config.seed)
     schema = FeatureSchema.from_config(config.features)
     train_files, val_files = dataset_files(config.data, schema, env.is_rank0)

@@ -1,9 +1,11 @@
 """Where a run's files go: one narrow interface (write, read, list, publish, delete) and one atomic
 file helper, so that nothing half-written ever carries a final name.
 
-`LocalStorage` keeps files on a local or mounted file system. The checkpointer does all its file
-work through such a storage, by names relative to its root, so that an object-store backend is a
-second implementation of these few methods, not a rewrite of the checkpointer.
+`LocalStorage` keeps files on a local or mounted file system; `ObjectStorage` keeps them in an
+object store (s3://, gs://, hdfs://) through fsspec. The checkpointer does all its file work
+through a storage, by names relative to its root; `storage_at` picks one for a path or a URL.
+Local paths keep their atomic renames; an object store has none, so there a checkpoint is written
+in place and published by writing its manifest last (see ObjectStorage.staging_name).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, List, Union
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple, Union
+
+from app.errors import UserError
 
 
 @contextmanager
@@ -59,6 +63,10 @@ class LocalStorage:
         """Where `name` lives: what DCP's file readers and writers are given."""
         return self.root / name if name else self.root
 
+    def staging_name(self, final: str) -> str:
+        """The hidden name a checkpoint is written under, renamed to `final` once complete."""
+        return f".{final}.tmp"
+
     def check_writable(self, probe_name: str) -> None:
         """OSError (naming the reason) unless a file can be created here; creates the root."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -100,3 +108,174 @@ class LocalStorage:
     def delete(self, name: str) -> None:
         """Remove file or directory `name` (and all below it), if it exists."""
         _remove(self.path(name))
+
+
+# ---- object stores ------------------------------------------------------------------------------
+# Through fsspec (s3fs for s3://, gcsfs for gs://, pyarrow's HDFS for hdfs://): DCP writes and
+# reads checkpoints only through fsspec, so data and checkpoints share one client, one set of
+# options and one way of finding credentials (for S3 botocore's: AWS_ENDPOINT_URL,
+# AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, ~/.aws).
+
+class StorageError(UserError):
+    """A URL that cannot be used (unknown scheme, its filesystem not installed, no bucket, no
+    credentials); the message names the config key or argument it came from."""
+
+
+def is_url(location: Union[str, "PathLike"]) -> bool:
+    """Whether `location` names an object store (scheme://...). file:// URLs are local paths."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(location: Union[str, Path]) -> Path:
+    """A local location as a Path (a file:// URL without its scheme)."""
+    text = str(location)
+    return Path(text[len("file://"):]) if text.startswith("file://") else Path(text)
+
+
+class UrlPath:
+    """An object-store location with the few Path operations the checkpoint code uses (`/`,
+    .name, .parent, str): pathlib would turn "s3://b/k" into "s3:/b/k"."""
+
+    def __init__(self, url: str) -> None:
+        self.url = str(url).rstrip("/")
+
+    def __truediv__(self, name: str) -> "UrlPath":
+        return UrlPath(f"{self.url}/{name}")
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "UrlPath":
+        return UrlPath(self.url.rsplit("/", 1)[0])
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"UrlPath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UrlPath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+
+PathLike = Union[Path, UrlPath]
+
+
+def location(text: Union[str, Path, UrlPath]) -> PathLike:
+    """A user's path or URL as a Path (local, file:// included) or a UrlPath (object store)."""
+    if isinstance(text, (Path, UrlPath)):
+        return text
+    return UrlPath(text) if is_url(text) else local_path(text)
+
+
+def filesystem(url: str, options: Optional[Dict[str, Any]] = None, key: str = "the URL") -> Tuple[Any, str]:
+    """(fsspec filesystem, path within it) for `url`; StorageError naming `key` when the scheme is
+    unknown or its filesystem package is not installed."""
+    import fsspec.core
+
+    try:
+        return fsspec.core.url_to_fs(url, **(options or {}))
+    except (ImportError, ValueError) as error:
+        scheme = url.split("://", 1)[0]
+        raise StorageError(f"{key}={url!r}: cannot open {scheme}:// URLs ({' '.join(str(error).split())}); "
+                           "expected a local path or an s3://, gs://, hdfs:// or file:// URL whose filesystem "
+                           "package is installed (s3fs for s3://, gcsfs for gs://).") from error
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line on why an object-store call failed (botocore's messages are long and nested)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:400]
+
+
+class ObjectStorage:
+    """Objects under the URL `root`, with LocalStorage's methods. There is no rename: a checkpoint
+    is written in place and published by its manifest, written last (see staging_name)."""
+
+    def __init__(self, root: Union[str, UrlPath], options: Optional[Dict[str, Any]] = None,
+                 key: str = "the URL") -> None:
+        self.root = UrlPath(str(root))
+        self.options = dict(options or {})
+        self.fs, self._root_path = filesystem(self.root.url, self.options, key)
+        self._root_path = self._root_path.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.root.url
+
+    def path(self, name: str = "") -> UrlPath:
+        return self.root / name if name else self.root
+
+    def _key(self, name: str = "") -> str:
+        return f"{self._root_path}/{name}" if name else self._root_path
+
+    def staging_name(self, final: str) -> str:
+        """Where a checkpoint is written before it is published: in place, since publishing by
+        rename would copy every object. Without its manifest it is incomplete (ignored on resume,
+        removed by keep-last)."""
+        return final
+
+    def check_writable(self, probe_name: str) -> None:
+        """OSError naming the reason (no bucket, no credentials, no permission) unless an object can
+        be written here. The bucket is never created: a mistyped one must be an error."""
+        try:
+            self.fs.pipe_file(self._key(probe_name), b"")
+            self.fs.rm_file(self._key(probe_name))
+        except Exception as error:  # botocore's credential errors are not OSErrors
+            raise OSError(describe_failure(error)) from error
+
+    def write(self, name: str, data: Union[bytes, str]) -> None:
+        """One PUT: readers see the old object or the new one, never a part."""
+        self.fs.pipe_file(self._key(name), data.encode() if isinstance(data, str) else data)
+
+    def read(self, name: str) -> bytes:
+        return self.fs.cat_file(self._key(name))
+
+    def open(self, name: str) -> BinaryIO:
+        return self.fs.open(self._key(name), "rb")
+
+    def _entries(self, name: str) -> List[Dict[str, Any]]:
+        key = self._key(name)
+        self.fs.invalidate_cache(key)  # other processes write here: never trust a cached listing
+        try:
+            return self.fs.ls(key, detail=True)
+        except FileNotFoundError:
+            return []
+
+    def list(self, name: str = "") -> List[str]:
+        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in self._entries(name))
+
+    def is_dir(self, name: str) -> bool:
+        return bool(self._entries(name)) and self.fs.isdir(self._key(name))
+
+    def files(self, name: str) -> Dict[str, int]:
+        return {entry["name"].rsplit("/", 1)[-1]: int(entry["size"]) for entry in
+                sorted(self._entries(name), key=lambda e: e["name"]) if entry["type"] == "file"}
+
+    def publish(self, staging: str, final: str) -> None:
+        """Nothing to move: the checkpoint was written under its final name (see staging_name)."""
+        if staging != final:
+            raise ValueError(f"object stores publish in place, got {staging!r} -> {final!r}")
+
+    def delete(self, name: str) -> None:
+        key = self._key(name)
+        self.fs.invalidate_cache(key)
+        try:
+            self.fs.rm(key, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+Storage = Union[LocalStorage, ObjectStorage]
+
+
+def storage_at(where: Union[str, Path, UrlPath], options: Optional[Dict[str, Any]] = None,
+               key: str = "the URL") -> Storage:
+    """The storage rooted at a local path or an object-store URL. `key`: the config key or argument
+    it came from, named by errors."""
+    where = location(where)
+    return ObjectStorage(where, options, key) if isinstance(where, UrlPath) else LocalStorage(where)

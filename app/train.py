@@ -76,7 +76,7 @@ def main(cfg: DictConfig) -> float:
         raise
     if result is None:  # SIGTERM: not done, so not exit code 0
         if os.environ.get("RANK", "0") == "0":
-            _say(_stopped_message(run_dir))
+            _say(_stopped_message(config, run_dir))
         sys.exit(PREEMPTED)
     if os.environ.get("RANK", "0") == "0":
         print(f"final validation AUC {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
@@ -94,10 +94,11 @@ def _worker(config, run_dir: Path):
         _fail(error)
 
 
-def _stopped_message(run_dir: Path) -> str:
+def _stopped_message(config, run_dir: Path) -> str:
     from app.checkpoint import CheckpointStore
+    from app.job import checkpoint_location
 
-    newest = CheckpointStore(run_dir / "checkpoints", keep_last=1, rank=0).latest()
+    newest = CheckpointStore(checkpoint_location(config, run_dir), keep_last=1, rank=0).latest()
     saved = f"after saving checkpoint {newest}" if newest is not None else "before any checkpoint was saved"
     return f"stopped by SIGTERM {saved}; run the same command to resume ({run_dir})"
 

@@ -25,6 +25,7 @@ from app.checkpoint.safe_load import CheckpointError, load_state, read_dcp_metad
 from app.checkpoint.store import CheckpointStore, find_checkpoint, read_meta
 from app.config import CheckpointConfig, Config, ConfigError
 from app.optim import FUSED_PART, set_fused_optimizer_step, set_schedule_step
+from app.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class SavedCheckpoint:
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} is not usable: its meta.json does not describe a run of this "
                                   f"version of rectrain ({type(error).__name__}: {error}).") from error
-        return cls(Path(path), int(meta["step"]), state, world_size, global_batch_size, steps_per_epoch, config)
+        return cls(location(path), int(meta["step"]), state, world_size, global_batch_size, steps_per_epoch, config)
 
 
 @dataclass
@@ -214,7 +215,7 @@ class Checkpointer:
         if own is not None:
             return self._load(own, everything=True)
         if load_from:
-            return self._load(find_checkpoint(Path(load_from), self.store.group), everything=mode == "all")
+            return self._load(find_checkpoint(location(load_from), self.store.group), everything=mode == "all")
         return TrainState()
 
     def _load(self, path: Path, everything: bool) -> TrainState:

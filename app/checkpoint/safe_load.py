@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # DCP's reader of URLs
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
@@ -28,6 +29,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
 from torch.distributed.checkpoint.planner import ReadItem
 
 from app.errors import UserError
+from app.storage import UrlPath, location
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -60,8 +62,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         return found
 
 
-class _SafeReader(FileSystemReader):
-    """DCP's FileSystemReader, but .metadata is unpickled with _METADATA_GLOBALS only (or given:
+class _SafeMetadata:
+    """DCP's file readers, but .metadata is unpickled with _METADATA_GLOBALS only (or given:
     a caller that has read it already need not have it read again)."""
 
     def __init__(self, path: str, metadata: Optional[Metadata] = None) -> None:
@@ -73,7 +75,7 @@ class _SafeReader(FileSystemReader):
         if metadata is None:
             path = self._get_metadata_path(kwargs.get("rank"))
             with self.fs.create_stream(path, "rb") as stream:
-                metadata = _MetadataUnpickler(stream, Path(path)).load()
+                metadata = _MetadataUnpickler(stream, path).load()
             if not isinstance(metadata, Metadata):
                 raise CheckpointError(f"{path}: not DCP metadata (it holds a {type(metadata).__name__}).")
         if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
@@ -82,13 +84,26 @@ class _SafeReader(FileSystemReader):
         return metadata
 
 
+class _SafeReader(_SafeMetadata, FileSystemReader):
+    """A local checkpoint's reader."""
+
+
+class _SafeFsspecReader(_SafeMetadata, FsspecReader):
+    """An object store's (s3://...) checkpoint reader, through fsspec as DCP reads URLs."""
+
+
+def _reader(path: Any, metadata: Optional[Metadata] = None) -> FileSystemReader:
+    path = location(path)
+    return (_SafeFsspecReader if isinstance(path, UrlPath) else _SafeReader)(str(path), metadata)
+
+
 class _SafePlanner(DefaultLoadPlanner):
     """DCP's DefaultLoadPlanner, but a checkpoint's non-tensor values (numbers, strings, dicts of
     them) are loaded with torch.load(weights_only=True) rather than weights_only=False."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Any) -> None:
         super().__init__()
-        self.path = path
+        self.path = location(path)
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
@@ -113,12 +128,13 @@ def weights_only_refusal(error: Exception) -> str:
     return found.group(1) if found else text.splitlines()[0]
 
 
-def read_dcp_metadata(path: Path) -> Metadata:
-    """The DCP metadata of the checkpoint at `path`; CheckpointError if it names anything else."""
-    return _SafeReader(str(path)).read_metadata()
+def read_dcp_metadata(path: Any) -> Metadata:
+    """The DCP metadata of the checkpoint at `path` (a local path or URL); CheckpointError if it
+    names anything else."""
+    return _reader(path).read_metadata()
 
 
-def load_state(path: Path, state: Dict[str, Any], group: Optional[dist.ProcessGroup] = None,
+def load_state(path: Any, state: Dict[str, Any], group: Optional[dist.ProcessGroup] = None,
                no_dist: bool = False, metadata: Optional[Metadata] = None) -> None:
     """dcp.load of the checkpoint at `path` into `state`, unpickling nothing but data: every
     checkpoint is loaded through here. CheckpointError naming the file that holds anything else.
@@ -128,7 +144,7 @@ def load_state(path: Path, state: Dict[str, Any], group: Optional[dist.ProcessGr
     if metadata is None:
         metadata = read_dcp_metadata(path)
     try:
-        dcp.load(state, storage_reader=_SafeReader(str(path), metadata), planner=_SafePlanner(Path(path)),
+        dcp.load(state, storage_reader=_reader(path, metadata), planner=_SafePlanner(path),
                  process_group=group, no_dist=no_dist)
     except dcp.CheckpointException as error:  # DCP wraps what each rank raised
         refused = [cause for cause, _ in error.failures.values() if isinstance(cause, CheckpointError)]

@@ -9,7 +9,9 @@ on another number of ranks counts steps of another size, so its step_N can be be
 A checkpoint is written under a hidden temporary name by all ranks, and only after every rank has
 finished does rank 0 add meta.json and publish it under its name. So a crash at any point leaves
 either the previous checkpoints untouched or a new complete one: never a half-written step_* that
-looks complete. The manifest catches what happens to a checkpoint afterwards (a truncated or
+looks complete. An object store (a URL: s3://...) has no rename: there a checkpoint is written
+under its own name and published by its meta.json, written last; a step_* without one is a save
+that never finished, ignored on resume and removed by the next prune. The manifest catches what happens to a checkpoint afterwards (a truncated or
 damaged file): such a checkpoint is skipped, with a warning, for the newest one that is intact.
 Every rank verifies its share of the files, so the check reads a checkpoint once, in parallel.
 
@@ -38,10 +40,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # DCP's writer of URLs
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from app.checkpoint.safe_load import CheckpointError, load_state
-from app.storage import LocalStorage
+from app.storage import LocalStorage, ObjectStorage, Storage, location, storage_at
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _crc32(storage: LocalStorage, name: str) -> int:
+def _crc32(storage: Storage, name: str) -> int:
     crc = 0
     with storage.open(name) as f:
         while chunk := f.read(_CHUNK):
@@ -63,21 +66,21 @@ def _crc32(storage: LocalStorage, name: str) -> int:
     return crc
 
 
-def _crc32s(storage: LocalStorage, names: List[str]) -> List[int]:
+def _crc32s(storage: Storage, names: List[str]) -> List[int]:
     # zlib releases the GIL on large buffers: one thread per file uses every core.
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
         return list(pool.map(lambda name: _crc32(storage, name), names))
 
 
-def manifest(storage: LocalStorage, directory: str) -> Dict[str, List[int]]:
+def manifest(storage: Storage, directory: str) -> Dict[str, List[int]]:
     """{file name: [size, crc32]} of every file of checkpoint `directory` but meta.json."""
     sizes = {name: size for name, size in storage.files(directory).items() if name != META_FILE}
     crcs = _crc32s(storage, [f"{directory}/{name}" for name in sizes])
     return {name: [size, crc] for (name, size), crc in zip(sizes.items(), crcs)}
 
 
-def verify(path: Path, group: Optional[dist.ProcessGroup] = None, storage: Optional[LocalStorage] = None) -> Optional[str]:
-    """None if the checkpoint at `path` (a name in `storage`, or a local path) is complete and
+def verify(path: Any, group: Optional[dist.ProcessGroup] = None, storage: Optional[Storage] = None) -> Optional[str]:
+    """None if the checkpoint at `path` (a name in `storage`, or a local path or URL) is complete and
     intact, else what is wrong with it.
 
     Collective where torch.distributed is initialized (every rank of `group` calls it with the
@@ -85,7 +88,7 @@ def verify(path: Path, group: Optional[dist.ProcessGroup] = None, storage: Optio
     rank reads and checks the CRC-32s of its share of the files, so that a checkpoint is read
     once, in parallel, rather than whole by one rank while the others wait."""
     if storage is None:
-        storage, path = LocalStorage(Path(path).parent), Path(path).name
+        storage, path = storage_at(location(path).parent), location(path).name
     name = str(path)
     rank, ranks = _position(group)
     problem, expected = None, {}
@@ -102,7 +105,7 @@ def verify(path: Path, group: Optional[dist.ProcessGroup] = None, storage: Optio
     return _first_problem(mine, group)
 
 
-def _parse_meta(storage: LocalStorage, name: str) -> Tuple[Optional[str], Dict[str, Any]]:
+def _parse_meta(storage: Storage, name: str) -> Tuple[Optional[str], Dict[str, Any]]:
     """(what is wrong with checkpoint `name`'s meta.json, or None; its contents)."""
     try:
         meta = json.loads(storage.read(f"{name}/{META_FILE}"))
@@ -117,7 +120,7 @@ def _is_manifest_entry(entry: Any) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and all(type(n) is int and n >= 0 for n in entry)
 
 
-def _check_layout(storage: LocalStorage, name: str) -> Tuple[Optional[str], Dict[str, List[int]]]:
+def _check_layout(storage: Storage, name: str) -> Tuple[Optional[str], Dict[str, List[int]]]:
     """(what is wrong with meta.json or the files' presence and sizes, or None; the manifest)."""
     problem, meta = _parse_meta(storage, name)
     if problem is not None:
@@ -154,10 +157,11 @@ def _first_problem(problem: Optional[str], group: Optional[dist.ProcessGroup]) -
     return broadcast_text(problem, group, src=int(first.item()))
 
 
-def read_meta(path: Path) -> Dict[str, Any]:
-    """The meta.json of the checkpoint at `path`; CheckpointError if unreadable or not an object."""
-    path = Path(path)
-    problem, meta = _parse_meta(LocalStorage(path.parent), path.name)
+def read_meta(path: Any) -> Dict[str, Any]:
+    """The meta.json of the checkpoint at `path` (a local path or URL); CheckpointError if
+    unreadable or not an object."""
+    path = location(path)
+    problem, meta = _parse_meta(storage_at(path.parent), path.name)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
     return meta
@@ -169,12 +173,13 @@ def _barrier(group: Optional[dist.ProcessGroup]) -> None:
 
 
 class CheckpointStore:
-    def __init__(self, storage: Union[LocalStorage, str, Path], keep_last: int, rank: int,
+    def __init__(self, storage: Union[Storage, str, Path], keep_last: int, rank: int,
                  process_group: Optional[dist.ProcessGroup] = None, io_threads: int = 4) -> None:
-        """`storage`: where the checkpoints live (a path is a local directory). `process_group`
+        """`storage`: where the checkpoints live (a path is a local directory, a URL an object
+        store's). `process_group`
         carries the checkpoint's own coordination (a gloo group, so that an asynchronous save's
         background thread never shares a group with training)."""
-        self.storage = storage if isinstance(storage, LocalStorage) else LocalStorage(storage)
+        self.storage = storage if isinstance(storage, (LocalStorage, ObjectStorage)) else storage_at(storage)
         self.directory = self.storage.path()
         self.keep_last = keep_last
         self.rank = rank
@@ -223,9 +228,9 @@ class CheckpointStore:
             )
         return None
 
-    def holds(self, path: Path) -> bool:
+    def holds(self, path: Any) -> bool:
         """Whether the checkpoint at `path` is one of this store's."""
-        return Path(path).parent == self.directory
+        return location(path).parent == self.directory
 
     # ---- saving -------------------------------------------------------------------------------
 
@@ -237,9 +242,12 @@ class CheckpointStore:
         next save() or wait() publishes it."""
         meta = {**meta, "samples": samples}
         self.wait()
-        final, staging = step_name(step), f".{step_name(step)}.tmp"
+        final = step_name(step)
+        staging = self.storage.staging_name(final)
         if self.rank == 0:
-            self.storage.delete(staging)  # left by a run that died while saving
+            # Left by a run that died while saving; in an object store, where staging is the final
+            # name, also the same step saved before (a resumed run that had nothing left to do).
+            self.storage.delete(staging)
         _barrier(self.group)
         if asynchronous:
             future = dcp.async_save(state, storage_writer=self._writer(staging), process_group=self.group,
@@ -266,7 +274,11 @@ class CheckpointStore:
 
     def _writer(self, staging: str) -> FileSystemWriter:
         # Several writer threads: one thread leaves most of a disk's bandwidth unused (measured by
-        # scripts/benchmark.py checkpoint). Files are fsynced before the checkpoint is published.
+        # scripts/benchmark.py checkpoint). Files are fsynced before the checkpoint is published;
+        # an object is durable once its upload completes (fsync would sync the local disks instead).
+        if isinstance(self.storage, ObjectStorage):
+            return FsspecWriter(str(self.storage.path(staging)), thread_count=self.io_threads, sync_files=False,
+                                **self.storage.options)
         return FileSystemWriter(str(self.storage.path(staging)), thread_count=self.io_threads, sync_files=True)
 
     def wait(self) -> Optional[Path]:
@@ -294,6 +306,12 @@ class CheckpointStore:
         for old in self._published()[: -self.keep_last]:
             self.storage.delete(old)
             log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old, self.keep_last)
+        # A step directory without meta.json is a save that died before publishing (in an object
+        # store, where saves are written in place); no save is under way while this runs.
+        for name in self.storage.list():
+            if _STEP_DIR.match(name) and META_FILE not in self.storage.files(name):
+                self.storage.delete(name)
+                log.info("removed incomplete checkpoint %s (no %s: its save did not finish)", name, META_FILE)
 
     # ---- loading ------------------------------------------------------------------------------
 
@@ -322,19 +340,20 @@ def broadcast_text(text: Optional[str], group: Optional[dist.ProcessGroup] = Non
     return bytes(buffer.tolist()).decode()
 
 
-def find_checkpoint(path: Path, group: Optional[dist.ProcessGroup] = None) -> Path:
-    """The newest intact checkpoint that `path` names: a step_N directory itself, or a run
-    directory or its checkpoints/ directory. CheckpointError when there is none. Collective,
-    like verify(): rank 0 decides what `path` is, so every rank takes the same branch."""
-    path = Path(path)
+def find_checkpoint(path: Any, group: Optional[dist.ProcessGroup] = None) -> Any:
+    """The newest intact checkpoint that `path` (a local path or URL) names: a step_N directory
+    itself, or a run directory or its checkpoints/ directory. CheckpointError when there is none.
+    Collective, like verify(): rank 0 decides what `path` is, so every rank takes the same branch."""
+    path = location(path)
     rank, _ = _position(group)
     kind = None
     if rank == 0:
+        parent = storage_at(path.parent)
         if _STEP_DIR.match(path.name):
-            kind = "step" if path.is_dir() else f"checkpoint {path} is not usable: no such directory."
-        elif (path / "checkpoints").is_dir():
+            kind = "step" if parent.is_dir(path.name) else f"checkpoint {path} is not usable: no such directory."
+        elif parent.is_dir(f"{path.name}/checkpoints"):
             kind = "run"
-        elif path.is_dir():
+        elif parent.is_dir(path.name):
             kind = "checkpoints"
         else:
             kind = f"{path}: no such directory; expected a run directory, its checkpoints/ or a step_N."

@@ -64,6 +64,11 @@ class Config:
             f"run_name={self.run_name!r} must be a non-empty name without '/'.",
         )
         _require(
+            "://" not in self.output_root,
+            f"output_root={self.output_root!r}: must be a local directory (Hydra writes the run's config, logs, "
+            "metrics and TensorBoard files there); put checkpoints in an object store with checkpoint.dir=<URL>.",
+        )
+        _require(
             self.model.dense_arch_layer_sizes[-1] == self.features.embedding_dim,
             f"model.dense_arch_layer_sizes must end in features.embedding_dim={self.features.embedding_dim} "
             f"(the dense vector joins the embeddings), got {list(self.model.dense_arch_layer_sizes)}.",

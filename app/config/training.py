@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+from app.config.data import check_location
 from app.config.fields import _require, _require_choice, doc
 
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
@@ -104,6 +105,9 @@ class OptimConfig:
 class CheckpointConfig:
     every_n_steps: int = doc(500, "Save a checkpoint every this many steps, and always at the end (0: only at the "
                                   "end).")
+    dir: Optional[str] = doc(None, "The run's checkpoints directory (null: <output_root>/<run_name>/checkpoints): "
+                                   "a local directory or an object-store URL, e.g. s3://bucket/runs/${run_name} "
+                                   "(credentials and endpoint from the environment, as for data URLs).")
     keep_last: int = doc(2, "How many of the newest checkpoints are kept: older ones are deleted.")
     resume: bool = doc(True, "Resume from the newest intact checkpoint of this run when there is one.")
     async_save: bool = doc(False, "Write checkpoints in the background while training goes on (the state is copied "
@@ -117,6 +121,9 @@ class CheckpointConfig:
         _require(self.every_n_steps >= 0, f"checkpoint.every_n_steps must be >= 0, got {self.every_n_steps}.")
         _require(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}.")
         _require_choice("checkpoint.load_mode", self.load_mode, ("all", "model"))
+        for key in ("dir", "load_from"):
+            if getattr(self, key):
+                check_location(f"checkpoint.{key}", getattr(self, key))
 
 
 @dataclass
