@@ -42,7 +42,8 @@ def positive_int(text: str) -> int:
 def parse_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="an export directory from scripts/export.py")
-    parser.add_argument("--data", required=True, help="Parquet input: a directory, a file, or a glob")
+    parser.add_argument("--data", required=True, help="Parquet input: a directory, a file, or a glob; local or "
+                                                      "a URL (s3://bucket/prefix/, credentials from AWS_* / ~/.aws)")
     parser.add_argument("--out", required=True, help="the Parquet file to write (replaced when it exists)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="rows per forward pass (default: data.eval_batch_size of the training config)")
@@ -52,7 +53,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 def predict(args: argparse.Namespace) -> dict:
     """Writes args.out; returns {"rows", "labeled"} and, with labels, the metrics."""
     model, config = load_exported(Path(args.model))
-    files = resolve_files(args.data)
+    files = resolve_files(args.data, key="--data")
     labeled = check_inputs(files, FeatureSchema.from_config(config.features))
     schema = pa.schema([("prediction", pa.float32())] + ([("label", pa.float32())] if labeled else []))
     batches = score_files(model, config, files, args.batch_size or config.data.eval_batch_size, labeled)

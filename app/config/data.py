@@ -4,11 +4,30 @@ batched (data), and the embedded synthetic dataset (data.synthetic)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from app.config.fields import _require, _require_choice, doc, doc_factory
 
 POOLINGS = ("sum", "mean")
+
+
+def check_location(key: str, value: str) -> None:
+    """A local path, or a URL whose scheme has an fsspec filesystem installed: a ConfigError naming
+    `key` now, rather than one deep in the job after seconds of set-up. (Credentials and buckets
+    can only be checked by using them: the job does, before its first step.)"""
+    if "://" not in value or value.startswith("file://"):
+        return
+    import fsspec  # a light import; the config stays free of app imports
+
+    scheme = value.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as error:
+        _require(False, f"{key}={value!r}: {scheme}:// needs a filesystem package that is not installed "
+                        f"({' '.join(str(error).split())}).")
+    except ValueError:
+        _require(False, f"{key}={value!r}: unknown URL scheme {scheme!r}; expected a local path or an "
+                        "s3://, gs://, hdfs:// or file:// URL.")
 
 
 @dataclass
@@ -102,9 +121,15 @@ class DataConfig:
     source: str = doc("synthetic", "synthetic: generate (once) and use the planted dataset under "
                                    "data.synthetic.root; parquet: read data.train_path and data.val_path.")
     train_path: str = doc("", "Training data for data.source=parquet: a directory of .parquet files, one file, "
-                              "or a glob.")
+                              "or a glob; local, or an object-store URL (s3://bucket/prefix/, gs://, hdfs://, "
+                              "file://).")
     val_path: str = doc("", "Validation data for data.source=parquet: a directory of .parquet files, one file, "
-                            "or a glob.")
+                            "or a glob; local or a URL, as data.train_path.")
+    storage_options: Dict[str, Any] = doc({}, "Options of the object store that data URLs are read from, passed "
+                                              "to its fsspec filesystem (s3fs for s3://: endpoint_url, key, "
+                                              "secret, anon, client_kwargs...); they override what the "
+                                              "environment says (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                                              "AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, ~/.aws).")
     batch_size: int = doc(512, "Training rows per step on each rank.")
     eval_batch_size: int = doc(2048, "Evaluation rows per batch on each rank.")
     shuffle: bool = doc(True, "Change the training order every epoch (by data.seed and the epoch): row groups are "
@@ -129,6 +154,8 @@ class DataConfig:
         if self.source == "parquet":
             _require(bool(self.train_path), "data.train_path must be set when data.source=parquet.")
             _require(bool(self.val_path), "data.val_path must be set when data.source=parquet.")
+            for key in ("train_path", "val_path"):
+                check_location(f"data.{key}", getattr(self, key))
         _require(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}.")
         _require(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}.")
         _require(self.prefetch_windows >= 0, f"data.prefetch_windows must be >= 0, got {self.prefetch_windows}.")

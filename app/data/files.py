@@ -1,12 +1,15 @@
 """A split's Parquet files: found (resolve_files), checked from their footers (check_files) and
 their first row group (check_first_row_group) before training starts, and one row group read and
-decoded (read_row_group), as the readers in app/data/parquet.py read every row group."""
+decoded (read_row_group), as the readers in app/data/parquet.py read every row group.
+
+A split is local (path, glob, file:// URL) or in an object store (s3://, gs://, hdfs://: read
+through fsspec, with data.storage_options); `storage_options` below are those options."""
 
 from __future__ import annotations
 
 import glob
 import os
-from typing import Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,10 +17,35 @@ import pyarrow.parquet as pq
 from app.data import DataError
 from app.data.batch import InputPolicy, Rows, decode
 from app.features import FeatureSchema
+from app.storage import describe_failure, filesystem, is_url, local_path
+
+StorageOptions = Optional[Dict[str, Any]]
 
 
-def resolve_files(path: str) -> List[str]:
-    """A directory (every *.parquet below it), one file, or a glob -> sorted file list."""
+def open_parquet(path: str, storage_options: StorageOptions = None) -> pq.ParquetFile:
+    """A local file memory-mapped; an object-store file through fsspec, with each row group's
+    column chunks fetched together (pre_buffer: a few large ranged reads, not one per page)."""
+    if is_url(path):
+        fs, key = filesystem(path, storage_options)
+        return pq.ParquetFile(fs.open(key, "rb"), pre_buffer=True)
+    return pq.ParquetFile(local_path(path), memory_map=True)
+
+
+def read_metadata(path: str, storage_options: StorageOptions = None) -> pq.FileMetaData:
+    """A Parquet file's footer: row groups, rows, schema (for an object store, a ranged read or two)."""
+    if is_url(path):
+        fs, key = filesystem(path, storage_options)
+        with fs.open(key, "rb") as f:
+            return pq.read_metadata(f)
+    return pq.read_metadata(local_path(path))
+
+
+def resolve_files(path: str, storage_options: StorageOptions = None, key: str = "the data path") -> List[str]:
+    """A directory (every *.parquet below it), one file, or a glob -> sorted file list; local, or
+    an object-store URL (the files then are URLs too). `key`: the config key, named by errors."""
+    if is_url(path):
+        return _resolve_urls(path, storage_options, key)
+    path = str(local_path(path))
     if os.path.isdir(path):
         files = glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)
     elif os.path.isfile(path):
@@ -25,8 +53,26 @@ def resolve_files(path: str) -> List[str]:
     else:
         files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
     if not files:
-        raise DataError(f"no Parquet files at {path!r}: expected a directory of .parquet files, a file, or a glob.")
+        raise DataError(f"{key}: no Parquet files at {path!r}: expected a directory of .parquet files, a file, "
+                        "or a glob.")
     return sorted(files)
+
+
+def _resolve_urls(url: str, storage_options: StorageOptions, key: str) -> List[str]:
+    fs, root = filesystem(url, storage_options, key)
+    root = root.rstrip("/")
+    try:
+        if fs.isdir(root):
+            found = [name for name in fs.find(root) if name.endswith(".parquet")]
+        else:
+            found = [name for name, info in fs.glob(root, detail=True).items() if info["type"] == "file"]
+    except Exception as error:  # no credentials, no permission: botocore's errors are not OSErrors
+        raise DataError(f"{key}={url!r}: cannot list it ({describe_failure(error)}); check the bucket, the "
+                        "credentials and the endpoint (AWS_* variables, ~/.aws, data.storage_options).") from error
+    if not found:
+        raise DataError(f"{key}: no Parquet files at {url!r} (does the bucket exist?): expected a prefix holding "
+                        ".parquet files, a file, or a glob.")
+    return sorted(fs.unstrip_protocol(name) for name in found)
 
 
 def _is_number(arrow_type: pa.DataType) -> bool:
@@ -44,7 +90,7 @@ def _expected_kind(schema: FeatureSchema, name: str) -> str:
         "int64 (one id per row) or list<int64> (multi-hot)"
 
 
-def check_files(files: Sequence[str], schema: FeatureSchema) -> None:
+def check_files(files: Sequence[str], schema: FeatureSchema, storage_options: StorageOptions = None) -> None:
     """Check columns, types and row counts from the footers alone (cheap), before training starts:
     a missing column, a column of the wrong type, a file with no rows, or files that disagree on a
     column's type. Each error names the file and the column."""
@@ -53,7 +99,7 @@ def check_files(files: Sequence[str], schema: FeatureSchema) -> None:
     first_types: Dict[str, pa.DataType] = {}
     for path in files:
         try:
-            metadata = pq.read_metadata(path)
+            metadata = read_metadata(path, storage_options)
             arrow_schema = metadata.schema.to_arrow_schema()
         except Exception as error:  # pyarrow raises several types for a damaged file
             raise DataError(f"{path}: not a readable Parquet file ({error}).") from error
@@ -84,7 +130,7 @@ _READ_ERRORS = (OSError, pa.ArrowException)
 
 
 def read_row_group(path: str, index: int, schema: FeatureSchema, policy: InputPolicy,
-                   open_file: Callable[[str], pq.ParquetFile] = pq.ParquetFile) -> Rows:
+                   open_file: Callable[[str], pq.ParquetFile] = open_parquet) -> Rows:
     """Row group `index` of `path`, read and decoded; a damaged page is a DataError naming the row
     group, as a bad value is. One thread: the reader already runs beside training, which needs the
     other cores. `open_file` may hand out files kept open (the readers keep a few)."""
@@ -99,14 +145,15 @@ def read_row_group(path: str, index: int, schema: FeatureSchema, policy: InputPo
     return decode(table, schema, source, policy)
 
 
-def check_first_row_group(files: Sequence[str], schema: FeatureSchema, policy: InputPolicy = InputPolicy()) -> None:
+def check_first_row_group(files: Sequence[str], schema: FeatureSchema, policy: InputPolicy = InputPolicy(),
+                          storage_options: StorageOptions = None) -> None:
     """Read and decode a split's first row group as the loader will, before the first step: values
     the loader would refuse there (or a page it cannot read) stop the job now, not at the first
     evaluation after training. One row group on one thread, so it is cheap; the others are checked
     as they are read. Call it after check_files, which has checked the footers."""
     for path in files:
-        metadata = pq.read_metadata(path)
-        for index in range(metadata.num_row_groups):
-            if metadata.row_group(index).num_rows:
-                read_row_group(path, index, schema, policy)
+        parquet = open_parquet(path, storage_options)
+        for index in range(parquet.metadata.num_row_groups):
+            if parquet.metadata.row_group(index).num_rows:
+                read_row_group(path, index, schema, policy, lambda _: parquet)
                 return

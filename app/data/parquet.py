@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 from torchrec.datasets.utils import Batch
@@ -65,7 +65,8 @@ class _Reader:
     """What both readers share: the plan, and one pass's batches read through the worker process."""
 
     def __init__(self, plan: RowGroupPlan, files: Sequence[str], schema: FeatureSchema, batch_size: int,
-                 rank: int, prefetch_windows: int, policy: InputPolicy, pin_memory: bool) -> None:
+                 rank: int, prefetch_windows: int, policy: InputPolicy, pin_memory: bool,
+                 storage_options: Optional[Dict[str, Any]]) -> None:
         self.plan = plan
         self.files = list(files)
         self.schema = schema
@@ -74,12 +75,13 @@ class _Reader:
         self.prefetch_windows = prefetch_windows  # 0: read in this process, between steps
         self.policy = policy
         self.pin_memory = pin_memory  # batches in page-locked memory (see Rows.to_batch): for a CUDA device
+        self.storage_options = storage_options  # of files in an object store (data.storage_options)
 
     def _pass(self, epoch: int, skip_batches: int, count: int) -> Iterator[Rows]:
         """This rank's rows of `epoch` as batches (see _cut), from batch `skip_batches` on. An error
         is re-raised as rank-specific: the other ranks read other row groups, and do not see it."""
         source = WindowSource(self.plan.windows(epoch, self.rank), self.schema, self.policy,
-                               skip_rows=skip_batches * self.batch_size)
+                               skip_rows=skip_batches * self.batch_size, storage_options=self.storage_options)
         windows = prefetched(source, self.prefetch_windows) if self.prefetch_windows > 0 else source.rows()
         try:
             yield from _cut(windows, self.batch_size, count - skip_batches)
@@ -98,9 +100,12 @@ class TrainingBatches(_Reader):
 
     def __init__(self, files: Sequence[str], schema: FeatureSchema, batch_size: int, rank: int, world_size: int,
                  *, shuffle: bool = False, seed: int = 0, shuffle_window: int = 4, prefetch_windows: int = 2,
-                 policy: InputPolicy = InputPolicy(), pin_memory: bool = False) -> None:
-        plan = RowGroupPlan.from_files(files, world_size, shuffle=shuffle, seed=seed, shuffle_window=shuffle_window)
-        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, policy, pin_memory)
+                 policy: InputPolicy = InputPolicy(), pin_memory: bool = False,
+                 storage_options: Optional[Dict[str, Any]] = None) -> None:
+        plan = RowGroupPlan.from_files(files, world_size, shuffle=shuffle, seed=seed, shuffle_window=shuffle_window,
+                                       storage_options=storage_options)
+        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, policy, pin_memory,
+                         storage_options)
         self._length = plan.training_batches(batch_size)
         self._epoch = 0
         self._start = 0  # batches to skip at the next __iter__ (resume)
@@ -140,9 +145,11 @@ class EvaluationBatches(_Reader):
     `pin_memory`: as TrainingBatches'."""
 
     def __init__(self, files: Sequence[str], schema: FeatureSchema, batch_size: int, rank: int, world_size: int,
-                 *, prefetch_windows: int = 2, policy: InputPolicy = InputPolicy(), pin_memory: bool = False) -> None:
-        plan = RowGroupPlan.from_files(files, world_size)
-        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, policy, pin_memory)
+                 *, prefetch_windows: int = 2, policy: InputPolicy = InputPolicy(), pin_memory: bool = False,
+                 storage_options: Optional[Dict[str, Any]] = None) -> None:
+        plan = RowGroupPlan.from_files(files, world_size, storage_options=storage_options)
+        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, policy, pin_memory,
+                         storage_options)
         self._length = plan.evaluation_batches(batch_size)
 
     def __len__(self) -> int:

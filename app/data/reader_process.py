@@ -24,7 +24,7 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -32,18 +32,21 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from app.data import DataError
 from app.data.batch import InputPolicy, Rows
-from app.data.files import read_row_group
+from app.data.files import open_parquet, read_row_group
 from app.data.row_groups import RowGroup, Window
 from app.features import FeatureSchema
 
 
 class WindowSource(IterableDataset):
     """One rank's windows of one pass, read, decoded and shuffled, from row `skip_rows` on. It is
-    sent to the worker process, so it holds only what pickles: files are opened where they are read,
-    memory-mapped, and a few kept open for the next row group (reopening re-reads the footer)."""
+    sent to the worker process, so it holds only what pickles: files are opened where they are read
+    (memory-mapped, or through fsspec from an object store with `storage_options`), and a few kept
+    open for the next row group (reopening re-reads the footer)."""
 
-    def __init__(self, windows: List[Window], schema: FeatureSchema, policy: InputPolicy, skip_rows: int) -> None:
+    def __init__(self, windows: List[Window], schema: FeatureSchema, policy: InputPolicy, skip_rows: int,
+                 storage_options: Optional[Dict[str, Any]] = None) -> None:
         self.windows, self.schema, self.policy, self.skip_rows = windows, schema, policy, skip_rows
+        self.storage_options = storage_options
         self._open_files: "OrderedDict[str, pq.ParquetFile]" = OrderedDict()
 
     def __getstate__(self) -> dict:
@@ -79,7 +82,7 @@ class WindowSource(IterableDataset):
         if path in self._open_files:
             self._open_files.move_to_end(path)
         else:
-            self._open_files[path] = pq.ParquetFile(path, memory_map=True)
+            self._open_files[path] = open_parquet(path, self.storage_options)
             while len(self._open_files) > 8:
                 self._open_files.popitem(last=False)
         return self._open_files[path]

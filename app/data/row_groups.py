@@ -10,10 +10,11 @@ waiting forever in the next all-to-all. So a training epoch is as long as the sh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import pyarrow.parquet as pq
+
+from app.data.files import read_metadata
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,12 @@ class RowGroup:
     position: int  # in the unshuffled global list; seeds the row shuffle of the window it starts
 
 
-def read_row_groups(files: Sequence[str]) -> List[RowGroup]:
-    """The row groups of `files` that hold rows, in file order, from the footers alone."""
+def read_row_groups(files: Sequence[str], storage_options: Optional[Dict[str, Any]] = None) -> List[RowGroup]:
+    """The row groups of `files` that hold rows, in file order, from the footers alone (local
+    files or object-store URLs: see app/data/files.py)."""
     groups: List[RowGroup] = []
     for path in files:
-        metadata = pq.read_metadata(path)
+        metadata = read_metadata(path, storage_options)
         for index in range(metadata.num_row_groups):
             rows = metadata.row_group(index).num_rows
             if rows:
@@ -54,8 +56,8 @@ class RowGroupPlan:
 
     @classmethod
     def from_files(cls, files: Sequence[str], world_size: int, *, shuffle: bool = False, seed: int = 0,
-                   shuffle_window: int = 4) -> "RowGroupPlan":
-        return cls(tuple(read_row_groups(files)), world_size, shuffle, seed, shuffle_window)
+                   shuffle_window: int = 4, storage_options: Optional[Dict[str, Any]] = None) -> "RowGroupPlan":
+        return cls(tuple(read_row_groups(files, storage_options)), world_size, shuffle, seed, shuffle_window)
 
     def assignment(self, epoch: int, rank: int) -> List[RowGroup]:
         """`rank`'s row groups of `epoch`, in reading order."""
