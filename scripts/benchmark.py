@@ -5,6 +5,9 @@
     python scripts/benchmark.py train experiment=bench_reference_dcn  # the same with DCNv2
     python scripts/benchmark.py data train            # both, and the loader/training ratio
     python scripts/benchmark.py checkpoint            # save/load GB/s of a 1 GB model vs the disk; async stall
+    python scripts/benchmark.py checkpoint --checkpoint-dir s3://my-bucket/bench   # the same into an object store
+    python scripts/benchmark.py data data.source=parquet data.train_path=s3://my-bucket/train/ \
+        data.val_path=s3://my-bucket/val/                                          # rows/s read from an object store
     python scripts/benchmark.py train --steps 20 --warmup 5 --rounds 1 --no-processes experiment=tiny
 
 The train benchmark times, on the same in-memory batches and in alternating rounds: the
@@ -23,7 +26,6 @@ import argparse
 import copy
 import dataclasses
 import itertools
-import shutil
 import statistics
 import subprocess
 import time
@@ -48,9 +50,17 @@ from app.trainer import StepPipeline
 
 def bench_data(loader: TrainingBatches, max_batches: int) -> Dict[str, float]:
     """Decode on the calling thread only (no reader process, one torch thread): rows per second
-    of wall time and per CPU-second, i.e. per core."""
-    loader.prefetch_windows = 0
+    of wall time and per CPU-second, i.e. per core; then rows/s as training gets them, from the
+    reader process reading data.prefetch_windows windows ahead (what hides an object store's latency)."""
     max_batches = max_batches or len(loader)
+    ahead = loader.prefetch_windows
+    if ahead > 0:
+        with closing(iter(loader)) as batches:
+            next(batches)  # the reader process started and the first window read: not timed
+            wall = time.perf_counter()
+            rows = sum(batch.labels.numel() for batch in itertools.islice(batches, max_batches - 1))
+            read_ahead = rows / (time.perf_counter() - wall)
+    loader.prefetch_windows = 0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -59,7 +69,10 @@ def bench_data(loader: TrainingBatches, max_batches: int) -> Dict[str, float]:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
         torch.set_num_threads(threads)
-    return {"rows": rows, "rows_per_s": rows / wall, "rows_per_cpu_s": rows / cpu}
+    figures = {"rows": rows, "rows_per_s": rows / wall, "rows_per_cpu_s": rows / cpu}
+    if ahead > 0:
+        figures["read_ahead_rows_per_s"], figures["prefetch_windows"] = read_ahead, ahead
+    return figures
 
 
 def _in_memory_batches(config: Config, schema: FeatureSchema, env: distributed.DistEnv, count: int) -> List:
@@ -179,11 +192,13 @@ def _disk_write_speed(directory: Path, gigabytes: float) -> float:
     return count * 16 / 1024 / seconds
 
 
-def bench_checkpoint(config: Config, directory: Path, gigabytes: float, repeats: int) -> Dict[str, float]:
+def bench_checkpoint(config: Config, directory: str, gigabytes: float, repeats: int) -> Dict[str, float]:
     """Save (DCP, fsynced, with the CRC manifest) and load times of a model of `gigabytes` of
     tables, against dd's raw write speed to the same directory; and how long an asynchronous save
-    stalls the caller (copying the state) before writing in the background."""
+    stalls the caller (copying the state) before writing in the background. `directory` may be an
+    object-store URL (s3://...): then there is no dd figure."""
     from app.checkpoint import CheckpointStore, manifest
+    from app.storage import is_url, storage_at
 
     features = copy.deepcopy(config.features)
     row_bytes = features.embedding_dim * 4
@@ -196,13 +211,16 @@ def bench_checkpoint(config: Config, directory: Path, gigabytes: float, repeats:
     model = build_sharded_model(config, schema, env, run_dir=None)
     optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=1)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    directory.mkdir(parents=True, exist_ok=True)
+    remote = is_url(directory)
+    storage = storage_at(f"{directory.rstrip('/')}/checkpoints", key="--checkpoint-dir")
+    results: Dict[str, float] = {}
+    if not remote:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        results["disk_gb_per_s"] = _disk_write_speed(Path(directory), gigabytes)
     # Its own gloo group, as app/job.py gives it: an asynchronous save coordinates from a thread,
     # which NCCL (the default group on GPUs) does not allow.
-    manager = CheckpointStore(directory / "checkpoints", keep_last=1, rank=0,
-                              process_group=distributed.new_gloo_group())
+    manager = CheckpointStore(storage, keep_last=1, rank=0, process_group=distributed.new_gloo_group())
     synchronize = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-    results: Dict[str, float] = {"disk_gb_per_s": _disk_write_speed(directory, gigabytes)}
 
     # One save varies by 2x here (disk and page cache state): the first, and the median of the
     # later ones (what a long run sees), are both reported.
@@ -218,7 +236,7 @@ def bench_checkpoint(config: Config, directory: Path, gigabytes: float, repeats:
         load_s.append(time.perf_counter() - start)
     results["first_save_s"], results["save_s"] = save_s[0], statistics.median(save_s[1:] or save_s)
     results["load_s"] = statistics.median(load_s)
-    results["size_gb"] = sum(f.stat().st_size for f in path.iterdir()) / 2**30
+    results["size_gb"] = sum(storage.files(path.name).values()) / 2**30
     start = time.perf_counter()
     manifest(manager.storage, path.name)
     results["manifest_s"] = time.perf_counter() - start
@@ -231,7 +249,7 @@ def bench_checkpoint(config: Config, directory: Path, gigabytes: float, repeats:
     manager.wait()
     results["async_total_s"] = time.perf_counter() - start
     distributed.shutdown()
-    shutil.rmtree(directory / "checkpoints")
+    storage.delete("")
     return results
 
 
@@ -262,9 +280,10 @@ def main() -> None:
     schema = FeatureSchema.from_config(config.features)
     results = {}
     if "checkpoint" in names:
-        bench = bench_checkpoint(config, Path(args.checkpoint_dir), args.checkpoint_gb, args.checkpoint_repeats)
+        bench = bench_checkpoint(config, args.checkpoint_dir, args.checkpoint_gb, args.checkpoint_repeats)
         size = bench["size_gb"]
-        print(f"checkpoint: {size:.2f} GB in {args.checkpoint_dir}; disk (dd, O_DIRECT) {bench['disk_gb_per_s']:.2f} GB/s")
+        disk = f"disk (dd, O_DIRECT) {bench['disk_gb_per_s']:.2f} GB/s" if "disk_gb_per_s" in bench else "an object store"
+        print(f"checkpoint: {size:.2f} GB in {args.checkpoint_dir}; {disk}")
         print(f"  save (median of {args.checkpoint_repeats - 1 or 1} after the first) {bench['save_s']:.2f} s = "
               f"{size / bench['save_s']:.2f} GB/s; first save {bench['first_save_s']:.2f} s = "
               f"{size / bench['first_save_s']:.2f} GB/s; CRC manifest {bench['manifest_s']:.2f} s of each")
@@ -280,8 +299,11 @@ def main() -> None:
     if "data" in names:
         loader, _ = build_loaders(config.data, schema, env, train_files, val_files)
         results["data"] = data = bench_data(loader, args.data_batches)
-        print(f"data:  {data['rows']:,} rows decoded at {data['rows_per_s']:,.0f} rows/s on one thread "
-              f"({data['rows_per_cpu_s']:,.0f} rows per CPU-second)")
+        print(f"data:  {data['rows']:,} rows from {config.data.train_path or 'the synthetic dataset'} decoded at "
+              f"{data['rows_per_s']:,.0f} rows/s on one thread ({data['rows_per_cpu_s']:,.0f} rows per CPU-second)")
+        if "read_ahead_rows_per_s" in data:
+            print(f"       {data['read_ahead_rows_per_s']:,.0f} rows/s from the reader process "
+                  f"({data['prefetch_windows']} windows ahead)")
     if "train" in names:
         results["train"] = train = bench_train(config, schema, args.steps, args.warmup, args.rounds,
                                                processes=args.processes)
