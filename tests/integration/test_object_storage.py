@@ -149,7 +149,8 @@ def test_a_damaged_object_in_the_newest_checkpoint_falls_back_to_the_one_before(
 def test_unusable_urls_are_refused_naming_the_key(s3_data, tmp_path, overrides, expected):
     train, val = s3_data
     args = tiny(tmp_path, "data.source=parquet", f"data.train_path={train}", f"data.val_path={val}", *overrides)
-    result = run_command([sys.executable, "-m", "app.train", *args], cwd=REPO)
+    # In tmp_path: Hydra makes the run directory (here a local "s3:/..." one) before the config is checked.
+    result = run_command([sys.executable, "-m", "app.train", *args], cwd=tmp_path)
     assert result.returncode == 2 and expected in result.stderr, result.stderr[-3000:]
 
 
