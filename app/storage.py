@@ -193,6 +193,9 @@ def describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"[:400]
 
 
+META_FILE_NAME = "meta.json"  # a checkpoint's manifest, written last (app/checkpoint/store.py)
+
+
 class ObjectStorage:
     """Objects under the URL `root`, with LocalStorage's methods. There is no rename: a checkpoint
     is written in place and published by its manifest, written last (see staging_name)."""
@@ -257,9 +260,18 @@ class ObjectStorage:
                 sorted(self._entries(name), key=lambda e: e["name"]) if entry["type"] == "file"}
 
     def publish(self, staging: str, final: str) -> None:
-        """Nothing to move: the checkpoint was written under its final name (see staging_name)."""
-        if staging != final:
-            raise ValueError(f"object stores publish in place, got {staging!r} -> {final!r}")
+        """Nothing to move where the checkpoint was written under its final name (see
+        staging_name). A checkpoint written under another name, so as not to overwrite a published
+        one of the same name, is copied over it: the old one is unpublished (its meta.json deleted
+        first) and removed, the new one's objects copied with meta.json last."""
+        if staging == final:
+            return
+        self.delete(f"{final}/{META_FILE_NAME}")
+        self.delete(final)
+        names = sorted(self.files(staging), key=lambda name: name == META_FILE_NAME)
+        for name in names:
+            self.fs.copy(self._key(f"{staging}/{name}"), self._key(f"{final}/{name}"))
+        self.delete(staging)
 
     def delete(self, name: str) -> None:
         key = self._key(name)

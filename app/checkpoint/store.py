@@ -44,12 +44,12 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # DCP'
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from app.checkpoint.safe_load import CheckpointError, load_state
-from app.storage import LocalStorage, ObjectStorage, Storage, location, storage_at
+from app.storage import META_FILE_NAME, LocalStorage, ObjectStorage, Storage, location, storage_at
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-META_FILE = "meta.json"
+META_FILE = META_FILE_NAME  # the manifest: what publishes a checkpoint
 LATEST_FILE = "latest"
 _CHUNK = 8 << 20
 
@@ -172,6 +172,31 @@ def _barrier(group: Optional[dist.ProcessGroup]) -> None:
         dist.barrier(group=group)
 
 
+class _CheckedWrites:
+    """DCP's file writers write a rank's shards from several threads, and a thread that fails (a
+    full disk, a refused upload, an object that cannot be serialised) only prints its traceback:
+    the save returns as if complete, and would be published without that thread's files. Here a
+    save whose results do not cover every item of the rank's plan fails instead."""
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        written = {result.index for result in future.wait()}
+        missing = [item.index.fqn for item in plan.items if item.index not in written]
+        if missing:
+            raise OSError(f"{len(missing)} of the {len(plan.items)} items of this rank's checkpoint files were not "
+                          f"written ({', '.join(sorted(set(missing))[:3])}...): a writer thread failed, see its "
+                          "traceback above")
+        return future
+
+
+class _FileWriter(_CheckedWrites, FileSystemWriter):
+    pass
+
+
+class _ObjectWriter(_CheckedWrites, FsspecWriter):
+    pass
+
+
 class CheckpointStore:
     def __init__(self, storage: Union[Storage, str, Path], keep_last: int, rank: int,
                  process_group: Optional[dist.ProcessGroup] = None, io_threads: int = 4) -> None:
@@ -244,6 +269,10 @@ class CheckpointStore:
         self.wait()
         final = step_name(step)
         staging = self.storage.staging_name(final)
+        if staging == final and self._published_here(final):
+            # Written in place, this save would destroy a published checkpoint of the same name (a
+            # run resumed on fewer ranks counts steps of another size) before it is complete.
+            staging = f".{final}.tmp"
         if self.rank == 0:
             # Left by a run that died while saving; in an object store, where staging is the final
             # name, also the same step saved before (a resumed run that had nothing left to do).
@@ -257,6 +286,11 @@ class CheckpointStore:
         dcp.save(state, storage_writer=self._writer(staging), process_group=self.group)
         self._publish(step, staging, final, meta)
         return self.storage.path(final)
+
+    def _published_here(self, name: str) -> bool:
+        """Collective: whether checkpoint `name` is published, as rank 0 finds it."""
+        found = str(META_FILE in self.storage.files(name)) if self.rank == 0 else None
+        return broadcast_text(found, self.group) == "True"
 
     def _stager(self) -> BlockingAsyncStager:
         """DCP's staging of an asynchronous save, in async_save itself: a copy of the state in host
@@ -277,9 +311,9 @@ class CheckpointStore:
         # scripts/benchmark.py checkpoint). Files are fsynced before the checkpoint is published;
         # an object is durable once its upload completes (fsync would sync the local disks instead).
         if isinstance(self.storage, ObjectStorage):
-            return FsspecWriter(str(self.storage.path(staging)), thread_count=self.io_threads, sync_files=False,
-                                **self.storage.options)
-        return FileSystemWriter(str(self.storage.path(staging)), thread_count=self.io_threads, sync_files=True)
+            return _ObjectWriter(str(self.storage.path(staging)), thread_count=self.io_threads, sync_files=False,
+                                 **self.storage.options)
+        return _FileWriter(str(self.storage.path(staging)), thread_count=self.io_threads, sync_files=True)
 
     def wait(self) -> Optional[Path]:
         """Collective: finish and publish the pending asynchronous save, if any."""

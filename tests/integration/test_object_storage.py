@@ -162,3 +162,28 @@ def test_missing_credentials_are_refused_naming_the_key(s3_data, tmp_path, monke
     result = run_command([sys.executable, "-m", "app.train", *args], cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"data.train_path={train!r}: cannot list it (NoCredentialsError" in result.stderr, result.stderr[-3000:]
+
+
+def test_a_save_that_fails_leaves_a_published_checkpoint_of_the_same_name_intact(s3_endpoint):
+    """A run resumed on fewer ranks counts steps of another size, so it can save a step whose name
+    a published checkpoint has. In a bucket, where saves are written in place, that save must not
+    touch the published one before it is complete: here it fails half-way (an object it cannot
+    serialise), and the old checkpoint is still there, intact."""
+    import torch
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from app.checkpoint import CheckpointStore, verify
+
+    url = f"s3://{BUCKET}/runs/same-name"
+    store = CheckpointStore(url, keep_last=2, rank=0)
+    store.save(5, {"model": {"w": torch.full((256,), 1.0)}}, {}, samples=100)
+    with pytest.raises(CheckpointException):
+        store.save(5, {"model": {"w": torch.full((256,), 2.0)}, "extra": lambda: None}, {}, samples=50)
+    assert verify(f"{url}/step_00000005") is None
+    loaded = {"model": {"w": torch.zeros(256)}}
+    store.load(store.latest(), loaded)
+    assert loaded["model"]["w"].unique().tolist() == [1.0]
+    store.save(5, {"model": {"w": torch.full((256,), 3.0)}}, {}, samples=50)  # a save that completes replaces it
+    store.load(store.latest(), loaded)
+    assert loaded["model"]["w"].unique().tolist() == [3.0] and verify(f"{url}/step_00000005") is None
+    assert step_dirs(s3(), url) == {"step_00000005": True}

@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 import pytest
 
@@ -58,6 +59,21 @@ def test_half_written_checkpoints_are_never_picked(tmp_path, single_process_grou
     manager.save(4, state(4.0), {})
     (tmp_path / LATEST_FILE).write_text("step_00000001")
     assert manager.latest().name == "step_00000004"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_save_whose_writer_thread_fails_is_not_published(tmp_path, single_process_group, asynchronous):
+    """DCP's writer threads only print their errors; a save missing a thread's files must fail,
+    not be published looking complete (here the failure is an object that cannot be serialised;
+    a full disk fails the same way)."""
+    manager = CheckpointStore(tmp_path, keep_last=3, rank=0)
+    manager.save(5, state(1.0), {})
+    unwritable = {**state(2.0), "extra": lambda: None}
+    with pytest.raises(CheckpointException):
+        manager.save(10, unwritable, {}, asynchronous=asynchronous)
+        manager.wait()
+    assert manager.latest().name == "step_00000005" and verify(manager.latest()) is None
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_00000005"]
 
 
 def test_saving_a_step_again_replaces_it(tmp_path, single_process_group):
