@@ -26,8 +26,10 @@ import argparse
 import copy
 import dataclasses
 import itertools
+import os
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 from contextlib import closing
@@ -192,6 +194,35 @@ def _disk_write_speed(directory: Path, gigabytes: float) -> float:
     return count * 16 / 1024 / seconds
 
 
+class PeakMemory:
+    """The process's peak resident memory over a block, sampled every few milliseconds (the
+    kernel's own peak, ru_maxrss, cannot be reset between measurements)."""
+
+    def __init__(self) -> None:
+        self.before = self.peak = _resident_gb()
+
+    def __enter__(self) -> "PeakMemory":
+        self.before = self.peak = _resident_gb()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak = max(self.peak, _resident_gb())
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _resident_gb())
+
+
+def _resident_gb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def bench_checkpoint(config: Config, directory: str, gigabytes: float, repeats: int) -> Dict[str, float]:
     """Save (DCP, fsynced, with the CRC manifest) and load times of a model of `gigabytes` of
     tables, against dd's raw write speed to the same directory; and how long an asynchronous save
@@ -224,18 +255,24 @@ def bench_checkpoint(config: Config, directory: str, gigabytes: float, repeats: 
 
     # One save varies by 2x here (disk and page cache state): the first, and the median of the
     # later ones (what a long run sees), are both reported.
-    save_s, load_s = [], []
+    save_s, load_s, peaks = [], [], []
     for step in range(1, repeats + 1):
         synchronize()
         start = time.perf_counter()
-        path = manager.save(step, state, {})
+        with PeakMemory() as memory:
+            path = manager.save(step, state, {})
         save_s.append(time.perf_counter() - start)
+        peaks.append(memory)
         start = time.perf_counter()
         manager.load(path, state)
         synchronize()  # loads into device tensors finish on the device
         load_s.append(time.perf_counter() - start)
     results["first_save_s"], results["save_s"] = save_s[0], statistics.median(save_s[1:] or save_s)
     results["load_s"] = statistics.median(load_s)
+    # What the process holds while it trains (the model, its optimizer state) against its peak
+    # while it saves: a save that copied the tables would double it.
+    results["resident_gb"] = peaks[-1].before
+    results["save_peak_gb"] = max(memory.peak for memory in peaks)
     results["size_gb"] = sum(storage.files(path.name).values()) / 2**30
     start = time.perf_counter()
     manifest(manager.storage, path.name)
@@ -288,6 +325,8 @@ def main() -> None:
               f"{size / bench['save_s']:.2f} GB/s; first save {bench['first_save_s']:.2f} s = "
               f"{size / bench['first_save_s']:.2f} GB/s; CRC manifest {bench['manifest_s']:.2f} s of each")
         print(f"  load (median of {args.checkpoint_repeats}) {bench['load_s']:.2f} s = {size / bench['load_s']:.2f} GB/s")
+        print(f"  memory: {bench['resident_gb']:.2f} GB resident before a save, {bench['save_peak_gb']:.2f} GB at the "
+              f"peak of a save ({bench['save_peak_gb'] / bench['resident_gb']:.2f}x)")
         print(f"  async save: training stalled {bench['async_stall_s']:.2f} s (copying the state), "
               f"written and published after {bench['async_total_s']:.2f} s")
     if not {"data", "train"} & set(names):

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # DCP's writer of URLs
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
@@ -172,6 +172,22 @@ def _barrier(group: Optional[dist.ProcessGroup]) -> None:
         dist.barrier(group=group)
 
 
+class _SavePlanner(DefaultSavePlanner):
+    """Hands DCP's writers each tensor over memory of its own size, without copying it. The tables
+    of a sharded model are views into FBGEMM's one buffer per group of tables, and DCP's writer
+    clones every such view (so as not to serialise the whole buffer) and keeps the clones until
+    its file is written: with a writer thread per quarter of the state, the whole state, twice
+    the tables' memory at the peak of every save."""
+
+    def resolve_data(self, write_item):
+        data = super().resolve_data(write_item)
+        if isinstance(data, torch.Tensor) and data.device.type == "cpu" and data.is_contiguous() \
+                and data.untyped_storage().nbytes() != data.nbytes:
+            # numpy's array of the view's own bytes, shared: a storage exactly the tensor's size.
+            data = torch.from_numpy(data.reshape(-1).view(torch.uint8).numpy()).view(data.dtype).view(data.shape)
+        return data
+
+
 class _CheckedWrites:
     """DCP's file writers write a rank's shards from several threads, and a thread that fails (a
     full disk, a refused upload, an object that cannot be serialised) only prints its traceback:
@@ -279,11 +295,12 @@ class CheckpointStore:
             self.storage.delete(staging)
         _barrier(self.group)
         if asynchronous:
-            future = dcp.async_save(state, storage_writer=self._writer(staging), process_group=self.group,
+            future = dcp.async_save(state, storage_writer=self._writer(staging), planner=_SavePlanner(),
+                                    process_group=self.group,
                                     async_stager=self._stager())
             self._pending = (future, step, staging, final, meta)
             return self.storage.path(final)
-        dcp.save(state, storage_writer=self._writer(staging), process_group=self.group)
+        dcp.save(state, storage_writer=self._writer(staging), planner=_SavePlanner(), process_group=self.group)
         self._publish(step, staging, final, meta)
         return self.storage.path(final)
 
