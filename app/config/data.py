@@ -105,6 +105,10 @@ class DataConfig:
                               "or a glob.")
     val_path: str = doc("", "Validation data for data.source=parquet: a directory of .parquet files, one file, "
                             "or a glob.")
+    test_path: Optional[str] = doc(None, "Test data, evaluated once at the end with the best checkpoint's model "
+                                         "(metrics kind test): a directory of .parquet files, one file, or a glob. "
+                                         "null: none, but with data.source=synthetic its generated test split "
+                                         "when data.synthetic.test_rows > 0.")
     batch_size: int = doc(512, "Training rows per step on each rank.")
     eval_batch_size: int = doc(2048, "Evaluation rows per batch on each rank.")
     shuffle: bool = doc(True, "Change the training order every epoch (by data.seed and the epoch): row groups are "

@@ -3,10 +3,11 @@ the loop's cadences (trainer) and logging."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
-from app.config.fields import _require, _require_choice, doc
+from app.config.fields import _require, _require_choice, doc, doc_factory
 
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
@@ -14,6 +15,9 @@ LR_DECAYS = ("none", "linear", "cosine")
 MODEL_ARCHS = ("dlrm", "dcn")
 PIPELINES = ("sparse_dist", "base")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Validation metrics early stopping and the best checkpoint can follow: higher is better for auc.
+EARLY_STOPPING_METRICS = ("auc", "logloss", "ne")
+HIGHER_IS_BETTER = ("auc",)
 
 
 @dataclass
@@ -120,6 +124,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    metric: str = doc("auc", "The validation metric that decides which checkpoint is the best (checkpoints/best) and "
+                             "when to stop early: auc (higher is better), logloss or ne (lower is better).")
+    patience: int = doc(0, "Stop after this many evaluations in a row without an improvement of the metric by more "
+                           "than min_delta (0: never stop for that).")
+    min_delta: float = doc(0.0, "How much better than the best so far an evaluation must be to count as an "
+                                "improvement (for the patience and for checkpoints/best).")
+    target: Optional[float] = doc(None, "Stop once the validation metric reaches this value (auc >= target; "
+                                        "logloss, ne <= target); null: never stop for that. MLPerf DLRMv2: auc "
+                                        "0.80275.")
+
+    def validate(self) -> None:
+        _require_choice("trainer.early_stopping.metric", self.metric, EARLY_STOPPING_METRICS)
+        _require(self.patience >= 0,
+                 f"trainer.early_stopping.patience must be >= 0 evaluations (0: never), got {self.patience}.")
+        _require(self.min_delta >= 0 and math.isfinite(self.min_delta),
+                 f"trainer.early_stopping.min_delta must be >= 0, got {self.min_delta}.")
+        _require(self.target is None or math.isfinite(self.target),
+                 f"trainer.early_stopping.target must be a number or null, got {self.target}.")
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = doc(2, "Passes over the training data.")
     max_steps: Optional[int] = doc(None, "Stop early after this many steps in total (null: train every epoch).")
@@ -139,8 +165,12 @@ class TrainerConfig:
                                       "the ranks average their dense parameters every k steps (and before every "
                                       "evaluation and checkpoint): k-step model averaging, 1/k of the dense "
                                       "all-reduces. Embedding tables stay sharded and exact.")
+    early_stopping: EarlyStoppingConfig = doc_factory(
+        EarlyStoppingConfig, "The best checkpoint by a validation metric, and stopping when that metric stops "
+                             "improving or reaches a target. Evaluations are trainer.eval_every_n_steps apart.")
 
     def validate(self) -> None:
+        self.early_stopping.validate()
         _require(self.epochs >= 1, f"trainer.epochs must be >= 1, got {self.epochs}.")
         _require(self.dense_average_every >= 0,
                  f"trainer.dense_average_every must be >= 0 steps, got {self.dense_average_every}.")
