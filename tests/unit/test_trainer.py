@@ -57,7 +57,14 @@ def test_a_run_evaluates_logs_and_checkpoints_at_its_cadences_and_at_the_end(fin
     assert records(run_dir, "eval")[-1]["auc"] == result["auc"]
     assert [r["step"] for r in records(run_dir, "train")] == list(range(5, total + 1, 5))
     saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
-    assert saved == [*range(7, total, 7), total]
+    # ... and at every evaluation that improves the best validation AUC (checkpoints/best names the last).
+    improved, best = [], -1.0
+    for record in records(run_dir, "eval"):
+        if record["auc"] > best:
+            improved, best = [*improved, record["step"]], record["auc"]
+    assert 10 in improved and len(improved) >= 2
+    assert saved == sorted({*range(7, total, 7), total, *improved})
+    assert json.loads((run_dir / "checkpoints" / "best").read_text())["checkpoint"] == f"step_{improved[-1]:08d}"
 
 
 def test_checkpoints_hold_the_data_position_across_the_epoch_boundary(finished_run):
@@ -65,7 +72,7 @@ def test_checkpoints_hold_the_data_position_across_the_epoch_boundary(finished_r
     positions = {}
     for step in (28, 35, 2 * STEPS_PER_EPOCH):
         meta = json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "meta.json").read_text())
-        positions[step] = meta["train_state"]
+        positions[step] = {key: meta["train_state"][key] for key in ("step", "epoch", "batches_done", "samples")}
         assert (meta["world_size"], meta["global_batch_size"], meta["steps_per_epoch"]) == (1, 128, STEPS_PER_EPOCH)
     assert positions[28] == {"step": 28, "epoch": 0, "batches_done": 28, "samples": 28 * 128}
     assert positions[35] == {"step": 35, "epoch": 1, "batches_done": 35 - STEPS_PER_EPOCH, "samples": 35 * 128}
