@@ -51,19 +51,19 @@ def stopped_run(tmp_path_factory, dataset):
     run_dir = root / "outputs" / "tiny"
     checkpoints_after_first = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     records_after_first = (run_dir / "metrics.jsonl").read_text().splitlines()
+    summary_after_first = json.loads((run_dir / "summary.json").read_text()) if first.returncode == 0 else None
     again = run_command(command, cwd=REPO)
-    return run_dir, first, again, checkpoints_after_first, records_after_first
+    return run_dir, first, again, checkpoints_after_first, records_after_first, summary_after_first
 
 
 def test_a_run_stops_when_validation_has_not_improved_for_patience_evaluations(stopped_run):
-    run_dir, first, _, _, records_after_first = stopped_run
+    _, first, _, _, records_after_first, summary = stopped_run
     out = check(first)
     assert ("stopping early at step 15 of 30: validation auc has not improved by more than 0.5 in 2 evaluations "
             "(trainer.early_stopping.patience=2; best ") in out
     kinds = [json.loads(line) for line in records_after_first]
     assert [r["step"] for r in kinds if r["kind"] == "eval"] == [5, 10, 15]
     assert max(r["step"] for r in kinds if r["kind"] == "train") == 15
-    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 15 and summary["planned_steps"] == 30
     assert summary["stopped_early"].startswith("validation auc has not improved")
 
@@ -78,7 +78,7 @@ def exported_best(stopped_run, tmp_path_factory):
 
 
 def test_the_best_checkpoint_survives_keep_last_and_export_takes_it(stopped_run, exported_best):
-    run_dir, _, _, checkpoints_after_first, _ = stopped_run
+    run_dir, _, _, checkpoints_after_first, _, _ = stopped_run
     # keep_last=1 pruned step 10 but not step 5, the best: the first evaluation, the only improvement.
     assert checkpoints_after_first == ["best", "latest", "step_00000005", "step_00000015"]
     best = json.loads((run_dir / "checkpoints" / "best").read_text())
@@ -90,13 +90,13 @@ def test_the_best_checkpoint_survives_keep_last_and_export_takes_it(stopped_run,
 
 
 def test_test_metrics_are_the_best_checkpoints(stopped_run, dataset, exported_best):
-    run_dir, first, _, _, records_after_first = stopped_run
+    _, first, _, _, records_after_first, summary = stopped_run
     out = check(first)
     tests = [json.loads(line) for line in records_after_first if json.loads(line)["kind"] == "test"]
     assert len(tests) == 1 and (tests[0]["step"], tests[0]["checkpoint"], tests[0]["samples"]) == \
         (5, "step_00000005", 1000)
     assert re.search(r"test with step_00000005, the best by validation auc \([0-9.]+\): auc [0-9.]+", out)
-    assert json.loads((run_dir / "summary.json").read_text())["test"]["auc"] == tests[0]["auc"]
+    assert summary["test"]["auc"] == tests[0]["auc"]
     # Scored independently: the exported best checkpoint, in this one process, on the test split.
     model, config = load_exported(exported_best[0])
     metrics = EvalMetrics(torch.device("cpu"))
@@ -109,7 +109,7 @@ def test_test_metrics_are_the_best_checkpoints(stopped_run, dataset, exported_be
 
 
 def test_an_early_stopped_run_run_again_trains_no_further(stopped_run):
-    run_dir, _, again, checkpoints_after_first, records_after_first = stopped_run
+    run_dir, _, again, checkpoints_after_first, records_after_first, _ = stopped_run
     out = check(again)
     assert "resumed from" in out and "this run stopped early at step 15 (validation auc has not improved" in out
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints_after_first
