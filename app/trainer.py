@@ -136,7 +136,6 @@ class Trainer:
         self.dense_averages = 0
         self.early_stopping = EarlyStopping(config.early_stopping)
         self._last_eval: Optional[Tuple[int, Dict[str, float]]] = None  # (step, metrics) of the latest evaluation
-        self.test_result: Optional[Dict[str, Any]] = None
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -149,8 +148,8 @@ class Trainer:
         if stopped_before:
             log.info("this run stopped early at step %d (%s): it trains no further (checkpoint.load_from=<this run> "
                      "in a new run trains on from it)", state.step, stopped_before)
-        bar = tqdm(total=self.shape.total_steps, initial=state.step, disable=not self.progress_bar or bool(stopped_before),
-                   desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.shape.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not self.progress_bar or bool(stopped_before))
         with closing(bar):
             stopped = self._train(state, _Window(time.perf_counter()), bar)
         self._average_if_stale(state)
@@ -165,18 +164,24 @@ class Trainer:
         # Saved before the final evaluation, so that bad validation rows found there (or a crash)
         # cost no training.
         self.checkpointer.maybe_save(state, force=True)
-        if self._last_eval is not None and self._last_eval[0] == state.step:
-            result = self._last_eval[1]  # the evaluation that stopped the run
-        else:
-            result = self.evaluate(state)
-            if not stopped_before and self.early_stopping.update(state, result):
-                self.checkpointer.maybe_save(state, best=self._best_of(state))  # saved: it becomes the best
-        self.test_result = self.test(state)
+        result = self._final_evaluation(state, judge=not stopped_before)
+        test = self.test(state)
         self.metrics_logger.write_summary({
             "step": state.step, "epoch": state.epoch, "planned_steps": self.shape.total_steps,
             "stopped_early": state.stopped_early, "validation": result, "best": self.checkpointer.best(),
-            "test": self.test_result,
+            "test": test,
         })
+        return result
+
+    def _final_evaluation(self, state: TrainState, judge: bool) -> Dict[str, float]:
+        """The validation metrics at the end: those of the evaluation that stopped the run early,
+        or a new evaluation, which (when `judge`: not a report of a run that had stopped before)
+        can make the final checkpoint, saved just before it, the best."""
+        if self._last_eval is not None and self._last_eval[0] == state.step:
+            return self._last_eval[1]
+        result = self.evaluate(state)
+        if judge and self.early_stopping.update(state, result):
+            self.checkpointer.maybe_save(state, best=self._best_of(state))  # saved already: it becomes the best
         return result
 
     def _train(self, state: TrainState, window: "_Window", bar: tqdm) -> bool:

@@ -113,7 +113,8 @@ def test_an_early_stopped_run_run_again_trains_no_further(stopped_run):
     out = check(again)
     assert "resumed from" in out and "this run stopped early at step 15 (validation auc has not improved" in out
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints_after_first
-    added = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[len(records_after_first):]]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    added = [json.loads(line) for line in lines[len(records_after_first):]]
     assert [r["kind"] for r in added] == ["eval", "test"]  # reported again, not trained
     assert added[0]["step"] == 15 and added[1]["checkpoint"] == "step_00000005"
     assert json.loads((run_dir / "checkpoints" / "best").read_text())["checkpoint"] == "step_00000005"
