@@ -78,12 +78,15 @@ class EarlyStopping:
     def update(self, state: TrainState, result: Dict[str, float]) -> bool:
         """Count the evaluation `result` at `state`; True when it is the best so far."""
         value = result[self.metric]
+        state.evaluated_samples = state.samples
         if not self.improves(value, state.best_value):
             state.evals_since_best += 1
             return False
         state.best_metric, state.best_value, state.best_step = self.metric, value, state.step
         state.evals_since_best = 0
         return True
+
+
 
     def stop_reason(self, state: TrainState, result: Dict[str, float]) -> Optional[str]:
         """Why training should stop after the evaluation `result` (counted by update), or None."""
@@ -148,6 +151,8 @@ class Trainer:
         if stopped_before:
             log.info("this run stopped early at step %d (%s): it trains no further (checkpoint.load_from=<this run> "
                      "in a new run trains on from it)", state.step, stopped_before)
+        elif self._evaluation_missed(state):
+            self._evaluate_and_judge(state)
         bar = tqdm(total=self.shape.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.progress_bar or bool(stopped_before))
         with closing(bar):
@@ -271,16 +276,29 @@ class Trainer:
         save = self.checkpointer.is_due(state.step)
         if evaluate or save:
             self._average_if_stale(state)
-        best = None
         if evaluate:
-            result = self.evaluate(state)
-            if self.early_stopping.update(state, result):
-                best = self._best_of(state)
-            state.stopped_early = self.early_stopping.stop_reason(state, result)
+            self._evaluate_and_judge(state, save)
+        elif save:
+            self.checkpointer.maybe_save(state)
+
+    def _evaluate_and_judge(self, state: TrainState, save: bool = False) -> None:
+        """A boundary's evaluation, judged by trainer.early_stopping. An improvement is saved
+        whatever the cadence (checkpoints/best names it); an early stop is the end of the run,
+        saved now and synchronously; `save`: the cadence saves here anyway."""
+        result = self.evaluate(state)
+        best = self._best_of(state) if self.early_stopping.update(state, result) else None
+        state.stopped_early = self.early_stopping.stop_reason(state, result)
         if save or best is not None or state.stopped_early:
-            # An improvement is saved whatever the cadence (checkpoints/best names it); an early
-            # stop is the end of the run, saved now and synchronously.
             self.checkpointer.maybe_save(state, force=bool(state.stopped_early), best=best)
+
+    def _evaluation_missed(self, state: TrainState) -> bool:
+        """Whether a run resumed at `state` is at an evaluation step that the train state has not
+        counted: the run before stopped there by SIGTERM (before that step's boundary), or ended
+        there, its final evaluation coming after its final checkpoint. Evaluated first, it counts
+        as in the uninterrupted run."""
+        every = self.config.eval_every_n_steps
+        return (0 < state.step < self.shape.total_steps and every > 0 and state.step % every == 0
+                and state.evaluated_samples != state.samples)
 
     def _best_of(self, state: TrainState) -> Dict[str, Any]:
         return {"metric": state.best_metric, "value": state.best_value}

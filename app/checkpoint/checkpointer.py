@@ -48,11 +48,12 @@ class TrainState:
     best_value: Optional[float] = None
     best_step: Optional[int] = None
     evals_since_best: int = 0  # evaluations since the last improvement
+    evaluated_samples: int = -1  # `samples` at the last evaluation counted: is this position's counted?
     stopped_early: Optional[str] = None  # why the run stopped before its planned steps: it trains no further
 
     def forget_best(self) -> None:
         self.best_metric = self.best_value = self.best_step = self.stopped_early = None
-        self.evals_since_best = 0
+        self.evals_since_best, self.evaluated_samples = 0, -1
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,7 @@ class Checkpointer:
         higher = metric in HIGHER_IS_BETTER
         if state.best_value is None or (value > state.best_value if higher else value < state.best_value):
             state.best_metric, state.best_value, state.best_step = record["metric"], value, state.step
-            state.evals_since_best = 0
+            state.evals_since_best, state.evaluated_samples = 0, state.samples
         return state
 
     def _load(self, path: Path, everything: bool) -> TrainState:

@@ -132,3 +132,17 @@ def test_a_run_stops_when_validation_reaches_the_target(tmp_path, dataset):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "latest", "step_00000005"]
     test = records(run_dir, "test")
     assert len(test) == 1 and test[0]["checkpoint"] == "step_00000005"  # the model in memory: no reload
+
+
+def test_a_run_resumed_at_an_evaluation_stops_where_the_uninterrupted_one_does(tmp_path, dataset):
+    # One process: 31 steps an epoch, 62 planned. Uninterrupted, evaluations at 5 (the best), 10 and
+    # 15 stop it at 15. Ended at step 10 (its final evaluation comes after its final checkpoint),
+    # then resumed: step 10's evaluation is counted again, and the run stops at 15 too, not at 20.
+    first = on_parquet(tmp_path, dataset, *PATIENCE, "trainer.max_steps=10")
+    check(run_command([sys.executable, "-m", "app.train", *first], cwd=REPO))
+    resumed = check(run_command([sys.executable, "-m", "app.train", *on_parquet(tmp_path, dataset, *PATIENCE)],
+                                cwd=REPO))
+    assert "resumed from" in resumed and "stopping early at step 15 of 62: validation auc has not improved" in resumed
+    run_dir = tmp_path / "outputs" / "tiny"
+    assert max(r["step"] for r in records(run_dir, "train")) == 15
+    assert json.loads((run_dir / "checkpoints" / "best").read_text())["checkpoint"] == "step_00000005"

@@ -56,7 +56,7 @@ def test_a_run_continues_from_its_own_checkpoint_before_load_from(source_run, tm
     root, source = source_run
     own = checkpointer_for(source, data_root=root / "data")
     state = own.restore(load_from=str(tmp_path / "nowhere"))  # not even looked at
-    assert dataclasses.replace(state, best_metric=None, best_value=None, best_step=None) == \
+    assert dataclasses.replace(state, best_metric=None, best_value=None, best_step=None, evaluated_samples=-1) == \
         TrainState(step=20, epoch=0, batches_done=20, samples=20 * 128)
     # Step 20 became the best at the final evaluation, after its checkpoint was written: the state
     # takes that from checkpoints/best, so a longer run resumed from it never moves the best to a worse one.
