@@ -107,8 +107,10 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = doc(500, "Save a checkpoint every this many steps, and always at the end (0: only at the "
-                                  "end).")
-    keep_last: int = doc(2, "How many of the newest checkpoints are kept: older ones are deleted.")
+                                  "end); also at every evaluation that improves the best validation metric "
+                                  "(trainer.early_stopping.metric), which checkpoints/best then names.")
+    keep_last: int = doc(2, "How many of the newest checkpoints are kept: older ones are deleted, except the one "
+                            "checkpoints/best names.")
     resume: bool = doc(True, "Resume from the newest intact checkpoint of this run when there is one.")
     async_save: bool = doc(False, "Write checkpoints in the background while training goes on (the state is copied "
                                   "first).")
