@@ -1,6 +1,6 @@
 """Exported models: a sharded training checkpoint as one unsharded model file, scored in one process.
 
-    export_checkpoint(Path("outputs/tiny"), Path("exported/tiny"))   # writes model.pt + config.json
+    export_checkpoint(Path("outputs/tiny"), Path("exported/tiny"))   # its best checkpoint: model.pt + config.json
     model, config = load_exported(Path("exported/tiny"))
     for logits, labels in score_files(model, config, files, batch_size=2048, labeled=True): ...
 
@@ -61,10 +61,12 @@ class ExportError(UserError, ValueError):
 # ---- export -------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint dir as given, or the newest intact one of a run dir or its checkpoints/ dir."""
+def resolve_checkpoint(path: Path, prefer: str = "best") -> Path:
+    """A checkpoint dir (or a checkpoints/best pointer) as given; of a run dir or its checkpoints/
+    dir, with `prefer` "best" the checkpoint checkpoints/best names (the best by validation
+    metric), where there is one, else the newest intact one; with "latest" the newest."""
     try:
-        return find_checkpoint(location(path))  # a local path or an object-store URL
+        return find_checkpoint(location(path), prefer=prefer)  # a local path or an object-store URL
     except CheckpointError as error:
         raise ExportError(str(error)) from error
 
@@ -104,10 +106,11 @@ def _check_keys(checkpoint: Path, state: Dict[str, torch.Tensor]) -> None:
                               f"has {tuple(tensor.shape)}.")
 
 
-def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
+def export_checkpoint(checkpoint: Path, out_dir: Path, prefer: str = "best") -> Path:
     """Write out_dir/model.pt (the full state_dict, unsharded) and out_dir/config.json from a
-    checkpoint dir, or from the newest complete checkpoint of a run dir; returns out_dir."""
-    checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint dir, or from a run dir's best checkpoint (`prefer` "best": where it has one, else
+    its newest intact one; "latest": its newest); returns out_dir."""
+    checkpoint = resolve_checkpoint(checkpoint, prefer)
     meta = _read_meta(checkpoint)
     config = config_from_dict(meta["config"])
     model = build_model(config.model, FeatureSchema.from_config(config.features), _CPU, tables_device=_CPU)

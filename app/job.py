@@ -63,6 +63,22 @@ def checkpoint_location(config: Config, run_dir: Path):
     return config.checkpoint.dir or run_dir / "checkpoints"
 
 
+def test_files(config: DataConfig, schema: FeatureSchema, val_files: List[str]) -> Optional[List[str]]:
+    """The test split's Parquet files, checked like the others before the first step: data.test_path,
+    or with data.source=synthetic its generated test split (data.synthetic.test_rows > 0, beside
+    the val split); None when there is no test split."""
+    path = config.test_path
+    if path is None and config.source == "synthetic" and config.synthetic.test_rows > 0:
+        path = str(Path(val_files[0]).parent.parent / "test")
+    if path is None:
+        return None
+    options = config.storage_options
+    files = resolve_files(path, options, key="data.test_path")
+    check_files(files, schema, options)
+    check_first_row_group(files, schema, InputPolicy.from_config(config), options)
+    return files
+
+
 def check_writable(storage: Storage, what: str, rank: int, key: str = "output_root and run_name") -> None:
     """Stop before any work when this rank cannot write into `storage` (created if missing),
     naming it, the config `key` it comes from, and why: a save would otherwise fail only at the
@@ -143,10 +159,15 @@ def _train(config: Config, run_dir: Path, env: DistEnv,
     scaler = loss_scaler(config.trainer.precision, env.device)
     model = build_sharded_model(config, schema, env, run_dir, scaler)
     train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
+    test_split = test_files(config.data, schema, val_files)
+    test_data = None if test_split is None else EvaluationBatches(
+        test_split, schema, config.data.eval_batch_size, env.rank, env.world_size,
+        prefetch_windows=config.data.prefetch_windows, policy=InputPolicy.from_config(config.data),
+        pin_memory=env.device.type == "cuda")
     shape = RunShape(env.world_size, config.data.batch_size * env.world_size, len(train_data),
                      planned_steps(config.trainer, len(train_data)))
     optimizer, lr_scheduler = optimizer_and_schedule(model, config.optim, shape.total_steps)
-    parts = RunParts(model, optimizer, lr_scheduler, train_data, val_data)
+    parts = RunParts(model, optimizer, lr_scheduler, train_data, val_data, test_data)
     store = CheckpointStore(checkpoint_storage, config.checkpoint.keep_last, env.rank,
                             process_group=distributed.new_gloo_group())
     checkpointer = Checkpointer(store, config.checkpoint, config, parts, shape)

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from app.storage import write_atomically
+
 log = logging.getLogger(__name__)
 
 
@@ -117,7 +119,7 @@ class EvalMetrics:
 
 class MetricsLogger:
     """One record to every sink: metrics.jsonl (appended, so a resumed run continues it) and
-    TensorBoard scalars under tb/. Only rank 0 writes."""
+    TensorBoard scalars under tb/; summary.json at the end. Only rank 0 writes."""
 
     def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True) -> None:
         self.enabled = rank == 0
@@ -127,6 +129,7 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self._run_dir = run_dir
         self._jsonl = open(run_dir / "metrics.jsonl", "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -144,6 +147,11 @@ class MetricsLogger:
                 if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{kind}/{key}", value, global_step=record["step"])
             self._tb.flush()
+
+    def write_summary(self, summary: Dict[str, Any]) -> None:
+        """summary.json in the run directory: how the run ended (replaced at once)."""
+        if self.enabled:
+            write_atomically(self._run_dir / "summary.json", json.dumps(summary, indent=2))
 
     def close(self) -> None:
         if self._jsonl is not None:

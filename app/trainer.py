@@ -5,15 +5,23 @@ segment feeds TrainPipelineSparseDist a slice of the epoch's iterator, so the pi
 the boundary: checkpoints are taken with no batch in flight, and the data position saved with them
 is exactly the number of steps done in the epoch. What a checkpoint holds, when one is written and
 how a run continues from one is the Checkpointer's (app/checkpoint/).
+
+Every evaluation is judged by trainer.early_stopping (EarlyStopping): one that improves the best
+validation metric is saved, whatever the checkpoint cadence, and becomes checkpoints/best; the run
+stops early when the metric has not improved for `patience` evaluations or reaches `target`. The
+best so far and the evaluations since are part of the train state, so a resumed run decides as an
+uninterrupted one would, and a run that stopped early trains no further when run again. At the
+end, the test split is evaluated with the best checkpoint's weights.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from contextlib import closing
-from typing import Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,7 +29,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from app.checkpoint import Checkpointer, RunParts, RunShape, TrainState
-from app.config import TrainerConfig
+from app.config import HIGHER_IS_BETTER, EarlyStoppingConfig, TrainerConfig
 from app.distributed import DistEnv
 from app.metrics import EvalMetrics, MetricsLogger
 from app.optim import FUSED_PART, OptimizerStep, learning_rates
@@ -41,6 +49,56 @@ def segment_length(state: TrainState, shape: RunShape, *cadences: int) -> int:
     ends = [state.step + shape.steps_per_epoch - state.batches_done, shape.total_steps]
     ends += [(state.step // every + 1) * every for every in cadences if every > 0]
     return min(ends) - state.step
+
+
+class EarlyStopping:
+    """trainer.early_stopping's judgement of each evaluation, kept in the train state."""
+
+    def __init__(self, config: EarlyStoppingConfig) -> None:
+        self.config = config
+        self.metric = config.metric
+        self.higher = config.metric in HIGHER_IS_BETTER
+
+    def resume(self, state: TrainState) -> None:
+        """A state whose best is by another metric (the config changed) starts its best over."""
+        if state.best_metric not in (None, self.metric):
+            log.warning("trainer.early_stopping.metric is %s, the best so far was by %s: the best starts over",
+                        self.metric, state.best_metric)
+            state.best_metric = state.best_value = state.best_step = None
+            state.evals_since_best = 0
+
+    def improves(self, value: float, best: Optional[float]) -> bool:
+        if not math.isfinite(value):
+            return False  # nan: one class only, or no rows
+        if best is None:
+            return True
+        delta = self.config.min_delta
+        return value > best + delta if self.higher else value < best - delta
+
+    def update(self, state: TrainState, result: Dict[str, float]) -> bool:
+        """Count the evaluation `result` at `state`; True when it is the best so far."""
+        value = result[self.metric]
+        state.evaluated_samples = state.samples
+        if not self.improves(value, state.best_value):
+            state.evals_since_best += 1
+            return False
+        state.best_metric, state.best_value, state.best_step = self.metric, value, state.step
+        state.evals_since_best = 0
+        return True
+
+
+
+    def stop_reason(self, state: TrainState, result: Dict[str, float]) -> Optional[str]:
+        """Why training should stop after the evaluation `result` (counted by update), or None."""
+        value, target, patience = result[self.metric], self.config.target, self.config.patience
+        if target is not None and math.isfinite(value) and (value >= target if self.higher else value <= target):
+            return f"validation {self.metric} {value:.6f} reached trainer.early_stopping.target={target}"
+        if patience and state.evals_since_best >= patience:
+            best = "none yet" if state.best_value is None else f"{state.best_value:.6f} at step {state.best_step}"
+            return (f"validation {self.metric} has not improved by more than {self.config.min_delta} in "
+                    f"{state.evals_since_best} evaluations (trainer.early_stopping.patience={patience}; "
+                    f"best {best})")
+        return None
 
 
 class StepPipeline(TrainPipelineSparseDist):
@@ -79,14 +137,24 @@ class Trainer:
         if config.pipeline == "sparse_dist":
             self._pipeline = StepPipeline(self.model, self.optimizer_step, env.device)
         self.dense_averages = 0
+        self.early_stopping = EarlyStopping(config.early_stopping)
+        self._last_eval: Optional[Tuple[int, Dict[str, float]]] = None  # (step, metrics) of the latest evaluation
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def fit(self, state: TrainState) -> Optional[Dict[str, float]]:
-        """Train from `state` to the end; returns the final validation metrics, or None when
-        stopped by SIGTERM (after saving a checkpoint to resume from)."""
-        bar = tqdm(total=self.shape.total_steps, initial=state.step, disable=not self.progress_bar,
-                   desc="train", unit="step", dynamic_ncols=True)
+        """Train from `state` to the end, or until trainer.early_stopping stops it; then evaluate
+        the test split (if any) with the best checkpoint. Returns the final validation metrics, or
+        None when stopped by SIGTERM (after saving a checkpoint to resume from)."""
+        self.early_stopping.resume(state)
+        stopped_before = state.stopped_early
+        if stopped_before:
+            log.info("this run stopped early at step %d (%s): it trains no further (checkpoint.load_from=<this run> "
+                     "in a new run trains on from it)", state.step, stopped_before)
+        elif self._evaluation_missed(state):
+            self._evaluate_and_judge(state)
+        bar = tqdm(total=self.shape.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not self.progress_bar or bool(stopped_before))
         with closing(bar):
             stopped = self._train(state, _Window(time.perf_counter()), bar)
         self._average_if_stale(state)
@@ -94,23 +162,44 @@ class Trainer:
             log.warning("SIGTERM: stopping at step %d; saving a checkpoint to resume from", state.step)
             self.checkpointer.maybe_save(state, force=True)
             return None
+        if state.stopped_early and not stopped_before:
+            log.warning("stopping early at step %d of %d: %s", state.step, self.shape.total_steps, state.stopped_early)
         if self.config.dense_average_every:
             log.info("k-step averaging: %d dense parameter averages in this run", self.dense_averages)
         # Saved before the final evaluation, so that bad validation rows found there (or a crash)
         # cost no training.
         self.checkpointer.maybe_save(state, force=True)
-        return self.evaluate(state)
+        result = self._final_evaluation(state, judge=not stopped_before)
+        test = self.test(state)
+        self.metrics_logger.write_summary({
+            "step": state.step, "epoch": state.epoch, "planned_steps": self.shape.total_steps,
+            "stopped_early": state.stopped_early, "validation": result, "best": self.checkpointer.best(),
+            "test": test,
+        })
+        return result
+
+    def _final_evaluation(self, state: TrainState, judge: bool) -> Dict[str, float]:
+        """The validation metrics at the end: those of the evaluation that stopped the run early,
+        or a new evaluation, which (when `judge`: not a report of a run that had stopped before)
+        can make the final checkpoint, saved just before it, the best."""
+        if self._last_eval is not None and self._last_eval[0] == state.step:
+            return self._last_eval[1]
+        result = self.evaluate(state)
+        if judge and self.early_stopping.update(state, result):
+            self.checkpointer.maybe_save(state, best=self._best_of(state))  # saved already: it becomes the best
+        return result
 
     def _train(self, state: TrainState, window: "_Window", bar: tqdm) -> bool:
         """Train `state` on to the last step; True when the ranks agreed to stop (SIGTERM) first."""
         train_data = self.parts.train_data
-        while state.step < self.shape.total_steps:
+        while state.step < self.shape.total_steps and not state.stopped_early:
             if state.batches_done >= self.shape.steps_per_epoch:
                 state.epoch, state.batches_done = state.epoch + 1, 0
             train_data.set_epoch(state.epoch)
             train_data.load_state_dict({"epoch": state.epoch, "batches_done": state.batches_done})
             with closing(iter(train_data)) as epoch_batches:
-                while state.batches_done < self.shape.steps_per_epoch and state.step < self.shape.total_steps:
+                while (state.batches_done < self.shape.steps_per_epoch and state.step < self.shape.total_steps
+                       and not state.stopped_early):
                     length = segment_length(state, self.shape, self.config.eval_every_n_steps,
                                             self.checkpointer.every_n_steps)
                     for loss in self._train_steps(epoch_batches, length):
@@ -188,9 +277,31 @@ class Trainer:
         if evaluate or save:
             self._average_if_stale(state)
         if evaluate:
-            self.evaluate(state)
-        if save:
+            self._evaluate_and_judge(state, save)
+        elif save:
             self.checkpointer.maybe_save(state)
+
+    def _evaluate_and_judge(self, state: TrainState, save: bool = False) -> None:
+        """A boundary's evaluation, judged by trainer.early_stopping. An improvement is saved
+        whatever the cadence (checkpoints/best names it); an early stop is the end of the run,
+        saved now and synchronously; `save`: the cadence saves here anyway."""
+        result = self.evaluate(state)
+        best = self._best_of(state) if self.early_stopping.update(state, result) else None
+        state.stopped_early = self.early_stopping.stop_reason(state, result)
+        if save or best is not None or state.stopped_early:
+            self.checkpointer.maybe_save(state, force=bool(state.stopped_early), best=best)
+
+    def _evaluation_missed(self, state: TrainState) -> bool:
+        """Whether a run resumed at `state` is at an evaluation step that the train state has not
+        counted: the run before stopped there by SIGTERM (before that step's boundary), or ended
+        there, its final evaluation coming after its final checkpoint. Evaluated first, it counts
+        as in the uninterrupted run."""
+        every = self.config.eval_every_n_steps
+        return (0 < state.step < self.shape.total_steps and every > 0 and state.step % every == 0
+                and state.evaluated_samples != state.samples)
+
+    def _best_of(self, state: TrainState) -> Dict[str, Any]:
+        return {"metric": state.best_metric, "value": state.best_value}
 
     def _log_train(self, state: TrainState, window: "_Window", bar: tqdm) -> None:
         loss = window.mean_loss()
@@ -209,13 +320,15 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------
 
-    def evaluate(self, state: TrainState) -> Dict[str, float]:
+    def _score(self, data: Any, max_batches: Optional[int] = None) -> Dict[str, float]:
+        """Collective: the metrics of the model on an evaluation reader's batches (all of them, or
+        the first `max_batches` of each rank)."""
         model = self._pipeline.detach() if self._pipeline is not None else self.model
         model.eval()
         metrics = EvalMetrics(self.env.device)
-        batches = iter(self.parts.val_data)
-        if self.config.eval_max_batches is not None:
-            batches = itertools.islice(batches, self.config.eval_max_batches)
+        batches = iter(data)
+        if max_batches is not None:
+            batches = itertools.islice(batches, max_batches)
         with torch.no_grad():
             for item in batches:
                 batch = item.batch.to(self.env.device, non_blocking=True)
@@ -225,11 +338,36 @@ class Trainer:
         model.train()
         if self._pipeline is not None:
             self._pipeline.attach(model)
+        return result
+
+    def evaluate(self, state: TrainState) -> Dict[str, float]:
+        result = self._score(self.parts.val_data, self.config.eval_max_batches)
+        self._last_eval = (state.step, result)
         self.metrics_logger.log("eval", {"step": state.step, "epoch": state.epoch, "samples": state.samples, **result})
         log.info(
             "eval step %d: auc %.4f  logloss %.4f  ne %.4f  (%d samples)",
             state.step, result["auc"], result["logloss"], result["ne"], result["samples"],
         )
+        return result
+
+    def test(self, state: TrainState) -> Optional[Dict[str, Any]]:
+        """Collective: the test split's metrics (kind test) with the best checkpoint's weights,
+        loaded on every rank unless they are the model's now; None without a test split. Run at
+        the end: the model keeps the weights it was tested with."""
+        if self.parts.test_data is None:
+            return None
+        best = self.checkpointer.best()
+        if best is None:
+            step, name, which = state.step, None, "the final model: there is no best checkpoint"
+        else:
+            step, name = best["step"], best["checkpoint"]
+            which = f"{name}, the best by validation {best['metric']} ({best['value']:.6f})"
+            if best["samples"] != state.samples:
+                self.checkpointer.load_weights(name)
+        result = {"step": step, "checkpoint": name, **self._score(self.parts.test_data)}
+        self.metrics_logger.log("test", result)
+        log.info("test with %s: auc %.4f  logloss %.4f  ne %.4f  (%d samples)",
+                 which, result["auc"], result["logloss"], result["ne"], result["samples"])
         return result
 
 

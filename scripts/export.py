@@ -1,8 +1,12 @@
 """Export a sharded training checkpoint as one unsharded model file, loadable in one CPU process.
 
-    python scripts/export.py outputs/tiny --out exported/tiny                        # the run's newest checkpoint
+    python scripts/export.py outputs/tiny --out exported/tiny                        # the run's best checkpoint
+    python scripts/export.py outputs/tiny --pick latest --out exported/tiny-latest   # its newest
     python scripts/export.py outputs/tiny/checkpoints/step_00000010 --out exported/tiny-10
     python scripts/export.py s3://my-bucket/runs/tiny --out exported/tiny     # checkpoint.dir's newest
+
+Of a run directory, export takes the checkpoint checkpoints/best names (the best by the validation
+metric trainer.early_stopping.metric) where there is one, else the newest intact checkpoint.
 
 Writes <out>/model.pt (the whole state_dict, every table in full, whatever the sharding and the
 number of ranks it was trained on) and <out>/config.json (the training config and the step).
@@ -24,8 +28,12 @@ from app.export import CONFIG_FILE, MODEL_FILE, export_checkpoint
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a run directory (its newest complete checkpoint), a checkpoints "
-                                           "directory or one checkpoint; a local path or a URL (s3://...)")
+    parser.add_argument("checkpoint", help="a run directory (its best checkpoint, else its newest), its checkpoints/ "
+                                           "directory, checkpoints/best, or one step_N checkpoint; a local path or "
+                                           "a URL (s3://...)")
+    parser.add_argument("--pick", choices=("best", "latest"), default="best",
+                        help="of a run directory: its best checkpoint by validation metric (default; the newest "
+                             "when it has none) or its newest")
     parser.add_argument("--out", required=True, help="output directory (created; an earlier export there is replaced)")
     return parser.parse_args(argv)
 
@@ -33,7 +41,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 def main(argv: List[str]) -> int:
     args = parse_args(argv)
     try:
-        out_dir = export_checkpoint(args.checkpoint, Path(args.out))
+        out_dir = export_checkpoint(args.checkpoint, Path(args.out), prefer=args.pick)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return BAD_INPUT

@@ -23,7 +23,7 @@ from torch import nn
 from app.checkpoint.optimizer_state import plan_optimizer_load
 from app.checkpoint.safe_load import CheckpointError, load_state, read_dcp_metadata
 from app.checkpoint.store import CheckpointStore, find_checkpoint, read_meta
-from app.config import CheckpointConfig, Config, ConfigError
+from app.config import HIGHER_IS_BETTER, CheckpointConfig, Config, ConfigError
 from app.optim import FUSED_PART, set_fused_optimizer_step, set_schedule_step
 from app.storage import location
 
@@ -36,12 +36,25 @@ OPTIMIZER_KEY = "optimizer"
 
 @dataclass
 class TrainState:
-    """Where a run is: what a checkpoint resumes. The data position is (epoch, batches_done)."""
+    """Where a run is: what a checkpoint resumes. The data position is (epoch, batches_done); the
+    best validation metric so far and the evaluations since it improved (trainer.early_stopping)
+    are resumed too, so a resumed run stops, and picks its best checkpoint, as an uninterrupted
+    one would."""
 
     step: int = 0
     epoch: int = 0
     batches_done: int = 0  # steps done in the current epoch
     samples: int = 0  # over all ranks
+    best_metric: Optional[str] = None  # the validation metric best_value is of
+    best_value: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_since_best: int = 0  # evaluations since the last improvement
+    evaluated_samples: int = -1  # `samples` at the last evaluation counted: is this position's counted?
+    stopped_early: Optional[str] = None  # why the run stopped before its planned steps: it trains no further
+
+    def forget_best(self) -> None:
+        self.best_metric = self.best_value = self.best_step = self.stopped_early = None
+        self.evals_since_best, self.evaluated_samples = 0, -1
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,7 @@ class RunParts:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     train_data: Any  # app/data/parquet.py's training reader: set_epoch, load_state_dict, len(), iter()
     val_data: Any  # its evaluation reader
+    test_data: Any = None  # an evaluation reader of the test split, if there is one
 
 
 def position_here(saved: SavedCheckpoint, here: RunShape) -> TrainState:
@@ -106,8 +120,8 @@ def position_here(saved: SavedCheckpoint, here: RunShape) -> TrainState:
     epoch_done = saved.steps_per_epoch is not None and saved.state.batches_done >= saved.steps_per_epoch
     done = saved.state.batches_done * saved.global_batch_size
     batches = here.steps_per_epoch if epoch_done else min(done // here.global_batch_size, here.steps_per_epoch)
-    position = TrainState(step=saved.state.epoch * here.steps_per_epoch + batches, epoch=saved.state.epoch,
-                          batches_done=batches, samples=saved.state.samples)
+    position = dataclasses.replace(saved.state, step=saved.state.epoch * here.steps_per_epoch + batches,
+                                   batches_done=batches)
     # Row groups are dealt to ranks by world size: the same samples cannot be replayed on another one.
     log.warning("the checkpoint was written by %d ranks with a global batch of %d, this run has %d ranks and "
                 "%d: epoch %d continues after %d samples, at step %d of %d (was step %d)",
@@ -170,15 +184,19 @@ class Checkpointer:
 
     # ---- saving -------------------------------------------------------------------------------
 
-    def maybe_save(self, state: TrainState, force: bool = False) -> bool:
+    def maybe_save(self, state: TrainState, force: bool = False, best: Optional[Dict[str, Any]] = None) -> bool:
         """Collective. Save at `state` when the cadence says so (asynchronously, if so configured);
-        `force`: the end of a run or a preemption, saved now and synchronously unless this step is
-        saved already, and any asynchronous save published. Returns whether it saved."""
-        if force:
-            if self._last_saved_step == state.step:
+        `force`: the end of a run, an early stop or a preemption, saved now and synchronously unless
+        this step is saved already, and any asynchronous save published. `best` ({"metric",
+        "value"}): this step's evaluation is the best so far: it is saved whatever the cadence
+        (unless it is already), and becomes checkpoints/best. Returns whether it saved."""
+        if self._last_saved_step == state.step and (force or best is not None):
+            if best is not None:
+                self.store.mark_best(state.step, best)
+            if force:
                 self.store.wait()
-                return False
-        elif not self.is_due(state.step):
+            return False
+        if not (force or best is not None or self.is_due(state.step)):
             return False
         background = self.config.async_save and not force
         meta = {
@@ -189,7 +207,8 @@ class Checkpointer:
             "config": dataclasses.asdict(self.run_config),
         }
         state_dict = {MODEL_KEY: self.parts.model.state_dict(), OPTIMIZER_KEY: self.parts.optimizer.state_dict()}
-        path = self.store.save(state.step, state_dict, meta, asynchronous=background, samples=state.samples)
+        path = self.store.save(state.step, state_dict, meta, asynchronous=background, samples=state.samples,
+                               best=best)
         self._last_saved_step = state.step
         log.info("saved checkpoint %s%s", path, " (writing in the background)" if background else "")
         return True
@@ -197,6 +216,20 @@ class Checkpointer:
     def wait(self) -> None:
         """Collective: publish an asynchronous save still being written."""
         self.store.wait()
+
+    def best(self) -> Optional[Dict[str, Any]]:
+        """Collective: the best checkpoint's record ({"checkpoint", "step", "samples", "metric",
+        "value"}, see CheckpointStore), or None; an asynchronous save is published first."""
+        self.store.wait()
+        return self.store.best_record()
+
+    def load_weights(self, name: str) -> None:
+        """Collective: this run's checkpoint `name` (step_N) model weights into the model, in place
+        (the optimizer and the position are left as they are)."""
+        path = self.store.storage.path(name)
+        state = {MODEL_KEY: self.parts.model.state_dict()}
+        load_state(path, state, self.store.group)
+        self.parts.model.load_state_dict(state[MODEL_KEY])
 
     # ---- restoring ----------------------------------------------------------------------------
 
@@ -213,10 +246,29 @@ class Checkpointer:
             )
         own = self.store.newest_valid()
         if own is not None:
-            return self._load(own, everything=True)
+            return self._with_published_best(self._load(own, everything=True))
         if load_from:
-            return self._load(find_checkpoint(location(load_from), self.store.group), everything=mode == "all")
+            state = self._load(find_checkpoint(location(load_from), self.store.group), everything=mode == "all")
+            state.forget_best()  # another run's: this run has its own best, and its own patience
+            return state
         return TrainState()
+
+    def _with_published_best(self, state: TrainState) -> TrainState:
+        """The end of a run is saved before its final evaluation, so the train state of the
+        newest checkpoint lacks that evaluation's improvement, when it made this very checkpoint
+        the best: then the best is taken from checkpoints/best (a resumed run must not call a
+        worse evaluation an improvement, nor move the best to it)."""
+        record = self.store.best_record()
+        if record is None or record.get("samples") != state.samples:
+            return state  # not published at this checkpoint's final evaluation
+        metric, value = record.get("metric"), record.get("value")
+        if state.best_metric not in (None, metric) or not isinstance(value, (int, float)):
+            return state
+        higher = metric in HIGHER_IS_BETTER
+        if state.best_value is None or (value > state.best_value if higher else value < state.best_value):
+            state.best_metric, state.best_value, state.best_step = record["metric"], value, state.step
+            state.evals_since_best, state.evaluated_samples = 0, state.samples
+        return state
 
     def _load(self, path: Path, everything: bool) -> TrainState:
         saved = SavedCheckpoint.read(path)

@@ -4,6 +4,10 @@ Layout under the run's checkpoints/ directory:
     step_00000100/   DCP files of every rank + meta.json (train state, config, and the size and
                      CRC-32 of every file: the manifest)
     latest           the name of the newest complete checkpoint, replaced last
+    best             JSON naming the checkpoint with the best validation metric so far and that
+                     metric ({"checkpoint": "step_00000080", "step", "samples", "metric", "value"}):
+                     a pointer, published after the step directory it names, which keep-last
+                     never prunes. Keeping the best costs no copy of any table.
 Checkpoints are ordered by the samples trained when each was written, then by step: a run resumed
 on another number of ranks counts steps of another size, so its step_N can be below older ones.
 A checkpoint is written under a hidden temporary name by all ranks, and only after every rank has
@@ -55,6 +59,7 @@ log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 META_FILE = META_FILE_NAME  # the manifest: what publishes a checkpoint
 LATEST_FILE = "latest"
+BEST_FILE = "best"
 _CHUNK = 8 << 20
 
 
@@ -313,7 +318,7 @@ class CheckpointStore:
         self.rank = rank
         self.group = process_group
         self.io_threads = io_threads
-        self._pending: Optional[tuple] = None  # (future, step, staging, final, meta) of an async save
+        self._pending: Optional[tuple] = None  # (future, step, staging, final, meta, checksums, best) of an async save
         self._pinned_stager: Optional[BlockingAsyncStager] = None
 
     def _published(self) -> List[str]:
@@ -363,11 +368,12 @@ class CheckpointStore:
     # ---- saving -------------------------------------------------------------------------------
 
     def save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any], asynchronous: bool = False,
-             samples: int = 0) -> Path:
+             samples: int = 0, best: Optional[Dict[str, Any]] = None) -> Path:
         """Collective: every rank calls it with its own shards in `state`; `meta` (JSON-able, the
         same on all ranks) is written by rank 0, with `samples` (trained so far: what orders
         checkpoints). Asynchronous: returns once `state` is copied; the checkpoint appears when the
-        next save() or wait() publishes it."""
+        next save() or wait() publishes it. `best` (the metric and its value): the checkpoint
+        becomes the best one once it is published (see mark_best)."""
         meta = {**meta, "samples": samples}
         self.wait()
         final = step_name(step)
@@ -386,10 +392,10 @@ class CheckpointStore:
             future = dcp.async_save(state, storage_writer=writer, planner=_SavePlanner(),
                                     process_group=self.group,
                                     async_stager=self._stager())
-            self._pending = (future, step, staging, final, meta, writer.checksums)
+            self._pending = (future, step, staging, final, meta, writer.checksums, best)
             return self.storage.path(final)
         dcp.save(state, storage_writer=writer, planner=_SavePlanner(), process_group=self.group)
-        self._publish(step, staging, final, meta, writer.checksums)
+        self._publish(step, staging, final, meta, writer.checksums, best)
         return self.storage.path(final)
 
     def _published_here(self, name: str) -> bool:
@@ -424,14 +430,14 @@ class CheckpointStore:
         """Collective: finish and publish the pending asynchronous save, if any."""
         if self._pending is None:
             return None
-        future, step, staging, final, meta, checksums = self._pending
+        future, step, staging, final, meta, checksums, best = self._pending
         self._pending = None
         future.result()  # a plain Future: the state was staged synchronously (see _stager)
-        self._publish(step, staging, final, meta, checksums)
+        self._publish(step, staging, final, meta, checksums, best)
         return self.storage.path(final)
 
     def _publish(self, step: int, staging: str, final: str, meta: Dict[str, Any],
-                 checksums: Dict[str, List[int]]) -> None:
+                 checksums: Dict[str, List[int]], best: Optional[Dict[str, Any]] = None) -> None:
         # Every rank's files are written once every rank has sent what its writers computed.
         written = gather_texts(json.dumps(checksums), self.group)
         if self.rank == 0:
@@ -441,11 +447,63 @@ class CheckpointStore:
             # Replaces the same step saved before (a resumed run that had nothing left to do).
             self.storage.publish(staging, final)
             self.storage.write(LATEST_FILE, final)
+            if best is not None:
+                self._write_best(final, step, meta.get("samples", 0), best)
             self._prune()
         _barrier(self.group)
 
+    def mark_best(self, step: int, best: Dict[str, Any]) -> None:
+        """Collective: make the checkpoint of `step` (saved by this run, published or being written
+        in the background) the best one; `best`: {"metric", "value"}. The pointer is replaced in
+        one write after the checkpoint it names is published, and the previous best, no longer
+        exempt, is pruned if keep-last would have pruned it."""
+        if self._pending is not None and self._pending[1] == step:
+            self._pending = (*self._pending[:6], best)  # published with it
+            return
+        if self.rank == 0:
+            name = step_name(step)
+            if META_FILE not in self.storage.files(name):
+                raise CheckpointError(f"checkpoint {self.storage.path(name)} is not published: it cannot be the best.")
+            samples = json.loads(self.storage.read(f"{name}/{META_FILE}")).get("samples", 0)
+            self._write_best(name, step, samples, best)
+            self._prune()
+        _barrier(self.group)
+
+    def _write_best(self, name: str, step: int, samples: int, best: Dict[str, Any]) -> None:
+        record = {"checkpoint": name, "step": step, "samples": samples, **best}
+        self.storage.write(BEST_FILE, json.dumps(record))
+        log.info("best checkpoint: %s (validation %s %.6f)", name, best.get("metric"), best.get("value", math.nan))
+
+    def best_record(self) -> Optional[Dict[str, Any]]:
+        """Collective where distributed: rank 0's reading of the best pointer, on every rank: the
+        record, or None when there is none or what it names is not published (with a warning)."""
+        text = None
+        if self.rank == 0:
+            record = self._read_best()
+            text = None if record is None else json.dumps(record)
+        text = broadcast_text(text, self.group)
+        return None if text is None else json.loads(text)
+
+    def _read_best(self) -> Optional[Dict[str, Any]]:
+        try:
+            record = json.loads(self.storage.read(BEST_FILE))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            log.warning("%s is not readable (%s): no best checkpoint", self.storage.path(BEST_FILE), error)
+            return None
+        name = record.get("checkpoint") if isinstance(record, dict) else None
+        if not isinstance(name, str) or not _STEP_DIR.match(name) or META_FILE not in self.storage.files(name):
+            log.warning("%s names no published checkpoint (%r): no best checkpoint", self.storage.path(BEST_FILE), name)
+            return None
+        return record
+
     def _prune(self) -> None:
+        best = self._read_best()
+        keep = {best["checkpoint"]} if best is not None else set()
         for old in self._published()[: -self.keep_last]:
+            if old in keep:
+                continue  # checkpoints/best names it
             self.storage.delete(old)
             log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old, self.keep_last)
         # A step directory without meta.json is a save that died before publishing (in an object
@@ -499,10 +557,12 @@ def gather_texts(text: str, group: Optional[dist.ProcessGroup] = None) -> List[s
     return [buffer[:int(length.item())].numpy().tobytes().decode() for buffer, length in zip(buffers, lengths)]
 
 
-def find_checkpoint(path: Any, group: Optional[dist.ProcessGroup] = None) -> Any:
-    """The newest intact checkpoint that `path` (a local path or URL) names: a step_N directory
-    itself, or a run directory or its checkpoints/ directory. CheckpointError when there is none.
-    Collective, like verify(): rank 0 decides what `path` is, so every rank takes the same branch."""
+def find_checkpoint(path: Any, group: Optional[dist.ProcessGroup] = None, prefer: str = "latest") -> Any:
+    """The intact checkpoint that `path` (a local path or URL) names: a step_N directory itself, a
+    checkpoints/best pointer, or a run directory or its checkpoints/ directory: there, with
+    `prefer` "best", the one checkpoints/best names where it is intact, else (and with "latest")
+    the newest intact one. CheckpointError when there is none. Collective, like verify(): rank 0
+    decides what `path` is, so every rank takes the same branch."""
     path = location(path)
     rank, _ = _position(group)
     kind = None
@@ -510,6 +570,8 @@ def find_checkpoint(path: Any, group: Optional[dist.ProcessGroup] = None) -> Any
         parent = storage_at(path.parent)
         if _STEP_DIR.match(path.name):
             kind = "step" if parent.is_dir(path.name) else f"checkpoint {path} is not usable: no such directory."
+        elif path.name == BEST_FILE and BEST_FILE in parent.files(""):
+            kind = "best"
         elif parent.is_dir(f"{path.name}/checkpoints"):
             kind = "run"
         elif parent.is_dir(path.name):
@@ -522,10 +584,22 @@ def find_checkpoint(path: Any, group: Optional[dist.ProcessGroup] = None) -> Any
         if problem is not None:
             raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
         return path
-    if kind not in ("run", "checkpoints"):
+    if kind not in ("run", "checkpoints", "best"):
         raise CheckpointError(kind)
-    directory = path / "checkpoints" if kind == "run" else path
-    found = CheckpointStore(directory, keep_last=1, rank=rank, process_group=group).newest_valid()
+    directory = {"run": path / "checkpoints", "checkpoints": path, "best": path.parent}[kind]
+    store = CheckpointStore(directory, keep_last=1, rank=rank, process_group=group)
+    if kind == "best" or prefer == "best":
+        record = store.best_record()
+        best = store.storage.path(record["checkpoint"]) if record is not None else None
+        problem = verify(record["checkpoint"], group, store.storage) if record is not None else \
+            f"{directory / BEST_FILE} names no checkpoint"
+        if problem is None:
+            return best
+        if kind == "best":
+            raise CheckpointError(f"{path}: the best checkpoint is not usable: {problem}.")
+        if record is not None:
+            log.warning("the best checkpoint %s is not usable: %s; taking the newest intact one", best, problem)
+    found = store.newest_valid()
     if found is None:
         raise CheckpointError(f"{path}: no checkpoint there (no step_N directory with {META_FILE} in {directory}).")
     return found

@@ -29,7 +29,8 @@ from app.config.fields import field_docs as _field_docs
 from app.config.parallel import (BACKENDS, COMM_PRECISIONS, COMPUTE_KERNELS, CUDA_ONLY_COMM_PRECISIONS,
                                  CUDA_ONLY_KERNELS, DEVICES, SHARDING_TYPES, DistributedConfig, ShardingConfig,
                                  TableConstraint, table_constraint)
-from app.config.training import (DENSE_OPTIMIZERS, LR_DECAYS, MODEL_ARCHS, PIPELINES, SPARSE_OPTIMIZERS,
+from app.config.training import (DENSE_OPTIMIZERS, EARLY_STOPPING_METRICS, HIGHER_IS_BETTER, LR_DECAYS, MODEL_ARCHS,
+                                 PIPELINES, SPARSE_OPTIMIZERS, EarlyStoppingConfig,
                                  CheckpointConfig, LoggingConfig, ModelConfig, OptimConfig, TrainerConfig)
 
 

@@ -125,6 +125,11 @@ class DataConfig:
                               "file://).")
     val_path: str = doc("", "Validation data for data.source=parquet: a directory of .parquet files, one file, "
                             "or a glob; local or a URL, as data.train_path.")
+    test_path: Optional[str] = doc(None, "Test data, evaluated once at the end with the best checkpoint's model "
+                                         "(metrics kind test): a directory of .parquet files, one file, or a glob; "
+                                         "local or a URL, as data.train_path. null: none, but with "
+                                         "data.source=synthetic its generated test split when "
+                                         "data.synthetic.test_rows > 0.")
     storage_options: Dict[str, Any] = doc({}, "Options of the object store that data URLs are read from, passed "
                                               "to its fsspec filesystem (s3fs for s3://: endpoint_url, key, "
                                               "secret, anon, client_kwargs...); they override what the "

@@ -3,11 +3,12 @@ the loop's cadences (trainer) and logging."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
 from app.config.data import check_location
-from app.config.fields import _require, _require_choice, doc
+from app.config.fields import _require, _require_choice, doc, doc_factory
 
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
@@ -15,6 +16,9 @@ LR_DECAYS = ("none", "linear", "cosine")
 MODEL_ARCHS = ("dlrm", "dcn")
 PIPELINES = ("sparse_dist", "base")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Validation metrics early stopping and the best checkpoint can follow: higher is better for auc.
+EARLY_STOPPING_METRICS = ("auc", "logloss", "ne")
+HIGHER_IS_BETTER = ("auc",)
 
 
 @dataclass
@@ -104,11 +108,13 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = doc(500, "Save a checkpoint every this many steps, and always at the end (0: only at the "
-                                  "end).")
+                                  "end); also at every evaluation that improves the best validation metric "
+                                  "(trainer.early_stopping.metric), which checkpoints/best then names.")
     dir: Optional[str] = doc(None, "The run's checkpoints directory (null: <output_root>/<run_name>/checkpoints): "
                                    "a local directory or an object-store URL, e.g. s3://bucket/runs/${run_name} "
                                    "(credentials and endpoint from the environment, as for data URLs).")
-    keep_last: int = doc(2, "How many of the newest checkpoints are kept: older ones are deleted.")
+    keep_last: int = doc(2, "How many of the newest checkpoints are kept: older ones are deleted, except the one "
+                            "checkpoints/best names.")
     resume: bool = doc(True, "Resume from the newest intact checkpoint of this run when there is one.")
     async_save: bool = doc(False, "Write checkpoints in the background while training goes on (the state is copied "
                                   "first).")
@@ -124,6 +130,28 @@ class CheckpointConfig:
         for key in ("dir", "load_from"):
             if getattr(self, key):
                 check_location(f"checkpoint.{key}", getattr(self, key))
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: str = doc("auc", "The validation metric that decides which checkpoint is the best (checkpoints/best) and "
+                             "when to stop early: auc (higher is better), logloss or ne (lower is better).")
+    patience: int = doc(0, "Stop after this many evaluations in a row without an improvement of the metric by more "
+                           "than min_delta (0: never stop for that).")
+    min_delta: float = doc(0.0, "How much better than the best so far an evaluation must be to count as an "
+                                "improvement (for the patience and for checkpoints/best).")
+    target: Optional[float] = doc(None, "Stop once the validation metric reaches this value (auc >= target; "
+                                        "logloss, ne <= target); null: never stop for that. MLPerf DLRMv2: auc "
+                                        "0.80275.")
+
+    def validate(self) -> None:
+        _require_choice("trainer.early_stopping.metric", self.metric, EARLY_STOPPING_METRICS)
+        _require(self.patience >= 0,
+                 f"trainer.early_stopping.patience must be >= 0 evaluations (0: never), got {self.patience}.")
+        _require(self.min_delta >= 0 and math.isfinite(self.min_delta),
+                 f"trainer.early_stopping.min_delta must be >= 0, got {self.min_delta}.")
+        _require(self.target is None or math.isfinite(self.target),
+                 f"trainer.early_stopping.target must be a number or null, got {self.target}.")
 
 
 @dataclass
@@ -146,8 +174,12 @@ class TrainerConfig:
                                       "the ranks average their dense parameters every k steps (and before every "
                                       "evaluation and checkpoint): k-step model averaging, 1/k of the dense "
                                       "all-reduces. Embedding tables stay sharded and exact.")
+    early_stopping: EarlyStoppingConfig = doc_factory(
+        EarlyStoppingConfig, "The best checkpoint by a validation metric, and stopping when that metric stops "
+                             "improving or reaches a target. Evaluations are trainer.eval_every_n_steps apart.")
 
     def validate(self) -> None:
+        self.early_stopping.validate()
         _require(self.epochs >= 1, f"trainer.epochs must be >= 1, got {self.epochs}.")
         _require(self.dense_average_every >= 0,
                  f"trainer.dense_average_every must be >= 0 steps, got {self.dense_average_every}.")

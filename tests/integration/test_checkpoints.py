@@ -32,7 +32,7 @@ def checkpoints(root: Path):
 
 
 def exported_parameters(root: Path, tmp_path: Path):
-    out = export_checkpoint(root / "outputs" / "tiny", tmp_path / f"export-{root.name}")
+    out = export_checkpoint(root / "outputs" / "tiny", tmp_path / f"export-{root.name}", prefer="latest")
     return torch.load(out / MODEL_FILE, weights_only=True)
 
 

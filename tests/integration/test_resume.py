@@ -52,7 +52,7 @@ def interrupted_copy(source: Path, target: Path, at_step: int) -> Path:
 
 
 def parameters(root: Path, tmp_path: Path) -> Dict[str, torch.Tensor]:
-    out = export_checkpoint(run_dir(root), tmp_path / f"export-{root.name}")
+    out = export_checkpoint(run_dir(root), tmp_path / f"export-{root.name}", prefer="latest")
     return torch.load(out / MODEL_FILE, weights_only=True)
 
 

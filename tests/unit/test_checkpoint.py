@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 import pytest
 
 from app.config import Config, FeaturesConfig, ModelConfig, SparseFeature
-from app.checkpoint import (LATEST_FILE, META_FILE, CheckpointError, CheckpointStore, find_checkpoint,
+from app.checkpoint import (BEST_FILE, LATEST_FILE, META_FILE, CheckpointError, CheckpointStore, find_checkpoint,
                             model_differences, read_meta, verify)
 
 
@@ -237,3 +237,41 @@ def test_checkpoints_are_ordered_by_samples_trained_not_by_step_number(tmp_path,
     assert manager.latest().name == "step_00000020"
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000020"]
     assert manager.newest_valid().name == "step_00000020"
+
+
+def test_the_best_checkpoint_is_a_pointer_that_keep_last_never_prunes(tmp_path, single_process_group):
+    store = CheckpointStore(tmp_path, keep_last=1, rank=0)
+    store.save(10, state(1.0), {}, samples=100, best={"metric": "auc", "value": 0.7})
+    store.save(20, state(2.0), {}, samples=200)
+    store.save(30, state(3.0), {}, samples=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE, LATEST_FILE, "step_00000010", "step_00000030"]
+    assert json.loads((tmp_path / BEST_FILE).read_text()) == \
+        {"checkpoint": "step_00000010", "step": 10, "samples": 100, "metric": "auc", "value": 0.7}
+    assert store.best_record()["checkpoint"] == "step_00000010"
+    # An asynchronous save becomes the best only once it is published; the old best is pruned then.
+    store.save(40, state(4.0), {}, asynchronous=True, samples=400)
+    store.mark_best(40, {"metric": "auc", "value": 0.8})
+    assert json.loads((tmp_path / BEST_FILE).read_text())["checkpoint"] == "step_00000010"
+    store.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE, LATEST_FILE, "step_00000040"]
+    # A published checkpoint becomes the best at once.
+    store.save(50, state(5.0), {}, samples=500)
+    store.mark_best(50, {"metric": "auc", "value": 0.9})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE, LATEST_FILE, "step_00000050"]
+
+
+def test_find_checkpoint_prefers_the_best_where_asked_and_falls_back_to_the_newest(tmp_path, single_process_group):
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=3, rank=0)
+    store.save(1, state(1.0), {}, samples=1)
+    assert find_checkpoint(tmp_path, prefer="best").name == "step_00000001"  # no best: the newest
+    store.save(2, state(2.0), {}, samples=2, best={"metric": "logloss", "value": 0.4})
+    store.save(3, state(3.0), {}, samples=3)
+    assert find_checkpoint(tmp_path, prefer="best").name == "step_00000002"
+    assert find_checkpoint(tmp_path / "checkpoints" / BEST_FILE).name == "step_00000002"
+    assert find_checkpoint(tmp_path).name == "step_00000003"  # prefer="latest": load_from's
+    # A damaged best is reported and skipped for the newest intact checkpoint; named itself, it is an error.
+    distcp = next((tmp_path / "checkpoints" / "step_00000002").glob("*.distcp"))
+    distcp.write_bytes(distcp.read_bytes()[:-1])
+    assert find_checkpoint(tmp_path, prefer="best").name == "step_00000003"
+    with pytest.raises(CheckpointError, match="the best checkpoint is not usable"):
+        find_checkpoint(tmp_path / "checkpoints" / BEST_FILE)

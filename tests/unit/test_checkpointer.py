@@ -4,6 +4,7 @@ another batch size."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,11 @@ def test_a_run_continues_from_its_own_checkpoint_before_load_from(source_run, tm
     root, source = source_run
     own = checkpointer_for(source, data_root=root / "data")
     state = own.restore(load_from=str(tmp_path / "nowhere"))  # not even looked at
-    assert state == TrainState(step=20, epoch=0, batches_done=20, samples=20 * 128)
+    assert dataclasses.replace(state, best_metric=None, best_value=None, best_step=None, evaluated_samples=-1) == \
+        TrainState(step=20, epoch=0, batches_done=20, samples=20 * 128)
+    # Step 20 became the best at the final evaluation, after its checkpoint was written: the state
+    # takes that from checkpoints/best, so a longer run resumed from it never moves the best to a worse one.
+    assert (state.best_metric, state.best_step, state.evals_since_best) == ("auc", 20, 0)
     # Its last checkpoint is its own: the end of the run is not saved again.
     assert own.maybe_save(state, force=True) is False
 

@@ -70,6 +70,10 @@ def test_default_is_criteo_shaped():
         ("data.shuffle_window=0", "data.shuffle_window"),
         ("data.synthetic.test_rows=-1", "data.synthetic.test_rows"),
         ("distributed.threads_per_worker=-1", "distributed.threads_per_worker"),
+        ("trainer.early_stopping.metric=accuracy", "trainer.early_stopping.metric"),
+        ("trainer.early_stopping.patience=-1", "trainer.early_stopping.patience"),
+        ("trainer.early_stopping.min_delta=-0.1", "trainer.early_stopping.min_delta"),
+        ("trainer.early_stopping.target=nan", "trainer.early_stopping.target"),
     ],
 )
 def test_impossible_values_fail_naming_the_key(override, key):

@@ -6,6 +6,7 @@ inspected by several tests; the multi-process loop runs in tests/integration.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 from app import job
 from app.checkpoint import RunShape, TrainState
 from app.hydra_edge import compose_config
-from app.trainer import _Window, segment_length
+from app.config import EarlyStoppingConfig
+from app.trainer import EarlyStopping, _Window, segment_length
 
 STEPS_PER_EPOCH = 4000 // 128  # experiment=tiny on one rank: 31 full batches
 CADENCE = ["trainer.epochs=2", "trainer.eval_every_n_steps=10", "trainer.eval_max_batches=1",
@@ -57,7 +59,14 @@ def test_a_run_evaluates_logs_and_checkpoints_at_its_cadences_and_at_the_end(fin
     assert records(run_dir, "eval")[-1]["auc"] == result["auc"]
     assert [r["step"] for r in records(run_dir, "train")] == list(range(5, total + 1, 5))
     saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
-    assert saved == [*range(7, total, 7), total]
+    # ... and at every evaluation that improves the best validation AUC (checkpoints/best names the last).
+    improved, best = [], -1.0
+    for record in records(run_dir, "eval"):
+        if record["auc"] > best:
+            improved, best = [*improved, record["step"]], record["auc"]
+    assert 10 in improved and len(improved) >= 2
+    assert saved == sorted({*range(7, total, 7), total, *improved})
+    assert json.loads((run_dir / "checkpoints" / "best").read_text())["checkpoint"] == f"step_{improved[-1]:08d}"
 
 
 def test_checkpoints_hold_the_data_position_across_the_epoch_boundary(finished_run):
@@ -65,7 +74,7 @@ def test_checkpoints_hold_the_data_position_across_the_epoch_boundary(finished_r
     positions = {}
     for step in (28, 35, 2 * STEPS_PER_EPOCH):
         meta = json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "meta.json").read_text())
-        positions[step] = meta["train_state"]
+        positions[step] = {key: meta["train_state"][key] for key in ("step", "epoch", "batches_done", "samples")}
         assert (meta["world_size"], meta["global_batch_size"], meta["steps_per_epoch"]) == (1, 128, STEPS_PER_EPOCH)
     assert positions[28] == {"step": 28, "epoch": 0, "batches_done": 28, "samples": 28 * 128}
     assert positions[35] == {"step": 35, "epoch": 1, "batches_done": 35 - STEPS_PER_EPOCH, "samples": 35 * 128}
@@ -105,3 +114,43 @@ def test_bf16_with_fp16_tables_trains_checkpoints_fp16_and_resumes(tmp_path):
     assert [r["step"] for r in records(tmp_path / "tiny", "train")] == [5]
     assert [r["step"] for r in records(tmp_path / "tiny", "eval")] == [6, 9]
     assert 0.5 < first["auc"] and 0.5 < second["auc"]
+
+
+def judge(config: EarlyStoppingConfig, values, state=None):
+    """The early-stopping record after evaluations of `values`, and the first stop reason (with its index)."""
+    stopping, state = EarlyStopping(config), state or TrainState()
+    for index, value in enumerate(values):
+        state.step = 10 * (index + 1)
+        stopping.update(state, {config.metric: value})
+        reason = stopping.stop_reason(state, {config.metric: value})
+        if reason:
+            return state, (index, reason)
+    return state, None
+
+
+def test_early_stopping_counts_evaluations_without_an_improvement_of_more_than_min_delta():
+    state, stop = judge(EarlyStoppingConfig(patience=2, min_delta=0.01), [0.70, 0.705, 0.72, 0.725, 0.729, 0.74])
+    # 0.705 and 0.725/0.729 are within min_delta of the best: not improvements.
+    assert stop is not None and stop[0] == 4 and "in 2 evaluations" in stop[1] and "best 0.720000 at step 30" in stop[1]
+    assert (state.best_value, state.best_step, state.evals_since_best) == (0.72, 30, 2)
+    # Lower is better for logloss; nan (one class) is never an improvement; patience 0 never stops.
+    state, stop = judge(EarlyStoppingConfig(metric="logloss", patience=1), [0.5, float("nan")])
+    assert stop[0] == 1 and state.best_value == 0.5
+    assert judge(EarlyStoppingConfig(metric="ne", patience=0), [0.9, 0.95, 0.97, 0.99])[1] is None
+
+
+def test_early_stopping_stops_at_the_target_and_resumes_from_the_train_state():
+    _, stop = judge(EarlyStoppingConfig(target=0.80275), [0.79, 0.8027, 0.80275, 0.81])
+    assert stop == (2, "validation auc 0.802750 reached trainer.early_stopping.target=0.80275")
+    _, stop = judge(EarlyStoppingConfig(metric="logloss", target=0.45), [0.5, 0.44])
+    assert stop[0] == 1
+    # Resumed after 2 of 3 evaluations: the same decision as the uninterrupted run.
+    config = EarlyStoppingConfig(patience=2)
+    straight, straight_stop = judge(config, [0.7, 0.69, 0.68])
+    resumed, _ = judge(config, [0.7, 0.69])
+    resumed, resumed_stop = judge(config, [0.68], state=TrainState(**dataclasses.asdict(resumed)))
+    assert straight_stop[1] == resumed_stop[1] and resumed.evals_since_best == straight.evals_since_best == 2
+    # A best by another metric (the config changed) starts over.
+    other = TrainState(best_metric="logloss", best_value=0.4, best_step=10, evals_since_best=3)
+    EarlyStopping(EarlyStoppingConfig()).resume(other)
+    assert (other.best_metric, other.best_value, other.evals_since_best) == (None, None, 0)
