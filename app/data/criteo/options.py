@@ -87,7 +87,7 @@ class CriteoColumns:
             raise ConfigError(
                 f"the Criteo layout has {DENSE_COLUMNS} integer and {SPARSE_COLUMNS} categorical columns, but the "
                 f"features config has {len(schema.dense)} dense and {len(schema.sparse)} sparse; use a Criteo "
-                "features config (features=criteo_kaggle, criteo_1tb or criteo_small)."
+                "features config (features=criteo_kaggle, criteo_1tb, criteo_small or criteo_demo)."
             )
         hotness = tuple(multi_hot_sizes) if multi_hot_sizes is not None else tuple(f.hotness for f in schema.sparse)
         return cls(
