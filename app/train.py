@@ -81,7 +81,19 @@ def main(cfg: DictConfig) -> float:
     if os.environ.get("RANK", "0") == "0":
         print(f"final validation AUC {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
               f"NE {result['ne']:.4f}  run dir {run_dir}", flush=True)
+        _say_best_achievable(config, result["auc"])
     return result["auc"]  # the value a sweeper plugin optimises
+
+
+def _say_best_achievable(config, auc: float) -> None:
+    """The dataset's best achievable validation AUC beside the one reached, where it is known (a
+    generated dataset records it in its metadata.json)."""
+    from app.data.synthetic import best_achievable
+
+    best = best_achievable(config.features, config.data)
+    if best is not None:
+        print(f"best achievable validation AUC {best['auc']:.4f} (the true click probabilities', "
+              f"{best['path']}): reached {auc:.4f}, gap {best['auc'] - auc:.4f}", flush=True)
 
 
 def _worker(config, run_dir: Path):

@@ -7,6 +7,11 @@
     python scripts/convert_criteo.py --out data/kaggle_val --categorical vocab --vocabulary data/criteo_kaggle \\
         /data/val.txt features=criteo_kaggle             # the same ids as the training conversion
 
+Categorical columns whose features config gives a hotness h > 1 (features=criteo_1tb: the MLPerf
+DLRMv2 reference's 26 values) are written multi-hot: each row's id, then h - 1 ids derived from it
+deterministically by --multi-hot-seed, as the reference materialises its synthetic multi-hot
+dataset (app/data/criteo/multi_hot.py). --multi-hot-sizes 3,2,1,... (26 values) overrides them.
+
 Arguments of the form key=value are config overrides, the same as app.train takes: they pick the
 features config whose column names and table sizes the files must match (hash ids are taken modulo
 the table sizes). Running the same command again resumes: inputs already converted are skipped.
@@ -18,9 +23,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
-from app.config import FeaturesConfig
+from app.config import ConfigError, FeaturesConfig
 from app.data.criteo import CATEGORICAL_MODES, MIN_ROW_GROUPS, ConvertOptions, convert
 from app.errors import BAD_INPUT, UserError
 from app.hydra_edge import compose_config
@@ -49,6 +54,11 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("--block-size-mb", type=float, default=defaults.block_size / 2**20,
                         help="bytes per streamed read, in MiB: memory per worker is about 45 times it")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="processes, one input each at a time")
+    parser.add_argument("--multi-hot-sizes", default=None, metavar="H0,H1,...,H25",
+                        help="ids per row of each categorical column (26 comma-separated values; default: the "
+                             "features config's hotness); h > 1 adds h - 1 ids derived from the row's id")
+    parser.add_argument("--multi-hot-seed", type=int, default=defaults.multi_hot_seed,
+                        help="seed of the derived multi-hot ids (default %(default)s)")
     args = parser.parse_intermixed_args(argv)
     args.inputs = [item for item in args.items if "=" not in item]
     return args, [item for item in args.items if "=" in item]
@@ -63,10 +73,25 @@ def features_config(overrides: List[str]) -> FeaturesConfig:
     return features
 
 
+def multi_hot_sizes(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    """--multi-hot-sizes as integers (their count and range are ConvertOptions.validate's to check)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(value) for value in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--multi-hot-sizes must be comma-separated integers, got {text!r}.") from None
+
+
 def main(argv: List[str]) -> int:
     args, overrides = parse_args(argv)
     logging.basicConfig(format="%(message)s")
     logging.getLogger("app").setLevel(logging.INFO)  # progress; the libraries' INFO stays quiet
+    try:
+        sizes = multi_hot_sizes(args.multi_hot_sizes)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return BAD_INPUT
     options = ConvertOptions(
         categorical=args.categorical,
         min_frequency=args.min_frequency,
@@ -76,6 +101,8 @@ def main(argv: List[str]) -> int:
         rows_per_row_group=args.rows_per_row_group,
         block_size=int(args.block_size_mb * 2**20),
         workers=args.workers,
+        multi_hot_sizes=sizes,
+        multi_hot_seed=args.multi_hot_seed,
     )
     try:
         # The FeaturesConfig, not a FeatureSchema: app.features would load torchrec for nothing.

@@ -38,8 +38,8 @@ class SparseFeature:
     num_embeddings: int = doc(0, "Rows of the feature's embedding table: ids lie in [0, num_embeddings) "
                                  "(see data.invalid_ids).")
     hotness: int = doc(1, "Ids per row: 1 is a single-hot int64 column; >1 is a list<int64> column (multi-hot) "
-                          "whose rows hold up to this many ids (used by the synthetic generator; the loader "
-                          "takes any length).")
+                          "whose rows hold up to this many ids (used by the synthetic generator, and by the Criteo "
+                          "converter, which makes each one-hot id a bag of this many; the loader takes any length).")
     data_type: Optional[str] = doc(None, "Precision of this feature's table weights: fp32 or fp16 (null: "
                                          "features.data_type).")
 

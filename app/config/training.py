@@ -54,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = doc(0.01, "Learning rate of both optimizers unless optim.sparse_lr is set, so optim.lr=... sweeps "
+    lr: float = doc(0.05, "Learning rate of both optimizers unless optim.sparse_lr is set, so optim.lr=... sweeps "
                           "the whole model.")
     sparse_lr: Optional[float] = doc(None, "Learning rate of the embedding tables (null: optim.lr).")
     dense: str = doc("adagrad", f"Optimizer of the dense layers: {', '.join(DENSE_OPTIMIZERS)}.")

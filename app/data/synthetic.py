@@ -21,14 +21,17 @@ import shutil
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.config import SyntheticConfig
-from app.features import FeatureSchema
+
+if TYPE_CHECKING:  # app.features imports torchrec; a FeaturesConfig does as well here
+    from app.config import DataConfig, FeaturesConfig
+    from app.features import FeatureSchema
 
 METADATA_FILE = "metadata.json"
 LATENT_DIM = 4
@@ -37,7 +40,7 @@ FORMAT_VERSION = 2  # bump when the generator changes what a fingerprint produce
 PROBABILITY_COLUMN = "click_probability"
 
 
-def dataset_dir(schema: FeatureSchema, cfg: SyntheticConfig) -> Path:
+def dataset_dir(schema: "FeatureSchema | FeaturesConfig", cfg: SyntheticConfig) -> Path:
     """cfg.root/<fingerprint>: a changed feature schema or generator setting gets its own dataset."""
     params = {k: v for k, v in asdict(cfg).items() if k != "root"}
     key = {
@@ -51,7 +54,7 @@ def dataset_dir(schema: FeatureSchema, cfg: SyntheticConfig) -> Path:
     return Path(cfg.root) / digest
 
 
-def ensure_dataset(schema: FeatureSchema, cfg: SyntheticConfig) -> Tuple[Path, Path]:
+def ensure_dataset(schema: "FeatureSchema", cfg: SyntheticConfig) -> Tuple[Path, Path]:
     """(train_dir, val_dir), generating the dataset first if it is not there (a test split, if
     configured, lies beside them). The dataset is built
     under a temporary name and renamed into place, so a crash never leaves one that looks complete."""
@@ -68,6 +71,25 @@ def ensure_dataset(schema: FeatureSchema, cfg: SyntheticConfig) -> Tuple[Path, P
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return final / "train", final / "val"
+
+
+def best_achievable(features: "FeaturesConfig", data: "DataConfig") -> Optional[Dict[str, object]]:
+    """{"auc", "logloss", "path"}: the validation split's best achievable scores (those of the true
+    click probabilities) from the metadata.json of the generated dataset it comes from, or None where
+    they are not known: for data.source=parquet, a split directory of a generated dataset
+    (<dataset>/val, <dataset>/test) is recognised by the metadata.json beside it; other files have none."""
+    if data.source == "synthetic":
+        metadata_path, split = dataset_dir(features, data.synthetic) / METADATA_FILE, "val"
+    else:
+        split_dir = Path(data.val_path)
+        metadata_path, split = split_dir.parent / METADATA_FILE, split_dir.name
+        if not split_dir.is_dir():
+            return None
+    try:
+        scores = json.loads(metadata_path.read_text())["splits"][split]
+        return {"auc": float(scores["best_auc"]), "logloss": float(scores["best_logloss"]), "path": str(metadata_path)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ---- the planted model -------------------------------------------------------------------------

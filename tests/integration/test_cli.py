@@ -48,7 +48,7 @@ def test_help_lists_every_key_with_its_default_and_help():
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "checkpoint.every_n_steps: int = 500\n" in text
-    assert "trainer.epochs: int = 2\n" in text and "optim.lr: float = 0.01\n" in text
+    assert "trainer.epochs: int = 2\n" in text and "optim.lr: float = 0.05\n" in text
     assert "sharding.hbm_cap_gb: Optional[float] = null\n" in text
     assert "    Save a checkpoint every this many steps, and always at the end (0: only at the end)." in text
     assert "model: dcn, dlrm" in text, "Hydra's list of groups and options stays"
@@ -61,5 +61,5 @@ def test_help_lists_every_key_with_its_default_and_help():
     text = run_command([sys.executable, "-m", "app.train", "--help", "experiment=tiny", "optim.lr=0.5"],
                        cwd=REPO).stdout
     assert "checkpoint.every_n_steps: int = 500  (composed: 10)\n" in text
-    assert "optim.lr: float = 0.01  (composed: 0.5)\n" in text and "optim.eps: float = 1e-08\n" in text
+    assert "optim.lr: float = 0.05  (composed: 0.5)\n" in text and "optim.eps: float = 1e-08\n" in text
     assert "features.sparse: List[SparseFeature] = []  (composed: [26 entries])\n" in text

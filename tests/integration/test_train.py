@@ -4,6 +4,7 @@ self-launched workers, and Hydra sweeps (a grid and Optuna)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -99,9 +100,17 @@ def test_every_sharding_type_trains_to_the_end(tmp_path, sharding):
 def test_self_launched_workers(tmp_path):
     args = [sys.executable, "-m", "app.train",
             *tiny(tmp_path, "distributed.nproc_per_node=2", "distributed.threads_per_worker=3", "trainer.max_steps=4")]
-    out = check(run_command(args, cwd=REPO))
-    assert "final validation AUC" in out
+    result = run_command(args, cwd=REPO)
+    out = check(result)
     assert "2 worker(s) on cpu, 2 on this node, 3 CPU threads each" in out
+    # The last lines: the AUC reached, then the generated dataset's best achievable one and the gap.
+    final, best = result.stdout.splitlines()[-2:]
+    reached = float(re.match(r"final validation AUC (0\.\d{4}) ", final).group(1))
+    metadata = next((tmp_path / "data").iterdir()) / "metadata.json"
+    recorded = json.loads(metadata.read_text())["best_auc"]
+    said = re.fullmatch(rf"best achievable validation AUC {recorded:.4f} \(the true click probabilities', "
+                        rf"{re.escape(str(metadata))}\): reached {reached:.4f}, gap (-?0\.\d{{4}})", best)
+    assert said and abs(float(said.group(1)) - (recorded - reached)) < 2e-4, best
     assert json.loads((tmp_path / "outputs" / "tiny" / "plan.json").read_text())["world_size"] == 2
 
 

@@ -141,7 +141,8 @@ def test_group_schemas_are_configs_dataclass_fields():
 
 def test_the_default_config_is_the_dataclass_defaults():
     # The dataclasses are the one source of defaults: `python -m app.train` with no overrides runs
-    # Config() but for the dataset the default features option (criteo_small) describes.
+    # Config() but for the dataset the default features option (criteo_demo) describes: its columns
+    # and tables, and its pooling (mean: the generator averages a multi-hot row's ids).
     composed, defaults = dataclasses.asdict(load()), dataclasses.asdict(Config())
     for group in GROUPS:
         if group == "features":
@@ -151,7 +152,7 @@ def test_the_default_config_is_the_dataclass_defaults():
     for key in ("run_name", "seed", "output_root"):
         assert composed[key] == defaults[key], key
     differences = _differences(composed["features"], defaults["features"], "features.")
-    assert set(differences) == {"features.dense", "features.sparse"}, differences
+    assert set(differences) == {"features.dense", "features.sparse", "features.pooling"}, differences
     assert Config().features.dense == [] and Config().features.sparse == []
 
 

@@ -36,7 +36,7 @@ def convert(inputs: Sequence[str], out_dir: str, schema: "FeatureSchema | Featur
     the output does not depend on their number. Only the schema's label, dense and sparse are
     read, so the FeaturesConfig it is built from will do (and spares loading torchrec)."""
     options.validate()
-    columns = CriteoColumns.from_schema(schema)
+    columns = CriteoColumns.from_schema(schema, options.multi_hot_sizes)
     inputs = [str(p) for p in inputs]
     if not inputs:
         raise ConfigError("no input files given.")
@@ -105,6 +105,9 @@ def _settings(columns: CriteoColumns, options: ConvertOptions, built_from: Optio
         settings["num_embeddings"] = list(columns.num_embeddings)
     else:
         settings["vocabulary"] = built_from
+    if any(h > 1 for h in columns.hotness):
+        settings["multi_hot"] = {"hotness": list(columns.hotness), "seed": options.multi_hot_seed,
+                                 "num_embeddings": list(columns.num_embeddings)}
     return json.loads(json.dumps(settings))  # as it reads back from a marker
 
 
@@ -153,7 +156,8 @@ def convert_input(job: InputJob) -> dict:
         with PartWriter(open_part, job.stem, output_schema(job.columns), options.rows_per_file,
                         options.rows_per_row_group) as writer:
             for first_line, batch in read_blocks(job.path, job.columns, options.block_size):
-                writer.write(output_rows(batch, first_line, job.path, job.columns, options.log_dense, vocabularies))
+                writer.write(output_rows(batch, first_line, job.path, job.columns, options.log_dense, vocabularies,
+                                         options.multi_hot_seed))
                 rows += batch.num_rows
             parts = writer.close()
     marker = {"input": os.path.abspath(job.path), "rows": rows, "parts": parts, "settings": job.settings}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 from app.config import ConfigError, FeaturesConfig
 
@@ -39,6 +39,12 @@ class ConvertOptions:
     # flight) so that reading and decompressing overlap the conversion.
     block_size: int = 4 << 20
     workers: int = 1  # processes, one input file each at a time
+    # Ids per row of each categorical column, in column order (26 values), as the MLPerf DLRMv2
+    # reference's --multi_hot_sizes; None: the features config's hotness. A column of hotness h > 1
+    # is written as list<int64>: its one-hot id, then h - 1 ids derived from it (multi_hot.py).
+    multi_hot_sizes: Optional[Tuple[int, ...]] = None
+    # Seed of the derived ids: the same seed gives every row with the same id the same bag.
+    multi_hot_seed: int = 0
 
     def validate(self) -> None:
         if self.categorical not in CATEGORICAL_MODES:
@@ -52,6 +58,13 @@ class ConvertOptions:
             raise ConfigError(f"block_size must be >= 4096 bytes (more than the longest line), got {self.block_size}.")
         if self.vocabulary and self.categorical != "vocab":
             raise ConfigError("vocabulary is only used with categorical='vocab'.")
+        if self.multi_hot_sizes is not None:
+            sizes = list(self.multi_hot_sizes)
+            if len(sizes) != SPARSE_COLUMNS or any(not isinstance(h, int) or h < 1 for h in sizes):
+                raise ConfigError(
+                    f"multi_hot_sizes (--multi-hot-sizes) must be {SPARSE_COLUMNS} integers >= 1, one per "
+                    f"categorical column in order, got {len(sizes)} value(s): {sizes}."
+                )
 
 
 @dataclass(frozen=True)
@@ -63,26 +76,26 @@ class CriteoColumns:
     dense: Tuple[str, ...]
     sparse: Tuple[str, ...]
     num_embeddings: Tuple[int, ...]
+    hotness: Tuple[int, ...]  # ids per row of each sparse column: > 1 is multi-hot (multi_hot.py)
 
     @classmethod
-    def from_schema(cls, schema: "FeatureSchema | FeaturesConfig") -> "CriteoColumns":
+    def from_schema(cls, schema: "FeatureSchema | FeaturesConfig",
+                    multi_hot_sizes: Optional[Sequence[int]] = None) -> "CriteoColumns":
+        """The schema's columns; each sparse column's hotness is multi_hot_sizes' if given (checked
+        by ConvertOptions.validate), else the features config's."""
         if len(schema.dense) != DENSE_COLUMNS or len(schema.sparse) != SPARSE_COLUMNS:
             raise ConfigError(
                 f"the Criteo layout has {DENSE_COLUMNS} integer and {SPARSE_COLUMNS} categorical columns, but the "
                 f"features config has {len(schema.dense)} dense and {len(schema.sparse)} sparse; use a Criteo "
-                "features config (features=criteo_kaggle, criteo_1tb or criteo_small)."
+                "features config (features=criteo_kaggle, criteo_1tb, criteo_small or criteo_demo)."
             )
-        for i, feature in enumerate(schema.sparse):
-            if feature.hotness != 1:
-                raise ConfigError(
-                    f"features.sparse[{i}] ({feature.name!r}) has hotness {feature.hotness}; Criteo categoricals "
-                    "hold one value per row: set hotness 1."
-                )
+        hotness = tuple(multi_hot_sizes) if multi_hot_sizes is not None else tuple(f.hotness for f in schema.sparse)
         return cls(
             label=schema.label,
             dense=tuple(schema.dense),
             sparse=tuple(f.name for f in schema.sparse),
             num_embeddings=tuple(f.num_embeddings for f in schema.sparse),
+            hotness=hotness,
         )
 
     @property

@@ -3,7 +3,8 @@
 The columns are the features config's, in raw field order: the label as int8 (0/1); the dense
 columns as float32, log(1 + max(x, 0)) by default as the DLRM reference feeds them (the model takes
 dense values as they are), an empty field as 0; the sparse columns as int64 ids, an empty field as
-null (the loader reads it as an empty bag).
+null (the loader reads it as an empty bag). A column of hotness h > 1 is list<int64>: each row's
+id, then h - 1 ids derived from it (multi_hot.py); an empty field stays null.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from app.data import DataError
+from app.data.criteo.multi_hot import multi_hot_bags
 from app.data.criteo.options import CriteoColumns
 from app.data.criteo.tsv import distinct_values
 from app.data.criteo.vocabulary import Vocabulary
@@ -31,12 +33,12 @@ def output_schema(columns: CriteoColumns) -> pa.Schema:
     return pa.schema(
         [(columns.label, pa.int8())]
         + [(name, pa.float32()) for name in columns.dense]
-        + [(name, pa.int64()) for name in columns.sparse]
+        + [(name, pa.int64() if hot == 1 else pa.list_(pa.int64())) for name, hot in zip(columns.sparse, columns.hotness)]
     )
 
 
 def output_rows(batch: pa.RecordBatch, first_line: int, path: str, columns: CriteoColumns, log_dense: bool,
-                vocabularies: Optional[List[Vocabulary]]) -> pa.Table:
+                vocabularies: Optional[List[Vocabulary]], multi_hot_seed: int = 0) -> pa.Table:
     """One block's rows in the output schema (hash ids when no vocabularies are given)."""
     raw_label = batch.column(columns.label)
     label = pc.fill_null(raw_label, -1).to_numpy()
@@ -54,13 +56,19 @@ def output_rows(batch: pa.RecordBatch, first_line: int, path: str, columns: Crit
             arrays.append(pa.array(np.log1p(np.maximum(values, 0)).astype(np.float32)))
         else:
             arrays.append(pa.array(values.astype(np.float32)))
-    for index, (name, num_embeddings) in enumerate(zip(columns.sparse, columns.num_embeddings)):
+    for index, (name, num_embeddings, hotness) in enumerate(zip(columns.sparse, columns.num_embeddings,
+                                                                 columns.hotness)):
         values, rows = distinct_values(batch.column(name), name, path, first_line, columns)
         if vocabularies is None:
             ids = (values % np.uint64(num_embeddings)).astype(np.int64)
         else:
             ids = vocabularies[index].lookup(values)
-        arrays.append(pa.array(ids, pa.int64()).take(rows))  # null rows stay null
+        if hotness == 1:
+            arrays.append(pa.array(ids, pa.int64()).take(rows))  # null rows stay null
+        else:  # a bag per distinct value, then per row
+            bags = multi_hot_bags(ids, hotness, num_embeddings, index, multi_hot_seed)
+            per_value = pa.FixedSizeListArray.from_arrays(pa.array(bags.ravel()), hotness)
+            arrays.append(per_value.take(rows).cast(pa.list_(pa.int64())))
     return pa.Table.from_arrays(arrays, schema=output_schema(columns))
 
 

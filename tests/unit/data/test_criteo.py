@@ -321,10 +321,62 @@ def test_a_schema_that_is_not_criteo_is_refused(tmp_path):
     narrow = FeatureSchema.from_config(FeaturesConfig(dense=DENSE[:2], sparse=[SparseFeature(n, 10) for n in SPARSE]))
     with pytest.raises(ConfigError, match="13 integer and 26 categorical columns.*2 dense and 26 sparse"):
         convert([path], str(tmp_path / "out"), narrow, ConvertOptions())
-    multi_hot = FeatureSchema.from_config(
-        FeaturesConfig(dense=DENSE, sparse=[SparseFeature(n, 10, hotness=2 if n == "cat_5" else 1) for n in SPARSE]))
-    with pytest.raises(ConfigError, match="'cat_5'\\) has hotness 2"):
-        convert([path], str(tmp_path / "out"), multi_hot, ConvertOptions())
+
+
+HOTNESS = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]  # MLPerf DLRMv2's
+
+
+def test_multi_hot_bags_are_the_one_hot_id_and_ids_derived_from_it_by_seed(tmp_path, two_inputs):
+    paths, rows = two_inputs
+    multi_hot = FeatureSchema.from_config(FeaturesConfig(
+        dense=DENSE, sparse=[SparseFeature(n, s, hotness=h) for n, s, h in zip(SPARSE, SIZES, HOTNESS)]))
+    summary = convert(paths, str(tmp_path / "a"), multi_hot, ConvertOptions(**SMALL))
+    assert summary["settings"]["multi_hot"] == {"hotness": HOTNESS, "seed": 0, "num_embeddings": SIZES}
+    files = resolve_files(str(tmp_path / "a"))
+    check_files(files, multi_hot)
+    got, one_hot = read_output(tmp_path / "a"), expected(rows[0] + rows[1])
+    bags_of: Dict[tuple, list] = {}
+    for j, (name, hotness) in enumerate(zip(SPARSE, HOTNESS)):
+        column = pq.read_schema(files[0]).field(name).type
+        assert str(column) == ("int64" if hotness == 1 else "list<element: int64>"), name
+        for bag, one in zip(got[name], one_hot[name]):
+            if one is None:  # an empty field: a null, read as an empty bag
+                assert bag is None, name
+            elif hotness == 1:
+                assert bag == one, name
+            else:
+                assert len(bag) == hotness and bag[0] == one and all(0 <= i < SIZES[j] for i in bag), name
+                assert bags_of.setdefault((j, one), bag) == bag, name  # the same id, the same bag
+    wide = [b for b in got["cat_20"] if b is not None]
+    assert len({i for b in wide for i in b[1:]}) == SIZES[20]  # uniform draws: every row of a 67-row table
+    # Deterministic by seed: the same seed gives the same files, another seed other derived ids.
+    convert(paths, str(tmp_path / "b"), multi_hot, ConvertOptions(**SMALL))
+    other = convert(paths, str(tmp_path / "c"), multi_hot, ConvertOptions(multi_hot_seed=1, **SMALL))
+    assert other["settings"]["multi_hot"]["seed"] == 1
+    for part in summary["inputs"]["day_0"]["parts"]:
+        assert pq.read_table(tmp_path / "a" / part).equals(pq.read_table(tmp_path / "b" / part))
+    reseeded = read_output(tmp_path / "c")
+    assert [b and b[0] for b in reseeded["cat_20"]] == [b and b[0] for b in got["cat_20"]]
+    assert reseeded["cat_20"] != got["cat_20"]
+    # Loads for training: a bag of `hotness` ids per row.
+    batch = next(iter(TrainingBatches(files, multi_hot, batch_size=20, rank=0, world_size=1, shuffle=False,
+                                      prefetch_windows=0)))
+    lengths = batch.sparse_features["cat_20"].lengths().numpy()
+    assert set(lengths.tolist()) <= {0, 100} and (lengths == 100).any()
+    # multi_hot_sizes overrides the features config; a directory of other sizes is refused.
+    sizes = ConvertOptions(multi_hot_sizes=tuple([1] * 25 + [4]), **SMALL)
+    assert convert(paths, str(tmp_path / "d"), multi_hot, sizes)["settings"]["multi_hot"]["hotness"] == [1] * 25 + [4]
+    assert all(len(b) == 4 for b in read_output(tmp_path / "d")["cat_25"] if b is not None)
+    with pytest.raises(ConfigError, match="converted with other settings \\(multi_hot: "):
+        convert(paths, str(tmp_path / "a"), multi_hot, sizes)
+
+
+@pytest.mark.parametrize("sizes", [(3, 2, 1), tuple([1] * 27), tuple([0] * 26)])
+def test_a_multi_hot_size_list_of_the_wrong_length_or_range_is_refused(tmp_path, sizes):
+    path = write_tsv(tmp_path / "day_0", criteo_rows(5, seed=8))
+    with pytest.raises(ConfigError, match="multi_hot_sizes \\(--multi-hot-sizes\\) must be 26 integers >= 1"):
+        convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(multi_hot_sizes=sizes))
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_script_converts_and_exits_2_on_bad_input(tmp_path, capsys):
@@ -335,6 +387,13 @@ def test_the_script_converts_and_exits_2_on_bad_input(tmp_path, capsys):
     assert "day_0: 30 rows in 2 part(s), converted" in capsys.readouterr().out
     assert main(["--out", str(tmp_path / "out"), str(tmp_path / "nope.gz")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path}/nope.gz: no such input file")
+    for sizes, message in [("3,2,1", "got 3 value(s): [3, 2, 1]"), ("3,x", "comma-separated integers, got '3,x'")]:
+        assert main(["--out", str(tmp_path / "mh"), path, "--multi-hot-sizes", sizes]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "--multi-hot-sizes" in err and message in err, err
+    assert main(["--out", str(tmp_path / "mh"), path, "features=criteo_small", "--multi-hot-sizes",
+                 ",".join(map(str, HOTNESS)), "--multi-hot-seed", "3"]) == 0
+    assert [len(b) for b in read_output(tmp_path / "mh")["cat_21"] if b is not None][0] == 27
 
 
 def test_the_script_takes_any_features_config_and_names_a_bad_override(tmp_path, capsys):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from app.config import SyntheticConfig
+from app.config import DataConfig, SyntheticConfig
 from app.data.files import check_files, resolve_files
-from app.data.synthetic import PROBABILITY_COLUMN, ScoreTally, dataset_dir, ensure_dataset, generate
+from app.data.synthetic import PROBABILITY_COLUMN, ScoreTally, best_achievable, dataset_dir, ensure_dataset, generate
 from tests.unit.data.conftest import SCHEMA
 
 
@@ -89,3 +89,23 @@ def test_recorded_best_scores_are_those_of_the_per_row_true_probabilities(tmp_pa
         logloss = -np.mean(labels * np.log(truth) + (1 - labels) * np.log(1 - truth))
         assert metadata["splits"][split]["best_logloss"] == pytest.approx(logloss, rel=1e-9)
     assert metadata["best_auc"] == metadata["splits"]["val"]["best_auc"]
+
+
+def test_the_best_achievable_scores_of_the_data_a_job_validates_on(tmp_path):
+    cfg = config(tmp_path, test_rows=500)
+    synthetic = DataConfig(source="synthetic", synthetic=cfg)
+    assert best_achievable(SCHEMA, synthetic) is None  # not generated yet
+    train, val = ensure_dataset(SCHEMA, cfg)
+    metadata = json.loads((train.parent / "metadata.json").read_text())
+    best = best_achievable(SCHEMA, synthetic)
+    assert best == {"auc": metadata["best_auc"], "logloss": metadata["best_logloss"],
+                    "path": str(train.parent / "metadata.json")}
+    # A generated dataset read as Parquet: the split validated on, from the metadata beside it.
+    on_test = best_achievable(SCHEMA, DataConfig(source="parquet", train_path=str(train),
+                                                 val_path=str(train.parent / "test")))
+    assert on_test["auc"] == metadata["splits"]["test"]["best_auc"] != best["auc"]
+    # Parquet files without a metadata.json (or a file, or a glob): not known.
+    copied = tmp_path / "elsewhere" / "val"
+    copied.mkdir(parents=True)
+    for path in [str(copied), str(val / "part-00000.parquet"), str(val / "*.parquet")]:
+        assert best_achievable(SCHEMA, DataConfig(source="parquet", train_path=str(train), val_path=path)) is None
