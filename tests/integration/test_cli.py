@@ -50,7 +50,7 @@ def test_help_lists_every_key_with_its_default_and_help():
     assert "checkpoint.every_n_steps: int = 500\n" in text
     assert "trainer.epochs: int = 2\n" in text and "optim.lr: float = 0.05\n" in text
     assert "sharding.hbm_cap_gb: Optional[float] = null\n" in text
-    assert "    Save a checkpoint every this many steps, and always at the end (0: only at the end)." in text
+    assert "    Save a checkpoint every this many steps, and always at the end (0: only at the end); also at" in text
     assert "model: dcn, dlrm" in text, "Hydra's list of groups and options stays"
     flat = " ".join(text.split())
     for doc in field_docs():
