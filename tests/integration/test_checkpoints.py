@@ -123,22 +123,34 @@ for step in range(2, 100):
 """
 
 
+def _big_save_under_way(directory: Path) -> bool:
+    """Whether a save's staging directory holds a file of more than 1 MB (files come and go as
+    they are written, renamed and published: one gone is no save)."""
+    for staging in directory.glob(".step_*.tmp"):
+        try:
+            if any(p.stat().st_size > 2**20 for p in staging.glob("*")):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     from app.checkpoint import CheckpointStore, verify
 
     directory = tmp_path / "checkpoints"
-    job = start([sys.executable, "-c", _SAVE_FOREVER, str(directory)], tmp_path / "save.log")
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:  # wait until the big save is under way, then kill
-            staging = list(directory.glob(".step_*.tmp"))
-            if staging and any(p.stat().st_size > 2**20 for p in staging[0].glob("*")):
-                break
-            time.sleep(0.01)
-        job.send_signal(signal.SIGKILL)
-        job.wait(timeout=30)
-    finally:
-        kill_tree(job.pid)
+    for _ in range(5):  # a kill that lands between two saves (a save takes ~0.3 s) is tried again
+        job = start([sys.executable, "-c", _SAVE_FOREVER, str(directory)], tmp_path / "save.log")
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline and not _big_save_under_way(directory):
+                time.sleep(0.01)
+            job.send_signal(signal.SIGKILL)
+            job.wait(timeout=30)
+        finally:
+            kill_tree(job.pid)
+        if list(directory.glob(".step_*.tmp")):
+            break
     assert list(directory.glob(".step_*.tmp")), "killed too late: no save was under way"
     manager = CheckpointStore(directory, keep_last=3, rank=0)
     newest = manager.newest_valid()
