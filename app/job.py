@@ -48,13 +48,17 @@ def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> 
         train_path, val_path = str(train_dir), str(val_dir)
     else:
         train_path, val_path = config.train_path, config.val_path
+    return (_checked_split(config, schema, train_path, "data.train_path"),
+            _checked_split(config, schema, val_path, "data.val_path"))
+
+
+def _checked_split(config: DataConfig, schema: FeatureSchema, path: str, key: str) -> List[str]:
+    """A split's files, checked from their footers and its first row group (bad rows found before
+    the first step, not after the last); errors name `key`."""
     options = config.storage_options
-    files = (resolve_files(train_path, options, key="data.train_path"),
-             resolve_files(val_path, options, key="data.val_path"))
-    policy = InputPolicy.from_config(config)
-    for split in files:  # bad rows in a split found before the first step, not after the last
-        check_files(split, schema, options)
-        check_first_row_group(split, schema, policy, options)
+    files = resolve_files(path, options, key=key)
+    check_files(files, schema, options)
+    check_first_row_group(files, schema, InputPolicy.from_config(config), options)
     return files
 
 
@@ -63,7 +67,7 @@ def checkpoint_location(config: Config, run_dir: Path):
     return config.checkpoint.dir or run_dir / "checkpoints"
 
 
-def test_files(config: DataConfig, schema: FeatureSchema, val_files: List[str]) -> Optional[List[str]]:
+def held_out_test_files(config: DataConfig, schema: FeatureSchema, val_files: List[str]) -> Optional[List[str]]:
     """The test split's Parquet files, checked like the others before the first step: data.test_path,
     or with data.source=synthetic its generated test split (data.synthetic.test_rows > 0, beside
     the val split); None when there is no test split."""
@@ -72,11 +76,7 @@ def test_files(config: DataConfig, schema: FeatureSchema, val_files: List[str]) 
         path = str(Path(val_files[0]).parent.parent / "test")
     if path is None:
         return None
-    options = config.storage_options
-    files = resolve_files(path, options, key="data.test_path")
-    check_files(files, schema, options)
-    check_first_row_group(files, schema, InputPolicy.from_config(config), options)
-    return files
+    return _checked_split(config, schema, path, "data.test_path")
 
 
 def check_writable(storage: Storage, what: str, rank: int, key: str = "output_root and run_name") -> None:
@@ -159,7 +159,7 @@ def _train(config: Config, run_dir: Path, env: DistEnv,
     scaler = loss_scaler(config.trainer.precision, env.device)
     model = build_sharded_model(config, schema, env, run_dir, scaler)
     train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
-    test_split = test_files(config.data, schema, val_files)
+    test_split = held_out_test_files(config.data, schema, val_files)
     test_data = None if test_split is None else EvaluationBatches(
         test_split, schema, config.data.eval_batch_size, env.rank, env.world_size,
         prefetch_windows=config.data.prefetch_windows, policy=InputPolicy.from_config(config.data),
