@@ -321,9 +321,12 @@ def main() -> None:
         size = bench["size_gb"]
         disk = f"disk (dd, O_DIRECT) {bench['disk_gb_per_s']:.2f} GB/s" if "disk_gb_per_s" in bench else "an object store"
         print(f"checkpoint: {size:.2f} GB in {args.checkpoint_dir}; {disk}")
+        versus_disk = (lambda seconds: f" ({size / seconds / bench['disk_gb_per_s']:.2f}x dd)") \
+            if "disk_gb_per_s" in bench else (lambda seconds: "")
         print(f"  save (median of {args.checkpoint_repeats - 1 or 1} after the first) {bench['save_s']:.2f} s = "
-              f"{size / bench['save_s']:.2f} GB/s; first save {bench['first_save_s']:.2f} s = "
-              f"{size / bench['first_save_s']:.2f} GB/s (CRC-32s computed as the files are written)")
+              f"{size / bench['save_s']:.2f} GB/s{versus_disk(bench['save_s'])}; first save "
+              f"{bench['first_save_s']:.2f} s = {size / bench['first_save_s']:.2f} GB/s"
+              f"{versus_disk(bench['first_save_s'])} (CRC-32s computed as the files are written)")
         print(f"  verify (CRC-32 of every file, as a resume does) {bench['verify_s']:.2f} s")
         print(f"  load (median of {args.checkpoint_repeats}) {bench['load_s']:.2f} s = {size / bench['load_s']:.2f} GB/s")
         print(f"  memory: {bench['resident_gb']:.2f} GB resident before a save, {bench['save_peak_gb']:.2f} GB at the "

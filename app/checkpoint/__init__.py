@@ -1,5 +1,5 @@
 """Checkpoints: the Checkpointer's save and restore policy (checkpointer.py) over the published
-checkpoints of a run (store.py), loaded without running anything they name (safe_load.py), with
+checkpoints of a run (store.py), each rank's files written by writers.py, loaded without running anything they name (safe_load.py), with
 each table's optimizer state carried across sharding plans (optimizer_state.py)."""
 
 from app.checkpoint.checkpointer import (MODEL_KEY, OPTIMIZER_KEY, Checkpointer, RunParts, RunShape, SavedCheckpoint,

@@ -211,10 +211,13 @@ class Checkpointer:
                                best=best)
         self._last_saved_step = state.step
         log.info("saved checkpoint %s%s", path, " (writing in the background)" if background else "")
+        if force:
+            self.store.wait()  # nothing left in the background: old checkpoints are deleted too
         return True
 
     def wait(self) -> None:
-        """Collective: publish an asynchronous save still being written."""
+        """Collective: publish an asynchronous save still being written, and finish deleting the
+        checkpoints keep-last pruned."""
         self.store.wait()
 
     def best(self) -> Optional[Dict[str, Any]]:

@@ -24,34 +24,31 @@ tables on the GPU, UVM ones included, never take a second copy of device memory)
 writes while training goes on; it is published by the next call that needs it finished (the next
 save, or wait()), on every rank at the same point of the run, since publishing takes a barrier.
 DCP stores each rank's shards separately, which is what lets a sharded table be saved without
-gathering it anywhere, and loaded onto another number of ranks or another sharding plan. Files are written and listed through a storage
-(app/storage.py); loading goes through app/checkpoint/safe_load.py, which unpickles nothing but data.
+gathering it anywhere, and loaded onto another number of ranks or another sharding plan. Each rank's files are written by
+app/checkpoint/writers.py, listed and published through a storage (app/storage.py), and loaded
+through app/checkpoint/safe_load.py, which unpickles nothing but data.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
 import re
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # DCP's writer of URLs
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
-from torch.distributed.tensor import DTensor
 
 from app.checkpoint.safe_load import CheckpointError, load_state
+from app.checkpoint.writers import FileWriter, HostCopyStager, ObjectWriter, SavePlanner
 from app.storage import META_FILE_NAME, LocalStorage, ObjectStorage, Storage, location, storage_at
 
 log = logging.getLogger(__name__)
@@ -185,141 +182,6 @@ def _barrier(group: Optional[dist.ProcessGroup]) -> None:
         dist.barrier(group=group)
 
 
-class _SavePlanner(DefaultSavePlanner):
-    """Hands DCP's writers each tensor over memory of its own size, without copying it. The tables
-    of a sharded model are views into FBGEMM's one buffer per group of tables, and DCP's writer
-    clones every such view (so as not to serialise the whole buffer) and keeps the clones until
-    its file is written: with a writer thread per quarter of the state, the whole state, twice
-    the tables' memory at the peak of every save."""
-
-    def resolve_data(self, write_item):
-        data = super().resolve_data(write_item)
-        if isinstance(data, torch.Tensor) and data.device.type == "cpu" and data.is_contiguous() \
-                and data.untyped_storage().nbytes() != data.nbytes:
-            # numpy's array of the view's own bytes, shared: a storage exactly the tensor's size.
-            data = torch.from_numpy(data.reshape(-1).view(torch.uint8).numpy()).view(data.dtype).view(data.shape)
-        return data
-
-
-class _HostCopyStager(BlockingAsyncStager):
-    """An asynchronous save's copy of a state in host memory, tensor by tensor. DCP's own staging
-    deep-copies each ShardedTensor of host tables, and a deep copy of a view copies the storage
-    under it: every table copied FBGEMM's whole buffer of all the tables (1 GB of tables: 7.5 s
-    of training stalled, with a peak of the buffer's size per table)."""
-
-    def stage(self, state_dict):
-        return _host_copy(state_dict)
-
-
-def _host_copy(value: Any) -> Any:
-    if isinstance(value, ShardedTensor):
-        shards = [Shard(shard.tensor.detach().clone(), shard.metadata) for shard in value.local_shards()]
-        return ShardedTensor._init_from_local_shards_and_global_metadata(
-            shards, value.metadata(), process_group=value._process_group)
-    if isinstance(value, DTensor):
-        return DTensor.from_local(value.to_local().detach().clone(), value.device_mesh, value.placements,
-                                  run_check=False, shape=value.shape, stride=value.stride())
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {key: _host_copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_host_copy(item) for item in value)
-    return copy.deepcopy(value)
-
-
-class _CheckedWrites:
-    """DCP's file writers write a rank's shards from several threads, and a thread that fails (a
-    full disk, a refused upload, an object that cannot be serialised) only prints its traceback:
-    the save returns as if complete, and would be published without that thread's files. Here a
-    save whose results do not cover every item of the rank's plan fails instead."""
-
-    def write_data(self, plan, planner):
-        future = super().write_data(plan, planner)
-        written = {result.index for result in future.wait()}
-        missing = [item.index.fqn for item in plan.items if item.index not in written]
-        if missing:
-            raise OSError(f"{len(missing)} of the {len(plan.items)} items of this rank's checkpoint files were not "
-                          f"written ({', '.join(sorted(set(missing))[:3])}...): a writer thread failed, see its "
-                          "traceback above")
-        return future
-
-
-class _ChecksummedStream:
-    """A file being written, with the size and CRC-32 of what went into it so far."""
-
-    def __init__(self, stream, local: bool) -> None:
-        self._stream, self.size, self.crc, self._local = stream, 0, 0, local
-
-    def write(self, data) -> int:
-        written = self._stream.write(data)
-        self.crc = zlib.crc32(data, self.crc)
-        self.size += memoryview(data).nbytes
-        return written
-
-    def close(self) -> None:
-        if self._local and not self._stream.closed:
-            # Written and fsynced (DCP syncs before it closes): the page cache's copy of the file is
-            # of no use to training, and released now, the next save reuses its memory.
-            self._stream.flush()
-            os.posix_fadvise(self._stream.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        self._stream.close()
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-
-class _ChecksummingFileSystem:
-    """DCP's file system of a writer, recording {file name: [size, crc32]} of each file written,
-    so that the manifest needs no second pass over the checkpoint (a download, in an object store)."""
-
-    def __init__(self, fs, checksums: Dict[str, List[int]], write_buffer: int = 0) -> None:
-        self._fs, self.checksums, self._write_buffer = fs, checksums, write_buffer
-
-    def _open(self, path, mode: str):
-        if self._write_buffer and "w" in mode:
-            return open(path, mode, buffering=self._write_buffer)
-        return self._fs.create_stream(path, mode)
-
-    @contextmanager
-    def create_stream(self, path, mode: str):
-        with self._open(path, mode) as stream:
-            if "w" not in mode:
-                yield stream
-                return
-            checksummed = _ChecksummedStream(stream, local=bool(self._write_buffer))
-            yield checksummed
-        self.checksums[_file_name(path)] = [checksummed.size, checksummed.crc]
-
-    def rename(self, path, new_path) -> None:
-        self._fs.rename(path, new_path)
-        if _file_name(path) in self.checksums:
-            self.checksums[_file_name(new_path)] = self.checksums.pop(_file_name(path))
-
-    def __getattr__(self, name: str):
-        return getattr(self._fs, name)
-
-
-def _file_name(path) -> str:
-    return str(path).rstrip("/").rsplit("/", 1)[-1]
-
-
-class _FileWriter(_CheckedWrites, FileSystemWriter):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.checksums: Dict[str, List[int]] = {}
-        # torch.save hands the file a table in pieces of a few hundred KB, and so many small
-        # writes reach the disk at a fraction of its speed: buffered, they go in large ones.
-        self.fs = _ChecksummingFileSystem(self.fs, self.checksums, write_buffer=_CHUNK)
-
-
-class _ObjectWriter(_CheckedWrites, FsspecWriter):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.checksums: Dict[str, List[int]] = {}
-        self.fs = _ChecksummingFileSystem(self.fs, self.checksums)
-
-
 class CheckpointStore:
     def __init__(self, storage: Union[Storage, str, Path], keep_last: int, rank: int,
                  process_group: Optional[dist.ProcessGroup] = None, io_threads: int = 4) -> None:
@@ -335,10 +197,13 @@ class CheckpointStore:
         self.io_threads = io_threads
         self._pending: Optional[tuple] = None  # (future, step, staging, final, meta, checksums, best) of an async save
         self._pinned_stager: Optional[BlockingAsyncStager] = None
+        self._removal: Optional[threading.Thread] = None  # deleting pruned checkpoints (rank 0)
+        self._removal_error: Optional[BaseException] = None
 
     def _published(self) -> List[str]:
         """Names of the published checkpoints (with meta.json), oldest first. Reads each meta.json
         once, for its samples."""
+        self._finish_removal()  # a checkpoint half deleted would look published, and damaged
         found = [name for name in self.storage.list() if _STEP_DIR.match(name)
                  and META_FILE in self.storage.files(name)]
         return sorted(found, key=lambda name: (self._samples(name), name))
@@ -390,7 +255,7 @@ class CheckpointStore:
         next save() or wait() publishes it. `best` (the metric and its value): the checkpoint
         becomes the best one once it is published (see mark_best)."""
         meta = {**meta, "samples": samples}
-        self.wait()
+        self._publish_pending()
         final = step_name(step)
         staging = self.storage.staging_name(final)
         if staging == final and self._published_here(final):
@@ -404,12 +269,12 @@ class CheckpointStore:
         _barrier(self.group)
         writer = self._writer(staging)
         if asynchronous:
-            future = dcp.async_save(state, storage_writer=writer, planner=_SavePlanner(),
+            future = dcp.async_save(state, storage_writer=writer, planner=SavePlanner(),
                                     process_group=self.group,
                                     async_stager=self._stager())
             self._pending = (future, step, staging, final, meta, writer.checksums, best)
             return self.storage.path(final)
-        dcp.save(state, storage_writer=writer, planner=_SavePlanner(), process_group=self.group)
+        dcp.save(state, storage_writer=writer, planner=SavePlanner(), process_group=self.group)
         self._publish(step, staging, final, meta, writer.checksums, best)
         return self.storage.path(final)
 
@@ -425,24 +290,30 @@ class CheckpointStore:
         states are). Where this process uses CUDA, the copy is pinned, allocated at the first save
         and refilled by each later one (pinning is slow, and every save of a run has the same
         shapes; the previous save is written before the next is staged). Elsewhere pinning is not
-        possible, nor of use, and each save takes a copy of its own (see _HostCopyStager)."""
+        possible, nor of use, and each save takes a copy of its own (see HostCopyStager)."""
         if not torch.cuda.is_initialized():
-            return _HostCopyStager()
+            return HostCopyStager()
         if self._pinned_stager is None:
             self._pinned_stager = BlockingAsyncStager(cache_staged_state_dict=True)
         return self._pinned_stager
 
-    def _writer(self, staging: str) -> FileSystemWriter:
+    def _writer(self, staging: str) -> Union[FileWriter, ObjectWriter]:
         # Several writer threads: one thread leaves most of a disk's bandwidth unused (measured by
         # scripts/benchmark.py checkpoint). Files are fsynced before the checkpoint is published;
-        # an object is durable once its upload completes (fsync would sync the local disks instead).
+        # an object is durable once its upload completes.
         if isinstance(self.storage, ObjectStorage):
-            return _ObjectWriter(str(self.storage.path(staging)), thread_count=self.io_threads, sync_files=False,
-                                 **self.storage.options)
-        return _FileWriter(str(self.storage.path(staging)), thread_count=self.io_threads, sync_files=True)
+            return ObjectWriter(str(self.storage.path(staging)), thread_count=self.io_threads, **self.storage.options)
+        return FileWriter(str(self.storage.path(staging)), thread_count=self.io_threads)
 
     def wait(self) -> Optional[Path]:
-        """Collective: finish and publish the pending asynchronous save, if any."""
+        """Collective: finish what goes on in the background: the pending asynchronous save, if
+        any, written and published (its path returned), and the deletion of pruned checkpoints."""
+        path = self._publish_pending()
+        self._finish_removal()
+        return path
+
+    def _publish_pending(self) -> Optional[Path]:
+        self._finish_removal()
         if self._pending is None:
             return None
         future, step, staging, final, meta, checksums, best = self._pending
@@ -475,6 +346,7 @@ class CheckpointStore:
         if self._pending is not None and self._pending[1] == step:
             self._pending = (*self._pending[:6], best)  # published with it
             return
+        self._finish_removal()
         if self.rank == 0:
             name = step_name(step)
             if META_FILE not in self.storage.files(name):
@@ -500,6 +372,7 @@ class CheckpointStore:
         return None if text is None else json.loads(text)
 
     def _read_best(self) -> Optional[Dict[str, Any]]:
+        self._finish_removal()
         try:
             record = json.loads(self.storage.read(BEST_FILE))
         except FileNotFoundError:
@@ -514,19 +387,40 @@ class CheckpointStore:
         return record
 
     def _prune(self) -> None:
+        """Decides which checkpoints go (beyond keep-last, but never the best; and saves that died
+        before publishing), and deletes them in the background: deleting gigabytes (with discard,
+        or object by object from a bucket) takes a good part of a save's time, and training need
+        not wait for it. Whatever lists or reads the checkpoints next waits for it first."""
         best = self._read_best()
         keep = {best["checkpoint"]} if best is not None else set()
-        for old in self._published()[: -self.keep_last]:
-            if old in keep:
-                continue  # checkpoints/best names it
-            self.storage.delete(old)
-            log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old, self.keep_last)
+        old = [name for name in self._published()[: -self.keep_last] if name not in keep]
         # A step directory without meta.json is a save that died before publishing (in an object
         # store, where saves are written in place); no save is under way while this runs.
-        for name in self.storage.list():
-            if _STEP_DIR.match(name) and META_FILE not in self.storage.files(name):
+        incomplete = [name for name in self.storage.list()
+                      if _STEP_DIR.match(name) and META_FILE not in self.storage.files(name)]
+        if old or incomplete:
+            self._removal = threading.Thread(target=self._remove, args=(old, incomplete), name="checkpoint-prune")
+            self._removal.start()
+
+    def _remove(self, old: List[str], incomplete: List[str]) -> None:
+        try:
+            for name in old:
+                self.storage.delete(name)
+                log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", name, self.keep_last)
+            for name in incomplete:
                 self.storage.delete(name)
                 log.info("removed incomplete checkpoint %s (no %s: its save did not finish)", name, META_FILE)
+        except BaseException as error:  # raised where the store is next used (see _finish_removal)
+            self._removal_error = error
+
+    def _finish_removal(self) -> None:
+        """Waits for the checkpoints being deleted, and raises what went wrong deleting them."""
+        if self._removal is not None:
+            self._removal.join()
+            self._removal = None
+        error, self._removal_error = self._removal_error, None
+        if error is not None:
+            raise error
 
     # ---- loading ------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ def test_save_publishes_complete_checkpoints_and_keeps_last_k(tmp_path, single_p
         path = manager.save(step, state(float(step)), {"train_state": {"step": step}})
         assert path.name == f"step_{step:08d}"
         assert json.loads((path / META_FILE).read_text())["step"] == step
+    manager.wait()  # pruned checkpoints are deleted in the background
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == [LATEST_FILE, "step_00000020", "step_00000030"]
     assert manager.latest().name == "step_00000030"
@@ -244,6 +245,7 @@ def test_the_best_checkpoint_is_a_pointer_that_keep_last_never_prunes(tmp_path, 
     store.save(10, state(1.0), {}, samples=100, best={"metric": "auc", "value": 0.7})
     store.save(20, state(2.0), {}, samples=200)
     store.save(30, state(3.0), {}, samples=300)
+    store.wait()  # pruned checkpoints are deleted in the background
     assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE, LATEST_FILE, "step_00000010", "step_00000030"]
     assert json.loads((tmp_path / BEST_FILE).read_text()) == \
         {"checkpoint": "step_00000010", "step": 10, "samples": 100, "metric": "auc", "value": 0.7}
@@ -257,6 +259,7 @@ def test_the_best_checkpoint_is_a_pointer_that_keep_last_never_prunes(tmp_path, 
     # A published checkpoint becomes the best at once.
     store.save(50, state(5.0), {}, samples=500)
     store.mark_best(50, {"metric": "auc", "value": 0.9})
+    store.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE, LATEST_FILE, "step_00000050"]
 
 
