@@ -120,11 +120,11 @@ def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train
     pin_memory = env.device.type == "cuda"  # so that the copies to the device can overlap compute
     train = TrainingBatches(train_files, schema, config.batch_size, env.rank, env.world_size,
                             shuffle=config.shuffle, seed=config.seed, shuffle_window=config.shuffle_window,
-                            prefetch_windows=config.prefetch_windows, policy=policy, pin_memory=pin_memory,
-                            storage_options=config.storage_options)
+                            prefetch_windows=config.prefetch_windows, num_workers=config.num_workers,
+                            policy=policy, pin_memory=pin_memory, storage_options=config.storage_options)
     val = EvaluationBatches(val_files, schema, config.eval_batch_size, env.rank, env.world_size,
-                            prefetch_windows=config.prefetch_windows, policy=policy, pin_memory=pin_memory,
-                            storage_options=config.storage_options)
+                            prefetch_windows=config.prefetch_windows, num_workers=config.num_workers,
+                            policy=policy, pin_memory=pin_memory, storage_options=config.storage_options)
     return train, val
 
 
@@ -162,8 +162,8 @@ def _train(config: Config, run_dir: Path, env: DistEnv,
     test_split = held_out_test_files(config.data, schema, val_files)
     test_data = None if test_split is None else EvaluationBatches(
         test_split, schema, config.data.eval_batch_size, env.rank, env.world_size,
-        prefetch_windows=config.data.prefetch_windows, policy=InputPolicy.from_config(config.data),
-        pin_memory=env.device.type == "cuda")
+        prefetch_windows=config.data.prefetch_windows, num_workers=config.data.num_workers,
+        policy=InputPolicy.from_config(config.data), pin_memory=env.device.type == "cuda")
     shape = RunShape(env.world_size, config.data.batch_size * env.world_size, len(train_data),
                      planned_steps(config.trainer, len(train_data)))
     optimizer, lr_scheduler = optimizer_and_schedule(model, config.optim, shape.total_steps)

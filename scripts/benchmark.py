@@ -1,6 +1,6 @@
 """Benchmarks that print measured figures (nothing here asserts a target).
 
-    python scripts/benchmark.py data                  # Parquet -> Batch rows/s on one core
+    python scripts/benchmark.py data                  # Parquet -> Batch rows/s on one core, and from 1, 2, 4 readers
     python scripts/benchmark.py train experiment=bench_reference      # vs the reference trainers, per precision
     python scripts/benchmark.py train experiment=bench_reference_dcn  # the same with DCNv2
     python scripts/benchmark.py data train            # both, and the loader/training ratio
@@ -31,9 +31,10 @@ import statistics
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 from contextlib import closing
-from typing import Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import torch
 
@@ -50,18 +51,28 @@ from app.precision import autocast_dtype, loss_scaler
 from app.trainer import StepPipeline
 
 
-def bench_data(loader: TrainingBatches, max_batches: int) -> Dict[str, float]:
+READER_COUNTS = (1, 2, 4)
+
+
+def bench_data(loader: TrainingBatches, max_batches: int) -> Dict[str, Any]:
     """Decode on the calling thread only (no reader process, one torch thread): rows per second
-    of wall time and per CPU-second, i.e. per core; then rows/s as training gets them, from the
-    reader process reading data.prefetch_windows windows ahead (what hides an object store's latency)."""
+    of wall time and per CPU-second, i.e. per core; then rows/s as training gets them, from 1, 2
+    and 4 reader processes each reading data.prefetch_windows windows ahead (what hides an object
+    store's latency)."""
     max_batches = max_batches or len(loader)
-    ahead = loader.prefetch_windows
+    ahead, num_workers = loader.prefetch_windows, loader.num_workers
+    read_ahead: Dict[int, float] = {}
     if ahead > 0:
-        with closing(iter(loader)) as batches:
-            next(batches)  # the reader process started and the first window read: not timed
-            wall = time.perf_counter()
-            rows = sum(batch.labels.numel() for batch in itertools.islice(batches, max_batches - 1))
-            read_ahead = rows / (time.perf_counter() - wall)
+        # More readers than cores is part of what is measured: torch's warning about it is noise here.
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        for readers in READER_COUNTS:
+            loader.num_workers = readers
+            with closing(iter(loader)) as batches:
+                next(batches)  # the reader processes started and the first window read: not timed
+                wall = time.perf_counter()
+                rows = sum(batch.labels.numel() for batch in itertools.islice(batches, max_batches - 1))
+                read_ahead[readers] = rows / (time.perf_counter() - wall)
+        loader.num_workers = num_workers
     loader.prefetch_windows = 0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -71,6 +82,7 @@ def bench_data(loader: TrainingBatches, max_batches: int) -> Dict[str, float]:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
         torch.set_num_threads(threads)
+        loader.prefetch_windows = ahead
     figures = {"rows": rows, "rows_per_s": rows / wall, "rows_per_cpu_s": rows / cpu}
     if ahead > 0:
         figures["read_ahead_rows_per_s"], figures["prefetch_windows"] = read_ahead, ahead
@@ -345,8 +357,11 @@ def main() -> None:
         print(f"data:  {data['rows']:,} rows from {config.data.train_path or 'the synthetic dataset'} decoded at "
               f"{data['rows_per_s']:,.0f} rows/s on one thread ({data['rows_per_cpu_s']:,.0f} rows per CPU-second)")
         if "read_ahead_rows_per_s" in data:
-            print(f"       {data['read_ahead_rows_per_s']:,.0f} rows/s from the reader process "
-                  f"({data['prefetch_windows']} windows ahead)")
+            read_ahead = data["read_ahead_rows_per_s"]
+            for readers, rate in read_ahead.items():
+                print(f"       {rate:>12,.0f} rows/s as training gets them from {readers} reader process"
+                      f"{'es' if readers > 1 else ''} ({data['prefetch_windows']} windows ahead each)  "
+                      f"{rate / read_ahead[1]:5.2f}x 1 reader")
     if "train" in names:
         results["train"] = train = bench_train(config, schema, args.steps, args.warmup, args.rounds,
                                                processes=args.processes)

@@ -143,8 +143,16 @@ class DataConfig:
     shuffle_window: int = doc(4, "Consecutive row groups whose rows are mixed together: the shuffle buffer "
                                  "(memory and mixing both grow with it).")
     seed: int = doc(0, "Seed of the training order (with the epoch).")
-    prefetch_windows: int = doc(2, "Shuffle windows read and decoded ahead of training by a worker process (0: read "
-                                   "in the training process itself, between steps).")
+    prefetch_windows: int = doc(2, "Shuffle windows read and decoded ahead of training by each reader process "
+                                   "(0: read in the training process itself, between steps).")
+    num_workers: int = doc(1, "Reader processes per worker (rank), >= 1. The rank's windows are dealt to them "
+                              "round-robin (reader k of N reads windows k, k+N, ...) and taken back in turn, so the "
+                              "batches, and their order, are identical for any number of readers (and a checkpoint "
+                              "resumes on any number). Each reader holds data.prefetch_windows windows ahead: the "
+                              "memory of windows read ahead grows with num_workers x prefetch_windows. Each reader is a "
+                              "process decoding on a core: more help only where training waits for windows (see "
+                              "the data benchmark). With data.prefetch_windows=0 there is no reader process, and a "
+                              "value above 1 is refused.")
     invalid_ids: str = doc("error", "A sparse id that cannot be trained on as it is: error stops with the file, row "
                                     "group, row and column; hash maps an id outside [0, num_embeddings) to id mod "
                                     "num_embeddings (and drops a null id inside a multi-hot list: there is nothing "
@@ -164,6 +172,10 @@ class DataConfig:
         _require(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}.")
         _require(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}.")
         _require(self.prefetch_windows >= 0, f"data.prefetch_windows must be >= 0, got {self.prefetch_windows}.")
+        _require(self.num_workers >= 1, f"data.num_workers must be >= 1 reader process, got {self.num_workers}.")
+        _require(self.num_workers == 1 or self.prefetch_windows > 0,
+                 f"data.num_workers={self.num_workers} needs data.prefetch_windows >= 1: with "
+                 "data.prefetch_windows=0 the training process reads the windows itself, in no reader process.")
         _require(self.shuffle_window > 0, f"data.shuffle_window must be > 0 row groups, got {self.shuffle_window}.")
         _require_choice("data.invalid_ids", self.invalid_ids, ("error", "hash"))
         _require_choice("data.invalid_dense", self.invalid_dense, ("error", "fill"))

@@ -2,9 +2,9 @@
 EvaluationBatches (every row once, padded), both over a RowGroupPlan (app/data/row_groups.py),
 which says which row groups each rank reads, in which order, and how many batches that makes.
 
-Reading, decoding and shuffling run in a worker process (app/data/reader_process.py: forked from
-a fork server, never from the training process), whole windows ahead of training; the training
-process only cuts the windows into batches. Each epoch and each evaluation pass starts one.
+Reading, decoding and shuffling run in `num_workers` reader processes (app/data/reader_process.py:
+forked from a fork server, never from the training process), whole windows ahead of training; the
+training process only cuts the windows into batches. Each epoch and each evaluation pass starts them.
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ def _cut(windows: Iterator[Rows], batch_size: int, count: int) -> Iterator[Rows]
 
 
 class _Reader:
-    """What both readers share: the plan, and one pass's batches read through the worker process."""
+    """What both readers share: the plan, and one pass's batches read through the reader processes."""
 
     def __init__(self, plan: RowGroupPlan, files: Sequence[str], schema: FeatureSchema, batch_size: int,
-                 rank: int, prefetch_windows: int, policy: InputPolicy, pin_memory: bool,
+                 rank: int, prefetch_windows: int, num_workers: int, policy: InputPolicy, pin_memory: bool,
                  storage_options: Optional[Dict[str, Any]]) -> None:
         self.plan = plan
         self.files = list(files)
@@ -73,6 +73,7 @@ class _Reader:
         self.batch_size = batch_size
         self.rank = rank
         self.prefetch_windows = prefetch_windows  # 0: read in this process, between steps
+        self.num_workers = num_workers  # reader processes (none when prefetch_windows is 0)
         self.policy = policy
         self.pin_memory = pin_memory  # batches in page-locked memory (see Rows.to_batch): for a CUDA device
         self.storage_options = storage_options  # of files in an object store (data.storage_options)
@@ -82,29 +83,31 @@ class _Reader:
         is re-raised as rank-specific: the other ranks read other row groups, and do not see it."""
         source = WindowSource(self.plan.windows(epoch, self.rank), self.schema, self.policy,
                                skip_rows=skip_batches * self.batch_size, storage_options=self.storage_options)
-        windows = prefetched(source, self.prefetch_windows) if self.prefetch_windows > 0 else source.rows()
+        windows = (prefetched(source, self.prefetch_windows, self.num_workers) if self.prefetch_windows > 0
+                   else source.rows())
         try:
             yield from _cut(windows, self.batch_size, count - skip_batches)
         except DataError as error:
             error.rank_specific = True
             raise
         finally:
-            windows.close()  # stops the worker process when the consumer stops early
+            windows.close()  # stops the reader processes when the consumer stops early
 
 
 class TrainingBatches(_Reader):
     """This rank's training batches of one epoch (torchrec Batches, all full); `len()` is the same
     on every rank and in every epoch. `set_epoch` picks the epoch's order (shuffled by seed and
     epoch when `shuffle`); `load_state_dict` makes the next iteration resume mid-epoch.
-    `pin_memory` (training on CUDA; needs CUDA): batches in page-locked memory, see Rows.to_batch."""
+    `pin_memory` (training on CUDA; needs CUDA): batches in page-locked memory, see Rows.to_batch.
+    `num_workers` reader processes (with `prefetch_windows` > 0) give the same batches as one."""
 
     def __init__(self, files: Sequence[str], schema: FeatureSchema, batch_size: int, rank: int, world_size: int,
                  *, shuffle: bool = False, seed: int = 0, shuffle_window: int = 4, prefetch_windows: int = 2,
-                 policy: InputPolicy = InputPolicy(), pin_memory: bool = False,
+                 num_workers: int = 1, policy: InputPolicy = InputPolicy(), pin_memory: bool = False,
                  storage_options: Optional[Dict[str, Any]] = None) -> None:
         plan = RowGroupPlan.from_files(files, world_size, shuffle=shuffle, seed=seed, shuffle_window=shuffle_window,
                                        storage_options=storage_options)
-        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, policy, pin_memory,
+        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, num_workers, policy, pin_memory,
                          storage_options)
         self._length = plan.training_batches(batch_size)
         self._epoch = 0
@@ -142,13 +145,13 @@ class TrainingBatches(_Reader):
 class EvaluationBatches(_Reader):
     """This rank's evaluation batches: every row of the split once over all ranks, as EvalBatches;
     `len()` is the longest rank's count, which every rank runs, padding with rows marked invalid.
-    `pin_memory`: as TrainingBatches'."""
+    `pin_memory`, `num_workers`: as TrainingBatches'."""
 
     def __init__(self, files: Sequence[str], schema: FeatureSchema, batch_size: int, rank: int, world_size: int,
-                 *, prefetch_windows: int = 2, policy: InputPolicy = InputPolicy(), pin_memory: bool = False,
-                 storage_options: Optional[Dict[str, Any]] = None) -> None:
+                 *, prefetch_windows: int = 2, num_workers: int = 1, policy: InputPolicy = InputPolicy(),
+                 pin_memory: bool = False, storage_options: Optional[Dict[str, Any]] = None) -> None:
         plan = RowGroupPlan.from_files(files, world_size, storage_options=storage_options)
-        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, policy, pin_memory,
+        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, num_workers, policy, pin_memory,
                          storage_options)
         self._length = plan.evaluation_batches(batch_size)
 

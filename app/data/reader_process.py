@@ -1,10 +1,10 @@
-"""The reader process: what it runs, and where it comes from.
+"""The reader processes: what they run, and where they come from.
 
 Each epoch and each evaluation pass of a reader (app/data/parquet.py) reads, decodes and shuffles
-its windows in one worker process, whole windows ahead of training. The process is forked from a
-fork server, never from the training process (see _worker_context), and this module is all the
-server preloads: it imports numpy, pyarrow and torch, never torchrec, so that the server starts in
-about the time torch takes to import.
+its windows in data.num_workers reader processes (one by default), whole windows ahead of
+training. They are forked from a fork server, never from the training process (see
+_worker_context), and this module is all the server preloads: it imports numpy, pyarrow and
+torch, never torchrec, so that the server starts in about the time torch takes to import.
 
 Imported by the fork server (its preload), this module also makes the server ignore SIGTERM, as
 the readers do: launchers signal a whole process group, and the server is in the training
@@ -24,11 +24,11 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from app.data import DataError
 from app.data.batch import InputPolicy, Rows
@@ -38,10 +38,11 @@ from app.features import FeatureSchema
 
 
 class WindowSource(IterableDataset):
-    """One rank's windows of one pass, read, decoded and shuffled, from row `skip_rows` on. It is
-    sent to the worker process, so it holds only what pickles: files are opened where they are read
-    (memory-mapped, or through fsspec from an object store with `storage_options`), and a few kept
-    open for the next row group (reopening re-reads the footer)."""
+    """One rank's windows of one pass, read, decoded and shuffled, from row `skip_rows` on, and
+    dealt round-robin to the reader processes. It is sent to each of them, so it holds only what
+    pickles: files are opened where they are read (memory-mapped, or through fsspec from an object
+    store with `storage_options`), and a few kept open for the next row group (reopening re-reads
+    the footer)."""
 
     def __init__(self, windows: List[Window], schema: FeatureSchema, policy: InputPolicy, skip_rows: int,
                  storage_options: Optional[Dict[str, Any]] = None) -> None:
@@ -52,27 +53,41 @@ class WindowSource(IterableDataset):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open_files": OrderedDict()}
 
-    def rows(self) -> Iterator[Rows]:
-        """The rows of each window in order, decoded and shuffled, from `skip_rows` on."""
-        skip_rows = self.skip_rows
-        for groups, row_seed in self.windows:
-            window_rows = sum(group.rows for group in groups)
-            if skip_rows >= window_rows:  # resume: whole windows are skipped unread
-                skip_rows -= window_rows
-                continue
+    def rows(self, reader: int = 0, readers: int = 1) -> Iterator[Rows]:
+        """The rows of reader `reader` of `readers`, window by window, decoded and shuffled: windows
+        reader, reader + readers, ... of those left after `skip_rows` (all of them for a lone
+        reader). Taking one window from each reader in turn gives back every window in order."""
+        windows, skip_rows = self._remaining()
+        if reader > 0:
+            skip_rows = 0  # only the first window left, reader 0's first, is partly skipped
+        for groups, row_seed in windows[reader::readers]:
             rows = self._read(groups, row_seed)
             if skip_rows:
                 rows, skip_rows = rows.slice(skip_rows, len(rows)), 0
             yield rows
 
+    def _remaining(self) -> Tuple[List[Window], int]:
+        """The windows not wholly skipped, and the rows to skip in the first of them. Whole windows
+        are dropped before the dealing, not by each reader from its own share: the windows taken
+        in turn must start at reader 0 with the first window left, wherever a resume starts."""
+        skip_rows = self.skip_rows
+        for first, (groups, _) in enumerate(self.windows):
+            window_rows = sum(group.rows for group in groups)
+            if skip_rows < window_rows:
+                return self.windows[first:], skip_rows
+            skip_rows -= window_rows  # resume: whole windows are skipped unread
+        return [], 0
+
     def __iter__(self) -> Iterator[tuple]:
-        """The worker's side: numpy arrays (tensors on the way), and an input error as its message,
-        which the training process re-raises as a DataError."""
+        """A reader process's side: numpy arrays (tensors on the way), and an input error as its
+        message, which the training process re-raises as a DataError."""
         # Arrays decoded zero-copy from Arrow are read-only. The DataLoader copies them into shared
         # memory on the way, and nothing writes to them, so torch's warning about it is noise.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        worker = get_worker_info()
+        reader, readers = (0, 1) if worker is None else (worker.id, worker.num_workers)
         try:
-            for rows in self.rows():
+            for rows in self.rows(reader, readers):
                 yield "rows", rows.dense, rows.labels, tuple(rows.ids), tuple(rows.offsets)
         except DataError as error:
             yield "error", str(error)
@@ -97,7 +112,7 @@ class WindowSource(IterableDataset):
 # ---- the worker process ---------------------------------------------------------------------
 
 def _start_worker(worker_id: int) -> None:
-    """In the reader process, before it reads. It ignores SIGTERM and SIGINT: launchers signal a
+    """In each reader process, before it reads. It ignores SIGTERM and SIGINT: launchers signal a
     whole process group (torchrun each worker's, Slurm every process, a terminal's Ctrl-C its
     foreground group), and a reader killed by them would crash the training process before it
     could save a checkpoint. Its training process decides when to stop and shuts it down; and should
@@ -149,12 +164,15 @@ def start_reader_server() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def prefetched(source: WindowSource, prefetch_windows: int) -> Iterator[Rows]:
-    """The windows read, decoded and shuffled in a worker process, `prefetch_windows` ahead. A
-    process, not a thread, so that this work never holds the training loop's GIL; whole windows
-    travel (through shared memory), so the per-batch cost here is a slice."""
-    loader = DataLoader(source, batch_size=None, num_workers=1, prefetch_factor=prefetch_windows,
-                        multiprocessing_context=_worker_context(), worker_init_fn=_start_worker)
+def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1) -> Iterator[Rows]:
+    """The windows read, decoded and shuffled in `num_workers` reader processes, each
+    `prefetch_windows` ahead. Processes, not threads, so that this work never holds the training
+    loop's GIL; whole windows travel (through shared memory), so the per-batch cost here is a slice.
+    The source deals the windows round-robin to the readers; the DataLoader, in order, takes one
+    item from each reader in turn and passes over a reader once it is done, which is the order they
+    were dealt in: the stream is the same for any number of readers."""
+    loader = DataLoader(source, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_windows,
+                        in_order=True, multiprocessing_context=_worker_context(), worker_init_fn=_start_worker)
     items = iter(loader)
     try:
         for packed in items:
@@ -164,7 +182,7 @@ def prefetched(source: WindowSource, prefetch_windows: int) -> Iterator[Rows]:
             yield Rows(dense.numpy(), labels.numpy(), [i.numpy() for i in ids],
                        [None if o is None else o.numpy() for o in offsets])
     finally:
-        del items  # shuts the worker down
+        del items  # shuts the readers down
 
 
 def _imported_by_the_fork_server() -> bool:

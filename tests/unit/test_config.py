@@ -68,6 +68,7 @@ def test_default_is_criteo_shaped():
         ("sharding.inter_host_bw_gbps=0", "sharding.inter_host_bw_gbps"),
         ("data.invalid_dense=drop", "data.invalid_dense"),
         ("data.shuffle_window=0", "data.shuffle_window"),
+        ("data.num_workers=0", "data.num_workers"),
         ("data.synthetic.test_rows=-1", "data.synthetic.test_rows"),
         ("distributed.threads_per_worker=-1", "distributed.threads_per_worker"),
         ("trainer.early_stopping.metric=accuracy", "trainer.early_stopping.metric"),

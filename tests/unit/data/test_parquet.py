@@ -289,16 +289,18 @@ def test_the_reader_process_comes_from_the_fork_server_and_reads_the_same(uneven
     assert rows(2) == rows(0)
 
 
-def test_the_reader_process_and_its_server_ignore_stop_signals(uneven_files):
-    # A launcher's SIGTERM (or a terminal's Ctrl-C) reaches the whole process group: the reader
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_the_reader_processes_and_their_server_ignore_stop_signals(uneven_files, num_workers):
+    # A launcher's SIGTERM (or a terminal's Ctrl-C) reaches the whole process group: every reader
     # and the fork server too. They keep going; the training process decides when to stop.
     expected = row_ids(reader(uneven_files, batch_size=8))
     before = set(multiprocessing.active_children())
-    batches = iter(reader(uneven_files, batch_size=8, prefetch_windows=1))
+    batches = iter(reader(uneven_files, batch_size=8, prefetch_windows=1, num_workers=num_workers))
     head = row_ids([next(batches)])
-    (process,) = set(multiprocessing.active_children()) - before
-    server = parent_of(process.pid)
-    for pid in (process.pid, server):
+    readers = [process.pid for process in set(multiprocessing.active_children()) - before]
+    assert len(readers) == num_workers
+    (server,) = {parent_of(pid) for pid in readers}
+    for pid in (*readers, server):
         os.kill(pid, signal.SIGTERM)
         os.kill(pid, signal.SIGINT)
     time.sleep(0.5)
