@@ -122,10 +122,15 @@ def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train
                             shuffle=config.shuffle, seed=config.seed, shuffle_window=config.shuffle_window,
                             prefetch_windows=config.prefetch_windows, num_workers=config.num_workers,
                             policy=policy, pin_memory=pin_memory, storage_options=config.storage_options)
-    val = EvaluationBatches(val_files, schema, config.eval_batch_size, env.rank, env.world_size,
-                            prefetch_windows=config.prefetch_windows, num_workers=config.num_workers,
-                            policy=policy, pin_memory=pin_memory, storage_options=config.storage_options)
-    return train, val
+    return train, evaluation_batches(config, schema, env, val_files)
+
+
+def evaluation_batches(config: DataConfig, schema: FeatureSchema, env: DistEnv, files: List[str]) -> EvaluationBatches:
+    """This rank's evaluation batches of a held-out split (validation or test), padded."""
+    return EvaluationBatches(files, schema, config.eval_batch_size, env.rank, env.world_size,
+                             prefetch_windows=config.prefetch_windows, num_workers=config.num_workers,
+                             policy=InputPolicy.from_config(config), pin_memory=env.device.type == "cuda",
+                             storage_options=config.storage_options)
 
 
 def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
@@ -160,10 +165,7 @@ def _train(config: Config, run_dir: Path, env: DistEnv,
     model = build_sharded_model(config, schema, env, run_dir, scaler)
     train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
     test_split = held_out_test_files(config.data, schema, val_files)
-    test_data = None if test_split is None else EvaluationBatches(
-        test_split, schema, config.data.eval_batch_size, env.rank, env.world_size,
-        prefetch_windows=config.data.prefetch_windows, num_workers=config.data.num_workers,
-        policy=InputPolicy.from_config(config.data), pin_memory=env.device.type == "cuda")
+    test_data = None if test_split is None else evaluation_batches(config.data, schema, env, test_split)
     shape = RunShape(env.world_size, config.data.batch_size * env.world_size, len(train_data),
                      planned_steps(config.trainer, len(train_data)))
     optimizer, lr_scheduler = optimizer_and_schedule(model, config.optim, shape.total_steps)

@@ -162,6 +162,12 @@ def test_missing_credentials_are_refused_naming_the_key(s3_data, tmp_path, monke
     result = run_command([sys.executable, "-m", "app.train", *args], cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"data.train_path={train!r}: cannot list it (NoCredentialsError" in result.stderr, result.stderr[-3000:]
+    # data.storage_options supplies them instead, for every split: the test split is read with them too.
+    credentials = ["+data.storage_options.key=rectrain-test", "+data.storage_options.secret=rectrain-test-secret"]
+    args = tiny(tmp_path, "data.source=parquet", f"data.train_path={train}", f"data.val_path={val}",
+                f"data.test_path={val}", "trainer.max_steps=4", "checkpoint.every_n_steps=0", *credentials)
+    check(run_command([sys.executable, "-m", "app.train", *args], cwd=REPO))
+    assert records(tmp_path / "outputs" / "tiny", "test")[-1]["samples"] == 2000  # every test row, from S3
 
 
 def test_a_save_that_fails_leaves_a_published_checkpoint_of_the_same_name_intact(s3_endpoint):
