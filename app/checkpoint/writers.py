@@ -23,6 +23,9 @@ from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.tensor import DTensor
 
 WRITE_BUFFER = 8 << 20  # bytes per write to a local disk: large writes reach its full speed
+# Bytes per part of an object's upload: what an object store's writer holds per file (with a copy
+# or two on the way out). Multipart uploads have at most 10,000 parts: 160 GB per file.
+OBJECT_PART = 16 << 20
 _DIRECT_ALIGNMENT = 4096  # O_DIRECT writes: offset, length and memory aligned to the disk's blocks
 
 
@@ -195,16 +198,23 @@ class UncachedFile:
 
 
 class _ChecksummedStream:
-    """A file being written, with the size and CRC-32 of what went into it so far."""
+    """A file being written, with the size and CRC-32 of what went into it so far. `piece`: the
+    largest write passed on (0: any), since an object's writer copies each write into its buffer
+    whole, and torch.save writes a tensor in one piece."""
 
-    def __init__(self, stream) -> None:
-        self._stream, self.size, self.crc = stream, 0, 0
+    def __init__(self, stream, piece: int = 0) -> None:
+        self._stream, self.size, self.crc, self._piece = stream, 0, 0, piece
 
     def write(self, data) -> int:
-        written = self._stream.write(data)
+        data = memoryview(data).cast("B")
+        if self._piece and data.nbytes > self._piece:
+            for start in range(0, data.nbytes, self._piece):
+                self._stream.write(data[start:start + self._piece])
+        else:
+            self._stream.write(data)
         self.crc = zlib.crc32(data, self.crc)  # zlib releases the GIL: other writer threads go on
-        self.size += memoryview(data).nbytes
-        return written
+        self.size += data.nbytes
+        return data.nbytes
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
@@ -213,15 +223,30 @@ class _ChecksummedStream:
 class _ChecksummingFileSystem:
     """DCP's file system of a writer, recording {file name: [size, crc32]} of each file written,
     so that the manifest needs no second pass over the checkpoint (a download, in an object store).
-    `uncached`: files on a local disk are written as UncachedFiles."""
+    `uncached`: files on a local disk are written as UncachedFiles; otherwise objects, uploaded in
+    parts of OBJECT_PART bytes."""
 
     def __init__(self, fs, checksums: Dict[str, List[int]], uncached: bool = False) -> None:
         self._fs, self.checksums, self._uncached = fs, checksums, uncached
 
     def _open(self, path, mode: str):
-        if self._uncached and "w" in mode:
-            return UncachedFile(str(path))
-        return self._fs.create_stream(path, mode)
+        if "w" not in mode:
+            return self._fs.create_stream(path, mode)
+        return UncachedFile(str(path)) if self._uncached else self._object(os.fspath(path), mode)
+
+    @contextmanager
+    def _object(self, path: str, mode: str):
+        # As DCP's own: an fsspec file that fails is still closed, which completes its upload;
+        # the partial object is removed. (Its part size, fsspec's 50 MB by default, is set here.)
+        with self._fs.fs.open(path, mode, block_size=OBJECT_PART) as stream:
+            try:
+                yield stream
+            except BaseException:
+                try:
+                    self._fs.fs.rm_file(path)
+                except Exception:
+                    pass
+                raise
 
     @contextmanager
     def create_stream(self, path, mode: str):
@@ -229,7 +254,7 @@ class _ChecksummingFileSystem:
             if "w" not in mode:
                 yield stream
                 return
-            checksummed = _ChecksummedStream(stream)
+            checksummed = _ChecksummedStream(stream, piece=0 if self._uncached else OBJECT_PART // 2)
             yield checksummed
         self.checksums[_file_name(path)] = [checksummed.size, checksummed.crc]
 
