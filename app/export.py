@@ -46,7 +46,7 @@ from app.data.files import check_files, open_parquet
 from app.storage import UrlPath, location
 from app.errors import UserError
 from app.features import FeatureSchema
-from app.model import build_model, embedding_tables
+from app.models import build_model, embedding_tables
 from app.storage import atomic_output, write_atomically
 
 MODEL_FILE = "model.pt"

@@ -51,6 +51,9 @@ class FeatureSchema:
     def table_data_type(self, feature: SparseFeature) -> str:
         return feature.data_type or self.data_type
 
+    def table_dim(self, feature: SparseFeature) -> int:
+        return feature.embedding_dim or self.embedding_dim
+
     def embedding_bag_configs(self) -> List["EmbeddingBagConfig"]:
         # Imported here: the Parquet reader processes unpickle a FeatureSchema, and importing
         # torchrec there would add seconds to their start (app/data/reader_worker.py).
@@ -62,7 +65,7 @@ class FeatureSchema:
         return [
             EmbeddingBagConfig(
                 name=table_name(f.name),
-                embedding_dim=self.embedding_dim,
+                embedding_dim=self.table_dim(f),
                 num_embeddings=f.num_embeddings,
                 feature_names=[f.name],
                 pooling=pooling,

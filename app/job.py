@@ -26,7 +26,7 @@ from app.distributed import DistEnv
 from app.features import FeatureSchema
 from app.logs import setup_logging
 from app.metrics import MetricsLogger
-from app.model import build_model
+from app.models import build_model
 from app.optim import OptimizerStep, apply_sparse_optimizer, optimizer_and_schedule
 from app.precision import TableGradients, autocast_dtype, loss_scaler
 from app.preemption import Preemption

@@ -32,7 +32,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from app.config import ConfigError, OptimConfig
-from app.model import TABLES_PATH, embedding_tables
+from app.models import TABLES_PATH, embedding_tables
 
 _OPTIMIZER_CLASSES = {
     "sgd": torch.optim.SGD,

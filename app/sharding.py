@@ -48,7 +48,7 @@ from torchrec.distributed.types import CacheParams, CommOp, QuantizedCommCodecs,
 
 from app.config import CUDA_ONLY_COMM_PRECISIONS, CUDA_ONLY_KERNELS, ConfigError, ShardingConfig, table_constraint
 from app.features import FeatureSchema, table_name
-from app.model import TABLES_PATH
+from app.models import TABLES_PATH
 
 log = logging.getLogger("app.sharding")
 _GB = 1024**3
@@ -470,7 +470,8 @@ def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,
     rank_tables: Dict[int, List[str]] = defaultdict(list)
     for name, sharding in sorted(plan.plan.get(TABLES_PATH, {}).items()):
         feature = features[name]
-        full = [feature.num_embeddings, schema.embedding_dim]
+        full = [feature.num_embeddings, schema.table_dim(feature)]
+        element_bytes = 2 if schema.table_data_type(feature) == "fp16" else 4
         if sharding.sharding_spec is not None:
             shards = [
                 {"rank": s.placement.rank(), "offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes)}
@@ -479,12 +480,12 @@ def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,
         else:  # data_parallel: a full replica on every rank
             shards = [{"rank": r, "offsets": [0, 0], "sizes": full} for r in range(world_size)]
         for shard in shards:
-            rank_bytes[shard["rank"]] += shard["sizes"][0] * shard["sizes"][1] * 4
+            rank_bytes[shard["rank"]] += shard["sizes"][0] * shard["sizes"][1] * element_bytes
             rank_tables[shard["rank"]].append(name)
         tables[name] = {
             "feature": feature.name,
             "num_embeddings": feature.num_embeddings,
-            "embedding_dim": schema.embedding_dim,
+            "embedding_dim": full[1],
             "sharding_type": sharding.sharding_type,
             "compute_kernel": sharding.compute_kernel,
             "ranks": sorted({s["rank"] for s in shards}),

@@ -30,7 +30,7 @@ from app.config import Config
 from app.errors import BAD_INPUT, UserError
 from app.hydra_edge import compose_config
 from app.features import FeatureSchema
-from app.model import build_model
+from app.models import build_model
 from app.optim import apply_sparse_optimizer
 from app.sharding import format_plan_report, offline_memory_note, plan_offline, plan_report
 

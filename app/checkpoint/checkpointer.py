@@ -134,7 +134,8 @@ def position_here(saved: SavedCheckpoint, here: RunShape) -> TrainState:
 # What the model's shapes depend on: a checkpoint whose values differ cannot be loaded into it.
 _MODEL_SHAPE_KEYS = {
     "features": ("label", "dense", "embedding_dim", "pooling"),
-    "model": ("arch", "dense_arch_layer_sizes", "over_arch_layer_sizes", "dcn_num_layers", "dcn_low_rank_dim"),
+    "model": ("arch", "dense_arch_layer_sizes", "over_arch_layer_sizes", "dcn_num_layers", "dcn_low_rank_dim",
+              "deep_fm_dimension"),
 }
 
 
@@ -159,6 +160,10 @@ def model_differences(saved: Config, current: Config) -> List[str]:
     for name in sorted(old_tables.keys() & new_tables.keys()):
         compare(f"features.sparse[{name}].num_embeddings", old_tables[name].num_embeddings,
                 new_tables[name].num_embeddings)
+        if old_tables[name].embedding_dim or new_tables[name].embedding_dim:  # else features.embedding_dim says it
+            compare(f"features.sparse[{name}].embedding_dim",
+                    old_tables[name].embedding_dim or saved.features.embedding_dim,
+                    new_tables[name].embedding_dim or current.features.embedding_dim)
     return lines
 
 

@@ -42,6 +42,10 @@ class SparseFeature:
                           "converter, which makes each one-hot id a bag of this many; the loader takes any length).")
     data_type: Optional[str] = doc(None, "Precision of this feature's table weights: fp32 or fp16 (null: "
                                          "features.data_type).")
+    embedding_dim: Optional[int] = doc(None, "Width of this feature's table, a positive multiple of 4 (null: "
+                                             "features.embedding_dim). model.arch=dlrm projects a table of another "
+                                             "width to features.embedding_dim (a learned linear map per table) for "
+                                             "its dot products; dcn takes the tables side by side at any width.")
 
 
 TABLE_DATA_TYPES = ("fp32", "fp16")
@@ -56,8 +60,8 @@ class FeaturesConfig:
     dense: List[str] = doc([], "Dense (float) feature columns, in the order the dense arch reads them; at least one.")
     sparse: List[SparseFeature] = doc([], "Sparse (id) features, one embedding table each: a list of "
                                           "{name, num_embeddings, hotness}; at least one.")
-    embedding_dim: int = doc(16, "Width of every embedding table, a positive multiple of 4 (FBGEMM's kernels): "
-                                 "one width for every table, as DLRM's dot interaction and DCN's stacking both need.")
+    embedding_dim: int = doc(16, "Width of the embedding tables, a positive multiple of 4 (FBGEMM's kernels), and of "
+                                 "the dense arch's output; sparse[i].embedding_dim gives a table another width.")
     pooling: str = doc("sum", "How a multi-hot feature's embeddings are combined within a row: sum or mean.")
     data_type: str = doc("fp32", "Precision of the tables' weights: fp32, or fp16 (half the memory of every table, "
                                  "in the planner's estimates, in checkpoints and in exported models; FBGEMM updates "
@@ -84,6 +88,10 @@ class FeaturesConfig:
                 f"got {feature.num_embeddings}.",
             )
             _require(feature.hotness >= 1, f"{key}.hotness must be >= 1, got {feature.hotness}.")
+            if feature.embedding_dim is not None:
+                _require(feature.embedding_dim > 0 and feature.embedding_dim % 4 == 0,
+                         f"{key}.embedding_dim={feature.embedding_dim} is not valid: FBGEMM's embedding kernels "
+                         "need a positive multiple of 4 (null: features.embedding_dim).")
             if feature.data_type is not None:
                 _require_choice(f"{key}.data_type", feature.data_type, TABLE_DATA_TYPES)
 

@@ -13,7 +13,7 @@ from app.config.fields import _require, _require_choice, doc, doc_factory
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 LR_DECAYS = ("none", "linear", "cosine")
-MODEL_ARCHS = ("dlrm", "dcn")
+MODEL_ARCHS = ("dlrm", "dcn", "deepfm")
 PIPELINES = ("sparse_dist", "base")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Validation metrics early stopping and the best checkpoint can follow: higher is better for auc.
@@ -24,7 +24,8 @@ HIGHER_IS_BETTER = ("auc",)
 @dataclass
 class ModelConfig:
     arch: str = doc("dlrm", "dlrm: dot-product feature interaction (torchrec's DLRM); dcn: a low-rank DCNv2 "
-                            "cross network as the interaction (DLRM_DCN).")
+                            "cross network as the interaction (DLRM_DCN); deepfm: DeepFM's factorization machine "
+                            "beside a deep layer (app/models/deepfm.py).")
     dense_arch_layer_sizes: List[int] = doc([64, 16], "Layer sizes of the dense arch, which maps the dense "
                                                       "features to one embedding-sized vector: the last size must "
                                                       "equal features.embedding_dim.")
@@ -32,6 +33,7 @@ class ModelConfig:
                                                         "at least two, ending in 1 (one logit).")
     dcn_num_layers: int = doc(3, "Cross layers of the DCNv2 interaction (model.arch=dcn).")
     dcn_low_rank_dim: int = doc(32, "Rank of each cross layer's low-rank weight (model.arch=dcn).")
+    deep_fm_dimension: int = doc(64, "Width of DeepFM's deep layer over the concatenated vectors (model.arch=deepfm).")
 
     def validate(self) -> None:
         _require_choice("model.arch", self.arch, MODEL_ARCHS)
@@ -47,6 +49,7 @@ class ModelConfig:
             f"got {list(self.over_arch_layer_sizes)}.",
         )
         _require(self.dcn_num_layers > 0, f"model.dcn_num_layers must be > 0, got {self.dcn_num_layers}.")
+        _require(self.deep_fm_dimension > 0, f"model.deep_fm_dimension must be > 0, got {self.deep_fm_dimension}.")
         _require(
             self.dcn_low_rank_dim > 0, f"model.dcn_low_rank_dim must be > 0, got {self.dcn_low_rank_dim}."
         )

@@ -27,7 +27,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from app.config import FeaturesConfig, ModelConfig, OptimConfig, ShardingConfig, SparseFeature
 from app.distributed import shutdown
 from app.features import FeatureSchema
-from app.model import build_model
+from app.models import build_model
 from app.optim import apply_sparse_optimizer, build_optimizer
 from app.sharding import plan_sharding, shard_model
 

@@ -227,6 +227,11 @@ def test_model_differences_name_each_key():
         "features.sparse: 'z' is in the config, not in the checkpoint",
         "features.sparse[y].num_embeddings: 20 in the checkpoint, 30 now",
     ]
+    current = config(x=10, y=20)
+    current.features.sparse[0].embedding_dim = 32  # a width of its own
+    assert model_differences(saved, current) == ["features.sparse[x].embedding_dim: 16 in the checkpoint, 32 now"]
+    current.features.sparse[0].embedding_dim = 16  # the same width, stated
+    assert model_differences(saved, current) == []
 
 
 def test_checkpoints_are_ordered_by_samples_trained_not_by_step_number(tmp_path, single_process_group):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchrec.models.dlrm import InteractionArch
 
-from app.interaction import DotInteraction
+from app.models.interaction import DotInteraction
 
 
 def _inputs(batch=64, features=7, dim=8):

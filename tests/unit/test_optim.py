@@ -34,7 +34,7 @@ def test_sparse_adam_is_refused_on_cpu_naming_the_key():
 
     from app.config import ConfigError, FeaturesConfig, ModelConfig, SparseFeature
     from app.features import FeatureSchema
-    from app.model import build_model
+    from app.models import build_model
     from app.optim import apply_sparse_optimizer
 
     schema = FeatureSchema.from_config(FeaturesConfig(dense=["d"], sparse=[SparseFeature("a", 10)], embedding_dim=8))

@@ -13,7 +13,7 @@ from app.config import (ConfigError, FeaturesConfig, ModelConfig, OptimConfig, S
                         TableConstraint)
 from app.features import FeatureSchema
 from app.hydra_edge import compose_config
-from app.model import build_model
+from app.models import build_model
 from app.optim import apply_sparse_optimizer
 from app.sharding import (parameter_constraints, plan_offline, plan_report, plan_sharding, sharders,
                           write_plan_report)

@@ -1,0 +1,57 @@
+"""The models, one module per architecture over what they share (head.py): the embedding tables
+built on the meta device, so that no rank ever materialises a full table (DistributedModelParallel
+allocates only each rank's shards), and small dense layers built on the target device directly.
+
+- dlrm.py: DLRM, the dot interaction (interaction.py: its hand-written backward); tables of
+  another width than the dense vector's are projected to it.
+- dcn.py: DLRM-DCN (DCNv2), a low-rank cross network over the concatenation, of any widths.
+- deepfm.py: DeepFM, a factorization machine beside a deep layer; tables projected as DLRM's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DLRMTrain
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from app.config import ModelConfig
+from app.features import FeatureSchema
+from app.models.dcn import CrossHead
+from app.models.deepfm import DeepFMHead
+from app.models.dlrm import DotHead
+from app.models.head import Head
+from app.precision import TableGradients
+
+# Where the tables are in a model from build_model; sharding keeps the path (its plan is keyed by it).
+TABLES_PATH = "model.sparse_arch.embedding_bag_collection"
+
+
+def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device,
+                tables_device: torch.device = torch.device("meta"),
+                autocast_dtype: Optional[torch.dtype] = None,
+                table_gradients: Optional[TableGradients] = None) -> DLRMTrain:
+    """DLRMTrain: forward(batch) -> (loss, (loss, logits, labels)), what the train pipeline expects.
+    `tables_device` other than meta builds full tables there: one unsharded process (app/export.py).
+    `autocast_dtype` (bf16, fp16) is the dense part's compute precision; `table_gradients` unscales
+    the tables' gradients under a loss scale."""
+    tables = EmbeddingBagCollection(tables=schema.embedding_bag_configs(), device=tables_device)
+    dense = (tables, len(schema.dense), list(config.dense_arch_layer_sizes))
+    if config.arch == "dcn":
+        head: Head = CrossHead(*dense, list(config.over_arch_layer_sizes), config.dcn_num_layers,
+                               config.dcn_low_rank_dim, device)
+    elif config.arch == "deepfm":
+        head = DeepFMHead(*dense, list(config.over_arch_layer_sizes), config.deep_fm_dimension, device)
+    else:
+        head = DotHead(*dense, list(config.over_arch_layer_sizes), device)
+    head.autocast_dtype = autocast_dtype
+    if table_gradients is not None:
+        head.table_gradients = table_gradients
+    return DLRMTrain(head)
+
+
+def embedding_tables(model: nn.Module) -> EmbeddingBagCollection:
+    """The (unsharded) EmbeddingBagCollection inside a model from build_model."""
+    return model.get_submodule(TABLES_PATH)
