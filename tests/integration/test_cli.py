@@ -27,7 +27,7 @@ def test_every_config_error_exits_2_and_group_schemas_are_not_options(tmp_path):
         result = run_command([sys.executable, "-m", "app.train", override, f"output_root={tmp_path}"], cwd=REPO)
         assert result.returncode == 2, (override, result.stderr)
     help_text = run_command([sys.executable, "-m", "app.train", "--help"], cwd=REPO).stdout
-    assert "dcn, dlrm" in help_text and "schema" not in help_text
+    assert "dcn, deepfm, dlrm" in help_text and "schema" not in help_text
 
 
 def test_a_config_error_is_said_by_rank_0_only(tmp_path):
@@ -51,7 +51,7 @@ def test_help_lists_every_key_with_its_default_and_help():
     assert "trainer.epochs: int = 2\n" in text and "optim.lr: float = 0.05\n" in text
     assert "sharding.hbm_cap_gb: Optional[float] = null\n" in text
     assert "    Save a checkpoint every this many steps, and always at the end (0: only at the end); also at" in text
-    assert "model: dcn, dlrm" in text, "Hydra's list of groups and options stays"
+    assert "model: dcn, deepfm, dlrm" in text, "Hydra's list of groups and options stays"
     flat = " ".join(text.split())
     for doc in field_docs():
         if not doc.is_group:
