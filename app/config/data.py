@@ -43,9 +43,9 @@ class SparseFeature:
     data_type: Optional[str] = doc(None, "Precision of this feature's table weights: fp32 or fp16 (null: "
                                          "features.data_type).")
     embedding_dim: Optional[int] = doc(None, "Width of this feature's table, a positive multiple of 4 (null: "
-                                             "features.embedding_dim). model.arch=dlrm projects a table of another "
-                                             "width to features.embedding_dim (a learned linear map per table) for "
-                                             "its dot products; dcn takes the tables side by side at any width.")
+                                             "features.embedding_dim). model.arch=dlrm and deepfm project a table of "
+                                             "another width to features.embedding_dim (a learned linear map per "
+                                             "table) for their dot products; dcn takes the tables side by side.")
 
 
 TABLE_DATA_TYPES = ("fp32", "fp16")
