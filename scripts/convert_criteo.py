@@ -38,7 +38,8 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("items", nargs="+", metavar="INPUT|key=value", help="Criteo TSV files and config overrides")
     parser.add_argument("--out", required=True, help="output directory (created; a re-run resumes it)")
     parser.add_argument("--categorical", choices=CATEGORICAL_MODES, default=defaults.categorical,
-                        help="hash: int(hex) %% num_embeddings; vocab: ids by frequency over the inputs")
+                        help="hash: int(hex) %% num_embeddings; vocab: ids by frequency over the inputs; raw: "
+                             "int(hex) itself (64-bit ids for managed collision, or data.invalid_ids=hash)")
     parser.add_argument("--min-frequency", type=int, default=defaults.min_frequency,
                         help="vocab: values seen fewer times get the rare id 0")
     parser.add_argument("--vocabulary", default=defaults.vocabulary,

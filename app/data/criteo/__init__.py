@@ -3,7 +3,8 @@
 A raw line is `label, 13 integers, 26 categoricals`, tab-separated (tsv); its columns become the
 features config's, in that order (parts). A categorical value's id comes from one of:
   - hash:  int(value, 16) % num_embeddings; needs nothing but the line itself;
-  - vocab: its rank by count over all the inputs (vocabulary).
+  - vocab: its rank by count over all the inputs (vocabulary);
+  - raw:   int(value, 16) itself, a 64-bit id (one-hot columns only).
 
 Memory is bounded whatever the input size: a file is streamed in blocks of block_size bytes and
 every step works on a block's columns at once (Arrow compute, numpy; Python touches no row or value).

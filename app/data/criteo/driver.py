@@ -37,6 +37,13 @@ def convert(inputs: Sequence[str], out_dir: str, schema: "FeatureSchema | Featur
     read, so the FeaturesConfig it is built from will do (and spares loading torchrec)."""
     options.validate()
     columns = CriteoColumns.from_schema(schema, options.multi_hot_sizes)
+    if options.categorical == "raw" and any(h > 1 for h in columns.hotness):
+        multi_hot = [name for name, h in zip(columns.sparse, columns.hotness) if h > 1]
+        raise ConfigError(
+            f"categorical='raw' keeps each value as its id, but {multi_hot} are multi-hot: their derived ids are "
+            "drawn within the table's rows (hash or vocab ids). Use --categorical hash or vocab, or hotness 1 "
+            "(--multi-hot-sizes)."
+        )
     inputs = [str(p) for p in inputs]
     if not inputs:
         raise ConfigError("no input files given.")
@@ -103,7 +110,7 @@ def _settings(columns: CriteoColumns, options: ConvertOptions, built_from: Optio
     }
     if options.categorical == "hash":
         settings["num_embeddings"] = list(columns.num_embeddings)
-    else:
+    elif options.categorical == "vocab":
         settings["vocabulary"] = built_from
     if any(h > 1 for h in columns.hotness):
         settings["multi_hot"] = {"hotness": list(columns.hotness), "seed": options.multi_hot_seed,
@@ -157,7 +164,7 @@ def convert_input(job: InputJob) -> dict:
                         options.rows_per_row_group) as writer:
             for first_line, batch in read_blocks(job.path, job.columns, options.block_size):
                 writer.write(output_rows(batch, first_line, job.path, job.columns, options.log_dense, vocabularies,
-                                         options.multi_hot_seed))
+                                         options.multi_hot_seed, raw=options.categorical == "raw"))
                 rows += batch.num_rows
             parts = writer.close()
     marker = {"input": os.path.abspath(job.path), "rows": rows, "parts": parts, "settings": job.settings}

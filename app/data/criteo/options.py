@@ -12,12 +12,12 @@ if TYPE_CHECKING:  # app.features imports torchrec: seconds and ~300 MB a conver
 
 DENSE_COLUMNS = 13
 SPARSE_COLUMNS = 26
-CATEGORICAL_MODES = ("hash", "vocab")
+CATEGORICAL_MODES = ("hash", "vocab", "raw")
 
 
 @dataclass
 class ConvertOptions:
-    categorical: str = "hash"  # "hash" | "vocab"
+    categorical: str = "hash"  # "hash" | "vocab" | "raw" (int(hex, 16) itself: no table, no vocabulary)
     # vocab: values seen fewer times than this (over all inputs) get the rare id 0.
     min_frequency: int = 1
     # vocab: apply the vocabulary of an earlier conversion (its output directory or its

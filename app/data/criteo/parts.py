@@ -38,8 +38,9 @@ def output_schema(columns: CriteoColumns) -> pa.Schema:
 
 
 def output_rows(batch: pa.RecordBatch, first_line: int, path: str, columns: CriteoColumns, log_dense: bool,
-                vocabularies: Optional[List[Vocabulary]], multi_hot_seed: int = 0) -> pa.Table:
-    """One block's rows in the output schema (hash ids when no vocabularies are given)."""
+                vocabularies: Optional[List[Vocabulary]], multi_hot_seed: int = 0, raw: bool = False) -> pa.Table:
+    """One block's rows in the output schema: ids from the vocabularies, or without them, hashed
+    (int(hex, 16) mod the table's rows), or as they are with `raw` (int(hex, 16))."""
     raw_label = batch.column(columns.label)
     label = pc.fill_null(raw_label, -1).to_numpy()
     bad = (label != 0) & (label != 1)
@@ -59,7 +60,9 @@ def output_rows(batch: pa.RecordBatch, first_line: int, path: str, columns: Crit
     for index, (name, num_embeddings, hotness) in enumerate(zip(columns.sparse, columns.num_embeddings,
                                                                  columns.hotness)):
         values, rows = distinct_values(batch.column(name), name, path, first_line, columns)
-        if vocabularies is None:
+        if raw:
+            ids = _as_int64(values, rows, batch.column(name), name, path, first_line, columns)
+        elif vocabularies is None:
             ids = (values % np.uint64(num_embeddings)).astype(np.int64)
         else:
             ids = vocabularies[index].lookup(values)
@@ -70,6 +73,20 @@ def output_rows(batch: pa.RecordBatch, first_line: int, path: str, columns: Crit
             per_value = pa.FixedSizeListArray.from_arrays(pa.array(bags.ravel()), hotness)
             arrays.append(per_value.take(rows).cast(pa.list_(pa.int64())))
     return pa.Table.from_arrays(arrays, schema=output_schema(columns))
+
+
+def _as_int64(values: np.ndarray, rows: pa.Array, column: pa.Array, name: str, path: str, first_line: int,
+              columns: CriteoColumns) -> np.ndarray:
+    """Raw ids as int64, the loader's type: a value of 2**63 or more (16 hex digits from 8) is refused."""
+    too_large = values >= np.uint64(2**63)
+    if too_large.any():
+        at = pc.is_in(rows, value_set=pa.array(np.flatnonzero(too_large), rows.type))
+        row = int(np.argmax(pc.fill_null(at, False).to_numpy(zero_copy_only=False)))
+        raise DataError(
+            f"{path}, line {first_line + row}, column {name!r} (field {columns.field(name)}): {column[row].as_py()!r} "
+            "is 2**63 or more, which no int64 id holds; --categorical raw takes values below 8000000000000000."
+        )
+    return values.astype(np.int64)
 
 
 def part_name(stem: str, index: int) -> str:

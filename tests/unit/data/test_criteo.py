@@ -21,6 +21,7 @@ import pytest
 
 from app.config import ConfigError, FeaturesConfig, SparseFeature
 from app.data import DataError
+from app.data.batch import InputPolicy
 from app.data.criteo import ConvertOptions, convert, input_stem
 from app.data.files import check_files, resolve_files
 from app.data.parquet import TrainingBatches
@@ -202,6 +203,39 @@ def test_row_groups_of_an_input_smaller_than_eight_row_groups(tmp_path, rows, gr
             ConvertOptions(**SMALL))
     assert row_groups(tmp_path / "out") == groups
     assert_output(tmp_path / "out", expected(criteo_rows(rows, seed=12)))
+
+
+def test_raw_ids_are_the_values_themselves_and_train_hashed_by_the_loader(tmp_path, two_inputs):
+    paths, rows = two_inputs
+    rows[0][5][14 + 2] = "7fffffffffffffff"  # the largest value an int64 id holds
+    write_tsv(Path(paths[0]), rows[0])
+    convert(paths, str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical="raw", **SMALL))
+    got = read_output(tmp_path / "out")
+    for j, name in enumerate(SPARSE):
+        assert got[name] == [int(row[14 + j], 16) if row[14 + j] else None for row in rows[0] + rows[1]], name
+    assert got["cat_2"][5] == 2**63 - 1
+    # Ids beyond the tables: trained hashed (id mod rows), as --categorical hash would have written them.
+    files = resolve_files(str(tmp_path / "out"))
+    with pytest.raises(DataError, match="column 'cat_0' has id"):
+        next(iter(TrainingBatches(files, SCHEMA, batch_size=20, rank=0, world_size=1, prefetch_windows=0)))
+    hashed = TrainingBatches(files, SCHEMA, batch_size=220, rank=0, world_size=1, prefetch_windows=0,
+                             policy=InputPolicy(invalid_ids="hash"))
+    batch = next(iter(hashed))
+    want = expected(rows[0] + rows[1])
+    for name in ("cat_0", "cat_25"):
+        assert batch.sparse_features[name].values().tolist() == [v for v in want[name] if v is not None], name
+
+
+def test_raw_ids_refuse_what_no_int64_holds_and_multi_hot_columns(tmp_path):
+    rows = criteo_rows(60, seed=9)
+    rows[41][14 + 7] = "8000000000000000"
+    path = write_tsv(tmp_path / "day_0", rows)
+    with pytest.raises(DataError, match=f"^{re.escape(path)}, line 42, column 'cat_7' \\(field 22\\): "
+                                        "'8000000000000000' is 2\\*\\*63 or more"):
+        convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical="raw", **SMALL))
+    with pytest.raises(ConfigError, match="categorical='raw' keeps each value as its id, but \\['cat_0'\\] are multi-hot"):
+        convert([path], str(tmp_path / "out2"), SCHEMA,
+                ConvertOptions(categorical="raw", multi_hot_sizes=(3,) + (1,) * 25, **SMALL))
 
 
 def test_output_loads_for_training(tmp_path, two_inputs):
