@@ -75,6 +75,12 @@ class Config:
             f"(the dense vector joins the embeddings), got {list(self.model.dense_arch_layer_sizes)}.",
         )
         _require(len(self.features.dense) > 0, "features.dense must list at least one dense column.")
+        too_large = [f.name for f in self.features.sparse if f.num_embeddings > 2**self.data.synthetic.id_bits]
+        _require(
+            self.data.synthetic.id_bits == 0 or not too_large,
+            f"data.synthetic.id_bits={self.data.synthetic.id_bits}: 2**{self.data.synthetic.id_bits} raw ids cannot "
+            f"hold the rows of {too_large} distinctly; use more bits (or 0: ids are table rows).",
+        )
         feature_names = {f.name for f in self.features.sparse}
         unknown = sorted(k for k in self.sharding.tables if not fnmatch.filter(feature_names, k))
         _require(

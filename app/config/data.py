@@ -115,6 +115,10 @@ class SyntheticConfig:
                                             "categorical features; see zipf_exponent) or uniform (every id equally "
                                             "likely, as in the reference trainers' random benchmark data).")
     zipf_exponent: float = doc(1.1, "Exponent of the power law ids are drawn from: larger is more skewed.")
+    id_bits: int = doc(0, "0: ids are table rows, in [0, num_embeddings). k in 1..62: each row's id is written as a "
+                          "raw id spread over [0, 2**k) (a bijection per feature, so ids stay distinct and the planted "
+                          "truth is the same), as raw ids arrive where there is no vocabulary: train on them hashed "
+                          "(data.invalid_ids=hash: id mod rows, with collisions).")
 
     def validate(self) -> None:
         for key in ("train_rows", "val_rows", "rows_per_file", "rows_per_row_group"):
@@ -122,6 +126,7 @@ class SyntheticConfig:
         _require(self.test_rows >= 0, f"data.synthetic.test_rows must be >= 0, got {self.test_rows}.")
         _require_choice("data.synthetic.id_distribution", self.id_distribution, ID_DISTRIBUTIONS)
         _require(self.zipf_exponent > 0, f"data.synthetic.zipf_exponent must be > 0, got {self.zipf_exponent}.")
+        _require(0 <= self.id_bits <= 62, f"data.synthetic.id_bits must be 0 (table rows) or 1..62, got {self.id_bits}.")
 
 
 @dataclass

@@ -9,6 +9,8 @@ Ids follow a power law, like real categorical features (a few ids are very frequ
 the reference trainers' random benchmark data, a uniform distribution. Nothing is
 stored per id: the per-id weights and latent vectors are hashes of (seed, feature, id), so tables
 of any size cost no memory, and files are generated one at a time so row counts are unbounded.
+With data.synthetic.id_bits, the files hold each id as a raw 64-bit id spread over 2**id_bits
+values instead (the same rows, the same truth): data as it arrives without a vocabulary.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ PROBABILITY_COLUMN = "click_probability"
 
 def dataset_dir(schema: "FeatureSchema | FeaturesConfig", cfg: SyntheticConfig) -> Path:
     """cfg.root/<fingerprint>: a changed feature schema or generator setting gets its own dataset."""
-    params = {k: v for k, v in asdict(cfg).items() if k != "root"}
+    # (id_bits only where set: the datasets generated before it existed keep their fingerprints)
+    params = {k: v for k, v in asdict(cfg).items() if k != "root" and not (k == "id_bits" and v == 0)}
     key = {
         "version": FORMAT_VERSION,
         "label": schema.label,
@@ -155,6 +158,19 @@ class _PlantedModel:
         count = len(schema.sparse)
         self.pairs = [(i, i + 1) for i in range(0, count - 1, 2)]
         self.scatter = [_scatter(cfg.seed, i, f.num_embeddings) for i, f in enumerate(schema.sparse)]
+        self.id_bits = cfg.id_bits
+        spread = np.random.default_rng([cfg.seed, 9])
+        # An odd multiplier makes x -> x * multiplier + offset (mod 2**id_bits) a bijection.
+        self.spread = [(int(spread.integers(0, 2**62)) | 1, int(spread.integers(0, 2**62))) for _ in schema.sparse]
+
+    def written_ids(self, feature_index: int, ids: np.ndarray) -> np.ndarray:
+        """The ids as the files hold them: table rows, or raw ids spread over [0, 2**id_bits)."""
+        if not self.id_bits:
+            return ids
+        multiplier, offset = self.spread[feature_index]
+        with np.errstate(over="ignore"):  # uint64 arithmetic wraps: mod 2**64, then mod 2**id_bits
+            raw = ids.astype(np.uint64) * np.uint64(multiplier) + np.uint64(offset)
+        return (raw & np.uint64(2**self.id_bits - 1)).astype(np.int64)
 
     def _bag_mean(self, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Mean of a per-id quantity over each row's ids (rows have >= 1 id)."""
@@ -182,6 +198,7 @@ class _PlantedModel:
             logit += self.ID_WEIGHT * self._bag_mean(_hashed_normal(self.seed, 2 * i, ids), lengths)
             vectors = np.stack([_hashed_normal(self.seed, 1000 + LATENT_DIM * i + d, ids) for d in range(LATENT_DIM)], 1)
             latent.append(self._bag_mean(vectors, lengths))
+            ids = self.written_ids(i, ids)
             if hot > 1:
                 offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
                 columns[feature.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))

@@ -109,3 +109,34 @@ def test_the_best_achievable_scores_of_the_data_a_job_validates_on(tmp_path):
     copied.mkdir(parents=True)
     for path in [str(copied), str(val / "part-00000.parquet"), str(val / "*.parquet")]:
         assert best_achievable(SCHEMA, DataConfig(source="parquet", train_path=str(train), val_path=path)) is None
+
+
+def test_raw_ids_spread_over_id_bits_carry_the_same_rows_and_truth(tmp_path):
+    rows = generate(SCHEMA, config(tmp_path), tmp_path / "rows")
+    raw = generate(SCHEMA, config(tmp_path, id_bits=40), tmp_path / "raw")
+    assert raw["best_auc"] == rows["best_auc"] and raw["splits"]["train"] == rows["splits"]["train"]
+    assert dataset_dir(SCHEMA, config(tmp_path)) != dataset_dir(SCHEMA, config(tmp_path, id_bits=40))
+    for name in ("train/part-00000.parquet", "val/part-00000.parquet"):
+        a, b = pq.read_table(tmp_path / "rows" / name), pq.read_table(tmp_path / "raw" / name)
+        assert a.select([SCHEMA.label, PROBABILITY_COLUMN]).equals(b.select([SCHEMA.label, PROBABILITY_COLUMN]))
+        for feature in SCHEMA.sparse:
+            column_a, column_b = a[feature.name].combine_chunks(), b[feature.name].combine_chunks()
+            if feature.hotness > 1:
+                assert column_a.offsets.equals(column_b.offsets)
+                column_a, column_b = column_a.flatten(), column_b.flatten()
+            ids, spread = column_a.to_numpy(), column_b.to_numpy()
+            assert spread.min() >= 0 and spread.max() < 2**40
+            # One raw id per table row and one row per raw id: a bijection, far outside the table.
+            pairs = set(zip(ids.tolist(), spread.tolist()))
+            assert len(pairs) == len(set(ids.tolist())) == len(set(spread.tolist()))
+            assert (spread >= feature.num_embeddings).mean() > 0.99
+
+
+def test_id_bits_must_hold_every_table(tmp_path):
+    from app.config import ConfigError
+    from app.hydra_edge import compose_config
+
+    with pytest.raises(ConfigError, match=r"data\.synthetic\.id_bits=10: 2\*\*10 raw ids cannot hold the rows of \['cat_2'"):
+        compose_config(["features=criteo_small", "data.synthetic.id_bits=10"])
+    with pytest.raises(ConfigError, match=r"data\.synthetic\.id_bits must be 0"):
+        compose_config(["data.synthetic.id_bits=63"])
