@@ -8,6 +8,7 @@ CheckpointStore (store.py) decides where, and publishes what they wrote.
 from __future__ import annotations
 
 import copy
+import errno
 import fcntl
 import mmap
 import os
@@ -154,7 +155,15 @@ class UncachedFile:
 
     def _write_out(self, view: memoryview) -> None:
         while view.nbytes:
-            written = os.write(self._fd, view)
+            try:
+                written = os.write(self._fd, view)
+            except OSError as error:
+                if not (self.direct and error.errno == errno.EINVAL):
+                    raise
+                # Taken at open, refused at write: a device of larger blocks, a file system that
+                # only pretends to support O_DIRECT. The same bytes go through the cache instead.
+                self._through_cache()
+                continue
             view = view[written:]
             if view.nbytes and written % _DIRECT_ALIGNMENT:
                 self._through_cache()  # a short write left the file unaligned for O_DIRECT

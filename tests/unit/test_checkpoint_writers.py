@@ -31,6 +31,15 @@ def test_an_uncached_file_holds_exactly_what_was_written(tmp_path, buffer_size, 
     assert file.closed
 
 
+def test_writes_that_o_direct_refuses_go_through_the_cache(tmp_path):
+    """A buffer of no whole number of blocks makes O_DIRECT's writes unaligned, as a device of
+    larger blocks would: refused (EINVAL) where O_DIRECT is honoured, then written through the cache."""
+    data = torch.randint(0, 256, (50_000,), dtype=torch.uint8).numpy().tobytes()
+    with UncachedFile(str(tmp_path / "odd"), buffer_size=5000) as file:
+        file.write(data)
+    assert (tmp_path / "odd").read_bytes() == data
+
+
 def test_an_empty_uncached_file_and_a_float_tensor_view(tmp_path):
     with UncachedFile(str(tmp_path / "empty")):
         pass
