@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -116,21 +116,23 @@ def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run
 def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train_files: List[str],
                   val_files: List[str]) -> Tuple[TrainingBatches, EvaluationBatches]:
     """This rank's training batches (shuffled per epoch) and evaluation batches (padded)."""
-    policy = InputPolicy.from_config(config)
-    pin_memory = env.device.type == "cuda"  # so that the copies to the device can overlap compute
     train = TrainingBatches(train_files, schema, config.batch_size, env.rank, env.world_size,
                             shuffle=config.shuffle, seed=config.seed, shuffle_window=config.shuffle_window,
-                            prefetch_windows=config.prefetch_windows, num_workers=config.num_workers,
-                            policy=policy, pin_memory=pin_memory, storage_options=config.storage_options)
+                            **_reading(config, env))
     return train, evaluation_batches(config, schema, env, val_files)
 
 
 def evaluation_batches(config: DataConfig, schema: FeatureSchema, env: DistEnv, files: List[str]) -> EvaluationBatches:
     """This rank's evaluation batches of a held-out split (validation or test), padded."""
-    return EvaluationBatches(files, schema, config.eval_batch_size, env.rank, env.world_size,
-                             prefetch_windows=config.prefetch_windows, num_workers=config.num_workers,
-                             policy=InputPolicy.from_config(config), pin_memory=env.device.type == "cuda",
-                             storage_options=config.storage_options)
+    return EvaluationBatches(files, schema, config.eval_batch_size, env.rank, env.world_size, **_reading(config, env))
+
+
+def _reading(config: DataConfig, env: DistEnv) -> Dict[str, Any]:
+    """How every split is read: the same readers, input policy and storage options."""
+    return dict(prefetch_windows=config.prefetch_windows, num_workers=config.num_workers,
+                policy=InputPolicy.from_config(config),
+                pin_memory=env.device.type == "cuda",  # so that the copies to the device overlap compute
+                storage_options=config.storage_options)
 
 
 def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
