@@ -47,6 +47,7 @@ from app.storage import UrlPath, location
 from app.errors import UserError
 from app.features import FeatureSchema
 from app.models import build_model, embedding_tables
+from app.models.managed_collision import for_export
 from app.storage import atomic_output, write_atomically
 
 MODEL_FILE = "model.pt"
@@ -113,9 +114,11 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, prefer: str = "best") -> 
     checkpoint = resolve_checkpoint(checkpoint, prefer)
     meta = _read_meta(checkpoint)
     config = config_from_dict(meta["config"])
-    model = build_model(config.model, FeatureSchema.from_config(config.features), _CPU, tables_device=_CPU)
+    model = build_model(config.model, FeatureSchema.from_config(config.features), _CPU, tables_device=_CPU,
+                        managed_collision=config.features.managed_collision, mc_buckets=int(meta["world_size"]))
     state = model.state_dict()
     _check_keys(checkpoint, state)
+    managed_collision = _managed_collision_shards(checkpoint, config, int(meta["world_size"]))
     try:
         with warnings.catch_warnings():
             # Only the model: DCP loads the keys asked for, so the optimizer's state is never read.
@@ -141,8 +144,24 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, prefer: str = "best") -> 
         "parameters": sum(t.numel() for t in state.values()),
         "config": meta["config"],
     }
+    if managed_collision:
+        exported["managed_collision"] = managed_collision
     write_atomically(out_dir / CONFIG_FILE, json.dumps(exported, indent=2))
     return out_dir
+
+
+def _managed_collision_shards(checkpoint: Path, config: Config, world_size: int) -> Optional[dict]:
+    """How the managed-collision tables were split into row-wise shards (the first row of each, and
+    the table's rows), from the checkpoint's chunks: predict maps each id by the shard training
+    sent it to (app/models/managed_collision.py). None without such tables."""
+    if not any(f.id_mapping == "managed_collision" for f in config.features.sparse):
+        return None
+    segments = {}
+    for key, entry in read_dcp_metadata(checkpoint).state_dict_metadata.items():
+        if key.startswith(f"{MODEL_KEY}.") and key.endswith("._mch_sorted_raw_ids"):
+            starts = sorted({chunk.offsets[0] for chunk in entry.chunks})
+            segments[key.split(".")[-2]] = [*starts, int(entry.size[0])]
+    return {"world_size": world_size, "segments": segments}
 
 
 # ---- load ---------------------------------------------------------------------------------------
@@ -168,8 +187,12 @@ def read_export_info(out_dir: Path) -> dict:
 def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
     """The exported model on the CPU in eval mode, and the config it was trained with."""
     out_dir = Path(out_dir)
-    config = config_from_dict(read_export_info(out_dir)["config"])
-    model = build_model(config.model, FeatureSchema.from_config(config.features), _CPU, tables_device=_CPU)
+    info = read_export_info(out_dir)
+    config = config_from_dict(info["config"])
+    shards = info.get("managed_collision")
+    model = build_model(config.model, FeatureSchema.from_config(config.features), _CPU, tables_device=_CPU,
+                        managed_collision=config.features.managed_collision,
+                        mc_buckets=shards["world_size"] if shards else 1)
     path = out_dir / MODEL_FILE
     try:
         state = torch.load(path, map_location=_CPU, weights_only=True)
@@ -185,6 +208,8 @@ def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
     # fp16 tables are stored as such, but scored in fp32: FBGEMM's kernels, which trained them, sum
     # fp16 rows in fp32, while nn.EmbeddingBag would sum (and round) in fp16.
     embedding_tables(model).float()
+    if shards:
+        for_export(embedding_tables(model), shards["segments"], shards["world_size"])
     return model.eval(), config
 
 

@@ -27,6 +27,7 @@ from app.features import FeatureSchema
 from app.logs import setup_logging
 from app.metrics import MetricsLogger
 from app.models import build_model
+from app.models.managed_collision import prepare_sharded
 from app.optim import OptimizerStep, apply_sparse_optimizer, optimizer_and_schedule
 from app.precision import TableGradients, autocast_dtype, loss_scaler
 from app.preemption import Preemption
@@ -101,16 +102,29 @@ def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run
     part computes in trainer.precision; `scaler` is fp16's loss scale (see app/precision.py)."""
     model = build_model(config.model, schema, env.device,
                         autocast_dtype=autocast_dtype(config.trainer.precision, env.device),
-                        table_gradients=TableGradients(scaler))
+                        table_gradients=TableGradients(scaler),
+                        managed_collision=config.features.managed_collision, mc_buckets=env.world_size)
     apply_sparse_optimizer(model, config.optim, env.device)
     plan, chosen = plan_sharding(model, config.sharding, schema, env.device, config.data.batch_size,
                                  env.world_size, env.local_world_size, dist.group.WORLD)
     if env.is_rank0 and run_dir is not None:
         report = plan_report(plan, schema, env.world_size, chosen)
         log.info("sharding plan:\n%s", write_plan_report(report, run_dir))
-    return shard_model(model, plan, config.sharding, env.device, config.data.batch_size,
-                       local_dense_gradients=config.trainer.dense_average_every > 0,
-                       sparse_clip_value=config.optim.sparse_clip_value)
+    sharded = shard_model(model, plan, config.sharding, env.device, config.data.batch_size,
+                          local_dense_gradients=config.trainer.dense_average_every > 0,
+                          sparse_clip_value=config.optim.sparse_clip_value)
+    prepare_managed_collision(sharded, config, env.world_size)
+    return sharded
+
+
+def prepare_managed_collision(model: nn.Module, config: Config, world_size: int) -> None:
+    """The sharded managed-collision tables made exact and CPU-capable (app/models/managed_collision.py).
+    A shard's module sees at most every rank's ids of its features in a step: its history holds
+    twice that for single-hot ones (multi-hot bags may be longer than features.sparse[i].hotness)."""
+    managed = [f for f in config.features.sparse if f.id_mapping == "managed_collision"]
+    if managed:
+        history = 2 * world_size * config.data.batch_size * max(f.hotness for f in managed)
+        prepare_sharded(model, config.seed, history)
 
 
 def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train_files: List[str],

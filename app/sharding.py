@@ -33,6 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
 from fbgemm_gpu.quantize_comm import QuantizedCommCodec as FbgemmQuantizedCommCodec
 from fbgemm_gpu.split_embedding_configs import SparseType
 from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs
@@ -63,6 +65,21 @@ class _CPUCapableSharder(EmbeddingBagCollectionSharder):
         return types + [t for t in _CPU_EXTRA_TYPES if t not in types]
 
 
+class _CPUCapableMCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
+    """TorchRec's sharder of managed-collision tables (row_wise only), made to work on CPU: its
+    types are those its EBC sharder and its MC sharder share, so it needs our CPU-capable EBC
+    sharder to offer row_wise at all; its kernels are a fixed list whatever the device, of which
+    only fused runs on CPU; and it defaults its device to CUDA where DMP passes none."""
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        if compute_device_type == "cuda":
+            return super().compute_kernels(sharding_type, compute_device_type)
+        return [EmbeddingComputeKernel.FUSED.value]
+
+    def shard(self, module, params, env, device=None, module_fqn=None):
+        return super().shard(module, params, env, device or torch.device("cpu"), module_fqn)
+
+
 def sharders(config: ShardingConfig, device: torch.device, batch_size: int,
              sparse_clip_value: Optional[float] = None) -> list:
     """The sharders the planner and DistributedModelParallel use, with quantized communication
@@ -70,8 +87,12 @@ def sharders(config: ShardingConfig, device: torch.device, batch_size: int,
     element-wise gradient clipping in the fused table optimizers when `sparse_clip_value` is set."""
     fused_params = None if sparse_clip_value is None else {"gradient_clipping": True,
                                                            "max_gradient": float(sparse_clip_value)}
-    return [_CPUCapableSharder(qcomm_codecs_registry=_qcomm_codecs(config, device, batch_size),
-                               fused_params=fused_params)]
+    codecs = _qcomm_codecs(config, device, batch_size)
+    tables = _CPUCapableSharder(qcomm_codecs_registry=codecs, fused_params=fused_params)
+    # The managed-collision sharder is only used where the model has such tables.
+    return [tables, _CPUCapableMCSharder(ebc_sharder=_CPUCapableSharder(qcomm_codecs_registry=codecs,
+                                                                        fused_params=fused_params),
+                                         qcomm_codecs_registry=codecs)]
 
 
 class _ScaledFP16Codec(FbgemmQuantizedCommCodec):
@@ -148,11 +169,39 @@ def parameter_constraints(config: ShardingConfig, schema: FeatureSchema, device_
             extra["min_partition"] = override.min_partition
         if override and override.cache_load_factor is not None:
             extra["cache_params"] = CacheParams(load_factor=override.cache_load_factor)
+        if schema_feature(schema, feature).id_mapping == "managed_collision":
+            types, kernels = _managed_collision_constraint(types, kernels, device_type, key)
         if types or kernels or extra:
             constraints[table_name(feature)] = ParameterConstraints(
                 sharding_types=list(types) or None, compute_kernels=list(kernels) or None, **extra
             )
     return constraints
+
+
+def schema_feature(schema: FeatureSchema, name: str):
+    return next(f for f in schema.sparse if f.name == name)
+
+
+def _managed_collision_constraint(types: List[str], kernels: List[str], device_type: str,
+                                  key: str) -> Tuple[List[str], List[str]]:
+    """A managed-collision table: row_wise (Config.validate has refused configs that exclude it),
+    and on CPU the fused kernel, the only one that runs there."""
+    if device_type != "cuda":
+        if kernels and EmbeddingComputeKernel.FUSED.value not in kernels:
+            raise ConfigError(f"{key}.compute_kernels={list(kernels)}: a managed-collision table on CPU runs only "
+                              "with the fused kernel; add fused.")
+        kernels = [EmbeddingComputeKernel.FUSED.value]
+    return [ShardingType.ROW_WISE.value], kernels
+
+
+def _table_plans(plan: ShardingPlan) -> Dict[str, object]:
+    """Every table's ParameterSharding: the plain collection's at TABLES_PATH, or, with
+    managed-collision tables, those of both collections below it."""
+    found: Dict[str, object] = {}
+    for path, module_plan in plan.plan.items():
+        if path == TABLES_PATH or path.startswith(TABLES_PATH + "."):
+            found.update(module_plan)
+    return found
 
 
 def _oversized(schema: FeatureSchema, world_size: int) -> List[str]:
@@ -468,7 +517,7 @@ def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,
     tables: Dict[str, dict] = {}
     rank_bytes: Dict[int, int] = defaultdict(int)
     rank_tables: Dict[int, List[str]] = defaultdict(list)
-    for name, sharding in sorted(plan.plan.get(TABLES_PATH, {}).items()):
+    for name, sharding in sorted(_table_plans(plan).items()):
         feature = features[name]
         full = [feature.num_embeddings, schema.table_dim(feature)]
         element_bytes = 2 if schema.table_data_type(feature) == "fp16" else 4

@@ -85,6 +85,11 @@ def main(argv: List[str]) -> int:
         report = None
         for world_size in args.world_size:
             local = min(args.local_world_size or world_size, world_size)
+            if any(f.id_mapping == "managed_collision" for f in schema.sparse):
+                # Managed-collision modules are built for their number of row-wise shards.
+                model = build_model(config.model, schema, torch.device("cpu"),
+                                    managed_collision=config.features.managed_collision, mc_buckets=world_size)
+                apply_sparse_optimizer(model, config.optim, torch.device(device_type))
             started = time.perf_counter()
             plan, chosen = plan_offline(model, config.sharding, schema, device_type, config.data.batch_size,
                                         world_size, local)

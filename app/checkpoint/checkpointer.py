@@ -164,7 +164,37 @@ def model_differences(saved: Config, current: Config) -> List[str]:
             compare(f"features.sparse[{name}].embedding_dim",
                     old_tables[name].embedding_dim or saved.features.embedding_dim,
                     new_tables[name].embedding_dim or current.features.embedding_dim)
+    lines += _managed_collision_differences(saved, current, old_tables, new_tables)
     return lines
+
+
+def _managed_collision_differences(saved: Config, current: Config, old_tables: dict, new_tables: dict) -> List[str]:
+    """How the tables' id mappings differ: another mapping is another model (a managed-collision
+    table has state of its own, and its rows mean other ids)."""
+    lines = []
+    for name in sorted(old_tables.keys() & new_tables.keys()):
+        old, new = old_tables[name].id_mapping, new_tables[name].id_mapping
+        if old != new:
+            lines.append(f"features.sparse[{name}].id_mapping: {old!r} in the checkpoint, {new!r} now")
+    if any(f.id_mapping == "managed_collision" for f in current.features.sparse):
+        for key in ("eviction_policy", "input_hash_size"):
+            old, new = (getattr(saved.features.managed_collision, key), getattr(current.features.managed_collision, key))
+            if old != new:
+                lines.append(f"features.managed_collision.{key}: {old!r} in the checkpoint, {new!r} now")
+    return lines
+
+
+def check_managed_collision_world_size(saved: "SavedCheckpoint", world_size: int) -> None:
+    """A managed-collision table's state is split by row-wise shard, each shard managing the ids of
+    its block of the hash space: on another number of ranks the blocks differ, and every id would
+    be looked for on another shard than the one that gave it its row."""
+    managed = [f.name for f in saved.config.features.sparse if f.id_mapping == "managed_collision"]
+    if managed and saved.world_size != world_size:
+        raise ConfigError(
+            f"checkpoint {saved.path} was saved by {saved.world_size} rank(s) and this run has {world_size}: "
+            f"the managed-collision tables of {managed} (features.sparse[i].id_mapping=managed_collision) assign "
+            f"ids to rows per row-wise shard, so they resume only on {saved.world_size} rank(s). Run with "
+            f"{saved.world_size} workers, or start a new run_name.")
 
 
 class Checkpointer:
@@ -281,6 +311,7 @@ class Checkpointer:
     def _load(self, path: Path, everything: bool) -> TrainState:
         saved = SavedCheckpoint.read(path)
         own = self.store.holds(path)
+        check_managed_collision_world_size(saved, self.shape.world_size)
         differences = model_differences(saved.config, self.run_config)
         if differences:
             advice = ("Restore those settings, or train this model under another run_name." if own else

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterator
 
 from app.config.data import POOLINGS, DataConfig, FeaturesConfig, SparseFeature, SyntheticConfig
+from app.config.data import ID_MAPPINGS, ManagedCollisionConfig
 from app.config.fields import ConfigError, FieldDoc, _require, doc, doc_factory
 from app.config.fields import field_docs as _field_docs
 from app.config.parallel import (BACKENDS, COMM_PRECISIONS, COMPUTE_KERNELS, CUDA_ONLY_COMM_PRECISIONS,
@@ -81,6 +82,7 @@ class Config:
             f"data.synthetic.id_bits={self.data.synthetic.id_bits}: 2**{self.data.synthetic.id_bits} raw ids cannot "
             f"hold the rows of {too_large} distinctly; use more bits (or 0: ids are table rows).",
         )
+        self._check_managed_collision_sharding()
         feature_names = {f.name for f in self.features.sparse}
         unknown = sorted(k for k in self.sharding.tables if not fnmatch.filter(feature_names, k))
         _require(
@@ -89,6 +91,21 @@ class Config:
             f"features are {sorted(feature_names)}.",
         )
         return self
+
+
+    def _check_managed_collision_sharding(self) -> None:
+        """TorchRec shards a managed-collision table row-wise only (its sharder offers no other
+        type: each shard manages the ids of its own block of the hash space)."""
+        for i, feature in enumerate(self.features.sparse):
+            if feature.id_mapping != "managed_collision":
+                continue
+            override = table_constraint(self.sharding.tables, feature.name)
+            key, types = ((f"sharding.tables.{feature.name}.sharding_types", override.sharding_types)
+                          if override and override.sharding_types else
+                          ("sharding.sharding_types", self.sharding.sharding_types))
+            _require(not types or "row_wise" in types,
+                     f"features.sparse[{i}].id_mapping=managed_collision ({feature.name!r}) shards only row_wise, "
+                     f"but {key}={list(types)} excludes it; add row_wise there (or use another id_mapping).")
 
 
 def _group_schemas() -> Dict[str, type]:

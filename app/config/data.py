@@ -46,6 +46,38 @@ class SparseFeature:
                                              "features.embedding_dim). model.arch=dlrm and deepfm project a table of "
                                              "another width to features.embedding_dim (a learned linear map per "
                                              "table) for their dot products; dcn takes the tables side by side.")
+    id_mapping: str = doc("direct", "How this column's ids become rows of its table. direct: the ids are the rows, in "
+                                    "[0, num_embeddings) (data.invalid_ids says what happens to others). modulo: any "
+                                    "int64 id, row = id mod num_embeddings (floored, so negative ids too), always: "
+                                    "raw ids hashed into the table, with collisions (data.invalid_ids=hash for this "
+                                    "column: a null id inside a list is dropped). managed_collision: any int64 id, "
+                                    "given a row of its own by TorchRec's managed-collision module (zero-collision "
+                                    "hashing) while the table has room, rows of ids unseen longest (lru) or least "
+                                    "often (lfu) reassigned to new ids once it is full, and ids without a row share "
+                                    "one reserved row per shard (see features.managed_collision; sharded row_wise only).")
+
+
+ID_MAPPINGS = ("direct", "modulo", "managed_collision")
+EVICTION_POLICIES = ("lru", "lfu")
+
+
+@dataclass
+class ManagedCollisionConfig:
+    """The managed-collision modules of the features whose id_mapping is managed_collision."""
+
+    eviction_policy: str = doc("lru", "Which ids lose their rows to new ids once a table is full: lru (the ids seen "
+                                      "longest ago) or lfu (the ids seen least often).")
+    input_hash_size: int = doc(2**40, "Ids are first mixed by a fixed 63-bit bijection (so that ids of any range, "
+                                      "sequential ones included, spread evenly over the row-wise shards) and taken "
+                                      "mod this: the raw id space the modules manage. Two ids share a row only if "
+                                      "they are equal mod this after mixing; 2**40 makes that negligible for up to "
+                                      "millions of live ids. At least the largest managed table's rows.")
+
+    def validate(self, largest_table: int) -> None:
+        _require_choice("features.managed_collision.eviction_policy", self.eviction_policy, EVICTION_POLICIES)
+        _require(largest_table <= self.input_hash_size <= 2**62,
+                 f"features.managed_collision.input_hash_size={self.input_hash_size} must lie in "
+                 f"[{largest_table}, 2**62] (at least the rows of the largest managed_collision table).")
 
 
 TABLE_DATA_TYPES = ("fp32", "fp16")
@@ -66,6 +98,8 @@ class FeaturesConfig:
     data_type: str = doc("fp32", "Precision of the tables' weights: fp32, or fp16 (half the memory of every table, "
                                  "in the planner's estimates, in checkpoints and in exported models; FBGEMM updates "
                                  "fp16 rows with stochastic rounding). sparse[i].data_type sets it per table.")
+    managed_collision: ManagedCollisionConfig = doc_factory(ManagedCollisionConfig, "Options of the tables of "
+                                                            "features with id_mapping=managed_collision.")
 
     def validate(self) -> None:
         _require(len(self.sparse) > 0, "features.sparse must list at least one sparse feature.")
@@ -94,6 +128,13 @@ class FeaturesConfig:
                          "need a positive multiple of 4 (null: features.embedding_dim).")
             if feature.data_type is not None:
                 _require_choice(f"{key}.data_type", feature.data_type, TABLE_DATA_TYPES)
+            _require_choice(f"{key}.id_mapping", feature.id_mapping, ID_MAPPINGS)
+            _require(feature.id_mapping != "managed_collision" or feature.num_embeddings >= 2,
+                     f"{key}.num_embeddings must be >= 2 with id_mapping=managed_collision (each shard reserves "
+                     f"its last row for ids without a row of their own), got {feature.num_embeddings}.")
+        managed = [f.num_embeddings for f in self.sparse if f.id_mapping == "managed_collision"]
+        if managed:
+            self.managed_collision.validate(max(managed))
 
 
 ID_DISTRIBUTIONS = ("power_law", "uniform")

@@ -13,7 +13,7 @@ to repair instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -184,7 +184,7 @@ def _row(offsets: Optional[np.ndarray], index: int) -> int:
     return index if offsets is None else int(np.searchsorted(offsets, index, side="right") - 1)
 
 
-def _sparse(column: pa.Array, name: str, num_embeddings: int, source: str, policy: InputPolicy):
+def _sparse(column: pa.Array, name: str, num_embeddings: Optional[int], source: str, policy: InputPolicy):
     """(offsets, ids) of one sparse feature, offsets None when every row has exactly one id; a
     null row (or null list) has no ids. A null id inside a list is not a row without ids but an id
     nobody wrote: an error, or dropped from its bag under invalid_ids=hash."""
@@ -202,7 +202,7 @@ def _sparse(column: pa.Array, name: str, num_embeddings: int, source: str, polic
             if policy.invalid_ids != "hash":
                 raise DataError(
                     f"{source}, row {_row(offsets, _first(~valid))}: column {name!r} has a null id inside its "
-                    f"list; expected ids in [0, {num_embeddings}) (or set data.invalid_ids=hash to drop null ids "
+                    f"list; expected {'int64 ids' if num_embeddings is None else f'ids in [0, {num_embeddings})'} (or set data.invalid_ids=hash to drop null ids "
                     "from their lists)."
                 )
             rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
@@ -214,6 +214,8 @@ def _sparse(column: pa.Array, name: str, num_embeddings: int, source: str, polic
     else:
         ids = column
     values = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    if num_embeddings is None:  # raw ids (id_mapping=managed_collision): every int64 is an id
+        return offsets, values
     bad = (values < 0) | (values >= num_embeddings)
     if bad.any():
         if policy.invalid_ids != "hash":
@@ -228,6 +230,18 @@ def _sparse(column: pa.Array, name: str, num_embeddings: int, source: str, polic
     return offsets, values
 
 
+def _id_range(feature, policy: InputPolicy) -> Tuple[Optional[int], InputPolicy]:
+    """The ids `feature` accepts, as _sparse's num_embeddings (None: any int64), and the policy for
+    them: id_mapping=modulo hashes every id into the table (data.invalid_ids=hash's mapping, for
+    this column always); managed_collision takes raw ids as they are (its module maps them)."""
+    mapping = getattr(feature, "id_mapping", "direct")
+    if mapping == "modulo":
+        return feature.num_embeddings, replace(policy, invalid_ids="hash")
+    if mapping == "managed_collision":
+        return None, policy
+    return feature.num_embeddings, policy
+
+
 def decode(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
            policy: InputPolicy = InputPolicy()) -> Rows:
     """Check and decode the rows of `table`, raising DataError at the first value that cannot be
@@ -236,8 +250,9 @@ def decode(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
     dense = _dense(table, schema, source, policy)
     ids, offsets = [], []
     for feature in schema.sparse:
+        rows, feature_policy = _id_range(feature, policy)
         feature_offsets, feature_ids = _sparse(_flat(table.column(feature.name)), feature.name,
-                                               feature.num_embeddings, source, policy)
+                                               rows, source, feature_policy)
         ids.append(feature_ids)
         offsets.append(feature_offsets)
     return Rows(dense, labels, ids, offsets)

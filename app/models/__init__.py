@@ -17,12 +17,13 @@ from torch import nn
 from torchrec.models.dlrm import DLRMTrain
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from app.config import ModelConfig
+from app.config import ManagedCollisionConfig, ModelConfig
 from app.features import FeatureSchema
 from app.models.dcn import CrossHead
 from app.models.deepfm import DeepFMHead
 from app.models.dlrm import DotHead
 from app.models.head import Head
+from app.models.managed_collision import build_tables
 from app.precision import TableGradients
 
 # Where the tables are in a model from build_model; sharding keeps the path (its plan is keyed by it).
@@ -32,12 +33,19 @@ TABLES_PATH = "model.sparse_arch.embedding_bag_collection"
 def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device,
                 tables_device: torch.device = torch.device("meta"),
                 autocast_dtype: Optional[torch.dtype] = None,
-                table_gradients: Optional[TableGradients] = None) -> DLRMTrain:
+                table_gradients: Optional[TableGradients] = None,
+                managed_collision: Optional[ManagedCollisionConfig] = None, mc_buckets: int = 1) -> DLRMTrain:
     """DLRMTrain: forward(batch) -> (loss, (loss, logits, labels)), what the train pipeline expects.
     `tables_device` other than meta builds full tables there: one unsharded process (app/export.py).
     `autocast_dtype` (bf16, fp16) is the dense part's compute precision; `table_gradients` unscales
-    the tables' gradients under a loss scale."""
-    tables = EmbeddingBagCollection(tables=schema.embedding_bag_configs(), device=tables_device)
+    the tables' gradients under a loss scale. Features with id_mapping=managed_collision get
+    `managed_collision`'s modules, for `mc_buckets` row-wise shards (app/models/managed_collision.py)."""
+    managed = [f.name for f in schema.sparse if f.id_mapping == "managed_collision"]
+    if not managed:
+        tables = EmbeddingBagCollection(tables=schema.embedding_bag_configs(), device=tables_device)
+    else:
+        tables = build_tables(schema.embedding_bag_configs(), managed, managed_collision or ManagedCollisionConfig(),
+                              tables_device, mc_buckets)
     dense = (tables, len(schema.dense), list(config.dense_arch_layer_sizes))
     if config.arch == "dcn":
         head: Head = CrossHead(*dense, list(config.over_arch_layer_sizes), config.dcn_num_layers,
@@ -53,5 +61,6 @@ def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device
 
 
 def embedding_tables(model: nn.Module) -> EmbeddingBagCollection:
-    """The (unsharded) EmbeddingBagCollection inside a model from build_model."""
+    """The (unsharded) EmbeddingBagCollection inside a model from build_model (with managed-collision
+    features, the TablesWithManagedCollision that holds them all)."""
     return model.get_submodule(TABLES_PATH)
