@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from fbgemm_gpu.quantize_comm import QuantizedCommCodec as FbgemmQuantizedCommCodec
 from fbgemm_gpu.split_embedding_configs import SparseType
@@ -71,7 +72,10 @@ def sharders(config: ShardingConfig, device: torch.device, batch_size: int,
     fused_params = None if sparse_clip_value is None else {"gradient_clipping": True,
                                                            "max_gradient": float(sparse_clip_value)}
     return [_CPUCapableSharder(qcomm_codecs_registry=_qcomm_codecs(config, device, batch_size),
-                               fused_params=fused_params)]
+                               fused_params=fused_params),
+            # The histories' tables (features.sequence); torchrec offers its types on CPU too.
+            EmbeddingCollectionSharder(qcomm_codecs_registry=_qcomm_codecs(config, device, batch_size),
+                                       fused_params=fused_params)]
 
 
 class _ScaledFP16Codec(FbgemmQuantizedCommCodec):
@@ -152,6 +156,29 @@ def parameter_constraints(config: ShardingConfig, schema: FeatureSchema, device_
             constraints[table_name(feature)] = ParameterConstraints(
                 sharding_types=list(types) or None, compute_kernels=list(kernels) or None, **extra
             )
+    return constraints
+
+
+# Types the histories' tables may take: EmbeddingCollectionSharder's, on CPU as on CUDA (proved
+# against the unsharded model by tests/integration/test_sequence_sharding.py), but data_parallel:
+# a replicated table would be stepped by the dense optimizer (app/optim.py splits by TABLES_PATH).
+SEQUENCE_SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.ROW_WISE.value)
+
+
+def sequence_constraints(config: ShardingConfig, schema: FeatureSchema) -> Dict[str, ParameterConstraints]:
+    """The histories' tables: sharding.sharding_types (all when empty) narrowed to the types an
+    EmbeddingCollection is sharded by here, and sharding.compute_kernels."""
+    constraints: Dict[str, ParameterConstraints] = {}
+    allowed = [t for t in (config.sharding_types or SEQUENCE_SHARDING_TYPES) if t in SEQUENCE_SHARDING_TYPES]
+    for feature in schema.sequence_names:
+        if not allowed:
+            raise ConfigError(
+                f"sharding.sharding_types={list(config.sharding_types)} leaves the sequence feature {feature!r} "
+                f"(features.sequence) no type: its table (an EmbeddingCollection) is sharded "
+                f"{', '.join(SEQUENCE_SHARDING_TYPES)}; allow one of them."
+            )
+        constraints[table_name(feature)] = ParameterConstraints(
+            sharding_types=list(allowed), compute_kernels=list(config.compute_kernels) or None)
     return constraints
 
 
@@ -368,6 +395,7 @@ class _Chosen(Stats):
 def _planner(config: ShardingConfig, schema: FeatureSchema, topology: Topology, batch_size: int,
              chosen: _Chosen) -> EmbeddingShardingPlanner:
     constraints = parameter_constraints(config, schema, topology.compute_device, topology.world_size)
+    constraints.update(sequence_constraints(config, schema))
     return EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
