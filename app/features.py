@@ -103,8 +103,15 @@ class FeatureSchema:
         from torchrec.modules.embedding_configs import EmbeddingConfig
 
         return [EmbeddingConfig(name=table_name(f.name), embedding_dim=self.sequence_dim(f),
-                                num_embeddings=f.num_embeddings, feature_names=[f.name, target_key(f.name)])
+                                num_embeddings=f.num_embeddings, feature_names=[f.name, target_key(f.name)],
+                                weight_init_min=-SEQUENCE_INIT, weight_init_max=SEQUENCE_INIT)
                 for f in self.sequence]
+
+
+# Initial weights of the histories' tables, uniform in [-SEQUENCE_INIT, SEQUENCE_INIT]: torchrec's
+# default, 1/sqrt(rows), makes every vector so short that q * k and q - k tell an item that is the
+# candidate from one that is not by almost nothing, and the attention unit learns slowly.
+SEQUENCE_INIT = 0.5
 
 
 def target_key(sequence_name: str) -> str:

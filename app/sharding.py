@@ -48,8 +48,10 @@ from torchrec.distributed.sharding_plan import calculate_shard_sizes_and_offsets
 from torchrec.distributed.types import CacheParams, CommOp, QuantizedCommCodecs, ShardingPlan, ShardingType
 
 from app.config import CUDA_ONLY_COMM_PRECISIONS, CUDA_ONLY_KERNELS, ConfigError, ShardingConfig, table_constraint
+from app.config import SparseFeature
 from app.features import FeatureSchema, table_name
 from app.models import TABLES_PATH
+from app.models.sequence import SEQUENCE_TABLES_PATH
 
 log = logging.getLogger("app.sharding")
 _GB = 1024**3
@@ -493,10 +495,12 @@ def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,
     """What the planner decided, as plain data: per table, and per rank its tables' bytes and,
     from the chosen `options`, its planned HBM and DDR use and the planner's cost estimate."""
     features = {table_name(f.name): f for f in schema.sparse}
+    features.update({table_name(f.name): SparseFeature(f.name, f.num_embeddings, embedding_dim=schema.sequence_dim(f))
+                     for f in schema.sequence})  # the histories' tables (fp32), reported alike
     tables: Dict[str, dict] = {}
     rank_bytes: Dict[int, int] = defaultdict(int)
     rank_tables: Dict[int, List[str]] = defaultdict(list)
-    for name, sharding in sorted(plan.plan.get(TABLES_PATH, {}).items()):
+    for name, sharding in sorted({**plan.plan.get(TABLES_PATH, {}), **plan.plan.get(SEQUENCE_TABLES_PATH, {})}.items()):
         feature = features[name]
         full = [feature.num_embeddings, schema.table_dim(feature)]
         element_bytes = 2 if schema.table_data_type(feature) == "fp16" else 4

@@ -172,7 +172,7 @@ class SyntheticConfig:
                           "raw id spread over [0, 2**k) (a bijection per feature, so ids stay distinct and the planted "
                           "truth is the same), as raw ids arrive where there is no vocabulary: train on them hashed "
                           "(data.invalid_ids=hash: id mod rows, with collisions).")
-    sequence_signal: float = doc(2.0, "With features.sequence: the planted logit of a row whose candidate (the "
+    sequence_signal: float = doc(3.0, "With features.sequence: the planted logit of a row whose candidate (the "
                                       "target's id) is among the history's most recent max_length ids, against "
                                       "one whose is not (half the rows have it planted there): a signal only the "
                                       "sequence carries. Unused (and not in the fingerprint) without sequences.")
