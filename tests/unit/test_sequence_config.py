@@ -51,3 +51,16 @@ def test_sharding_types_an_embedding_collection_does_not_take_are_refused(types)
     assert allowed["t_history"].sharding_types == ["row_wise"]
     assert sequence_constraints(ShardingConfig(), schema)["t_history"].sharding_types == [
         "table_wise", "column_wise", "row_wise"]
+
+
+def test_a_checkpoint_of_other_histories_is_another_model():
+    from app.checkpoint import model_differences
+
+    saved = load()
+    assert model_differences(saved, load("features.sequence.0.max_length=20")) == []  # no shape changes
+    assert model_differences(saved, load("features.sequence=[]")) == [
+        "features.sequence: 'history' is in the checkpoint, not in the config"]
+    assert model_differences(saved, load("features.sequence.0.num_embeddings=120")) == [
+        "features.sequence[history].num_embeddings: 100 in the checkpoint, 120 now"]
+    assert model_differences(saved, load("model.sequence_attention_layer_sizes=[8]")) == [
+        "model.sequence_attention_layer_sizes: [32] in the checkpoint, [8] now"]
