@@ -173,8 +173,10 @@ def _sequence_differences(saved: Config, current: Config) -> List[str]:
     (max_length changes no shape: a run may resume with another)."""
     old = {f.name: f for f in saved.features.sequence}
     new = {f.name: f for f in current.features.sequence}
-    lines = [f"features.sequence: {name!r} is in the checkpoint, not in the config" for name in sorted(old.keys() - new.keys())]
-    lines += [f"features.sequence: {name!r} is in the config, not in the checkpoint" for name in sorted(new.keys() - old.keys())]
+    lines = [f"features.sequence: {name!r} is in the checkpoint, not in the config"
+             for name in sorted(old.keys() - new.keys())]
+    lines += [f"features.sequence: {name!r} is in the config, not in the checkpoint"
+              for name in sorted(new.keys() - old.keys())]
     for name in sorted(old.keys() & new.keys()):
         for key, was, now in (("num_embeddings", old[name].num_embeddings, new[name].num_embeddings),
                               ("embedding_dim", old[name].embedding_dim or saved.features.embedding_dim,

@@ -54,7 +54,8 @@ class ModelConfig:
         )
         _require(self.dcn_num_layers > 0, f"model.dcn_num_layers must be > 0, got {self.dcn_num_layers}.")
         _require(self.deep_fm_dimension > 0, f"model.deep_fm_dimension must be > 0, got {self.deep_fm_dimension}.")
-        _require(len(self.sequence_attention_layer_sizes) > 0 and all(s > 0 for s in self.sequence_attention_layer_sizes),
+        attention = self.sequence_attention_layer_sizes
+        _require(len(attention) > 0 and all(s > 0 for s in attention),
                  "model.sequence_attention_layer_sizes must be a non-empty list of positive sizes, got "
                  f"{list(self.sequence_attention_layer_sizes)}.")
         _require(
