@@ -252,7 +252,8 @@ def score_files(model: nn.Module, config: Config, files: Sequence[str], batch_si
                 table = table.append_column(schema.label, pa.array(np.zeros(table.num_rows, np.float32)))
             rows = decode(table, schema, f"{path} row group {index}", policy)
             for start in range(0, len(rows), batch_size):
-                batch = rows.slice(start, start + batch_size).to_batch(schema.sparse_names)
+                batch = rows.slice(start, start + batch_size).to_batch(schema.sparse_names,
+                                                                       sequence=schema.sequence_inputs)
                 with torch.no_grad():
                     _, (_loss, logits, labels) = model(batch)
                 yield logits, labels if labeled else None

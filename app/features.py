@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Tuple
 
-from app.config import FeaturesConfig, SparseFeature
+from app.config import FeaturesConfig, SequenceFeature, SparseFeature
 
 if TYPE_CHECKING:
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 
 
 def table_name(feature_name: str) -> str:
@@ -27,6 +27,7 @@ class FeatureSchema:
     embedding_dim: int
     pooling: str
     data_type: str = "fp32"
+    sequence: Tuple[SequenceFeature, ...] = ()
 
     @classmethod
     def from_config(cls, config: FeaturesConfig) -> "FeatureSchema":
@@ -37,6 +38,7 @@ class FeatureSchema:
             embedding_dim=config.embedding_dim,
             pooling=config.pooling,
             data_type=config.data_type,
+            sequence=tuple(config.sequence),
         )
 
     @property
@@ -46,7 +48,7 @@ class FeatureSchema:
     @property
     def columns(self) -> List[str]:
         """Every column the loader reads, in a fixed order."""
-        return [self.label, *self.dense, *self.sparse_names]
+        return [self.label, *self.dense, *self.sparse_names, *self.sequence_names]
 
     def table_data_type(self, feature: SparseFeature) -> str:
         return feature.data_type or self.data_type
@@ -73,3 +75,45 @@ class FeatureSchema:
             )
             for f in self.sparse
         ]
+
+    # ---- sequence features (features.sequence) ----
+
+    @property
+    def sequence_names(self) -> List[str]:
+        return [f.name for f in self.sequence]
+
+    def sequence_dim(self, feature: SequenceFeature) -> int:
+        return feature.embedding_dim or self.embedding_dim
+
+    @property
+    def sequence_inputs(self) -> List[Tuple[str, int]]:
+        """The sequence KeyedJaggedTensor's keys, each with the decoded feature it is read from
+        (Rows.ids[index]: the sparse features, then the histories): per history its own key and
+        target_key(name), the candidate's ids, looked up in the history's table."""
+        count = len(self.sparse)
+        names = self.sparse_names
+        inputs: List[Tuple[str, int]] = []
+        for i, feature in enumerate(self.sequence):
+            inputs += [(feature.name, count + i), (target_key(feature.name), names.index(feature.target))]
+        return inputs
+
+    def embedding_configs(self) -> List["EmbeddingConfig"]:
+        """The histories' tables (an EmbeddingCollection's): one per sequence feature, shared by the
+        history and its candidate (fp32: export and checkpoints read them as they are)."""
+        from torchrec.modules.embedding_configs import EmbeddingConfig
+
+        return [EmbeddingConfig(name=table_name(f.name), embedding_dim=self.sequence_dim(f),
+                                num_embeddings=f.num_embeddings, feature_names=[f.name, target_key(f.name)],
+                                weight_init_min=-SEQUENCE_INIT, weight_init_max=SEQUENCE_INIT)
+                for f in self.sequence]
+
+
+# Initial weights of the histories' tables, uniform in [-SEQUENCE_INIT, SEQUENCE_INIT]: torchrec's
+# default, 1/sqrt(rows), makes every vector so short that q * k and q - k tell an item that is the
+# candidate from one that is not by almost nothing, and the attention unit learns slowly.
+SEQUENCE_INIT = 0.5
+
+
+def target_key(sequence_name: str) -> str:
+    """The sequence KeyedJaggedTensor's key of a history's candidate ids."""
+    return f"{sequence_name}__target"

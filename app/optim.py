@@ -33,6 +33,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from app.config import ConfigError, OptimConfig
 from app.models import TABLES_PATH, embedding_tables
+from app.models import sequence_tables
 
 _OPTIMIZER_CLASSES = {
     "sgd": torch.optim.SGD,
@@ -69,6 +70,8 @@ def apply_sparse_optimizer(model: nn.Module, config: OptimConfig, device: torch.
     if "betas" in kwargs:
         kwargs["beta1"], kwargs["beta2"] = kwargs.pop("betas")
     _apply_optimizer_in_backward(_FUSED_CLASSES[config.sparse], embedding_tables(model).parameters(), kwargs)
+    if sequence_tables(model) is not None:  # the histories' tables (features.sequence): fused alike
+        _apply_optimizer_in_backward(_FUSED_CLASSES[config.sparse], sequence_tables(model).parameters(), kwargs)
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:

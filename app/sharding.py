@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
@@ -49,8 +50,10 @@ from torchrec.distributed.sharding_plan import calculate_shard_sizes_and_offsets
 from torchrec.distributed.types import CacheParams, CommOp, QuantizedCommCodecs, ShardingPlan, ShardingType
 
 from app.config import CUDA_ONLY_COMM_PRECISIONS, CUDA_ONLY_KERNELS, ConfigError, ShardingConfig, table_constraint
+from app.config import SparseFeature
 from app.features import FeatureSchema, table_name
 from app.models import TABLES_PATH
+from app.models.sequence import SEQUENCE_TABLES_PATH
 
 log = logging.getLogger("app.sharding")
 _GB = 1024**3
@@ -92,7 +95,9 @@ def sharders(config: ShardingConfig, device: torch.device, batch_size: int,
     # The managed-collision sharder is only used where the model has such tables.
     return [tables, _CPUCapableMCSharder(ebc_sharder=_CPUCapableSharder(qcomm_codecs_registry=codecs,
                                                                         fused_params=fused_params),
-                                         qcomm_codecs_registry=codecs)]
+                                         qcomm_codecs_registry=codecs),
+            # The histories' tables (features.sequence); torchrec offers its types on CPU too.
+            EmbeddingCollectionSharder(qcomm_codecs_registry=codecs, fused_params=fused_params)]
 
 
 class _ScaledFP16Codec(FbgemmQuantizedCommCodec):
@@ -202,6 +207,29 @@ def _table_plans(plan: ShardingPlan) -> Dict[str, object]:
         if path == TABLES_PATH or path.startswith(TABLES_PATH + "."):
             found.update(module_plan)
     return found
+
+
+# Types the histories' tables may take: EmbeddingCollectionSharder's, on CPU as on CUDA (proved
+# against the unsharded model by tests/integration/test_sequence_sharding.py), but data_parallel:
+# a replicated table would be stepped by the dense optimizer (app/optim.py splits by TABLES_PATH).
+SEQUENCE_SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.ROW_WISE.value)
+
+
+def sequence_constraints(config: ShardingConfig, schema: FeatureSchema) -> Dict[str, ParameterConstraints]:
+    """The histories' tables: sharding.sharding_types (all when empty) narrowed to the types an
+    EmbeddingCollection is sharded by here, and sharding.compute_kernels."""
+    constraints: Dict[str, ParameterConstraints] = {}
+    allowed = [t for t in (config.sharding_types or SEQUENCE_SHARDING_TYPES) if t in SEQUENCE_SHARDING_TYPES]
+    for feature in schema.sequence_names:
+        if not allowed:
+            raise ConfigError(
+                f"sharding.sharding_types={list(config.sharding_types)} leaves the sequence feature {feature!r} "
+                f"(features.sequence) no type: its table (an EmbeddingCollection) is sharded "
+                f"{', '.join(SEQUENCE_SHARDING_TYPES)}; allow one of them."
+            )
+        constraints[table_name(feature)] = ParameterConstraints(
+            sharding_types=list(allowed), compute_kernels=list(config.compute_kernels) or None)
+    return constraints
 
 
 def _oversized(schema: FeatureSchema, world_size: int) -> List[str]:
@@ -417,6 +445,7 @@ class _Chosen(Stats):
 def _planner(config: ShardingConfig, schema: FeatureSchema, topology: Topology, batch_size: int,
              chosen: _Chosen) -> EmbeddingShardingPlanner:
     constraints = parameter_constraints(config, schema, topology.compute_device, topology.world_size)
+    constraints.update(sequence_constraints(config, schema))
     return EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
@@ -514,10 +543,12 @@ def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,
     """What the planner decided, as plain data: per table, and per rank its tables' bytes and,
     from the chosen `options`, its planned HBM and DDR use and the planner's cost estimate."""
     features = {table_name(f.name): f for f in schema.sparse}
+    features.update({table_name(f.name): SparseFeature(f.name, f.num_embeddings, embedding_dim=schema.sequence_dim(f))
+                     for f in schema.sequence})  # the histories' tables (fp32), reported alike
     tables: Dict[str, dict] = {}
     rank_bytes: Dict[int, int] = defaultdict(int)
     rank_tables: Dict[int, List[str]] = defaultdict(list)
-    for name, sharding in sorted(_table_plans(plan).items()):
+    for name, sharding in sorted({**_table_plans(plan), **plan.plan.get(SEQUENCE_TABLES_PATH, {})}.items()):
         feature = features[name]
         full = [feature.num_embeddings, schema.table_dim(feature)]
         element_bytes = 2 if schema.table_data_type(feature) == "fp16" else 4

@@ -165,6 +165,28 @@ def model_differences(saved: Config, current: Config) -> List[str]:
                     old_tables[name].embedding_dim or saved.features.embedding_dim,
                     new_tables[name].embedding_dim or current.features.embedding_dim)
     lines += _managed_collision_differences(saved, current, old_tables, new_tables)
+    lines += _sequence_differences(saved, current)
+    return lines
+
+
+def _sequence_differences(saved: Config, current: Config) -> List[str]:
+    """model_differences of features.sequence: the histories' tables and their attention units
+    (max_length changes no shape: a run may resume with another)."""
+    old = {f.name: f for f in saved.features.sequence}
+    new = {f.name: f for f in current.features.sequence}
+    lines = [f"features.sequence: {name!r} is in the checkpoint, not in the config"
+             for name in sorted(old.keys() - new.keys())]
+    lines += [f"features.sequence: {name!r} is in the config, not in the checkpoint"
+              for name in sorted(new.keys() - old.keys())]
+    for name in sorted(old.keys() & new.keys()):
+        for key, was, now in (("num_embeddings", old[name].num_embeddings, new[name].num_embeddings),
+                              ("embedding_dim", old[name].embedding_dim or saved.features.embedding_dim,
+                               new[name].embedding_dim or current.features.embedding_dim)):
+            if was != now:
+                lines.append(f"features.sequence[{name}].{key}: {was!r} in the checkpoint, {now!r} now")
+    was, now = saved.model.sequence_attention_layer_sizes, current.model.sequence_attention_layer_sizes
+    if old and new and list(was) != list(now):
+        lines.append(f"model.sequence_attention_layer_sizes: {list(was)!r} in the checkpoint, {list(now)!r} now")
     return lines
 
 

@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass
 from typing import Dict, Iterator
 
-from app.config.data import POOLINGS, DataConfig, FeaturesConfig, SparseFeature, SyntheticConfig
+from app.config.data import POOLINGS, DataConfig, FeaturesConfig, SequenceFeature, SparseFeature, SyntheticConfig
 from app.config.data import ID_MAPPINGS, ManagedCollisionConfig
 from app.config.fields import ConfigError, FieldDoc, _require, doc, doc_factory
 from app.config.fields import field_docs as _field_docs
@@ -89,6 +89,11 @@ class Config:
             not unknown,
             f"sharding.tables names unknown features {unknown} (no sparse feature matches); the sparse "
             f"features are {sorted(feature_names)}.",
+        )
+        _require(
+            not (self.features.sequence and self.data.synthetic.id_bits),
+            f"data.synthetic.id_bits={self.data.synthetic.id_bits} with features.sequence: the generator writes "
+            "histories as table rows only; use data.synthetic.id_bits=0.",
         )
         return self
 

@@ -84,6 +84,24 @@ TABLE_DATA_TYPES = ("fp32", "fp16")
 
 
 @dataclass
+class SequenceFeature:
+    """One entry of features.sequence: a list column of ids (a user's history, oldest first), kept
+    unpooled, and the sparse feature whose id (the candidate) attends over it (DIN)."""
+
+    name: str = doc("", "Column of the history: a list<int64> column, oldest id first (an int64 column is a "
+                        "history of one); a null or empty list is an empty history.")
+    num_embeddings: int = doc(0, "Rows of the history's table: ids lie in [0, num_embeddings) (see "
+                                 "data.invalid_ids). The target's ids index this table too, so it has at least as "
+                                 "many rows as the target's.")
+    max_length: int = doc(20, "Ids kept per row: the most recent max_length (the end of the list); older ones are "
+                              "dropped when rows are read.")
+    target: str = doc("", "The sparse feature (features.sparse[i].name) that is the candidate: its id is looked up "
+                          "in this history's table (shared by both, as in DIN) and queries the history.")
+    embedding_dim: Optional[int] = doc(None, "Width of the history's table (null: features.embedding_dim). Every "
+                                             "sequence table has the same width (torchrec's EmbeddingCollection).")
+
+
+@dataclass
 class FeaturesConfig:
     """A dataset's columns. dense and sparse have no default: a features option (features=NAME)
     names a dataset's columns and table sizes."""
@@ -100,6 +118,10 @@ class FeaturesConfig:
                                  "fp16 rows with stochastic rounding). sparse[i].data_type sets it per table.")
     managed_collision: ManagedCollisionConfig = doc_factory(ManagedCollisionConfig, "Options of the tables of "
                                                             "features with id_mapping=managed_collision.")
+    sequence: List[SequenceFeature] = doc([], "Sequence features (unpooled histories, each with its own table in an "
+                                              "EmbeddingCollection, fp32): a list of {name, num_embeddings, "
+                                              "max_length, target, embedding_dim}; the target's id attends over the "
+                                              "history (DIN) and the result joins the over arch's input. [] : none.")
 
     def validate(self) -> None:
         _require(len(self.sparse) > 0, "features.sparse must list at least one sparse feature.")
@@ -135,6 +157,40 @@ class FeaturesConfig:
         managed = [f.num_embeddings for f in self.sparse if f.id_mapping == "managed_collision"]
         if managed:
             self.managed_collision.validate(max(managed))
+        self.validate_sequence()
+
+    def validate_sequence(self) -> None:
+        """features.sequence: columns of their own, a sparse target each, tables of one width."""
+        sparse = {f.name: f for f in self.sparse}
+        taken = {self.label, *self.dense, *sparse}
+        widths = set()
+        for i, feature in enumerate(self.sequence):
+            key = f"features.sequence[{i}]"
+            _require(bool(feature.name), f"{key}.name must be a non-empty column name.")
+            _require(feature.name not in taken, f"{key}.name={feature.name!r} is already a column of the features "
+                                                "config (label, dense, sparse or another sequence); column names "
+                                                "must be unique.")
+            taken.add(feature.name)
+            _require(feature.num_embeddings > 0, f"{key}.num_embeddings must be > 0 (rows of the {feature.name!r} "
+                                                 f"table), got {feature.num_embeddings}.")
+            _require(feature.max_length >= 1, f"{key}.max_length must be >= 1 (ids kept per row), got "
+                                              f"{feature.max_length}.")
+            _require(feature.target in sparse, f"{key}.target={feature.target!r} is not a sparse feature; it names "
+                                               f"the candidate, one of features.sparse: {sorted(sparse)}.")
+            target = sparse[feature.target]
+            _require(target.id_mapping != "managed_collision",
+                     f"{key}.target={feature.target!r} has id_mapping=managed_collision: its raw ids cannot index the "
+                     "history's table; give the target direct (or modulo) ids.")
+            _require(target.num_embeddings <= feature.num_embeddings,
+                     f"{key}.num_embeddings={feature.num_embeddings} is smaller than its target "
+                     f"{feature.target!r}'s ({target.num_embeddings}): the candidate's ids index the history's "
+                     "table, so it needs at least as many rows.")
+            width = feature.embedding_dim or self.embedding_dim
+            _require(width > 0 and width % 4 == 0, f"{key}.embedding_dim={width} is not valid: FBGEMM's embedding "
+                                                   "kernels need a positive multiple of 4.")
+            widths.add(width)
+        _require(len(widths) <= 1, f"features.sequence: every sequence table must have the same width "
+                                   f"(torchrec's EmbeddingCollection), got {sorted(widths)}.")
 
 
 ID_DISTRIBUTIONS = ("power_law", "uniform")
@@ -160,6 +216,10 @@ class SyntheticConfig:
                           "raw id spread over [0, 2**k) (a bijection per feature, so ids stay distinct and the planted "
                           "truth is the same), as raw ids arrive where there is no vocabulary: train on them hashed "
                           "(data.invalid_ids=hash: id mod rows, with collisions).")
+    sequence_signal: float = doc(3.0, "With features.sequence: the planted logit of a row whose candidate (the "
+                                      "target's id) is among the history's most recent max_length ids, against "
+                                      "one whose is not (half the rows have it planted there): a signal only the "
+                                      "sequence carries. Unused (and not in the fingerprint) without sequences.")
 
     def validate(self) -> None:
         for key in ("train_rows", "val_rows", "rows_per_file", "rows_per_row_group"):

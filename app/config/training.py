@@ -34,6 +34,10 @@ class ModelConfig:
     dcn_num_layers: int = doc(3, "Cross layers of the DCNv2 interaction (model.arch=dcn).")
     dcn_low_rank_dim: int = doc(32, "Rank of each cross layer's low-rank weight (model.arch=dcn).")
     deep_fm_dimension: int = doc(64, "Width of DeepFM's deep layer over the concatenated vectors (model.arch=deepfm).")
+    sequence_attention_layer_sizes: List[int] = doc([32], "Hidden layer sizes of the DIN attention unit of each "
+                                                          "sequence feature (features.sequence): an MLP over "
+                                                          "[query, key, query - key, query * key] giving each "
+                                                          "history position its weight.")
 
     def validate(self) -> None:
         _require_choice("model.arch", self.arch, MODEL_ARCHS)
@@ -50,6 +54,10 @@ class ModelConfig:
         )
         _require(self.dcn_num_layers > 0, f"model.dcn_num_layers must be > 0, got {self.dcn_num_layers}.")
         _require(self.deep_fm_dimension > 0, f"model.deep_fm_dimension must be > 0, got {self.deep_fm_dimension}.")
+        attention = self.sequence_attention_layer_sizes
+        _require(len(attention) > 0 and all(s > 0 for s in attention),
+                 "model.sequence_attention_layer_sizes must be a non-empty list of positive sizes, got "
+                 f"{list(self.sequence_attention_layer_sizes)}.")
         _require(
             self.dcn_low_rank_dim > 0, f"model.dcn_low_rank_dim must be > 0, got {self.dcn_low_rank_dim}."
         )

@@ -120,23 +120,29 @@ class Rows:
             ids.append(np.concatenate([feature_ids for _, feature_ids in pieces]))
         return Rows(np.concatenate([p.dense for p in parts]), np.concatenate([p.labels for p in parts]), ids, offsets)
 
-    def to_batch(self, keys: List[str], pin_memory: bool = False) -> "Batch":
+    def to_batch(self, keys: List[str], pin_memory: bool = False,
+                 sequence: Sequence[Tuple[str, int]] = ()) -> "Batch":
         """The rows as a torchrec Batch. `pin_memory` (needs CUDA): in page-locked memory, so that
         its copy to the GPU (batch.to(device, non_blocking=True), as TrainPipelineSparseDist makes
         on its copy stream) runs asynchronously, overlapping the step before it, instead of being
-        staged through a pageable buffer by a blocking copy."""
+        staged through a pageable buffer by a blocking copy. `sequence` (FeatureSchema.sequence_inputs):
+        a SequenceBatch, whose sequence_features KJT has these keys, each from the feature it names."""
         # torchrec is imported here, in the training process: the reader processes decode Rows and
         # never build a Batch, and importing torchrec would add seconds to their start.
         from torchrec.datasets.utils import Batch
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-        pieces = [self._lengths_and_ids(f) for f in range(len(self.ids))]
+        pieces = [self._lengths_and_ids(f) for f in range(len(keys))]  # histories (after them) go apart
         lengths = np.concatenate([lengths for lengths, _ in pieces])
         values = np.concatenate([feature_ids for _, feature_ids in pieces])
         sparse = KeyedJaggedTensor.from_lengths_sync(
             keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths))
         batch = Batch(dense_features=torch.from_numpy(np.ascontiguousarray(self.dense)),
                       sparse_features=sparse, labels=torch.from_numpy(np.ascontiguousarray(self.labels)))
+        if sequence:
+            from app.data.sequence_batch import with_sequences
+
+            batch = with_sequences(batch, [(key, *self._lengths_and_ids(f)) for key, f in sequence])
         return batch.pin_memory() if pin_memory else batch
 
 
@@ -255,10 +261,37 @@ def decode(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
                                                rows, source, feature_policy)
         ids.append(feature_ids)
         offsets.append(feature_offsets)
+    for history in schema.sequence:  # after the sparse features (FeatureSchema.sequence_inputs)
+        history_offsets, history_ids = _sparse(_flat(table.column(history.name)), history.name,
+                                               history.num_embeddings, source, policy)
+        history_offsets, history_ids = keep_recent(history_offsets, history_ids, history.max_length)
+        ids.append(history_ids)
+        offsets.append(history_offsets)
     return Rows(dense, labels, ids, offsets)
+
+
+def with_empty_histories(rows: Rows, schema: FeatureSchema) -> Rows:
+    """`rows` (padding, with the sparse features only) with an empty history for every sequence feature."""
+    empty = [np.zeros(len(rows) + 1, np.int64) for _ in schema.sequence]
+    return Rows(rows.dense, rows.labels, [*rows.ids, *(np.zeros(0, np.int64) for _ in empty)], [*rows.offsets, *empty])
+
+
+def keep_recent(offsets: Optional[np.ndarray], ids: np.ndarray, max_length: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(offsets, ids) of a history with each row cut to its last `max_length` ids: lists are oldest
+    first, so these are the most recent. Always with offsets (a row may hold none)."""
+    if offsets is None:
+        offsets = np.arange(len(ids) + 1, dtype=np.int64)
+    lengths = np.diff(offsets)
+    kept = np.minimum(lengths, max_length)
+    if (kept == lengths).all():
+        return offsets, ids
+    new = _offsets(kept)
+    # Each kept id's source: its row's end less the ids kept, plus its place among them.
+    source = np.repeat(offsets[1:] - kept - new[:-1], kept) + np.arange(new[-1])
+    return new, ids[source]
 
 
 def table_to_batch(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
                    policy: InputPolicy = InputPolicy()) -> "Batch":
     """One Batch from all the rows of `table`."""
-    return decode(table, schema, source, policy).to_batch(schema.sparse_names)
+    return decode(table, schema, source, policy).to_batch(schema.sparse_names, sequence=schema.sequence_inputs)

@@ -18,6 +18,7 @@ from torchrec.datasets.utils import Batch
 
 from app.data import DataError
 from app.data.batch import InputPolicy, Rows
+from app.data.batch import with_empty_histories
 from app.data.reader_process import WindowSource, prefetched
 from app.data.row_groups import RowGroupPlan
 from app.features import FeatureSchema
@@ -139,7 +140,7 @@ class TrainingBatches(_Reader):
         with closing(self._pass(self._epoch, start, len(self))) as batches:
             for rows in batches:
                 self._taken += 1
-                yield rows.to_batch(self.schema.sparse_names, self.pin_memory)
+                yield rows.to_batch(self.schema.sparse_names, self.pin_memory, self.schema.sequence_inputs)
 
 
 class EvaluationBatches(_Reader):
@@ -175,5 +176,6 @@ class EvaluationBatches(_Reader):
             count = self.batch_size - valid
             padding = Rows(np.zeros((count, len(self.schema.dense)), np.float32), np.zeros(count, np.float32),
                            [np.zeros(count, np.int64) for _ in self.schema.sparse], [None] * len(self.schema.sparse))
+            padding = with_empty_histories(padding, self.schema)
             rows = padding if rows is None else Rows.concat([rows, padding])
-        return EvalBatch(rows.to_batch(self.schema.sparse_names, self.pin_memory), valid)
+        return EvalBatch(rows.to_batch(self.schema.sparse_names, self.pin_memory, self.schema.sequence_inputs), valid)

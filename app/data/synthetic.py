@@ -46,6 +46,8 @@ def dataset_dir(schema: "FeatureSchema | FeaturesConfig", cfg: SyntheticConfig) 
     """cfg.root/<fingerprint>: a changed feature schema or generator setting gets its own dataset."""
     # (id_bits only where set: the datasets generated before it existed keep their fingerprints)
     params = {k: v for k, v in asdict(cfg).items() if k != "root" and not (k == "id_bits" and v == 0)}
+    if not schema.sequence:  # (nor sequence_signal without sequence features, for the same reason)
+        params.pop("sequence_signal")
     key = {
         "version": FORMAT_VERSION,
         "label": schema.label,
@@ -53,6 +55,8 @@ def dataset_dir(schema: "FeatureSchema | FeaturesConfig", cfg: SyntheticConfig) 
         "sparse": [(f.name, f.num_embeddings, f.hotness) for f in schema.sparse],
         "params": params,
     }
+    if schema.sequence:
+        key["sequence"] = [(f.name, f.num_embeddings, f.max_length, f.target) for f in schema.sequence]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.root) / digest
 
@@ -177,6 +181,36 @@ class _PlantedModel:
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         return np.add.reduceat(values, offsets, axis=0) / lengths.reshape((-1,) + (1,) * (values.ndim - 1))
 
+    @staticmethod
+    def _first_ids(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Each row's first id (rows have >= 1 id): a multi-hot target's candidate."""
+        return ids[np.concatenate([[0], np.cumsum(lengths)[:-1]])]
+
+    def _history(self, rng: np.random.Generator, rows: int, index: int, history, candidates: np.ndarray,
+                 cfg: SyntheticConfig) -> Tuple[pa.Array, np.ndarray]:
+        """(the list column, whether each row's candidate is among its most recent max_length ids).
+        Histories hold 0 to 2 x max_length ids, drawn as the sparse ids are; half the rows that
+        have any get their candidate planted at one of their most recent max_length positions."""
+        recent = history.max_length
+        lengths = rng.integers(0, 2 * recent + 1, rows)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        total = int(offsets[-1])
+        if cfg.id_distribution == "uniform":
+            ids = rng.integers(0, history.num_embeddings, total)
+        else:
+            ids = _power_law_ids(rng, total, history.num_embeddings, cfg.zipf_exponent,
+                                 _scatter(cfg.seed, index, history.num_embeddings))
+        window = np.minimum(lengths, recent)
+        planted = (rng.random(rows) < 0.5) & (lengths > 0)
+        back = np.floor(rng.random(rows) * window).astype(np.int64)  # 0: the most recent id
+        ids[(offsets[1:] - 1 - back)[planted]] = candidates[planted]
+        row = np.repeat(np.arange(rows), lengths)
+        in_window = np.arange(total) >= np.repeat(offsets[1:] - window, lengths)
+        matched = (ids == candidates[row]) & in_window
+        hit = np.bincount(row[matched], minlength=rows) > 0
+        column = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids.astype(np.int64)))
+        return column, hit.astype(np.float64)
+
     def sample(self, rng: np.random.Generator, rows: int, cfg: SyntheticConfig) -> Tuple[Dict[str, pa.Array], np.ndarray]:
         columns: Dict[str, pa.Array] = {}
         logit = np.full(rows, self.bias)
@@ -187,6 +221,7 @@ class _PlantedModel:
         for j, name in enumerate(self.schema.dense):
             columns[name] = pa.array(dense[:, j].astype(np.float32))
         latent: List[np.ndarray] = []
+        drawn: List[Tuple[np.ndarray, np.ndarray]] = []
         for i, feature in enumerate(self.schema.sparse):
             hot = feature.hotness
             lengths = rng.integers(1, hot + 1, rows) if hot > 1 else np.ones(rows, dtype=np.int64)
@@ -198,6 +233,7 @@ class _PlantedModel:
             logit += self.ID_WEIGHT * self._bag_mean(_hashed_normal(self.seed, 2 * i, ids), lengths)
             vectors = np.stack([_hashed_normal(self.seed, 1000 + LATENT_DIM * i + d, ids) for d in range(LATENT_DIM)], 1)
             latent.append(self._bag_mean(vectors, lengths))
+            drawn.append((ids, lengths))  # the candidates of features.sequence, as table rows
             ids = self.written_ids(i, ids)
             if hot > 1:
                 offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -206,6 +242,11 @@ class _PlantedModel:
                 columns[feature.name] = pa.array(ids)
         for a, b in self.pairs:
             logit += self.INTERACTION * (latent[a] * latent[b]).sum(1) / math.sqrt(LATENT_DIM)
+        for j, history in enumerate(self.schema.sequence):  # drawn after the rest: their rows stay the same
+            candidates = self._first_ids(*drawn[self.schema.sparse_names.index(history.target)])
+            column, hit = self._history(rng, rows, len(self.schema.sparse) + j, history, candidates, cfg)
+            columns[history.name] = column
+            logit += cfg.sequence_signal * (hit - 0.5)
         probability = 1.0 / (1.0 + np.exp(-logit))
         columns[self.schema.label] = pa.array((rng.random(rows) < probability).astype(np.int8))
         return columns, probability

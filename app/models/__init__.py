@@ -24,6 +24,7 @@ from app.models.deepfm import DeepFMHead
 from app.models.dlrm import DotHead
 from app.models.head import Head
 from app.models.managed_collision import build_tables
+from app.models.sequence import SEQUENCE_TABLES_PATH, SequenceArch, SequenceDLRMTrain
 from app.precision import TableGradients
 
 # Where the tables are in a model from build_model; sharding keeps the path (its plan is keyed by it).
@@ -57,6 +58,9 @@ def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device
     head.autocast_dtype = autocast_dtype
     if table_gradients is not None:
         head.table_gradients = table_gradients
+    if schema.sequence:
+        head.add_sequence(SequenceArch(schema, config.sequence_attention_layer_sizes, device, tables_device))
+        return SequenceDLRMTrain(head)
     return DLRMTrain(head)
 
 
@@ -64,3 +68,11 @@ def embedding_tables(model: nn.Module) -> EmbeddingBagCollection:
     """The (unsharded) EmbeddingBagCollection inside a model from build_model (with managed-collision
     features, the TablesWithManagedCollision that holds them all)."""
     return model.get_submodule(TABLES_PATH)
+
+
+def sequence_tables(model: nn.Module) -> Optional[nn.Module]:
+    """The histories' EmbeddingCollection inside a model from build_model (None: no features.sequence)."""
+    try:
+        return model.get_submodule(SEQUENCE_TABLES_PATH)
+    except AttributeError:
+        return None

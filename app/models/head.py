@@ -44,9 +44,18 @@ class Head(nn.Module):
         self.autocast_dtype: Optional[torch.dtype] = None
         self.device_type = device.type
         self.table_gradients = TableGradients(None)
+        self.sequence_arch: Optional[nn.Module] = None  # features.sequence: add_sequence
 
     def set_over_arch(self, in_features: int, layer_sizes: List[int], device: torch.device) -> None:
         self.over_arch = OverArch(in_features, layer_sizes, device)
+        self._over_arch_args = (in_features, layer_sizes, device)
+
+    def add_sequence(self, sequence_arch: nn.Module) -> None:
+        """Sequence features (app/models/sequence.py): their attention-pooled vectors join the over
+        arch's input after the interaction's output, so the over arch is made again that much wider."""
+        self.sequence_arch = sequence_arch
+        in_features, layer_sizes, device = self._over_arch_args
+        self.set_over_arch(in_features + sequence_arch.width, layer_sizes, device)
 
     def project_to(self, width: int, device: torch.device) -> None:
         """Makes `stacked` bring every table to `width`: a table of another width through a learned
@@ -75,12 +84,17 @@ class Head(nn.Module):
     def embeddings(self, pooled: torch.Tensor) -> torch.Tensor:
         return pooled
 
-    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor,
+                sequence_features: Optional[KeyedJaggedTensor] = None) -> torch.Tensor:
         pooled = self.sparse_arch.embedding_bag_collection(sparse_features)
         pooled = self.table_gradients(pooled_in_feature_order(pooled, self.sparse_arch.sparse_feature_names))
+        if self.sequence_arch is not None:
+            histories = self.sequence_arch.embed(sequence_features, self.table_gradients)
         with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             embedded_dense = self.dense_arch(dense_features)
             interactions = self.inter_arch(embedded_dense, self.embeddings(pooled))
+            if self.sequence_arch is not None:
+                interactions = torch.cat((interactions, self.sequence_arch.attend(histories)), dim=1)
             logits = self.over_arch(interactions)
         return logits.float()
