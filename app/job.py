@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from app.precision import TableGradients, autocast_dtype, loss_scaler
 from app.preemption import Preemption
 from app.sharding import plan_report, plan_sharding, shard_model, write_plan_report
 from app.storage import Storage, UrlPath, storage_at
+from app.summary import RunSummary, best_metrics, hyperparameters
 from app.trainer import Trainer, planned_steps
 
 log = logging.getLogger("app.job")
@@ -135,9 +136,10 @@ def _reading(config: DataConfig, env: DistEnv) -> Dict[str, Any]:
                 storage_options=config.storage_options)
 
 
-def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
+def run(config: Config, run_dir: Path, overrides: Sequence[str] = ()) -> Optional[Dict[str, float]]:
     """One worker's whole job; returns the final validation metrics (the same on every rank), or
-    None when SIGTERM stopped it early (after a checkpoint)."""
+    None when SIGTERM stopped it early (after a checkpoint). `overrides` (the command line's
+    key=value) name the hyperparameters TensorBoard's HParams dashboard compares runs by."""
     if config.data.prefetch_windows > 0:
         start_reader_server()  # its imports overlap the set-up below
     env = distributed.init(config.distributed)
@@ -145,17 +147,22 @@ def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
     setup_logging(config.logging, env.is_rank0)
     log.info("%d worker(s) on %s, %d on this node, %d CPU threads each", env.world_size, env.device,
              env.local_world_size, torch.get_num_threads())
+    summary = RunSummary(run_dir, env.rank, env.world_size)
+    summary.running()
     try:
         # In a function of its own, so that the model and everything holding a process group are
         # garbage when shutdown() collects them.
-        return _train(config, run_dir, env, preemption)
+        return _train(config, run_dir, env, preemption, summary, overrides)
+    except BaseException as error:
+        summary.failed(error)
+        raise
     finally:
         preemption.close()
         distributed.shutdown()
 
 
-def _train(config: Config, run_dir: Path, env: DistEnv,
-           preemption: Preemption) -> Optional[Dict[str, float]]:
+def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, summary: RunSummary,
+           overrides: Sequence[str]) -> Optional[Dict[str, float]]:
     key = "checkpoint.dir" if config.checkpoint.dir else "output_root and run_name"
     checkpoint_storage = storage_at(checkpoint_location(config, run_dir), key=key)
     check_writable(checkpoint_storage, "checkpoints", env.rank, key)  # every rank writes its shards
@@ -183,6 +190,20 @@ def _train(config: Config, run_dir: Path, env: DistEnv,
     trainer = Trainer(parts, checkpointer, metrics_logger, preemption, config.trainer, env,
                       progress_bar=config.logging.progress_bar,
                       optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler))
-    result = trainer.fit(state)
+    metrics_logger.start_session(hyperparameters(config, overrides))
+    try:
+        result = trainer.fit(state)
+    except BaseException:
+        metrics_logger.end_session("failed")
+        metrics_logger.close()
+        raise
+    if result is None:
+        summary.preempted(**trainer.outcome)
+    else:
+        best = trainer.outcome.get("best")
+        if best is not None:
+            best = {**best, **(best_metrics(run_dir, best["step"]) or {})}
+        summary.finished(**{**trainer.outcome, "best": best})
+        metrics_logger.end_session("finished")
     metrics_logger.close()
     return result

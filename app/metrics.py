@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from app.storage import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class EvalMetrics:
 
 class MetricsLogger:
     """One record to every sink: metrics.jsonl (appended, so a resumed run continues it) and
-    TensorBoard scalars under tb/; summary.json at the end. Only rank 0 writes."""
+    TensorBoard scalars under tb/. Only rank 0 writes."""
 
     def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True) -> None:
         self.enabled = rank == 0
@@ -148,10 +147,46 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{kind}/{key}", value, global_step=record["step"])
             self._tb.flush()
 
-    def write_summary(self, summary: Dict[str, Any]) -> None:
-        """summary.json in the run directory: how the run ended (replaced at once)."""
-        if self.enabled:
-            write_atomically(self._run_dir / "summary.json", json.dumps(summary, indent=2))
+    def start_session(self, hparams: Dict[str, Any]) -> None:
+        """The run's hyperparameters, for TensorBoard's HParams dashboard: a session of this run
+        (tb/), whose metrics are its scalars (eval/auc, ...: their latest values). No experiment
+        record: TensorBoard gathers one from the sessions of every run under its logdir, so the
+        points of a sweep compare (`tensorboard --logdir outputs/<sweep>`)."""
+        from tensorboard.plugins.hparams import plugin_data_pb2
+
+        start = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+        for name, value in hparams.items():
+            if isinstance(value, bool):
+                start.hparams[name].bool_value = value
+            elif isinstance(value, (int, float)):
+                start.hparams[name].number_value = value
+            else:
+                start.hparams[name].string_value = str(value)
+        self._hparams_record("session_start_info", start)
+
+    def end_session(self, status: str) -> None:
+        """Ends the HParams session: `finished` or `failed`. (A preempted run's stays open: it
+        resumes, in a new session of the same hyperparameters.)"""
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+        code = {"finished": api_pb2.Status.STATUS_SUCCESS, "failed": api_pb2.Status.STATUS_FAILURE}[status]
+        self._hparams_record("session_end_info", plugin_data_pb2.SessionEndInfo(status=code,
+                                                                                end_time_secs=time.time()))
+
+    def _hparams_record(self, field: str, info: Any) -> None:
+        """One record of TensorBoard's hparams plugin (built from its protos: its own writer,
+        tensorboard.plugins.hparams.summary, needs TensorFlow)."""
+        if self._tb is None:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+        data = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **{field: info})
+        tag = {"session_start_info": metadata.SESSION_START_INFO_TAG,
+               "session_end_info": metadata.SESSION_END_INFO_TAG}[field]
+        self._tb.file_writer.add_summary(
+            Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))]))
+        self._tb.flush()
 
     def close(self) -> None:
         if self._jsonl is not None:

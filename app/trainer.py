@@ -138,6 +138,7 @@ class Trainer:
             self._pipeline = StepPipeline(self.model, self.optimizer_step, env.device)
         self.dense_averages = 0
         self.early_stopping = EarlyStopping(config.early_stopping)
+        self.outcome: Dict[str, Any] = {}  # how fit() ended, for summary.json
         self._last_eval: Optional[Tuple[int, Dict[str, float]]] = None  # (step, metrics) of the latest evaluation
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -155,8 +156,14 @@ class Trainer:
             self._evaluate_and_judge(state)
         bar = tqdm(total=self.shape.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.progress_bar or bool(stopped_before))
+        start, samples_before = time.perf_counter(), state.samples
         with closing(bar):
             stopped = self._train(state, _Window(time.perf_counter()), bar)
+        trained = state.samples - samples_before
+        # Training as it went, evaluations and checkpoints at its boundaries included.
+        self.outcome = {"step": state.step, "epoch": state.epoch, "planned_steps": self.shape.total_steps,
+                        "samples": state.samples,
+                        "samples_per_s": trained / (time.perf_counter() - start) if trained else None}
         self._average_if_stale(state)
         if stopped:
             log.warning("SIGTERM: stopping at step %d; saving a checkpoint to resume from", state.step)
@@ -171,11 +178,8 @@ class Trainer:
         self.checkpointer.maybe_save(state, force=True)
         result = self._final_evaluation(state, judge=not stopped_before)
         test = self.test(state)
-        self.metrics_logger.write_summary({
-            "step": state.step, "epoch": state.epoch, "planned_steps": self.shape.total_steps,
-            "stopped_early": state.stopped_early, "validation": result, "best": self.checkpointer.best(),
-            "test": test,
-        })
+        self.outcome.update(stopped_early=state.stopped_early, validation={"step": state.step, **result},
+                            best=self.checkpointer.best(), test=test)
         return result
 
     def _final_evaluation(self, state: TrainState, judge: bool) -> Dict[str, float]:
