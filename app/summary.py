@@ -24,7 +24,7 @@ SUMMARY_FILE = "summary.json"
 # Always among a run's hyperparameters, overridden or not, so that any runs side by side compare.
 BASE_HPARAMS = ("model.arch", "optim.lr", "optim.sparse_lr", "data.batch_size", "features.embedding_dim")
 # Overrides that say where a run is, or how it shows, not what it is.
-PLACEMENT_KEYS = ("run_name", "output_root", "distributed.nproc_per_node", "logging.progress_bar")
+PLACEMENT_KEYS = ("run_name", "output_root", "distributed.nproc_per_node", "logging.progress_bar", "sweep", "launcher")
 # Said anew by every attempt.
 _ATTEMPT_KEYS = ("status", "error", "attempts", "world_size", "wall_time_s", "attempt_started", "updated", "pid",
                  "host")

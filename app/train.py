@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from app.config import ConfigError
 from app.errors import BAD_INPUT, UserError
-from app.hydra_edge import check_override_keys, register_with_hydra, to_config
+from app.hydra_edge import adopt_submitit_tasks, check_override_keys, register_with_hydra, to_config
 
 register_with_hydra()
 PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption, after saving a checkpoint
@@ -57,6 +57,7 @@ _entered_main = False
 def main(cfg: DictConfig) -> float:
     global _entered_main
     _entered_main = True
+    adopt_submitit_tasks()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = tuple(HydraConfig.get().overrides.task)
     try:

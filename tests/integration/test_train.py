@@ -310,3 +310,28 @@ def test_bad_rows_are_reported_once_and_found_late_they_cost_no_training(tmp_pat
     assert len(lines) == 1 and lines[0].startswith("error (rank 1): ") and "row group 3, row 7:" in lines[0], \
         result.stderr[-4000:]
     assert (tmp_path / "outputs" / "tiny" / "checkpoints" / "step_00000004").is_dir()
+
+
+def test_submitit_local_sweep_runs_points_as_separate_jobs_of_two_workers_and_reports_a_failed_one(tmp_path):
+    # Each point a submitit job of 2 tasks (as a Slurm job of tasks_per_node=2 would be), each task a
+    # worker; the second point fails on purpose (a config error every task meets): the first finishes,
+    # the sweep command fails, and the report shows both.
+    args = [sys.executable, "-m", "app.train", "-m", "+launcher=local", "hydra.launcher.tasks_per_node=2",
+            "data.batch_size=64,0", *tiny(tmp_path, "trainer.max_steps=4")]
+    result = run_command(args, cwd=REPO)
+    assert result.returncode != 0 and "data.batch_size must be > 0, got 0." in result.stdout + result.stderr
+    sweep_dir = tmp_path / "outputs" / "tiny"
+    good, bad = (next(sweep_dir.glob(f"data.batch_size={size},*")) for size in (64, 0))
+    summary = json.loads((good / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["world_size"] == 2 and summary["step"] == 4
+    assert (good / "train_rank1.log").exists() and json.loads((good / "plan.json").read_text())["world_size"] == 2
+    assert json.loads((bad / "summary.json").read_text())["status"] == "failed"
+    assert list((sweep_dir / ".submitit").iterdir())  # submitit's own job folders
+
+    out = report(sweep_dir)
+    assert "2 point(s) of 2 planned (1 failed, 1 finished)" in out
+    with open(sweep_dir / "report" / "report.csv") as table:
+        rows = list(csv.DictReader(table))
+    assert [row["data.batch_size"] for row in rows] == ["64", "0"]
+    assert rows[0]["status"] == "finished" and float(rows[0]["final_auc"]) == records(good, "eval")[-1]["auc"]
+    assert rows[1]["status"] == "failed: ConfigError: data.batch_size must be > 0, got 0." and rows[1]["final_auc"] == ""
