@@ -33,6 +33,7 @@ from app.preemption import Preemption
 from app.sharding import plan_report, plan_sharding, shard_model, write_plan_report
 from app.storage import Storage, UrlPath, storage_at
 from app.summary import RunSummary, best_metrics, hyperparameters
+from app.tracking import MlflowRun, flatten, run_artifacts
 from app.trainer import Trainer, planned_steps
 
 log = logging.getLogger("app.job")
@@ -166,6 +167,11 @@ def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, 
     key = "checkpoint.dir" if config.checkpoint.dir else "output_root and run_name"
     checkpoint_storage = storage_at(checkpoint_location(config, run_dir), key=key)
     check_writable(checkpoint_storage, "checkpoints", env.rank, key)  # every rank writes its shards
+    # Before the set-up's minutes: a tracking server that cannot be reached stops the run now.
+    tracking = None
+    if env.is_rank0 and config.logging.mlflow.tracking_uri:
+        tracking = MlflowRun(config.logging.mlflow, run_dir, experiment=config.run_name, run_name=run_dir.name,
+                             params=flatten(config))
     torch.manual_seed(config.seed)
     schema = FeatureSchema.from_config(config.features)
     train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
@@ -186,24 +192,26 @@ def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, 
     if state.step == 0:
         log.info("starting %s from scratch: %d steps of %d samples", run_dir, shape.total_steps,
                  shape.global_batch_size)
-    metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard)
+    metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard, tracking=tracking)
     trainer = Trainer(parts, checkpointer, metrics_logger, preemption, config.trainer, env,
                       progress_bar=config.logging.progress_bar,
                       optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler))
     metrics_logger.start_session(hyperparameters(config, overrides))
     try:
         result = trainer.fit(state)
-    except BaseException:
-        metrics_logger.end_session("failed")
+    except BaseException as error:
+        summary.failed(error)
+        metrics_logger.end("failed", [run_dir / "summary.json"])
         metrics_logger.close()
         raise
     if result is None:
         summary.preempted(**trainer.outcome)
+        metrics_logger.end("preempted", [run_dir / "summary.json"])
     else:
         best = trainer.outcome.get("best")
         if best is not None:
             best = {**best, **(best_metrics(run_dir, best["step"]) or {})}
         summary.finished(**{**trainer.outcome, "best": best})
-        metrics_logger.end_session("finished")
+        metrics_logger.end("finished", run_artifacts(run_dir) if tracking is not None else [])
     metrics_logger.close()
     return result

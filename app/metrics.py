@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -117,13 +117,15 @@ class EvalMetrics:
 
 
 class MetricsLogger:
-    """One record to every sink: metrics.jsonl (appended, so a resumed run continues it) and
-    TensorBoard scalars under tb/. Only rank 0 writes."""
+    """One record to every sink: metrics.jsonl (appended, so a resumed run continues it),
+    TensorBoard scalars under tb/, and `tracking` (an MLflow run, app/tracking.py) where there is
+    one. Only rank 0 writes."""
 
-    def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True, tracking: Optional[Any] = None) -> None:
         self.enabled = rank == 0
         self._jsonl = None
         self._tb: Optional[Any] = None
+        self.tracking = tracking if self.enabled else None
         if not self.enabled:
             return
         run_dir = Path(run_dir)
@@ -146,6 +148,8 @@ class MetricsLogger:
                 if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{kind}/{key}", value, global_step=record["step"])
             self._tb.flush()
+        if self.tracking is not None:
+            self.tracking.log(kind, record)
 
     def start_session(self, hparams: Dict[str, Any]) -> None:
         """The run's hyperparameters, for TensorBoard's HParams dashboard: a session of this run
@@ -164,14 +168,20 @@ class MetricsLogger:
                 start.hparams[name].string_value = str(value)
         self._hparams_record("session_start_info", start)
 
-    def end_session(self, status: str) -> None:
-        """Ends the HParams session: `finished` or `failed`. (A preempted run's stays open: it
-        resumes, in a new session of the same hyperparameters.)"""
-        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+    def end(self, status: str, artifacts: Sequence[Path] = ()) -> None:
+        """The run ended as `status` (finished, failed or preempted): the HParams session ends
+        (but a preempted run's, which resumes in a new session of the same hyperparameters), and
+        the MLflow run takes `artifacts` and ends."""
+        if not self.enabled:
+            return
+        if status != "preempted":
+            from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-        code = {"finished": api_pb2.Status.STATUS_SUCCESS, "failed": api_pb2.Status.STATUS_FAILURE}[status]
-        self._hparams_record("session_end_info", plugin_data_pb2.SessionEndInfo(status=code,
-                                                                                end_time_secs=time.time()))
+            code = {"finished": api_pb2.Status.STATUS_SUCCESS, "failed": api_pb2.Status.STATUS_FAILURE}[status]
+            self._hparams_record("session_end_info", plugin_data_pb2.SessionEndInfo(status=code,
+                                                                                    end_time_secs=time.time()))
+        if self.tracking is not None:
+            self.tracking.finish(status, artifacts)
 
     def _hparams_record(self, field: str, info: Any) -> None:
         """One record of TensorBoard's hparams plugin (built from its protos: its own writer,

@@ -31,7 +31,7 @@ from app.config.parallel import (BACKENDS, COMM_PRECISIONS, COMPUTE_KERNELS, CUD
                                  TableConstraint, table_constraint)
 from app.config.training import (DENSE_OPTIMIZERS, EARLY_STOPPING_METRICS, HIGHER_IS_BETTER, LR_DECAYS, MODEL_ARCHS,
                                  PIPELINES, SPARSE_OPTIMIZERS, EarlyStoppingConfig,
-                                 CheckpointConfig, LoggingConfig, ModelConfig, OptimConfig, TrainerConfig)
+                                 CheckpointConfig, LoggingConfig, MlflowConfig, ModelConfig, OptimConfig, TrainerConfig)
 
 
 @dataclass
