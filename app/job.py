@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from app import distributed
+from app import distributed, progress
 from app.checkpoint import Checkpointer, CheckpointStore, RunParts, RunShape
 from app.config import Config, ConfigError, DataConfig
 from app.data.batch import InputPolicy
@@ -146,6 +146,7 @@ def run(config: Config, run_dir: Path, overrides: Sequence[str] = ()) -> Optiona
     env = distributed.init(config.distributed)
     preemption = Preemption(distributed.new_gloo_group())  # from the start: set-up may take minutes
     setup_logging(config.logging, env.is_rank0)
+    progress.configure(config.logging.progress_bar and env.is_rank0)
     log.info("%d worker(s) on %s, %d on this node, %d CPU threads each", env.world_size, env.device,
              env.local_world_size, torch.get_num_threads())
     summary = RunSummary(run_dir, env.rank, env.world_size)

@@ -133,6 +133,7 @@ class RunSummary:
             "host": socket.gethostname(),
             **self.fields,
         }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path, json.dumps(record, indent=2, default=str))
         return record
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
+from app import progress
 from app.checkpoint import Checkpointer, RunParts, RunShape, TrainState
 from app.config import HIGHER_IS_BETTER, EarlyStoppingConfig, TrainerConfig
 from app.distributed import DistEnv
@@ -154,7 +155,9 @@ class Trainer:
                      "in a new run trains on from it)", state.step, stopped_before)
         elif self._evaluation_missed(state):
             self._evaluate_and_judge(state)
-        bar = tqdm(total=self.shape.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+        # Counted in steps, shown in samples: the rate is samples/s, and the time left is the run's.
+        bar = tqdm(total=self.shape.total_steps, initial=state.step, desc="train", unit="sample",
+                   unit_scale=self.shape.global_batch_size, dynamic_ncols=True,
                    disable=not self.progress_bar or bool(stopped_before))
         start, samples_before = time.perf_counter(), state.samples
         with closing(bar):
@@ -319,7 +322,7 @@ class Trainer:
             "samples_per_s": window.steps * self.shape.global_batch_size / max(elapsed, 1e-9),
         }
         self.metrics_logger.log("train", record)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.set_postfix(step=state.step, loss=f"{loss:.4f}", refresh=False)
         window.reset(time.perf_counter())
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -331,13 +334,19 @@ class Trainer:
         model.eval()
         metrics = EvalMetrics(self.env.device)
         batches = iter(data)
+        count = len(data)
         if max_batches is not None:
             batches = itertools.islice(batches, max_batches)
-        with torch.no_grad():
+            count = min(count, max_batches)
+        # Counted in batches, shown in samples (of every rank): the rate is samples/s.
+        bar = progress.bar(count, "eval", "sample", unit_scale=data.batch_size * self.env.world_size, leave=False,
+                           enabled=self.progress_bar)
+        with torch.no_grad(), closing(bar):
             for item in batches:
                 batch = item.batch.to(self.env.device, non_blocking=True)
                 _, (_loss, logits, labels) = model(batch)
                 metrics.update(logits[: item.valid], labels[: item.valid])
+                bar.update(1)
         result = metrics.compute()
         model.train()
         if self._pipeline is not None:
