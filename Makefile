@@ -17,7 +17,7 @@ MLFLOW_SERVER := $(VENV)/mlflow-server/bin/mlflow
 # Keeps every later install from replacing the torch installed first.
 CONSTRAINTS := $(VENV)/constraints.txt
 
-.PHONY: setup train test test-gpu clean-outputs
+.PHONY: setup train test test-gpu mlflow-server clean-outputs
 
 setup: $(STAMP)
 
@@ -40,6 +40,8 @@ test: setup $(MLFLOW_SERVER)
 
 # The MLflow tracking server the tests start on 127.0.0.1, in an environment of its own: the
 # server needs SQLAlchemy 2 and pyarrow < 26, which the training environment does not take.
+mlflow-server: $(MLFLOW_SERVER)
+
 $(MLFLOW_SERVER):
 	$(PYTHON) -m venv $(VENV)/mlflow-server
 	$(VENV)/mlflow-server/bin/python -m pip install --quiet --upgrade pip

@@ -51,7 +51,7 @@ class Config:
                                                                  "what a run starts from.")
     trainer: TrainerConfig = doc_factory(TrainerConfig, "Epochs, steps, evaluation and logging cadence, the train "
                                                         "pipeline.")
-    logging: LoggingConfig = doc_factory(LoggingConfig, "Console, log files and TensorBoard.")
+    logging: LoggingConfig = doc_factory(LoggingConfig, "Console, log files, TensorBoard and MLflow.")
     distributed: DistributedConfig = doc_factory(DistributedConfig, "Workers, device, process group backend and CPU "
                                                                     "threads.")
 
