@@ -1,5 +1,6 @@
 # rectrain: `make train` trains the default job; `make test` runs the tests (those marked gpu are skipped
-# where there is no CUDA device); `make test-gpu` runs only those, on one. All set up .venv first.
+# where there is no CUDA device), with an MLflow server's environment of their own; `make test-gpu` runs
+# only those, on one. All set up .venv first.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -11,10 +12,12 @@ FBGEMM_VERSION := 1.8.0
 # The CUDA build of fbgemm where a GPU driver is present, the CPU build elsewhere.
 FBGEMM := $(if $(shell command -v nvidia-smi 2>/dev/null),fbgemm-gpu,fbgemm-gpu-cpu)
 STAMP := $(VENV)/.setup-$(FBGEMM)
+MLFLOW_VERSION := 3.17.2
+MLFLOW_SERVER := $(VENV)/mlflow-server/bin/mlflow
 # Keeps every later install from replacing the torch installed first.
 CONSTRAINTS := $(VENV)/constraints.txt
 
-.PHONY: setup train test test-gpu clean-outputs
+.PHONY: setup train test test-gpu mlflow-server clean-outputs
 
 setup: $(STAMP)
 
@@ -25,15 +28,24 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	$(PIP) install --quiet -c $(CONSTRAINTS) $(FBGEMM)==$(FBGEMM_VERSION)
 	$(PIP) install --quiet --no-deps torchrec==$(TORCHREC_VERSION)
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev,mlflow]'
 	$(PY) -c "import torch, torchrec, fbgemm_gpu; print('torch', torch.__version__, '| torchrec', torchrec.__version__)"
 	touch $@
 
 train: setup
 	$(PY) -m app.train $(ARGS)
 
-test: setup
+test: setup $(MLFLOW_SERVER)
 	$(PY) -m pytest -q $(ARGS)
+
+# The MLflow tracking server the tests start on 127.0.0.1, in an environment of its own: the
+# server needs SQLAlchemy 2 and pyarrow < 26, which the training environment does not take.
+mlflow-server: $(MLFLOW_SERVER)
+
+$(MLFLOW_SERVER):
+	$(PYTHON) -m venv $(VENV)/mlflow-server
+	$(VENV)/mlflow-server/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/mlflow-server/bin/python -m pip install --quiet mlflow==$(MLFLOW_VERSION)
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests/gpu $(ARGS)

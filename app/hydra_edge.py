@@ -34,9 +34,34 @@ def _sweep_point_dir(overrides: str) -> str:
     return f"{readable[:100]}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
 
 
+def worker_rank() -> int:
+    """This process's rank: torchrun's RANK, else, in a job of Hydra's submitit launcher (whose
+    every task composes the config before app.train runs), its task's."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        import submitit
+
+        return submitit.JobEnvironment().global_rank
+    return 0
+
+
+def adopt_submitit_tasks() -> None:
+    """In a job of Hydra's submitit launcher with several tasks (nodes x tasks_per_node: each task
+    one worker), the environment torchrun gives a worker: RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE, MASTER_ADDR (the job's first node) and MASTER_PORT (from the job id)."""
+    if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # Each worker picks cuda:<LOCAL_RANK> itself (app/distributed.py): every device stays visible.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def _rank0_only(value: str) -> Optional[str]:
-    """Every torchrun worker composes the config; only rank 0 may write `value` (.hydra/)."""
-    return value if os.environ.get("RANK", "0") == "0" else None
+    """Every worker composes the config; only rank 0 may write `value` (.hydra/)."""
+    return value if worker_rank() == 0 else None
 
 
 def _show(value: Any) -> str:
@@ -114,6 +139,7 @@ def register_with_hydra() -> None:
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
     OmegaConf.register_new_resolver("rank0_only", _rank0_only, replace=True)
+    OmegaConf.register_new_resolver("worker_rank", worker_rank, replace=True)
     OmegaConf.register_new_resolver("sweep_point_dir", _sweep_point_dir, replace=True)
     OmegaConf.register_new_resolver("config_docs", _config_docs_resolver, replace=True)
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from app import distributed
+from app import distributed, progress
 from app.checkpoint import Checkpointer, CheckpointStore, RunParts, RunShape
 from app.config import Config, ConfigError, DataConfig
 from app.data.batch import InputPolicy
@@ -33,6 +33,8 @@ from app.precision import TableGradients, autocast_dtype, loss_scaler
 from app.preemption import Preemption
 from app.sharding import plan_report, plan_sharding, shard_model, write_plan_report
 from app.storage import Storage, UrlPath, storage_at
+from app.summary import RunSummary, best_metrics, hyperparameters
+from app.tracking import MlflowRun, flatten, run_artifacts
 from app.trainer import Trainer, planned_steps
 
 log = logging.getLogger("app.job")
@@ -149,30 +151,42 @@ def _reading(config: DataConfig, env: DistEnv) -> Dict[str, Any]:
                 storage_options=config.storage_options)
 
 
-def run(config: Config, run_dir: Path) -> Optional[Dict[str, float]]:
+def run(config: Config, run_dir: Path, overrides: Sequence[str] = ()) -> Optional[Dict[str, float]]:
     """One worker's whole job; returns the final validation metrics (the same on every rank), or
-    None when SIGTERM stopped it early (after a checkpoint)."""
+    None when SIGTERM stopped it early (after a checkpoint). `overrides` (the command line's
+    key=value) name the hyperparameters TensorBoard's HParams dashboard compares runs by."""
     if config.data.prefetch_windows > 0:
         start_reader_server()  # its imports overlap the set-up below
     env = distributed.init(config.distributed)
     preemption = Preemption(distributed.new_gloo_group())  # from the start: set-up may take minutes
     setup_logging(config.logging, env.is_rank0)
+    progress.configure(config.logging.progress_bar and env.is_rank0)
     log.info("%d worker(s) on %s, %d on this node, %d CPU threads each", env.world_size, env.device,
              env.local_world_size, torch.get_num_threads())
+    summary = RunSummary(run_dir, env.rank, env.world_size)
+    summary.running()
     try:
         # In a function of its own, so that the model and everything holding a process group are
         # garbage when shutdown() collects them.
-        return _train(config, run_dir, env, preemption)
+        return _train(config, run_dir, env, preemption, summary, overrides)
+    except BaseException as error:
+        summary.failed(error)
+        raise
     finally:
         preemption.close()
         distributed.shutdown()
 
 
-def _train(config: Config, run_dir: Path, env: DistEnv,
-           preemption: Preemption) -> Optional[Dict[str, float]]:
+def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, summary: RunSummary,
+           overrides: Sequence[str]) -> Optional[Dict[str, float]]:
     key = "checkpoint.dir" if config.checkpoint.dir else "output_root and run_name"
     checkpoint_storage = storage_at(checkpoint_location(config, run_dir), key=key)
     check_writable(checkpoint_storage, "checkpoints", env.rank, key)  # every rank writes its shards
+    # Before the set-up's minutes: a tracking server that cannot be reached stops the run now.
+    tracking = None
+    if env.is_rank0 and config.logging.mlflow.tracking_uri:
+        tracking = MlflowRun(config.logging.mlflow, run_dir, experiment=config.run_name, run_name=run_dir.name,
+                             params=flatten(config))
     torch.manual_seed(config.seed)
     schema = FeatureSchema.from_config(config.features)
     train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
@@ -193,10 +207,26 @@ def _train(config: Config, run_dir: Path, env: DistEnv,
     if state.step == 0:
         log.info("starting %s from scratch: %d steps of %d samples", run_dir, shape.total_steps,
                  shape.global_batch_size)
-    metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard)
+    metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard, tracking=tracking)
     trainer = Trainer(parts, checkpointer, metrics_logger, preemption, config.trainer, env,
                       progress_bar=config.logging.progress_bar,
                       optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler))
-    result = trainer.fit(state)
+    metrics_logger.start_session(hyperparameters(config, overrides))
+    try:
+        result = trainer.fit(state)
+    except BaseException as error:
+        summary.failed(error)
+        metrics_logger.end("failed", [run_dir / "summary.json"])
+        metrics_logger.close()
+        raise
+    if result is None:
+        summary.preempted(**trainer.outcome)
+        metrics_logger.end("preempted", [run_dir / "summary.json"])
+    else:
+        best = trainer.outcome.get("best")
+        if best is not None:
+            best = {**best, **(best_metrics(run_dir, best["step"]) or {})}
+        summary.finished(**{**trainer.outcome, "best": best})
+        metrics_logger.end("finished", run_artifacts(run_dir) if tracking is not None else [])
     metrics_logger.close()
     return result

@@ -18,13 +18,12 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from app.storage import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +117,15 @@ class EvalMetrics:
 
 
 class MetricsLogger:
-    """One record to every sink: metrics.jsonl (appended, so a resumed run continues it) and
-    TensorBoard scalars under tb/; summary.json at the end. Only rank 0 writes."""
+    """One record to every sink: metrics.jsonl (appended, so a resumed run continues it),
+    TensorBoard scalars under tb/, and `tracking` (an MLflow run, app/tracking.py) where there is
+    one. Only rank 0 writes."""
 
-    def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True, tracking: Optional[Any] = None) -> None:
         self.enabled = rank == 0
         self._jsonl = None
         self._tb: Optional[Any] = None
+        self.tracking = tracking if self.enabled else None
         if not self.enabled:
             return
         run_dir = Path(run_dir)
@@ -147,11 +148,55 @@ class MetricsLogger:
                 if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{kind}/{key}", value, global_step=record["step"])
             self._tb.flush()
+        if self.tracking is not None:
+            self.tracking.log(kind, record)
 
-    def write_summary(self, summary: Dict[str, Any]) -> None:
-        """summary.json in the run directory: how the run ended (replaced at once)."""
-        if self.enabled:
-            write_atomically(self._run_dir / "summary.json", json.dumps(summary, indent=2))
+    def start_session(self, hparams: Dict[str, Any]) -> None:
+        """The run's hyperparameters, for TensorBoard's HParams dashboard: a session of this run
+        (tb/), whose metrics are its scalars (eval/auc, ...: their latest values). No experiment
+        record: TensorBoard gathers one from the sessions of every run under its logdir, so the
+        points of a sweep compare (`tensorboard --logdir outputs/<sweep>`)."""
+        from tensorboard.plugins.hparams import plugin_data_pb2
+
+        start = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+        for name, value in hparams.items():
+            if isinstance(value, bool):
+                start.hparams[name].bool_value = value
+            elif isinstance(value, (int, float)):
+                start.hparams[name].number_value = value
+            else:
+                start.hparams[name].string_value = str(value)
+        self._hparams_record("session_start_info", start)
+
+    def end(self, status: str, artifacts: Sequence[Path] = ()) -> None:
+        """The run ended as `status` (finished, failed or preempted): the HParams session ends
+        (but a preempted run's, which resumes in a new session of the same hyperparameters), and
+        the MLflow run takes `artifacts` and ends."""
+        if not self.enabled:
+            return
+        if status != "preempted":
+            from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+            code = {"finished": api_pb2.Status.STATUS_SUCCESS, "failed": api_pb2.Status.STATUS_FAILURE}[status]
+            self._hparams_record("session_end_info", plugin_data_pb2.SessionEndInfo(status=code,
+                                                                                    end_time_secs=time.time()))
+        if self.tracking is not None:
+            self.tracking.finish(status, artifacts)
+
+    def _hparams_record(self, field: str, info: Any) -> None:
+        """One record of TensorBoard's hparams plugin (built from its protos: its own writer,
+        tensorboard.plugins.hparams.summary, needs TensorFlow)."""
+        if self._tb is None:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+        data = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **{field: info})
+        tag = {"session_start_info": metadata.SESSION_START_INFO_TAG,
+               "session_end_info": metadata.SESSION_END_INFO_TAG}[field]
+        self._tb.file_writer.add_summary(
+            Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))]))
+        self._tb.flush()
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from app.config import ConfigError
 from app.errors import BAD_INPUT, UserError
-from app.hydra_edge import check_override_keys, register_with_hydra, to_config
+from app.hydra_edge import adopt_submitit_tasks, check_override_keys, register_with_hydra, to_config
 
 register_with_hydra()
 PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption, after saving a checkpoint
@@ -57,19 +57,23 @@ _entered_main = False
 def main(cfg: DictConfig) -> float:
     global _entered_main
     _entered_main = True
+    adopt_submitit_tasks()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = tuple(HydraConfig.get().overrides.task)
     try:
         config = to_config(cfg)
     except ConfigError as error:
+        _record_failure(run_dir, error)
         _fail(error)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     from app import distributed
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         if config.distributed.nproc_per_node > 1 and not distributed.under_launcher():
-            result = distributed.launch_local(_worker, (config, run_dir), config.distributed.nproc_per_node)[0]
+            result = distributed.launch_local(_worker, (config, run_dir, overrides),
+                                              config.distributed.nproc_per_node)[0]
         else:
-            result = _worker(config, run_dir)
+            result = _worker(config, run_dir, overrides)
     except ChildFailedError as error:  # a self-launched worker failed
         if error.get_first_failure()[1].exitcode == BAD_INPUT:
             sys.exit(BAD_INPUT)  # it said why, as a worker under torchrun does
@@ -79,10 +83,29 @@ def main(cfg: DictConfig) -> float:
             _say(_stopped_message(config, run_dir))
         sys.exit(PREEMPTED)
     if os.environ.get("RANK", "0") == "0":
+        _print_summary(run_dir)
         print(f"final validation AUC {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
               f"NE {result['ne']:.4f}  run dir {run_dir}", flush=True)
         _say_best_achievable(config, result["auc"])
     return result["auc"]  # the value a sweeper plugin optimises
+
+
+def _record_failure(run_dir: Path, error: ConfigError) -> None:
+    """A point of a sweep that fails on its config is reported as failed, like one failing later."""
+    from app.summary import RunSummary
+
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        RunSummary(run_dir, rank, world_size).failed(error)
+
+
+def _print_summary(run_dir: Path) -> None:
+    from app.summary import format_table, read_summary
+
+    summary = read_summary(run_dir)
+    if summary is not None:
+        print(format_table(summary), flush=True)
 
 
 def _say_best_achievable(config, auc: float) -> None:
@@ -96,12 +119,12 @@ def _say_best_achievable(config, auc: float) -> None:
               f"{best['path']}): reached {auc:.4f}, gap {best['auc'] - auc:.4f}", flush=True)
 
 
-def _worker(config, run_dir: Path):
+def _worker(config, run_dir: Path, overrides=()):
     """One worker's job, in this process or self-launched: bad input is said, and exit code 2."""
     from app import job
 
     try:
-        return job.run(config, run_dir)
+        return job.run(config, run_dir, overrides)
     except UserError as error:
         _fail(error)
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
+from app import progress
 from app.checkpoint import Checkpointer, RunParts, RunShape, TrainState
 from app.config import HIGHER_IS_BETTER, EarlyStoppingConfig, TrainerConfig
 from app.distributed import DistEnv
@@ -138,6 +139,7 @@ class Trainer:
             self._pipeline = StepPipeline(self.model, self.optimizer_step, env.device)
         self.dense_averages = 0
         self.early_stopping = EarlyStopping(config.early_stopping)
+        self.outcome: Dict[str, Any] = {}  # how fit() ended, for summary.json
         self._last_eval: Optional[Tuple[int, Dict[str, float]]] = None  # (step, metrics) of the latest evaluation
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -153,10 +155,18 @@ class Trainer:
                      "in a new run trains on from it)", state.step, stopped_before)
         elif self._evaluation_missed(state):
             self._evaluate_and_judge(state)
-        bar = tqdm(total=self.shape.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+        # Counted in steps, shown in samples: the rate is samples/s, and the time left is the run's.
+        bar = tqdm(total=self.shape.total_steps, initial=state.step, desc="train", unit="sample",
+                   unit_scale=self.shape.global_batch_size, dynamic_ncols=True,
                    disable=not self.progress_bar or bool(stopped_before))
+        start, samples_before = time.perf_counter(), state.samples
         with closing(bar):
             stopped = self._train(state, _Window(time.perf_counter()), bar)
+        trained = state.samples - samples_before
+        # Training as it went, evaluations and checkpoints at its boundaries included.
+        self.outcome = {"step": state.step, "epoch": state.epoch, "planned_steps": self.shape.total_steps,
+                        "samples": state.samples,
+                        "samples_per_s": trained / (time.perf_counter() - start) if trained else None}
         self._average_if_stale(state)
         if stopped:
             log.warning("SIGTERM: stopping at step %d; saving a checkpoint to resume from", state.step)
@@ -171,11 +181,8 @@ class Trainer:
         self.checkpointer.maybe_save(state, force=True)
         result = self._final_evaluation(state, judge=not stopped_before)
         test = self.test(state)
-        self.metrics_logger.write_summary({
-            "step": state.step, "epoch": state.epoch, "planned_steps": self.shape.total_steps,
-            "stopped_early": state.stopped_early, "validation": result, "best": self.checkpointer.best(),
-            "test": test,
-        })
+        self.outcome.update(stopped_early=state.stopped_early, validation={"step": state.step, **result},
+                            best=self.checkpointer.best(), test=test)
         return result
 
     def _final_evaluation(self, state: TrainState, judge: bool) -> Dict[str, float]:
@@ -315,7 +322,7 @@ class Trainer:
             "samples_per_s": window.steps * self.shape.global_batch_size / max(elapsed, 1e-9),
         }
         self.metrics_logger.log("train", record)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.set_postfix(step=state.step, loss=f"{loss:.4f}", refresh=False)
         window.reset(time.perf_counter())
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -327,13 +334,19 @@ class Trainer:
         model.eval()
         metrics = EvalMetrics(self.env.device)
         batches = iter(data)
+        count = len(data)
         if max_batches is not None:
             batches = itertools.islice(batches, max_batches)
-        with torch.no_grad():
+            count = min(count, max_batches)
+        # Counted in batches, shown in samples (of every rank): the rate is samples/s.
+        bar = progress.bar(count, "eval", "sample", unit_scale=data.batch_size * self.env.world_size, leave=False,
+                           enabled=self.progress_bar)
+        with torch.no_grad(), closing(bar):
             for item in batches:
                 batch = item.batch.to(self.env.device, non_blocking=True)
                 _, (_loss, logits, labels) = model(batch)
                 metrics.update(logits[: item.valid], labels[: item.valid])
+                bar.update(1)
         result = metrics.compute()
         model.train()
         if self._pipeline is not None:

@@ -135,9 +135,11 @@ def no_process_outlives_its_test():
 
 def _is_test_job(pid: int) -> bool:
     """Jobs the tests start, not the helpers of Python's multiprocessing that live on (its
-    resource tracker), nor the session's S3 server (tests/object_store.py)."""
+    resource tracker), nor the session's S3 and MLflow servers (tests/object_store.py,
+    tests/integration/test_tracking.py)."""
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"python" in command and b"multiprocessing" not in command and b"moto.server" not in command
+    return (b"python" in command and b"multiprocessing" not in command and b"moto.server" not in command
+            and b"mlflow-server" not in command)

@@ -47,6 +47,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
+from app import progress
 from app.checkpoint.safe_load import CheckpointError, load_state
 from app.checkpoint.writers import FileWriter, HostCopyStager, ObjectWriter, SavePlanner
 from app.storage import META_FILE_NAME, LocalStorage, ObjectStorage, Storage, location, storage_at
@@ -64,18 +65,20 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _crc32(storage: Storage, name: str) -> int:
+def _crc32(storage: Storage, name: str, bar: Optional[Any] = None) -> int:
     crc = 0
     with storage.open(name) as f:
         while chunk := f.read(_CHUNK):
             crc = zlib.crc32(chunk, crc)
+            if bar is not None:
+                bar.update(len(chunk))
     return crc
 
 
-def _crc32s(storage: Storage, names: List[str]) -> List[int]:
+def _crc32s(storage: Storage, names: List[str], bar: Optional[Any] = None) -> List[int]:
     # zlib releases the GIL on large buffers: one thread per file uses every core.
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
-        return list(pool.map(lambda name: _crc32(storage, name), names))
+        return list(pool.map(lambda name: _crc32(storage, name, bar), names))
 
 
 def manifest(storage: Storage, directory: str, written: Optional[Dict[str, List[int]]] = None) -> Dict[str, List[int]]:
@@ -109,7 +112,8 @@ def verify(path: Any, group: Optional[dist.ProcessGroup] = None, storage: Option
         return problem
     expected = json.loads(broadcast_text(json.dumps(expected), group))
     share = sorted(expected)[rank::ranks]
-    crcs = _crc32s(storage, [f"{name}/{file}" for file in share])
+    with progress.bar(sum(expected[file][0] for file in share), f"verifying {name}", "B", leave=False) as bar:
+        crcs = _crc32s(storage, [f"{name}/{file}" for file in share], bar)
     damaged = [file for file, crc in zip(share, crcs) if crc != expected[file][1]]
     mine = f"{damaged[0]} is damaged (its CRC-32 differs from the one written)" if damaged else None
     return _first_problem(mine, group)

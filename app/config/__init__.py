@@ -32,7 +32,7 @@ from app.config.parallel import (BACKENDS, COMM_PRECISIONS, COMPUTE_KERNELS, CUD
                                  TableConstraint, table_constraint)
 from app.config.training import (DENSE_OPTIMIZERS, EARLY_STOPPING_METRICS, HIGHER_IS_BETTER, LR_DECAYS, MODEL_ARCHS,
                                  PIPELINES, SPARSE_OPTIMIZERS, EarlyStoppingConfig,
-                                 CheckpointConfig, LoggingConfig, ModelConfig, OptimConfig, TrainerConfig)
+                                 CheckpointConfig, LoggingConfig, MlflowConfig, ModelConfig, OptimConfig, TrainerConfig)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Config:
                                                                  "what a run starts from.")
     trainer: TrainerConfig = doc_factory(TrainerConfig, "Epochs, steps, evaluation and logging cadence, the train "
                                                         "pipeline.")
-    logging: LoggingConfig = doc_factory(LoggingConfig, "Console, log files and TensorBoard.")
+    logging: LoggingConfig = doc_factory(LoggingConfig, "Console, log files, TensorBoard and MLflow.")
     distributed: DistributedConfig = doc_factory(DistributedConfig, "Workers, device, process group backend and CPU "
                                                                     "threads.")
 

@@ -211,11 +211,34 @@ class TrainerConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """MLflow tracking, an optional sink beside metrics.jsonl and TensorBoard (rank 0 logs)."""
+
+    tracking_uri: Optional[str] = doc(None, "MLflow tracking server (http://host:5000) or store the run is logged to; "
+                                            "null: no MLflow. Needs the mlflow extra (pip install 'rectrain[mlflow]').")
+    experiment: Optional[str] = doc(None, "MLflow experiment (null: run_name, which a sweep's points share).")
+    run_name: Optional[str] = doc(None, "MLflow run name (null: the run directory's name: run_name, or a sweep "
+                                        "point's overrides).")
+
+    def validate(self) -> None:
+        if self.tracking_uri is None:
+            return
+        import importlib.util
+
+        _require(bool(self.tracking_uri), "logging.mlflow.tracking_uri must be a URI, or null for no MLflow.")
+        _require(importlib.util.find_spec("mlflow") is not None,
+                 f"logging.mlflow.tracking_uri={self.tracking_uri!r}, but the mlflow package is not installed: "
+                 "pip install 'rectrain[mlflow]' (make setup installs it), or logging.mlflow.tracking_uri=null.")
+
+
+@dataclass
 class LoggingConfig:
     progress_bar: bool = doc(True, "Show a progress bar on rank 0's console.")
     tensorboard: bool = doc(True, "Write the metrics as TensorBoard scalars under tb/ in the run directory "
                                   "(metrics.jsonl is always written).")
     level: str = doc("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.")
+    mlflow: MlflowConfig = doc_factory(MlflowConfig, "MLflow tracking: parameters, metrics and artifacts of the run.")
 
     def validate(self) -> None:
         _require_choice("logging.level", self.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+        self.mlflow.validate()

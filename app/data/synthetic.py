@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from app import progress
 from app.config import SyntheticConfig
 
 if TYPE_CHECKING:  # app.features imports torchrec; a FeaturesConfig does as well here
@@ -299,6 +300,7 @@ def generate(schema: FeatureSchema, cfg: SyntheticConfig, out_dir: Path) -> dict
     model = _PlantedModel(schema, cfg)
     splits = [("train", cfg.train_rows), ("val", cfg.val_rows), ("test", cfg.test_rows)]
     summary: Dict[str, dict] = {}
+    bar = progress.bar(sum(total for _, total in splits), "generating the dataset", "row")
     for split_index, (split, total) in enumerate(splits):
         if total == 0:
             continue
@@ -312,6 +314,7 @@ def generate(schema: FeatureSchema, cfg: SyntheticConfig, out_dir: Path) -> dict
             pq.write_table(table, out_dir / split / f"part-{file_index:05d}.parquet",
                            row_group_size=cfg.rows_per_row_group)
             tally.add(columns[schema.label].to_numpy(), probability)
+            bar.update(rows)
         summary[split] = {
             "rows": total,
             "files": -(-total // cfg.rows_per_file),
@@ -319,6 +322,7 @@ def generate(schema: FeatureSchema, cfg: SyntheticConfig, out_dir: Path) -> dict
             "best_auc": tally.auc(),
             "best_logloss": tally.logloss(),
         }
+    bar.close()
     metadata = {
         "format_version": FORMAT_VERSION,
         "columns": schema.columns,

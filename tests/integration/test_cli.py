@@ -3,6 +3,7 @@ what and where (said once, by rank 0), before any run directory exists; --help d
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -26,6 +27,9 @@ def test_every_config_error_exits_2_and_group_schemas_are_not_options(tmp_path):
     for override in ("model=nope", "model=schema", "data.batch_size=many", "optim.lr=-1"):
         result = run_command([sys.executable, "-m", "app.train", override, f"output_root={tmp_path}"], cwd=REPO)
         assert result.returncode == 2, (override, result.stderr)
+    # A run (a sweep's point) that fails on its config says so in its summary, as one failing later would.
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "ConfigError: optim.lr must be > 0, got -1.0."
     help_text = run_command([sys.executable, "-m", "app.train", "--help"], cwd=REPO).stdout
     assert "dcn, deepfm, dlrm" in help_text and "schema" not in help_text
 

@@ -4,6 +4,7 @@ time every rank stops at the same step, one checkpoint is written, and the same 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from app.report import read_point
 from tests.conftest import REPO, children, kill_tree, run_command, start
 from tests.integration.test_train import check, records, tiny, torchrun
 
@@ -127,15 +129,24 @@ def test_sigterm_to_torchrun_itself_saves_and_torchrun_exits_1(tmp_path):
 def test_sigterm_to_the_process_group_of_one_process_saves_exits_143_and_resumes(tmp_path):
     job = start([sys.executable, "-m", "app.train", *tiny(tmp_path, *LONG)], tmp_path / "job.log")
     wait_until_training(tmp_path, job)
+    running = read_point(run_dir(tmp_path), tmp_path)
+    assert running.status == "running" and running.summary["pid"] == job.pid
     assert stop(job, lambda: os.killpg(job.pid, signal.SIGTERM)) == PREEMPTED, \
         (tmp_path / "job.log").read_text()[-3000:]
     log = (tmp_path / "job.log").read_text()
     assert "stopped by SIGTERM after saving checkpoint" in log and "Traceback" not in log
     step = the_one_checkpoint(tmp_path)
     assert stopped_steps(tmp_path) == [step]
+    preempted = json.loads((run_dir(tmp_path) / "summary.json").read_text())
+    assert preempted["status"] == "preempted" and preempted["step"] == step and preempted["attempts"] == 1
     out = check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, *LONG, f"trainer.max_steps={step + 3}")],
                             cwd=REPO))
     assert f"at step {step} " in out
+    finished = json.loads((run_dir(tmp_path) / "summary.json").read_text())
+    assert finished["status"] == "finished" and finished["step"] == step + 3 and finished["attempts"] == 2
+    assert finished["wall_time_s"] > preempted["wall_time_s"]
+    # The table the run ends with says the same.
+    assert f"finished: step {step + 3} of {step + 3}, 1 worker(s)" in out
 
 
 def test_sigterm_to_a_self_launched_job_saves_and_exits_143_without_a_traceback(tmp_path):

@@ -3,6 +3,7 @@ self-launched workers, and Hydra sweeps (a grid and Optuna)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -114,14 +115,69 @@ def test_self_launched_workers(tmp_path):
     assert json.loads((tmp_path / "outputs" / "tiny" / "plan.json").read_text())["world_size"] == 2
 
 
-def test_sweep_runs_each_point_in_its_own_directory(tmp_path):
-    args = [sys.executable, "-m", "app.train", "-m", "optim.lr=0.01,0.02", *tiny(tmp_path, "trainer.max_steps=3")]
+def session(tb_dir: Path):
+    """The HParams session of a run's TensorBoard files: (hyperparameters, end status)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    values = {name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
+    return values, api_pb2.Status.Name(end.status)
+
+
+def report(*dirs: Path) -> str:
+    """scripts/report.py's table; its files go to <first dir>/report."""
+    return check(run_command([sys.executable, "scripts/report.py", *map(str, dirs)], cwd=REPO))
+
+
+def test_sweep_runs_each_point_in_its_own_directory_and_the_report_ranks_them(tmp_path):
+    args = [sys.executable, "-m", "app.train", "-m", "optim.lr=0.01,0.02,0.05",
+            *tiny(tmp_path, "trainer.max_steps=6", "trainer.eval_every_n_steps=3")]
     check(run_command(args, cwd=REPO))
-    points = sorted(p for p in (tmp_path / "outputs" / "tiny").iterdir() if p.is_dir())
-    assert len(points) == 2
-    assert "optim.lr=0.01" in points[0].name and "optim.lr=0.02" in points[1].name
+    sweep_dir = tmp_path / "outputs" / "tiny"
+    points = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    rates = ["0.01", "0.02", "0.05"]
+    assert len(points) == 3 and all(f"optim.lr={rate}" in p.name for p, rate in zip(points, rates))
     for point in points:
         assert (point / "checkpoints" / "latest").exists()
+        summary = json.loads((point / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["step"] == 6 and summary["world_size"] == 1
+        assert summary["validation"]["auc"] == records(point, "eval")[-1]["auc"]
+
+    # TensorBoard's HParams dashboard: each point a session with its hyperparameters and status,
+    # read back through TensorBoard's own event reader and plugin data.
+    for point, rate in zip(points, rates):
+        hparams, status = session(point / "tb")
+        assert hparams["optim.lr"] == float(rate) and hparams["model.arch"] == "dlrm"
+        assert hparams["experiment"] == "tiny" and hparams["data.batch_size"] == 128
+        assert status == "STATUS_SUCCESS"
+
+    out = report(sweep_dir)
+    assert "3 point(s) of 3 planned (3 finished)" in out
+    files = sweep_dir / "report"
+    for name in ("report.csv", "report.md", "report.html", "val_auc.png", "final_auc_vs_optim.lr.png"):
+        assert (files / name).stat().st_size > 0, name
+    # The table, best first, against what each point's metrics.jsonl says.
+    with open(files / "report.csv") as table:
+        rows = list(csv.DictReader(table))
+    expected = sorted(points, key=lambda p: -max(e["auc"] for e in records(p, "eval")))
+    assert [row["point"] for row in rows] == [p.name for p in expected]
+    for row, point in zip(rows, expected):
+        evaluations = records(point, "eval")
+        best = max(evaluations, key=lambda e: e["auc"])
+        assert f"optim.lr={row['optim.lr']}," in point.name and row["status"] == "finished" and row["step"] == "6/6"
+        assert float(row["final_auc"]) == pytest.approx(evaluations[-1]["auc"], abs=1e-12)
+        assert float(row["final_logloss"]) == pytest.approx(evaluations[-1]["logloss"], abs=1e-12)
+        assert float(row["best_auc"]) == pytest.approx(best["auc"], abs=1e-12) and int(row["best_step"]) == best["step"]
+        assert float(row["samples_per_s"]) > 0 and float(row["wall_time_s"]) > 0
+    markdown = (files / "report.md").read_text()
+    assert markdown.count("optim.lr=") == 3 and f"{float(rows[0]['best_auc']):.4f}" in markdown
+    page = (files / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and rows[0]["point"] in page
 
 
 def test_optuna_sweep_maximises_auc_and_a_rerun_resumes_its_trials(tmp_path):
@@ -138,6 +194,17 @@ def test_optuna_sweep_maximises_auc_and_a_rerun_resumes_its_trials(tmp_path):
     again = check(run_command(args, cwd=REPO))
     assert again.count("resumed from") == 2
     assert sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != ".hydra") == trials
+
+    out = report(sweep_dir)
+    assert "2 point(s) of 2 planned (2 finished)" in out
+    files = sweep_dir / "report"
+    for name in ("optuna_history.png", "optuna_importances.png", "final_auc_vs_optim.lr.png",
+                 "final_auc_vs_optim.sparse_lr.png", "val_auc.png", "report.html"):
+        assert (files / name).stat().st_size > 0, name
+    with open(files / "report.csv") as table:
+        rows = list(csv.DictReader(table))
+    assert float(rows[0]["final_auc"]) == pytest.approx(results["best_value"], abs=1e-12)
+    assert {row["optim.lr"] for row in rows} == {t.name.split("optim.lr=")[1].split(",")[0] for t in trials}
 
 
 @pytest.mark.parametrize("overrides", [["optim=sgd", "model=dcn"], ["optim=adam"]])
@@ -243,3 +310,28 @@ def test_bad_rows_are_reported_once_and_found_late_they_cost_no_training(tmp_pat
     assert len(lines) == 1 and lines[0].startswith("error (rank 1): ") and "row group 3, row 7:" in lines[0], \
         result.stderr[-4000:]
     assert (tmp_path / "outputs" / "tiny" / "checkpoints" / "step_00000004").is_dir()
+
+
+def test_submitit_local_sweep_runs_points_as_separate_jobs_of_two_workers_and_reports_a_failed_one(tmp_path):
+    # Each point a submitit job of 2 tasks (as a Slurm job of tasks_per_node=2 would be), each task a
+    # worker; the second point fails on purpose (a config error every task meets): the first finishes,
+    # the sweep command fails, and the report shows both.
+    args = [sys.executable, "-m", "app.train", "-m", "+launcher=local", "hydra.launcher.tasks_per_node=2",
+            "data.batch_size=64,0", *tiny(tmp_path, "trainer.max_steps=4")]
+    result = run_command(args, cwd=REPO)
+    assert result.returncode != 0 and "data.batch_size must be > 0, got 0." in result.stdout + result.stderr
+    sweep_dir = tmp_path / "outputs" / "tiny"
+    good, bad = (next(sweep_dir.glob(f"data.batch_size={size},*")) for size in (64, 0))
+    summary = json.loads((good / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["world_size"] == 2 and summary["step"] == 4
+    assert (good / "train_rank1.log").exists() and json.loads((good / "plan.json").read_text())["world_size"] == 2
+    assert json.loads((bad / "summary.json").read_text())["status"] == "failed"
+    assert list((sweep_dir / ".submitit").iterdir())  # submitit's own job folders
+
+    out = report(sweep_dir)
+    assert "2 point(s) of 2 planned (1 failed, 1 finished)" in out
+    with open(sweep_dir / "report" / "report.csv") as table:
+        rows = list(csv.DictReader(table))
+    assert [row["data.batch_size"] for row in rows] == ["64", "0"]
+    assert rows[0]["status"] == "finished" and float(rows[0]["final_auc"]) == records(good, "eval")[-1]["auc"]
+    assert rows[1]["status"] == "failed: ConfigError: data.batch_size must be > 0, got 0." and rows[1]["final_auc"] == ""
