@@ -222,26 +222,28 @@ def check_inputs(files: Sequence[str], schema: FeatureSchema) -> bool:
     labeled: List[bool] = []
     for path in files:
         try:
-            labeled.append(schema.label in pq.read_schema(path).names)
+            labeled.append(all(task in pq.read_schema(path).names for task in schema.tasks))
         except Exception as error:  # pyarrow raises several types for a damaged file
             raise DataError(f"{path}: not a readable Parquet file ({error}).") from error
     if any(labeled) and not all(labeled):
-        raise DataError(f"{files[labeled.index(False)]}: no {schema.label!r} column, but "
+        what = f"{schema.label!r} column" if len(schema.tasks) == 1 else f"label columns {list(schema.tasks)}"
+        raise DataError(f"{files[labeled.index(False)]}: no {what}, but "
                         f"{files[labeled.index(True)]} has one; label all files or none.")
     if all(labeled):
         check_files(files, schema)
     else:  # check_files needs a label column: a dense column in its place (checked twice) does
-        check_files(files, dataclasses.replace(schema, label=schema.dense[0]))
+        check_files(files, dataclasses.replace(schema, label=schema.dense[0], labels=()))
     return all(labeled)
 
 
 def score_files(model: nn.Module, config: Config, files: Sequence[str], batch_size: int,
                 labeled: bool) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """(logits, labels or None) of every row of `files`, in order, one batch at a time. Rows are
+    """(logits, labels or None) of every row of `files`, in order, one batch at a time (B x T of
+    each for a multi-task model, a column per task in features.labels' order). Rows are
     decoded and checked as training does it (config.data's input policy), a row group at a time."""
     schema = FeatureSchema.from_config(config.features)
     policy = InputPolicy.from_config(config.data)
-    columns = schema.columns if labeled else [c for c in schema.columns if c != schema.label]
+    columns = schema.columns if labeled else [c for c in schema.columns if c not in schema.tasks]
     for path in files:
         parquet = open_parquet(path)
         for index in range(parquet.metadata.num_row_groups):
@@ -249,7 +251,8 @@ def score_files(model: nn.Module, config: Config, files: Sequence[str], batch_si
             if table.num_rows == 0:
                 continue
             if not labeled:  # the model's forward takes labels; these are never reported
-                table = table.append_column(schema.label, pa.array(np.zeros(table.num_rows, np.float32)))
+                for task in schema.tasks:
+                    table = table.append_column(task, pa.array(np.zeros(table.num_rows, np.float32)))
             rows = decode(table, schema, f"{path} row group {index}", policy)
             for start in range(0, len(rows), batch_size):
                 batch = rows.slice(start, start + batch_size).to_batch(schema.sparse_names,

@@ -27,17 +27,19 @@ class FeatureSchema:
     embedding_dim: int
     pooling: str
     data_type: str = "fp32"
+    labels: Tuple[str, ...] = ()  # multi-task: every task's label column (label is the first); () for one task
     sequence: Tuple[SequenceFeature, ...] = ()
 
     @classmethod
     def from_config(cls, config: FeaturesConfig) -> "FeatureSchema":
         return cls(
-            label=config.label,
+            label=config.tasks()[0],
             dense=tuple(config.dense),
             sparse=tuple(config.sparse),
             embedding_dim=config.embedding_dim,
             pooling=config.pooling,
             data_type=config.data_type,
+            labels=tuple(config.tasks()) if config.labels else (),
             sequence=tuple(config.sequence),
         )
 
@@ -46,9 +48,14 @@ class FeatureSchema:
         return [f.name for f in self.sparse]
 
     @property
+    def tasks(self) -> Tuple[str, ...]:
+        """The label columns, one per task: features.labels' names, or the one label."""
+        return self.labels or (self.label,)
+
+    @property
     def columns(self) -> List[str]:
         """Every column the loader reads, in a fixed order."""
-        return [self.label, *self.dense, *self.sparse_names, *self.sequence_names]
+        return [*self.tasks, *self.dense, *self.sparse_names, *self.sequence_names]
 
     def table_data_type(self, feature: SparseFeature) -> str:
         return feature.data_type or self.data_type

@@ -105,7 +105,8 @@ def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run
     model = build_model(config.model, schema, env.device,
                         autocast_dtype=autocast_dtype(config.trainer.precision, env.device),
                         table_gradients=TableGradients(scaler),
-                        managed_collision=config.features.managed_collision, mc_buckets=env.world_size)
+                        managed_collision=config.features.managed_collision, mc_buckets=env.world_size,
+                        task_weights=[task.weight for task in config.features.labels] or None)
     apply_sparse_optimizer(model, config.optim, env.device)
     plan, chosen = plan_sharding(model, config.sharding, schema, env.device, config.data.batch_size,
                                  env.world_size, env.local_world_size, dist.group.WORLD)
@@ -210,7 +211,8 @@ def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, 
     metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard, tracking=tracking)
     trainer = Trainer(parts, checkpointer, metrics_logger, preemption, config.trainer, env,
                       progress_bar=config.logging.progress_bar,
-                      optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler))
+                      optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler),
+                      tasks=config.features.tasks(), primary_task=config.primary_task())
     metrics_logger.start_session(hyperparameters(config, overrides))
     try:
         result = trainer.fit(state)

@@ -116,6 +116,37 @@ class EvalMetrics:
         }
 
 
+class TaskMetrics:
+    """EvalMetrics of every task of a multi-task model, fed B x T logits and labels. compute()
+    names each task's metrics <task>/<metric> (eval/<task>/auc in TensorBoard) and repeats the
+    primary task's unprefixed (auc, logloss, ne, calibration, samples): the names single-task runs,
+    early stopping, the best checkpoint and sweeps read."""
+
+    def __init__(self, device: torch.device, tasks: Sequence[str], primary: str) -> None:
+        self.tasks = list(tasks)
+        self.primary = primary
+        self._metrics = [EvalMetrics(device) for _ in self.tasks]
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        for task, metrics in enumerate(self._metrics):
+            metrics.update(logits[:, task], labels[:, task])
+
+    def compute(self) -> Dict[str, float]:
+        """Collective when distributed: every rank computes every task, in the same order."""
+        per_task = {task: metrics.compute() for task, metrics in zip(self.tasks, self._metrics)}
+        result: Dict[str, float] = dict(per_task[self.primary])
+        for task, values in per_task.items():
+            result.update({f"{task}/{key}": value for key, value in values.items() if key != "samples"})
+        return result
+
+
+def evaluation_metrics(device: torch.device, tasks: Sequence[str] = (), primary: Optional[str] = None):
+    """EvalMetrics for one task; TaskMetrics for several (B x T logits), `primary` unprefixed."""
+    if len(tasks) <= 1:
+        return EvalMetrics(device)
+    return TaskMetrics(device, tasks, primary or tasks[0])
+
+
 class MetricsLogger:
     """One record to every sink: metrics.jsonl (appended, so a resumed run continues it),
     TensorBoard scalars under tb/, and `tracking` (an MLflow run, app/tracking.py) where there is

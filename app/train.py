@@ -86,6 +86,10 @@ def main(cfg: DictConfig) -> float:
         _print_summary(run_dir)
         print(f"final validation AUC {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
               f"NE {result['ne']:.4f}  run dir {run_dir}", flush=True)
+        tasks = config.features.tasks()
+        for task in tasks if len(tasks) > 1 else ():  # multi-task: the line above is the primary task's
+            print(f"  task {task}: validation AUC {result[task + '/auc']:.4f}  logloss {result[task + '/logloss']:.4f}  "
+                  f"NE {result[task + '/ne']:.4f}", flush=True)
         _say_best_achievable(config, result["auc"])
     return result["auc"]  # the value a sweeper plugin optimises
 
@@ -113,9 +117,11 @@ def _say_best_achievable(config, auc: float) -> None:
     generated dataset records it in its metadata.json)."""
     from app.data.synthetic import best_achievable
 
-    best = best_achievable(config.features, config.data)
+    task = config.primary_task()
+    best = best_achievable(config.features, config.data, task)
     if best is not None:
-        print(f"best achievable validation AUC {best['auc']:.4f} (the true click probabilities', "
+        truth = f"{best['task']!r}" if "task" in best else "click"
+        print(f"best achievable validation AUC {best['auc']:.4f} (the true {truth} probabilities', "
               f"{best['path']}): reached {auc:.4f}, gap {best['auc'] - auc:.4f}", flush=True)
 
 

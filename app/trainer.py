@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from contextlib import closing
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ from app import progress
 from app.checkpoint import Checkpointer, RunParts, RunShape, TrainState
 from app.config import HIGHER_IS_BETTER, EarlyStoppingConfig, TrainerConfig
 from app.distributed import DistEnv
-from app.metrics import EvalMetrics, MetricsLogger
+from app.metrics import MetricsLogger, evaluation_metrics
 from app.optim import FUSED_PART, OptimizerStep, learning_rates
 from app.preemption import AGREE_EVERY_N_STEPS, Preemption
 
@@ -55,9 +55,10 @@ def segment_length(state: TrainState, shape: RunShape, *cadences: int) -> int:
 class EarlyStopping:
     """trainer.early_stopping's judgement of each evaluation, kept in the train state."""
 
-    def __init__(self, config: EarlyStoppingConfig) -> None:
+    def __init__(self, config: EarlyStoppingConfig, task: Optional[str] = None) -> None:
+        """`task`: multi-task, the task whose metric decides (<task>/<metric> in the results)."""
         self.config = config
-        self.metric = config.metric
+        self.metric = config.metric if task is None else f"{task}/{config.metric}"
         self.higher = config.metric in HIGHER_IS_BETTER
 
     def resume(self, state: TrainState) -> None:
@@ -120,10 +121,13 @@ class StepPipeline(TrainPipelineSparseDist):
 class Trainer:
     def __init__(self, parts: RunParts, checkpointer: Checkpointer, metrics_logger: MetricsLogger,
                  preemption: Preemption, config: TrainerConfig, env: DistEnv, progress_bar: bool = True,
-                 optimizer_step: Optional[OptimizerStep] = None) -> None:
+                 optimizer_step: Optional[OptimizerStep] = None, tasks: Sequence[str] = (),
+                 primary_task: Optional[str] = None) -> None:
         """`preemption` says when SIGTERM asks every rank to stop; the run's shape (steps per
         epoch, total steps, global batch) is the checkpointer's, which converts positions by it.
-        `optimizer_step` does backward and step (default: plain, for parts.optimizer)."""
+        `optimizer_step` does backward and step (default: plain, for parts.optimizer). `tasks`:
+        the label columns of a multi-task model (each gets its metrics), `primary_task` the one
+        that decides and whose metrics are also unprefixed (default: the first)."""
         self.parts = parts
         self.model, self.optimizer, self.lr_scheduler = parts.model, parts.optimizer, parts.lr_scheduler
         self.checkpointer = checkpointer
@@ -138,7 +142,9 @@ class Trainer:
         if config.pipeline == "sparse_dist":
             self._pipeline = StepPipeline(self.model, self.optimizer_step, env.device)
         self.dense_averages = 0
-        self.early_stopping = EarlyStopping(config.early_stopping)
+        self.tasks = list(tasks) if len(tasks) > 1 else []
+        self.primary_task = (primary_task or self.tasks[0]) if self.tasks else None
+        self.early_stopping = EarlyStopping(config.early_stopping, self.primary_task)
         self.outcome: Dict[str, Any] = {}  # how fit() ended, for summary.json
         self._last_eval: Optional[Tuple[int, Dict[str, float]]] = None  # (step, metrics) of the latest evaluation
 
@@ -332,7 +338,7 @@ class Trainer:
         the first `max_batches` of each rank)."""
         model = self._pipeline.detach() if self._pipeline is not None else self.model
         model.eval()
-        metrics = EvalMetrics(self.env.device)
+        metrics = evaluation_metrics(self.env.device, self.tasks, self.primary_task)
         batches = iter(data)
         count = len(data)
         if max_batches is not None:
@@ -361,7 +367,14 @@ class Trainer:
             "eval step %d: auc %.4f  logloss %.4f  ne %.4f  (%d samples)",
             state.step, result["auc"], result["logloss"], result["ne"], result["samples"],
         )
+        self._log_tasks(result)
         return result
+
+    def _log_tasks(self, result: Dict[str, float]) -> None:
+        """Multi-task: each task's metrics, on a line of its own (the line above is the primary's)."""
+        for task in self.tasks:
+            log.info("  task %s: auc %.4f  logloss %.4f  ne %.4f  calibration %.4f", task, result[f"{task}/auc"],
+                     result[f"{task}/logloss"], result[f"{task}/ne"], result[f"{task}/calibration"])
 
     def test(self, state: TrainState) -> Optional[Dict[str, Any]]:
         """Collective: the test split's metrics (kind test) with the best checkpoint's weights,
@@ -381,6 +394,7 @@ class Trainer:
         self.metrics_logger.log("test", result)
         log.info("test with %s: auc %.4f  logloss %.4f  ne %.4f  (%d samples)",
                  which, result["auc"], result["logloss"], result["ne"], result["samples"])
+        self._log_tasks(result)
         return result
 
 

@@ -6,7 +6,9 @@
 --data is a directory (every .parquet below it), one file, or a glob; files are read in sorted
 order, and row i of --out is the i-th row read. --out holds `prediction` (the click probability,
 float32) and, when the input has a label column, `label` (0.0 / 1.0); with labels, AUC, logloss
-and NE are printed, computed as training's evaluation computes them. Inputs are checked and
+and NE are printed, computed as training's evaluation computes them. A multi-task model
+(features.labels) writes `prediction_<task>` for each task (and `label_<task>`), and prints each
+task's metrics after the primary task's. Inputs are checked and
 repaired as the model's training config says (data.invalid_ids, data.invalid_dense).
 """
 
@@ -26,7 +28,7 @@ from app.data.files import resolve_files
 from app.export import check_inputs, load_exported, score_files
 from app.features import FeatureSchema
 from app.logs import quiet_torch_notes
-from app.metrics import EvalMetrics
+from app.metrics import evaluation_metrics
 from app.storage import atomic_output
 
 ROWS_PER_ROW_GROUP = 1 << 20  # predictions are buffered into row groups of this size, not one per batch
@@ -55,16 +57,20 @@ def predict(args: argparse.Namespace) -> dict:
     model, config = load_exported(Path(args.model))
     files = resolve_files(args.data, key="--data")
     labeled = check_inputs(files, FeatureSchema.from_config(config.features))
-    schema = pa.schema([("prediction", pa.float32())] + ([("label", pa.float32())] if labeled else []))
+    tasks = config.features.tasks() if len(config.features.tasks()) > 1 else []
+    names = output_columns(tasks, labeled)
+    schema = pa.schema([(name, pa.float32()) for name in names])
     batches = score_files(model, config, files, args.batch_size or config.data.eval_batch_size, labeled)
-    metrics = EvalMetrics(torch.device("cpu"))
+    metrics = evaluation_metrics(torch.device("cpu"), tasks, config.primary_task())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, written, pending = 0, 0, []
     with atomic_output(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:  # in place once every row is scored
         for logits, labels in batches:
             columns = [torch.sigmoid(logits)] + ([labels.float()] if labeled else [])
-            pending.append(pa.record_batch([pa.array(c.numpy()) for c in columns], schema=schema))
+            if tasks:  # B x T: a column per task
+                columns = [c[:, task] for c in columns for task in range(len(tasks))]
+            pending.append(pa.record_batch([pa.array(c.contiguous().numpy()) for c in columns], schema=schema))
             if labeled:
                 metrics.update(logits, labels)
             rows += len(logits)
@@ -72,7 +78,14 @@ def predict(args: argparse.Namespace) -> dict:
                 writer.write_table(pa.Table.from_batches(pending))
                 pending, written = [], rows
         writer.write_table(pa.Table.from_batches(pending, schema=schema))
-    return {"rows": rows, "labeled": labeled, **(metrics.compute() if labeled else {})}
+    return {"rows": rows, "labeled": labeled, "tasks": tasks, **(metrics.compute() if labeled else {})}
+
+
+def output_columns(tasks: List[str], labeled: bool) -> List[str]:
+    """prediction (and label) for one task; prediction_<task> for each task (then label_<task>)."""
+    if not tasks:
+        return ["prediction"] + (["label"] if labeled else [])
+    return [f"prediction_{task}" for task in tasks] + ([f"label_{task}" for task in tasks] if labeled else [])
 
 
 def main(argv: List[str]) -> int:
@@ -86,6 +99,9 @@ def main(argv: List[str]) -> int:
     print(f"{result['rows']:,} predictions in {args.out}")
     if result["labeled"]:
         print(f"AUC {result['auc']:.6f}  logloss {result['logloss']:.6f}  NE {result['ne']:.6f}")
+        for task in result["tasks"]:  # multi-task: the line above is the primary task's
+            print(f"task {task}: AUC {result[task + '/auc']:.6f}  logloss {result[task + '/logloss']:.6f}  "
+                  f"NE {result[task + '/ne']:.6f}")
     return 0
 
 

@@ -166,7 +166,19 @@ def model_differences(saved: Config, current: Config) -> List[str]:
                     new_tables[name].embedding_dim or current.features.embedding_dim)
     lines += _managed_collision_differences(saved, current, old_tables, new_tables)
     lines += _sequence_differences(saved, current)
+    if saved.features.labels or current.features.labels:
+        _multi_task_differences(saved, current, compare)
     return lines
+
+
+def _multi_task_differences(saved: Config, current: Config, compare) -> None:
+    """A multi-task model's shape: its tasks (label columns, in order) and its towers or experts.
+    The tasks' loss weights change no shape."""
+    compare("features.labels", saved.features.tasks(), current.features.tasks())
+    for key in ("multi_task", "tower_layer_sizes"):
+        compare(f"model.{key}", getattr(saved.model, key), getattr(current.model, key))
+    if saved.model.multi_task == current.model.multi_task == "mmoe":
+        compare("model.num_experts", saved.model.num_experts, current.model.num_experts)
 
 
 def _sequence_differences(saved: Config, current: Config) -> List[str]:
@@ -324,7 +336,7 @@ class Checkpointer:
         metric, value = record.get("metric"), record.get("value")
         if state.best_metric not in (None, metric) or not isinstance(value, (int, float)):
             return state
-        higher = metric in HIGHER_IS_BETTER
+        higher = str(metric).rsplit("/", 1)[-1] in HIGHER_IS_BETTER  # multi-task: <task>/auc
         if state.best_value is None or (value > state.best_value if higher else value < state.best_value):
             state.best_metric, state.best_value, state.best_step = record["metric"], value, state.step
             state.evals_since_best, state.evaluated_samples = 0, state.samples

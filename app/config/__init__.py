@@ -23,7 +23,8 @@ import typing
 from dataclasses import dataclass
 from typing import Dict, Iterator
 
-from app.config.data import POOLINGS, DataConfig, FeaturesConfig, SequenceFeature, SparseFeature, SyntheticConfig
+from app.config.data import (POOLINGS, DataConfig, FeaturesConfig, SequenceFeature, SparseFeature, SyntheticConfig,
+                             TaskLabel)
 from app.config.data import ID_MAPPINGS, ManagedCollisionConfig
 from app.config.fields import ConfigError, FieldDoc, _require, doc, doc_factory
 from app.config.fields import field_docs as _field_docs
@@ -31,6 +32,7 @@ from app.config.parallel import (BACKENDS, COMM_PRECISIONS, COMPUTE_KERNELS, CUD
                                  CUDA_ONLY_KERNELS, DEVICES, SHARDING_TYPES, DistributedConfig, ShardingConfig,
                                  TableConstraint, table_constraint)
 from app.config.training import (DENSE_OPTIMIZERS, EARLY_STOPPING_METRICS, HIGHER_IS_BETTER, LR_DECAYS, MODEL_ARCHS,
+                                 MULTI_TASK_ARCHS,
                                  PIPELINES, SPARSE_OPTIMIZERS, EarlyStoppingConfig,
                                  CheckpointConfig, LoggingConfig, MlflowConfig, ModelConfig, OptimConfig, TrainerConfig)
 
@@ -95,7 +97,21 @@ class Config:
             f"data.synthetic.id_bits={self.data.synthetic.id_bits} with features.sequence: the generator writes "
             "histories as table rows only; use data.synthetic.id_bits=0.",
         )
+        self._validate_tasks()
         return self
+
+    def _validate_tasks(self) -> None:
+        task = self.trainer.early_stopping.task
+        tasks = self.features.tasks()
+        _require(task is None or (len(tasks) > 1 and task in tasks),
+                 f"trainer.early_stopping.task={task!r} is not a task: "
+                 + (f"the tasks (features.labels) are {tasks}." if len(tasks) > 1 else
+                    "it names one of features.labels in multi-task training; with one task leave it null."))
+
+    def primary_task(self) -> str:
+        """The task whose metrics are the unprefixed ones and decide: trainer.early_stopping.task,
+        else the first."""
+        return self.trainer.early_stopping.task or self.features.tasks()[0]
 
 
     def _check_managed_collision_sharding(self) -> None:

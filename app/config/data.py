@@ -3,6 +3,7 @@ batched (data), and the embedded synthetic dataset (data.synthetic)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -84,6 +85,16 @@ TABLE_DATA_TYPES = ("fp32", "fp16")
 
 
 @dataclass
+class TaskLabel:
+    """One entry of features.labels: a task's label column and its weight in the training loss."""
+
+    name: str = doc("", "Column of the task's label (0 or 1); the task's name in metrics (<name>/auc in "
+                        "metrics.jsonl, eval/<name>/auc in TensorBoard) and in predictions (prediction_<name>).")
+    weight: float = doc(1.0, "Weight of the task's mean binary cross-entropy in the training loss (a weighted sum "
+                             "over the tasks), >= 0.")
+
+
+@dataclass
 class SequenceFeature:
     """One entry of features.sequence: a list column of ids (a user's history, oldest first), kept
     unpooled, and the sparse feature whose id (the candidate) attends over it (DIN)."""
@@ -122,8 +133,17 @@ class FeaturesConfig:
                                               "EmbeddingCollection, fp32): a list of {name, num_embeddings, "
                                               "max_length, target, embedding_dim}; the target's id attends over the "
                                               "history (DIN) and the result joins the over arch's input. [] : none.")
+    labels: List[TaskLabel] = doc([], "Multi-task training: two or more label columns, a list of {name, weight}, "
+                                      "one tower per task over a shared bottom (model.multi_task); "
+                                      "features.label is then not read. Empty: one task, features.label.")
+
+    def tasks(self) -> List[str]:
+        """The label columns the model predicts, the first the primary task: features.labels' names,
+        or features.label alone."""
+        return [task.name for task in self.labels] if self.labels else [self.label]
 
     def validate(self) -> None:
+        self._validate_labels()
         _require(len(self.sparse) > 0, "features.sparse must list at least one sparse feature.")
         _require(
             self.embedding_dim > 0 and self.embedding_dim % 4 == 0,
@@ -132,7 +152,7 @@ class FeaturesConfig:
         )
         _require_choice("features.pooling", self.pooling, POOLINGS)
         _require_choice("features.data_type", self.data_type, TABLE_DATA_TYPES)
-        names = [self.label, *self.dense, *(f.name for f in self.sparse)]
+        names = [*self.tasks(), *self.dense, *(f.name for f in self.sparse)]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         _require(not duplicates, f"features: column names must be unique; repeated: {duplicates}.")
         for i, feature in enumerate(self.sparse):
@@ -191,6 +211,20 @@ class FeaturesConfig:
             widths.add(width)
         _require(len(widths) <= 1, f"features.sequence: every sequence table must have the same width "
                                    f"(torchrec's EmbeddingCollection), got {sorted(widths)}.")
+
+    def _validate_labels(self) -> None:
+        if not self.labels:
+            return
+        _require(len(self.labels) >= 2, "features.labels must list at least two tasks (multi-task training), got "
+                                        f"{len(self.labels)}; for one label column set features.label instead.")
+        for i, task in enumerate(self.labels):
+            _require(bool(task.name), f"features.labels[{i}].name must be a non-empty column name.")
+            _require(task.weight >= 0 and math.isfinite(task.weight),
+                     f"features.labels[{i}].weight must be a finite number >= 0, got {task.weight}.")
+            _require("/" not in task.name, f"features.labels[{i}].name={task.name!r}: no '/' (metric names are "
+                                           "<task>/<metric>).")
+        _require(any(task.weight > 0 for task in self.labels),
+                 "features.labels: at least one task needs a weight > 0, or nothing is trained.")
 
 
 ID_DISTRIBUTIONS = ("power_law", "uniform")

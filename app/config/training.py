@@ -14,6 +14,7 @@ SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 LR_DECAYS = ("none", "linear", "cosine")
 MODEL_ARCHS = ("dlrm", "dcn", "deepfm")
+MULTI_TASK_ARCHS = ("shared_bottom", "mmoe")
 PIPELINES = ("sparse_dist", "base")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Validation metrics early stopping and the best checkpoint can follow: higher is better for auc.
@@ -34,6 +35,13 @@ class ModelConfig:
     dcn_num_layers: int = doc(3, "Cross layers of the DCNv2 interaction (model.arch=dcn).")
     dcn_low_rank_dim: int = doc(32, "Rank of each cross layer's low-rank weight (model.arch=dcn).")
     deep_fm_dimension: int = doc(64, "Width of DeepFM's deep layer over the concatenated vectors (model.arch=deepfm).")
+    multi_task: str = doc("shared_bottom", "With features.labels (several tasks): shared_bottom puts one tower per "
+                                           "task on the over arch's hidden layers (all of over_arch_layer_sizes but "
+                                           "the final 1); mmoe mixes model.num_experts experts, each such a stack "
+                                           "of layers, by a softmax gate per task, under each task's tower.")
+    tower_layer_sizes: List[int] = doc([16], "Hidden layer sizes of each task's tower (multi-task), before its one "
+                                             "logit; may be empty (a linear layer to the logit).")
+    num_experts: int = doc(4, "Experts of model.multi_task=mmoe, >= 1.")
     sequence_attention_layer_sizes: List[int] = doc([32], "Hidden layer sizes of the DIN attention unit of each "
                                                           "sequence feature (features.sequence): an MLP over "
                                                           "[query, key, query - key, query * key] giving each "
@@ -53,6 +61,10 @@ class ModelConfig:
             f"got {list(self.over_arch_layer_sizes)}.",
         )
         _require(self.dcn_num_layers > 0, f"model.dcn_num_layers must be > 0, got {self.dcn_num_layers}.")
+        _require_choice("model.multi_task", self.multi_task, MULTI_TASK_ARCHS)
+        _require(all(s > 0 for s in self.tower_layer_sizes),
+                 f"model.tower_layer_sizes must be positive sizes, got {list(self.tower_layer_sizes)}.")
+        _require(self.num_experts >= 1, f"model.num_experts must be >= 1, got {self.num_experts}.")
         _require(self.deep_fm_dimension > 0, f"model.deep_fm_dimension must be > 0, got {self.deep_fm_dimension}.")
         attention = self.sequence_attention_layer_sizes
         _require(len(attention) > 0 and all(s > 0 for s in attention),
@@ -154,6 +166,9 @@ class EarlyStoppingConfig:
     target: Optional[float] = doc(None, "Stop once the validation metric reaches this value (auc >= target; "
                                         "logloss, ne <= target); null: never stop for that. MLPerf DLRMv2: auc "
                                         "0.80275.")
+    task: Optional[str] = doc(None, "Multi-task (features.labels): the task whose metric decides, and whose "
+                                    "metrics are the unprefixed ones (auc, logloss, ...: the final AUC printed and "
+                                    "returned to sweeps, the test line); null: the first task.")
 
     def validate(self) -> None:
         _require_choice("trainer.early_stopping.metric", self.metric, EARLY_STOPPING_METRICS)

@@ -63,7 +63,8 @@ def _valid(column: pa.Array) -> np.ndarray:
 
 @dataclass
 class Rows:
-    """Decoded rows: dense [rows, D] float32, labels [rows] float32, and per sparse feature its ids.
+    """Decoded rows: dense [rows, D] float32, labels [rows] float32 ([rows, tasks] multi-task), and per
+    sparse feature its ids.
     A single-hot feature (one id in every row) is just ids[f], row r's id at ids[f][r]; a multi-hot
     one also has offsets[f]: row r's ids are ids[f][offsets[f][r]:offsets[f][r + 1]]. Single-hot
     features, the common case, so need no offsets at all: slicing is a view, shuffling one gather."""
@@ -152,8 +153,9 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     return offsets
 
 
-def _labels(table: pa.Table, schema: FeatureSchema, source: str) -> np.ndarray:
-    labels = _flat(table.column(schema.label))
+def _labels(table: pa.Table, schema: FeatureSchema, source: str, name: Optional[str] = None) -> np.ndarray:
+    name = name or schema.label
+    labels = _flat(table.column(name))
     values = labels.to_numpy(zero_copy_only=False).astype(np.float32)
     bad = (values != 0.0) & (values != 1.0)
     if labels.null_count:
@@ -161,8 +163,20 @@ def _labels(table: pa.Table, schema: FeatureSchema, source: str) -> np.ndarray:
     if bad.any():
         row = _first(bad)
         shown = "null" if not labels[row].is_valid else repr(float(values[row]))
-        raise DataError(f"{source}, row {row}: column {schema.label!r} has label {shown}; expected 0 or 1.")
+        raise DataError(f"{source}, row {row}: column {name!r} has label {shown}; expected 0 or 1.")
     return values
+
+
+def label_shape(schema: FeatureSchema, rows: int) -> Tuple[int, ...]:
+    """Shape of `rows` rows' labels: [rows] for one task, [rows, tasks] for several (multi-task)."""
+    return (rows,) if len(schema.tasks) == 1 else (rows, len(schema.tasks))
+
+
+def _task_labels(table: pa.Table, schema: FeatureSchema, source: str) -> np.ndarray:
+    """[rows] labels of the one task, or [rows, tasks] of several, each column checked as one."""
+    if len(schema.tasks) == 1:
+        return _labels(table, schema, source)
+    return np.stack([_labels(table, schema, source, name) for name in schema.tasks], axis=1)
 
 
 def _dense(table: pa.Table, schema: FeatureSchema, source: str, policy: InputPolicy) -> np.ndarray:
@@ -252,7 +266,7 @@ def decode(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
            policy: InputPolicy = InputPolicy()) -> Rows:
     """Check and decode the rows of `table`, raising DataError at the first value that cannot be
     trained on (naming `source`, the row and the column) unless `policy` says to repair it."""
-    labels = _labels(table, schema, source)
+    labels = _task_labels(table, schema, source)
     dense = _dense(table, schema, source, policy)
     ids, offsets = [], []
     for feature in schema.sparse:

@@ -86,7 +86,7 @@ def _is_id_column(arrow_type: pa.DataType) -> bool:
 
 
 def _expected_kind(schema: FeatureSchema, name: str) -> str:
-    return "a number type" if name in (schema.label, *schema.dense) else \
+    return "a number type" if name in (*schema.tasks, *schema.dense) else \
         "int64 (one id per row) or list<int64> (multi-hot)"
 
 
@@ -109,7 +109,7 @@ def check_files(files: Sequence[str], schema: FeatureSchema, storage_options: St
             raise DataError(f"{path}: missing column(s) {missing}; the features config expects {schema.columns}.")
         for name in schema.columns:
             arrow_type = arrow_schema.field(name).type
-            fits = _is_number(arrow_type) if name in (schema.label, *schema.dense) else _is_id_column(arrow_type)
+            fits = _is_number(arrow_type) if name in (*schema.tasks, *schema.dense) else _is_id_column(arrow_type)
             if not fits:
                 raise DataError(f"{path}: column {name!r} has type {arrow_type}; expected {_expected_kind(schema, name)}.")
             if name not in first_types:

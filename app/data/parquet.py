@@ -17,7 +17,7 @@ import numpy as np
 from torchrec.datasets.utils import Batch
 
 from app.data import DataError
-from app.data.batch import InputPolicy, Rows
+from app.data.batch import InputPolicy, Rows, label_shape
 from app.data.batch import with_empty_histories
 from app.data.reader_process import WindowSource, prefetched
 from app.data.row_groups import RowGroupPlan
@@ -174,7 +174,8 @@ class EvaluationBatches(_Reader):
         valid = 0 if rows is None else len(rows)
         if valid < self.batch_size:
             count = self.batch_size - valid
-            padding = Rows(np.zeros((count, len(self.schema.dense)), np.float32), np.zeros(count, np.float32),
+            padding = Rows(np.zeros((count, len(self.schema.dense)), np.float32),
+                           np.zeros(label_shape(self.schema, count), np.float32),
                            [np.zeros(count, np.int64) for _ in self.schema.sparse], [None] * len(self.schema.sparse))
             padding = with_empty_histories(padding, self.schema)
             rows = padding if rows is None else Rows.concat([rows, padding])

@@ -6,11 +6,12 @@ allocates only each rank's shards), and small dense layers built on the target d
   another width than the dense vector's are projected to it.
 - dcn.py: DLRM-DCN (DCNv2), a low-rank cross network over the concatenation, of any widths.
 - deepfm.py: DeepFM, a factorization machine beside a deep layer; tables projected as DLRM's.
+- multitask.py: several tasks (features.labels): towers or MMoE in place of any of their over arches.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from app.models.dcn import CrossHead
 from app.models.deepfm import DeepFMHead
 from app.models.dlrm import DotHead
 from app.models.head import Head
+from app.models.multitask import MultiTaskTrain, make_multi_task
 from app.models.managed_collision import build_tables
 from app.models.sequence import SEQUENCE_TABLES_PATH, SequenceArch, SequenceDLRMTrain
 from app.precision import TableGradients
@@ -35,8 +37,11 @@ def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device
                 tables_device: torch.device = torch.device("meta"),
                 autocast_dtype: Optional[torch.dtype] = None,
                 table_gradients: Optional[TableGradients] = None,
-                managed_collision: Optional[ManagedCollisionConfig] = None, mc_buckets: int = 1) -> DLRMTrain:
-    """DLRMTrain: forward(batch) -> (loss, (loss, logits, labels)), what the train pipeline expects.
+                managed_collision: Optional[ManagedCollisionConfig] = None, mc_buckets: int = 1,
+                task_weights: Optional[Sequence[float]] = None) -> Union[DLRMTrain, MultiTaskTrain]:
+    """DLRMTrain: forward(batch) -> (loss, (loss, logits, labels)), what the train pipeline expects;
+    with several tasks (schema.labels) MultiTaskTrain, the same with B x T logits and labels, its
+    loss weighted by `task_weights` (default: 1 each; scoring does not need them).
     `tables_device` other than meta builds full tables there: one unsharded process (app/export.py).
     `autocast_dtype` (bf16, fp16) is the dense part's compute precision; `table_gradients` unscales
     the tables' gradients under a loss scale. Features with id_mapping=managed_collision get
@@ -60,6 +65,13 @@ def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device
         head.table_gradients = table_gradients
     if schema.sequence:
         head.add_sequence(SequenceArch(schema, config.sequence_attention_layer_sizes, device, tables_device))
+    tasks = len(schema.tasks)
+    if tasks > 1:  # after add_sequence: the towers take the over arch's input with the histories'
+        make_multi_task(head, config.multi_task, config.over_arch_layer_sizes, config.tower_layer_sizes, tasks,
+                        config.num_experts, device)
+        return MultiTaskTrain(head, [1.0] * tasks if task_weights is None else task_weights,
+                              sequence=bool(schema.sequence))
+    if schema.sequence:
         return SequenceDLRMTrain(head)
     return DLRMTrain(head)
 

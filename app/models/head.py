@@ -47,6 +47,7 @@ class Head(nn.Module):
         self.sequence_arch: Optional[nn.Module] = None  # features.sequence: add_sequence
 
     def set_over_arch(self, in_features: int, layer_sizes: List[int], device: torch.device) -> None:
+        self.over_in_features = in_features  # what a multi-task over arch takes in its place (multitask.py)
         self.over_arch = OverArch(in_features, layer_sizes, device)
         self._over_arch_args = (in_features, layer_sizes, device)
 
