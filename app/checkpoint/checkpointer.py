@@ -374,6 +374,8 @@ class Checkpointer:
         # The schedule is recomputed for the step, not loaded: a changed optim.lr takes effect.
         set_schedule_step(self.parts.lr_scheduler, position.step)
         set_fused_optimizer_step(optimizer, position.step)
-        self._last_saved_step = position.step if own else -1
+        # This run's checkpoint of this step, which a best evaluation here marks: the one loaded,
+        # unless it was saved at another step number (another world size: the step was remapped).
+        self._last_saved_step = position.step if own and position.step == saved.step else -1
         log.info("resumed from %s at step %d (epoch %d)", path, position.step, position.epoch)
         return position
