@@ -162,3 +162,22 @@ def test_sigterm_to_a_self_launched_job_saves_and_exits_143_without_a_traceback(
     assert "Traceback" not in log and "SignalException" not in log
     assert "stopped by SIGTERM after saving checkpoint" in log
     assert the_one_checkpoint(tmp_path) > 0
+
+
+def test_a_job_preempted_on_two_workers_resumes_on_one_and_an_evaluation_there_makes_a_best_checkpoint(tmp_path):
+    # Preempted between evaluations, the job resumes on 1 worker at the remapped step (twice the
+    # stopped one, same samples), which is an evaluation step here: that evaluation, the run's
+    # first, is the best so far, and a checkpoint of that step must be saved to be named the best
+    # (the one loaded has another step number: it cannot be marked).
+    job = start(torchrun(*tiny(tmp_path, *LONG)), tmp_path / "job.log")
+    wait_until_training(tmp_path, job)
+    stop(job, lambda: os.killpg(job.pid, signal.SIGTERM))
+    step = the_one_checkpoint(tmp_path)
+    resumed = run_command([sys.executable, "-m", "app.train",
+                           *tiny(tmp_path, *LONG, "trainer.eval_every_n_steps=1", f"trainer.max_steps={2 * step + 2}")],
+                          cwd=REPO)
+    out = check(resumed)
+    assert f"step_{step:08d} at step {2 * step} " in out
+    best = json.loads((run_dir(tmp_path) / "checkpoints" / "best").read_text())
+    assert best["step"] >= 2 * step and best["checkpoint"] == f"step_{best['step']:08d}"
+    assert records(run_dir(tmp_path), "eval")[0]["step"] == 2 * step
