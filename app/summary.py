@@ -117,6 +117,7 @@ class RunSummary:
         # What earlier attempts reached stays until this one says more: an attempt that fails at
         # once (a mistyped override on a finished run) does not hide the results the run has.
         self.fields: Dict[str, Any] = {k: v for k, v in earlier.items() if k not in _ATTEMPT_KEYS}
+        self._failed_with: Optional[BaseException] = None
 
     def _write(self, status: str, **fields: Any) -> Dict[str, Any]:
         self.fields.update(fields)
@@ -141,10 +142,10 @@ class RunSummary:
         if self.rank == 0:
             self._write("running")
 
-    def finished(self, **fields: Any) -> Dict[str, Any]:
-        """The final record: step, validation and best metrics, test, throughput; returns it."""
-        record = self._write("finished", plan=plan_summary(self.run_dir), **fields) if self.rank == 0 else {}
-        return record
+    def finished(self, **fields: Any) -> None:
+        """The final record: step, validation and best metrics, test, throughput."""
+        if self.rank == 0:
+            self._write("finished", plan=plan_summary(self.run_dir), **fields)
 
     def preempted(self, **fields: Any) -> None:
         if self.rank == 0:
@@ -153,8 +154,9 @@ class RunSummary:
     def failed(self, error: BaseException) -> None:
         """Rank 0's error; another rank's only where it is its own (bad rows in its share of the
         data): the others' are mostly the echo of a peer that went away."""
-        if self.rank != 0 and not getattr(error, "rank_specific", False):
-            return
+        if error is self._failed_with or (self.rank != 0 and not getattr(error, "rank_specific", False)):
+            return  # said already (the run's end said it, before the MLflow run took the file)
+        self._failed_with = error
         message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         if self.rank != 0:
             message = f"rank {self.rank}: {message}"

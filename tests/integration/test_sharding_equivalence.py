@@ -90,7 +90,6 @@ def by_suffix(named: dict, name: str):
 
 
 def check_one(sharding_type: str, arch: str) -> None:
-    rank = dist.get_rank()
     reference = reference_model(arch)
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
 
@@ -105,7 +104,16 @@ def check_one(sharding_type: str, arch: str) -> None:
     sharded.load_state_dict(initial)
     optimizer = build_optimizer(sharded, OPTIM)
 
-    batches = [make_batch(seed) for seed in range(WORLD)]
+    compare_one_step(sharded, optimizer, reference, [make_batch(seed) for seed in range(WORLD)], OPTIM.lr,
+                     f"{sharding_type}/{arch}", skip="embedding_bag_collection")
+
+
+def compare_one_step(sharded, optimizer, reference, batches, lr: float, label: str, skip: str) -> list:
+    """Collective: the sharded model's logits and loss on this rank's batch, its gradients (but of
+    parameters whose name holds `skip`: the tables, whose fused optimizer steps them in backward)
+    and its whole state after one step equal those of `reference`, stepped by plain SGD on the mean
+    loss of every rank's batch. Returns the names of the parameters whose gradients were compared."""
+    rank = dist.get_rank()
     loss, (_, logits, _) = sharded(batches[rank])
     ref_loss, (_, ref_logits, _) = reference(batches[rank])
     torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-5)
@@ -113,25 +121,27 @@ def check_one(sharding_type: str, arch: str) -> None:
 
     optimizer.zero_grad()
     loss.backward()
-    mean_loss = sum(reference(b)[0] for b in batches) / WORLD
-    mean_loss.backward()
+    (sum(reference(b)[0] for b in batches) / len(batches)).backward()
     ref_params = dict(reference.named_parameters())
+    compared = []
     for name, param in sharded.named_parameters():
-        if "embedding_bag_collection" in name or param.grad is None:
+        if skip in name or param.grad is None:
             continue
         torch.testing.assert_close(param.grad, by_suffix(ref_params, name).grad, atol=1e-6, rtol=1e-5,
-                                   msg=lambda m: f"{sharding_type}/{arch} grad of {name}: {m}")
+                                   msg=lambda m: f"{label} grad of {name}: {m}")
+        compared.append(name)
     optimizer.step()
     with torch.no_grad():
         for param in reference.parameters():
-            param -= OPTIM.lr * param.grad
+            param -= lr * param.grad
 
     ref_state = reference.state_dict()
     for name, value in sharded.state_dict().items():
         full = full_tensor(value)
         if rank == 0:
             torch.testing.assert_close(full, by_suffix(ref_state, name), atol=1e-5, rtol=1e-5,
-                                       msg=lambda m: f"{sharding_type}/{arch} {name} after one step: {m}")
+                                       msg=lambda m: f"{label} {name} after one step: {m}")
+    return compared
 
 
 def native_threads() -> int:
