@@ -98,13 +98,14 @@ def check_writable(storage: Storage, what: str, rank: int, key: str = "output_ro
 
 
 def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run_dir: Optional[Path],
-                        scaler: Optional[torch.amp.GradScaler] = None) -> nn.Module:
+                        table_gradients: Optional[TableGradients] = None) -> nn.Module:
     """The model with its sparse optimizer fused in, planned collectively and wrapped in
     DistributedModelParallel; rank 0 writes the plan report into run_dir (when given). Its dense
-    part computes in trainer.precision; `scaler` is fp16's loss scale (see app/precision.py)."""
+    part computes in trainer.precision; `table_gradients` is the cut before the tables that fp16's
+    loss scale needs (see app/precision.py)."""
     model = build_model(config.model, schema, env.device,
                         autocast_dtype=autocast_dtype(config.trainer.precision, env.device),
-                        table_gradients=TableGradients(scaler),
+                        table_gradients=table_gradients,
                         managed_collision=config.features.managed_collision, mc_buckets=env.world_size,
                         task_weights=[task.weight for task in config.features.labels] or None)
     apply_sparse_optimizer(model, config.optim, env.device)
@@ -193,14 +194,15 @@ def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, 
     train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
 
     scaler = loss_scaler(config.trainer.precision, env.device)
-    model = build_sharded_model(config, schema, env, run_dir, scaler)
+    table_gradients = TableGradients(scaler)
+    model = build_sharded_model(config, schema, env, run_dir, table_gradients)
     train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
     test_split = held_out_test_files(config.data, schema, val_files)
     test_data = None if test_split is None else evaluation_batches(config.data, schema, env, test_split)
     shape = RunShape(env.world_size, config.data.batch_size * env.world_size, len(train_data),
                      planned_steps(config.trainer, len(train_data)))
     optimizer, lr_scheduler = optimizer_and_schedule(model, config.optim, shape.total_steps)
-    parts = RunParts(model, optimizer, lr_scheduler, train_data, val_data, test_data)
+    parts = RunParts(model, optimizer, lr_scheduler, train_data, val_data, test_data, loss_scale=scaler)
     store = CheckpointStore(checkpoint_storage, config.checkpoint.keep_last, env.rank,
                             process_group=distributed.new_gloo_group())
     checkpointer = Checkpointer(store, config.checkpoint, config, parts, shape)
@@ -211,7 +213,7 @@ def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, 
     metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard, tracking=tracking)
     trainer = Trainer(parts, checkpointer, metrics_logger, preemption, config.trainer, env,
                       progress_bar=config.logging.progress_bar,
-                      optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler),
+                      optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler, table_gradients),
                       tasks=config.features.tasks(), primary_task=config.primary_task())
     metrics_logger.start_session(hyperparameters(config, overrides))
     try:

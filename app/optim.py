@@ -5,7 +5,8 @@ The sparse optimizer is attached to the unsharded tables *before* sharding
 the FBGEMM kernels of every sharded table, so embedding rows are updated during backward and their
 gradients never exist as dense tensors. Tables the planner makes data_parallel are replicated
 plain parameters whose gradients DDP all-reduces; the in-backward hook does not reach them, so
-`build_optimizer` gives them their own group with the sparse optimizer's kind and settings.
+`build_optimizer` gives them their own group with the sparse optimizer's kind and settings (fp16
+ones with their state and arithmetic in fp32, as FBGEMM keeps it: app/fp32_state.py).
 
 `optim.weight_decay` is the dense layers' L2 penalty, added to their gradients as torch's SGD,
 Adagrad and Adam do. Tables get none: FBGEMM's CPU kernels ignore weight decay in every mode
@@ -32,8 +33,10 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from app.config import ConfigError, OptimConfig
+from app.fp32_state import fp32_state_factory
 from app.models import TABLES_PATH, embedding_tables
 from app.models import sequence_tables
+from app.precision import TableGradients, unscale_and_check, update_scale
 
 _OPTIMIZER_CLASSES = {
     "sgd": torch.optim.SGD,
@@ -85,7 +88,8 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
     def wrap(name: str, lr: float, params: Dict[str, nn.Parameter], weight_decay: float) -> KeyedOptimizer:
         optimizer_class = _OPTIMIZER_CLASSES[name]
         kwargs = _optimizer_kwargs(name, lr, config, weight_decay)
-        return KeyedOptimizerWrapper(params, lambda p: optimizer_class(p, **kwargs))
+        # fp16 (replicated) tables: state and arithmetic in fp32, as FBGEMM's for sharded ones.
+        return KeyedOptimizerWrapper(params, fp32_state_factory(optimizer_class, **kwargs))
 
     parts = [(FUSED_PART, model.fused_optimizer), (DENSE_PART, wrap(config.dense, config.lr, dense, config.weight_decay))]
     if replicated_tables:
@@ -155,31 +159,59 @@ def optimizer_and_schedule(
 
 
 class OptimizerStep:
-    """What one training step does after its forward: backward (of the scaled loss under fp16),
-    then unscale, clip the dense gradients to optim.clip_grad_norm, and step every optimizer (a
-    GradScaler skips the step whose gradients are not finite). The tables' own gradients are
-    applied by FBGEMM inside the backward; see app/precision.py for their unscaling."""
+    """What one training step does after its forward: backward, clip the dense gradients to
+    optim.clip_grad_norm, and step every optimizer. The sharded tables' own gradients are applied
+    by FBGEMM inside the backward. Under fp16's loss scale (`scaler`, with the model's cut
+    `table_gradients`), the backward is judged before it reaches the tables, over every rank:
+    a step with a non-finite gradient anywhere changes nothing (see app/precision.py)."""
 
     def __init__(self, optimizer: CombinedOptimizer, clip_grad_norm: Optional[float] = None,
-                 scaler: Optional[torch.amp.GradScaler] = None) -> None:
+                 scaler: Optional[torch.amp.GradScaler] = None,
+                 table_gradients: Optional[TableGradients] = None) -> None:
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
         self.scaler = scaler
+        if scaler is not None and (table_gradients is None or table_gradients.scaler is not scaler):
+            raise ValueError("a loss scale needs the model's TableGradients of the same scaler")
+        self.table_gradients = table_gradients
         self.last_grad_norm: Optional[torch.Tensor] = None  # before clipping, for the logs
+        self.skipped_steps = 0  # overflowing fp16 steps in this process's run
+        self._found: Optional[torch.Tensor] = None
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if self.scaler is None:
+            loss.backward()
+            return
+        self.scaler.scale(loss).backward()  # the dense part, up to the cut before the tables
+        found = unscale_and_check(self.scaler, [*_gradients(dense_parameters(self.optimizer)),
+                                                *self.table_gradients.gradients()])
+        skip = bool(found.item())
+        self.table_gradients.release(apply=not skip)  # the tables' half of the backward, or none
+        self._found = found
 
     def step(self) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.clip_grad_norm is not None:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(dense_parameters(self.optimizer), self.clip_grad_norm)
-        if self.scaler is None:
-            self.optimizer.step()
+        if self.scaler is not None and self._found is not None and self._found.item():
+            self.skipped_steps += 1
         else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if self.clip_grad_norm is not None:
+                self.last_grad_norm = torch.nn.utils.clip_grad_norm_(dense_parameters(self.optimizer),
+                                                                     self.clip_grad_norm)
+            self.optimizer.step()
+        if self.scaler is not None and self._found is not None:
+            update_scale(self.scaler, self._found)
+            self._found = None
+
+    def logged(self) -> Dict[str, float]:
+        """What the training log records of the optimizers: both learning rates, and under fp16 the
+        loss scale and the steps skipped so far for overflowing."""
+        values = learning_rates(self.optimizer)
+        if self.scaler is not None:
+            values.update(loss_scale=self.scaler.get_scale(), skipped_steps=self.skipped_steps)
+        return values
+
+
+def _gradients(params: List[torch.Tensor]) -> List[torch.Tensor]:
+    return [param.grad for param in params if param.grad is not None]
 
 
 def dense_parameters(optimizer: CombinedOptimizer) -> List[torch.Tensor]:

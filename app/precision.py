@@ -2,18 +2,27 @@
 tables, loss and metrics in fp32; fp16 with a dynamic loss scale.
 
 A loss scale multiplies every gradient, and FBGEMM's fused table optimizers apply theirs inside
-the backward, before any optimizer could unscale them. So the pooled embeddings pass through
-`TableGradients`, which divides their gradient by the scale on its way into the tables (and
-drops a step's non-finite one, as GradScaler skips the dense step that produced it); the dense
-gradients are unscaled by GradScaler as usual.
+the backward, before any optimizer could look at them: a step whose gradients overflow would
+update the tables even though GradScaler skips its dense step. So under a loss scale the backward
+runs in two halves. Every tensor the tables hand to the dense part passes through
+`TableGradients`, which cuts the graph there: the first half (`backward` of the scaled loss)
+computes the dense gradients and the gradients arriving at the cut, and stops. Then the step is
+judged once, for every rank: the dense and cut gradients are unscaled and checked for inf/NaN
+together, and the verdict is all-reduced. Only when every rank's gradients are finite does the
+second half run, from the cut into the tables (the sharded tables' fused updates, the replicated
+tables' gradients) with the unscaled gradients; otherwise no table, dense layer or optimizer state
+changes, and the scale backs off. GradScaler holds the scale and its growth tracker (its
+state_dict is what checkpoints keep); the check and the update are its own fused ops.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from collections import defaultdict
+from typing import Iterable, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from app.config import ConfigError
 
@@ -40,32 +49,66 @@ def loss_scaler(precision: str, device: torch.device) -> Optional[torch.amp.Grad
     if precision != "fp16":
         return None
     scaler = torch.amp.GradScaler(device.type)
-    scaler.scale(torch.ones((), device=device))  # creates its scale tensor now: the first forward reads it
+    scaler.scale(torch.ones((), device=device))  # creates its scale and growth tracker now
     return scaler
 
 
-class _DivideGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(scale)
-        return values.view_as(values)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (scale,) = ctx.saved_tensors
-        grad = grad / scale.to(grad.dtype)
-        # No host sync: a non-finite gradient becomes zeros, and GradScaler skips the dense step.
-        return torch.where(torch.isfinite(grad).all(), grad, torch.zeros_like(grad)), None
-
-
 class TableGradients:
-    """Unscales the gradients that flow into the tables (see the module's docstring)."""
+    """The cut between the tables and the dense part under a loss scale (see the module's
+    docstring). Without one (fp32, bf16), or outside training, it passes its input through."""
 
     def __init__(self, scaler: Optional[torch.amp.GradScaler]) -> None:
         self.scaler = scaler
+        self._held: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (table output, its cut copy)
 
-    def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
-        if self.scaler is None or not self.scaler.is_enabled():
-            return pooled
-        # The scale as a tensor (get_scale() would wait for the device on every step).
-        return _DivideGradient.apply(pooled, self.scaler._get_scale_async())
+    @property
+    def active(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        # Not a tensor: the train pipeline's fx trace, which only looks for the tables' inputs.
+        if not (self.active and torch.is_grad_enabled() and isinstance(values, torch.Tensor)
+                and values.requires_grad):
+            return values
+        cut = values.detach().requires_grad_()
+        self._held.append((values, cut))
+        return cut
+
+    def gradients(self) -> List[torch.Tensor]:
+        """The gradients that arrived at the cut in the first half of the backward."""
+        return [cut.grad for _, cut in self._held if cut.grad is not None]
+
+    def release(self, apply: bool) -> None:
+        """The second half of the backward, into the tables, with the (unscaled) gradients at the
+        cut; or, when not `apply`, nothing: the tables' graph is dropped."""
+        held, self._held = self._held, []
+        pairs = [(values, cut.grad) for values, cut in held if cut.grad is not None]
+        if apply and pairs:
+            torch.autograd.backward([values for values, _ in pairs], [grad for _, grad in pairs])
+
+
+def unscale_and_check(scaler: torch.amp.GradScaler, gradients: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Divide `gradients` by the loss scale in place; returns 1.0 where any of them, on any rank,
+    is not finite, else 0.0 (the same on every rank: one all-reduce of one value)."""
+    scale = scaler._get_scale_async()
+    found = torch.zeros((), dtype=torch.float32, device=scale.device)
+    inverse = scale.double().reciprocal().float()  # as GradScaler.unscale_ does
+    groups = defaultdict(list)
+    for grad in gradients:
+        groups[grad.device, grad.dtype].append(grad)
+    with torch.no_grad():
+        for (device, _), grads in groups.items():
+            local = torch.zeros((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, local, inverse.to(device))
+            found = torch.maximum(found, local.to(found.device))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    return found
+
+
+def update_scale(scaler: torch.amp.GradScaler, found: torch.Tensor) -> None:
+    """GradScaler.update's rule, for the verdict `found`: back off after a skipped step, grow after
+    growth_interval good ones."""
+    scale = scaler._get_scale_async()
+    torch._amp_update_scale_(scale, scaler._growth_tracker, found.to(scale.device), scaler.get_growth_factor(),
+                             scaler.get_backoff_factor(), scaler.get_growth_interval())

@@ -33,7 +33,7 @@ from app.checkpoint import Checkpointer, RunParts, RunShape, TrainState
 from app.config import HIGHER_IS_BETTER, EarlyStoppingConfig, TrainerConfig
 from app.distributed import DistEnv
 from app.metrics import MetricsLogger, evaluation_metrics
-from app.optim import FUSED_PART, OptimizerStep, learning_rates
+from app.optim import FUSED_PART, OptimizerStep
 from app.preemption import AGREE_EVERY_N_STEPS, Preemption
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ class Trainer:
             "epoch": state.epoch,
             "samples": state.samples,
             "loss": loss,
-            **learning_rates(self.optimizer),
+            **self.optimizer_step.logged(),
             "samples_per_s": window.steps * self.shape.global_batch_size / max(elapsed, 1e-9),
         }
         self.metrics_logger.log("train", record)

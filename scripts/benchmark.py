@@ -47,7 +47,7 @@ from app.features import FeatureSchema
 from app.job import build_loaders, build_sharded_model, dataset_files
 from app.errors import UserError
 from app.optim import OptimizerStep, optimizer_and_schedule
-from app.precision import autocast_dtype, loss_scaler
+from app.precision import TableGradients, autocast_dtype, loss_scaler
 from app.trainer import StepPipeline
 
 
@@ -103,9 +103,11 @@ def _rectrain(config: Config, schema: FeatureSchema, env: distributed.DistEnv, p
     `precision`: a function of (batch iterator, steps)."""
     config = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, precision=precision))
     scaler = loss_scaler(precision, env.device)
-    model = build_sharded_model(config, schema, env, run_dir=None, scaler=scaler)
+    table_gradients = TableGradients(scaler)
+    model = build_sharded_model(config, schema, env, run_dir=None, table_gradients=table_gradients)
     optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=10**9)
-    pipeline = StepPipeline(model, OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler), env.device)
+    pipeline = StepPipeline(model, OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler, table_gradients),
+                            env.device)
 
     def train(batches: Iterator, steps: int) -> None:
         for _ in range(steps):

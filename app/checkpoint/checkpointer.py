@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from app.checkpoint.optimizer_state import plan_optimizer_load
+from app.checkpoint.precision_state import (loss_scale_meta, restore_loss_scale, saved_loss_scale,
+                                            table_precision_differences)
 from app.checkpoint.safe_load import CheckpointError, load_state, read_dcp_metadata
 from app.checkpoint.store import CheckpointStore, find_checkpoint, read_meta
 from app.config import HIGHER_IS_BETTER, CheckpointConfig, Config, ConfigError
@@ -78,6 +80,7 @@ class SavedCheckpoint:
     global_batch_size: int
     steps_per_epoch: Optional[int]  # None in checkpoints that predate it
     config: Config
+    loss_scale: Optional[Dict[str, Any]] = None  # fp16's GradScaler state (precision_state.py)
 
     @classmethod
     def read(cls, path: Path) -> "SavedCheckpoint":
@@ -90,10 +93,12 @@ class SavedCheckpoint:
             world_size = int(meta["world_size"])
             global_batch_size = int(meta.get("global_batch_size") or world_size * config.data.batch_size)
             steps_per_epoch = meta.get("steps_per_epoch")
+            loss_scale = saved_loss_scale(meta)
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} is not usable: its meta.json does not describe a run of this "
                                   f"version of rectrain ({type(error).__name__}: {error}).") from error
-        return cls(location(path), int(meta["step"]), state, world_size, global_batch_size, steps_per_epoch, config)
+        return cls(location(path), int(meta["step"]), state, world_size, global_batch_size, steps_per_epoch, config,
+                   loss_scale)
 
 
 @dataclass
@@ -108,6 +113,7 @@ class RunParts:
     train_data: Any  # app/data/parquet.py's training reader: set_epoch, load_state_dict, len(), iter()
     val_data: Any  # its evaluation reader
     test_data: Any = None  # an evaluation reader of the test split, if there is one
+    loss_scale: Optional[torch.amp.GradScaler] = None  # fp16's: saved in meta.json (precision_state.py)
 
 
 def position_here(saved: SavedCheckpoint, here: RunShape) -> TrainState:
@@ -166,6 +172,7 @@ def model_differences(saved: Config, current: Config) -> List[str]:
                     new_tables[name].embedding_dim or current.features.embedding_dim)
     lines += _managed_collision_differences(saved, current, old_tables, new_tables)
     lines += _sequence_differences(saved, current)
+    lines += table_precision_differences(saved, current)
     if saved.features.labels or current.features.labels:
         _multi_task_differences(saved, current, compare)
     return lines
@@ -274,6 +281,7 @@ class Checkpointer:
             "global_batch_size": self.shape.global_batch_size,
             "steps_per_epoch": self.shape.steps_per_epoch,
             "config": dataclasses.asdict(self.run_config),
+            **loss_scale_meta(self.parts.loss_scale),
         }
         state_dict = {MODEL_KEY: self.parts.model.state_dict(), OPTIMIZER_KEY: self.parts.optimizer.state_dict()}
         path = self.store.save(state.step, state_dict, meta, asynchronous=background, samples=state.samples,
@@ -374,6 +382,7 @@ class Checkpointer:
         # The schedule is recomputed for the step, not loaded: a changed optim.lr takes effect.
         set_schedule_step(self.parts.lr_scheduler, position.step)
         set_fused_optimizer_step(optimizer, position.step)
+        restore_loss_scale(self.parts.loss_scale, saved.loss_scale, path)
         # This run's checkpoint of this step, which a best evaluation here marks: the one loaded,
         # unless it was saved at another step number (another world size: the step was remapped).
         self._last_saved_step = position.step if own and position.step == saved.step else -1

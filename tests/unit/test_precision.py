@@ -12,7 +12,7 @@ from app.hydra_edge import compose_config
 from app.features import FeatureSchema
 from app.job import build_sharded_model
 from app.optim import OptimizerStep, build_optimizer, dense_parameters
-from app.precision import autocast_dtype, loss_scaler
+from app.precision import TableGradients, autocast_dtype, loss_scaler
 from tests.unit.test_optim_sharded import ENV, batch, local
 
 TABLE = "model.sparse_arch.embedding_bag_collection.embedding_bags.t_cat_0.weight"
@@ -23,10 +23,11 @@ def _build(*overrides: str):
                              *overrides])
     schema = FeatureSchema.from_config(config.features)
     scaler = loss_scaler(config.trainer.precision, ENV.device)
+    table_gradients = TableGradients(scaler)
     torch.manual_seed(0)
-    model = build_sharded_model(config, schema, ENV, run_dir=None, scaler=scaler)
+    model = build_sharded_model(config, schema, ENV, run_dir=None, table_gradients=table_gradients)
     optimizer = build_optimizer(model, config.optim)
-    return model, OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler), schema
+    return model, OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler, table_gradients), schema
 
 
 def _one_step(model, step: OptimizerStep, schema, data=None):
