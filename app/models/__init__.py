@@ -43,8 +43,8 @@ def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device
     with several tasks (schema.labels) MultiTaskTrain, the same with B x T logits and labels, its
     loss weighted by `task_weights` (default: 1 each; scoring does not need them).
     `tables_device` other than meta builds full tables there: one unsharded process (app/export.py).
-    `autocast_dtype` (bf16, fp16) is the dense part's compute precision; `table_gradients` unscales
-    the tables' gradients under a loss scale. Features with id_mapping=managed_collision get
+    `autocast_dtype` (bf16, fp16) is the dense part's compute precision; `table_gradients` is the cut
+    between the tables and the dense part that a loss scale needs (app/precision.py). Features with id_mapping=managed_collision get
     `managed_collision`'s modules, for `mc_buckets` row-wise shards (app/models/managed_collision.py)."""
     managed = [f.name for f in schema.sparse if f.id_mapping == "managed_collision"]
     if not managed:

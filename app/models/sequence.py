@@ -91,7 +91,7 @@ class SequenceArch(nn.Module):
 
     def embed(self, features: KeyedJaggedTensor, table_gradients: TableGradients) -> List[torch.Tensor]:
         """Flat [candidate, history, lengths] per history (see padded_histories); the vectors pass
-        through `table_gradients`, as the pooled embeddings do (a loss scale's unscaling)."""
+        through `table_gradients`, as the pooled embeddings do (the cut a loss scale needs)."""
         flat = padded_histories(self.embedding_collection(features), self.names, self.max_lengths)
         # Indexed, not unpacked: under the train pipeline's fx trace `flat` is one proxy.
         out = []

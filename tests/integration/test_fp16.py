@@ -101,29 +101,29 @@ def test_replicated_fp16_tables_train_like_fp32_ones(tmp_path):
 
 def test_an_overflow_on_one_rank_changes_nothing_on_any_rank(overflowing_data, tmp_path):
     """Rank 1's 2nd batch overflows: step 2 must leave every table (sharded ones, stepped inside
-    the backward, and replicated fp16 ones), dense layer and optimizer state as step 1 left them,
+    the backward, and replicated ones), dense layer and optimizer state as step 1 left them,
     on both ranks, and halve the loss scale; step 3 trains again."""
     # sharding=mixed (cat_9 row-wise, cat_2 column-wise, ...) with two small tables replicated.
     replicated = "+sharding.tables={cat_13:{sharding_types:[data_parallel]},cat_16:{sharding_types:[data_parallel]}}"
-    check(run_command(torchrun(*tiny(tmp_path, *FP16_STEPS, *on(overflowing_data), "features.data_type=fp16",
+    check(run_command(torchrun(*tiny(tmp_path, *FP16_STEPS, *on(overflowing_data),
                                      "sharding=mixed", replicated, "trainer.max_steps=3",
                                      "checkpoint.every_n_steps=1", "checkpoint.keep_last=3")), cwd=REPO))
     plan = {name: table["sharding_type"]
             for name, table in json.loads((run_dir(tmp_path) / "plan.json").read_text())["tables"].items()}
     assert plan["t_cat_13"] == "data_parallel" and plan["t_cat_9"] == "row_wise", plan
-    steps = train_records(tmp_path)
-    assert [(r["step"], r["loss_scale"], r["skipped_steps"]) for r in steps] == \
-        [(1, 65536.0, 0), (2, 32768.0, 1), (3, 32768.0, 1)], steps
-    assert all(math.isfinite(r["loss"]) for r in steps)  # an overflow in the backward, not the loss
     checkpoints = run_dir(tmp_path) / "checkpoints"
     states = [checkpoint_state(checkpoints / f"step_{step:08d}", tmp_path) for step in (1, 2, 3)]
     assert len(states[0]) > 60 and any("replicated_tables" in key for key in states[0])
     assert differing(states[0], states[1]) == []
     assert len(differing(states[1], states[2])) > 30  # tables and dense layers moved again
+    steps = train_records(tmp_path)
+    assert [(r["step"], r["loss_scale"], r["skipped_steps"]) for r in steps] == \
+        [(1, 65536.0, 0), (2, 32768.0, 1), (3, 32768.0, 1)], steps
+    assert all(math.isfinite(r["loss"]) for r in steps)  # an overflow in the backward, not the loss
 
     # The verdict is every rank's, so the scale is one: saved once, it resumes on 1 rank.
     out = check(run_command(one_process(*tiny(tmp_path, *FP16_STEPS, *on(overflowing_data, "clean"),
-                                              "features.data_type=fp16", "trainer.max_steps=8")), cwd=REPO))
+                                              "trainer.max_steps=8")), cwd=REPO))
     assert "this run has 1 ranks" in out
     assert [r["loss_scale"] for r in train_records(tmp_path)[3:]] == [32768.0] * 2
 
@@ -135,17 +135,17 @@ def test_an_fp16_run_that_backed_off_resumes_exactly(overflowing_data, tmp_path)
               "optim=adam"]
     reference = tmp_path / "reference"
     check(run_command(one_process(*tiny(reference, *common)), cwd=REPO))
-    assert [r["skipped_steps"] for r in train_records(reference)][2:5] == [0, 1, 1]
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir(reference), run_dir(resumed))
     (run_dir(resumed) / "metrics.jsonl").unlink()
     shutil.rmtree(run_dir(resumed) / "checkpoints" / "step_00000012")
     check(run_command(one_process(*tiny(resumed, *common)), cwd=REPO))
     assert train_records(resumed)[0]["step"] == 7
-    assert [r["loss_scale"] for r in train_records(resumed)] == [r["loss_scale"] for r in train_records(reference)][6:]
     final = "checkpoints/step_00000012"
     assert differing(checkpoint_state(run_dir(reference) / final, tmp_path),
                      checkpoint_state(run_dir(resumed) / final, tmp_path)) == []
+    assert [r["skipped_steps"] for r in train_records(reference)][2:5] == [0, 1, 1]
+    assert [r["loss_scale"] for r in train_records(resumed)] == [r["loss_scale"] for r in train_records(reference)][6:]
 
     # Table weights stored in another precision are another model: refused, not cast.
     before = sorted(p.name for p in (run_dir(resumed) / "checkpoints").glob("step_*"))

@@ -14,7 +14,9 @@ from app.hydra_edge import compose_config
 from app.distributed import DistEnv
 from app.features import FeatureSchema
 from app.job import build_sharded_model
-from app.optim import build_optimizer, set_fused_optimizer_step
+from app.optim import REPLICATED_PART, build_optimizer, set_fused_optimizer_step
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
 
@@ -77,3 +79,28 @@ def test_the_fused_table_optimizers_take_the_step_count_a_resume_gives(single_pr
     assert kernels and all(int(kernel.iter[0]) == 0 for kernel in kernels)
     set_fused_optimizer_step(optimizer, 7)
     assert all(int(kernel.iter[0]) == 7 for kernel in kernels)
+
+
+@pytest.mark.parametrize("optim", ["rowwise_adagrad", "adagrad"])
+def test_replicated_fp16_tables_step_with_fp32_state(optim, single_process_group):
+    """A replicated fp16 table's torch optimizer keeps its state in fp32, as FBGEMM does for a
+    sharded one: in fp16, eps rounds to 0 and every row without a gradient became 0/0 = NaN."""
+    results = {}
+    for data_type in ("fp32", "fp16"):
+        model, optimizer, schema = sharded("sharding=data_parallel", f"features.data_type={data_type}",
+                                           f"optim.sparse={optim}", "optim.dense=sgd")
+        replicated = dict(optimizer.optimizers)[REPLICATED_PART]
+        before = {name: param.detach().float().clone() for name, param in replicated.params.items()}
+        optimizer.zero_grad()
+        loss, _ = model(batch(schema))
+        loss.backward()
+        optimizer.step()
+        assert {param.dtype for param in replicated.params.values()} == {DTYPES[data_type]}
+        states = [value for state in replicated.state.values() for key, value in state.items() if key != "step"]
+        assert states and {value.dtype for value in states} == {torch.float32}
+        results[data_type] = {name: param.detach().float() - before[name] for name, param in replicated.params.items()}
+    updates = {data_type: torch.cat([u.flatten() for u in results[data_type].values()]) for data_type in results}
+    assert torch.isfinite(updates["fp16"]).all() and updates["fp32"].norm() > 0
+    # The same update, up to fp16's rounding of the weights and of the gradients.
+    cosine = torch.nn.functional.cosine_similarity(updates["fp16"], updates["fp32"], dim=0)
+    assert cosine > 0.99 and abs(updates["fp16"].norm() / updates["fp32"].norm() - 1) < 0.05

@@ -70,6 +70,19 @@ def test_a_non_finite_fp16_step_changes_nothing_and_lowers_the_scale(single_proc
     assert step.scaler.get_scale() < scale
 
 
+def test_a_step_whose_dense_gradients_alone_overflow_leaves_the_tables_alone(single_process_group):
+    """The tables' fused update runs inside the backward: it must wait for the verdict on the
+    dense gradients too, which GradScaler alone gives only after the backward."""
+    model, step, schema = _build("trainer.precision=fp16")
+    over_arch = model.module.model.over_arch
+    last = list(over_arch.parameters())[-1]
+    last.register_hook(lambda grad: grad * float("inf"))
+    deltas, loss, _ = _one_step(model, step, schema)
+    assert torch.isfinite(loss)
+    assert [name for name, delta in deltas.items() if delta.any()] == []
+    assert step.skipped_steps == 1
+
+
 def test_clip_grad_norm_bounds_the_dense_update(single_process_group):
     updates = {}
     for clip in ("null", "0.001"):
