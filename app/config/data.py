@@ -125,8 +125,12 @@ class FeaturesConfig:
                                  "the dense arch's output; sparse[i].embedding_dim gives a table another width.")
     pooling: str = doc("sum", "How a multi-hot feature's embeddings are combined within a row: sum or mean.")
     data_type: str = doc("fp32", "Precision of the tables' weights: fp32, or fp16 (half the memory of every table, "
-                                 "in the planner's estimates, in checkpoints and in exported models; FBGEMM updates "
-                                 "fp16 rows with stochastic rounding). sparse[i].data_type sets it per table.")
+                                 "in the planner's estimates, in checkpoints and in exported models). An fp16 "
+                                 "table's optimizer state stays fp32: FBGEMM's for a sharded table (it writes the "
+                                 "rows back with stochastic rounding), and a replicated (data_parallel) table's torch "
+                                 "optimizer steps an fp32 copy of the weights, rounded back to fp16. Part of the "
+                                 "model: a checkpoint of other data types is refused. sparse[i].data_type sets it "
+                                 "per table.")
     managed_collision: ManagedCollisionConfig = doc_factory(ManagedCollisionConfig, "Options of the tables of "
                                                             "features with id_mapping=managed_collision.")
     sequence: List[SequenceFeature] = doc([], "Sequence features (unpooled histories, each with its own table in an "

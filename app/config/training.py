@@ -194,7 +194,10 @@ class TrainerConfig:
     precision: str = doc("fp32", "Precision of the dense arch, interaction and over arch: fp32, bf16 (autocast; "
                                  "CPUs with AVX512-BF16 or AMX, and GPUs from Ampere on) or fp16 (autocast with a "
                                  "dynamic loss scale; fast on GPUs). Tables, loss and metrics stay in fp32; "
-                                 "features.data_type sets the tables' own precision.")
+                                 "features.data_type sets the tables' own precision. fp16: a step whose gradients "
+                                 "overflow on any rank (dense or into the tables) changes nothing anywhere, the "
+                                 "tables included, and halves the scale; the scale is checkpointed and resumes "
+                                 "exactly.")
     dense_average_every: int = doc(0, "0: the dense part's gradients are all-reduced every step (synchronous data "
                                       "parallel). k > 0: each rank steps its dense part on its own gradients, and "
                                       "the ranks average their dense parameters every k steps (and before every "

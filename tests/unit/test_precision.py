@@ -50,10 +50,14 @@ def test_bf16_computes_the_dense_part_in_bf16_and_returns_fp32(single_process_gr
     assert loss.dtype == logits.dtype == torch.float32
 
 
-def test_fp16_loss_scale_does_not_reach_the_tables(single_process_group):
+@pytest.mark.parametrize("sharding", ["table_wise", "data_parallel"])
+def test_fp16_loss_scale_does_not_reach_the_tables(sharding, single_process_group):
+    """Sharded tables (stepped by FBGEMM inside the backward) and replicated ones (stepped after
+    it by their torch optimizer, whose gradients GradScaler used to unscale a second time: they
+    did not move at all) take the update they take in fp32."""
     deltas = {}
     for precision in ("fp32", "fp16"):
-        model, step, schema = _build(f"trainer.precision={precision}")
+        model, step, schema = _build(f"trainer.precision={precision}", f"sharding={sharding}")
         deltas[precision], _, _ = _one_step(model, step, schema)
     assert step.scaler.get_scale() > 1000  # the loss really was scaled
     table_ratio = deltas["fp16"][TABLE].norm() / deltas["fp32"][TABLE].norm()
