@@ -176,30 +176,30 @@ class OptimizerStep:
         self.table_gradients = table_gradients
         self.last_grad_norm: Optional[torch.Tensor] = None  # before clipping, for the logs
         self.skipped_steps = 0  # overflowing fp16 steps in this process's run
-        self._found: Optional[torch.Tensor] = None
+        self._found: Optional[torch.Tensor] = None  # this step's verdict under a loss scale (1.0: overflow)
+        self._skip = False
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is None:
             loss.backward()
             return
         self.scaler.scale(loss).backward()  # the dense part, up to the cut before the tables
-        found = unscale_and_check(self.scaler, [*_gradients(dense_parameters(self.optimizer)),
-                                                *self.table_gradients.gradients()])
-        skip = bool(found.item())
-        self.table_gradients.release(apply=not skip)  # the tables' half of the backward, or none
-        self._found = found
+        self._found = unscale_and_check(self.scaler, [*_gradients(dense_parameters(self.optimizer)),
+                                                      *self.table_gradients.gradients()])
+        self._skip = bool(self._found.item())
+        self.table_gradients.release(apply=not self._skip)  # the tables' half of the backward, or none
 
     def step(self) -> None:
-        if self.scaler is not None and self._found is not None and self._found.item():
+        if self._skip:
             self.skipped_steps += 1
         else:
             if self.clip_grad_norm is not None:
                 self.last_grad_norm = torch.nn.utils.clip_grad_norm_(dense_parameters(self.optimizer),
                                                                      self.clip_grad_norm)
             self.optimizer.step()
-        if self.scaler is not None and self._found is not None:
+        if self._found is not None:
             update_scale(self.scaler, self._found)
-            self._found = None
+        self._found, self._skip = None, False
 
     def logged(self) -> Dict[str, float]:
         """What the training log records of the optimizers: both learning rates, and under fp16 the
