@@ -31,6 +31,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from app.clipping import clip_dense_gradients
 from app.config import ConfigError, OptimConfig
 from app.models import TABLES_PATH, embedding_tables
 from app.models import sequence_tables
@@ -158,13 +159,16 @@ class OptimizerStep:
     """What one training step does after its forward: backward (of the scaled loss under fp16),
     then unscale, clip the dense gradients to optim.clip_grad_norm, and step every optimizer (a
     GradScaler skips the step whose gradients are not finite). The tables' own gradients are
-    applied by FBGEMM inside the backward; see app/precision.py for their unscaling."""
+    applied by FBGEMM inside the backward; see app/precision.py for their unscaling.
+    `local_gradients`: each rank steps on its own dense gradients (k-step averaging), so the norm
+    clipped is taken over the ranks (app/clipping.py)."""
 
     def __init__(self, optimizer: CombinedOptimizer, clip_grad_norm: Optional[float] = None,
-                 scaler: Optional[torch.amp.GradScaler] = None) -> None:
+                 scaler: Optional[torch.amp.GradScaler] = None, local_gradients: bool = False) -> None:
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
         self.scaler = scaler
+        self.local_gradients = local_gradients
         self.last_grad_norm: Optional[torch.Tensor] = None  # before clipping, for the logs
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -174,7 +178,8 @@ class OptimizerStep:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.clip_grad_norm is not None:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(dense_parameters(self.optimizer), self.clip_grad_norm)
+            self.last_grad_norm = clip_dense_gradients(dense_parameters(self.optimizer), self.clip_grad_norm,
+                                                       self.local_gradients)
         if self.scaler is None:
             self.optimizer.step()
         else:

@@ -105,7 +105,8 @@ def _rectrain(config: Config, schema: FeatureSchema, env: distributed.DistEnv, p
     scaler = loss_scaler(precision, env.device)
     model = build_sharded_model(config, schema, env, run_dir=None, scaler=scaler)
     optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=10**9)
-    pipeline = StepPipeline(model, OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler), env.device)
+    pipeline = StepPipeline(model, OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler,
+                                                   local_gradients=config.trainer.dense_average_every > 0), env.device)
 
     def train(batches: Iterator, steps: int) -> None:
         for _ in range(steps):
