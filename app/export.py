@@ -48,6 +48,7 @@ from app.errors import UserError
 from app.features import FeatureSchema
 from app.models import build_model, embedding_tables
 from app.models.managed_collision import for_export
+from app.precision import DTYPES
 from app.storage import atomic_output, write_atomically
 
 MODEL_FILE = "model.pt"
@@ -190,7 +191,10 @@ def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
     info = read_export_info(out_dir)
     config = config_from_dict(info["config"])
     shards = info.get("managed_collision")
+    # The dense part computes in the run's trainer.precision, as its evaluations did: scored in fp32,
+    # a bf16 or fp16 run's AUC would differ from its validation's (in the 5th decimal, measured).
     model = build_model(config.model, FeatureSchema.from_config(config.features), _CPU, tables_device=_CPU,
+                        autocast_dtype=DTYPES[config.trainer.precision],
                         managed_collision=config.features.managed_collision,
                         mc_buckets=shards["world_size"] if shards else 1)
     path = out_dir / MODEL_FILE

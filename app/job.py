@@ -16,6 +16,7 @@ from torch import nn
 
 from app import distributed, progress
 from app.checkpoint import Checkpointer, CheckpointStore, RunParts, RunShape
+from app.clipping import clip_replicated_table_gradients
 from app.config import Config, ConfigError, DataConfig
 from app.data.batch import InputPolicy
 from app.data.files import check_files, check_first_row_group, resolve_files
@@ -117,6 +118,8 @@ def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run
     sharded = shard_model(model, plan, config.sharding, env.device, config.data.batch_size,
                           local_dense_gradients=config.trainer.dense_average_every > 0,
                           sparse_clip_value=config.optim.sparse_clip_value)
+    if config.optim.sparse_clip_value is not None:  # the sharded tables': FBGEMM's, set by shard_model
+        clip_replicated_table_gradients(sharded, config.optim.sparse_clip_value, env.world_size)
     prepare_managed_collision(sharded, config, env.world_size)
     return sharded
 
@@ -213,7 +216,8 @@ def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, 
     metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard, tracking=tracking)
     trainer = Trainer(parts, checkpointer, metrics_logger, preemption, config.trainer, env,
                       progress_bar=config.logging.progress_bar,
-                      optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler, table_gradients),
+                      optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler, table_gradients,
+                                                   local_gradients=config.trainer.dense_average_every > 0),
                       tasks=config.features.tasks(), primary_task=config.primary_task())
     metrics_logger.start_session(hyperparameters(config, overrides))
     try:

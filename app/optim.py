@@ -32,6 +32,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from app.clipping import clip_dense_gradients
 from app.config import ConfigError, OptimConfig
 from app.fp32_state import fp32_state_factory
 from app.models import TABLES_PATH, embedding_tables
@@ -163,17 +164,20 @@ class OptimizerStep:
     optim.clip_grad_norm, and step every optimizer. The sharded tables' own gradients are applied
     by FBGEMM inside the backward. Under fp16's loss scale (`scaler`, with the model's cut
     `table_gradients`), the backward is judged before it reaches the tables, over every rank:
-    a step with a non-finite gradient anywhere changes nothing (see app/precision.py)."""
+    a step with a non-finite gradient anywhere changes nothing (see app/precision.py).
+    `local_gradients`: each rank steps on its own dense gradients (k-step averaging), so the norm
+    clipped is taken over the ranks (app/clipping.py)."""
 
     def __init__(self, optimizer: CombinedOptimizer, clip_grad_norm: Optional[float] = None,
                  scaler: Optional[torch.amp.GradScaler] = None,
-                 table_gradients: Optional[TableGradients] = None) -> None:
+                 table_gradients: Optional[TableGradients] = None, local_gradients: bool = False) -> None:
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
         self.scaler = scaler
         if scaler is not None and (table_gradients is None or table_gradients.scaler is not scaler):
             raise ValueError("a loss scale needs the model's TableGradients of the same scaler")
         self.table_gradients = table_gradients
+        self.local_gradients = local_gradients
         self.last_grad_norm: Optional[torch.Tensor] = None  # before clipping, for the logs
         self.skipped_steps = 0  # overflowing fp16 steps in this process's run
         self._found: Optional[torch.Tensor] = None  # this step's verdict under a loss scale (1.0: overflow)
@@ -194,8 +198,8 @@ class OptimizerStep:
             self.skipped_steps += 1
         else:
             if self.clip_grad_norm is not None:
-                self.last_grad_norm = torch.nn.utils.clip_grad_norm_(dense_parameters(self.optimizer),
-                                                                     self.clip_grad_norm)
+                self.last_grad_norm = clip_dense_gradients(dense_parameters(self.optimizer), self.clip_grad_norm,
+                                                           self.local_gradients)
             self.optimizer.step()
         if self._found is not None:
             update_scale(self.scaler, self._found)

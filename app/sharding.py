@@ -504,11 +504,11 @@ class _LocalGradients(DefaultDataParallelWrapper):
 
     def wrap(self, dmp: DistributedModelParallel, env, device: torch.device) -> None:
         super().wrap(dmp, env, device)
-        for ddp in _data_parallel_modules(dmp):
+        for ddp in data_parallel_modules(dmp):
             ddp.register_comm_hook(None, _keep_local)
 
 
-def _data_parallel_modules(dmp: DistributedModelParallel) -> List[DistributedDataParallel]:
+def data_parallel_modules(dmp: DistributedModelParallel) -> List[DistributedDataParallel]:
     """The dense part's DDP and the replicated tables' DDPs (held in a plain list, `_lookups`,
     of each sharded collection, so not among the model's submodules)."""
     found = [dmp._dmp_wrapped_module] if isinstance(dmp._dmp_wrapped_module, DistributedDataParallel) else []

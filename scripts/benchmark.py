@@ -106,7 +106,8 @@ def _rectrain(config: Config, schema: FeatureSchema, env: distributed.DistEnv, p
     table_gradients = TableGradients(scaler)
     model = build_sharded_model(config, schema, env, run_dir=None, table_gradients=table_gradients)
     optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=10**9)
-    pipeline = StepPipeline(model, OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler, table_gradients),
+    pipeline = StepPipeline(model, OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler, table_gradients,
+                                                 local_gradients=config.trainer.dense_average_every > 0),
                             env.device)
 
     def train(batches: Iterator, steps: int) -> None:

@@ -10,6 +10,8 @@ metric trainer.early_stopping.metric) where there is one, else the newest intact
 
 Writes <out>/model.pt (the whole state_dict, every table in full, whatever the sharding and the
 number of ranks it was trained on) and <out>/config.json (the training config and the step).
+scripts/predict.py scores it as the run's evaluations did: the dense part in the run's
+trainer.precision (bf16 or fp16 under autocast), the tables in fp32.
 Needs no process group and no GPU, but the whole model must fit in this machine's memory.
 Score Parquet files with it: scripts/predict.py.
 """
@@ -47,8 +49,10 @@ def main(argv: List[str]) -> int:
         return BAD_INPUT
     info = json.loads((out_dir / CONFIG_FILE).read_text())
     size_mb = (out_dir / MODEL_FILE).stat().st_size / 2**20
+    precision = info["config"].get("trainer", {}).get("precision", "fp32")  # the config's default when absent
     print(f"exported step {info['step']} of {info['checkpoint']}: {info['parameters']:,} parameters, "
-          f"{out_dir / MODEL_FILE} ({size_mb:.1f} MiB) and {out_dir / CONFIG_FILE}")
+          f"{out_dir / MODEL_FILE} ({size_mb:.1f} MiB) and {out_dir / CONFIG_FILE}; predict.py computes its dense "
+          f"part in {precision}, the run's trainer.precision")
     return 0
 
 

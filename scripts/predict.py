@@ -6,7 +6,8 @@
 --data is a directory (every .parquet below it), one file, or a glob; files are read in sorted
 order, and row i of --out is the i-th row read. --out holds `prediction` (the click probability,
 float32) and, when the input has a label column, `label` (0.0 / 1.0); with labels, AUC, logloss
-and NE are printed, computed as training's evaluation computes them. A multi-task model
+and NE are printed, computed as training's evaluation computes them: the dense part in the run's
+trainer.precision (bf16 or fp16 under autocast, as its evaluations ran), the tables in fp32. A multi-task model
 (features.labels) writes `prediction_<task>` for each task (and `label_<task>`), and prints each
 task's metrics after the primary task's. Inputs are checked and
 repaired as the model's training config says (data.invalid_ids, data.invalid_dense).
@@ -78,7 +79,8 @@ def predict(args: argparse.Namespace) -> dict:
                 writer.write_table(pa.Table.from_batches(pending))
                 pending, written = [], rows
         writer.write_table(pa.Table.from_batches(pending, schema=schema))
-    return {"rows": rows, "labeled": labeled, "tasks": tasks, **(metrics.compute() if labeled else {})}
+    return {"rows": rows, "labeled": labeled, "tasks": tasks, "precision": config.trainer.precision,
+            **(metrics.compute() if labeled else {})}
 
 
 def output_columns(tasks: List[str], labeled: bool) -> List[str]:
@@ -96,7 +98,8 @@ def main(argv: List[str]) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return BAD_INPUT
-    print(f"{result['rows']:,} predictions in {args.out}")
+    print(f"{result['rows']:,} predictions in {args.out}, the dense part computed in {result['precision']} "
+          "(the run's trainer.precision, as its evaluations computed it)")
     if result["labeled"]:
         print(f"AUC {result['auc']:.6f}  logloss {result['logloss']:.6f}  NE {result['ne']:.6f}")
         for task in result["tasks"]:  # multi-task: the line above is the primary task's

@@ -95,11 +95,16 @@ class OptimConfig:
     min_lr_ratio: float = doc(0.0, "The multiplier the decay ends at, in [0, 1].")
     clip_grad_norm: Optional[float] = doc(None, "Clip the dense part's gradients (dense layers and replicated "
                                                 "tables) to this total L2 norm before each step (null: no "
-                                                "clipping). The norm is the global one: data-parallel gradients "
-                                                "are already summed over the ranks when it is taken.")
-    sparse_clip_value: Optional[float] = doc(None, "Clip each element of the sharded tables' gradients to "
-                                                   "[-value, value] inside FBGEMM's fused optimizer (its "
-                                                   "gradient_clipping; null: none).")
+                                                "clipping). Synchronous: the norm of the gradient averaged over "
+                                                "the ranks. Under k-step averaging (trainer.dense_average_every): "
+                                                "sqrt(mean over ranks of each rank's squared norm), the same "
+                                                "factor on every rank.")
+    sparse_clip_value: Optional[float] = doc(None, "Clamp each element of each sample's gradient of a table's "
+                                                   "pooled embedding (each position's, for sequence tables) to "
+                                                   "[-value, value] before it is summed into the rows (FBGEMM's "
+                                                   "gradient_clipping; replicated tables get the same): a row met "
+                                                   "k times in a step moves by up to k x value x lr per element "
+                                                   "under SGD. null: none.")
 
     def validate(self) -> None:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}.")

@@ -62,3 +62,22 @@ def test_the_exported_model_scores_the_val_split_as_the_run_did(tmp_path):
     missing = run_command(script("predict.py", "--model", tmp_path / "nowhere", "--data", val, "--out", predictions),
                           cwd=tmp_path)
     assert missing.returncode == 2 and f"error: {tmp_path / 'nowhere'}: no such directory" in missing.stderr
+
+
+def test_predict_scores_an_fp16_run_in_its_precision_as_its_validation_did(tmp_path):
+    """trainer.precision=fp16 (bf16 takes the same path, but this CPU may refuse it for training):
+    predict computes the dense part under the run's autocast, so its metrics are the final
+    evaluation's to the printed decimals (scored in fp32 they differed: AUC 0.666927 vs 0.666948)."""
+    check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.precision=fp16")], cwd=REPO))
+    run_dir = tmp_path / "outputs" / "tiny"
+    final_eval = records(run_dir, "eval")[-1]
+    exported = check(run_command(script("export.py", run_dir, "--out", tmp_path / "exported"), cwd=tmp_path))
+    assert "predict.py computes its dense part in fp16, the run's trainer.precision" in exported
+
+    val = next((tmp_path / "data").iterdir()) / "val"
+    printed = check(run_command(script("predict.py", "--model", tmp_path / "exported", "--data", val,
+                                       "--out", tmp_path / "predictions.parquet"), cwd=tmp_path))
+    assert "the dense part computed in fp16 (the run's trainer.precision" in printed
+    printed_metrics = dict(re.findall(r"\b(AUC|logloss|NE) ([0-9.]+)", printed))
+    assert printed_metrics == {name: f"{final_eval[key]:.6f}" for name, key in (("AUC", "auc"), ("logloss", "logloss"),
+                                                                                 ("NE", "ne"))}

@@ -18,7 +18,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from app.checkpoint import CheckpointStore
-from app.config import Config, FeaturesConfig, ModelConfig, ShardingConfig, SparseFeature
+from app.config import Config, FeaturesConfig, ModelConfig, ShardingConfig, SparseFeature, TrainerConfig
 from app.data import DataError
 from app.distributed import DistEnv
 from app.export import (CONFIG_FILE, MODEL_FILE, ExportError, check_inputs, export_checkpoint, load_exported,
@@ -31,13 +31,14 @@ from tests.unit.test_checkpoint import forge_metadata
 CPU = torch.device("cpu")
 
 
-def small_config(sharding_type: str = "row_wise", data_type: str = "fp32") -> Config:
+def small_config(sharding_type: str = "row_wise", data_type: str = "fp32", precision: str = "fp32") -> Config:
     return Config(
         features=FeaturesConfig(dense=["d0", "d1", "d2"],
                                 sparse=[SparseFeature("a", 50), SparseFeature("b", 20, hotness=3)], embedding_dim=8,
                                 data_type=data_type),
         model=ModelConfig(dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]),
         sharding=ShardingConfig(sharding_types=[sharding_type]),
+        trainer=TrainerConfig(precision=precision),
     ).validate()
 
 
@@ -79,11 +80,13 @@ def train_and_save(run_dir: Path, config: Config) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("sharding_type, data_type", [("row_wise", "fp32"), ("table_wise", "fp32"),
-                                                      ("column_wise", "fp32"), ("data_parallel", "fp32"),
-                                                      ("table_wise", "fp16")])
-def test_the_exported_model_scores_exactly_as_the_sharded_one(tmp_path, process_group, sharding_type, data_type):
-    config = small_config(sharding_type, data_type)
+@pytest.mark.parametrize("sharding_type, data_type, precision",
+                         [("row_wise", "fp32", "fp32"), ("table_wise", "fp32", "fp32"), ("column_wise", "fp32", "fp32"),
+                          ("data_parallel", "fp32", "fp32"), ("table_wise", "fp16", "fp32"),
+                          ("table_wise", "fp32", "fp16")])  # the dense part in the run's precision
+def test_the_exported_model_scores_exactly_as_the_sharded_one(tmp_path, process_group, sharding_type, data_type,
+                                                              precision):
+    config = small_config(sharding_type, data_type, precision)
     expected = train_and_save(tmp_path / "run", config)
 
     out = export_checkpoint(tmp_path / "run", tmp_path / "exported")  # a run dir: its newest checkpoint

@@ -113,7 +113,7 @@ def test_precisions_the_device_cannot_do_are_refused_or_warned(caplog):
 
 
 def test_sparse_clip_value_bounds_every_table_update(single_process_group):
-    """FBGEMM clips each id's gradient before summing a row's: on a table of 40,000 rows, 64 rows
+    """FBGEMM clips each sample's pooled gradient before summing a row's: on a table of 40,000 rows, 64 rows
     of a batch hit no row twice, so the largest update is the clip value itself."""
     largest = {}
     for clip in ("null", "0.00001"):
