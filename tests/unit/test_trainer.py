@@ -17,7 +17,8 @@ from app import job
 from app.checkpoint import RunShape, TrainState
 from app.hydra_edge import compose_config
 from app.config import EarlyStoppingConfig
-from app.trainer import EarlyStopping, _Window, segment_length
+from app.early_stopping import EarlyStopping
+from app.trainer import _Window, segment_length
 
 STEPS_PER_EPOCH = 4000 // 128  # experiment=tiny on one rank: 31 full batches
 CADENCE = ["trainer.epochs=2", "trainer.eval_every_n_steps=10", "trainer.eval_max_batches=1",
