@@ -3,6 +3,13 @@
 Every rank scores its share of the split's batches (each rank has as many, padded), and the
 metrics are computed over all ranks' rows (app/metrics.py). The test split is scored with the best
 checkpoint's weights.
+
+An evaluation can take longer than a launcher waits after SIGTERM (torchrun: 30 s), and bad rows
+past a split's first row group are met only while it is read, by the rank whose share holds them.
+So every AGREE_EVERY_N_STEPS batches, and at the end, the ranks agree (app/preemption.py) whether
+to go on: SIGTERM on any rank, or bad input met by any rank, abandons the evaluation on every rank
+at the same batch (EvaluationStopped), and the trainer saves before it exits. An abandoned
+evaluation counts for nothing: a resumed run evaluates that step again.
 """
 
 from __future__ import annotations
@@ -10,26 +17,48 @@ from __future__ import annotations
 import itertools
 import logging
 from contextlib import closing
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 from app import progress
 from app.checkpoint import Checkpointer, TrainState
 from app.distributed import DistEnv
+from app.errors import UserError
 from app.metrics import MetricsLogger, evaluation_metrics
+from app.preemption import AGREE_EVERY_N_STEPS, BAD_INPUT, CONTINUE, STOP, Preemption
 
 log = logging.getLogger("app.trainer")
 
 
+class EvaluationStopped(Exception):
+    """Every rank abandoned an evaluation: SIGTERM (`code` STOP) or bad input (BAD_INPUT), with
+    `error` this rank's own (None where another rank met it)."""
+
+    def __init__(self, code: int, error: Optional[UserError]) -> None:
+        super().__init__("evaluation abandoned")
+        self.code, self.error = code, error
+
+    @property
+    def by_sigterm(self) -> bool:
+        return self.code == STOP
+
+
+class BadInputElsewhere(UserError):
+    """What the ranks that did not meet another rank's bad input stop with: that rank says it."""
+
+    said_by_another_rank = True
+
+
 class Evaluator:
     def __init__(self, model: torch.nn.Module, pipeline: Optional[Any], checkpointer: Checkpointer,
-                 metrics_logger: MetricsLogger, env: DistEnv, tasks: Sequence[str] = (),
+                 metrics_logger: MetricsLogger, preemption: Preemption, env: DistEnv, tasks: Sequence[str] = (),
                  primary_task: Optional[str] = None, progress_bar: bool = True) -> None:
         """`pipeline`: the train pipeline that holds `model` while it trains (detached from it to
-        evaluate), or None. `tasks`: a multi-task model's label columns, `primary_task` the one
-        whose metrics are also unprefixed."""
+        evaluate), or None. `preemption`: where the ranks agree to abandon an evaluation. `tasks`:
+        a multi-task model's label columns, `primary_task` the one whose metrics are also unprefixed."""
         self.model, self.pipeline = model, pipeline
+        self.preemption = preemption
         self.checkpointer = checkpointer
         self.metrics_logger = metrics_logger
         self.env = env
@@ -39,29 +68,49 @@ class Evaluator:
 
     def score(self, data: Any, max_batches: Optional[int] = None) -> Dict[str, float]:
         """Collective: the metrics of the model on an evaluation reader's batches (all of them, or
-        the first `max_batches` of each rank)."""
+        the first `max_batches` of each rank); raises EvaluationStopped when the ranks abandon it."""
         model = self.pipeline.detach() if self.pipeline is not None else self.model
         model.eval()
         metrics = evaluation_metrics(self.env.device, self.tasks, self.primary_task)
-        batches = iter(data)
-        count = len(data)
-        if max_batches is not None:
-            batches = itertools.islice(batches, max_batches)
-            count = min(count, max_batches)
+        count = len(data) if max_batches is None else min(len(data), max_batches)
         # Counted in batches, shown in samples (of every rank): the rate is samples/s.
         bar = progress.bar(count, "eval", "sample", unit_scale=data.batch_size * self.env.world_size, leave=False,
                            enabled=self.progress_bar)
-        with torch.no_grad(), closing(bar):
-            for item in batches:
-                batch = item.batch.to(self.env.device, non_blocking=True)
-                _, (_loss, logits, labels) = model(batch)
-                metrics.update(logits[: item.valid], labels[: item.valid])
-                bar.update(1)
-        result = metrics.compute()
-        model.train()
-        if self.pipeline is not None:
-            self.pipeline.attach(model)
-        return result
+        try:
+            with torch.no_grad(), closing(bar), closing(iter(data)) as batches:
+                self._consume(model, itertools.islice(batches, count), metrics, bar)
+            return metrics.compute()
+        finally:
+            model.train()
+            if self.pipeline is not None:
+                self.pipeline.attach(model)
+
+    def _consume(self, model: torch.nn.Module, batches: Iterator, metrics: Any, bar: Any) -> None:
+        """Scores `batches` into `metrics`, agreeing with the other ranks every AGREE_EVERY_N_STEPS
+        batches and at the end. A rank that meets bad input stops reading and agrees at once: its
+        agreement is the others' next one, whichever batch they are at (every rank has as many)."""
+        error: Optional[UserError] = None
+        done = 0
+        while True:
+            try:
+                item = next(batches, None)
+            except UserError as bad:  # a bad row in this rank's share of the split
+                error, item = bad, None
+            if item is None:
+                break
+            batch = item.batch.to(self.env.device, non_blocking=True)
+            _, (_loss, logits, labels) = model(batch)
+            metrics.update(logits[: item.valid], labels[: item.valid])
+            bar.update(1)
+            done += 1
+            if done % AGREE_EVERY_N_STEPS == 0:
+                self._agree(CONTINUE, None)
+        self._agree(BAD_INPUT if error is not None else CONTINUE, error)
+
+    def _agree(self, code: int, error: Optional[UserError]) -> None:
+        agreed = self.preemption.agree(code)
+        if agreed != CONTINUE:
+            raise EvaluationStopped(agreed, error)
 
     def evaluate(self, state: TrainState, data: Any, max_batches: Optional[int]) -> Dict[str, float]:
         """Collective: the validation split's metrics at `state`, logged (kind eval)."""

@@ -31,10 +31,11 @@ from app.checkpoint import Checkpointer, RunParts, RunShape, TrainState
 from app.config import TrainerConfig
 from app.distributed import DistEnv
 from app.early_stopping import EarlyStopping
-from app.evaluation import Evaluator
+from app.evaluation import BadInputElsewhere, EvaluationStopped, Evaluator
 from app.metrics import MetricsLogger
 from app.optim import FUSED_PART, OptimizerStep, learning_rates
 from app.preemption import AGREE_EVERY_N_STEPS, Preemption
+from app.training_loss import DivergedError, LossWindow, NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +96,26 @@ class Trainer:
         self.primary_task = (primary_task or self.tasks[0]) if self.tasks else None
         self.early_stopping = EarlyStopping(config.early_stopping, self.primary_task)
         self.outcome: Dict[str, Any] = {}  # how fit() ended, for summary.json
-        self.evaluator = Evaluator(self.model, self._pipeline, checkpointer, metrics_logger, env, self.tasks,
-                                   self.primary_task, self.progress_bar)
+        self.nonfinite = NonFiniteLoss(config.max_nonfinite_steps, env.rank, env.world_size)
+        self.evaluator = Evaluator(self.model, self._pipeline, checkpointer, metrics_logger, preemption, env,
+                                   self.tasks, self.primary_task, self.progress_bar)
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def fit(self, state: TrainState) -> Optional[Dict[str, float]]:
         """Train from `state` to the end, or until trainer.early_stopping stops it; then evaluate
         the test split (if any) with the best checkpoint. Returns the final validation metrics, or
-        None when stopped by SIGTERM (after saving a checkpoint to resume from)."""
+        None when stopped by SIGTERM (after saving a checkpoint to resume from). Raises
+        DivergedError when the training loss stops being finite, and a rank's bad input met in an
+        evaluation (after saving the training done)."""
         self.early_stopping.resume(state)
+        self._started = (time.perf_counter(), state.samples)
+        try:
+            return self._fit(state)
+        except EvaluationStopped as stopped:
+            return self._after_abandoned_evaluation(state, stopped)
+
+    def _fit(self, state: TrainState) -> Optional[Dict[str, float]]:
         stopped_before = state.stopped_early
         if stopped_before:
             log.info("this run stopped early at step %d (%s): it trains no further (checkpoint.load_from=<this run> "
@@ -115,23 +126,20 @@ class Trainer:
         bar = tqdm(total=self.shape.total_steps, initial=state.step, desc="train", unit="sample",
                    unit_scale=self.shape.global_batch_size, dynamic_ncols=True,
                    disable=not self.progress_bar or bool(stopped_before))
-        start, samples_before = time.perf_counter(), state.samples
         with closing(bar):
-            stopped = self._train(state, _Window(time.perf_counter()), bar)
-        trained = state.samples - samples_before
-        # Training as it went, evaluations and checkpoints at its boundaries included.
-        self.outcome = {"step": state.step, "epoch": state.epoch, "planned_steps": self.shape.total_steps,
-                        "samples": state.samples,
-                        "samples_per_s": trained / (time.perf_counter() - start) if trained else None}
+            stopped = self._train(state, LossWindow(time.perf_counter()), bar)
+        self._record_outcome(state)
         self._average_if_stale(state)
         if stopped:
             log.warning("SIGTERM: stopping at step %d; saving a checkpoint to resume from", state.step)
-            self.checkpointer.maybe_save(state, force=True)
+            self._save_to_resume(state)
             return None
         if state.stopped_early and not stopped_before:
             log.warning("stopping early at step %d of %d: %s", state.step, self.shape.total_steps, state.stopped_early)
         if self.config.dense_average_every:
             log.info("k-step averaging: %d dense parameter averages in this run", self.dense_averages)
+        if not self._trusted(state):
+            raise DivergedError(self.nonfinite.at_the_end(state.step))
         # Saved before the final evaluation, so that bad validation rows found there (or a crash)
         # cost no training.
         self.checkpointer.maybe_save(state, force=True)
@@ -140,6 +148,35 @@ class Trainer:
         self.outcome.update(stopped_early=state.stopped_early, validation={"step": state.step, **result},
                             best=self.checkpointer.best(), test=test)
         return result
+
+    def _record_outcome(self, state: TrainState) -> None:
+        """Training as it went, evaluations and checkpoints at its boundaries included."""
+        start, samples_before = self._started
+        trained = state.samples - samples_before
+        self.outcome = {"step": state.step, "epoch": state.epoch, "planned_steps": self.shape.total_steps,
+                        "samples": state.samples,
+                        "samples_per_s": trained / (time.perf_counter() - start) if trained else None}
+
+    def _save_to_resume(self, state: TrainState) -> None:
+        """A forced save at `state` (none when its step is saved already), unless its latest
+        training loss was not finite: a run resumes from the checkpoint before, then."""
+        if self._trusted(state):
+            self.checkpointer.maybe_save(state, force=True)
+
+    def _after_abandoned_evaluation(self, state: TrainState, stopped: EvaluationStopped) -> None:
+        """The ranks abandoned an evaluation at `state` (its model was trusted: no evaluation runs
+        otherwise): the training up to it is saved, then SIGTERM's stop (None) or the bad input's
+        error. The evaluation is not counted: a resumed run evaluates that step again."""
+        self._record_outcome(state)
+        reason = "SIGTERM" if stopped.by_sigterm else "bad input"
+        log.warning("%s during the evaluation at step %d: abandoned; saving a checkpoint to resume from", reason,
+                    state.step)
+        self.checkpointer.maybe_save(state, force=True)
+        if stopped.by_sigterm:
+            return None
+        raise stopped.error or BadInputElsewhere(
+            f"the evaluation at step {state.step} stopped: another rank met bad input in its share of the data "
+            "(its error says where); the training up to that step is saved.")
 
     def _final_evaluation(self, state: TrainState, judge: bool) -> Dict[str, float]:
         """The validation metrics at the end: those of the evaluation that stopped the run early,
@@ -153,7 +190,7 @@ class Trainer:
             self.checkpointer.maybe_save(state, best=self._best_of(state))  # saved already: it becomes the best
         return result
 
-    def _train(self, state: TrainState, window: "_Window", bar: tqdm) -> bool:
+    def _train(self, state: TrainState, window: LossWindow, bar: tqdm) -> bool:
         """Train `state` on to the last step; True when the ranks agreed to stop (SIGTERM) first."""
         train_data = self.parts.train_data
         while state.step < self.shape.total_steps and not state.stopped_early:
@@ -173,12 +210,13 @@ class Trainer:
                     self._at_boundary(state)
         return False
 
-    def _count_step(self, state: TrainState, loss: torch.Tensor, window: "_Window", bar: tqdm) -> None:
+    def _count_step(self, state: TrainState, loss: torch.Tensor, window: LossWindow, bar: tqdm) -> None:
         state.step += 1
         state.batches_done += 1
         state.samples += self.shape.global_batch_size
         self.lr_scheduler.step()
         window.add(loss)
+        self.nonfinite.add(loss, state.step)
         bar.update(1)
         if self.config.dense_average_every and state.step % self.config.dense_average_every == 0:
             self._average_dense()
@@ -238,12 +276,23 @@ class Trainer:
             return  # fit() evaluates and saves at the end
         evaluate = self.config.eval_every_n_steps and state.step % self.config.eval_every_n_steps == 0
         save = self.checkpointer.is_due(state.step)
-        if evaluate or save:
-            self._average_if_stale(state)
+        if not (evaluate or save) or not self._trusted(state):
+            return
+        self._average_if_stale(state)
         if evaluate:
             self._evaluate_and_judge(state, save)
-        elif save:
+        else:
             self.checkpointer.maybe_save(state)
+
+    def _trusted(self, state: TrainState) -> bool:
+        """Collective: whether the model at `state` may be saved or evaluated: every rank's latest
+        training loss was finite (DivergedError once one's has not been for
+        trainer.max_nonfinite_steps steps)."""
+        if self.nonfinite.latest_finite(self.env.device):
+            return True
+        log.warning("the training loss of step %d is not finite on some rank: its model is neither saved nor "
+                    "evaluated", state.step)
+        return False
 
     def _evaluate_and_judge(self, state: TrainState, save: bool = False) -> None:
         """A boundary's evaluation, judged by trainer.early_stopping. An improvement is saved
@@ -270,8 +319,8 @@ class Trainer:
     def _best_of(self, state: TrainState) -> Dict[str, Any]:
         return {"metric": state.best_metric, "value": state.best_value}
 
-    def _log_train(self, state: TrainState, window: "_Window", bar: tqdm) -> None:
-        loss = window.mean_loss()
+    def _log_train(self, state: TrainState, window: LossWindow, bar: tqdm) -> None:
+        loss, nonfinite = window.mean_loss(self.nonfinite.slots(self.env.device))
         elapsed = time.perf_counter() - window.start
         record = {
             "step": state.step,
@@ -284,29 +333,4 @@ class Trainer:
         self.metrics_logger.log("train", record)
         bar.set_postfix(step=state.step, loss=f"{loss:.4f}", refresh=False)
         window.reset(time.perf_counter())
-
-class _Window:
-    """Loss and throughput since the last log line; the loss is averaged over all ranks."""
-
-    def __init__(self, start: float) -> None:
-        self.reset(start)
-
-    def reset(self, start: float) -> None:
-        self.start = start
-        self.steps = 0
-        self._loss_sum: Optional[torch.Tensor] = None
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.steps += 1
-        loss = loss.detach().float()
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-
-    def totals(self) -> torch.Tensor:
-        """[loss sum, steps] on the losses' device (where the all-reduce of mean_loss needs them)."""
-        return torch.stack([self._loss_sum, self._loss_sum.new_tensor(float(self.steps))])
-
-    def mean_loss(self) -> float:
-        total = self.totals()
-        if dist.is_initialized():
-            dist.all_reduce(total)
-        return (total[0] / total[1]).item()
+        self.nonfinite.judge(nonfinite)  # after the line that shows it

@@ -18,7 +18,8 @@ from app.checkpoint import RunShape, TrainState
 from app.hydra_edge import compose_config
 from app.config import EarlyStoppingConfig
 from app.early_stopping import EarlyStopping
-from app.trainer import _Window, segment_length
+from app.trainer import segment_length
+from app.training_loss import LossWindow
 
 STEPS_PER_EPOCH = 4000 // 128  # experiment=tiny on one rank: 31 full batches
 CADENCE = ["trainer.epochs=2", "trainer.eval_every_n_steps=10", "trainer.eval_max_batches=1",
@@ -84,16 +85,16 @@ def test_checkpoints_hold_the_data_position_across_the_epoch_boundary(finished_r
 
 def test_the_loss_window_keeps_its_totals_on_the_device_of_the_losses():
     # Meta stands in for CUDA: it refuses CPU tensors beside its own, as CUDA does in stack/cat.
-    window = _Window(start=0.0)
+    window = LossWindow(start=0.0)
     for loss in (0.5, 0.25):
         window.add(torch.tensor(loss, device="meta"))
     totals = window.totals()
     assert totals.device.type == "meta" and totals.shape == (2,)
-    window = _Window(start=0.0)
+    window = LossWindow(start=0.0)
     window.add(torch.tensor(0.5))
     window.add(torch.tensor(0.25))
     assert window.totals().tolist() == [0.75, 2.0]
-    assert window.mean_loss() == 0.375
+    assert window.mean_loss() == (0.375, None)
 
 
 def test_bf16_with_fp16_tables_trains_checkpoints_fp16_and_resumes(tmp_path):
