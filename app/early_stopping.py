@@ -1,7 +1,10 @@
 """trainer.early_stopping's judgement of each evaluation: the best so far, the patience, the target.
 
 What it decides lives in the train state (best metric, value and step, evaluations since the
-best, why the run stopped), so a resumed run decides as an uninterrupted one would.
+best, why the run stopped), so a resumed run decides as an uninterrupted one would. An evaluation
+whose metric is undefined (nan: a split with one class, or no rows; non-finite predictions) is
+neither an improvement nor counted toward the patience: it says nothing about whether training
+still improves the model.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class EarlyStopping:
 
     def improves(self, value: float, best: Optional[float]) -> bool:
         if not math.isfinite(value):
-            return False  # nan: one class only, or no rows
+            return False
         if best is None:
             return True
         delta = self.config.min_delta
@@ -43,6 +46,10 @@ class EarlyStopping:
         """Count the evaluation `result` at `state`; True when it is the best so far."""
         value = result[self.metric]
         state.evaluated_samples = state.samples
+        if not math.isfinite(value):
+            log.warning("validation %s is undefined (%s) at step %d: the evaluation cannot be the best and does not "
+                        "count toward trainer.early_stopping.patience", self.metric, value, state.step)
+            return False
         if not self.improves(value, state.best_value):
             state.evals_since_best += 1
             return False

@@ -135,9 +135,10 @@ def test_early_stopping_counts_evaluations_without_an_improvement_of_more_than_m
     # 0.705 and 0.725/0.729 are within min_delta of the best: not improvements.
     assert stop is not None and stop[0] == 4 and "in 2 evaluations" in stop[1] and "best 0.720000 at step 30" in stop[1]
     assert (state.best_value, state.best_step, state.evals_since_best) == (0.72, 30, 2)
-    # Lower is better for logloss; nan (one class) is never an improvement; patience 0 never stops.
-    state, stop = judge(EarlyStoppingConfig(metric="logloss", patience=1), [0.5, float("nan")])
-    assert stop[0] == 1 and state.best_value == 0.5
+    # Lower is better for logloss; nan (one class) is never an improvement, nor counted toward the
+    # patience; patience 0 never stops.
+    state, stop = judge(EarlyStoppingConfig(metric="logloss", patience=1), [0.5, float("nan"), float("nan"), 0.6])
+    assert stop[0] == 3 and state.best_value == 0.5 and state.evals_since_best == 1
     assert judge(EarlyStoppingConfig(metric="ne", patience=0), [0.9, 0.95, 0.97, 0.99])[1] is None
 
 
