@@ -78,34 +78,35 @@ class Evaluator:
                            enabled=self.progress_bar)
         try:
             with torch.no_grad(), closing(bar), closing(iter(data)) as batches:
-                self._consume(model, itertools.islice(batches, count), metrics, bar)
+                self._consume(model, data, batches, count, metrics, bar)
             return metrics.compute()
         finally:
             model.train()
             if self.pipeline is not None:
                 self.pipeline.attach(model)
 
-    def _consume(self, model: torch.nn.Module, batches: Iterator, metrics: Any, bar: Any) -> None:
-        """Scores `batches` into `metrics`, agreeing with the other ranks every AGREE_EVERY_N_STEPS
-        batches and at the end. A rank that meets bad input stops reading and agrees at once: its
-        agreement is the others' next one, whichever batch they are at (every rank has as many)."""
+    def _consume(self, model: torch.nn.Module, data: Any, batches: Iterator, count: int, metrics: Any,
+                 bar: Any) -> None:
+        """Scores `count` of `batches` into `metrics`, agreeing with the other ranks every
+        AGREE_EVERY_N_STEPS batches and after the last. Each forward is collective (the sharded
+        tables' all-to-all): a rank that meets bad input goes on with batches of padding rows up
+        to the next agreement, where every rank learns it and stops."""
         error: Optional[UserError] = None
-        done = 0
-        while True:
-            try:
-                item = next(batches, None)
-            except UserError as bad:  # a bad row in this rank's share of the split
-                error, item = bad, None
+        for done in range(1, count + 1):
+            item = None
+            if error is None:
+                try:
+                    item = next(batches, None)
+                except UserError as bad:  # a bad row in this rank's share of the split
+                    error = bad
             if item is None:
-                break
+                item = data.padding()
             batch = item.batch.to(self.env.device, non_blocking=True)
             _, (_loss, logits, labels) = model(batch)
             metrics.update(logits[: item.valid], labels[: item.valid])
             bar.update(1)
-            done += 1
-            if done % AGREE_EVERY_N_STEPS == 0:
-                self._agree(CONTINUE, None)
-        self._agree(BAD_INPUT if error is not None else CONTINUE, error)
+            if done % AGREE_EVERY_N_STEPS == 0 or done == count:
+                self._agree(CONTINUE if error is None else BAD_INPUT, error)
 
     def _agree(self, code: int, error: Optional[UserError]) -> None:
         agreed = self.preemption.agree(code)
