@@ -124,7 +124,7 @@ def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run
 def prepare_managed_collision(model: nn.Module, config: Config, world_size: int) -> None:
     """The sharded managed-collision tables made exact and CPU-capable (app/models/managed_collision.py).
     A shard's module sees at most every rank's ids of its features in a step: its history holds
-    twice that for single-hot ones (multi-hot bags may be longer than features.sparse[i].hotness)."""
+    twice that at the configured hotness, and grows when bags are longer than features.sparse[i].hotness."""
     managed = [f for f in config.features.sparse if f.id_mapping == "managed_collision"]
     if managed:
         history = 2 * world_size * config.data.batch_size * max(f.hotness for f in managed)
