@@ -77,6 +77,7 @@ def test_default_is_criteo_shaped():
         ("trainer.early_stopping.patience=-1", "trainer.early_stopping.patience"),
         ("trainer.early_stopping.min_delta=-0.1", "trainer.early_stopping.min_delta"),
         ("trainer.early_stopping.target=nan", "trainer.early_stopping.target"),
+        ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps"),
     ],
 )
 def test_impossible_values_fail_naming_the_key(override, key):
