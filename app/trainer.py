@@ -163,7 +163,7 @@ class Trainer:
         if self._trusted(state):
             self.checkpointer.maybe_save(state, force=True)
 
-    def _after_abandoned_evaluation(self, state: TrainState, stopped: EvaluationStopped) -> None:
+    def _after_abandoned_evaluation(self, state: TrainState, stopped: EvaluationStopped) -> Optional[Dict[str, float]]:
         """The ranks abandoned an evaluation at `state` (its model was trusted: no evaluation runs
         otherwise): the training up to it is saved, then SIGTERM's stop (None) or the bad input's
         error. The evaluation is not counted: a resumed run evaluates that step again."""
