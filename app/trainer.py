@@ -6,9 +6,10 @@ the boundary: checkpoints are taken with no batch in flight, and the data positi
 is exactly the number of steps done in the epoch. What a checkpoint holds, when one is written and
 how a run continues from one is the Checkpointer's (app/checkpoint/).
 
-Every evaluation (app/evaluation.py) is judged by trainer.early_stopping (app/early_stopping.py): one that improves the best
-validation metric is saved, whatever the checkpoint cadence, and becomes checkpoints/best; the run
-stops early when the metric has not improved for `patience` evaluations or reaches `target`. The
+Every evaluation (app/evaluation.py) is judged by trainer.early_stopping (app/early_stopping.py):
+one that improves the best validation metric is saved, whatever the checkpoint cadence, and
+becomes checkpoints/best; the run stops early when the metric has not improved for `patience`
+evaluations or reaches `target`. The
 best so far and the evaluations since are part of the train state, so a resumed run decides as an
 uninterrupted one would, and a run that stopped early trains no further when run again. At the
 end, the test split is evaluated with the best checkpoint's weights.
@@ -163,7 +164,7 @@ class Trainer:
         if self._trusted(state):
             self.checkpointer.maybe_save(state, force=True)
 
-    def _after_abandoned_evaluation(self, state: TrainState, stopped: EvaluationStopped) -> Optional[Dict[str, float]]:
+    def _after_abandoned_evaluation(self, state: TrainState, stopped: EvaluationStopped) -> None:
         """The ranks abandoned an evaluation at `state` (its model was trusted: no evaluation runs
         otherwise): the training up to it is saved, then SIGTERM's stop (None) or the bad input's
         error. The evaluation is not counted: a resumed run evaluates that step again."""
