@@ -95,13 +95,13 @@ class FeatureSchema:
     @property
     def sequence_inputs(self) -> List[Tuple[str, int]]:
         """The sequence KeyedJaggedTensor's keys, each with the decoded feature it is read from
-        (Rows.ids[index]: the sparse features, then the histories): per history its own key and
-        target_key(name), the candidate's ids, looked up in the history's table."""
-        count = len(self.sparse)
-        names = self.sparse_names
+        (Rows.ids[index]: the sparse features, the histories, then each history's candidates):
+        per history its own key and target_key(name), the candidate's ids, looked up in the
+        history's table (and mapped into it as the history's ids are: app/data/batch.py decode)."""
+        count, histories = len(self.sparse), len(self.sequence)
         inputs: List[Tuple[str, int]] = []
         for i, feature in enumerate(self.sequence):
-            inputs += [(feature.name, count + i), (target_key(feature.name), names.index(feature.target))]
+            inputs += [(feature.name, count + i), (target_key(feature.name), count + histories + i)]
         return inputs
 
     def embedding_configs(self) -> List["EmbeddingConfig"]:

@@ -19,6 +19,7 @@ from app.checkpoint import Checkpointer, CheckpointStore, RunParts, RunShape
 from app.clipping import clip_replicated_table_gradients
 from app.config import Config, ConfigError, DataConfig
 from app.data.batch import InputPolicy
+from app.data.label_classes import warn_one_class
 from app.data.files import check_files, check_first_row_group, resolve_files
 from app.data.parquet import EvaluationBatches, TrainingBatches
 from app.data.reader_process import start_reader_server
@@ -127,7 +128,7 @@ def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run
 def prepare_managed_collision(model: nn.Module, config: Config, world_size: int) -> None:
     """The sharded managed-collision tables made exact and CPU-capable (app/models/managed_collision.py).
     A shard's module sees at most every rank's ids of its features in a step: its history holds
-    twice that for single-hot ones (multi-hot bags may be longer than features.sparse[i].hotness)."""
+    twice that at the configured hotness, and grows when bags are longer than features.sparse[i].hotness."""
     managed = [f for f in config.features.sparse if f.id_mapping == "managed_collision"]
     if managed:
         history = 2 * world_size * config.data.batch_size * max(f.hotness for f in managed)
@@ -202,6 +203,9 @@ def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, 
     train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
     test_split = held_out_test_files(config.data, schema, val_files)
     test_data = None if test_split is None else evaluation_batches(config.data, schema, env, test_split)
+    if env.is_rank0:
+        for split, files in (("validation", val_files), ("test", test_split or [])):
+            warn_one_class(split, files, schema.tasks, config.data.storage_options)
     shape = RunShape(env.world_size, config.data.batch_size * env.world_size, len(train_data),
                      planned_steps(config.trainer, len(train_data)))
     optimizer, lr_scheduler = optimizer_and_schedule(model, config.optim, shape.total_steps)

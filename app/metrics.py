@@ -63,12 +63,13 @@ def gather_rows(values: torch.Tensor) -> torch.Tensor:
 
 
 def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[logloss sum, prediction sum, label sum, row count] of one batch, on the batch's device:
-    every term, the row count too, since stack refuses to mix devices (a CPU count beside CUDA
-    sums would fail the first evaluation on a GPU)."""
+    """[logloss sum, prediction sum, label sum, row count, non-finite logits] of one batch, on the
+    batch's device: every term, the row count too, since stack refuses to mix devices (a CPU count
+    beside CUDA sums would fail the first evaluation on a GPU)."""
     losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     count = labels.new_tensor(float(labels.numel()))
-    return torch.stack([losses.sum(), torch.sigmoid(logits).sum(), labels.sum(), count])
+    non_finite = (~torch.isfinite(logits)).sum().to(count)
+    return torch.stack([losses.sum(), torch.sigmoid(logits).sum(), labels.sum(), count, non_finite])
 
 
 class EvalMetrics:
@@ -81,8 +82,9 @@ class EvalMetrics:
     def reset(self) -> None:
         # Exact AUC (no thresholds): every rank's logits and labels are gathered at compute().
         self._logits, self._labels = [], []
-        # logloss sum, prediction sum, label sum, count: float64 so millions of rows add up exactly.
-        self._sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        # logloss sum, prediction sum, label sum, count, non-finite logits: float64 so millions of
+        # rows add up exactly.
+        self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits, labels = logits.detach().float(), labels.detach().float()
@@ -99,11 +101,17 @@ class EvalMetrics:
         sums = self._sums.clone()
         if _distributed():
             dist.all_reduce(sums)
-        loss_sum, pred_sum, label_sum, count = sums.tolist()
+        loss_sum, pred_sum, label_sum, count, non_finite = sums.tolist()
         # Every rank takes part in the gather, one that saw no rows too.
         area = auc(gather_rows(self._rows(self._logits)), gather_rows(self._rows(self._labels)))
-        if count == 0:
-            return {"auc": area, "logloss": float("nan"), "ne": float("nan"), "calibration": float("nan"), "samples": 0}
+        if count == 0 or non_finite:
+            # Non-finite predictions (a diverged model) have no metrics: sorted, nan would still
+            # give an AUC, and that could become the best.
+            if non_finite:
+                log.warning("%d of %d predictions are not finite (nan or inf): the metrics are undefined (nan)",
+                            int(non_finite), int(count))
+            return {"auc": float("nan"), "logloss": float("nan"), "ne": float("nan"), "calibration": float("nan"),
+                    "samples": int(count)}
         logloss = loss_sum / count
         rate = label_sum / count
         base_entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else 0.0

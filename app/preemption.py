@@ -6,6 +6,8 @@ So each worker installs its handler as soon as it starts (a SIGTERM during set-u
 either), and the Parquet reader processes ignore the signal (app/data/parquet.py): their worker
 shuts them down. Ranks receive the signal at slightly different steps, so they agree every few
 steps, with one tiny all-reduce on a gloo group of its own, and all stop at the same one.
+Evaluations agree as often, in batches (app/evaluation.py): a long one is abandoned, not waited
+for, and a rank that meets bad rows in its share of a split stops every rank there with it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch.distributed as dist
 # 20 ms): every 10 steps costs under 0.2% of the time and still stops well within the 30 s that
 # torchrun waits before it sends SIGKILL.
 AGREE_EVERY_N_STEPS = 10
+# What the ranks agree on (the highest wins): go on; stop (SIGTERM); stop, a rank met bad input.
+CONTINUE, STOP, BAD_INPUT = 0, 1, 2
 
 
 class Preemption:
@@ -33,12 +37,18 @@ class Preemption:
 
     def agreed(self) -> bool:
         """Collective: whether any rank was asked to stop."""
-        flag = torch.tensor([int(self.requested)])
+        return self.agree(CONTINUE) == STOP
+
+    def agree(self, code: int = CONTINUE) -> int:
+        """Collective: the highest of every rank's `code` (CONTINUE, STOP, BAD_INPUT: what this rank
+        met), a rank asked to stop by SIGTERM counting as STOP at least."""
+        flag = torch.tensor([max(code, STOP if self.requested else CONTINUE)])
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        agreed = int(flag.item())
         # A rank stopped by another's signal gets its own later, maybe while it exits: keep the handler.
-        self.requested = self.requested or bool(flag.item())
-        return bool(flag.item())
+        self.requested = self.requested or agreed == STOP
+        return agreed
 
     def close(self) -> None:
         if not self.requested:

@@ -153,8 +153,10 @@ class RunSummary:
 
     def failed(self, error: BaseException) -> None:
         """Rank 0's error; another rank's only where it is its own (bad rows in its share of the
-        data): the others' are mostly the echo of a peer that went away."""
-        if error is self._failed_with or (self.rank != 0 and not getattr(error, "rank_specific", False)):
+        data): the others' are mostly the echo of a peer that went away. An error that says only
+        that another rank met one (`said_by_another_rank`) is left to that rank."""
+        if error is self._failed_with or getattr(error, "said_by_another_rank", False) or (
+                self.rank != 0 and not getattr(error, "rank_specific", False)):
             return  # said already (the run's end said it, before the MLflow run took the file)
         self._failed_with = error
         message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

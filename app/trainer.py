@@ -6,9 +6,10 @@ the boundary: checkpoints are taken with no batch in flight, and the data positi
 is exactly the number of steps done in the epoch. What a checkpoint holds, when one is written and
 how a run continues from one is the Checkpointer's (app/checkpoint/).
 
-Every evaluation is judged by trainer.early_stopping (EarlyStopping): one that improves the best
-validation metric is saved, whatever the checkpoint cadence, and becomes checkpoints/best; the run
-stops early when the metric has not improved for `patience` evaluations or reaches `target`. The
+Every evaluation (app/evaluation.py) is judged by trainer.early_stopping (app/early_stopping.py):
+one that improves the best validation metric is saved, whatever the checkpoint cadence, and
+becomes checkpoints/best; the run stops early when the metric has not improved for `patience`
+evaluations or reaches `target`. The
 best so far and the evaluations since are part of the train state, so a resumed run decides as an
 uninterrupted one would, and a run that stopped early trains no further when run again. At the
 end, the test split is evaluated with the best checkpoint's weights.
@@ -18,23 +19,24 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from contextlib import closing
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
-from app import progress
 from app.checkpoint import Checkpointer, RunParts, RunShape, TrainState
-from app.config import HIGHER_IS_BETTER, EarlyStoppingConfig, TrainerConfig
+from app.config import TrainerConfig
 from app.distributed import DistEnv
-from app.metrics import MetricsLogger, evaluation_metrics
+from app.early_stopping import EarlyStopping
+from app.evaluation import BadInputElsewhere, EvaluationStopped, Evaluator
+from app.metrics import MetricsLogger
 from app.optim import FUSED_PART, OptimizerStep
 from app.preemption import AGREE_EVERY_N_STEPS, Preemption
+from app.training_loss import DivergedError, LossWindow, NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
@@ -50,57 +52,6 @@ def segment_length(state: TrainState, shape: RunShape, *cadences: int) -> int:
     ends = [state.step + shape.steps_per_epoch - state.batches_done, shape.total_steps]
     ends += [(state.step // every + 1) * every for every in cadences if every > 0]
     return min(ends) - state.step
-
-
-class EarlyStopping:
-    """trainer.early_stopping's judgement of each evaluation, kept in the train state."""
-
-    def __init__(self, config: EarlyStoppingConfig, task: Optional[str] = None) -> None:
-        """`task`: multi-task, the task whose metric decides (<task>/<metric> in the results)."""
-        self.config = config
-        self.metric = config.metric if task is None else f"{task}/{config.metric}"
-        self.higher = config.metric in HIGHER_IS_BETTER
-
-    def resume(self, state: TrainState) -> None:
-        """A state whose best is by another metric (the config changed) starts its best over."""
-        if state.best_metric not in (None, self.metric):
-            log.warning("trainer.early_stopping.metric is %s, the best so far was by %s: the best starts over",
-                        self.metric, state.best_metric)
-            state.best_metric = state.best_value = state.best_step = None
-            state.evals_since_best = 0
-
-    def improves(self, value: float, best: Optional[float]) -> bool:
-        if not math.isfinite(value):
-            return False  # nan: one class only, or no rows
-        if best is None:
-            return True
-        delta = self.config.min_delta
-        return value > best + delta if self.higher else value < best - delta
-
-    def update(self, state: TrainState, result: Dict[str, float]) -> bool:
-        """Count the evaluation `result` at `state`; True when it is the best so far."""
-        value = result[self.metric]
-        state.evaluated_samples = state.samples
-        if not self.improves(value, state.best_value):
-            state.evals_since_best += 1
-            return False
-        state.best_metric, state.best_value, state.best_step = self.metric, value, state.step
-        state.evals_since_best = 0
-        return True
-
-
-
-    def stop_reason(self, state: TrainState, result: Dict[str, float]) -> Optional[str]:
-        """Why training should stop after the evaluation `result` (counted by update), or None."""
-        value, target, patience = result[self.metric], self.config.target, self.config.patience
-        if target is not None and math.isfinite(value) and (value >= target if self.higher else value <= target):
-            return f"validation {self.metric} {value:.6f} reached trainer.early_stopping.target={target}"
-        if patience and state.evals_since_best >= patience:
-            best = "none yet" if state.best_value is None else f"{state.best_value:.6f} at step {state.best_step}"
-            return (f"validation {self.metric} has not improved by more than {self.config.min_delta} in "
-                    f"{state.evals_since_best} evaluations (trainer.early_stopping.patience={patience}; "
-                    f"best {best})")
-        return None
 
 
 class StepPipeline(TrainPipelineSparseDist):
@@ -146,15 +97,26 @@ class Trainer:
         self.primary_task = (primary_task or self.tasks[0]) if self.tasks else None
         self.early_stopping = EarlyStopping(config.early_stopping, self.primary_task)
         self.outcome: Dict[str, Any] = {}  # how fit() ended, for summary.json
-        self._last_eval: Optional[Tuple[int, Dict[str, float]]] = None  # (step, metrics) of the latest evaluation
+        self.nonfinite = NonFiniteLoss(config.max_nonfinite_steps, env.rank, env.world_size)
+        self.evaluator = Evaluator(self.model, self._pipeline, checkpointer, metrics_logger, preemption, env,
+                                   self.tasks, self.primary_task, self.progress_bar)
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def fit(self, state: TrainState) -> Optional[Dict[str, float]]:
         """Train from `state` to the end, or until trainer.early_stopping stops it; then evaluate
         the test split (if any) with the best checkpoint. Returns the final validation metrics, or
-        None when stopped by SIGTERM (after saving a checkpoint to resume from)."""
+        None when stopped by SIGTERM (after saving a checkpoint to resume from). Raises
+        DivergedError when the training loss stops being finite, and a rank's bad input met in an
+        evaluation (after saving the training done)."""
         self.early_stopping.resume(state)
+        self._started = (time.perf_counter(), state.samples)
+        try:
+            return self._fit(state)
+        except EvaluationStopped as stopped:
+            return self._after_abandoned_evaluation(state, stopped)
+
+    def _fit(self, state: TrainState) -> Optional[Dict[str, float]]:
         stopped_before = state.stopped_early
         if stopped_before:
             log.info("this run stopped early at step %d (%s): it trains no further (checkpoint.load_from=<this run> "
@@ -165,44 +127,71 @@ class Trainer:
         bar = tqdm(total=self.shape.total_steps, initial=state.step, desc="train", unit="sample",
                    unit_scale=self.shape.global_batch_size, dynamic_ncols=True,
                    disable=not self.progress_bar or bool(stopped_before))
-        start, samples_before = time.perf_counter(), state.samples
         with closing(bar):
-            stopped = self._train(state, _Window(time.perf_counter()), bar)
-        trained = state.samples - samples_before
-        # Training as it went, evaluations and checkpoints at its boundaries included.
-        self.outcome = {"step": state.step, "epoch": state.epoch, "planned_steps": self.shape.total_steps,
-                        "samples": state.samples,
-                        "samples_per_s": trained / (time.perf_counter() - start) if trained else None}
+            stopped = self._train(state, LossWindow(time.perf_counter()), bar)
+        self._record_outcome(state)
         self._average_if_stale(state)
         if stopped:
             log.warning("SIGTERM: stopping at step %d; saving a checkpoint to resume from", state.step)
-            self.checkpointer.maybe_save(state, force=True)
+            self._save_to_resume(state)
             return None
         if state.stopped_early and not stopped_before:
             log.warning("stopping early at step %d of %d: %s", state.step, self.shape.total_steps, state.stopped_early)
         if self.config.dense_average_every:
             log.info("k-step averaging: %d dense parameter averages in this run", self.dense_averages)
+        if not self._trusted(state):
+            raise DivergedError(self.nonfinite.at_the_end(state.step))
         # Saved before the final evaluation, so that bad validation rows found there (or a crash)
         # cost no training.
         self.checkpointer.maybe_save(state, force=True)
         result = self._final_evaluation(state, judge=not stopped_before)
-        test = self.test(state)
+        test = self.evaluator.test(state, self.parts.test_data)
         self.outcome.update(stopped_early=state.stopped_early, validation={"step": state.step, **result},
                             best=self.checkpointer.best(), test=test)
         return result
+
+    def _record_outcome(self, state: TrainState) -> None:
+        """Training as it went, evaluations and checkpoints at its boundaries included."""
+        start, samples_before = self._started
+        trained = state.samples - samples_before
+        self.outcome = {"step": state.step, "epoch": state.epoch, "planned_steps": self.shape.total_steps,
+                        "samples": state.samples,
+                        "samples_per_s": trained / (time.perf_counter() - start) if trained else None}
+
+    def _save_to_resume(self, state: TrainState) -> None:
+        """A forced save at `state` (none when its step is saved already), unless its latest
+        training loss was not finite: a run resumes from the checkpoint before, then."""
+        if self._trusted(state):
+            self.checkpointer.maybe_save(state, force=True)
+
+    def _after_abandoned_evaluation(self, state: TrainState, stopped: EvaluationStopped) -> None:
+        """The ranks abandoned an evaluation at `state` (its model was trusted: no evaluation runs
+        otherwise): the training up to it is saved, then SIGTERM's stop (None) or the bad input's
+        error. The evaluation is not counted: a resumed run evaluates that step again."""
+        self._record_outcome(state)
+        reason = "SIGTERM" if stopped.by_sigterm else "bad input"
+        log.warning("%s during the evaluation at step %d: abandoned; saving a checkpoint to resume from", reason,
+                    state.step)
+        self.checkpointer.maybe_save(state, force=True)
+        if stopped.by_sigterm:
+            return None
+        raise stopped.error or BadInputElsewhere(
+            f"the evaluation at step {state.step} stopped: another rank met bad input in its share of the data "
+            "(its error says where); the training up to that step is saved.")
 
     def _final_evaluation(self, state: TrainState, judge: bool) -> Dict[str, float]:
         """The validation metrics at the end: those of the evaluation that stopped the run early,
         or a new evaluation, which (when `judge`: not a report of a run that had stopped before)
         can make the final checkpoint, saved just before it, the best."""
-        if self._last_eval is not None and self._last_eval[0] == state.step:
-            return self._last_eval[1]
+        last = self.evaluator.last
+        if last is not None and last[0] == state.step:
+            return last[1]
         result = self.evaluate(state)
         if judge and self.early_stopping.update(state, result):
             self.checkpointer.maybe_save(state, best=self._best_of(state))  # saved already: it becomes the best
         return result
 
-    def _train(self, state: TrainState, window: "_Window", bar: tqdm) -> bool:
+    def _train(self, state: TrainState, window: LossWindow, bar: tqdm) -> bool:
         """Train `state` on to the last step; True when the ranks agreed to stop (SIGTERM) first."""
         train_data = self.parts.train_data
         while state.step < self.shape.total_steps and not state.stopped_early:
@@ -222,12 +211,13 @@ class Trainer:
                     self._at_boundary(state)
         return False
 
-    def _count_step(self, state: TrainState, loss: torch.Tensor, window: "_Window", bar: tqdm) -> None:
+    def _count_step(self, state: TrainState, loss: torch.Tensor, window: LossWindow, bar: tqdm) -> None:
         state.step += 1
         state.batches_done += 1
         state.samples += self.shape.global_batch_size
         self.lr_scheduler.step()
         window.add(loss)
+        self.nonfinite.add(loss, state.step)
         bar.update(1)
         if self.config.dense_average_every and state.step % self.config.dense_average_every == 0:
             self._average_dense()
@@ -287,12 +277,23 @@ class Trainer:
             return  # fit() evaluates and saves at the end
         evaluate = self.config.eval_every_n_steps and state.step % self.config.eval_every_n_steps == 0
         save = self.checkpointer.is_due(state.step)
-        if evaluate or save:
-            self._average_if_stale(state)
+        if not (evaluate or save) or not self._trusted(state):
+            return
+        self._average_if_stale(state)
         if evaluate:
             self._evaluate_and_judge(state, save)
-        elif save:
+        else:
             self.checkpointer.maybe_save(state)
+
+    def _trusted(self, state: TrainState) -> bool:
+        """Collective: whether the model at `state` may be saved or evaluated: every rank's latest
+        training loss was finite (DivergedError once one's has not been for
+        trainer.max_nonfinite_steps steps)."""
+        if self.nonfinite.latest_finite(self.env.device):
+            return True
+        log.warning("the training loss of step %d is not finite on some rank: its model is neither saved nor "
+                    "evaluated", state.step)
+        return False
 
     def _evaluate_and_judge(self, state: TrainState, save: bool = False) -> None:
         """A boundary's evaluation, judged by trainer.early_stopping. An improvement is saved
@@ -313,11 +314,14 @@ class Trainer:
         return (0 < state.step < self.shape.total_steps and every > 0 and state.step % every == 0
                 and state.evaluated_samples != state.samples)
 
+    def evaluate(self, state: TrainState) -> Dict[str, float]:
+        return self.evaluator.evaluate(state, self.parts.val_data, self.config.eval_max_batches)
+
     def _best_of(self, state: TrainState) -> Dict[str, Any]:
         return {"metric": state.best_metric, "value": state.best_value}
 
-    def _log_train(self, state: TrainState, window: "_Window", bar: tqdm) -> None:
-        loss = window.mean_loss()
+    def _log_train(self, state: TrainState, window: LossWindow, bar: tqdm) -> None:
+        loss, nonfinite = window.mean_loss(self.nonfinite.slots(self.env.device))
         elapsed = time.perf_counter() - window.start
         record = {
             "step": state.step,
@@ -330,96 +334,4 @@ class Trainer:
         self.metrics_logger.log("train", record)
         bar.set_postfix(step=state.step, loss=f"{loss:.4f}", refresh=False)
         window.reset(time.perf_counter())
-
-    # ---- evaluation -------------------------------------------------------------------------
-
-    def _score(self, data: Any, max_batches: Optional[int] = None) -> Dict[str, float]:
-        """Collective: the metrics of the model on an evaluation reader's batches (all of them, or
-        the first `max_batches` of each rank)."""
-        model = self._pipeline.detach() if self._pipeline is not None else self.model
-        model.eval()
-        metrics = evaluation_metrics(self.env.device, self.tasks, self.primary_task)
-        batches = iter(data)
-        count = len(data)
-        if max_batches is not None:
-            batches = itertools.islice(batches, max_batches)
-            count = min(count, max_batches)
-        # Counted in batches, shown in samples (of every rank): the rate is samples/s.
-        bar = progress.bar(count, "eval", "sample", unit_scale=data.batch_size * self.env.world_size, leave=False,
-                           enabled=self.progress_bar)
-        with torch.no_grad(), closing(bar):
-            for item in batches:
-                batch = item.batch.to(self.env.device, non_blocking=True)
-                _, (_loss, logits, labels) = model(batch)
-                metrics.update(logits[: item.valid], labels[: item.valid])
-                bar.update(1)
-        result = metrics.compute()
-        model.train()
-        if self._pipeline is not None:
-            self._pipeline.attach(model)
-        return result
-
-    def evaluate(self, state: TrainState) -> Dict[str, float]:
-        result = self._score(self.parts.val_data, self.config.eval_max_batches)
-        self._last_eval = (state.step, result)
-        self.metrics_logger.log("eval", {"step": state.step, "epoch": state.epoch, "samples": state.samples, **result})
-        log.info(
-            "eval step %d: auc %.4f  logloss %.4f  ne %.4f  (%d samples)",
-            state.step, result["auc"], result["logloss"], result["ne"], result["samples"],
-        )
-        self._log_tasks(result)
-        return result
-
-    def _log_tasks(self, result: Dict[str, float]) -> None:
-        """Multi-task: each task's metrics, on a line of its own (the line above is the primary's)."""
-        for task in self.tasks:
-            log.info("  task %s: auc %.4f  logloss %.4f  ne %.4f  calibration %.4f", task, result[f"{task}/auc"],
-                     result[f"{task}/logloss"], result[f"{task}/ne"], result[f"{task}/calibration"])
-
-    def test(self, state: TrainState) -> Optional[Dict[str, Any]]:
-        """Collective: the test split's metrics (kind test) with the best checkpoint's weights,
-        loaded on every rank unless they are the model's now; None without a test split. Run at
-        the end: the model keeps the weights it was tested with."""
-        if self.parts.test_data is None:
-            return None
-        best = self.checkpointer.best()
-        if best is None:
-            step, name, which = state.step, None, "the final model: there is no best checkpoint"
-        else:
-            step, name = best["step"], best["checkpoint"]
-            which = f"{name}, the best by validation {best['metric']} ({best['value']:.6f})"
-            if best["samples"] != state.samples:
-                self.checkpointer.load_weights(name)
-        result = {"step": step, "checkpoint": name, **self._score(self.parts.test_data)}
-        self.metrics_logger.log("test", result)
-        log.info("test with %s: auc %.4f  logloss %.4f  ne %.4f  (%d samples)",
-                 which, result["auc"], result["logloss"], result["ne"], result["samples"])
-        self._log_tasks(result)
-        return result
-
-
-class _Window:
-    """Loss and throughput since the last log line; the loss is averaged over all ranks."""
-
-    def __init__(self, start: float) -> None:
-        self.reset(start)
-
-    def reset(self, start: float) -> None:
-        self.start = start
-        self.steps = 0
-        self._loss_sum: Optional[torch.Tensor] = None
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.steps += 1
-        loss = loss.detach().float()
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-
-    def totals(self) -> torch.Tensor:
-        """[loss sum, steps] on the losses' device (where the all-reduce of mean_loss needs them)."""
-        return torch.stack([self._loss_sum, self._loss_sum.new_tensor(float(self.steps))])
-
-    def mean_loss(self) -> float:
-        total = self.totals()
-        if dist.is_initialized():
-            dist.all_reduce(total)
-        return (total[0] / total[1]).item()
+        self.nonfinite.judge(nonfinite)  # after the line that shows it

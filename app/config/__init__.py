@@ -26,7 +26,7 @@ from typing import Dict, Iterator
 from app.config.data import (POOLINGS, DataConfig, FeaturesConfig, SequenceFeature, SparseFeature, SyntheticConfig,
                              TaskLabel)
 from app.config.data import ID_MAPPINGS, ManagedCollisionConfig
-from app.config.fields import ConfigError, FieldDoc, _require, doc, doc_factory
+from app.config.fields import ConfigError, FieldDoc, _require, doc, doc_factory, require_finite
 from app.config.fields import field_docs as _field_docs
 from app.config.parallel import (BACKENDS, COMM_PRECISIONS, COMPUTE_KERNELS, CUDA_ONLY_COMM_PRECISIONS,
                                  CUDA_ONLY_KERNELS, DEVICES, SHARDING_TYPES, DistributedConfig, ShardingConfig,
@@ -60,6 +60,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Check every group, then the rules that span groups; returns self for chaining."""
+        require_finite(self)
         for group in GROUP_SCHEMAS:
             getattr(self, group).validate()
         self.data.synthetic.validate()

@@ -4,6 +4,7 @@ and fields that carry their own help text (`doc`), listed with their defaults by
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import re
 import typing
@@ -72,3 +73,26 @@ def field_docs(schema: type, prefix: str = "") -> Iterator[FieldDoc]:
         if dataclasses.is_dataclass(entry):
             placeholder = "<i>" if typing.get_origin(hint) is list else "<feature>"
             yield from field_docs(entry, f"{key}.{placeholder}.")
+
+
+def non_finite_values(value: Any, key: str = "") -> Iterator[tuple]:
+    """(key, value) of every float in `value` (a config dataclass, walked through its groups, lists
+    and maps) that is nan or infinite, each key spelled as errors name it (optim.betas[1])."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from non_finite_values(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from non_finite_values(item, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield from non_finite_values(item, f"{key}.{name}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield key, value
+
+
+def require_finite(config: Any) -> None:
+    """Every float of `config` is a finite number: one check for every key, so that no inf (which
+    passes a range check such as lr > 0) or nan reaches the run."""
+    for key, value in non_finite_values(config):
+        raise ConfigError(f"{key}={value} is not a finite number; every number of the config must be finite.")

@@ -208,6 +208,12 @@ class TrainerConfig:
                                       "the ranks average their dense parameters every k steps (and before every "
                                       "evaluation and checkpoint): k-step model averaging, 1/k of the dense "
                                       "all-reduces. Embedding tables stay sharded and exact.")
+    max_nonfinite_steps: int = doc(3, "Stop the run (exit 2, naming the step) once the training loss has been nan or "
+                                      "inf on some rank for this many steps in a row: it diverged. Checked at every "
+                                      "log line (trainer.log_every_n_steps) and before every checkpoint and "
+                                      "evaluation, which are skipped while the latest step's loss is not finite; a "
+                                      "run whose last step's loss is not finite stops the same way. Nothing "
+                                      "non-finite is saved: the checkpoints before it are kept.")
     early_stopping: EarlyStoppingConfig = doc_factory(
         EarlyStoppingConfig, "The best checkpoint by a validation metric, and stopping when that metric stops "
                              "improving or reaches a target. Evaluations are trainer.eval_every_n_steps apart.")
@@ -228,6 +234,8 @@ class TrainerConfig:
             self.eval_max_batches is None or self.eval_max_batches >= 1,
             f"trainer.eval_max_batches must be >= 1 or null, got {self.eval_max_batches}.",
         )
+        _require(self.max_nonfinite_steps >= 1,
+                 f"trainer.max_nonfinite_steps must be >= 1 steps, got {self.max_nonfinite_steps}.")
         _require(self.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {self.log_every_n_steps}.")
         _require_choice("trainer.pipeline", self.pipeline, PIPELINES)
         _require_choice("trainer.precision", self.precision, PRECISIONS)

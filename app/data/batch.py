@@ -281,13 +281,31 @@ def decode(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
         history_offsets, history_ids = keep_recent(history_offsets, history_ids, history.max_length)
         ids.append(history_ids)
         offsets.append(history_offsets)
+    for history in schema.sequence:  # then the candidates, in their history's table
+        index = schema.sparse_names.index(history.target)
+        target = schema.sparse[index]
+        _, target_policy = _id_range(target, policy)
+        if target.num_embeddings == history.num_embeddings or target_policy.invalid_ids != "hash":
+            ids.append(ids[index])  # the target's own rows are the history table's rows
+            offsets.append(offsets[index])
+            continue
+        # Hashed ids: mod the target's table is another row than the history's for the same raw id
+        # (150 is row 50 of 100 rows, row 150 of 200): the candidate is mapped as the history is.
+        candidate_offsets, candidate_ids = _sparse(_flat(table.column(target.name)), target.name,
+                                                   history.num_embeddings, source, target_policy)
+        ids.append(candidate_ids)
+        offsets.append(candidate_offsets)
     return Rows(dense, labels, ids, offsets)
 
 
 def with_empty_histories(rows: Rows, schema: FeatureSchema) -> Rows:
-    """`rows` (padding, with the sparse features only) with an empty history for every sequence feature."""
+    """`rows` (padding, with the sparse features only) with an empty history for every sequence
+    feature, and its candidate's ids (the target's, valid rows of the history's table too)."""
     empty = [np.zeros(len(rows) + 1, np.int64) for _ in schema.sequence]
-    return Rows(rows.dense, rows.labels, [*rows.ids, *(np.zeros(0, np.int64) for _ in empty)], [*rows.offsets, *empty])
+    targets = [schema.sparse_names.index(history.target) for history in schema.sequence]
+    return Rows(rows.dense, rows.labels, [*rows.ids, *(np.zeros(0, np.int64) for _ in empty),
+                                          *(rows.ids[t] for t in targets)],
+                [*rows.offsets, *empty, *(rows.offsets[t] for t in targets)])
 
 
 def keep_recent(offsets: Optional[np.ndarray], ids: np.ndarray, max_length: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -169,6 +169,11 @@ class EvaluationBatches(_Reader):
             yield self._padded(None)
             emitted += 1
 
+    def padding(self) -> EvalBatch:
+        """A batch of padding rows only (valid 0), for a rank that has no batch of its own to give
+        the model's collectives (every rank's forward takes part in the tables' all-to-all)."""
+        return self._padded(None)
+
     def _padded(self, rows: Optional[Rows]) -> EvalBatch:
         """`rows` (up to a batch) followed by padding rows: zeros, with id 0 in every feature."""
         valid = 0 if rows is None else len(rows)

@@ -20,7 +20,8 @@ What rectrain adds around TorchRec's modules, each for a reason measured when it
   gives the same rows as the uninterrupted one; (c) each module's history buffer (the ids of a
   step, from which new ids are inserted) gets a fixed size, enough for a step of every rank,
   instead of 1.25 x the first batch it sees, which after a resume would be another batch and
-  would drop other ids.
+  would drop other ids. It grows when a step brings more ids than that (bags longer than their
+  configured hotness), rather than drop them.
 - `ShardFaithfulRemap`, for export: an unsharded module maps an id by the whole table, while
   training mapped it by the shard its hash block belongs to (whose misses go to that shard's
   last row); the export splits the saved state back into those shards, so that predict maps
@@ -152,14 +153,38 @@ class _SeededRows:
 
 def _fixed_history(module: MCHManagedCollisionModule, size: int) -> None:
     """Allocates the module's history buffers at `size` ids (what its first training step would
-    do at 1.25 x that step's ids), so that the size never depends on which batch came first."""
+    do at 1.25 x that step's ids), so that the size never depends on which batch came first; the
+    ids a step has already recorded are kept."""
+    kept = module._current_history_buffer_offset if module._input_history_buffer_size > 0 else 0
+    old = module._history_accumulator[:kept] if kept else None
     module._input_history_buffer_size = size
     module._history_accumulator = torch.empty(size, dtype=torch.int64, device=module.device)
+    if old is not None:
+        module._history_accumulator[:kept] = old
     for name, _is_mch, is_history in module._eviction_policy.metadata_info:
         if is_history:
-            module.register_buffer("_history_" + name, torch.zeros(size, dtype=torch.int64, device=module.device),
-                                   persistent=False)
+            buffer = torch.zeros(size, dtype=torch.int64, device=module.device)
+            if kept:
+                buffer[:kept] = module._history_metadata[name][:kept]
+            module.register_buffer("_history_" + name, buffer, persistent=False)
             module._history_metadata[name] = getattr(module, "_history_" + name)
+
+
+def _history_that_grows(module: MCHManagedCollisionModule) -> None:
+    """Makes the module's profile() grow its history buffers to a step's ids first where they
+    would not hold them: TorchRec's keeps the first ids that fit and drops the rest silently (they
+    would get no row, whatever room the table has), and a bag may be longer than the configured
+    hotness. Counting the ids reads tensor sizes only: no sync with the device."""
+    profile = module.profile
+
+    def growing_profile(features: Dict[str, JaggedTensor]) -> Dict[str, JaggedTensor]:
+        if module.training and module._input_history_buffer_size > 0:
+            needed = module._current_history_buffer_offset + sum(f.values().numel() for f in features.values())
+            if needed > module._input_history_buffer_size:
+                _fixed_history(module, max(needed, 2 * module._input_history_buffer_size))
+        return profile(features)
+
+    module.profile = growing_profile
 
 
 def prepare_sharded(model: nn.Module, seed: int, history_size: int) -> int:
@@ -179,6 +204,7 @@ def prepare_sharded(model: nn.Module, seed: int, history_size: int) -> int:
         configs = sharded._embedding_module._table_name_to_config
         for index, (table, module) in enumerate(sorted(modules.items())):
             _fixed_history(module, history_size)
+            _history_that_grows(module)
             config = configs[table]
             configs[table] = replace(config, init_fn=_SeededRows(module, seed, index, config.get_weight_init_min(),
                                                                  config.get_weight_init_max()))

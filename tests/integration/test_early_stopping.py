@@ -139,3 +139,30 @@ def test_a_run_stops_when_validation_reaches_the_target(tmp_path, dataset):
     test = records(run_dir, "test")
     assert len(test) == 1 and test[0]["checkpoint"] == "step_00000005"  # the model in memory: no reload
 
+
+
+def test_a_validation_split_of_one_class_is_said_at_start_up_and_its_evaluations_do_not_stop_the_run(tmp_path,
+                                                                                                      dataset):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    one_class = tmp_path / "val_one_class"
+    one_class.mkdir()
+    for path in sorted((dataset / "val").glob("*.parquet")):
+        table = pq.read_table(path)
+        label = table.schema.get_field_index("label")
+        table = table.set_column(label, "label", pa.array([0] * table.num_rows, type=table.schema.field(label).type))
+        pq.write_table(table, one_class / path.name, row_group_size=250)
+    args = on_parquet(tmp_path, dataset, f"data.val_path={one_class}", "trainer.eval_every_n_steps=5",
+                      "trainer.early_stopping.patience=1", "checkpoint.every_n_steps=0", "trainer.max_steps=15")
+    out = check(run_command([sys.executable, "-m", "app.train", *args], cwd=REPO))
+    assert f"the validation split ({one_class}) has one class only: every row's 'label' is 0. Its AUC is " \
+           "undefined (nan)" in out
+    assert "the test split" not in out  # it has both
+    assert "validation auc is undefined (nan) at step 5: the evaluation cannot be the best and does not count " \
+           "toward trainer.early_stopping.patience" in out
+    # Patience 1 would have stopped it at step 10 ("best none yet"): it trains to the end.
+    assert "stopping early" not in out
+    run_dir = tmp_path / "outputs" / "tiny"
+    assert [r["step"] for r in records(run_dir, "eval")] == [5, 10, 15]
+    assert not (run_dir / "checkpoints" / "best").exists()

@@ -139,3 +139,30 @@ def test_managed_collision_learns_what_modulo_hashing_into_the_same_tables_canno
     managed_auc = records(run_dir(managed), "eval")[-1]["auc"]
     # Measured: 0.7125 against 0.6858 (the best achievable, the true probabilities', is 0.8259).
     assert managed_auc > modulo + 0.02, (managed_auc, modulo)
+
+
+def test_bags_longer_than_their_hotness_give_every_id_a_row(tmp_path):
+    # Each row a bag of 8 ids never seen before, under hotness 1: a step brings 4x the ids its
+    # history was sized for (2 x batch x hotness). The table has room for them all.
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bag, rows, table_rows = 8, 1024, 16384
+    for split, count, first in (("train", rows, 0), ("val", 128, rows * bag)):
+        ids = (10**9 + first + np.arange(count * bag)).reshape(count, bag)
+        (tmp_path / split).mkdir()
+        pq.write_table(pa.table({"label": np.arange(count) % 2, "int_0": np.ones(count, np.float32),
+                                 "c0": pa.array(ids.tolist(), type=pa.list_(pa.int64()))}),
+                       tmp_path / split / "part-0.parquet")
+    check(run_command([sys.executable, "-m", "app.train", f"output_root={tmp_path / 'outputs'}", "run_name=raw",
+                       "data=parquet", f"data.train_path={tmp_path / 'train'}", f"data.val_path={tmp_path / 'val'}",
+                       "features.dense=[int_0]", "features.embedding_dim=8", "model.dense_arch_layer_sizes=[16,8]",
+                       "model.over_arch_layer_sizes=[16,1]",
+                       f"features.sparse=[{{name: c0, num_embeddings: {table_rows}, id_mapping: managed_collision}}]",
+                       "data.batch_size=64", "trainer.epochs=1", "checkpoint.every_n_steps=0",
+                       "logging.progress_bar=false"], cwd=REPO))
+    state = exported(tmp_path, tmp_path / "export")
+    raw = state[f"{MC_KEY}.t_c0._mch_sorted_raw_ids"]
+    # Every id trained on has a row of its own (dropped from the history, it would have none).
+    assert int((raw != torch.iinfo(torch.int64).max).sum()) == rows * bag

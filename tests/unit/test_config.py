@@ -77,10 +77,27 @@ def test_default_is_criteo_shaped():
         ("trainer.early_stopping.patience=-1", "trainer.early_stopping.patience"),
         ("trainer.early_stopping.min_delta=-0.1", "trainer.early_stopping.min_delta"),
         ("trainer.early_stopping.target=nan", "trainer.early_stopping.target"),
+        ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps"),
     ],
 )
 def test_impossible_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
+        load([override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=inf", "optim.lr=inf"),  # lr > 0 lets inf through
+    ("optim.lr=nan", "optim.lr=nan"),
+    ("optim.sparse_lr=inf", "optim.sparse_lr=inf"),
+    ("optim.clip_grad_norm=inf", "optim.clip_grad_norm=inf"),
+    ("optim.betas=[0.9,-inf]", "optim.betas[1]=-inf"),
+    ("data.dense_fill_value=nan", "data.dense_fill_value=nan"),
+    ("sharding.inter_host_bw_gbps=inf", "sharding.inter_host_bw_gbps=inf"),
+    # A float inside a list of groups.
+    ("features.labels=[{name: label, weight: 1.0}, {name: conv, weight: inf}]", "features.labels[1].weight=inf"),
+])
+def test_every_float_key_refuses_non_finite_values_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key) + " is not a finite number"):
         load([override])
 
 

@@ -51,10 +51,21 @@ def test_batch_sums_stay_on_the_device_of_the_batch():
     # The meta device stands in for CUDA here: like CUDA, it refuses to stack a CPU tensor with its
     # own, which is how a CPU row count broke the first evaluation on a GPU.
     meta = batch_sums(LOGITS.to("meta"), LABELS.to("meta"))
-    assert meta.device.type == "meta" and meta.shape == (4,)
+    assert meta.device.type == "meta" and meta.shape == (5,)
     sums = batch_sums(LOGITS, LABELS).tolist()
-    assert sums[3] == 8 and sums[2] == float(LABELS.sum())
+    assert sums[3] == 8 and sums[2] == float(LABELS.sum()) and sums[4] == 0
     assert sums[1] == pytest.approx(float(torch.sigmoid(LOGITS).sum()))
+
+
+def test_non_finite_predictions_give_no_metric_that_could_become_the_best():
+    # Sorted, nan logits would still rank the rows: a finite AUC of a diverged model.
+    metrics = EvalMetrics(torch.device("cpu"))
+    metrics.update(LOGITS.masked_fill(LABELS > 0.5, float("nan")), LABELS)
+    result = metrics.compute()
+    assert all(math.isnan(result[key]) for key in ("auc", "logloss", "ne", "calibration")) and result["samples"] == 8
+    metrics.reset()
+    metrics.update(LOGITS.masked_fill(LABELS < 0.5, float("-inf")), LABELS)  # inf is no prediction either
+    assert math.isnan(metrics.compute()["auc"])
 
 
 def _two_rank_worker(rank: int, init_file: str, first_rank_rows: int, results) -> None:

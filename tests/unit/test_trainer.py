@@ -17,7 +17,9 @@ from app import job
 from app.checkpoint import RunShape, TrainState
 from app.hydra_edge import compose_config
 from app.config import EarlyStoppingConfig
-from app.trainer import EarlyStopping, _Window, segment_length
+from app.early_stopping import EarlyStopping
+from app.trainer import segment_length
+from app.training_loss import LossWindow
 
 STEPS_PER_EPOCH = 4000 // 128  # experiment=tiny on one rank: 31 full batches
 CADENCE = ["trainer.epochs=2", "trainer.eval_every_n_steps=10", "trainer.eval_max_batches=1",
@@ -83,16 +85,16 @@ def test_checkpoints_hold_the_data_position_across_the_epoch_boundary(finished_r
 
 def test_the_loss_window_keeps_its_totals_on_the_device_of_the_losses():
     # Meta stands in for CUDA: it refuses CPU tensors beside its own, as CUDA does in stack/cat.
-    window = _Window(start=0.0)
+    window = LossWindow(start=0.0)
     for loss in (0.5, 0.25):
         window.add(torch.tensor(loss, device="meta"))
     totals = window.totals()
     assert totals.device.type == "meta" and totals.shape == (2,)
-    window = _Window(start=0.0)
+    window = LossWindow(start=0.0)
     window.add(torch.tensor(0.5))
     window.add(torch.tensor(0.25))
     assert window.totals().tolist() == [0.75, 2.0]
-    assert window.mean_loss() == 0.375
+    assert window.mean_loss() == (0.375, None)
 
 
 def test_bf16_with_fp16_tables_trains_checkpoints_fp16_and_resumes(tmp_path):
@@ -133,9 +135,10 @@ def test_early_stopping_counts_evaluations_without_an_improvement_of_more_than_m
     # 0.705 and 0.725/0.729 are within min_delta of the best: not improvements.
     assert stop is not None and stop[0] == 4 and "in 2 evaluations" in stop[1] and "best 0.720000 at step 30" in stop[1]
     assert (state.best_value, state.best_step, state.evals_since_best) == (0.72, 30, 2)
-    # Lower is better for logloss; nan (one class) is never an improvement; patience 0 never stops.
-    state, stop = judge(EarlyStoppingConfig(metric="logloss", patience=1), [0.5, float("nan")])
-    assert stop[0] == 1 and state.best_value == 0.5
+    # Lower is better for logloss; nan (one class) is never an improvement, nor counted toward the
+    # patience; patience 0 never stops.
+    state, stop = judge(EarlyStoppingConfig(metric="logloss", patience=1), [0.5, float("nan"), float("nan"), 0.6])
+    assert stop[0] == 3 and state.best_value == 0.5 and state.evals_since_best == 1
     assert judge(EarlyStoppingConfig(metric="ne", patience=0), [0.9, 0.95, 0.97, 0.99])[1] is None
 
 

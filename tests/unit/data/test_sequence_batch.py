@@ -66,11 +66,29 @@ def test_without_sequence_features_batches_are_plain():
 def test_evaluation_padding_has_empty_histories():
     rows = Rows(np.zeros((2, 1), np.float32), np.zeros(2, np.float32), [np.zeros(2, np.int64)] * 2, [None, None])
     padded = Rows.concat([Rows(np.ones((1, 1), np.float32), np.ones(1, np.float32),
-                               [np.array([1]), np.array([2]), np.array([5, 6])], [None, None, np.array([0, 2])]),
+                               [np.array([1]), np.array([2]), np.array([5, 6]), np.array([1])],
+                               [None, None, np.array([0, 2]), None]),
                           with_empty_histories(rows, SCHEMA)])
     batch = padded.to_batch(SCHEMA.sparse_names, sequence=SCHEMA.sequence_inputs)
     history = batch.sequence_features.to_dict()["history"]
     assert history.lengths().tolist() == [2, 0, 0] and history.values().tolist() == [5, 6]
+    assert batch.sequence_features.to_dict()[target_key("history")].values().tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize("mapping, policy", [("modulo", InputPolicy()), ("direct", InputPolicy(invalid_ids="hash"))])
+def test_a_hashed_raw_id_lands_on_the_same_row_as_candidate_and_in_the_history(mapping, policy):
+    # The target's table (100 rows) is smaller than the history's (200), which both index.
+    schema = FeatureSchema.from_config(FeaturesConfig(
+        dense=["d0"], sparse=[SparseFeature("item", 100, id_mapping=mapping), SparseFeature("user", 5)],
+        embedding_dim=8, sequence=[SequenceFeature("history", 200, max_length=3, target="item")]))
+    batch = table_to_batch(table([[7, 150], [150], [], [199]], items=(150, 7, 450, 1)), schema, policy=policy)
+    sequence = batch.sequence_features.to_dict()
+    assert sequence["history"].values().tolist() == [7, 150, 150, 199]
+    # Raw id 150 is row 150 of the history's table as a candidate too (not 150 mod 100 = 50); 450
+    # is row 450 mod 200, as it would be in the history.
+    assert sequence[target_key("history")].values().tolist() == [150, 7, 50, 1]
+    # The candidate's own pooled table keeps its own rows.
+    assert batch.sparse_features.to_dict()["item"].values().tolist() == [50, 7, 50, 1]
 
 
 def test_a_sequence_batch_moves_with_its_histories():
