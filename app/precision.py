@@ -31,11 +31,14 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The dtype the dense part computes in (None: fp32), refusing what this device cannot do."""
+    """The dtype the dense part computes in (None: fp32), refusing what this device cannot do and
+    warning of what it does slowly."""
     dtype = DTYPES[precision]
     if device.type == "cpu" and dtype is torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        raise ConfigError("trainer.precision=bf16 needs a CPU with bf16 instructions (AVX512-BF16, AMX or "
-                          "AVX512 at least) or a CUDA device; this CPU has none: use trainer.precision=fp32.")
+        # torch computes bf16 without the instructions too (converting each operand), with the same
+        # numbers: a CPU without them runs it correctly, only slower than fp32.
+        log.warning("trainer.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX or AVX512): "
+                    "correct, but slower than fp32 here.")
     if device.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ConfigError("trainer.precision=bf16 needs a GPU with bf16 (Ampere or later); use fp16 or fp32.")
     if device.type == "cpu" and dtype is torch.float16:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.config import ConfigError
 from app.hydra_edge import compose_config
 from app.features import FeatureSchema
 from app.job import build_sharded_model
@@ -105,11 +104,11 @@ def test_precisions_the_device_cannot_do_are_refused_or_warned(caplog):
     with caplog.at_level("WARNING"):
         assert autocast_dtype("fp16", torch.device("cpu")) is torch.float16
     assert "slower than fp32" in caplog.text
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    caplog.clear()
+    with caplog.at_level("WARNING"):
         assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
-    else:
-        with pytest.raises(ConfigError, match="trainer.precision=bf16"):
-            autocast_dtype("bf16", torch.device("cpu"))
+    # Slow only where the CPU lacks bf16 instructions, which is said; the numbers are the same.
+    assert ("without bf16 instructions" in caplog.text) == (not torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def test_sparse_clip_value_bounds_every_table_update(single_process_group):
