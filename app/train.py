@@ -19,11 +19,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from app.config import ConfigError
 from app.errors import BAD_INPUT, UserError
-from app.hydra_edge import adopt_submitit_tasks, check_override_keys, register_with_hydra, to_config
+from app.hydra_edge import (RunDirectoryRefused, adopt_submitit_tasks, check_override_keys, register_with_hydra,
+                            to_config)
 
 register_with_hydra()
 PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption, after saving a checkpoint
@@ -154,10 +156,23 @@ def cli() -> None:
         _fail(error)
     try:
         main()
+    except RunDirectoryRefused as refused:
+        _fail(refused.error)
     except SystemExit as exit_:
         if exit_.code == 1 and not _entered_main:
             sys.exit(BAD_INPUT)
         raise
+    _end_sweep()
+
+
+def _end_sweep() -> None:
+    """A sweep whose points all ran exits non-zero when one failed, naming the failed points."""
+    sweep = sys.modules.get("app.sweep")  # imported by a sweep's points or its launcher only
+    failed = sweep.failures() if sweep is not None else None
+    if failed is not None:
+        line, code = failed
+        _say(line)
+        sys.exit(code)
 
 
 if __name__ == "__main__":
