@@ -12,6 +12,7 @@ override fails in about a second rather than after several seconds of imports.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -62,6 +63,30 @@ def main(cfg: DictConfig) -> float:
     adopt_submitit_tasks()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = tuple(HydraConfig.get().overrides.task)
+    if HydraConfig.get().mode == RunMode.MULTIRUN and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return _sweep_point(cfg, run_dir, overrides)
+    return _run(cfg, run_dir, overrides)
+
+
+def _sweep_point(cfg: DictConfig, run_dir: Path, overrides) -> float:
+    """One point of a sweep: its failure is said and recorded, and the sweep goes on to the next
+    point (app/sweep.py). SIGTERM still stops the sweep. (A sweep wrapped in torchrun stops at a
+    failing point: its ranks could not agree to go on.)"""
+    from app import sweep
+
+    try:
+        return sweep.finished_point(_run(cfg, run_dir, overrides))
+    except SystemExit as exit_:
+        if exit_.code != BAD_INPUT:
+            raise
+        return sweep.failed_point(run_dir, BAD_INPUT)
+    except Exception:
+        logging.getLogger("app.train").exception("sweep point %s failed", run_dir)
+        return sweep.failed_point(run_dir, 1)
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides) -> float:
+    """The job of `cfg` in run_dir: exits 2 on bad input, 143 when SIGTERM stopped it."""
     try:
         config = to_config(cfg)
     except ConfigError as error:

@@ -1,0 +1,80 @@
+"""A sweep (`python -m app.train -m ...`) runs every point, whatever earlier points met.
+
+A point that fails is recorded (its summary.json says "failed" with the error, as scripts/report.py
+shows it) and returns a FailedPoint: NaN to a sweeper, so that Optuna marks the trial failed and
+goes on, and the basic sweeper, which would stop at a point that raised, never sees one. The sweep
+command then exits non-zero once every point has run: 2 when each failed point failed on bad input,
+1 otherwise (see `failures`).
+
+Points run in this process (Hydra's basic launcher) or in jobs of their own (the submitit
+launchers, whose subclasses in hydra_plugins/rectrain_launchers, where Hydra looks for plugins,
+collect each job's FailedPoint into this process's record and say its error, which only the
+job's log file holds).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple
+
+from hydra.core.utils import JobReturn
+
+from app.errors import BAD_INPUT
+from app.summary import read_summary
+
+class FailedPoint(float):
+    """A failed point's return value: NaN, with where it ran, why, and its exit code."""
+
+    run_dir: str
+    error: str
+    exit_code: int
+
+    def __new__(cls, run_dir: str, error: str, exit_code: int) -> "FailedPoint":
+        point = super().__new__(cls, "nan")
+        point.run_dir, point.error, point.exit_code = run_dir, error, exit_code
+        return point
+
+    def __reduce__(self) -> Tuple[Any, ...]:  # a submitit job returns it pickled
+        return FailedPoint, (self.run_dir, self.error, self.exit_code)
+
+
+_points: List[float] = []  # every point this process ran or collected, in order
+
+
+def failed_point(run_dir: Path, exit_code: int) -> FailedPoint:
+    """The point in `run_dir` failed (it said why, and its summary.json holds the error)."""
+    summary = read_summary(run_dir) or {}
+    error = summary.get("error") if summary.get("status") == "failed" else None
+    point = FailedPoint(str(run_dir), str(error or f"exit code {exit_code}"), exit_code)
+    _points.append(point)
+    return point
+
+
+def finished_point(value: float) -> float:
+    _points.append(value)
+    return value
+
+
+def failures() -> Optional[Tuple[str, int]]:
+    """(the line that ends a sweep with failed points, its exit code); None when none failed."""
+    failed = [p for p in _points if isinstance(p, FailedPoint)]
+    if not failed:
+        return None
+    code = BAD_INPUT if all(p.exit_code == BAD_INPUT for p in failed) else 1
+    where = ", ".join(p.run_dir for p in failed)
+    return f"error: {len(failed)} of {len(_points)} sweep point(s) failed: {where}", code
+
+
+def collected(returns: Sequence[JobReturn]) -> Sequence[JobReturn]:
+    """The outcomes of points run as jobs of their own (hydra_plugins/rectrain_launchers), recorded
+    here; a failed one's error said, since only the job's log file holds it."""
+    for job in returns:
+        value = job.return_value
+        if isinstance(value, FailedPoint):
+            sys.stderr.write(f"error: sweep point {value.run_dir} failed: {value.error}\n")
+            sys.stderr.flush()
+            _points.append(value)
+        else:
+            finished_point(value)
+    return returns
