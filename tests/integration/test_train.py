@@ -115,6 +115,15 @@ def test_self_launched_workers(tmp_path):
     assert json.loads((tmp_path / "outputs" / "tiny" / "plan.json").read_text())["world_size"] == 2
 
 
+def test_more_readers_than_cores_are_warned_of(tmp_path):
+    # On one core (taskset), 2 reader processes per worker compete with training for it.
+    args = ["taskset", "-c", "0", sys.executable, "-m", "app.train",
+            *tiny(tmp_path, "data.num_workers=2", "trainer.max_steps=1")]
+    out = check(run_command(args, cwd=REPO))
+    assert ("data.num_workers=2: 2 reader processes on this node (2 per worker x 1 worker(s)) for 1 CPU core(s) "
+            "available; readers beyond the cores compete with training for them.") in out
+
+
 def session(tb_dir: Path):
     """The HParams session of a run's TensorBoard files: (hyperparameters, end status)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
