@@ -1,8 +1,9 @@
 """A sweep (`python -m app.train -m ...`) runs every point, whatever earlier points met.
 
 A point that fails is recorded (its summary.json says "failed" with the error, as scripts/report.py
-shows it) and returns a FailedPoint: NaN to a sweeper, so that Optuna marks the trial failed and
-goes on, and the basic sweeper, which would stop at a point that raised, never sees one. The sweep
+shows it) and returns a FailedPoint instead of its AUC: the basic sweeper, which would stop at a
+point that raised, never sees an error, and Optuna's marks the trial failed and goes on
+(configs/sweep/optuna.yaml lets every trial fail: max_failure_rate 1.0). The sweep
 command then exits non-zero once every point has run: 2 when each failed point failed on bad input,
 1 otherwise (see `failures`).
 
@@ -15,6 +16,7 @@ job's log file holds).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -23,23 +25,21 @@ from hydra.core.utils import JobReturn
 from app.errors import BAD_INPUT
 from app.summary import read_summary
 
-class FailedPoint(float):
-    """A failed point's return value: NaN, with where it ran, why, and its exit code."""
+
+@dataclass(frozen=True)
+class FailedPoint:
+    """A failed point's return value: where it ran, why, and its exit code. Not a number: Optuna's
+    sweeper marks such a trial failed (a NaN it would refuse with a traceback of its own)."""
 
     run_dir: str
     error: str
     exit_code: int
 
-    def __new__(cls, run_dir: str, error: str, exit_code: int) -> "FailedPoint":
-        point = super().__new__(cls, "nan")
-        point.run_dir, point.error, point.exit_code = run_dir, error, exit_code
-        return point
-
-    def __reduce__(self) -> Tuple[Any, ...]:  # a submitit job returns it pickled
-        return FailedPoint, (self.run_dir, self.error, self.exit_code)
+    def __str__(self) -> str:
+        return f"sweep point {self.run_dir} failed: {self.error}"
 
 
-_points: List[float] = []  # every point this process ran or collected, in order
+_points: List[Any] = []  # every point this process ran or collected, in order
 
 
 def failed_point(run_dir: Path, exit_code: int) -> FailedPoint:
@@ -72,7 +72,7 @@ def collected(returns: Sequence[JobReturn]) -> Sequence[JobReturn]:
     for job in returns:
         value = job.return_value
         if isinstance(value, FailedPoint):
-            sys.stderr.write(f"error: sweep point {value.run_dir} failed: {value.error}\n")
+            sys.stderr.write(f"error: {value}\n")
             sys.stderr.flush()
             _points.append(value)
         else:

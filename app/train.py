@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -57,7 +58,7 @@ _entered_main = False
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> Any:
     global _entered_main
     _entered_main = True
     adopt_submitit_tasks()
@@ -68,7 +69,7 @@ def main(cfg: DictConfig) -> float:
     return _run(cfg, run_dir, overrides)
 
 
-def _sweep_point(cfg: DictConfig, run_dir: Path, overrides) -> float:
+def _sweep_point(cfg: DictConfig, run_dir: Path, overrides) -> Any:
     """One point of a sweep: its failure is said and recorded, and the sweep goes on to the next
     point (app/sweep.py). SIGTERM still stops the sweep. (A sweep wrapped in torchrun stops at a
     failing point: its ranks could not agree to go on.)"""

@@ -252,6 +252,22 @@ def test_optuna_sweep_maximises_auc_and_a_rerun_resumes_its_trials(tmp_path):
     assert {row["optim.lr"] for row in rows} == {t.name.split("optim.lr=")[1].split(",")[0] for t in trials}
 
 
+def test_an_optuna_trial_that_fails_is_marked_failed_and_the_search_goes_on(tmp_path):
+    # A search space where some trials cannot run (data.batch_size=0): Optuna's sweeper stopped at
+    # the first; each is now a failed trial, the others are searched, and the command exits 2.
+    args = [sys.executable, "-m", "app.train", "+sweep=optuna", "hydra.sweeper.n_trials=3",
+            "data.batch_size=choice(0,64)", *tiny(tmp_path, "trainer.max_steps=2")]
+    result = run_command(args, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    trials = [p for p in (tmp_path / "outputs" / "sweep_optuna").iterdir() if p.is_dir() and p.name != ".hydra"]
+    statuses = sorted(json.loads((t / "summary.json").read_text())["status"] for t in trials)
+    failed = [t for t in trials if "data.batch_size=0," in t.name]
+    assert len(trials) == 3 and statuses == sorted(["failed"] * len(failed) + ["finished"] * (3 - len(failed)))
+    assert 0 < len(failed) < 3  # with the seeded sampler: trials 0 and 2
+    assert f"error: {len(failed)} of 3 sweep point(s) failed: " in result.stderr
+    assert "Best value: " in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("overrides", [["optim=sgd", "model=dcn"], ["optim=adam"]])
 def test_other_optimizers_and_the_dcn_head_train(tmp_path, overrides):
     args = [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4", *overrides)]
