@@ -34,7 +34,6 @@ sys.exit(None if (cuda is None) == ('${CUDA}' == 'cpu') else f'torch {torch.__ve
 
 COPY pyproject.toml README.md ./
 COPY app ./app
-COPY hydra_plugins ./hydra_plugins
 RUN pip install -c /tmp/constraints.txt .
 COPY configs ./configs
 COPY scripts ./scripts

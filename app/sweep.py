@@ -8,19 +8,20 @@ command then exits non-zero once every point has run: 2 when each failed point f
 1 otherwise (see `failures`).
 
 Points run in this process (Hydra's basic launcher) or in jobs of their own (the submitit
-launchers, whose subclasses in hydra_plugins/rectrain_launchers, where Hydra looks for plugins,
-collect each job's FailedPoint into this process's record and say its error, which only the
-job's log file holds).
+launchers: +launcher=local or slurm). Those jobs' outcomes are read, once the sweep has run, from
+the summary.json each point wrote in the sweep directory since the sweep began (`began`, told by
+the SweepStart callback of app/hydra_callbacks.py), and a failed one's error is said here, since only the
+job's log file holds it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
-
-from hydra.core.utils import JobReturn
+from typing import Any, Dict, List, Optional, Tuple
 
 from app.errors import BAD_INPUT
 from app.summary import read_summary
@@ -40,6 +41,19 @@ class FailedPoint:
 
 
 _points: List[Any] = []  # every point this process ran or collected, in order
+_began: Optional[Tuple[Path, float]] = None  # (its directory, when) of the sweep this process launched
+
+
+def began(sweep_dir: Path) -> None:
+    """A sweep this process launches begins, in `sweep_dir`."""
+    global _began
+    _began = (Path(os.path.abspath(sweep_dir)), time.time())
+
+
+def summary_since(run_dir: Path, since: float) -> Optional[Dict[str, Any]]:
+    """run_dir's summary.json where a run wrote it since `since` (a time.time()), else None."""
+    summary = read_summary(run_dir)
+    return summary if summary is not None and float(summary.get("attempt_started") or 0) >= since else None
 
 
 def failed_point(run_dir: Path, exit_code: int) -> FailedPoint:
@@ -57,7 +71,10 @@ def finished_point(value: float) -> float:
 
 
 def failures() -> Optional[Tuple[str, int]]:
-    """(the line that ends a sweep with failed points, its exit code); None when none failed."""
+    """(the line that ends a sweep with failed points, its exit code); None when none failed.
+    Points that ran as jobs of their own are collected first (`_collect_jobs`)."""
+    if not _points and _began is not None:
+        _collect_jobs(*_began)
     failed = [p for p in _points if isinstance(p, FailedPoint)]
     if not failed:
         return None
@@ -66,15 +83,19 @@ def failures() -> Optional[Tuple[str, int]]:
     return f"error: {len(failed)} of {len(_points)} sweep point(s) failed: {where}", code
 
 
-def collected(returns: Sequence[JobReturn]) -> Sequence[JobReturn]:
-    """The outcomes of points run as jobs of their own (hydra_plugins/rectrain_launchers), recorded
-    here; a failed one's error said, since only the job's log file holds it."""
-    for job in returns:
-        value = job.return_value
-        if isinstance(value, FailedPoint):
-            sys.stderr.write(f"error: {value}\n")
-            sys.stderr.flush()
-            _points.append(value)
-        else:
-            finished_point(value)
-    return returns
+def _collect_jobs(sweep_dir: Path, since: float) -> None:
+    """The outcomes of the points in `sweep_dir` that ran since `since`, recorded here (every point
+    writes its summary.json when it starts, and its failure when it fails; a point directory of an
+    earlier sweep is older). A failed one's error is said. Jobs on other hosts compare their clock
+    with this one's: they agree to far less than the seconds a job takes to start."""
+    for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+        summary = summary_since(run_dir, since)
+        if summary is None:
+            continue
+        if summary.get("status") != "failed":
+            _points.append((summary.get("validation") or {}).get("auc"))
+            continue
+        point = FailedPoint(str(run_dir), str(summary.get("error")), BAD_INPUT if summary.get("bad_input") else 1)
+        sys.stderr.write(f"error: {point}\n")
+        sys.stderr.flush()
+        _points.append(point)

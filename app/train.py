@@ -75,15 +75,20 @@ def _sweep_point(cfg: DictConfig, run_dir: Path, overrides) -> Any:
     failing point: its ranks could not agree to go on.)"""
     from app import sweep
 
+    started = time.time()
     try:
         return sweep.finished_point(_run(cfg, run_dir, overrides))
     except SystemExit as exit_:
         if exit_.code != BAD_INPUT:
             raise
-        return sweep.failed_point(run_dir, BAD_INPUT)
-    except Exception:
+        code, failure = BAD_INPUT, exit_.__context__ or exit_  # the UserError that _fail said
+    except Exception as error:
         logging.getLogger("app.train").exception("sweep point %s failed", run_dir)
-        return sweep.failed_point(run_dir, 1)
+        code, failure = 1, error
+    recorded = sweep.summary_since(run_dir, started)
+    if recorded is None or recorded["status"] != "failed":  # a failure its workers did not record
+        _record_failure(run_dir, failure, bad_input=code == BAD_INPUT)
+    return sweep.failed_point(run_dir, code)
 
 
 def _run(cfg: DictConfig, run_dir: Path, overrides) -> float:
@@ -122,14 +127,15 @@ def _run(cfg: DictConfig, run_dir: Path, overrides) -> float:
     return result["auc"]  # the value a sweeper plugin optimises
 
 
-def _record_failure(run_dir: Path, error: ConfigError) -> None:
-    """A point of a sweep that fails on its config is reported as failed, like one failing later."""
+def _record_failure(run_dir: Path, error: BaseException, bad_input: bool = True) -> None:
+    """A run (a sweep point) that fails where its workers do not record it (on its config, setting
+    up) is reported as failed in its summary.json, like one failing later."""
     from app.summary import RunSummary
 
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        RunSummary(run_dir, rank, world_size).failed(error)
+        RunSummary(run_dir, rank, world_size).failed(error, bad_input)
 
 
 def _print_summary(run_dir: Path) -> None:
