@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import logging
 import multiprocessing
 import os
 import signal
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from app.config import ConfigError, DistributedConfig
+from app.errors import BAD_INPUT
 
 
 @dataclass(frozen=True)
@@ -174,10 +176,35 @@ def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int) -> Dic
         signals_to_handle="SIGINT,SIGHUP,SIGQUIT",  # not SIGTERM: passed on below
     )
     previous = signal.signal(signal.SIGTERM, _pass_on_to_workers)
+    quiet = _QuietOnBadInput()
+    loggers = [logging.getLogger(name) for name in _LAUNCHER_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(quiet)
     try:
         return elastic_launch(launch_config, entrypoint)(*args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+# Where torch's launcher says that a worker ended: the process context that stops the others, and
+# the agent's poll, which logs the worker's exit with a ProcessExitedException traceback.
+_LAUNCHER_LOGGERS = ("torch.multiprocessing.spawn", "torch.distributed.elastic.multiprocessing.api")
+
+
+class _QuietOnBadInput(logging.Filter):
+    """Drops the launcher's traceback of a worker that exited with BAD_INPUT (it said why, in one
+    line: that is the whole story), and its note on stopping the other workers (they end because
+    one did, whatever its reason: the error or the ChildFailedError says it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from torch.multiprocessing import ProcessExitedException
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ProcessExitedException) and error.exit_code == BAD_INPUT:
+            return False
+        return not str(record.msg).startswith("Terminating process")
 
 
 def _pass_on_to_workers(signum, frame) -> None:

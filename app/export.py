@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from app.checkpoint import (META_FILE, MODEL_KEY, CheckpointError, find_checkpoint, load_state, read_dcp_metadata,
                             read_meta, weights_only_refusal)
-from app.config import Config
+from app.config import Config, ConfigError
 from app.hydra_edge import config_from_dict
 from app.data import DataError
 from app.data.batch import InputPolicy, decode
@@ -83,6 +83,16 @@ def _read_meta(checkpoint: Path) -> dict:
     return meta
 
 
+def _config_in(path: Path, data: dict) -> Config:
+    """The training config a checkpoint's meta.json or an export's config.json holds, read as plain
+    data (app/hydra_edge.py's config_from_dict); an ExportError naming the file where it is not one
+    this version of rectrain can build."""
+    try:
+        return config_from_dict(data)
+    except ConfigError as error:
+        raise ExportError(f"{path}: its config is not one this version of rectrain can use: {error}") from error
+
+
 def _check_keys(checkpoint: Path, state: Dict[str, torch.Tensor]) -> None:
     """The checkpoint's model entries must be exactly `state`'s tensors, with the same shapes."""
     try:
@@ -114,7 +124,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, prefer: str = "best") -> 
     its newest intact one; "latest": its newest); returns out_dir."""
     checkpoint = resolve_checkpoint(checkpoint, prefer)
     meta = _read_meta(checkpoint)
-    config = config_from_dict(meta["config"])
+    config = _config_in(checkpoint / META_FILE, meta["config"])
     model = build_model(config.model, FeatureSchema.from_config(config.features), _CPU, tables_device=_CPU,
                         managed_collision=config.features.managed_collision, mc_buckets=int(meta["world_size"]))
     state = model.state_dict()
@@ -189,7 +199,7 @@ def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
     """The exported model on the CPU in eval mode, and the config it was trained with."""
     out_dir = Path(out_dir)
     info = read_export_info(out_dir)
-    config = config_from_dict(info["config"])
+    config = _config_in(out_dir / CONFIG_FILE, info["config"])
     shards = info.get("managed_collision")
     # The dense part computes in the run's trainer.precision, as its evaluations did: scored in fp32,
     # a bf16 or fp16 run's AUC would differ from its validation's (in the 5th decimal, measured).

@@ -14,12 +14,13 @@ import dataclasses
 import difflib
 import hashlib
 import os
+import re
 import textwrap
 import typing
 from pathlib import Path
 from typing import Any, List, Optional
 
-from app.config import Config, ConfigError, field_docs
+from app.config import Config, ConfigError, check_run_location, field_docs
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -57,6 +58,49 @@ def adopt_submitit_tasks() -> None:
     if submitit.JobEnvironment().num_tasks > 1:
         # Each worker picks cuda:<LOCAL_RANK> itself (app/distributed.py): every device stays visible.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+class RunDirectoryRefused(BaseException):
+    """A run directory refused while Hydra composes its path (the run_dir resolver), before Hydra
+    writes anything there. A BaseException, so that neither OmegaConf nor Hydra wraps it in a
+    traceback of theirs on its way to app/train.py's cli(), which says `error` and exits 2."""
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _run_dir(output_root: str, run_name: str) -> str:
+    """hydra.run.dir and hydra.sweep.dir (configs/hydra/default.yaml): <output_root>/<run_name>,
+    checked first. Hydra writes .hydra/ and opens the log file there before the job starts: a
+    run_name of '..' would overwrite another run's files, and a directory that cannot be written
+    (read-only, full, immutable) would fail inside Hydra with its traceback."""
+    try:
+        check_run_location(str(output_root), str(run_name))
+        path = os.path.join(str(output_root), str(run_name))
+        try:
+            _probe_writes(Path(path))
+        except OSError as error:
+            raise ConfigError(f"cannot write the run directory {path} (from output_root and run_name): "
+                              f"{error.strerror or error}.") from error
+    except ConfigError as error:
+        raise RunDirectoryRefused(error) from error
+    return path
+
+
+def _probe_writes(directory: Path) -> None:
+    """OSError unless a file of a few KB can be written and synced in `directory` (made if missing):
+    an empty file would still be created on a full disk."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".rectrain_write_test_rank{worker_rank()}"
+    try:
+        with open(probe, "wb") as written:
+            written.write(bytes(4096))
+            written.flush()
+            os.fsync(written.fileno())
+    finally:
+        if probe.exists():
+            probe.unlink()
 
 
 def _rank0_only(value: str) -> Optional[str]:
@@ -141,6 +185,7 @@ def register_with_hydra() -> None:
     OmegaConf.register_new_resolver("rank0_only", _rank0_only, replace=True)
     OmegaConf.register_new_resolver("worker_rank", worker_rank, replace=True)
     OmegaConf.register_new_resolver("sweep_point_dir", _sweep_point_dir, replace=True)
+    OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
     OmegaConf.register_new_resolver("config_docs", _config_docs_resolver, replace=True)
 
 
@@ -239,10 +284,42 @@ def _known_keys(schema: type, prefix: str = "") -> List[str]:
 
 def config_from_dict(data: dict) -> Config:
     """A Config from its dataclasses.asdict() form (as checkpoints and exported models carry it),
-    checked against the schema like a composed one: unknown keys and wrong types fail."""
+    checked against the schema like a composed one: an unknown key, a wrong type or an impossible
+    value is a ConfigError naming the key. It is read as plain data: a string such as
+    '${oc.env:VAR}' stays that string, since a file someone sent must not pull values from this
+    machine's environment into a model (or fail where the variable is unset)."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data)).validate()
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), _literal(data)))
+    except ConfigKeyError as error:
+        check_key(error.full_key or str(error.key))
+        raise ConfigError(_first_line(error)) from error  # a key check_key admits (below a plain map)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{error.full_key}: {_first_line(error)}" if error.full_key else _first_line(error)) \
+            from error
+    return config.validate()
+
+
+def _literal(value: Any) -> Any:
+    """`value` (JSON-like data) with every '${' escaped, so that OmegaConf takes strings as they
+    are: no resolver runs. OmegaConf reads '\\${' as a literal '${', and a backslash only before
+    '${' as an escape, so those backslashes are doubled too."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda found: found.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {key: _literal(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_literal(item) for item in value]
+    return value
+
+
+def _first_line(error: Exception) -> str:
+    """OmegaConf's message without its full_key/object_type lines, nor the note on interpolation
+    that escaping adds ("While dereferencing interpolation '...': ")."""
+    message = str(error).splitlines()[0]
+    return message.split("': ", 1)[1] if message.startswith("While dereferencing interpolation") else message
 
 
 def check_override_keys(argv: List[str]) -> None:

@@ -7,6 +7,7 @@ edge) calls it in this process, or in each self-launched worker, once the config
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -99,6 +100,17 @@ def check_writable(storage: Storage, what: str, rank: int, key: str = "output_ro
         raise ConfigError(f"cannot write {what} to {directory} (from {key}): {reason}.") from error
 
 
+def warn_of_readers_beyond_cores(config: DataConfig, workers_per_node: int) -> None:
+    """Each reader process decodes on a core of its own: more of them than the node's cores only
+    take cores from training (and memory, for the windows each holds)."""
+    readers = config.num_workers * workers_per_node if config.prefetch_windows > 0 else 0
+    cores = len(os.sched_getaffinity(0))
+    if readers > cores:
+        log.warning("data.num_workers=%d: %d reader processes on this node (%d per worker x %d worker(s)) for %d "
+                    "CPU core(s) available; readers beyond the cores compete with training for them.",
+                    config.num_workers, readers, config.num_workers, workers_per_node, cores)
+
+
 def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run_dir: Optional[Path],
                         table_gradients: Optional[TableGradients] = None) -> nn.Module:
     """The model with its sparse optimizer fused in, planned collectively and wrapped in
@@ -169,6 +181,8 @@ def run(config: Config, run_dir: Path, overrides: Sequence[str] = ()) -> Optiona
     progress.configure(config.logging.progress_bar and env.is_rank0)
     log.info("%d worker(s) on %s, %d on this node, %d CPU threads each", env.world_size, env.device,
              env.local_world_size, torch.get_num_threads())
+    if env.is_rank0:
+        warn_of_readers_beyond_cores(config.data, env.local_world_size)
     summary = RunSummary(run_dir, env.rank, env.world_size)
     summary.running()
     try:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from app.errors import UserError
 from app.storage import write_atomically
 
 SUMMARY_FILE = "summary.json"
@@ -26,8 +27,8 @@ BASE_HPARAMS = ("model.arch", "optim.lr", "optim.sparse_lr", "data.batch_size", 
 # Overrides that say where a run is, or how it shows, not what it is.
 PLACEMENT_KEYS = ("run_name", "output_root", "distributed.nproc_per_node", "logging.progress_bar", "sweep", "launcher")
 # Said anew by every attempt.
-_ATTEMPT_KEYS = ("status", "error", "attempts", "world_size", "wall_time_s", "attempt_started", "updated", "pid",
-                 "host")
+_ATTEMPT_KEYS = ("status", "error", "bad_input", "attempts", "world_size", "wall_time_s", "attempt_started", "updated",
+                 "pid", "host")
 METRIC_COLUMNS = ("auc", "logloss", "ne", "calibration")
 
 
@@ -151,10 +152,12 @@ class RunSummary:
         if self.rank == 0:
             self._write("preempted", plan=plan_summary(self.run_dir), **fields)
 
-    def failed(self, error: BaseException) -> None:
+    def failed(self, error: BaseException, bad_input: Optional[bool] = None) -> None:
         """Rank 0's error; another rank's only where it is its own (bad rows in its share of the
         data): the others' are mostly the echo of a peer that went away. An error that says only
-        that another rank met one (`said_by_another_rank`) is left to that rank."""
+        that another rank met one (`said_by_another_rank`) is left to that rank. `bad_input` (by
+        default: whether `error` is a UserError) says whether the run exits 2, for a sweep that reads
+        it here."""
         if error is self._failed_with or getattr(error, "said_by_another_rank", False) or (
                 self.rank != 0 and not getattr(error, "rank_specific", False)):
             return  # said already (the run's end said it, before the MLflow run took the file)
@@ -162,7 +165,8 @@ class RunSummary:
         message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         if self.rank != 0:
             message = f"rank {self.rank}: {message}"
-        self._write("failed", error=message)
+        self._write("failed", error=message,
+                    bad_input=isinstance(error, UserError) if bad_input is None else bad_input)
 
 
 def best_metrics(run_dir: Path, step: Optional[int]) -> Optional[Dict[str, Any]]:

@@ -12,18 +12,22 @@ override fails in about a second rather than after several seconds of imports.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from app.config import ConfigError
 from app.errors import BAD_INPUT, UserError
-from app.hydra_edge import adopt_submitit_tasks, check_override_keys, register_with_hydra, to_config
+from app.hydra_edge import (RunDirectoryRefused, adopt_submitit_tasks, check_override_keys, register_with_hydra,
+                            to_config)
 
 register_with_hydra()
 PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption, after saving a checkpoint
@@ -54,12 +58,41 @@ _entered_main = False
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> Any:
     global _entered_main
     _entered_main = True
     adopt_submitit_tasks()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = tuple(HydraConfig.get().overrides.task)
+    if HydraConfig.get().mode == RunMode.MULTIRUN and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return _sweep_point(cfg, run_dir, overrides)
+    return _run(cfg, run_dir, overrides)
+
+
+def _sweep_point(cfg: DictConfig, run_dir: Path, overrides) -> Any:
+    """One point of a sweep: its failure is said and recorded, and the sweep goes on to the next
+    point (app/sweep.py). SIGTERM still stops the sweep. (A sweep wrapped in torchrun stops at a
+    failing point: its ranks could not agree to go on.)"""
+    from app import sweep
+
+    started = time.time()
+    try:
+        return sweep.finished_point(_run(cfg, run_dir, overrides))
+    except SystemExit as exit_:
+        if exit_.code != BAD_INPUT:
+            raise
+        code, failure = BAD_INPUT, exit_.__context__ or exit_  # the UserError that _fail said
+    except Exception as error:
+        logging.getLogger("app.train").exception("sweep point %s failed", run_dir)
+        code, failure = 1, error
+    recorded = sweep.summary_since(run_dir, started)
+    if recorded is None or recorded["status"] != "failed":  # a failure its workers did not record
+        _record_failure(run_dir, failure, bad_input=code == BAD_INPUT)
+    return sweep.failed_point(run_dir, code)
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides) -> float:
+    """The job of `cfg` in run_dir: exits 2 on bad input, 143 when SIGTERM stopped it."""
     try:
         config = to_config(cfg)
     except ConfigError as error:
@@ -94,14 +127,15 @@ def main(cfg: DictConfig) -> float:
     return result["auc"]  # the value a sweeper plugin optimises
 
 
-def _record_failure(run_dir: Path, error: ConfigError) -> None:
-    """A point of a sweep that fails on its config is reported as failed, like one failing later."""
+def _record_failure(run_dir: Path, error: BaseException, bad_input: bool = True) -> None:
+    """A run (a sweep point) that fails where its workers do not record it (on its config, setting
+    up) is reported as failed in its summary.json, like one failing later."""
     from app.summary import RunSummary
 
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        RunSummary(run_dir, rank, world_size).failed(error)
+        RunSummary(run_dir, rank, world_size).failed(error, bad_input)
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -154,10 +188,23 @@ def cli() -> None:
         _fail(error)
     try:
         main()
+    except RunDirectoryRefused as refused:
+        _fail(refused.error)
     except SystemExit as exit_:
         if exit_.code == 1 and not _entered_main:
             sys.exit(BAD_INPUT)
         raise
+    _end_sweep()
+
+
+def _end_sweep() -> None:
+    """A sweep whose points all ran exits non-zero when one failed, naming the failed points."""
+    sweep = sys.modules.get("app.sweep")  # imported by a sweep's points or its launcher only
+    failed = sweep.failures() if sweep is not None else None
+    if failed is not None:
+        line, code = failed
+        _say(line)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -64,15 +64,7 @@ class Config:
         for group in GROUP_SCHEMAS:
             getattr(self, group).validate()
         self.data.synthetic.validate()
-        _require(
-            bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
-            f"run_name={self.run_name!r} must be a non-empty name without '/'.",
-        )
-        _require(
-            "://" not in self.output_root,
-            f"output_root={self.output_root!r}: must be a local directory (Hydra writes the run's config, logs, "
-            "metrics and TensorBoard files there); put checkpoints in an object store with checkpoint.dir=<URL>.",
-        )
+        check_run_location(self.output_root, self.run_name)
         _require(
             self.model.dense_arch_layer_sizes[-1] == self.features.embedding_dim,
             f"model.dense_arch_layer_sizes must end in features.embedding_dim={self.features.embedding_dim} "
@@ -128,6 +120,20 @@ class Config:
             _require(not types or "row_wise" in types,
                      f"features.sparse[{i}].id_mapping=managed_collision ({feature.name!r}) shards only row_wise, "
                      f"but {key}={list(types)} excludes it; add row_wise there (or use another id_mapping).")
+
+
+def check_run_location(output_root: str, run_name: str) -> None:
+    """ConfigError unless <output_root>/<run_name> is a run directory of its own: run_name one path
+    component (not '..', which would name another run's directory), output_root a local path."""
+    _require(
+        bool(run_name) and "/" not in run_name and run_name not in (".", "..") and "\0" not in run_name,
+        f"run_name={run_name!r} must be a non-empty name without '/' (and not '.' or '..').",
+    )
+    _require(
+        "://" not in output_root and "\0" not in output_root,
+        f"output_root={output_root!r}: must be a local directory (Hydra writes the run's config, logs, "
+        "metrics and TensorBoard files there); put checkpoints in an object store with checkpoint.dir=<URL>.",
+    )
 
 
 def _group_schemas() -> Dict[str, type]:

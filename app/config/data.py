@@ -303,8 +303,9 @@ class DataConfig:
                               "resumes on any number). Each reader holds data.prefetch_windows windows ahead: the "
                               "memory of windows read ahead grows with num_workers x prefetch_windows. Each reader is a "
                               "process decoding on a core: more help only where training waits for windows (see "
-                              "the data benchmark). With data.prefetch_windows=0 there is no reader process, and a "
-                              "value above 1 is refused.")
+                              "the data benchmark); the run warns when a node's readers (num_workers x its workers) "
+                              "outnumber the CPU cores available to it. With data.prefetch_windows=0 there is no "
+                              "reader process, and a value above 1 is refused.")
     invalid_ids: str = doc("error", "A sparse id that cannot be trained on as it is: error stops with the file, row "
                                     "group, row and column; hash maps an id outside [0, num_embeddings) to id mod "
                                     "num_embeddings (and drops a null id inside a multi-hot list: there is nothing "

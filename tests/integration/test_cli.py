@@ -67,3 +67,90 @@ def test_help_lists_every_key_with_its_default_and_help():
     assert "checkpoint.every_n_steps: int = 500  (composed: 10)\n" in text
     assert "optim.lr: float = 0.05  (composed: 0.5)\n" in text and "optim.eps: float = 1e-08\n" in text
     assert "features.sparse: List[SparseFeature] = []  (composed: [26 entries])\n" in text
+
+
+def _files(directory):
+    """{relative path: bytes} of every file below `directory`."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_run_name_writes_nothing_into_another_run(tmp_path):
+    # A finished run, then a command whose run_name climbs out of its output_root into that run:
+    # refused before Hydra writes its .hydra/ or log file, or the run's summary says "failed".
+    from tests.integration.test_train import check, tiny
+
+    check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=2", "run_name=victim")],
+                      cwd=REPO))
+    victim = tmp_path / "outputs" / "victim"
+    before = _files(victim)
+    assert json.loads(before["summary.json"])["status"] == "finished" and ".hydra/config.yaml" in before
+    other = tmp_path / "outputs" / "other"
+    for sweep in ([], ["-m", "seed=1,2"]):
+        result = run_command([sys.executable, "-m", "app.train", *sweep,
+                              *tiny(tmp_path, f"output_root={other}", "run_name=../victim")], cwd=REPO)
+        assert result.returncode == 2, (sweep, result.stderr[-3000:])
+        assert _files(victim) == before, sweep
+        assert not other.exists()
+        assert result.stderr == ("error: run_name='../victim' must be a non-empty name without '/' (and not '.' "
+                                 "or '..').\n"), result.stderr[-3000:]
+
+
+@pytest.fixture
+def mount_point(tmp_path):
+    """A directory to mount a tmpfs on (as root: the tests run as root here); unmounted after."""
+    import subprocess
+
+    point = tmp_path / "mnt"
+    point.mkdir()
+    mounted = []
+
+    def mount(options: str):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        return point
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def _refused_run(tmp_path, output_root):
+    from tests.integration.test_train import tiny
+
+    result = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, f"output_root={output_root}")], cwd=REPO)
+    assert result.returncode == 2, result.stderr[-3000:]
+    return result.stderr
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, mount_point):
+    import subprocess
+
+    # Made immutable (chattr +i): nothing can be created in it, not even as root.
+    immutable = tmp_path / "immutable"
+    (immutable / "tiny").mkdir(parents=True)
+    subprocess.run(["chattr", "+i", str(immutable / "tiny")], check=True)
+    try:
+        stderr = _refused_run(tmp_path, immutable)
+    finally:
+        subprocess.run(["chattr", "-i", str(immutable / "tiny")], check=True)
+    assert stderr == (f"error: cannot write the run directory {immutable / 'tiny'} (from output_root and run_name): "
+                      "Operation not permitted.\n")
+    # A read-only file system.
+    read_only = mount_point("ro,size=1m")
+    assert _refused_run(tmp_path, read_only) == (
+        f"error: cannot write the run directory {read_only / 'tiny'} (from output_root and run_name): "
+        "Read-only file system.\n")
+
+
+def test_a_full_disk_under_the_run_directory_is_one_line_and_exit_2(tmp_path, mount_point):
+    full = mount_point("size=256k")
+    (full / "tiny").mkdir()
+    with open(full / "filler", "wb", buffering=0) as filler:  # every block of the file system taken
+        try:
+            while True:
+                filler.write(bytes(4096))
+        except OSError:
+            pass
+    assert _refused_run(tmp_path, full) == (
+        f"error: cannot write the run directory {full / 'tiny'} (from output_root and run_name): "
+        "No space left on device.\n")

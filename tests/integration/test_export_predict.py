@@ -81,3 +81,63 @@ def test_predict_scores_an_fp16_run_in_its_precision_as_its_validation_did(tmp_p
     printed_metrics = dict(re.findall(r"\b(AUC|logloss|NE) ([0-9.]+)", printed))
     assert printed_metrics == {name: f"{final_eval[key]:.6f}" for name, key in (("AUC", "auc"), ("logloss", "logloss"),
                                                                                  ("NE", "ne"))}
+
+
+def _edited_copy(source, target, name: str, edit) -> None:
+    """A copy of the directory `source` at `target` whose JSON file `name` has its "config" edited."""
+    import shutil
+
+    shutil.copytree(source, target)
+    data = json.loads((target / name).read_text())
+    edit(data["config"])
+    (target / name).write_text(json.dumps(data))
+
+
+def test_configs_in_received_files_are_plain_data_and_unknown_keys_exit_2(tmp_path):
+    # An export or a checkpoint someone sent: its config is data. '${oc.env:...}' in it is that
+    # string, never a value from this machine's environment (nor a crash where it is unset), and a
+    # key this version does not know is refused naming the file, as resume refuses it.
+    import os
+    import subprocess
+
+    check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=2")], cwd=REPO))
+    checkpoint = tmp_path / "outputs" / "tiny" / "checkpoints" / "step_00000002"
+    check(run_command(script("export.py", checkpoint, "--out", tmp_path / "exported"), cwd=tmp_path))
+    val = next((tmp_path / "data").iterdir()) / "val"
+    env = dict(os.environ, PYTHONPATH=str(REPO), BATCH="64")
+    env.pop("UNSET_VAR", None)
+
+    def predict(model):
+        return subprocess.run(script("predict.py", "--model", model, "--data", val, "--out", tmp_path / "p.parquet"),
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    unset = tmp_path / "unset"  # a string key: kept as the string
+    _edited_copy(tmp_path / "exported", unset, "config.json", lambda c: c.update(run_name="${oc.env:UNSET_VAR}"))
+    check(predict(unset))
+    from_env = tmp_path / "from_env"  # an integer key: the string is not an integer
+    _edited_copy(tmp_path / "exported", from_env, "config.json",
+                 lambda c: c["data"].update(eval_batch_size="${oc.env:BATCH}"))
+    result = predict(from_env)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: {from_env / 'config.json'}: its config is not one this version of rectrain can use: "
+        "data.eval_batch_size: Value '${oc.env:BATCH}' of type 'str' could not be converted to Integer\n"), \
+        result.stderr[-3000:]
+    unknown = tmp_path / "unknown"
+    _edited_copy(tmp_path / "exported", unknown, "config.json", lambda c: c["optim"].update(lrr=0.1))
+    result = predict(unknown)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: {unknown / 'config.json'}: its config is not one this version of rectrain can use: 'optim.lrr' is "
+        "not a config key: 'optim' has no field 'lrr'. Did you mean 'optim.lr'? `python -m app.train --cfg job` "
+        "prints every key.\n"), result.stderr[-3000:]
+
+    # A checkpoint whose meta.json has a key this version does not know: export refuses it as resume does.
+    foreign = tmp_path / "foreign" / "step_00000002"
+    _edited_copy(checkpoint, foreign, "meta.json", lambda c: c["trainer"].update(epochz=3))
+    result = run_command(script("export.py", foreign, "--out", tmp_path / "exported_foreign"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"\nerror: {foreign / 'meta.json'}: its config is not one this version of rectrain can use: " \
+        "'trainer.epochz' is not a config key" in result.stderr, result.stderr[-3000:]
+    resumed = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4", "run_name=other",
+                                                                   f"checkpoint.load_from={foreign}")], cwd=REPO)
+    assert resumed.returncode == 2 and "'trainer.epochz' is not a config key" in resumed.stderr, \
+        resumed.stderr[-3000:]

@@ -115,6 +115,15 @@ def test_self_launched_workers(tmp_path):
     assert json.loads((tmp_path / "outputs" / "tiny" / "plan.json").read_text())["world_size"] == 2
 
 
+def test_more_readers_than_cores_are_warned_of(tmp_path):
+    # On one core (taskset), 2 reader processes per worker compete with training for it.
+    args = ["taskset", "-c", "0", sys.executable, "-m", "app.train",
+            *tiny(tmp_path, "data.num_workers=2", "trainer.max_steps=1")]
+    out = check(run_command(args, cwd=REPO))
+    assert ("data.num_workers=2: 2 reader processes on this node (2 per worker x 1 worker(s)) for 1 CPU core(s) "
+            "available; readers beyond the cores compete with training for them.") in out
+
+
 def session(tb_dir: Path):
     """The HParams session of a run's TensorBoard files: (hyperparameters, end status)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -180,6 +189,42 @@ def test_sweep_runs_each_point_in_its_own_directory_and_the_report_ranks_them(tm
     assert page.count("data:image/png;base64,") == 2 and rows[0]["point"] in page
 
 
+def test_a_sweep_runs_every_point_records_the_failed_ones_and_exits_non_zero_at_the_end(tmp_path):
+    # Point 0 fails at run time on a damaged Parquet file, points 1 and 3 on their config: the
+    # sweep still runs point 2 to the end, then says which points failed and exits 2 (bad input).
+    check(run_command([sys.executable, "scripts/make_dataset.py", *tiny(tmp_path)[:2]], cwd=REPO))
+    synthetic = next((tmp_path / "data").iterdir())
+    damaged = tmp_path / "damaged" / "part-00000.parquet"
+    damaged.parent.mkdir()
+    damaged.write_bytes((synthetic / "val" / "part-00000.parquet").read_bytes()[:3000])
+    args = [sys.executable, "-m", "app.train", "-m", f"data.val_path={damaged.parent},{synthetic / 'val'}",
+            "optim.lr=0.01,-1", *tiny(tmp_path, "trainer.max_steps=2", "data=parquet",
+                                      f"data.train_path={synthetic / 'train'}")]
+    result = run_command(args, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    sweep_dir = tmp_path / "outputs" / "tiny"
+    points = {}
+    for point in (p for p in sweep_dir.iterdir() if p.is_dir()):
+        overrides = yaml.safe_load((point / ".hydra" / "overrides.yaml").read_text())
+        lr = next(o for o in overrides if o.startswith("optim.lr="))
+        points[(str(damaged.parent) in " ".join(overrides), lr)] = point
+    assert len(points) == 4
+    summary = {key: json.loads((point / "summary.json").read_text()) for key, point in points.items()}
+    assert summary[(True, "optim.lr=0.01")]["status"] == "failed"
+    assert f"{damaged}: not a readable Parquet file" in summary[(True, "optim.lr=0.01")]["error"]
+    for damaged_val in (True, False):
+        assert summary[(damaged_val, "optim.lr=-1")]["status"] == "failed"
+        assert summary[(damaged_val, "optim.lr=-1")]["error"] == "ConfigError: optim.lr must be > 0, got -1.0."
+    assert summary[(False, "optim.lr=0.01")]["status"] == "finished" and summary[(False, "optim.lr=0.01")]["step"] == 2
+    failed = [str(points[key]) for key in ((True, "optim.lr=0.01"), (True, "optim.lr=-1"), (False, "optim.lr=-1"))]
+    assert result.stderr.endswith(f"error: 3 of 4 sweep point(s) failed: {', '.join(failed)}\n"), \
+        result.stderr[-4000:]
+    # Each point's error is said once, when it fails.
+    assert result.stderr.count("optim.lr must be > 0, got -1.0.") == 2
+    assert result.stderr.count(f"{damaged}: not a readable Parquet file") == 1
+
+
 def test_optuna_sweep_maximises_auc_and_a_rerun_resumes_its_trials(tmp_path):
     args = [sys.executable, "-m", "app.train", "+sweep=optuna", "hydra.sweeper.n_trials=2",
             *tiny(tmp_path, "trainer.max_steps=3")]
@@ -205,6 +250,22 @@ def test_optuna_sweep_maximises_auc_and_a_rerun_resumes_its_trials(tmp_path):
         rows = list(csv.DictReader(table))
     assert float(rows[0]["final_auc"]) == pytest.approx(results["best_value"], abs=1e-12)
     assert {row["optim.lr"] for row in rows} == {t.name.split("optim.lr=")[1].split(",")[0] for t in trials}
+
+
+def test_an_optuna_trial_that_fails_is_marked_failed_and_the_search_goes_on(tmp_path):
+    # A search space where some trials cannot run (data.batch_size=0): Optuna's sweeper stopped at
+    # the first; each is now a failed trial, the others are searched, and the command exits 2.
+    args = [sys.executable, "-m", "app.train", "+sweep=optuna", "hydra.sweeper.n_trials=3",
+            "data.batch_size=choice(0,64)", *tiny(tmp_path, "trainer.max_steps=2")]
+    result = run_command(args, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    trials = [p for p in (tmp_path / "outputs" / "sweep_optuna").iterdir() if p.is_dir() and p.name != ".hydra"]
+    statuses = sorted(json.loads((t / "summary.json").read_text())["status"] for t in trials)
+    failed = [t for t in trials if "data.batch_size=0," in t.name]
+    assert len(trials) == 3 and statuses == sorted(["failed"] * len(failed) + ["finished"] * (3 - len(failed)))
+    assert 0 < len(failed) < 3  # with the seeded sampler: trials 0 and 2
+    assert f"error: {len(failed)} of 3 sweep point(s) failed: " in result.stderr
+    assert "Best value: " in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("overrides", [["optim=sgd", "model=dcn"], ["optim=adam"]])
@@ -255,7 +316,9 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(tm
     assert "Traceback" not in result.stderr
     # ... and where the run directory itself cannot be made (Hydra makes it), exit code 2 too.
     result = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, f"output_root={blocked}")], cwd=REPO)
-    assert result.returncode == 2 and f"Not a directory: '{blocked / 'tiny'}'" in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr == (f"error: cannot write the run directory {blocked / 'tiny'} (from output_root and "
+                             "run_name): Not a directory.\n")
 
 
 def _with_bad_id(source: Path, target: Path, row: int) -> None:
@@ -291,12 +354,13 @@ def test_bad_rows_are_reported_once_and_found_late_they_cost_no_training(tmp_pat
         result.stderr[-4000:]
     assert "from scratch" not in result.stdout + result.stderr  # not one step was trained
     assert "error: " in result.stderr and not list((tmp_path / "outputs" / "tiny").glob("checkpoints/step_*"))
-    # The same from workers the job starts itself: said once, exit code 2 (torch's launcher still
-    # logs the worker's exit code, but the job ends without a ChildFailedError of its own).
+    # The same from workers the job starts itself: said once, exit code 2, and nothing else: neither
+    # torch's launcher's traceback of the worker's exit nor a ChildFailedError of the job's own.
     self_launched = [sys.executable, "-m", "app.train", "distributed.nproc_per_node=2",
                      *tiny(tmp_path, *on_parquet, f"data.val_path={early.parent}")]
     result = run_command(self_launched, cwd=REPO)
     assert result.returncode == 2 and "ChildFailedError" not in result.stderr, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr and "ProcessExitedException" not in result.stderr, result.stderr[-4000:]
     assert result.stderr.count("row group 0, row 10: column 'cat_3' has id 10000") == 1
 
     # In row group 3 of the val split, which rank 1 evaluates: found at the final evaluation, after
@@ -319,9 +383,15 @@ def test_submitit_local_sweep_runs_points_as_separate_jobs_of_two_workers_and_re
     args = [sys.executable, "-m", "app.train", "-m", "+launcher=local", "hydra.launcher.tasks_per_node=2",
             "data.batch_size=64,0", *tiny(tmp_path, "trainer.max_steps=4")]
     result = run_command(args, cwd=REPO)
-    assert result.returncode != 0 and "data.batch_size must be > 0, got 0." in result.stdout + result.stderr
     sweep_dir = tmp_path / "outputs" / "tiny"
     good, bad = (next(sweep_dir.glob(f"data.batch_size={size},*")) for size in (64, 0))
+    # The failed point's error, from its job's log, said once and without a traceback; exit code 2.
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr and "UncompletedJobError" not in result.stderr, result.stderr[-4000:]
+    output = result.stdout + result.stderr
+    assert output.count("data.batch_size must be > 0, got 0.") == 1, output[-4000:]
+    assert f"error: sweep point {bad} failed: ConfigError: data.batch_size must be > 0, got 0.\n" in result.stderr
+    assert result.stderr.endswith(f"error: 1 of 2 sweep point(s) failed: {bad}\n"), result.stderr[-4000:]
     summary = json.loads((good / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["world_size"] == 2 and summary["step"] == 4
     assert (good / "train_rank1.log").exists() and json.loads((good / "plan.json").read_text())["world_size"] == 2
