@@ -65,3 +65,40 @@ def test_a_run_resumed_on_a_larger_batch_never_replaces_the_best_checkpoint(tmp_
     for logits, labels in score_files(model, config, files, 500, labeled=True):
         metrics.update(logits, labels)
     assert metrics.compute()["auc"] == pytest.approx(test["auc"], abs=1e-6)
+
+
+def test_a_forged_best_pointer_is_refused_and_the_best_starts_over(tmp_path):
+    run_dir = tmp_path / "outputs" / "tiny"
+    train(tmp_path, "trainer.max_steps=5")  # its final evaluation makes step 5 the best
+    forged = {**pointer(run_dir), "value": float("nan")}
+    (run_dir / "checkpoints" / "best").write_text(json.dumps(forged))  # {"value": NaN, ...}
+    out = train(tmp_path, "trainer.max_steps=10", "trainer.eval_every_n_steps=5")
+    assert "checkpoints/best is not valid: its metric and value ('auc', nan) are not a metric name and a finite " \
+           "number; it is not used" in out
+    # The best started over: step 5, evaluated again, is the best by a real value, or a later one is.
+    best = pointer(run_dir)
+    evaluations = {r["step"]: r["auc"] for r in records(run_dir, "eval")}
+    assert best["value"] == evaluations[best["step"]] and best["value"] == max(evaluations.values())
+    assert meta(run_dir, best["checkpoint"])["samples"] == best["samples"]
+
+
+def test_a_crash_between_publishing_the_best_and_writing_its_pointer_is_repaired_on_resume(tmp_path):
+    run_dir = tmp_path / "outputs" / "tiny"
+    common = ["trainer.eval_every_n_steps=5", "checkpoint.every_n_steps=5", "checkpoint.keep_last=1",
+              "trainer.early_stopping.min_delta=1.0"]  # only the first evaluation, step 5's, is a best
+    train(tmp_path, *common, "trainer.max_steps=10")
+    # The run directory as rank 0 leaves it when it dies right after publishing step 5, which its
+    # evaluation made the best, and before writing checkpoints/best.
+    checkpoints = run_dir / "checkpoints"
+    shutil.rmtree(checkpoints / "step_00000010")
+    (checkpoints / "best").unlink()
+    (checkpoints / "latest").write_text("step_00000005")
+    out = train(tmp_path, *common, "trainer.max_steps=15")
+    assert re.search(r"checkpoints/best did not name the checkpoint of the best evaluation so far \(validation auc "
+                     r"[0-9.]+ at step 5: the run before stopped before it was written\): it now names step_00000005",
+                     out)
+    best = pointer(run_dir)
+    assert (best["checkpoint"], best["step"]) == ("step_00000005", 5)
+    assert best["value"] == records(run_dir, "eval")[0]["auc"]
+    # keep_last=1 spares the best: without the pointer, step 5 would have been pruned.
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000005", "step_00000015"]
