@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -193,3 +194,23 @@ def test_a_save_that_fails_leaves_a_published_checkpoint_of_the_same_name_intact
     store.load(store.latest(), loaded)
     assert loaded["model"]["w"].unique().tolist() == [3.0] and verify(f"{url}/step_00000005") is None
     assert step_dirs(s3(), url) == {"step_00000005": True}
+
+
+def test_export_from_a_store_that_is_down_or_refuses_fails_in_one_line(s3_endpoint, tmp_path, monkeypatch):
+    url = f"s3://{BUCKET}/runs/reference"
+    export = [sys.executable, "scripts/export.py", url, "--out", str(tmp_path / "model")]
+    with socket.socket() as probe:  # a port nothing listens on: the store is down
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{probe.getsockname()[1]}")
+    down = run_command(export, cwd=REPO)
+    assert down.returncode == 2 and "Traceback" not in down.stderr, down.stderr[-3000:]
+    assert f"error: {url}: cannot read it (EndpointConnectionError: Could not connect to the endpoint URL" \
+        in down.stderr, down.stderr[-3000:]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    refused = run_command(export, cwd=REPO)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"error: {url}: cannot read it (NoCredentialsError: Unable to locate credentials)" in refused.stderr, \
+        refused.stderr[-3000:]
+    assert not (tmp_path / "model").exists()
