@@ -4,6 +4,7 @@ One server, one uploaded dataset and one finished 2-worker run serve the whole s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -214,3 +215,33 @@ def test_export_from_a_store_that_is_down_or_refuses_fails_in_one_line(s3_endpoi
     assert f"error: {url}: cannot read it (NoCredentialsError: Unable to locate credentials)" in refused.stderr, \
         refused.stderr[-3000:]
     assert not (tmp_path / "model").exists()
+
+
+def test_a_second_job_on_checkpoints_in_use_in_a_bucket_is_refused_until_their_holder_dies(s3_data, tmp_path):
+    """Two jobs with other run directories, one checkpoint.dir: the lease in the bucket refuses the
+    second; once the first is SIGKILLed its lease is stale (its holder is gone), and taken over."""
+    lease = f"{BUCKET}/runs/leased/.rectrain.lease"
+    args = s3_job(tmp_path / "first", s3_data, "leased", "trainer.epochs=100", "checkpoint.async_save=false")
+    first = start([sys.executable, "-m", "app.train", *args], tmp_path / "first.log")
+    fs = s3()
+    try:
+        deadline = time.time() + 300
+        while not fs.exists(lease):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no lease taken in time"
+            time.sleep(0.2)
+            fs.invalidate_cache()
+        holder = json.loads(fs.cat_file(lease))
+        assert holder["pid"] == first.pid
+        others = s3_job(tmp_path / "second", s3_data, "leased", "trainer.max_steps=3")
+        second = run_command([sys.executable, "-m", "app.train", *others], cwd=REPO)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert (f"error: the run is in use by another job: s3://{lease} is leased by pid {first.pid} on host "
+                f"{holder['host']} (renewed ") in second.stderr, second.stderr[-3000:]
+        assert first.poll() is None
+    finally:
+        kill_tree(first.pid)
+        first.wait(timeout=60)
+    taken_over = check(run_command([sys.executable, "-m", "app.train", *others], cwd=REPO))
+    assert f"taking over the stale lease s3://{lease} of pid {first.pid}" in taken_over
+    assert not fs.exists(lease)  # released at the end
