@@ -4,7 +4,8 @@ names the path and the cause, instead of the tracebacks of every thread that met
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from app.errors import UserError
 
@@ -47,3 +48,17 @@ def describe(error: BaseException) -> str:
         where = f" ({error.filename})" if error.filename else ""
         return f"[Errno {error.errno}] {error.strerror}{where}"
     return f"{type(error).__name__}: {' '.join(str(error).split())}"[:400]
+
+
+@contextmanager
+def said_in_one_line(what: str) -> Iterator[None]:
+    """A storage error in the block becomes a StorageFailure: "<what>: <cause>"."""
+    try:
+        yield
+    except StorageFailure:
+        raise
+    except Exception as error:
+        cause = storage_cause(error)
+        if cause is None:
+            raise
+        raise StorageFailure(f"{what}: {describe(cause)}.") from error

@@ -52,7 +52,7 @@ from app.checkpoint.names import is_step_name, step_name
 from app.checkpoint.safe_load import CheckpointError, load_state
 from app.checkpoint.verification import META_FILE, manifest, read_meta, verify
 from app.checkpoint.writers import FileWriter, HostCopyStager, ObjectWriter, SavePlanner
-from app.storage_failure import StorageFailure, describe, storage_cause
+from app.storage_failure import StorageFailure, describe, said_in_one_line, storage_cause
 from app.storage import LocalStorage, ObjectStorage, Storage, location, storage_at
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,13 @@ class CheckpointStore:
         same on all ranks) is written by rank 0, with `samples` (trained so far: what orders
         checkpoints). Asynchronous: returns once `state` is copied; the checkpoint appears when the
         next save() or wait() publishes it. `best` (the metric and its value): the checkpoint
-        becomes the best one once it is published (see mark_best)."""
+        becomes the best one once it is published (see mark_best). Storage that fails: a
+        StorageFailure, and nothing of this save left behind."""
+        with said_in_one_line(f"cannot write checkpoint {self.storage.path(step_name(step))}"):
+            return self._save(step, state, meta, asynchronous, samples, best)
+
+    def _save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any], asynchronous: bool, samples: int,
+              best: Optional[Dict[str, Any]]) -> Path:
         meta = {**meta, "samples": samples}
         self._publish_pending()
         final, staging = self._names_for(step, samples)
@@ -221,8 +227,9 @@ class CheckpointStore:
     def wait(self) -> Optional[Path]:
         """Collective: finish what goes on in the background: the pending asynchronous save, if
         any, written and published (its path returned), and the deletion of pruned checkpoints."""
-        path = self._publish_pending()
-        self._finish_removal()
+        with said_in_one_line(f"cannot write checkpoints to {self.directory}"):
+            path = self._publish_pending()
+            self._finish_removal()
         return path
 
     def _publish_pending(self) -> Optional[Path]:
