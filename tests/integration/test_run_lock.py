@@ -35,7 +35,7 @@ def test_a_second_job_on_a_run_in_use_is_refused_and_a_killed_job_leaves_no_lock
     first = start(torchrun(*args), log)  # 2 workers of one job: they share the run
     try:
         summary = wait_until_training(run_dir, first, log)
-        second = run_command([sys.executable, "-m", "app.train", *args], cwd=REPO)
+        second = run_command([sys.executable, "-m", "app.train", *args, "trainer.max_steps=3"], cwd=REPO)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert (f"error: the run is in use by another job: {run_dir / '.rectrain.lock'} is locked by pid "
                 f"{summary['pid']} on host {summary['host']}. Wait for it to end, or choose another run_name") \
