@@ -117,7 +117,7 @@ def position_here(saved: SavedCheckpoint, here: RunShape) -> TrainState:
     """The checkpoint's position in this run's steps. Progress is samples: a run on another number
     of ranks or another batch size continues its epoch after as many samples (less than one batch's
     worth repeated), at the step, and so the LR, an uninterrupted run of this shape would be at,
-    and it ends where that run would."""
+    with the samples that run counts there, and it ends where that run would."""
     if saved.world_size == here.world_size and saved.global_batch_size == here.global_batch_size:
         return dataclasses.replace(saved.state)
     epoch_done = saved.steps_per_epoch is not None and saved.state.batches_done >= saved.steps_per_epoch
