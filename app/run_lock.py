@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 from app.checkpoint.collective import broadcast_text
+from app.config import ConfigError
 from app.errors import UserError
 from app.storage import ObjectStorage, Storage
 from app.storage_failure import describe
@@ -61,8 +62,12 @@ class _LocalLock:
 
     def take(self) -> Optional[str]:
         """None once held; else who holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            file = open(self.path, "a+")
+        except OSError as error:
+            raise ConfigError(f"cannot write to {self.path.parent} (from output_root and run_name, or "
+                              f"checkpoint.dir): {error.strerror or error}.") from error
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -142,11 +142,6 @@ class CheckpointStore:
         meta = {**meta, "samples": samples}
         self._publish_pending()
         final, staging = self._names_for(step, samples)
-        if self.rank == 0:
-            # Left by a run that died while saving; in an object store, where staging is the final
-            # name, also the same step saved before (a resumed run that had nothing left to do).
-            self.storage.delete(staging)
-        barrier(self.group)
         writer = self._writer(staging)
         try:
             if asynchronous:
@@ -163,24 +158,39 @@ class CheckpointStore:
 
     def _names_for(self, step: int, samples: int) -> Tuple[str, str]:
         """Collective: (the name the checkpoint of `step` after `samples` is published under, the
-        name it is written under), as rank 0 finds them."""
+        name it is written under, cleared), as rank 0 finds them; a StorageFailure on every rank
+        where rank 0 cannot reach the storage."""
         names = None
         if self.rank == 0:
-            final = step_name(step)
+            try:
+                names = json.dumps(self._free_names(step, samples))
+            except Exception as error:
+                if storage_cause(error) is None:
+                    raise
+                names = json.dumps(f"cannot write checkpoint {self.storage.path(step_name(step))}: "
+                                   f"{describe(storage_cause(error))}.")
+        decided = json.loads(broadcast_text(names, self.group))
+        if isinstance(decided, str):
+            raise StorageFailure(decided)
+        return decided[0], decided[1]
+
+    def _free_names(self, step: int, samples: int) -> List[str]:
+        final = step_name(step)
+        taken = META_FILE in self.storage.files(final)
+        if taken and self._samples(final) != samples:
+            # Another position's (a run resumed on another global batch counts steps of another
+            # size), which checkpoints/best may name: never replaced (see names.py).
+            final = step_name(step, samples)
             taken = META_FILE in self.storage.files(final)
-            if taken and self._samples(final) != samples:
-                # Another position's (a run resumed on another global batch counts steps of another
-                # size), which checkpoints/best may name: never replaced (see names.py).
-                final = step_name(step, samples)
-                taken = META_FILE in self.storage.files(final)
-            staging = self.storage.staging_name(final)
-            if staging == final and taken:
-                # Written in place, this save would destroy the published checkpoint of the same
-                # position before it is complete.
-                staging = f".{final}.tmp"
-            names = json.dumps([final, staging])
-        final, staging = json.loads(broadcast_text(names, self.group))
-        return final, staging
+        staging = self.storage.staging_name(final)
+        if staging == final and taken:
+            # Written in place, this save would destroy the published checkpoint of the same
+            # position before it is complete.
+            staging = f".{final}.tmp"
+        # Left by a run that died while saving; in an object store, where staging is the final
+        # name, also the same step saved before (a resumed run that had nothing left to do).
+        self.storage.delete(staging)
+        return [final, staging]
 
     def _abandon(self, staging: str, final: str, error: BaseException) -> None:
         """A save that failed on some rank (every rank gets DCP's error): its files are removed,

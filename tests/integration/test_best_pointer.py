@@ -45,9 +45,6 @@ def test_a_run_resumed_on_a_larger_batch_never_replaces_the_best_checkpoint(tmp_
     assert pointer(run_dir)["samples"] == 1280
     out = train(tmp_path, *REPRODUCTION, "data.batch_size=512")  # step 30 of 128 is step 7 of 512
     assert "continues after 3584 samples, at step 7" in out
-    # The resumed run counts the samples of its own steps: step 10 of 512 is 5120 (not 3840 + 3 x 512).
-    assert [(r["step"], r["samples"]) for r in records(run_dir, "train") if r["step"] in (10, 15)][-2:] == \
-        [(10, 5120), (15, 7680)]
     best = pointer(run_dir)
     assert (best["checkpoint"], best["step"], best["samples"]) == ("step_00000010", 10, 1280)
     assert (meta(run_dir, "step_00000010")["samples"], meta(run_dir, "step_00000010")["global_batch_size"]) == \
@@ -65,6 +62,9 @@ def test_a_run_resumed_on_a_larger_batch_never_replaces_the_best_checkpoint(tmp_
     for logits, labels in score_files(model, config, files, 500, labeled=True):
         metrics.update(logits, labels)
     assert metrics.compute()["auc"] == pytest.approx(test["auc"], abs=1e-6)
+    # The resumed run counts the samples of its own steps: step 10 of 512 is 5120 (not 3840 + 3 x 512).
+    assert [(r["step"], r["samples"]) for r in records(run_dir, "train") if r["step"] in (10, 15)][-2:] == \
+        [(10, 5120), (15, 7680)]
 
 
 def test_a_forged_best_pointer_is_refused_and_the_best_starts_over(tmp_path):
@@ -73,13 +73,13 @@ def test_a_forged_best_pointer_is_refused_and_the_best_starts_over(tmp_path):
     forged = {**pointer(run_dir), "value": float("nan")}
     (run_dir / "checkpoints" / "best").write_text(json.dumps(forged))  # {"value": NaN, ...}
     out = train(tmp_path, "trainer.max_steps=10", "trainer.eval_every_n_steps=5")
-    assert "checkpoints/best is not valid: its metric and value ('auc', nan) are not a metric name and a finite " \
-           "number; it is not used" in out
     # The best started over: step 5, evaluated again, is the best by a real value, or a later one is.
     best = pointer(run_dir)
     evaluations = {r["step"]: r["auc"] for r in records(run_dir, "eval")}
     assert best["value"] == evaluations[best["step"]] and best["value"] == max(evaluations.values())
     assert meta(run_dir, best["checkpoint"])["samples"] == best["samples"]
+    assert "checkpoints/best is not valid: its metric and value ('auc', nan) are not a metric name and a finite " \
+           "number; it is not used" in out
 
 
 def test_a_crash_between_publishing_the_best_and_writing_its_pointer_is_repaired_on_resume(tmp_path):
@@ -94,11 +94,11 @@ def test_a_crash_between_publishing_the_best_and_writing_its_pointer_is_repaired
     (checkpoints / "best").unlink()
     (checkpoints / "latest").write_text("step_00000005")
     out = train(tmp_path, *common, "trainer.max_steps=15")
-    assert re.search(r"checkpoints/best did not name the checkpoint of the best evaluation so far \(validation auc "
-                     r"[0-9.]+ at step 5: the run before stopped before it was written\): it now names step_00000005",
-                     out)
     best = pointer(run_dir)
     assert (best["checkpoint"], best["step"]) == ("step_00000005", 5)
     assert best["value"] == records(run_dir, "eval")[0]["auc"]
     # keep_last=1 spares the best: without the pointer, step 5 would have been pruned.
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000005", "step_00000015"]
+    assert re.search(r"checkpoints/best did not name the checkpoint of the best evaluation so far \(validation auc "
+                     r"[0-9.]+ at step 5: the run before stopped before it was written\): it now names step_00000005",
+                     out)
