@@ -25,6 +25,7 @@ import dataclasses
 import json
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -50,6 +51,7 @@ from app.models import build_model, embedding_tables
 from app.models.managed_collision import for_export
 from app.precision import DTYPES
 from app.storage import atomic_output, write_atomically
+from app.storage_failure import describe, storage_cause
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"  # written last: an export without it is incomplete
@@ -71,6 +73,12 @@ def resolve_checkpoint(path: Path, prefer: str = "best") -> Path:
         return find_checkpoint(location(path), prefer=prefer)  # a local path or an object-store URL
     except CheckpointError as error:
         raise ExportError(str(error)) from error
+    except Exception as error:  # a store that is down, or refuses: botocore's errors are not OSErrors
+        cause = storage_cause(error)
+        if cause is None:
+            raise
+        raise ExportError(f"{path}: cannot read it ({describe(cause)}); check the path, and for a URL the bucket, "
+                          "the credentials and the endpoint (AWS_* variables, ~/.aws).") from error
 
 
 def _read_meta(checkpoint: Path) -> dict:
@@ -208,13 +216,7 @@ def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
                         managed_collision=config.features.managed_collision,
                         mc_buckets=shards["world_size"] if shards else 1)
     path = out_dir / MODEL_FILE
-    try:
-        state = torch.load(path, map_location=_CPU, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ExportError(f"{path}: not a file of plain tensors, so it is not loaded (torch.load with "
-                          f"weights_only=True refused it: {weights_only_refusal(error)}).") from error
-    except (OSError, RuntimeError, EOFError) as error:  # e.g. a truncated file
-        raise ExportError(f"{path}: not readable ({error}).") from error
+    state = _read_model_file(path)
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as error:
@@ -225,6 +227,20 @@ def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
     if shards:
         for_export(embedding_tables(model), shards["segments"], shards["world_size"])
     return model.eval(), config
+
+
+def _read_model_file(path: Path) -> Dict[str, torch.Tensor]:
+    """model.pt's tensors, loaded as plain data; ExportError naming the file for anything else."""
+    if not zipfile.is_zipfile(path):  # what torch.save writes: any other file is junk to it
+        raise ExportError(f"{path}: not a file of plain tensors written by scripts/export.py (not a torch.save "
+                          "archive); export the checkpoint again.")
+    try:
+        return torch.load(path, map_location=_CPU, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ExportError(f"{path}: not a file of plain tensors, so it is not loaded (torch.load with "
+                          f"weights_only=True refused it: {weights_only_refusal(error)}).") from error
+    except Exception as error:  # a damaged archive fails deep in torch's reader, in many ways
+        raise ExportError(f"{path}: not readable ({type(error).__name__}: {error}).") from error
 
 
 # ---- scoring ------------------------------------------------------------------------------------

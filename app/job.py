@@ -34,6 +34,7 @@ from app.models.managed_collision import prepare_sharded
 from app.optim import OptimizerStep, apply_sparse_optimizer, optimizer_and_schedule
 from app.precision import TableGradients, autocast_dtype, loss_scaler
 from app.preemption import Preemption
+from app.run_lock import run_locked
 from app.sharding import plan_report, plan_sharding, shard_model, write_plan_report
 from app.storage import Storage, UrlPath, storage_at
 from app.summary import RunSummary, best_metrics, hyperparameters
@@ -177,21 +178,24 @@ def run(config: Config, run_dir: Path, overrides: Sequence[str] = ()) -> Optiona
         start_reader_server()  # its imports overlap the set-up below
     env = distributed.init(config.distributed)
     preemption = Preemption(distributed.new_gloo_group())  # from the start: set-up may take minutes
-    setup_logging(config.logging, env.is_rank0)
-    progress.configure(config.logging.progress_bar and env.is_rank0)
-    log.info("%d worker(s) on %s, %d on this node, %d CPU threads each", env.world_size, env.device,
-             env.local_world_size, torch.get_num_threads())
-    if env.is_rank0:
-        warn_of_readers_beyond_cores(config.data, env.local_world_size)
-    summary = RunSummary(run_dir, env.rank, env.world_size)
-    summary.running()
     try:
-        # In a function of its own, so that the model and everything holding a process group are
-        # garbage when shutdown() collects them.
-        return _train(config, run_dir, env, preemption, summary, overrides)
-    except BaseException as error:
-        summary.failed(error)
-        raise
+        setup_logging(config.logging, env.is_rank0)
+        progress.configure(config.logging.progress_bar and env.is_rank0)
+        log.info("%d worker(s) on %s, %d on this node, %d CPU threads each", env.world_size, env.device,
+                 env.local_world_size, torch.get_num_threads())
+        if env.is_rank0:
+            warn_of_readers_beyond_cores(config.data, env.local_world_size)
+        # Before summary.json: a job refused here must not write over the one that holds the run.
+        with run_locked(run_dir, None, env.rank, preemption.group):
+            summary = RunSummary(run_dir, env.rank, env.world_size)
+            summary.running()
+            try:
+                # In a function of its own, so that the model and everything holding a process
+                # group are garbage when shutdown() collects them.
+                return _train(config, run_dir, env, preemption, summary, overrides)
+            except BaseException as error:
+                summary.failed(error)
+                raise
     finally:
         preemption.close()
         distributed.shutdown()
@@ -202,6 +206,12 @@ def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, 
     key = "checkpoint.dir" if config.checkpoint.dir else "output_root and run_name"
     checkpoint_storage = storage_at(checkpoint_location(config, run_dir), key=key)
     check_writable(checkpoint_storage, "checkpoints", env.rank, key)  # every rank writes its shards
+    with run_locked(run_dir, checkpoint_storage, env.rank, preemption.group):  # where not in run_dir
+        return _train_locked(config, run_dir, env, preemption, summary, overrides, checkpoint_storage)
+
+
+def _train_locked(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, summary: RunSummary,
+                  overrides: Sequence[str], checkpoint_storage: Storage) -> Optional[Dict[str, float]]:
     # Before the set-up's minutes: a tracking server that cannot be reached stops the run now.
     tracking = None
     if env.is_rank0 and config.logging.mlflow.tracking_uri:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from app.storage_failure import said_in_one_line
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +181,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         line = {"kind": kind, **record, "time": time.time()}
-        self._jsonl.write(json.dumps(line) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{kind}/{key}", value, global_step=record["step"])
-            self._tb.flush()
+        with said_in_one_line(f"cannot write the run's metrics to {self._jsonl.name} and {self._run_dir / 'tb'}"):
+            self._jsonl.write(json.dumps(line) + "\n")
+            self._jsonl.flush()
+            if self._tb is not None:
+                for key, value in record.items():
+                    if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
+                        self._tb.add_scalar(f"{kind}/{key}", value, global_step=record["step"])
+                self._tb.flush()
         if self.tracking is not None:
             self.tracking.log(kind, record)
 

@@ -12,6 +12,7 @@ a dead one by the pid and host recorded here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -165,8 +166,11 @@ class RunSummary:
         message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         if self.rank != 0:
             message = f"rank {self.rank}: {message}"
-        self._write("failed", error=message,
-                    bad_input=isinstance(error, UserError) if bad_input is None else bad_input)
+        try:
+            self._write("failed", error=message,
+                        bad_input=isinstance(error, UserError) if bad_input is None else bad_input)
+        except OSError as failure:  # the storage that failed the run may fail this too: the error is said anyway
+            logging.getLogger(__name__).warning("could not record the failure in %s: %s", self.path, failure)
 
 
 def best_metrics(run_dir: Path, step: Optional[int]) -> Optional[Dict[str, Any]]:

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,9 +23,12 @@ from torch import nn
 from app.checkpoint.optimizer_state import plan_optimizer_load
 from app.checkpoint.precision_state import (loss_scale_meta, restore_loss_scale, saved_loss_scale,
                                             table_precision_differences)
+from app.checkpoint.resumed_best import resume_best
 from app.checkpoint.safe_load import CheckpointError, load_state, read_dcp_metadata
-from app.checkpoint.store import CheckpointStore, find_checkpoint, read_meta
-from app.config import HIGHER_IS_BETTER, CheckpointConfig, Config, ConfigError
+from app.checkpoint.lookup import find_checkpoint
+from app.checkpoint.store import CheckpointStore
+from app.checkpoint.verification import read_meta
+from app.config import CheckpointConfig, Config, ConfigError
 from app.optim import FUSED_PART, set_fused_optimizer_step, set_schedule_step
 from app.storage import location
 
@@ -120,14 +123,17 @@ def position_here(saved: SavedCheckpoint, here: RunShape) -> TrainState:
     """The checkpoint's position in this run's steps. Progress is samples: a run on another number
     of ranks or another batch size continues its epoch after as many samples (less than one batch's
     worth repeated), at the step, and so the LR, an uninterrupted run of this shape would be at,
-    and it ends where that run would."""
+    with the samples that run counts there, and it ends where that run would."""
     if saved.world_size == here.world_size and saved.global_batch_size == here.global_batch_size:
         return dataclasses.replace(saved.state)
     epoch_done = saved.steps_per_epoch is not None and saved.state.batches_done >= saved.steps_per_epoch
     done = saved.state.batches_done * saved.global_batch_size
     batches = here.steps_per_epoch if epoch_done else min(done // here.global_batch_size, here.steps_per_epoch)
+    # Samples as this run counts them: those of the epochs before, and this run's batches since.
+    samples = saved.state.samples - done + batches * here.global_batch_size
+    evaluated = samples if saved.state.evaluated_samples == saved.state.samples else saved.state.evaluated_samples
     position = dataclasses.replace(saved.state, step=saved.state.epoch * here.steps_per_epoch + batches,
-                                   batches_done=batches)
+                                   batches_done=batches, samples=samples, evaluated_samples=evaluated)
     # Row groups are dealt to ranks by world size: the same samples cannot be replayed on another one.
     log.warning("the checkpoint was written by %d ranks with a global batch of %d, this run has %d ranks and "
                 "%d: epoch %d continues after %d samples, at step %d of %d (was step %d)",
@@ -248,7 +254,7 @@ class Checkpointer:
         self.run_config = run_config
         self.parts = parts
         self.shape = shape
-        self._last_saved_step = -1
+        self._last_saved: Tuple[int, str] = (-1, "")  # (step, name) of this run's latest checkpoint
 
     @property
     def every_n_steps(self) -> int:
@@ -266,9 +272,9 @@ class Checkpointer:
         this step is saved already, and any asynchronous save published. `best` ({"metric",
         "value"}): this step's evaluation is the best so far: it is saved whatever the cadence
         (unless it is already), and becomes checkpoints/best. Returns whether it saved."""
-        if self._last_saved_step == state.step and (force or best is not None):
+        if self._last_saved[0] == state.step and (force or best is not None):
             if best is not None:
-                self.store.mark_best(state.step, best)
+                self.store.mark_best(self._last_saved[1], best)
             if force:
                 self.store.wait()
             return False
@@ -286,7 +292,7 @@ class Checkpointer:
         state_dict = {MODEL_KEY: self.parts.model.state_dict(), OPTIMIZER_KEY: self.parts.optimizer.state_dict()}
         path = self.store.save(state.step, state_dict, meta, asynchronous=background, samples=state.samples,
                                best=best)
-        self._last_saved_step = state.step
+        self._last_saved = (state.step, path.name)
         log.info("saved checkpoint %s%s", path, " (writing in the background)" if background else "")
         if force:
             self.store.wait()  # nothing left in the background: old checkpoints are deleted too
@@ -326,33 +332,18 @@ class Checkpointer:
             )
         own = self.store.newest_valid()
         if own is not None:
-            return self._with_published_best(self._load(own, everything=True))
+            return self._load(own, everything=True)
         if load_from:
             state = self._load(find_checkpoint(location(load_from), self.store.group), everything=mode == "all")
             state.forget_best()  # another run's: this run has its own best, and its own patience
             return state
         return TrainState()
 
-    def _with_published_best(self, state: TrainState) -> TrainState:
-        """The end of a run is saved before its final evaluation, so the train state of the
-        newest checkpoint lacks that evaluation's improvement, when it made this very checkpoint
-        the best: then the best is taken from checkpoints/best (a resumed run must not call a
-        worse evaluation an improvement, nor move the best to it)."""
-        record = self.store.best_record()
-        if record is None or record.get("samples") != state.samples:
-            return state  # not published at this checkpoint's final evaluation
-        metric, value = record.get("metric"), record.get("value")
-        if state.best_metric not in (None, metric) or not isinstance(value, (int, float)):
-            return state
-        higher = str(metric).rsplit("/", 1)[-1] in HIGHER_IS_BETTER  # multi-task: <task>/auc
-        if state.best_value is None or (value > state.best_value if higher else value < state.best_value):
-            state.best_metric, state.best_value, state.best_step = record["metric"], value, state.step
-            state.evals_since_best, state.evaluated_samples = 0, state.samples
-        return state
-
     def _load(self, path: Path, everything: bool) -> TrainState:
         saved = SavedCheckpoint.read(path)
         own = self.store.holds(path)
+        if own:
+            resume_best(self.store, saved.state)  # in the checkpoint's own steps and samples
         check_managed_collision_world_size(saved, self.shape.world_size)
         differences = model_differences(saved.config, self.run_config)
         if differences:
@@ -383,8 +374,9 @@ class Checkpointer:
         set_schedule_step(self.parts.lr_scheduler, position.step)
         set_fused_optimizer_step(optimizer, position.step)
         restore_loss_scale(self.parts.loss_scale, saved.loss_scale, path)
-        # This run's checkpoint of this step, which a best evaluation here marks: the one loaded,
-        # unless it was saved at another step number (another world size: the step was remapped).
-        self._last_saved_step = position.step if own and position.step == saved.step else -1
+        # This run's checkpoint of this position, which a best evaluation here marks: the one
+        # loaded, unless the position was remapped (another global batch).
+        if own and (position.step, position.samples) == (saved.step, saved.state.samples):
+            self._last_saved = (position.step, path.name)
         log.info("resumed from %s at step %d (epoch %d)", path, position.step, position.epoch)
         return position

@@ -2,20 +2,23 @@
 
 Layout under the run's checkpoints/ directory:
     step_00000100/   DCP files of every rank + meta.json (train state, config, and the size and
-                     CRC-32 of every file: the manifest)
+                     CRC-32 of every file: the manifest); step_00000100_samples_<S> where a
+                     published step_00000100 is of another position (see names.py)
     latest           the name of the newest complete checkpoint, replaced last
     best             JSON naming the checkpoint with the best validation metric so far and that
-                     metric ({"checkpoint": "step_00000080", "step", "samples", "metric", "value"}):
-                     a pointer, published after the step directory it names, which keep-last
-                     never prunes. Keeping the best costs no copy of any table.
+                     metric (app/checkpoint/best.py): a pointer, published after the step directory
+                     it names, which keep-last never prunes. Keeping the best costs no copy of any table.
 Checkpoints are ordered by the samples trained when each was written, then by step: a run resumed
-on another number of ranks counts steps of another size, so its step_N can be below older ones.
+on another number of ranks counts steps of another size, so its step_N can be below older ones,
+and no save ever replaces a published checkpoint of another position.
 A checkpoint is written under a hidden temporary name by all ranks, and only after every rank has
 finished does rank 0 add meta.json and publish it under its name. So a crash at any point leaves
 either the previous checkpoints untouched or a new complete one: never a half-written step_* that
 looks complete. An object store (a URL: s3://...) has no rename: there a checkpoint is written
 under its own name and published by its meta.json, written last; a step_* without one is a save
-that never finished, ignored on resume and removed by the next prune. The manifest catches what happens to a checkpoint afterwards (a truncated or
+that never finished, ignored on resume and removed by the next prune. A save that fails (a full
+disk, a store that stops answering) is removed and fails the job with a StorageFailure naming the
+checkpoint and the cause (app/storage_failure.py). The manifest catches what happens to a checkpoint afterwards (a truncated or
 damaged file): such a checkpoint is skipped, with a warning, for the newest one that is intact.
 Every rank verifies its share of the files, so the check reads a checkpoint once, in parallel.
 
@@ -34,11 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
 import threading
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -47,143 +46,19 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
-from app import progress
+from app.checkpoint import best as best_pointer
+from app.checkpoint.collective import barrier, broadcast_text, first_problem, gather_texts
+from app.checkpoint.names import is_step_name, step_name
 from app.checkpoint.safe_load import CheckpointError, load_state
+from app.checkpoint.verification import META_FILE, manifest, read_meta, verify
 from app.checkpoint.writers import FileWriter, HostCopyStager, ObjectWriter, SavePlanner
-from app.storage import META_FILE_NAME, LocalStorage, ObjectStorage, Storage, location, storage_at
+from app.storage_failure import StorageFailure, describe, said_in_one_line, storage_cause
+from app.storage import LocalStorage, ObjectStorage, Storage, location, storage_at
 
 log = logging.getLogger(__name__)
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-META_FILE = META_FILE_NAME  # the manifest: what publishes a checkpoint
 LATEST_FILE = "latest"
-BEST_FILE = "best"
-_CHUNK = 8 << 20
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def _crc32(storage: Storage, name: str, bar: Optional[Any] = None) -> int:
-    crc = 0
-    with storage.open(name) as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-            if bar is not None:
-                bar.update(len(chunk))
-    return crc
-
-
-def _crc32s(storage: Storage, names: List[str], bar: Optional[Any] = None) -> List[int]:
-    # zlib releases the GIL on large buffers: one thread per file uses every core.
-    with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
-        return list(pool.map(lambda name: _crc32(storage, name, bar), names))
-
-
-def manifest(storage: Storage, directory: str, written: Optional[Dict[str, List[int]]] = None) -> Dict[str, List[int]]:
-    """{file name: [size, crc32]} of every file of checkpoint `directory` but meta.json. `written`:
-    the [size, crc32] its writers computed as they wrote; the files it does not cover, or whose
-    size it does not match, are read back."""
-    sizes = {name: size for name, size in storage.files(directory).items() if name != META_FILE}
-    known = {name: entry for name, entry in (written or {}).items() if sizes.get(name) == entry[0]}
-    unknown = [name for name in sizes if name not in known]
-    crcs = dict(zip(unknown, _crc32s(storage, [f"{directory}/{name}" for name in unknown])))
-    return {name: known[name] if name in known else [size, crcs[name]] for name, size in sizes.items()}
-
-
-def verify(path: Any, group: Optional[dist.ProcessGroup] = None, storage: Optional[Storage] = None) -> Optional[str]:
-    """None if the checkpoint at `path` (a name in `storage`, or a local path or URL) is complete and
-    intact, else what is wrong with it.
-
-    Collective where torch.distributed is initialized (every rank of `group` calls it with the
-    same path, and gets the same answer): rank 0 checks meta.json and every file's size, and each
-    rank reads and checks the CRC-32s of its share of the files, so that a checkpoint is read
-    once, in parallel, rather than whole by one rank while the others wait."""
-    if storage is None:
-        storage, path = storage_at(location(path).parent), location(path).name
-    name = str(path)
-    rank, ranks = _position(group)
-    problem, expected = None, {}
-    if rank == 0:
-        problem, expected = _check_layout(storage, name)
-    problem = broadcast_text(problem, group)
-    if problem is not None:
-        return problem
-    expected = json.loads(broadcast_text(json.dumps(expected), group))
-    share = sorted(expected)[rank::ranks]
-    with progress.bar(sum(expected[file][0] for file in share), f"verifying {name}", "B", leave=False) as bar:
-        crcs = _crc32s(storage, [f"{name}/{file}" for file in share], bar)
-    damaged = [file for file, crc in zip(share, crcs) if crc != expected[file][1]]
-    mine = f"{damaged[0]} is damaged (its CRC-32 differs from the one written)" if damaged else None
-    return _first_problem(mine, group)
-
-
-def _parse_meta(storage: Storage, name: str) -> Tuple[Optional[str], Dict[str, Any]]:
-    """(what is wrong with checkpoint `name`'s meta.json, or None; its contents)."""
-    try:
-        meta = json.loads(storage.read(f"{name}/{META_FILE}"))
-    except (OSError, ValueError) as error:
-        return f"{META_FILE} is missing or unreadable ({error})", {}
-    if not isinstance(meta, dict):
-        return f"{META_FILE} is not a JSON object", {}
-    return None, meta
-
-
-def _is_manifest_entry(entry: Any) -> bool:
-    return isinstance(entry, list) and len(entry) == 2 and all(type(n) is int and n >= 0 for n in entry)
-
-
-def _check_layout(storage: Storage, name: str) -> Tuple[Optional[str], Dict[str, List[int]]]:
-    """(what is wrong with meta.json or the files' presence and sizes, or None; the manifest)."""
-    problem, meta = _parse_meta(storage, name)
-    if problem is not None:
-        return problem, {}
-    expected = meta.get("files")
-    if not expected:
-        return f"{META_FILE} lists no files", {}
-    if not isinstance(expected, dict) or not all(map(_is_manifest_entry, expected.values())):
-        return f'{META_FILE} is damaged: its "files" is not an object of file name -> [size, CRC-32]', {}
-    present = storage.files(name)
-    for file, (size, _) in expected.items():
-        if file not in present:
-            return f"{file} is missing", {}
-        if present[file] != size:
-            return f"{file} has {present[file]} bytes, {size} were written", {}
-    return None, expected
-
-
-def _position(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _first_problem(problem: Optional[str], group: Optional[dist.ProcessGroup]) -> Optional[str]:
-    """The problem of the lowest rank that has one, on every rank; None if no rank has one."""
-    rank, ranks = _position(group)
-    if ranks == 1:
-        return problem
-    first = torch.tensor([rank if problem is not None else ranks], dtype=torch.int64)
-    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
-    if first.item() == ranks:
-        return None
-    return broadcast_text(problem, group, src=int(first.item()))
-
-
-def read_meta(path: Any) -> Dict[str, Any]:
-    """The meta.json of the checkpoint at `path` (a local path or URL); CheckpointError if
-    unreadable or not an object."""
-    path = location(path)
-    problem, meta = _parse_meta(storage_at(path.parent), path.name)
-    if problem is not None:
-        raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
-    return meta
-
-
-def _barrier(group: Optional[dist.ProcessGroup]) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)
+BEST_FILE = best_pointer.BEST_FILE
 
 
 class CheckpointStore:
@@ -204,11 +79,11 @@ class CheckpointStore:
         self._removal: Optional[threading.Thread] = None  # deleting pruned checkpoints (rank 0)
         self._removal_error: Optional[BaseException] = None
 
-    def _published(self) -> List[str]:
+    def published(self) -> List[str]:
         """Names of the published checkpoints (with meta.json), oldest first. Reads each meta.json
         once, for its samples."""
         self._finish_removal()  # a checkpoint half deleted would look published, and damaged
-        found = [name for name in self.storage.list() if _STEP_DIR.match(name)
+        found = [name for name in self.storage.list() if is_step_name(name)
                  and META_FILE in self.storage.files(name)]
         return sorted(found, key=lambda name: (self._samples(name), name))
 
@@ -224,14 +99,14 @@ class CheckpointStore:
 
     def latest(self) -> Optional[Path]:
         """The newest published checkpoint (not verified; see newest_valid)."""
-        published = self._published()
+        published = self.published()
         return self.storage.path(published[-1]) if published else None
 
     def newest_valid(self) -> Optional[Path]:
         """Collective (see verify()): the newest checkpoint whose files match its manifest; each
         newer one that does not is reported with a warning and skipped. None when there are no
         checkpoints at all; a CheckpointError when there are some but none is intact."""
-        listed = json.dumps(self._published()) if self.rank == 0 else None
+        listed = json.dumps(self.published()) if self.rank == 0 else None
         published = json.loads(broadcast_text(listed, self.group))
         for name in reversed(published):
             problem = verify(name, self.group, self.storage)
@@ -257,35 +132,85 @@ class CheckpointStore:
         same on all ranks) is written by rank 0, with `samples` (trained so far: what orders
         checkpoints). Asynchronous: returns once `state` is copied; the checkpoint appears when the
         next save() or wait() publishes it. `best` (the metric and its value): the checkpoint
-        becomes the best one once it is published (see mark_best)."""
+        becomes the best one once it is published (see mark_best). Storage that fails: a
+        StorageFailure, and nothing of this save left behind."""
+        with said_in_one_line(f"cannot write checkpoint {self.storage.path(step_name(step))}"):
+            return self._save(step, state, meta, asynchronous, samples, best)
+
+    def _save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any], asynchronous: bool, samples: int,
+              best: Optional[Dict[str, Any]]) -> Path:
         meta = {**meta, "samples": samples}
         self._publish_pending()
-        final = step_name(step)
-        staging = self.storage.staging_name(final)
-        if staging == final and self._published_here(final):
-            # Written in place, this save would destroy a published checkpoint of the same name (a
-            # run resumed on fewer ranks counts steps of another size) before it is complete.
-            staging = f".{final}.tmp"
-        if self.rank == 0:
-            # Left by a run that died while saving; in an object store, where staging is the final
-            # name, also the same step saved before (a resumed run that had nothing left to do).
-            self.storage.delete(staging)
-        _barrier(self.group)
+        final, staging = self._names_for(step, samples)
         writer = self._writer(staging)
-        if asynchronous:
-            future = dcp.async_save(state, storage_writer=writer, planner=SavePlanner(),
-                                    process_group=self.group,
-                                    async_stager=self._stager())
-            self._pending = (future, step, staging, final, meta, writer.checksums, best)
-            return self.storage.path(final)
-        dcp.save(state, storage_writer=writer, planner=SavePlanner(), process_group=self.group)
+        try:
+            if asynchronous:
+                future = dcp.async_save(state, storage_writer=writer, planner=SavePlanner(),
+                                        process_group=self.group, async_stager=self._stager())
+                self._pending = (future, step, staging, final, meta, writer.checksums, best)
+                return self.storage.path(final)
+            dcp.save(state, storage_writer=writer, planner=SavePlanner(), process_group=self.group)
+        except BaseException as error:
+            self._abandon(staging, final, error)
+            raise
         self._publish(step, staging, final, meta, writer.checksums, best)
         return self.storage.path(final)
 
-    def _published_here(self, name: str) -> bool:
-        """Collective: whether checkpoint `name` is published, as rank 0 finds it."""
-        found = str(META_FILE in self.storage.files(name)) if self.rank == 0 else None
-        return broadcast_text(found, self.group) == "True"
+    def _names_for(self, step: int, samples: int) -> Tuple[str, str]:
+        """Collective: (the name the checkpoint of `step` after `samples` is published under, the
+        name it is written under, cleared), as rank 0 finds them; a StorageFailure on every rank
+        where rank 0 cannot reach the storage."""
+        names = None
+        if self.rank == 0:
+            try:
+                names = json.dumps(self._free_names(step, samples))
+            except Exception as error:
+                if storage_cause(error) is None:
+                    raise
+                names = json.dumps(f"cannot write checkpoint {self.storage.path(step_name(step))}: "
+                                   f"{describe(storage_cause(error))}.")
+        decided = json.loads(broadcast_text(names, self.group))
+        if isinstance(decided, str):
+            raise StorageFailure(decided)
+        return decided[0], decided[1]
+
+    def _free_names(self, step: int, samples: int) -> List[str]:
+        final = step_name(step)
+        taken = META_FILE in self.storage.files(final)
+        if taken and self._samples(final) != samples:
+            # Another position's (a run resumed on another global batch counts steps of another
+            # size), which checkpoints/best may name: never replaced (see names.py).
+            final = step_name(step, samples)
+            taken = META_FILE in self.storage.files(final)
+        staging = self.storage.staging_name(final)
+        if staging == final and taken:
+            # Written in place, this save would destroy the published checkpoint of the same
+            # position before it is complete.
+            staging = f".{final}.tmp"
+        # Left by a run that died while saving; in an object store, where staging is the final
+        # name, also the same step saved before (a resumed run that had nothing left to do).
+        self.storage.delete(staging)
+        return [final, staging]
+
+    def _abandon(self, staging: str, final: str, error: BaseException) -> None:
+        """A save that failed on some rank (every rank gets DCP's error): its files are removed,
+        and a storage error becomes a StorageFailure naming the checkpoint and the cause."""
+        self._remove_failed_save(staging, final)
+        cause = storage_cause(error)
+        if cause is not None and not isinstance(cause, StorageFailure):
+            raise StorageFailure(f"cannot write checkpoint {self.storage.path(final)}: {describe(cause)}; "
+                                 "the checkpoints before it are untouched.") from error
+
+    def _remove_failed_save(self, staging: str, final: str) -> None:
+        """Rank 0: removes what a failed save wrote: never a published checkpoint (see _names_for),
+        nor one published in place before the failure (an object store's, whose meta.json is written)."""
+        if self.rank != 0:
+            return
+        try:
+            if staging != final or META_FILE not in self.storage.files(final):
+                self.storage.delete(staging)
+        except Exception as cleanup:  # the storage that failed the save may fail this too
+            log.warning("could not remove the failed save %s: %s", self.storage.path(staging), describe(cleanup))
 
     def _stager(self) -> BlockingAsyncStager:
         """DCP's staging of an asynchronous save, in async_save itself: a copy of the state in host
@@ -312,8 +237,9 @@ class CheckpointStore:
     def wait(self) -> Optional[Path]:
         """Collective: finish what goes on in the background: the pending asynchronous save, if
         any, written and published (its path returned), and the deletion of pruned checkpoints."""
-        path = self._publish_pending()
-        self._finish_removal()
+        with said_in_one_line(f"cannot write checkpoints to {self.directory}"):
+            path = self._publish_pending()
+            self._finish_removal()
         return path
 
     def _publish_pending(self) -> Optional[Path]:
@@ -322,7 +248,11 @@ class CheckpointStore:
             return None
         future, step, staging, final, meta, checksums, best = self._pending
         self._pending = None
-        future.result()  # a plain Future: the state was staged synchronously (see _stager)
+        try:
+            future.result()  # a plain Future: the state was staged synchronously (see _stager)
+        except BaseException as error:
+            self._abandon(staging, final, error)
+            raise
         self._publish(step, staging, final, meta, checksums, best)
         return self.storage.path(final)
 
@@ -330,78 +260,76 @@ class CheckpointStore:
                  checksums: Dict[str, List[int]], best: Optional[Dict[str, Any]] = None) -> None:
         # Every rank's files are written once every rank has sent what its writers computed.
         written = gather_texts(json.dumps(checksums), self.group)
+        problem = None
         if self.rank == 0:
             checksums = {name: entry for text in written for name, entry in json.loads(text).items()}
-            record = {"step": step, **meta, "files": manifest(self.storage, staging, checksums)}
-            self.storage.write(f"{staging}/{META_FILE}", json.dumps(record, indent=2))
-            # Replaces the same step saved before (a resumed run that had nothing left to do).
-            self.storage.publish(staging, final)
-            self.storage.write(LATEST_FILE, final)
-            if best is not None:
-                self._write_best(final, step, meta.get("samples", 0), best)
-            self._prune()
-        _barrier(self.group)
+            try:
+                self._publish_files(step, staging, final, meta, checksums, best)
+            except Exception as error:
+                if storage_cause(error) is None:
+                    raise
+                problem = f"cannot publish checkpoint {self.storage.path(final)}: {describe(storage_cause(error))}"
+                self._remove_failed_save(staging, final)
+        problem = first_problem(problem, self.group)  # every rank stops alike
+        if problem is not None:
+            raise StorageFailure(f"{problem}; the checkpoints before it are untouched.")
+        barrier(self.group)
 
-    def mark_best(self, step: int, best: Dict[str, Any]) -> None:
-        """Collective: make the checkpoint of `step` (saved by this run, published or being written
-        in the background) the best one; `best`: {"metric", "value"}. The pointer is replaced in
-        one write after the checkpoint it names is published, and the previous best, no longer
-        exempt, is pruned if keep-last would have pruned it."""
-        if self._pending is not None and self._pending[1] == step:
+    def _publish_files(self, step: int, staging: str, final: str, meta: Dict[str, Any],
+                       checksums: Dict[str, List[int]], best: Optional[Dict[str, Any]]) -> None:
+        """Rank 0: the manifest written, the checkpoint published, then latest and the best
+        pointer; then pruning."""
+        record = {"step": step, **meta, "files": manifest(self.storage, staging, checksums)}
+        self.storage.write(f"{staging}/{META_FILE}", json.dumps(record, indent=2))
+        # Replaces the same position saved before (a resumed run that had nothing left to do).
+        self.storage.publish(staging, final)
+        self.storage.write(LATEST_FILE, final)
+        if best is not None:
+            best_pointer.write(self.storage, final, step, meta.get("samples", 0), best)
+        self._prune()
+
+    def mark_best(self, name: str, best: Dict[str, Any]) -> None:
+        """Collective: make checkpoint `name` (saved by this run, published or being written in
+        the background) the best one; `best`: {"metric", "value"}. The pointer is replaced in one
+        write after the checkpoint it names is published, and the previous best, no longer exempt,
+        is pruned if keep-last would have pruned it."""
+        if self._pending is not None and self._pending[3] == name:
             self._pending = (*self._pending[:6], best)  # published with it
             return
         self._finish_removal()
         if self.rank == 0:
-            name = step_name(step)
             if META_FILE not in self.storage.files(name):
                 raise CheckpointError(f"checkpoint {self.storage.path(name)} is not published: it cannot be the best.")
-            samples = json.loads(self.storage.read(f"{name}/{META_FILE}")).get("samples", 0)
-            self._write_best(name, step, samples, best)
+            meta = json.loads(self.storage.read(f"{name}/{META_FILE}"))
+            best_pointer.write(self.storage, name, meta["step"], meta.get("samples", 0), best)
             self._prune()
-        _barrier(self.group)
-
-    def _write_best(self, name: str, step: int, samples: int, best: Dict[str, Any]) -> None:
-        record = {"checkpoint": name, "step": step, "samples": samples, **best}
-        self.storage.write(BEST_FILE, json.dumps(record))
-        log.info("best checkpoint: %s (validation %s %.6f)", name, best.get("metric"), best.get("value", math.nan))
+        barrier(self.group)
 
     def best_record(self) -> Optional[Dict[str, Any]]:
         """Collective where distributed: rank 0's reading of the best pointer, on every rank: the
-        record, or None when there is none or what it names is not published (with a warning)."""
+        record, or None when there is none or it is not valid (with a warning: see app/checkpoint/best.py)."""
         text = None
         if self.rank == 0:
-            record = self._read_best()
+            self._finish_removal()
+            record, problem = best_pointer.read(self.storage)
+            if problem is not None:
+                log.warning("%s is not valid: %s; it is not used", self.storage.path(BEST_FILE), problem)
             text = None if record is None else json.dumps(record)
         text = broadcast_text(text, self.group)
         return None if text is None else json.loads(text)
-
-    def _read_best(self) -> Optional[Dict[str, Any]]:
-        self._finish_removal()
-        try:
-            record = json.loads(self.storage.read(BEST_FILE))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as error:
-            log.warning("%s is not readable (%s): no best checkpoint", self.storage.path(BEST_FILE), error)
-            return None
-        name = record.get("checkpoint") if isinstance(record, dict) else None
-        if not isinstance(name, str) or not _STEP_DIR.match(name) or META_FILE not in self.storage.files(name):
-            log.warning("%s names no published checkpoint (%r): no best checkpoint", self.storage.path(BEST_FILE), name)
-            return None
-        return record
 
     def _prune(self) -> None:
         """Decides which checkpoints go (beyond keep-last, but never the best; and saves that died
         before publishing), and deletes them in the background: deleting gigabytes (with discard,
         or object by object from a bucket) takes a good part of a save's time, and training need
         not wait for it. Whatever lists or reads the checkpoints next waits for it first."""
-        best = self._read_best()
-        keep = {best["checkpoint"]} if best is not None else set()
-        old = [name for name in self._published()[: -self.keep_last] if name not in keep]
+        # Whatever the pointer names is kept, even where it does not hold together (see best.py).
+        keep = {best_pointer.named(self.storage)}
+        old = [name for name in self.published()[: -self.keep_last] if name not in keep]
         # A step directory without meta.json is a save that died before publishing (in an object
         # store, where saves are written in place); no save is under way while this runs.
         incomplete = [name for name in self.storage.list()
-                      if _STEP_DIR.match(name) and META_FILE not in self.storage.files(name)]
+                      if is_step_name(name) and META_FILE not in self.storage.files(name)]
         if old or incomplete:
             self._removal = threading.Thread(target=self._remove, args=(old, incomplete), name="checkpoint-prune")
             self._removal.start()
@@ -436,83 +364,3 @@ class CheckpointStore:
         load_state(path, state, self.group, metadata=metadata)
         return meta
 
-
-def broadcast_text(text: Optional[str], group: Optional[dist.ProcessGroup] = None, src: int = 0) -> Optional[str]:
-    """Rank `src`'s text (or None) on every rank (ranks of `group`), as bytes in tensors: no
-    pickled objects travel."""
-    if not dist.is_initialized():
-        return text
-    data = (text or "").encode()
-    length = torch.tensor([-1 if text is None else len(data)], dtype=torch.int64)
-    dist.broadcast(length, group=group, group_src=src)
-    if length.item() < 0:
-        return None
-    buffer = torch.tensor(list(data), dtype=torch.uint8) if dist.get_rank(group) == src else \
-        torch.zeros(int(length.item()), dtype=torch.uint8)
-    dist.broadcast(buffer, group=group, group_src=src)
-    return bytes(buffer.tolist()).decode()
-
-
-def gather_texts(text: str, group: Optional[dist.ProcessGroup] = None) -> List[str]:
-    """Every rank's text, in rank order, on every rank of `group` (as bytes in tensors: no pickled
-    objects travel)."""
-    if not dist.is_initialized():
-        return [text]
-    ranks = dist.get_world_size(group)
-    data = text.encode()
-    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(ranks)]
-    dist.all_gather(lengths, torch.tensor([len(data)], dtype=torch.int64), group=group)
-    longest = max(int(length.item()) for length in lengths)
-    mine = torch.zeros(longest, dtype=torch.uint8)
-    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
-    buffers = [torch.zeros(longest, dtype=torch.uint8) for _ in range(ranks)]
-    dist.all_gather(buffers, mine, group=group)
-    return [buffer[:int(length.item())].numpy().tobytes().decode() for buffer, length in zip(buffers, lengths)]
-
-
-def find_checkpoint(path: Any, group: Optional[dist.ProcessGroup] = None, prefer: str = "latest") -> Any:
-    """The intact checkpoint that `path` (a local path or URL) names: a step_N directory itself, a
-    checkpoints/best pointer, or a run directory or its checkpoints/ directory: there, with
-    `prefer` "best", the one checkpoints/best names where it is intact, else (and with "latest")
-    the newest intact one. CheckpointError when there is none. Collective, like verify(): rank 0
-    decides what `path` is, so every rank takes the same branch."""
-    path = location(path)
-    rank, _ = _position(group)
-    kind = None
-    if rank == 0:
-        parent = storage_at(path.parent)
-        if _STEP_DIR.match(path.name):
-            kind = "step" if parent.is_dir(path.name) else f"checkpoint {path} is not usable: no such directory."
-        elif path.name == BEST_FILE and BEST_FILE in parent.files(""):
-            kind = "best"
-        elif parent.is_dir(f"{path.name}/checkpoints"):
-            kind = "run"
-        elif parent.is_dir(path.name):
-            kind = "checkpoints"
-        else:
-            kind = f"{path}: no such directory; expected a run directory, its checkpoints/ or a step_N."
-    kind = broadcast_text(kind, group)
-    if kind == "step":
-        problem = verify(path, group)
-        if problem is not None:
-            raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
-        return path
-    if kind not in ("run", "checkpoints", "best"):
-        raise CheckpointError(kind)
-    directory = {"run": path / "checkpoints", "checkpoints": path, "best": path.parent}[kind]
-    store = CheckpointStore(directory, keep_last=1, rank=rank, process_group=group)
-    if kind == "best" or prefer == "best":
-        record = store.best_record()
-        best = store.storage.path(record["checkpoint"]) if record is not None else None
-        problem = verify(record["checkpoint"], group, store.storage) if record is not None else \
-            f"{directory / BEST_FILE} names no checkpoint"
-        if problem is None:
-            return best
-        if kind == "best":
-            raise CheckpointError(f"{path}: the best checkpoint is not usable: {problem}.")
-        if record is not None:
-            log.warning("the best checkpoint %s is not usable: %s; taking the newest intact one", best, problem)
-    found = store.newest_valid()
-    if found is None:
-        raise CheckpointError(f"{path}: no checkpoint there (no step_N directory with {META_FILE} in {directory}).")
-    return found

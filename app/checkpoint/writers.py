@@ -12,6 +12,7 @@ import errno
 import fcntl
 import mmap
 import os
+import threading
 import zlib
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List
@@ -22,6 +23,8 @@ from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # DCP's writer of URLs
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.tensor import DTensor
+
+from app.storage_failure import is_storage_error
 
 WRITE_BUFFER = 8 << 20  # bytes per write to a local disk: large writes reach its full speed
 # Bytes per part of an object's upload: what an object store's writer holds per file (with a copy
@@ -93,15 +96,42 @@ class _CheckedWrites:
     save whose results do not cover every item of the rank's plan fails instead."""
 
     def write_data(self, plan, planner):
-        with _without_record_checksums():
-            future = super().write_data(plan, planner)
-            written = {result.index for result in future.wait()}
+        try:
+            with _without_record_checksums():
+                future = super().write_data(plan, planner)
+                written = {result.index for result in future.wait()}
+        except BaseException:
+            self._raise_storage_failure()
+            raise
         missing = [item.index.fqn for item in plan.items if item.index not in written]
         if missing:
-            raise OSError(f"{len(missing)} of the {len(plan.items)} items of this rank's checkpoint files were not "
+            self._raise_storage_failure()
+            raise RuntimeError(f"{len(missing)} of the {len(plan.items)} items of this rank's checkpoint files were not "
                           f"written ({', '.join(sorted(set(missing))[:3])}...): a writer thread failed, see its "
                           "traceback above")
         return future
+
+    def _raise_storage_failure(self) -> None:
+        """The first storage error a writer thread met, if any (the cause, said once)."""
+        failures = self.fs.failures
+        if failures:
+            path, error = failures[0]
+            if isinstance(error, OSError) and error.strerror and not error.filename:
+                raise OSError(error.errno, error.strerror, path) from error
+            raise error
+
+
+def _quiet_writer_threads(args: threading.ExceptHookArgs) -> None:
+    """A DCP writer thread's storage error is reported by the save it failed (_CheckedWrites), in
+    one line: its traceback is not printed too. Anything else is, as Python prints it."""
+    if args.thread is not None and args.thread.name.endswith("(_write_files_from_queue)") \
+            and is_storage_error(args.exc_value):
+        return
+    _previous_thread_hook(args)
+
+
+_previous_thread_hook = threading.excepthook
+threading.excepthook = _quiet_writer_threads
 
 
 class UncachedFile:
@@ -193,8 +223,11 @@ class UncachedFile:
     def _release(self) -> None:
         self.closed = True
         os.close(self._fd)
-        self._view.release()
-        self._buffer.close()
+        try:
+            self._view.release()
+            self._buffer.close()
+        except BufferError:
+            pass  # a failed write's traceback still holds a slice: the buffer goes with it
 
     def __enter__(self) -> "UncachedFile":
         return self
@@ -237,6 +270,7 @@ class _ChecksummingFileSystem:
 
     def __init__(self, fs, checksums: Dict[str, List[int]], uncached: bool = False) -> None:
         self._fs, self.checksums, self._uncached = fs, checksums, uncached
+        self.failures: List[tuple] = []  # (file, storage error) met by any writer thread
 
     def _open(self, path, mode: str):
         if "w" not in mode:
@@ -259,12 +293,18 @@ class _ChecksummingFileSystem:
 
     @contextmanager
     def create_stream(self, path, mode: str):
-        with self._open(path, mode) as stream:
-            if "w" not in mode:
+        if "w" not in mode:
+            with self._open(path, mode) as stream:
                 yield stream
-                return
-            checksummed = _ChecksummedStream(stream, piece=0 if self._uncached else OBJECT_PART // 2)
-            yield checksummed
+            return
+        try:
+            with self._open(path, mode) as stream:
+                checksummed = _ChecksummedStream(stream, piece=0 if self._uncached else OBJECT_PART // 2)
+                yield checksummed
+        except BaseException as error:
+            if is_storage_error(error):
+                self.failures.append((str(path), error))
+            raise
         self.checksums[_file_name(path)] = [checksummed.size, checksummed.crc]
 
     def rename(self, path, new_path) -> None:

@@ -4,8 +4,10 @@ One server, one uploaded dataset and one finished 2-worker run serve the whole s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -110,8 +112,10 @@ def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_bucket_to_i
         assert job.wait(timeout=120) != 0
     finally:
         kill_tree(job.pid)
-    unpublished = sorted(name for name, published in step_dirs(fs, url).items() if not published)
-    assert unpublished, "killed too late: the save it interrupted was published"
+    interrupted = [name for name, published in dirs.items() if not published]
+    # The failed save's objects are removed by the job that failed, or left without a meta.json.
+    assert not any(step_dirs(fs, url).get(name) for name in interrupted), \
+        "killed too late: the save it interrupted was published"
     newest_published = max(name for name, published in dirs.items() if published)
 
     out = check(run_command(args, cwd=REPO))
@@ -184,12 +188,68 @@ def test_a_save_that_fails_leaves_a_published_checkpoint_of_the_same_name_intact
     store = CheckpointStore(url, keep_last=2, rank=0)
     store.save(5, {"model": {"w": torch.full((256,), 1.0)}}, {}, samples=100)
     with pytest.raises(CheckpointException):
-        store.save(5, {"model": {"w": torch.full((256,), 2.0)}, "extra": lambda: None}, {}, samples=50)
+        store.save(5, {"model": {"w": torch.full((256,), 2.0)}, "extra": lambda: None}, {}, samples=100)
     assert verify(f"{url}/step_00000005") is None
     loaded = {"model": {"w": torch.zeros(256)}}
     store.load(store.latest(), loaded)
     assert loaded["model"]["w"].unique().tolist() == [1.0]
-    store.save(5, {"model": {"w": torch.full((256,), 3.0)}}, {}, samples=50)  # a save that completes replaces it
+    # A save of the same position that completes replaces it.
+    store.save(5, {"model": {"w": torch.full((256,), 3.0)}}, {}, samples=100)
     store.load(store.latest(), loaded)
     assert loaded["model"]["w"].unique().tolist() == [3.0] and verify(f"{url}/step_00000005") is None
     assert step_dirs(s3(), url) == {"step_00000005": True}
+    # Another position's step 5 (a run resumed on a larger batch) takes a name of its own.
+    store.save(5, {"model": {"w": torch.full((256,), 4.0)}}, {}, samples=50)
+    assert step_dirs(s3(), url) == {"step_00000005": True, "step_00000005_samples_50": True}
+    store.load(store.storage.path("step_00000005"), loaded)
+    assert loaded["model"]["w"].unique().tolist() == [3.0] and verify(f"{url}/step_00000005") is None
+
+
+def test_export_from_a_store_that_is_down_or_refuses_fails_in_one_line(s3_endpoint, tmp_path, monkeypatch):
+    url = f"s3://{BUCKET}/runs/reference"
+    export = [sys.executable, "scripts/export.py", url, "--out", str(tmp_path / "model")]
+    with socket.socket() as probe:  # a port nothing listens on: the store is down
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{probe.getsockname()[1]}")
+    down = run_command(export, cwd=REPO)
+    assert down.returncode == 2 and "Traceback" not in down.stderr, down.stderr[-3000:]
+    assert f"error: {url}: cannot read it (EndpointConnectionError: Could not connect to the endpoint URL" \
+        in down.stderr, down.stderr[-3000:]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    refused = run_command(export, cwd=REPO)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"error: {url}: cannot read it (NoCredentialsError: Unable to locate credentials)" in refused.stderr, \
+        refused.stderr[-3000:]
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_second_job_on_checkpoints_in_use_in_a_bucket_is_refused_until_their_holder_dies(s3_data, tmp_path):
+    """Two jobs with other run directories, one checkpoint.dir: the lease in the bucket refuses the
+    second; once the first is SIGKILLed its lease is stale (its holder is gone), and taken over."""
+    lease = f"{BUCKET}/runs/leased/.rectrain.lease"
+    args = s3_job(tmp_path / "first", s3_data, "leased", "trainer.epochs=100", "checkpoint.async_save=false")
+    first = start([sys.executable, "-m", "app.train", *args], tmp_path / "first.log")
+    fs = s3()
+    try:
+        deadline = time.time() + 300
+        while not fs.exists(lease):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no lease taken in time"
+            time.sleep(0.2)
+            fs.invalidate_cache()
+        holder = json.loads(fs.cat_file(lease))
+        assert holder["pid"] == first.pid
+        others = s3_job(tmp_path / "second", s3_data, "leased", "trainer.max_steps=3")
+        second = run_command([sys.executable, "-m", "app.train", *others], cwd=REPO)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert (f"error: the run is in use by another job: s3://{lease} is leased by pid {first.pid} on host "
+                f"{holder['host']} (renewed ") in second.stderr, second.stderr[-3000:]
+        assert first.poll() is None
+    finally:
+        kill_tree(first.pid)
+        first.wait(timeout=60)
+    taken_over = check(run_command([sys.executable, "-m", "app.train", *others], cwd=REPO))
+    assert f"taking over the stale lease s3://{lease} of pid {first.pid}" in taken_over
+    assert not fs.exists(lease)  # released at the end

@@ -257,13 +257,13 @@ def test_the_best_checkpoint_is_a_pointer_that_keep_last_never_prunes(tmp_path, 
     assert store.best_record()["checkpoint"] == "step_00000010"
     # An asynchronous save becomes the best only once it is published; the old best is pruned then.
     store.save(40, state(4.0), {}, asynchronous=True, samples=400)
-    store.mark_best(40, {"metric": "auc", "value": 0.8})
+    store.mark_best("step_00000040", {"metric": "auc", "value": 0.8})
     assert json.loads((tmp_path / BEST_FILE).read_text())["checkpoint"] == "step_00000010"
     store.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE, LATEST_FILE, "step_00000040"]
     # A published checkpoint becomes the best at once.
     store.save(50, state(5.0), {}, samples=500)
-    store.mark_best(50, {"metric": "auc", "value": 0.9})
+    store.mark_best("step_00000050", {"metric": "auc", "value": 0.9})
     store.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE, LATEST_FILE, "step_00000050"]
 

@@ -111,8 +111,9 @@ def test_a_position_on_another_shape_is_the_same_samples_in_its_steps():
     assert position_here(saved(35, 4, epoch=1), same) == TrainState(35, 1, 4, 35 * 128)
     twice = RunShape(2, 256, 15, 30)  # 2 ranks: 15 batches of 256 per epoch
     assert position_here(saved(20, 20), twice) == TrainState(10, 0, 10, 20 * 128)
-    assert position_here(saved(21, 21), twice) == TrainState(10, 0, 10, 21 * 128)  # half a batch repeats
-    assert position_here(saved(31, 31), twice) == TrainState(15, 0, 15, 31 * 128)  # a whole epoch stays whole
+    # Samples are counted as this run counts them: its 10 batches of 256 (half a batch repeats).
+    assert position_here(saved(21, 21), twice) == TrainState(10, 0, 10, 10 * 256)
+    assert position_here(saved(31, 31), twice) == TrainState(15, 0, 15, 15 * 256)  # a whole epoch stays whole
     assert position_here(saved(35, 4, epoch=1), twice) == TrainState(17, 1, 2, 35 * 128)
     back = RunShape(1, 128, 31, 62)
     assert position_here(saved(10, 10, world_size=2, batch=256, steps_per_epoch=15), back) == \

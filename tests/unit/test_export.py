@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from app.export import (CONFIG_FILE, MODEL_FILE, ExportError, check_inputs, expo
 from app.features import FeatureSchema
 from app.job import build_sharded_model
 from app.optim import optimizer_and_schedule
+from tests.conftest import REPO, run_command
 from tests.unit.test_checkpoint import forge_metadata
 
 CPU = torch.device("cpu")
@@ -169,6 +171,35 @@ def test_incomplete_or_foreign_exports_fail_naming_the_path(tmp_path, process_gr
     (out / CONFIG_FILE).unlink()
     with pytest.raises(ExportError, match=re.escape(f"{out}: incomplete export, {CONFIG_FILE} is missing")):
         load_exported(out)
+
+
+JUNK = {
+    "text starting with r": b"rubbish, not a model\n",
+    "empty": b"",
+    "a pickle of no tensors": b"\x80\x02]q\x00.",
+    "random bytes": bytes(range(256)) * 4,
+    "a zip of junk": b"PK\x03\x04" + b"\x00" * 26 + b"junk" + bytes(range(200)),
+}
+
+
+@pytest.mark.parametrize("junk", JUNK)
+def test_predict_refuses_a_model_file_of_junk_in_one_line(tmp_path, process_group, junk):
+    import zipfile
+
+    train_and_save(tmp_path / "run", small_config())
+    out = export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    if junk == "a zip of junk":  # a valid archive whose data.pkl is junk
+        with zipfile.ZipFile(out / MODEL_FILE, "w") as archive:
+            archive.writestr("model/data.pkl", b"r" + bytes(range(100)))
+            archive.writestr("model/version", b"3\n")
+    else:
+        (out / MODEL_FILE).write_bytes(JUNK[junk])
+    data = write_parquet(tmp_path / "data.parquet", rows=40, start=0)
+    result = run_command([sys.executable, str(REPO / "scripts" / "predict.py"), "--model", str(out), "--data", data,
+                          "--out", str(tmp_path / "p.parquet")], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: {out / MODEL_FILE}: not ") and result.stderr.count("\n") == 1, \
+        result.stderr[-3000:]
 
 
 class Payload:
