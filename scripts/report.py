@@ -8,8 +8,8 @@ Prints the table, and writes report.csv (unrounded), report.md, report.html (the
 plot on one page) and PNGs: val_auc.png (validation AUC over steps, every point), one
 final_auc_vs_<parameter>.png per swept parameter, and for an Optuna sweep optuna_history.png
 and optuna_importances.png. They go to <first directory>/report/ unless --out says where.
-Points still running, failed or never started are listed as such. Exit 2 when a directory holds
-no run.
+Points still running, failed or never started are listed as such, and a point whose files are
+malformed as unreadable, with the reason. Exit 2 when a directory holds no run.
 """
 
 from __future__ import annotations

@@ -6,18 +6,26 @@ training. They are forked from a fork server, never from the training process (s
 _worker_context), and this module is all the server preloads: it imports numpy, pyarrow and
 torch, never torchrec, so that the server starts in about the time torch takes to import.
 
-Imported by the fork server (its preload), this module also makes the server ignore SIGTERM, as
-the readers do: launchers signal a whole process group, and the server is in the training
-process's. A server killed by SIGTERM would take its readers with it (a DataLoader worker exits
-when its parent does, and a reader's parent is the server), crashing the training process before
-it could save a checkpoint. The server still exits with the training process: it stops when the
-last process holding its "alive" pipe (the trainer, its readers) is gone. It ignores SIGINT already.
+Launchers signal a whole process group (torchrun each worker's, Slurm every process, a terminal's
+Ctrl-C its foreground group), and the fork server and the readers are in the training process's.
+They ignore SIGTERM and SIGINT from birth: a server killed by one would take its readers with it,
+and a reader killed by one would crash the training process before it could save a checkpoint. The
+server is started with both signals blocked (the mask it inherits), and its preload, this module,
+ignores them and keeps them blocked; each reader inherits that mask and that ignore when forked, and
+keeps them blocked until its first call (_start_worker) has replaced the SIGTERM handler the
+DataLoader installs with an ignore. The training process decides when its readers stop, and they
+stop whatever they ignore: a reader's terminate() is a kill (SIGKILL), so the DataLoader's shutdown
+(a terminate after its timeout) and multiprocessing's at exit (it terminates daemonic children, then
+joins them) end it; and a reader exits by itself when its training process is gone. The server
+stops when the last process holding its "alive" pipe (the trainer, its readers) is gone.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.popen_forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 import sys
@@ -111,16 +119,19 @@ class WindowSource(IterableDataset):
 
 # ---- the worker process ---------------------------------------------------------------------
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _start_worker(worker_id: int) -> None:
-    """In each reader process, before it reads. It ignores SIGTERM and SIGINT: launchers signal a
-    whole process group (torchrun each worker's, Slurm every process, a terminal's Ctrl-C its
-    foreground group), and a reader killed by them would crash the training process before it
-    could save a checkpoint. Its training process decides when to stop and shuts it down; and should
-    that process die, the reader exits at once. Its parent is the fork server, which lives as long
-    as any reader does, so the DataLoader's own check (that the worker's parent is alive) would
-    never fire: the reader of a killed training process would run on, and its server with it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """In each reader process, before it reads. It was born with the stop signals ignored and
+    blocked (see the module's docstring); the DataLoader has since installed a SIGTERM handler
+    that exits, so they stay blocked until ignored again here (which discards one pending).
+    Should the training process die, the reader exits at once: its parent is the fork server,
+    which lives as long as any reader does, so the DataLoader's own check (that the worker's parent
+    is alive) would never fire, and the reader of a killed training process would run on."""
+    for stop in _STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     trainer = multiprocessing.parent_process()
     if trainer is not None:
         threading.Thread(target=_exit_with, args=(trainer,), daemon=True, name="exit-with-trainer").start()
@@ -131,7 +142,25 @@ def _exit_with(trainer: multiprocessing.process.BaseProcess) -> None:
     os._exit(0)
 
 
+class _ReaderPopen(multiprocessing.popen_forkserver.Popen):
+    """A reader ignores SIGTERM, so terminating it is killing it."""
+
+    def terminate(self) -> None:
+        self.kill()
+
+
+class _ReaderProcess(multiprocessing.context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj: multiprocessing.process.BaseProcess) -> _ReaderPopen:
+        return _ReaderPopen(process_obj)
+
+
+class _ReaderContext(multiprocessing.context.ForkServerContext):
+    Process = _ReaderProcess
+
+
 _SERVER_MODULE = __name__
+_READER_CONTEXT = _ReaderContext()
 _preloaded = False
 
 
@@ -146,22 +175,34 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     `if __name__ == "__main__"`; one run as `python -m module` is preloaded too, so its imports are
     done once (Python 3.11's server cannot preload a script given by path: a script's own imports
     are redone per reader). The preload list is the process's own (multiprocessing keeps one fork
-    server), set here before the server starts, at the first reader process."""
+    server), set here before the server starts, which is here too (see _ensure_server)."""
     global _preloaded
-    context = multiprocessing.get_context("forkserver")
     if not _preloaded:
         main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
         main = [main_spec.name] if main_spec is not None and not main_spec.name.endswith("__main__") else []
-        context.set_forkserver_preload([_SERVER_MODULE, *main])
+        _READER_CONTEXT.set_forkserver_preload([_SERVER_MODULE, *main])
         _preloaded = True
-    return context
+    _ensure_server()
+    return _READER_CONTEXT
+
+
+def _ensure_server() -> None:
+    """Start the fork server, unless it runs, with the stop signals blocked: it inherits this
+    thread's mask, and its preload ignores them only once torch is imported (seconds). A stop
+    signal this process gets meanwhile waits until the server is started. The resource tracker
+    is started first: its own start (inside the server's) unblocks both signals in this thread."""
+    multiprocessing.resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def start_reader_server() -> None:
     """Start the fork server now, rather than at the first reader: its imports then overlap the
     training process's own set-up (process group, plan, model) instead of delaying the first step."""
     _worker_context()
-    multiprocessing.forkserver.ensure_running()
 
 
 def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1) -> Iterator[Rows]:
@@ -197,4 +238,6 @@ def _imported_by_the_fork_server() -> bool:
 
 
 if _imported_by_the_fork_server():
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for _stop in _STOP_SIGNALS:
+        signal.signal(_stop, signal.SIG_IGN)  # the server's main() then hands this SIGINT ignore to each reader
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # and each reader this mask (see _start_worker)
