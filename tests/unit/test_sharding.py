@@ -114,7 +114,7 @@ def test_memory_balance_on_a_skewed_model(world_size):
 def test_bandwidths_and_search_strategy_reach_the_planner():
     from torchrec.distributed.planner.types import HardwareConfig
 
-    from app.sharding import _topology
+    from app.sharding.memory import _topology
 
     config = ShardingConfig(intra_host_bw_gbps=100, inter_host_bw_gbps=12.5, ddr_bw_gbps=40,
                             proposer="uniform", partitioner="memory_balanced")
@@ -167,7 +167,7 @@ def test_the_default_search_keeps_to_the_constraints():
 
 
 def test_training_plans_for_the_hosts_memory_and_a_dry_run_for_torchrecs_default(single_process_group):
-    from app.sharding import _host_memory_bytes
+    from app.sharding.memory import _host_memory_bytes
 
     # One whole table twice the memory each of 64 workers on this host would have: the default
     # 128 GiB a rank holds it, this host's share does not.
