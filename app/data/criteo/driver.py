@@ -10,7 +10,7 @@ import shutil
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from app.config import ConfigError
 from app.data import DataError
@@ -37,6 +37,30 @@ def convert(inputs: Sequence[str], out_dir: str, schema: "FeatureSchema | Featur
     read, so the FeaturesConfig it is built from will do (and spares loading torchrec)."""
     options.validate()
     columns = CriteoColumns.from_schema(schema, options.multi_hot_sizes)
+    _refuse_raw_multi_hot(columns, options)
+    inputs, stems = _checked_inputs(inputs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    given = given_vocabulary(options.vocabulary) if options.vocabulary else None
+    built_from = _vocabulary_built_from(options, given, stems)
+    settings = _settings(columns, options, built_from)
+    finished = _check_finished(out, settings)
+    todo = [(path, stem) for path, stem in zip(inputs, stems) if stem not in finished]
+    vocabulary_dir = _vocabulary_dir(out, given, todo, inputs, stems, columns, options, built_from)
+
+    jobs = [InputJob(path, stem, str(out), columns, options, str(vocabulary_dir) if vocabulary_dir else None,
+                     settings)
+            for path, stem in todo]
+    map_in_processes(convert_input, jobs, options.workers, "converted")
+
+    summary = _summary(out, stems, todo, finished, settings, options, vocabulary_dir)
+    write_json(out / SUMMARY_FILE, summary)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    return summary
+
+
+def _refuse_raw_multi_hot(columns: CriteoColumns, options: ConvertOptions) -> None:
     if options.categorical == "raw" and any(h > 1 for h in columns.hotness):
         multi_hot = [name for name, h in zip(columns.sparse, columns.hotness) if h > 1]
         raise ConfigError(
@@ -44,6 +68,10 @@ def convert(inputs: Sequence[str], out_dir: str, schema: "FeatureSchema | Featur
             "drawn within the table's rows (hash or vocab ids). Use --categorical hash or vocab, or hotness 1 "
             "(--multi-hot-sizes)."
         )
+
+
+def _checked_inputs(inputs: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """The inputs as paths and their stems (their names less .gz/.txt, which name their parts)."""
     inputs = [str(p) for p in inputs]
     if not inputs:
         raise ConfigError("no input files given.")
@@ -54,21 +82,23 @@ def convert(inputs: Sequence[str], out_dir: str, schema: "FeatureSchema | Featur
     repeated = sorted({s for s in stems if stems.count(s) > 1})
     if repeated:
         raise ConfigError(f"inputs {repeated} appear twice (by name less .gz/.txt): their parts would collide.")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    return inputs, stems
 
-    given = given_vocabulary(options.vocabulary) if options.vocabulary else None
-    built_from = None
-    if options.categorical == "vocab":
-        built_from = (
-            read_json(given / VOCABULARY_META)["built_from"]
-            if given
-            else {"inputs": sorted(stems), "min_frequency": options.min_frequency}
-        )
-    settings = _settings(columns, options, built_from)
-    finished = _check_finished(out, settings)
-    todo = [(path, stem) for path, stem in zip(inputs, stems) if stem not in finished]
 
+def _vocabulary_built_from(options: ConvertOptions, given: Optional[Path], stems: List[str]) -> Optional[dict]:
+    """With categorical=vocab, what the vocabulary is built from: the given one's record, or these inputs."""
+    if options.categorical != "vocab":
+        return None
+    if given:
+        return read_json(given / VOCABULARY_META)["built_from"]
+    return {"inputs": sorted(stems), "min_frequency": options.min_frequency}
+
+
+def _vocabulary_dir(out: Path, given: Optional[Path], todo: List[Tuple[str, str]], inputs: List[str],
+                    stems: List[str], columns: CriteoColumns, options: ConvertOptions,
+                    built_from: Optional[dict]) -> Optional[Path]:
+    """The vocabulary the inputs to do are converted with (built into out_dir first where none is
+    given and there is work), checked to fit the tables; None without categorical=vocab."""
     vocabulary_dir = given
     if options.categorical == "vocab" and vocabulary_dir is None:
         vocabulary_dir = out / VOCABULARY_DIR
@@ -76,15 +106,15 @@ def convert(inputs: Sequence[str], out_dir: str, schema: "FeatureSchema | Featur
             vocabulary_dir = ensure_vocabulary(out, inputs, stems, columns, options, built_from)
     if todo and vocabulary_dir is not None:
         check_vocabulary_fits(vocabulary_dir, columns)
+    return vocabulary_dir
 
-    jobs = [InputJob(path, stem, str(out), columns, options, str(vocabulary_dir) if vocabulary_dir else None,
-                     settings)
-            for path, stem in todo]
-    map_in_processes(convert_input, jobs, options.workers, "converted")
 
+def _summary(out: Path, stems: List[str], todo: List[Tuple[str, str]], finished: Dict[str, dict], settings: dict,
+             options: ConvertOptions, vocabulary_dir: Optional[Path]) -> dict:
+    """All the directory holds (from its markers), what this run converted and skipped, and how."""
     markers = _markers(out)
     vocabulary = read_json(vocabulary_dir / VOCABULARY_META) if vocabulary_dir else None
-    summary = {
+    return {
         "out_dir": str(out),
         "rows": sum(m["rows"] for m in markers.values()),
         "inputs": {stem: {k: m[k] for k in ("input", "rows", "parts")} for stem, m in sorted(markers.items())},
@@ -94,9 +124,6 @@ def convert(inputs: Sequence[str], out_dir: str, schema: "FeatureSchema | Featur
         "options": asdict(options),
         "vocabulary": vocabulary["sizes"] if vocabulary else None,
     }
-    write_json(out / SUMMARY_FILE, summary)
-    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-    return summary
 
 
 def _settings(columns: CriteoColumns, options: ConvertOptions, built_from: Optional[dict]) -> dict:
