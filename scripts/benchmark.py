@@ -23,22 +23,18 @@ dataset is the one that config trains on (the synthetic one is generated first i
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import itertools
-import os
 import statistics
-import subprocess
-import threading
 import time
 import warnings
-from pathlib import Path
 from contextlib import closing
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
 
 import reference_trainers
+from checkpoint_benchmark import bench_checkpoint, print_checkpoint
 from app import distributed
 from app.config import Config
 from app.hydra_edge import compose_config
@@ -197,115 +193,8 @@ def print_train(results: Dict[str, float], config: Config, steps: int, rounds: i
         print(f"  2 processes/1 process: {results['rectrain fp32, 2 processes'] / fp32:.2f}x")
 
 
-def _disk_write_speed(directory: Path, gigabytes: float) -> float:
-    """GB/s of `dd` writing to `directory` with O_DIRECT (no page cache): the disk's own speed."""
-    target = directory / "dd.tmp"
-    count = max(1, int(gigabytes * 1024 / 16))
-    start = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "oflag=direct"],
-                   check=True, capture_output=True)
-    seconds = time.perf_counter() - start
-    target.unlink()
-    return count * 16 / 1024 / seconds
-
-
-class PeakMemory:
-    """The process's peak resident memory over a block, sampled every few milliseconds (the
-    kernel's own peak, ru_maxrss, cannot be reset between measurements)."""
-
-    def __init__(self) -> None:
-        self.before = self.peak = _resident_gb()
-
-    def __enter__(self) -> "PeakMemory":
-        self.before = self.peak = _resident_gb()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.005):
-            self.peak = max(self.peak, _resident_gb())
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, _resident_gb())
-
-
-def _resident_gb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-def bench_checkpoint(config: Config, directory: str, gigabytes: float, repeats: int) -> Dict[str, float]:
-    """Save (DCP, fsynced, with the CRC manifest) and load times of a model of `gigabytes` of
-    tables, against dd's raw write speed to the same directory; and how long an asynchronous save
-    stalls the caller (copying the state) before writing in the background. `directory` may be an
-    object-store URL (s3://...): then there is no dd figure."""
-    from app.checkpoint import CheckpointStore, verify
-    from app.storage import is_url, storage_at
-
-    features = copy.deepcopy(config.features)
-    row_bytes = features.embedding_dim * 4
-    rows = -(-int(gigabytes * 2**30) // (row_bytes * len(features.sparse)))
-    for feature in features.sparse:
-        feature.num_embeddings = rows
-    config = dataclasses.replace(config, features=features)
-    env = distributed.init(config.distributed)
-    schema = FeatureSchema.from_config(config.features)
-    model = build_sharded_model(config, schema, env, run_dir=None)
-    optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=1)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    remote = is_url(directory)
-    storage = storage_at(f"{directory.rstrip('/')}/checkpoints", key="--checkpoint-dir")
-    results: Dict[str, float] = {}
-    if not remote:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        results["disk_gb_per_s"] = _disk_write_speed(Path(directory), gigabytes)
-    # Its own gloo group, as app/job.py gives it: an asynchronous save coordinates from a thread,
-    # which NCCL (the default group on GPUs) does not allow.
-    manager = CheckpointStore(storage, keep_last=1, rank=0, process_group=distributed.new_gloo_group())
-    synchronize = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-
-    # One save varies by 2x here (disk and page cache state): the first, and the median of the
-    # later ones (what a long run sees), are both reported.
-    save_s, load_s, peaks = [], [], []
-    for step in range(1, repeats + 1):
-        synchronize()
-        start = time.perf_counter()
-        with PeakMemory() as memory:
-            path = manager.save(step, state, {})
-        save_s.append(time.perf_counter() - start)
-        peaks.append(memory)
-        start = time.perf_counter()
-        manager.load(path, state)
-        synchronize()  # loads into device tensors finish on the device
-        load_s.append(time.perf_counter() - start)
-    results["first_save_s"], results["save_s"] = save_s[0], statistics.median(save_s[1:] or save_s)
-    results["load_s"] = statistics.median(load_s)
-    # What the process holds while it trains (the model, its optimizer state) against its peak
-    # while it saves: a save that copied the tables would double it.
-    results["resident_gb"] = peaks[-1].before
-    results["save_peak_gb"] = max(memory.peak for memory in peaks)
-    results["size_gb"] = sum(storage.files(path.name).values()) / 2**30
-    start = time.perf_counter()
-    verify(path.name, manager.group, manager.storage)  # what a resume reads before it loads
-    results["verify_s"] = time.perf_counter() - start
-
-    synchronize()
-    start = time.perf_counter()
-    manager.save(repeats + 1, state, {}, asynchronous=True)
-    synchronize()  # the copy off the device is part of the stall
-    results["async_stall_s"] = time.perf_counter() - start
-    manager.wait()
-    results["async_total_s"] = time.perf_counter() - start
-    distributed.shutdown()
-    storage.delete("")
-    return results
-
-
-def main() -> None:
+def _parse_args() -> Tuple[argparse.Namespace, List[str], List[str]]:
+    """The flags, the benchmarks named and the config overrides."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmarks", nargs="+", help="data and/or train, then config overrides (key=value)")
     parser.add_argument("--data-batches", type=int, default=0,
@@ -327,27 +216,28 @@ def main() -> None:
     if unknown or not names:
         parser.error(f"unknown argument(s) {sorted(unknown)}; name data, train and/or checkpoint, "
                      "then key=value overrides.")
+    return args, names, overrides
 
+
+def print_data(data: Dict[str, Any], config: Config) -> None:
+    print(f"data:  {data['rows']:,} rows from {config.data.train_path or 'the synthetic dataset'} decoded at "
+          f"{data['rows_per_s']:,.0f} rows/s on one thread ({data['rows_per_cpu_s']:,.0f} rows per CPU-second)")
+    if "read_ahead_rows_per_s" in data:
+        read_ahead = data["read_ahead_rows_per_s"]
+        for readers, rate in read_ahead.items():
+            print(f"       {rate:>12,.0f} rows/s as training gets them from {readers} reader process"
+                  f"{'es' if readers > 1 else ''} ({data['prefetch_windows']} windows ahead each)  "
+                  f"{rate / read_ahead[1]:5.2f}x 1 reader")
+
+
+def main() -> None:
+    args, names, overrides = _parse_args()
     config = compose_config(overrides)
     schema = FeatureSchema.from_config(config.features)
     results = {}
     if "checkpoint" in names:
         bench = bench_checkpoint(config, args.checkpoint_dir, args.checkpoint_gb, args.checkpoint_repeats)
-        size = bench["size_gb"]
-        disk = f"disk (dd, O_DIRECT) {bench['disk_gb_per_s']:.2f} GB/s" if "disk_gb_per_s" in bench else "an object store"
-        print(f"checkpoint: {size:.2f} GB in {args.checkpoint_dir}; {disk}")
-        versus_disk = (lambda seconds: f" ({size / seconds / bench['disk_gb_per_s']:.2f}x dd)") \
-            if "disk_gb_per_s" in bench else (lambda seconds: "")
-        print(f"  save (median of {args.checkpoint_repeats - 1 or 1} after the first) {bench['save_s']:.2f} s = "
-              f"{size / bench['save_s']:.2f} GB/s{versus_disk(bench['save_s'])}; first save "
-              f"{bench['first_save_s']:.2f} s = {size / bench['first_save_s']:.2f} GB/s"
-              f"{versus_disk(bench['first_save_s'])} (CRC-32s computed as the files are written)")
-        print(f"  verify (CRC-32 of every file, as a resume does) {bench['verify_s']:.2f} s")
-        print(f"  load (median of {args.checkpoint_repeats}) {bench['load_s']:.2f} s = {size / bench['load_s']:.2f} GB/s")
-        print(f"  memory: {bench['resident_gb']:.2f} GB resident before a save, {bench['save_peak_gb']:.2f} GB at the "
-              f"peak of a save ({bench['save_peak_gb'] / bench['resident_gb']:.2f}x)")
-        print(f"  async save: training stalled {bench['async_stall_s']:.2f} s (copying the state), "
-              f"written and published after {bench['async_total_s']:.2f} s")
+        print_checkpoint(bench, args.checkpoint_dir, args.checkpoint_repeats)
     if not {"data", "train"} & set(names):
         return
     train_files, val_files = dataset_files(config.data, schema, is_rank0=True)
@@ -357,14 +247,7 @@ def main() -> None:
     if "data" in names:
         loader, _ = build_loaders(config.data, schema, env, train_files, val_files)
         results["data"] = data = bench_data(loader, args.data_batches)
-        print(f"data:  {data['rows']:,} rows from {config.data.train_path or 'the synthetic dataset'} decoded at "
-              f"{data['rows_per_s']:,.0f} rows/s on one thread ({data['rows_per_cpu_s']:,.0f} rows per CPU-second)")
-        if "read_ahead_rows_per_s" in data:
-            read_ahead = data["read_ahead_rows_per_s"]
-            for readers, rate in read_ahead.items():
-                print(f"       {rate:>12,.0f} rows/s as training gets them from {readers} reader process"
-                      f"{'es' if readers > 1 else ''} ({data['prefetch_windows']} windows ahead each)  "
-                      f"{rate / read_ahead[1]:5.2f}x 1 reader")
+        print_data(data, config)
     if "train" in names:
         results["train"] = train = bench_train(config, schema, args.steps, args.warmup, args.rounds,
                                                processes=args.processes)
