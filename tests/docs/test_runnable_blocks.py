@@ -30,7 +30,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
 
 import pytest
 
@@ -49,7 +48,7 @@ class Block:
     page: Path
     line: int  # of the fence's opening line, 1-based
     code: str
-    expects: List[str] = field(default_factory=list)
+    expects: list[str] = field(default_factory=list)
 
     def where(self) -> str:
         return f"{shown(self.page)}:{self.line}"
@@ -59,7 +58,7 @@ def shown(page: Path) -> str:
     return str(page.relative_to(REPO)) if page.is_relative_to(REPO) else str(page)
 
 
-def runnable_blocks(page: Path) -> List[Block]:
+def runnable_blocks(page: Path) -> list[Block]:
     """The page's blocks marked runnable, in order. A marker that is malformed or not directly
     followed by a fenced block is an error, so that a typo cannot silently drop a block."""
     lines = page.read_text(encoding="utf-8").splitlines()
@@ -71,8 +70,10 @@ def runnable_blocks(page: Path) -> List[Block]:
         where = f"{shown(page)}:{index + 1}"
         body = MARKER_BODY.match(marker.group("body"))
         if not body:
-            raise ValueError(f'{where}: malformed marker {line!r}; expected <!-- docs-test: run --> or '
-                             f'<!-- docs-test: run; expect="regex"; ... -->')
+            raise ValueError(
+                f"{where}: malformed marker {line!r}; expected <!-- docs-test: run --> or "
+                f'<!-- docs-test: run; expect="regex"; ... -->'
+            )
         opening = FENCE.match(lines[index + 1]) if index + 1 < len(lines) else None
         if not opening:
             raise ValueError(f"{where}: the marker is not directly followed by a fenced code block")
@@ -83,23 +84,28 @@ def runnable_blocks(page: Path) -> List[Block]:
         expects = [re.sub(r'\\"', '"', text) for text in EXPECT.findall(body.group("expects"))]
         for expect in expects:
             re.compile(expect)  # a bad pattern is the page's error, said here with its place
-        blocks.append(Block(page, index + 2, "\n".join(lines[index + 2:end]) + "\n", expects))
+        blocks.append(Block(page, index + 2, "\n".join(lines[index + 2 : end]) + "\n", expects))
     return blocks
 
 
 PAGES_WITH_BLOCKS = [page for page in PAGES if runnable_blocks(page)]
 
 
-def repository_files() -> List[str]:
+def repository_files() -> list[str]:
     """The files a clone has: git's list (tracked, and untracked ones it does not ignore), or, outside a
     git work tree (an unpacked archive), what the docs' commands use."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True
+    )
     if listed.returncode == 0 and listed.stdout:
         return listed.stdout.decode().split("\0")
     top = ["Makefile", "pyproject.toml", "README.md"]
-    trees = [path for folder in ("app", "configs", "scripts", "docs") for path in (REPO / folder).rglob("*")
-             if path.is_file() and "__pycache__" not in path.parts and "_build" not in path.parts]
+    trees = [
+        path
+        for folder in ("app", "configs", "scripts", "docs")
+        for path in (REPO / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and "_build" not in path.parts
+    ]
     return top + [str(path.relative_to(REPO)) for path in trees]
 
 
@@ -136,8 +142,7 @@ def block_environment(root: Path) -> dict:
 
 def failure(block: Block, why: str, output: str) -> str:
     tail = output[-OUTPUT_TAIL:]
-    return (f"{block.where()}: {why}\n--- block ---\n{block.code}--- output (last {len(tail)} characters) ---\n"
-            f"{tail}")
+    return f"{block.where()}: {why}\n--- block ---\n{block.code}--- output (last {len(tail)} characters) ---\n{tail}"
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_BLOCKS, ids=lambda page: str(page.relative_to(REPO)))
@@ -145,12 +150,21 @@ def test_runnable_blocks_of_a_page_run_and_print_what_the_page_says(page: Path, 
     root = copy_of_repository(tmp_path / "repo")
     env = block_environment(root)
     setup = subprocess.run(["make", "-q", "setup"], cwd=root, env=env, capture_output=True, text=True)
-    assert setup.returncode == 0, ("`make setup` would run in the copy and reinstall into the shared .venv: "
-                                   "run `make setup` first\n" + setup.stdout + setup.stderr)
+    assert setup.returncode == 0, (
+        "`make setup` would run in the copy and reinstall into the shared .venv: "
+        "run `make setup` first\n" + setup.stdout + setup.stderr
+    )
     for block in runnable_blocks(page):
         try:
-            done = subprocess.run(["bash", "-e", "-c", block.code], cwd=root, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, timeout=BLOCK_TIMEOUT_S)
+            done = subprocess.run(
+                ["bash", "-e", "-c", block.code],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=BLOCK_TIMEOUT_S,
+            )
         except subprocess.TimeoutExpired as timeout:
             output = timeout.output.decode(errors="replace") if isinstance(timeout.output, bytes) else timeout.output
             pytest.fail(failure(block, f"still running after {BLOCK_TIMEOUT_S} s", output or ""), pytrace=False)
