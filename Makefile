@@ -1,6 +1,6 @@
 # rectrain: `make train` trains the default job; `make test` runs the tests (those marked gpu are skipped
 # where there is no CUDA device), with an MLflow server's environment of their own; `make test-gpu` runs
-# only those, on one. All set up .venv first.
+# only those, on one; `make docs` builds the documentation site (docs/). All set up .venv first.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -17,7 +17,7 @@ MLFLOW_SERVER := $(VENV)/mlflow-server/bin/mlflow
 # Keeps every later install from replacing the torch installed first.
 CONSTRAINTS := $(VENV)/constraints.txt
 
-.PHONY: setup train test test-gpu mlflow-server clean-outputs
+.PHONY: setup train test test-gpu docs mlflow-server clean-outputs
 
 setup: $(STAMP)
 
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	$(PIP) install --quiet -c $(CONSTRAINTS) $(FBGEMM)==$(FBGEMM_VERSION)
 	$(PIP) install --quiet --no-deps torchrec==$(TORCHREC_VERSION)
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev,mlflow]'
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev,mlflow,docs]'
 	$(PY) -c "import torch, torchrec, fbgemm_gpu; print('torch', torch.__version__, '| torchrec', torchrec.__version__)"
 	touch $@
 
@@ -49,6 +49,11 @@ $(MLFLOW_SERVER):
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests/gpu $(ARGS)
+
+# The documentation site (docs/, Sphinx + MyST) in docs/_build/html; warnings are errors, so a broken
+# link or a page missing from the toctree fails it.
+docs: setup
+	$(VENV)/bin/sphinx-build -W --keep-going -n -b html docs docs/_build/html
 
 clean-outputs:
 	rm -rf outputs multirun
