@@ -22,7 +22,7 @@ sample contributes at most `value`, as on a sharded table.
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,7 @@ def clip_dense_gradients(parameters: Iterable[torch.Tensor], max_norm: float, lo
     return norm
 
 
-def replicated_tables(model: nn.Module) -> List[DenseTableBatchedEmbeddingBagsCodegen]:
+def replicated_tables(model: nn.Module) -> list[DenseTableBatchedEmbeddingBagsCodegen]:
     """The kernels of the tables a sharded model replicates (data_parallel)."""
     found = {}
     for ddp in data_parallel_modules(model):

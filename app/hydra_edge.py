@@ -18,7 +18,7 @@ import re
 import textwrap
 import typing
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 from app.config import Config, ConfigError, check_run_location, field_docs
 
@@ -103,7 +103,7 @@ def _probe_writes(directory: Path) -> None:
             probe.unlink()
 
 
-def _rank0_only(value: str) -> Optional[str]:
+def _rank0_only(value: str) -> str | None:
     """Every worker composes the config; only rank 0 may write `value` (.hydra/)."""
     return value if worker_rank() == 0 else None
 
@@ -146,7 +146,7 @@ def _composed_value(root, key: str) -> Any:
 def config_docs(composed=None, width: int = 100) -> str:
     """Every config key as `key: type = default`, then its help text, groups before their keys;
     with a composed config, `(composed: value)` marks each key whose value differs from its default."""
-    def wrap(text: str, indent: str, more: str) -> List[str]:
+    def wrap(text: str, indent: str, more: str) -> list[str]:
         return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent + more,
                              break_on_hyphens=False)
 
@@ -189,7 +189,7 @@ def register_with_hydra() -> None:
     OmegaConf.register_new_resolver("config_docs", _config_docs_resolver, replace=True)
 
 
-def compose_config(overrides: List[str], validate: bool = True) -> Config:
+def compose_config(overrides: list[str], validate: bool = True) -> Config:
     """The Config that `python -m app.train <overrides>` runs: for the scripts, which compose it
     with Hydra's compose API instead of @hydra.main. Every way the overrides can be wrong (a key
     the schema lacks, an unknown group option, a value of the wrong type, and, unless `validate`
@@ -220,7 +220,7 @@ def to_config(cfg, validate: bool = True) -> Config:
     return config.validate() if validate else config
 
 
-def _keys_outside_schema(node, prefix: str = "") -> List[str]:
+def _keys_outside_schema(node, prefix: str = "") -> list[str]:
     """Dotted keys of a composed config that its dataclass schema has no field for."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -261,7 +261,7 @@ def check_key(key: str) -> None:
         depth += 1
 
 
-def _unknown_key_message(key: str, parent: str, name: str, siblings: List[str]) -> str:
+def _unknown_key_message(key: str, parent: str, name: str, siblings: list[str]) -> str:
     near = [f"{parent}.{n}" if parent else n for n in difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)]
     if not near:  # the right name in the wrong group (lr=0.1 for optim.lr=0.1)
         near = [k for k in _known_keys(Config) if k.rsplit(".", 1)[-1] == name][:1]
@@ -271,7 +271,7 @@ def _unknown_key_message(key: str, parent: str, name: str, siblings: List[str]) 
             "`python -m app.train --cfg job` prints every key.")
 
 
-def _known_keys(schema: type, prefix: str = "") -> List[str]:
+def _known_keys(schema: type, prefix: str = "") -> list[str]:
     """Every dotted key of a dataclass schema, groups and fields alike."""
     keys = []
     hints = typing.get_type_hints(schema)
@@ -322,7 +322,7 @@ def _first_line(error: Exception) -> str:
     return message.split("': ", 1)[1] if message.startswith("While dereferencing interpolation") else message
 
 
-def check_override_keys(argv: List[str]) -> None:
+def check_override_keys(argv: list[str]) -> None:
     """Every key the command line sets must be in the schema, whatever its prefix (none, + or ++):
     a ConfigError naming the key and the nearest valid one. (Hydra refuses an unknown key without a prefix,
     but names no valid key; with + it adds the key, which the run would then ignore.)"""

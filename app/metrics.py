@@ -17,8 +17,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -95,10 +96,10 @@ class EvalMetrics:
         self._labels.append(labels)
         self._sums += batch_sums(logits, labels).to(self._sums)
 
-    def _rows(self, batches: List[torch.Tensor]) -> torch.Tensor:
+    def _rows(self, batches: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(batches) if batches else torch.zeros(0, device=self.device)
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         sums = self._sums.clone()
         if _distributed():
             dist.all_reduce(sums)
@@ -140,16 +141,16 @@ class TaskMetrics:
         for task, metrics in enumerate(self._metrics):
             metrics.update(logits[:, task], labels[:, task])
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         """Collective when distributed: every rank computes every task, in the same order."""
         per_task = {task: metrics.compute() for task, metrics in zip(self.tasks, self._metrics)}
-        result: Dict[str, float] = dict(per_task[self.primary])
+        result: dict[str, float] = dict(per_task[self.primary])
         for task, values in per_task.items():
             result.update({f"{task}/{key}": value for key, value in values.items() if key != "samples"})
         return result
 
 
-def evaluation_metrics(device: torch.device, tasks: Sequence[str] = (), primary: Optional[str] = None):
+def evaluation_metrics(device: torch.device, tasks: Sequence[str] = (), primary: str | None = None):
     """EvalMetrics for one task; TaskMetrics for several (B x T logits), `primary` unprefixed."""
     if len(tasks) <= 1:
         return EvalMetrics(device)
@@ -161,10 +162,10 @@ class MetricsLogger:
     TensorBoard scalars under tb/, and `tracking` (an MLflow run, app/tracking.py) where there is
     one. Only rank 0 writes."""
 
-    def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True, tracking: Optional[Any] = None) -> None:
+    def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True, tracking: Any | None = None) -> None:
         self.enabled = rank == 0
         self._jsonl = None
-        self._tb: Optional[Any] = None
+        self._tb: Any | None = None
         self.tracking = tracking if self.enabled else None
         if not self.enabled:
             return
@@ -177,7 +178,7 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
 
-    def log(self, kind: str, record: Dict[str, Any]) -> None:
+    def log(self, kind: str, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         line = {"kind": kind, **record, "time": time.time()}
@@ -192,7 +193,7 @@ class MetricsLogger:
         if self.tracking is not None:
             self.tracking.log(kind, record)
 
-    def start_session(self, hparams: Dict[str, Any]) -> None:
+    def start_session(self, hparams: dict[str, Any]) -> None:
         """The run's hyperparameters, for TensorBoard's HParams dashboard: a session of this run
         (tb/), whose metrics are its scalars (eval/auc, ...: their latest values). No experiment
         record: TensorBoard gathers one from the sessions of every run under its logdir, so the

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The dtype the dense part computes in (None: fp32), refusing what this device cannot do and
     warning of what it does slowly."""
     dtype = DTYPES[precision]
@@ -47,7 +47,7 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return dtype
 
 
-def loss_scaler(precision: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
+def loss_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 gradients underflow without a loss scale; bf16 has fp32's range and needs none."""
     if precision != "fp16":
         return None
@@ -60,9 +60,9 @@ class TableGradients:
     """The cut between the tables and the dense part under a loss scale (see the module's
     docstring). Without one (fp32, bf16), or outside training, it passes its input through."""
 
-    def __init__(self, scaler: Optional[torch.amp.GradScaler]) -> None:
+    def __init__(self, scaler: torch.amp.GradScaler | None) -> None:
         self.scaler = scaler
-        self._held: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (table output, its cut copy)
+        self._held: list[tuple[torch.Tensor, torch.Tensor]] = []  # (table output, its cut copy)
 
     @property
     def active(self) -> bool:
@@ -77,7 +77,7 @@ class TableGradients:
         self._held.append((values, cut))
         return cut
 
-    def gradients(self) -> List[torch.Tensor]:
+    def gradients(self) -> list[torch.Tensor]:
         """The gradients that arrived at the cut in the first half of the backward."""
         return [cut.grad for _, cut in self._held if cut.grad is not None]
 

@@ -14,9 +14,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List
+from typing import Any
 
 from app.config import MlflowConfig
 from app.errors import UserError
@@ -30,7 +31,7 @@ _PARAM_CHARS = 6000
 STATUSES = {"finished": "FINISHED", "failed": "FAILED", "preempted": "KILLED"}
 
 
-def flatten(value: Any, prefix: str = "") -> Dict[str, str]:
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     """A config as MLflow parameters: dotted keys (list items by index), values as text."""
     if dataclasses.is_dataclass(value):
         value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
@@ -41,7 +42,7 @@ def flatten(value: Any, prefix: str = "") -> Dict[str, str]:
         items = ((str(i), v) for i, v in enumerate(value))
     else:
         return {prefix: str(value)[:_PARAM_CHARS]}
-    flat: Dict[str, str] = {}
+    flat: dict[str, str] = {}
     for key, item in items:
         flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
     return flat
@@ -70,7 +71,7 @@ class MlflowRun:
     """The run directory's MLflow run."""
 
     def __init__(self, config: MlflowConfig, run_dir: Path, experiment: str, run_name: str,
-                 params: Dict[str, str]) -> None:
+                 params: dict[str, str]) -> None:
         import mlflow
         from mlflow.entities import Param
 
@@ -108,7 +109,7 @@ class MlflowRun:
             self._client.log_batch(self.run_id, params=entries[start:start + _BATCH])
         self._working = True
 
-    def log(self, kind: str, record: Dict[str, Any]) -> None:
+    def log(self, kind: str, record: dict[str, Any]) -> None:
         """A record's numbers as metrics <kind>/<key> at its step. A tracking server that fails
         mid-run costs its metrics, not the training: a warning, and no more tries."""
         from mlflow.entities import Metric
@@ -140,13 +141,13 @@ class MlflowRun:
                         type(error).__name__, error)
 
 
-def run_artifacts(run_dir: Path) -> List[Path]:
+def run_artifacts(run_dir: Path) -> list[Path]:
     """The run's files worth keeping beside its metrics: the plan, the summary, and its report's
     plots (made here: validation AUC over steps)."""
     from app.report import read_sweep, write_plots
 
     run_dir = Path(run_dir)
-    plots: List[Path] = []
+    plots: list[Path] = []
     try:
         directory = run_dir / "report"
         directory.mkdir(exist_ok=True)

@@ -12,8 +12,6 @@ saved or judged.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.distributed as dist
 
@@ -33,7 +31,7 @@ class LossWindow:
     def reset(self, start: float) -> None:
         self.start = start
         self.steps = 0
-        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss_sum: torch.Tensor | None = None
 
     def add(self, loss: torch.Tensor) -> None:
         self.steps += 1
@@ -44,7 +42,7 @@ class LossWindow:
         """[loss sum, steps] on the losses' device (where the all-reduce of mean_loss needs them)."""
         return torch.stack([self._loss_sum, self._loss_sum.new_tensor(float(self.steps))])
 
-    def mean_loss(self, extra: Optional[torch.Tensor] = None) -> Tuple[float, Optional[torch.Tensor]]:
+    def mean_loss(self, extra: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:
         """Collective: the mean loss over every rank's steps of the window, and `extra` (float64,
         summed over the ranks in the same all-reduce), or None without it."""
         total = self.totals().double()
@@ -66,9 +64,9 @@ class NonFiniteLoss:
         # Counted on the device, in steps since the first one counted (`_before`: the step before
         # it), so that counting a step copies nothing between host and device.
         self._before = 0
-        self._count: Optional[torch.Tensor] = None
-        self._run: Optional[torch.Tensor] = None  # non-finite steps in a row, up to the latest
-        self._reached: Optional[torch.Tensor] = None  # the count at which _run reached the limit, 0: never
+        self._count: torch.Tensor | None = None
+        self._run: torch.Tensor | None = None  # non-finite steps in a row, up to the latest
+        self._reached: torch.Tensor | None = None  # the count at which _run reached the limit, 0: never
 
     def add(self, loss: torch.Tensor, step: int) -> None:
         """Count step `step`'s local loss."""

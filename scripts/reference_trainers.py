@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Callable, List, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,12 +45,12 @@ class _PlainDLRM(nn.Module):
 
     @staticmethod
     def _mlp(sizes: Sequence[int], sigmoid: bool) -> nn.Sequential:
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         for i, (n, m) in enumerate(zip(sizes, sizes[1:])):
             layers += [nn.Linear(n, m), nn.Sigmoid() if sigmoid and i == len(sizes) - 2 else nn.ReLU()]
         return nn.Sequential(*layers)
 
-    def forward(self, dense: torch.Tensor, sparse: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, dense: torch.Tensor, sparse: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         x = self.bottom(dense)
         pooled = [table(ids, offsets) for table, (ids, offsets) in zip(self.tables, sparse)]
         features = torch.cat([x] + pooled, dim=1).view(x.shape[0], -1, x.shape[1])

@@ -14,7 +14,7 @@ import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path, PosixPath, PurePosixPath
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,9 +23,16 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # DCP's reader of URLs
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                   MetadataIndex, StorageMeta, TensorProperties,
-                                                   TensorStorageMetadata, _MEM_FORMAT_ENCODING)
+from torch.distributed.checkpoint.metadata import (
+    _MEM_FORMAT_ENCODING,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import ReadItem
 
 from app.errors import UserError
@@ -66,7 +73,7 @@ class _SafeMetadata:
     """DCP's file readers, but .metadata is unpickled with _METADATA_GLOBALS only (or given:
     a caller that has read it already need not have it read again)."""
 
-    def __init__(self, path: str, metadata: Optional[Metadata] = None) -> None:
+    def __init__(self, path: str, metadata: Metadata | None = None) -> None:
         super().__init__(path)
         self._metadata = metadata
 
@@ -92,7 +99,7 @@ class _SafeFsspecReader(_SafeMetadata, FsspecReader):
     """An object store's (s3://...) checkpoint reader, through fsspec as DCP reads URLs."""
 
 
-def _reader(path: Any, metadata: Optional[Metadata] = None) -> FileSystemReader:
+def _reader(path: Any, metadata: Metadata | None = None) -> FileSystemReader:
     path = location(path)
     return (_SafeFsspecReader if isinstance(path, UrlPath) else _SafeReader)(str(path), metadata)
 
@@ -134,8 +141,8 @@ def read_dcp_metadata(path: Any) -> Metadata:
     return _reader(path).read_metadata()
 
 
-def load_state(path: Any, state: Dict[str, Any], group: Optional[dist.ProcessGroup] = None,
-               no_dist: bool = False, metadata: Optional[Metadata] = None) -> None:
+def load_state(path: Any, state: dict[str, Any], group: dist.ProcessGroup | None = None,
+               no_dist: bool = False, metadata: Metadata | None = None) -> None:
     """dcp.load of the checkpoint at `path` into `state`, unpickling nothing but data: every
     checkpoint is loaded through here. CheckpointError naming the file that holds anything else.
     `metadata`: the checkpoint's, where the caller has read it already (read_dcp_metadata)."""

@@ -14,8 +14,9 @@ import mmap
 import os
 import threading
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List
+from typing import Any
 
 import torch
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
@@ -229,7 +230,7 @@ class UncachedFile:
         except BufferError:
             pass  # a failed write's traceback still holds a slice: the buffer goes with it
 
-    def __enter__(self) -> "UncachedFile":
+    def __enter__(self) -> UncachedFile:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
@@ -268,9 +269,9 @@ class _ChecksummingFileSystem:
     `uncached`: files on a local disk are written as UncachedFiles; otherwise objects, uploaded in
     parts of OBJECT_PART bytes."""
 
-    def __init__(self, fs, checksums: Dict[str, List[int]], uncached: bool = False) -> None:
+    def __init__(self, fs, checksums: dict[str, list[int]], uncached: bool = False) -> None:
         self._fs, self.checksums, self._uncached = fs, checksums, uncached
-        self.failures: List[tuple] = []  # (file, storage error) met by any writer thread
+        self.failures: list[tuple] = []  # (file, storage error) met by any writer thread
 
     def _open(self, path, mode: str):
         if "w" not in mode:
@@ -326,7 +327,7 @@ class FileWriter(_CheckedWrites, FileSystemWriter):
 
     def __init__(self, path: str, thread_count: int) -> None:
         super().__init__(path, thread_count=thread_count, sync_files=False)
-        self.checksums: Dict[str, List[int]] = {}
+        self.checksums: dict[str, list[int]] = {}
         self.fs = _ChecksummingFileSystem(self.fs, self.checksums, uncached=True)
 
 
@@ -336,5 +337,5 @@ class ObjectWriter(_CheckedWrites, FsspecWriter):
 
     def __init__(self, path: str, thread_count: int, **storage_options) -> None:
         super().__init__(path, thread_count=thread_count, sync_files=False, **storage_options)
-        self.checksums: Dict[str, List[int]] = {}
+        self.checksums: dict[str, list[int]] = {}
         self.fs = _ChecksummingFileSystem(self.fs, self.checksums)

@@ -4,8 +4,8 @@ and fields that carry their own help text (`doc`), listed with their defaults by
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import field

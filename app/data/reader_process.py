@@ -32,7 +32,8 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -52,11 +53,11 @@ class WindowSource(IterableDataset):
     store with `storage_options`), and a few kept open for the next row group (reopening re-reads
     the footer)."""
 
-    def __init__(self, windows: List[Window], schema: FeatureSchema, policy: InputPolicy, skip_rows: int,
-                 storage_options: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, windows: list[Window], schema: FeatureSchema, policy: InputPolicy, skip_rows: int,
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.windows, self.schema, self.policy, self.skip_rows = windows, schema, policy, skip_rows
         self.storage_options = storage_options
-        self._open_files: "OrderedDict[str, pq.ParquetFile]" = OrderedDict()
+        self._open_files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open_files": OrderedDict()}
@@ -74,7 +75,7 @@ class WindowSource(IterableDataset):
                 rows, skip_rows = rows.slice(skip_rows, len(rows)), 0
             yield rows
 
-    def _remaining(self) -> Tuple[List[Window], int]:
+    def _remaining(self) -> tuple[list[Window], int]:
         """The windows not wholly skipped, and the rows to skip in the first of them. Whole windows
         are dropped before the dealing, not by each reader from its own share: the windows taken
         in turn must start at reader 0 with the first window left, wherever a resume starts."""
@@ -110,7 +111,7 @@ class WindowSource(IterableDataset):
                 self._open_files.popitem(last=False)
         return self._open_files[path]
 
-    def _read(self, groups: List[RowGroup], row_seed: Optional[List[int]]) -> Rows:
+    def _read(self, groups: list[RowGroup], row_seed: list[int] | None) -> Rows:
         rows = Rows.concat([read_row_group(g.file, g.index, self.schema, self.policy, self._file) for g in groups])
         if row_seed is not None:
             rows = rows.take(np.random.default_rng(row_seed).permutation(len(rows)))

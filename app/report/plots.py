@@ -6,17 +6,19 @@ chose (overrides, directory names): they are drawn as plain text, never as matpl
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any
 
 from app.report.run_files import finite as _number
 from app.report.sweep import Point, Sweep
+
 
 def _label(point: Point, swept: Sequence[str]) -> str:
     return ", ".join(f"{k}={point.overrides.get(k, '')}" for k in swept) or point.name
 
 
-def plot_auc_over_steps(sweep: Sweep, path: Path) -> Optional[Path]:
+def plot_auc_over_steps(sweep: Sweep, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     points = [p for p in sweep.points if p.evaluations]
@@ -35,7 +37,7 @@ def plot_auc_over_steps(sweep: Sweep, path: Path) -> Optional[Path]:
     return _save(figure, path)
 
 
-def plot_final_auc_against(sweep: Sweep, key: str, path: Path) -> Optional[Path]:
+def plot_final_auc_against(sweep: Sweep, key: str, path: Path) -> Path | None:
     """Final validation AUC against one swept parameter: numbers on a (log, where they span a
     decade or more) axis, other values side by side."""
     import matplotlib.pyplot as plt
@@ -106,7 +108,7 @@ def _optuna_value(raw: str, distribution: Any) -> Any:
     return float(raw)  # a ValueError where it is no number: no trial of it (see optuna_study)
 
 
-def plot_optuna(sweep: Sweep, directory: Path) -> Dict[str, Path]:
+def plot_optuna(sweep: Sweep, directory: Path) -> dict[str, Path]:
     """Optuna's optimization history (each trial's AUC, and the best so far) and, with 2 or more
     finished trials, its parameter importances. Drawn here: optuna 2's own matplotlib plots call
     a matplotlib API that 3.9 removed."""
@@ -116,7 +118,7 @@ def plot_optuna(sweep: Sweep, directory: Path) -> Dict[str, Path]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna_study(sweep)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    written: Dict[str, Path] = {}
+    written: dict[str, Path] = {}
     if not complete:
         return written
     pick = max if sweep.optuna["direction"] == "maximize" else min
@@ -157,7 +159,7 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
-def write_plots(sweep: Sweep, directory: Path) -> Dict[str, Path]:
+def write_plots(sweep: Sweep, directory: Path) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -165,8 +167,8 @@ def write_plots(sweep: Sweep, directory: Path) -> Dict[str, Path]:
         return _draw_plots(sweep, directory)
 
 
-def _draw_plots(sweep: Sweep, directory: Path) -> Dict[str, Path]:
-    plots: Dict[str, Path] = {}
+def _draw_plots(sweep: Sweep, directory: Path) -> dict[str, Path]:
+    plots: dict[str, Path] = {}
     path = plot_auc_over_steps(sweep, directory / "val_auc.png")
     if path:
         plots["val_auc"] = path

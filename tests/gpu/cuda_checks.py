@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import closing
-from typing import Dict
 
 import torch
 import torch.distributed as dist
 
 
-def pinned_batches(data_root: str) -> Dict[str, bool]:
+def pinned_batches(data_root: str) -> dict[str, bool]:
     """Whether every tensor of a training and an evaluation batch read for CUDA is pinned, and
     whether a non-blocking copy of one reaches the GPU intact."""
     from app.data.files import resolve_files
@@ -45,7 +44,7 @@ def pinned_batches(data_root: str) -> Dict[str, bool]:
     return found
 
 
-def async_save(directory: str) -> Dict[str, object]:
+def async_save(directory: str) -> dict[str, object]:
     """Two asynchronous saves of a CUDA tensor, changed after each: the device memory the staging
     took, whether the staged copy is pinned, and what loads back into a CUDA tensor."""
     from app.checkpoint import CheckpointStore

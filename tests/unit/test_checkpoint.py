@@ -9,14 +9,22 @@ import re
 import zlib
 from pathlib import Path
 
+import pytest
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-import pytest
-
+from app.checkpoint import (
+    BEST_FILE,
+    LATEST_FILE,
+    META_FILE,
+    CheckpointError,
+    CheckpointStore,
+    find_checkpoint,
+    model_differences,
+    read_meta,
+    verify,
+)
 from app.config import Config, FeaturesConfig, ModelConfig, SparseFeature
-from app.checkpoint import (BEST_FILE, LATEST_FILE, META_FILE, CheckpointError, CheckpointStore, find_checkpoint,
-                            model_differences, read_meta, verify)
 
 
 def state(value: float):

@@ -12,6 +12,7 @@ import torch
 from app.checkpoint import CheckpointStore
 from app.checkpoint.writers import UncachedFile
 
+
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("buffer_size", [8192, 1 << 20])
 def test_an_uncached_file_holds_exactly_what_was_written(tmp_path, buffer_size, direct):

@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from app import job
-from app.checkpoint import (Checkpointer, CheckpointError, CheckpointStore, RunParts, RunShape, SavedCheckpoint,
-                            TrainState, position_here)
+from app.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointStore,
+    RunParts,
+    RunShape,
+    SavedCheckpoint,
+    TrainState,
+    position_here,
+)
 from app.config import ConfigError
 from app.distributed import DistEnv
 from app.features import FeatureSchema

@@ -14,7 +14,6 @@ from app.config import GROUP_SCHEMAS, Config, ConfigError, TableConstraint, fiel
 from app.hydra_edge import compose_config, config_from_dict
 from tests.conftest import CONFIGS, REPO
 
-
 GROUPS = ["features", "model", "data", "sharding", "optim", "checkpoint", "trainer", "logging", "distributed"]
 # Options that need paths only the user can give, or a dense arch ending in their embedding dim.
 NEEDS_PATHS = ["data.train_path=/data/train", "data.val_path=/data/val"]

@@ -9,14 +9,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from app.config import (ConfigError, FeaturesConfig, ModelConfig, OptimConfig, ShardingConfig, SparseFeature,
-                        TableConstraint)
+from app.config import (
+    ConfigError,
+    FeaturesConfig,
+    ModelConfig,
+    OptimConfig,
+    ShardingConfig,
+    SparseFeature,
+    TableConstraint,
+)
 from app.features import FeatureSchema
 from app.hydra_edge import compose_config
 from app.models import build_model
 from app.optim import apply_sparse_optimizer
-from app.sharding import (parameter_constraints, plan_offline, plan_report, plan_sharding, sharders,
-                          write_plan_report)
+from app.sharding import parameter_constraints, plan_offline, plan_report, plan_sharding, sharders, write_plan_report
 
 SCHEMA = FeatureSchema.from_config(
     FeaturesConfig(dense=["d"], sparse=[SparseFeature("small", 100), SparseFeature("big", 5000)], embedding_dim=8)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import pyarrow as pa
@@ -47,7 +46,7 @@ class Vocabulary:
         return np.where(self.values[position] == values, self.ids[position], 0)
 
 
-def load_vocabularies(directory: Path, columns: CriteoColumns) -> List[Vocabulary]:
+def load_vocabularies(directory: Path, columns: CriteoColumns) -> list[Vocabulary]:
     """The sparse columns' vocabularies, in column order."""
     return [Vocabulary(directory / f"{name}.arrow") for name in columns.sparse]
 
@@ -106,7 +105,7 @@ def count_input(job: CountJob) -> str:
     return job.counts_file
 
 
-def ensure_vocabulary(out: Path, inputs: List[str], stems: List[str], columns: CriteoColumns,
+def ensure_vocabulary(out: Path, inputs: list[str], stems: list[str], columns: CriteoColumns,
                       options: ConvertOptions, built_from: dict) -> Path:
     """out/_vocabulary, counted over all inputs unless a run with the same inputs and min_frequency
     left it there."""
@@ -133,7 +132,7 @@ def ensure_vocabulary(out: Path, inputs: List[str], stems: List[str], columns: C
     return target
 
 
-def _vocabulary_table(count_files: List[str], index: int, min_frequency: int) -> pa.Table:
+def _vocabulary_table(count_files: list[str], index: int, min_frequency: int) -> pa.Table:
     """Feature `index`'s kept values with their ids (1.. by descending count, ties by value),
     sorted by value for lookup."""
     batches = [ipc.open_file(pa.memory_map(f)).get_batch(index) for f in count_files]

@@ -11,7 +11,6 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +39,7 @@ POOL = [[f"{_POOL_RNG.getrandbits(32):08x}" for _ in range(6)] for _ in SPARSE]
 SMALL = dict(block_size=4096, rows_per_file=100, rows_per_row_group=30)
 
 
-def criteo_rows(count: int, seed: int) -> List[List[str]]:
+def criteo_rows(count: int, seed: int) -> list[list[str]]:
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
@@ -50,7 +49,7 @@ def criteo_rows(count: int, seed: int) -> List[List[str]]:
     return rows
 
 
-def write_tsv(path: Path, rows: List[List[str]]) -> str:
+def write_tsv(path: Path, rows: list[list[str]]) -> str:
     text = "".join("\t".join(row) + "\n" for row in rows).encode()
     if path.name.endswith(".gz"):
         text = gzip.compress(text)
@@ -58,21 +57,21 @@ def write_tsv(path: Path, rows: List[List[str]]) -> str:
     return str(path)
 
 
-def read_output(out: Path) -> Dict[str, list]:
+def read_output(out: Path) -> dict[str, list]:
     return pa.concat_tables(pq.read_table(f) for f in resolve_files(str(out))).to_pydict()
 
 
-def vocabulary(rows: List[List[str]], j: int, min_frequency: int) -> Dict[str, int]:
+def vocabulary(rows: list[list[str]], j: int, min_frequency: int) -> dict[str, int]:
     """The ids the converter must give feature j's values: 1.. by descending count, ties by value."""
     counts = Counter(row[14 + j] for row in rows if row[14 + j])
     kept = sorted((v for v, c in counts.items() if c >= min_frequency), key=lambda v: (-counts[v], int(v, 16)))
     return {value: i + 1 for i, value in enumerate(kept)}
 
 
-def expected(rows: List[List[str]], log_dense: bool = True,
-             vocabularies: Optional[List[dict]] = None) -> Dict[str, list]:
+def expected(rows: list[list[str]], log_dense: bool = True,
+             vocabularies: list[dict] | None = None) -> dict[str, list]:
     """The output columns for these raw rows, computed the plain way (hash ids without vocabularies)."""
-    columns: Dict[str, list] = {"label": [int(row[0]) for row in rows]}
+    columns: dict[str, list] = {"label": [int(row[0]) for row in rows]}
     for i, name in enumerate(DENSE):
         raw = [int(row[1 + i]) if row[1 + i] else 0 for row in rows]
         columns[name] = [math.log1p(max(x, 0)) for x in raw] if log_dense else raw
@@ -85,7 +84,7 @@ def expected(rows: List[List[str]], log_dense: bool = True,
     return columns
 
 
-def assert_output(out: Path, want: Dict[str, list]) -> None:
+def assert_output(out: Path, want: dict[str, list]) -> None:
     got = read_output(out)
     assert list(got) == ["label", *DENSE, *SPARSE]
     assert got["label"] == want["label"]
@@ -174,7 +173,7 @@ def test_parts_and_row_groups(tmp_path):
     assert groups == [[30, 30, 30, 10], [30, 30, 30, 10], [30, 20]]
 
 
-def row_groups(out: Path) -> List[List[int]]:
+def row_groups(out: Path) -> list[list[int]]:
     """Rows per row group, per file."""
     metadata = [pq.read_metadata(f) for f in resolve_files(str(out))]
     return [[m.row_group(i).num_rows for i in range(m.num_row_groups)] for m in metadata]
@@ -299,7 +298,7 @@ def test_a_directory_of_other_settings_is_refused(tmp_path):
         convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(**{**SMALL, "rows_per_file": 50}))
 
 
-def _with(rows: List[List[str]], line: int, field: int, value: str) -> List[List[str]]:
+def _with(rows: list[list[str]], line: int, field: int, value: str) -> list[list[str]]:
     rows = [list(r) for r in rows]
     rows[line - 1][field - 1] = value
     return rows
@@ -327,7 +326,7 @@ def test_bad_lines_are_named_by_file_line_and_column(tmp_path, categorical, edit
     assert not resolve_files_or_none(tmp_path / "out")
 
 
-def resolve_files_or_none(out: Path) -> Optional[List[str]]:
+def resolve_files_or_none(out: Path) -> list[str] | None:
     try:
         return resolve_files(str(out))
     except DataError:
@@ -369,7 +368,7 @@ def test_multi_hot_bags_are_the_one_hot_id_and_ids_derived_from_it_by_seed(tmp_p
     files = resolve_files(str(tmp_path / "a"))
     check_files(files, multi_hot)
     got, one_hot = read_output(tmp_path / "a"), expected(rows[0] + rows[1])
-    bags_of: Dict[tuple, list] = {}
+    bags_of: dict[tuple, list] = {}
     for j, (name, hotness) in enumerate(zip(SPARSE, HOTNESS)):
         column = pq.read_schema(files[0]).field(name).type
         assert str(column) == ("int64" if hotness == 1 else "list<element: int64>"), name
