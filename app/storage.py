@@ -11,6 +11,7 @@ in place and published by writing its manifest last (see ObjectStorage.staging_n
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -278,10 +279,8 @@ class ObjectStorage:
     def delete(self, name: str) -> None:
         key = self._key(name)
         self.fs.invalidate_cache(key)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm(key, recursive=True)
-        except FileNotFoundError:
-            pass
 
 
 Storage = LocalStorage | ObjectStorage

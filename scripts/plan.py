@@ -2,7 +2,8 @@
 a dry run to try before asking for machines.
 
     python scripts/plan.py --world-size 8
-    python scripts/plan.py --world-size 16 --local-world-size 8 features=criteo_1tb model.dense_arch_layer_sizes=[512,256,128]
+    python scripts/plan.py --world-size 16 --local-world-size 8 features=criteo_1tb \
+        model.dense_arch_layer_sizes=[512,256,128]
     python scripts/plan.py --world-size 1,2,4,8,16,32,64 --summary sharding.ddr_cap_gb=64
     python scripts/plan.py --world-size 4 --json plan.json       # also write the report as JSON
 

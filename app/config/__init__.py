@@ -67,6 +67,51 @@ from app.config.training import (
     TrainerConfig,
 )
 
+# The package's interface: the groups' dataclasses, their allowed values, and the checks and docs built on them.
+__all__ = [
+    "BACKENDS",
+    "COMM_PRECISIONS",
+    "COMPUTE_KERNELS",
+    "CUDA_ONLY_COMM_PRECISIONS",
+    "CUDA_ONLY_KERNELS",
+    "DENSE_OPTIMIZERS",
+    "DEVICES",
+    "EARLY_STOPPING_METRICS",
+    "GROUP_SCHEMAS",
+    "HIGHER_IS_BETTER",
+    "ID_MAPPINGS",
+    "LR_DECAYS",
+    "MODEL_ARCHS",
+    "MULTI_TASK_ARCHS",
+    "PIPELINES",
+    "POOLINGS",
+    "SHARDING_TYPES",
+    "SPARSE_OPTIMIZERS",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistributedConfig",
+    "EarlyStoppingConfig",
+    "FeaturesConfig",
+    "FieldDoc",
+    "LoggingConfig",
+    "ManagedCollisionConfig",
+    "MlflowConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SequenceFeature",
+    "ShardingConfig",
+    "SparseFeature",
+    "SyntheticConfig",
+    "TableConstraint",
+    "TaskLabel",
+    "TrainerConfig",
+    "check_run_location",
+    "field_docs",
+    "table_constraint",
+]
+
 
 @dataclass
 class Config:

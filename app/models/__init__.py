@@ -44,8 +44,9 @@ def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device
     loss weighted by `task_weights` (default: 1 each; scoring does not need them).
     `tables_device` other than meta builds full tables there: one unsharded process (app/export.py).
     `autocast_dtype` (bf16, fp16) is the dense part's compute precision; `table_gradients` is the cut
-    between the tables and the dense part that a loss scale needs (app/precision.py). Features with id_mapping=managed_collision get
-    `managed_collision`'s modules, for `mc_buckets` row-wise shards (app/models/managed_collision.py)."""
+    between the tables and the dense part that a loss scale needs (app/precision.py). Features with
+    id_mapping=managed_collision get `managed_collision`'s modules, for `mc_buckets` row-wise shards
+    (app/models/managed_collision.py)."""
     managed = [f.name for f in schema.sparse if f.id_mapping == "managed_collision"]
     if not managed:
         tables = EmbeddingBagCollection(tables=schema.embedding_bag_configs(), device=tables_device)

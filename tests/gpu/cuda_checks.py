@@ -64,7 +64,8 @@ def async_save(directory: str) -> dict[str, object]:
     for path in (first, second):
         target = {"model": {"w": torch.zeros(1024, 1024, device="cuda")}}
         store.load(path, target)
-        loaded[path.name] = {"device": str(target["model"]["w"].device), "values": target["model"]["w"].unique().tolist()}
+        weights = target["model"]["w"]
+        loaded[path.name] = {"device": str(weights.device), "values": weights.unique().tolist()}
     staged = store._pinned_stager.state_dict_cache["model"]["w"] if store._pinned_stager else None
     dist.destroy_process_group()
     return {"staged_on_device_bytes": staged_on_device, "tensor_bytes": weight.numel() * weight.element_size(),

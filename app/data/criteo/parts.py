@@ -33,7 +33,8 @@ def output_schema(columns: CriteoColumns) -> pa.Schema:
     return pa.schema(
         [(columns.label, pa.int8())]
         + [(name, pa.float32()) for name in columns.dense]
-        + [(name, pa.int64() if hot == 1 else pa.list_(pa.int64())) for name, hot in zip(columns.sparse, columns.hotness)]
+        + [(name, pa.int64() if hot == 1 else pa.list_(pa.int64()))
+           for name, hot in zip(columns.sparse, columns.hotness)]
     )
 
 

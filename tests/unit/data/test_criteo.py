@@ -232,7 +232,8 @@ def test_raw_ids_refuse_what_no_int64_holds_and_multi_hot_columns(tmp_path):
     with pytest.raises(DataError, match=f"^{re.escape(path)}, line 42, column 'cat_7' \\(field 22\\): "
                                         "'8000000000000000' is 2\\*\\*63 or more"):
         convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical="raw", **SMALL))
-    with pytest.raises(ConfigError, match="categorical='raw' keeps each value as its id, but \\['cat_0'\\] are multi-hot"):
+    with pytest.raises(ConfigError,
+                       match="categorical='raw' keeps each value as its id, but \\['cat_0'\\] are multi-hot"):
         convert([path], str(tmp_path / "out2"), SCHEMA,
                 ConvertOptions(categorical="raw", multi_hot_sizes=(3,) + (1,) * 25, **SMALL))
 
@@ -307,7 +308,7 @@ def _with(rows: list[list[str]], line: int, field: int, value: str) -> list[list
 @pytest.mark.parametrize(
     "categorical, edit, message",
     [
-        ("hash", lambda r: r[:76] + [r[76][:39]] + r[77:],
+        ("hash", lambda r: [*r[:76], r[76][:39], *r[77:]],
          "line 77: 39 tab-separated field\\(s\\); expected 40"),
         ("hash", lambda r: _with(r, 90, 5, "12x"), "line 90, column 'int_3' \\(field 5\\): '12x'; expected an integer"),
         ("hash", lambda r: _with(r, 3, 1, "2"), "line 3, column 'label' \\(field 1\\): '2'; expected 0 or 1"),
@@ -315,7 +316,7 @@ def _with(rows: list[list[str]], line: int, field: int, value: str) -> list[list
         ("hash", lambda r: _with(r, 120, 1, "yes"), "line 120, column 'label' \\(field 1\\): 'yes'; expected 0 or 1"),
         ("hash", lambda r: _with(r, 45, 19, "ab-cd"), "line 45, column 'cat_4' \\(field 19\\): 'ab-cd'; expected a h"),
         ("vocab", lambda r: _with(r, 45, 19, "ab-cd"), "line 45, column 'cat_4' \\(field 19\\): 'ab-cd'; expected a h"),
-        ("vocab", lambda r: r[:33] + [r[33] + ["extra"]] + r[34:], "line 34: 41 tab-separated field\\(s\\)"),
+        ("vocab", lambda r: [*r[:33], r[33] + ["extra"], *r[34:]], "line 34: 41 tab-separated field\\(s\\)"),
     ],
     ids=["field-count", "integer", "label", "empty-label", "label-text", "hex", "hex-vocab", "field-count-vocab"],
 )
@@ -338,7 +339,7 @@ def test_a_vocabulary_larger_than_its_table_is_refused(tmp_path):
     for k, row in enumerate(rows):
         row[14 + 2] = f"{k % 14:08x}"  # 14 values (2 of them 8 times, the others 7); cat_2's table has 13 rows
     path = write_tsv(tmp_path / "day_0", rows)
-    with pytest.raises(ConfigError, match="'cat_2' needs 15 \\(num_embeddings is 13\\).*raise min_frequency"):
+    with pytest.raises(ConfigError, match=r"'cat_2' needs 15 \(num_embeddings is 13\).*raise min_frequency"):
         convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical="vocab"))
     summary = convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical="vocab", min_frequency=8))
     assert summary["vocabulary"]["cat_2"] == 2
@@ -352,7 +353,7 @@ def test_a_missing_input_is_named(tmp_path):
 def test_a_schema_that_is_not_criteo_is_refused(tmp_path):
     path = write_tsv(tmp_path / "day_0", criteo_rows(5, seed=8))
     narrow = FeatureSchema.from_config(FeaturesConfig(dense=DENSE[:2], sparse=[SparseFeature(n, 10) for n in SPARSE]))
-    with pytest.raises(ConfigError, match="13 integer and 26 categorical columns.*2 dense and 26 sparse"):
+    with pytest.raises(ConfigError, match=r"13 integer and 26 categorical columns.*2 dense and 26 sparse"):
         convert([path], str(tmp_path / "out"), narrow, ConvertOptions())
 
 
@@ -426,7 +427,7 @@ def test_the_script_converts_and_exits_2_on_bad_input(tmp_path, capsys):
         assert err.startswith("error: ") and "--multi-hot-sizes" in err and message in err, err
     assert main(["--out", str(tmp_path / "mh"), path, "features=criteo_small", "--multi-hot-sizes",
                  ",".join(map(str, HOTNESS)), "--multi-hot-seed", "3"]) == 0
-    assert [len(b) for b in read_output(tmp_path / "mh")["cat_21"] if b is not None][0] == 27
+    assert next(len(b) for b in read_output(tmp_path / "mh")["cat_21"] if b is not None) == 27
 
 
 def test_the_script_takes_any_features_config_and_names_a_bad_override(tmp_path, capsys):
