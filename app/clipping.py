@@ -37,7 +37,7 @@ def clip_dense_gradients(parameters: Iterable[torch.Tensor], max_norm: float, lo
     norm before clipping. `local_gradients`: each rank holds its own (k-step averaging), so the norm
     is the root mean square over the ranks (collective: every rank calls it each step)."""
     parameters = [p for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     if local_gradients and dist.is_initialized() and dist.get_world_size() > 1:
         squared = norm.pow(2)
         dist.all_reduce(squared)

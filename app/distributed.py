@@ -210,4 +210,5 @@ class _QuietOnBadInput(logging.Filter):
 
 def _pass_on_to_workers(signum, frame) -> None:
     for worker in multiprocessing.active_children():
-        os.kill(worker.pid, signum)
+        if worker.pid is not None:  # started, as active children are
+            os.kill(worker.pid, signum)

@@ -125,7 +125,7 @@ class Evaluator:
         self._log_tasks(result)
         return result
 
-    def _log_tasks(self, result: dict[str, float]) -> None:
+    def _log_tasks(self, result: dict[str, Any]) -> None:
         """Multi-task: each task's metrics, on a line of its own (the line above is the primary's)."""
         for task in self.tasks:
             log.info("  task %s: auc %.4f  logloss %.4f  ne %.4f  calibration %.4f", task, result[f"{task}/auc"],

@@ -182,9 +182,10 @@ def _managed_collision_shards(checkpoint: Path, config: Config, world_size: int)
     sent it to (app/models/managed_collision.py). None without such tables."""
     if not any(f.id_mapping == "managed_collision" for f in config.features.sparse):
         return None
-    segments = {}
+    segments: dict[str, list[int]] = {}
     for key, entry in read_dcp_metadata(checkpoint).state_dict_metadata.items():
-        if key.startswith(f"{MODEL_KEY}.") and key.endswith("._mch_sorted_raw_ids"):
+        if key.startswith(f"{MODEL_KEY}.") and key.endswith("._mch_sorted_raw_ids") \
+                and isinstance(entry, TensorStorageMetadata):
             starts = sorted({chunk.offsets[0] for chunk in entry.chunks})
             segments[key.split(".")[-2]] = [*starts, int(entry.size[0])]
     return {"world_size": world_size, "segments": segments}

@@ -135,7 +135,7 @@ def _composed_value(root, key: str) -> Any:
 
     parent_key, _, name = key.rpartition(".")
     parent = OmegaConf.select(root, parent_key) if parent_key else root
-    if not OmegaConf.is_dict(parent) or name not in parent.keys():  # `in` leaves out a ??? value
+    if not OmegaConf.is_dict(parent) or name not in parent.keys():  # noqa: SIM118 (`in` leaves out a ??? value)
         return _UNSET
     if OmegaConf.is_missing(parent, name):
         return "???"
@@ -216,7 +216,7 @@ def to_config(cfg, validate: bool = True) -> Config:
     # silence by to_object, and the run would train without the setting its user asked for.
     for key in _keys_outside_schema(cfg):
         check_key(key)
-    config = OmegaConf.to_object(cfg)
+    config = typing.cast(Config, OmegaConf.to_object(cfg))  # composed onto the Config schema
     return config.validate() if validate else config
 
 
@@ -231,7 +231,7 @@ def _keys_outside_schema(node, prefix: str = "") -> list[str]:
     schema = OmegaConf.get_type(node)
     fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
     found = []
-    for key in node.keys():
+    for key in map(str, node):  # a config's keys are strings
         if fields is not None and key not in fields:
             found.append(f"{prefix}{key}")
         else:
@@ -252,7 +252,7 @@ def check_key(key: str) -> None:
         if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
             if parts[depth] not in node:
                 parent = ".".join(parts[:depth])
-                raise ConfigError(_unknown_key_message(key, parent, parts[depth], list(node.keys())))
+                raise ConfigError(_unknown_key_message(key, parent, parts[depth], [str(k) for k in node]))
             node = node._get_node(parts[depth])
         elif isinstance(node, (DictConfig, ListConfig)) and dataclasses.is_dataclass(node._metadata.element_type):
             node = OmegaConf.structured(node._metadata.element_type)  # parts[depth] names the entry
@@ -292,7 +292,8 @@ def config_from_dict(data: dict) -> Config:
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), _literal(data)))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), _literal(data))
+        config = typing.cast(Config, OmegaConf.to_object(merged))
     except ConfigKeyError as error:
         check_key(error.full_key or str(error.key))
         raise ConfigError(_first_line(error)) from error  # a key check_key admits (below a plain map)

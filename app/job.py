@@ -98,7 +98,8 @@ def check_writable(storage: Storage, what: str, rank: int, key: str = "output_ro
         if isinstance(directory, UrlPath):
             reason = str(error)
         else:
-            reason = "a file is in the way" if directory.exists() and not directory.is_dir() else error.strerror or error
+            in_the_way = directory.exists() and not directory.is_dir()
+            reason = "a file is in the way" if in_the_way else str(error.strerror or error)
         raise ConfigError(f"cannot write {what} to {directory} (from {key}): {reason}.") from error
 
 

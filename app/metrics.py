@@ -83,7 +83,8 @@ class EvalMetrics:
 
     def reset(self) -> None:
         # Exact AUC (no thresholds): every rank's logits and labels are gathered at compute().
-        self._logits, self._labels = [], []
+        self._logits: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
         # logloss sum, prediction sum, label sum, count, non-finite logits: float64 so millions of
         # rows add up exactly.
         self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)
@@ -172,14 +173,14 @@ class MetricsLogger:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._run_dir = run_dir
-        self._jsonl = open(run_dir / "metrics.jsonl", "a")
+        self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the logger's life)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self._jsonl is None:  # not rank 0
             return
         line = {"kind": kind, **record, "time": time.time()}
         with said_in_one_line(f"cannot write the run's metrics to {self._jsonl.name} and {self._run_dir / 'tb'}"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,8 +54,8 @@ _FUSED_ON_CPU = ("sgd", "adagrad", "rowwise_adagrad")
 FUSED_PART, DENSE_PART, REPLICATED_PART = "sparse", "dense", "replicated_tables"
 
 
-def _optimizer_kwargs(name: str, lr: float, config: OptimConfig, weight_decay: float) -> dict[str, object]:
-    kwargs: dict[str, object] = {"lr": lr, "weight_decay": weight_decay}
+def _optimizer_kwargs(name: str, lr: float, config: OptimConfig, weight_decay: float) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
     if name in ("adagrad", "rowwise_adagrad", "adam"):
         kwargs["eps"] = config.eps
     if name == "adam":
@@ -73,8 +74,9 @@ def apply_sparse_optimizer(model: nn.Module, config: OptimConfig, device: torch.
     if "betas" in kwargs:
         kwargs["beta1"], kwargs["beta2"] = kwargs.pop("betas")
     _apply_optimizer_in_backward(_FUSED_CLASSES[config.sparse], embedding_tables(model).parameters(), kwargs)
-    if sequence_tables(model) is not None:  # the histories' tables (features.sequence): fused alike
-        _apply_optimizer_in_backward(_FUSED_CLASSES[config.sparse], sequence_tables(model).parameters(), kwargs)
+    histories = sequence_tables(model)
+    if histories is not None:  # the histories' tables (features.sequence): fused alike
+        _apply_optimizer_in_backward(_FUSED_CLASSES[config.sparse], histories.parameters(), kwargs)
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
@@ -91,7 +93,8 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
         # fp16 (replicated) tables: state and arithmetic in fp32, as FBGEMM's for sharded ones.
         return KeyedOptimizerWrapper(params, fp32_state_factory(optimizer_class, **kwargs))
 
-    parts = [(FUSED_PART, model.fused_optimizer), (DENSE_PART, wrap(config.dense, config.lr, dense, config.weight_decay))]
+    parts = [(FUSED_PART, model.fused_optimizer),
+             (DENSE_PART, wrap(config.dense, config.lr, dense, config.weight_decay))]
     if replicated_tables:
         parts.append(
             (REPLICATED_PART, wrap(config.sparse, config.effective_sparse_lr, replicated_tables, weight_decay=0.0))
@@ -183,7 +186,7 @@ class OptimizerStep:
         self._skip = False
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self.scaler is None:
+        if self.scaler is None or self.table_gradients is None:  # both or neither (see __init__)
             loss.backward()
             return
         self.scaler.scale(loss).backward()  # the dense part, up to the cut before the tables
@@ -200,7 +203,7 @@ class OptimizerStep:
                 self.last_grad_norm = clip_dense_gradients(dense_parameters(self.optimizer), self.clip_grad_norm,
                                                            self.local_gradients)
             self.optimizer.step()
-        if self._found is not None:
+        if self._found is not None and self.scaler is not None:
             update_scale(self.scaler, self._found)
         self._found, self._skip = None, False
 

@@ -94,6 +94,7 @@ def unscale_and_check(scaler: torch.amp.GradScaler, gradients: Iterable[torch.Te
     """Divide `gradients` by the loss scale in place; returns 1.0 where any of them, on any rank,
     is not finite, else 0.0 (the same on every rank: one all-reduce of one value)."""
     scale = scaler._get_scale_async()
+    assert scale is not None, "the loss was scaled first"
     found = torch.zeros((), dtype=torch.float32, device=scale.device)
     inverse = scale.double().reciprocal().float()  # as GradScaler.unscale_ does
     groups = defaultdict(list)
@@ -112,6 +113,7 @@ def unscale_and_check(scaler: torch.amp.GradScaler, gradients: Iterable[torch.Te
 def update_scale(scaler: torch.amp.GradScaler, found: torch.Tensor) -> None:
     """GradScaler.update's rule, for the verdict `found`: back off after a skipped step, grow after
     growth_interval good ones."""
-    scale = scaler._get_scale_async()
-    torch._amp_update_scale_(scale, scaler._growth_tracker, found.to(scale.device), scaler.get_growth_factor(),
+    scale, growth_tracker = scaler._get_scale_async(), scaler._growth_tracker
+    assert scale is not None and growth_tracker is not None, "the loss was scaled first"
+    torch._amp_update_scale_(scale, growth_tracker, found.to(scale.device), scaler.get_growth_factor(),
                              scaler.get_backoff_factor(), scaler.get_growth_interval())

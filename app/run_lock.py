@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from app.checkpoint.collective import broadcast_text
 from app.config import ConfigError
@@ -59,13 +59,13 @@ def _describe_holder(holder: dict[str, Any]) -> str:
 class _LocalLock:
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / LOCK_FILE
-        self._file = None
+        self._file: TextIO | None = None
 
     def take(self) -> str | None:
         """None once held; else who holds it."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            file = open(self.path, "a+")
+            file = open(self.path, "a+")  # noqa: SIM115 (held open while the lock is)
         except OSError as error:
             raise ConfigError(f"cannot write to {self.path.parent} (from output_root and run_name, or "
                               f"checkpoint.dir): {error.strerror or error}.") from error
@@ -103,8 +103,9 @@ class _Lease:
     def take(self) -> str | None:
         held = self._read()
         if held is not None and not self._stale(held):
-            return f"{self.path} is leased by {_describe_holder(held)} (renewed {time.time() - held['heartbeat']:.0f} s " \
-                   f"ago; a lease not renewed for {LEASE_STALE_S:.0f} s is taken over)"
+            return (f"{self.path} is leased by {_describe_holder(held)} "
+                    f"(renewed {time.time() - held['heartbeat']:.0f} s ago; "
+                    f"a lease not renewed for {LEASE_STALE_S:.0f} s is taken over)")
         if held is not None:
             log.warning("taking over the stale lease %s of %s", self.path, _describe_holder(held))
         self._write()
@@ -123,7 +124,8 @@ class _Lease:
             return None
         except ValueError:
             return {"heartbeat": 0.0}  # damaged: stale
-        return held if isinstance(held, dict) and isinstance(held.get("heartbeat"), (int, float)) else {"heartbeat": 0.0}
+        readable = isinstance(held, dict) and isinstance(held.get("heartbeat"), (int, float))
+        return held if readable else {"heartbeat": 0.0}
 
     def _stale(self, held: dict[str, Any]) -> bool:
         if time.time() - held["heartbeat"] > LEASE_STALE_S:

@@ -25,7 +25,7 @@ def storage_cause(error: BaseException) -> BaseException | None:
     """The storage error behind `error` (itself, one it was raised from, or one of the ranks'
     failures a DCP CheckpointException gathers), or None when it is something else."""
     seen = set()
-    todo = [error]
+    todo: list[BaseException | None] = [error]
     while todo:
         current = todo.pop(0)
         if current is None or id(current) in seen:

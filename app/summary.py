@@ -75,7 +75,7 @@ def _resolved(config: Any, dotted: str) -> Any:
             value = value[part]
         else:
             return _MISSING
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -211,7 +211,7 @@ def format_table(summary: dict[str, Any]) -> str:
         head += f", {summary['samples_per_s']:,.0f} samples/s"
     if summary.get("stopped_early"):
         head += f"; stopped early: {summary['stopped_early']}"
-    rows = [("", "step", *METRIC_COLUMNS)]
+    rows: list[tuple[str, ...]] = [("", "step", *METRIC_COLUMNS)]
     for name, metrics in (("final validation", summary.get("validation")), ("best validation", summary.get("best")),
                           ("test", summary.get("test"))):
         if metrics:
@@ -225,7 +225,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"

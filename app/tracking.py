@@ -35,6 +35,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     """A config as MLflow parameters: dotted keys (list items by index), values as text."""
     if dataclasses.is_dataclass(value):
         value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, (list, tuple)) and value and all(
@@ -75,7 +76,7 @@ class MlflowRun:
         import mlflow
         from mlflow.entities import Param
 
-        run_dir = str(Path(run_dir).resolve())
+        resolved = str(Path(run_dir).resolve())
         experiment = config.experiment or experiment
         uri = config.tracking_uri
         try:
@@ -88,7 +89,7 @@ class MlflowRun:
                 found = self._client.get_experiment_by_name(experiment)
                 experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
                 earlier = self._client.search_runs([experiment_id],
-                                                   filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1)
+                                                   filter_string=f"tags.`{RUN_DIR_TAG}` = '{resolved}'", max_results=1)
         except Exception as error:  # no server there, or it refused: say so before training starts
             raise UserError(f"logging.mlflow.tracking_uri={uri!r}: cannot reach MLflow "
                             f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from error
@@ -101,7 +102,7 @@ class MlflowRun:
             log.info("MLflow: continuing run %s in experiment %r", self.run_id, experiment)
         else:
             run = self._client.create_run(experiment_id, run_name=config.run_name or run_name,
-                                          tags={RUN_DIR_TAG: run_dir})
+                                          tags={RUN_DIR_TAG: resolved})
             self.run_id = run.info.run_id
             log.info("MLflow: run %s in experiment %r at %s", self.run_id, experiment, config.tracking_uri)
         entries = [Param(k, v) for k, v in params.items()]
@@ -127,7 +128,7 @@ class MlflowRun:
         """Uploads the artifacts that exist and ends the run as `status` (finished, failed, preempted)."""
         for path in artifacts:
             if path.exists():
-                self._guarded(lambda: self._client.log_artifact(self.run_id, str(path)))
+                self._guarded(lambda artifact=path: self._client.log_artifact(self.run_id, str(artifact)))
         self._guarded(lambda: self._client.set_terminated(self.run_id, STATUSES[status]))
 
     def _guarded(self, call) -> None:

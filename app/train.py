@@ -127,8 +127,8 @@ def _run(cfg: DictConfig, run_dir: Path, overrides) -> float:
               f"NE {result['ne']:.4f}  run dir {run_dir}", flush=True)
         tasks = config.features.tasks()
         for task in tasks if len(tasks) > 1 else ():  # multi-task: the line above is the primary task's
-            print(f"  task {task}: validation AUC {result[task + '/auc']:.4f}  logloss {result[task + '/logloss']:.4f}  "
-                  f"NE {result[task + '/ne']:.4f}", flush=True)
+            print(f"  task {task}: validation AUC {result[task + '/auc']:.4f}  "
+                  f"logloss {result[task + '/logloss']:.4f}  NE {result[task + '/ne']:.4f}", flush=True)
         _say_best_achievable(config, result["auc"])
     return result["auc"]  # the value a sweeper plugin optimises
 

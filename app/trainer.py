@@ -115,7 +115,8 @@ class Trainer:
         try:
             return self._fit(state)
         except EvaluationStopped as stopped:
-            return self._after_abandoned_evaluation(state, stopped)
+            self._after_abandoned_evaluation(state, stopped)
+            return None
 
     def _fit(self, state: TrainState) -> dict[str, float] | None:
         stopped_before = state.stopped_early

@@ -114,8 +114,8 @@ def main(argv: list[str]) -> int:
         state = "skipped (already converted)" if stem in summary["skipped"] else "converted"
         print(f"{stem}: {entry['rows']:,} rows in {len(entry['parts'])} part(s), {state}")
     if summary["vocabulary"]:
-        sizes = ", ".join(f"{name} {size:,}" for name, size in summary["vocabulary"].items())
-        print(f"vocabulary (values kept per feature, plus the rare id 0): {sizes}")
+        kept = ", ".join(f"{name} {size:,}" for name, size in summary["vocabulary"].items())
+        print(f"vocabulary (values kept per feature, plus the rare id 0): {kept}")
     print(f"{summary['rows']:,} rows in {summary['out_dir']}; train with data.source=parquet "
           f"data.train_path={summary['out_dir']}")
     return 0

@@ -67,7 +67,7 @@ def predict(args: argparse.Namespace) -> dict:
     rows, written, pending = 0, 0, []
     with atomic_output(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:  # in place once every row is scored
         for logits, labels in batches:
-            columns = [torch.sigmoid(logits)] + ([labels.float()] if labeled else [])
+            columns = [torch.sigmoid(logits)] + ([labels.float()] if labels is not None else [])
             if tasks:  # B x T: a column per task
                 columns = [c[:, task] for c in columns for task in range(len(tasks))]
             pending.append(pa.record_batch([pa.array(c.contiguous().numpy()) for c in columns], schema=schema))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from app.checkpoint.store import CheckpointStore
 from app.checkpoint.verification import read_meta
 from app.config import CheckpointConfig, Config, ConfigError
 from app.optim import FUSED_PART, set_fused_optimizer_step, set_schedule_step
-from app.storage import location
+from app.storage import PathLike, location
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ class RunShape:
 class SavedCheckpoint:
     """A checkpoint's meta.json, typed: the position it was saved at, in the shape of its run."""
 
-    path: Path
+    path: PathLike
     step: int
     state: TrainState
     world_size: int
@@ -90,7 +89,7 @@ class SavedCheckpoint:
     loss_scale: dict[str, Any] | None = None  # fp16's GradScaler state (precision_state.py)
 
     @classmethod
-    def read(cls, path: Path) -> SavedCheckpoint:
+    def read(cls, path: PathLike) -> SavedCheckpoint:
         from app.hydra_edge import config_from_dict  # the config's dict form is checked like a composed one
 
         meta = read_meta(path)
@@ -116,7 +115,7 @@ class RunParts:
 
     model: nn.Module
     optimizer: Any  # torchrec's CombinedOptimizer (app/optim.py)
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
     train_data: Any  # app/data/parquet.py's training reader: set_epoch, load_state_dict, len(), iter()
     val_data: Any  # its evaluation reader
     test_data: Any = None  # an evaluation reader of the test split, if there is one
@@ -213,9 +212,11 @@ def _sequence_differences(saved: Config, current: Config) -> list[str]:
                                new[name].embedding_dim or current.features.embedding_dim)):
             if was != now:
                 lines.append(f"features.sequence[{name}].{key}: {was!r} in the checkpoint, {now!r} now")
-    was, now = saved.model.sequence_attention_layer_sizes, current.model.sequence_attention_layer_sizes
-    if old and new and list(was) != list(now):
-        lines.append(f"model.sequence_attention_layer_sizes: {list(was)!r} in the checkpoint, {list(now)!r} now")
+    saved_layers = list(saved.model.sequence_attention_layer_sizes)
+    current_layers = list(current.model.sequence_attention_layer_sizes)
+    if old and new and saved_layers != current_layers:
+        lines.append(f"model.sequence_attention_layer_sizes: {saved_layers!r} in the checkpoint, "
+                     f"{current_layers!r} now")
     return lines
 
 
@@ -229,7 +230,8 @@ def _managed_collision_differences(saved: Config, current: Config, old_tables: d
             lines.append(f"features.sparse[{name}].id_mapping: {old!r} in the checkpoint, {new!r} now")
     if any(f.id_mapping == "managed_collision" for f in current.features.sparse):
         for key in ("eviction_policy", "input_hash_size"):
-            old, new = (getattr(saved.features.managed_collision, key), getattr(current.features.managed_collision, key))
+            old = getattr(saved.features.managed_collision, key)
+            new = getattr(current.features.managed_collision, key)
             if old != new:
                 lines.append(f"features.managed_collision.{key}: {old!r} in the checkpoint, {new!r} now")
     return lines
@@ -343,7 +345,7 @@ class Checkpointer:
             return state
         return TrainState()
 
-    def _load(self, path: Path, everything: bool) -> TrainState:
+    def _load(self, path: PathLike, everything: bool) -> TrainState:
         saved = SavedCheckpoint.read(path)
         own = self.store.holds(path)
         if own:

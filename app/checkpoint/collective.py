@@ -3,6 +3,8 @@ tensors, so that no pickled object travels between ranks), a barrier, and which 
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 import torch.distributed as dist
 
@@ -31,6 +33,10 @@ def barrier(group: dist.ProcessGroup | None) -> None:
 
 
 
+@overload
+def broadcast_text(text: str, group: dist.ProcessGroup | None = None, src: int = 0) -> str: ...
+@overload
+def broadcast_text(text: str | None, group: dist.ProcessGroup | None = None, src: int = 0) -> str | None: ...
 def broadcast_text(text: str | None, group: dist.ProcessGroup | None = None, src: int = 0) -> str | None:
     """Rank `src`'s text (or None) on every rank (ranks of `group`), as bytes in tensors: no
     pickled objects travel."""

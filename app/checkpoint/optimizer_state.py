@@ -89,7 +89,9 @@ def plan_optimizer_load(state_dict: dict[str, Any], saved: Metadata) -> Optimize
                 continue
             counterpart = _counterpart(param_key, name, entries, value)
             if counterpart is not None:
-                buffer = torch.empty(entries[counterpart].size, dtype=entries[counterpart].properties.dtype)
+                tensor = entries[counterpart]
+                assert isinstance(tensor, TensorStorageMetadata)  # the only kind _counterpart picks
+                buffer = torch.empty(tensor.size, dtype=tensor.properties.dtype)
                 load.targets[counterpart] = buffer
                 load._conversions.append(_Conversion(value, buffer))
             elif name == "step":

@@ -31,7 +31,9 @@ def resume_best(store: Any, state: Any) -> None:
     decided = None
     if store.rank == 0:
         decided = json.dumps(_decide(store, state))
-    for key, value in json.loads(broadcast_text(decided, store.group)).items():
+    received = broadcast_text(decided, store.group)
+    assert received is not None  # rank 0's decision
+    for key, value in json.loads(received).items():
         setattr(state, key, value)
     barrier(store.group)
 
@@ -77,7 +79,7 @@ def _adopt_final_evaluation(state: Any, record: dict[str, Any]) -> dict[str, Any
     return {}
 
 
-def _checkpoint_of_best(store: Any, state: Any) -> tuple | None:
+def _checkpoint_of_best(store: Any, state: Any) -> tuple[str, int, int] | None:
     """(name, step, samples) of the published checkpoint saved at the state's best evaluation, or None."""
     for name in reversed(store.published()):
         try:

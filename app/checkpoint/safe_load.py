@@ -10,10 +10,11 @@ checkpoint, in training and in export, is loaded through load_state.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 from collections import OrderedDict
-from pathlib import Path, PosixPath, PurePosixPath
+from pathlib import PosixPath, PurePosixPath
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ class CheckpointError(UserError, RuntimeError):
 # Everything a DCP .metadata pickle names: the classes of torch.distributed.checkpoint.metadata,
 # FileSystemWriter's _StorageInfo, and the torch values and path types they hold. Calling any of
 # them builds data and nothing else.
-_METADATA_GLOBALS = {
+_METADATA_GLOBALS: dict[str, Any] = {
     f"{value.__module__}.{value.__name__}": value
     for value in (Metadata, StorageMeta, MetadataIndex, TensorStorageMetadata, BytesStorageMetadata,
                   ChunkStorageMetadata, TensorProperties, _MEM_FORMAT_ENCODING, _StorageInfo, torch.Size,
@@ -57,7 +58,7 @@ _METADATA_GLOBALS.update({f"torch.{name}": value for name, value in vars(torch).
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, stream: Any, path: Path) -> None:
+    def __init__(self, stream: Any, path: os.PathLike) -> None:
         super().__init__(stream)
         self.path = path
 
@@ -69,7 +70,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         return found
 
 
-class _SafeMetadata:
+class _SafeMetadata(FileSystemReader):
     """DCP's file readers, but .metadata is unpickled with _METADATA_GLOBALS only (or given:
     a caller that has read it already need not have it read again)."""
 
@@ -85,9 +86,10 @@ class _SafeMetadata:
                 metadata = _MetadataUnpickler(stream, path).load()
             if not isinstance(metadata, Metadata):
                 raise CheckpointError(f"{path}: not DCP metadata (it holds a {type(metadata).__name__}).")
-        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None)
+        if storage_meta is None:  # as FileSystemReader does
+            storage_meta = metadata.storage_meta = StorageMeta()
+        storage_meta.load_id = self.load_id
         return metadata
 
 
@@ -117,9 +119,11 @@ class _SafePlanner(DefaultLoadPlanner):
         try:
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as error:
+            assert self.metadata is not None  # set up before any item is loaded
             file = self.path / self.metadata.storage_data[read_item.storage_index].relative_path
             raise CheckpointError(f"{file}: refused to load {fqn!r}: {weights_only_refusal(error)}; a checkpoint's "
-                                  "values are loaded as plain data only (the file may have been tampered with).")
+                                  "values are loaded as plain data only (the file may have been tampered with).") \
+                from error
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], loaded)
         else:

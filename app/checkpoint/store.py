@@ -18,8 +18,9 @@ looks complete. An object store (a URL: s3://...) has no rename: there a checkpo
 under its own name and published by its meta.json, written last; a step_* without one is a save
 that never finished, ignored on resume and removed by the next prune. A save that fails (a full
 disk, a store that stops answering) is removed and fails the job with a StorageFailure naming the
-checkpoint and the cause (app/storage_failure.py). The manifest catches what happens to a checkpoint afterwards (a truncated or
-damaged file): such a checkpoint is skipped, with a warning, for the newest one that is intact.
+checkpoint and the cause (app/storage_failure.py). The manifest catches what happens to a checkpoint
+afterwards (a truncated or damaged file): such a checkpoint is skipped, with a warning, for the
+newest one that is intact.
 Every rank verifies its share of the files, so the check reads a checkpoint once, in parallel.
 
 An asynchronous save copies the state to host memory (pinned where the process uses CUDA, so that
@@ -27,8 +28,9 @@ tables on the GPU, UVM ones included, never take a second copy of device memory)
 writes while training goes on; it is published by the next call that needs it finished (the next
 save, or wait()), on every rank at the same point of the run, since publishing takes a barrier.
 DCP stores each rank's shards separately, which is what lets a sharded table be saved without
-gathering it anywhere, and loaded onto another number of ranks or another sharding plan. Each rank's files are written by
-app/checkpoint/writers.py, listed and published through a storage (app/storage.py), and loaded
+gathering it anywhere, and loaded onto another number of ranks or another sharding plan. Each
+rank's files are written by app/checkpoint/writers.py, listed and published through a storage
+(app/storage.py), and loaded
 through app/checkpoint/safe_load.py, which unpickles nothing but data.
 """
 
@@ -52,7 +54,7 @@ from app.checkpoint.names import is_step_name, step_name
 from app.checkpoint.safe_load import CheckpointError, load_state
 from app.checkpoint.verification import META_FILE, manifest, read_meta, verify
 from app.checkpoint.writers import FileWriter, HostCopyStager, ObjectWriter, SavePlanner
-from app.storage import LocalStorage, ObjectStorage, Storage, location, storage_at
+from app.storage import LocalStorage, ObjectStorage, PathLike, Storage, location, storage_at
 from app.storage_failure import StorageFailure, describe, said_in_one_line, storage_cause
 
 log = logging.getLogger(__name__)
@@ -97,17 +99,19 @@ class CheckpointStore:
             return math.inf
         return samples if type(samples) is int else math.inf
 
-    def latest(self) -> Path | None:
+    def latest(self) -> PathLike | None:
         """The newest published checkpoint (not verified; see newest_valid)."""
         published = self.published()
         return self.storage.path(published[-1]) if published else None
 
-    def newest_valid(self) -> Path | None:
+    def newest_valid(self) -> PathLike | None:
         """Collective (see verify()): the newest checkpoint whose files match its manifest; each
         newer one that does not is reported with a warning and skipped. None when there are no
         checkpoints at all; a CheckpointError when there are some but none is intact."""
         listed = json.dumps(self.published()) if self.rank == 0 else None
-        published = json.loads(broadcast_text(listed, self.group))
+        received = broadcast_text(listed, self.group)
+        assert received is not None  # rank 0's list
+        published = json.loads(received)
         for name in reversed(published):
             problem = verify(name, self.group, self.storage)
             if problem is None:
@@ -127,7 +131,7 @@ class CheckpointStore:
     # ---- saving -------------------------------------------------------------------------------
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], asynchronous: bool = False,
-             samples: int = 0, best: dict[str, Any] | None = None) -> Path:
+             samples: int = 0, best: dict[str, Any] | None = None) -> PathLike:
         """Collective: every rank calls it with its own shards in `state`; `meta` (JSON-able, the
         same on all ranks) is written by rank 0, with `samples` (trained so far: what orders
         checkpoints). Asynchronous: returns once `state` is copied; the checkpoint appears when the
@@ -138,7 +142,7 @@ class CheckpointStore:
             return self._save(step, state, meta, asynchronous, samples, best)
 
     def _save(self, step: int, state: dict[str, Any], meta: dict[str, Any], asynchronous: bool, samples: int,
-              best: dict[str, Any] | None) -> Path:
+              best: dict[str, Any] | None) -> PathLike:
         meta = {**meta, "samples": samples}
         self._publish_pending()
         final, staging = self._names_for(step, samples)
@@ -165,11 +169,13 @@ class CheckpointStore:
             try:
                 names = json.dumps(self._free_names(step, samples))
             except Exception as error:
-                if storage_cause(error) is None:
+                cause = storage_cause(error)
+                if cause is None:
                     raise
-                names = json.dumps(f"cannot write checkpoint {self.storage.path(step_name(step))}: "
-                                   f"{describe(storage_cause(error))}.")
-        decided = json.loads(broadcast_text(names, self.group))
+                names = json.dumps(f"cannot write checkpoint {self.storage.path(step_name(step))}: {describe(cause)}.")
+        received = broadcast_text(names, self.group)
+        assert received is not None  # rank 0's names
+        decided = json.loads(received)
         if isinstance(decided, str):
             raise StorageFailure(decided)
         return decided[0], decided[1]
@@ -234,7 +240,7 @@ class CheckpointStore:
             return ObjectWriter(str(self.storage.path(staging)), thread_count=self.io_threads, **self.storage.options)
         return FileWriter(str(self.storage.path(staging)), thread_count=self.io_threads)
 
-    def wait(self) -> Path | None:
+    def wait(self) -> PathLike | None:
         """Collective: finish what goes on in the background: the pending asynchronous save, if
         any, written and published (its path returned), and the deletion of pruned checkpoints."""
         with said_in_one_line(f"cannot write checkpoints to {self.directory}"):
@@ -242,7 +248,7 @@ class CheckpointStore:
             self._finish_removal()
         return path
 
-    def _publish_pending(self) -> Path | None:
+    def _publish_pending(self) -> PathLike | None:
         self._finish_removal()
         if self._pending is None:
             return None
@@ -266,9 +272,10 @@ class CheckpointStore:
             try:
                 self._publish_files(step, staging, final, meta, checksums, best)
             except Exception as error:
-                if storage_cause(error) is None:
+                cause = storage_cause(error)
+                if cause is None:
                     raise
-                problem = f"cannot publish checkpoint {self.storage.path(final)}: {describe(storage_cause(error))}"
+                problem = f"cannot publish checkpoint {self.storage.path(final)}: {describe(cause)}"
                 self._remove_failed_save(staging, final)
         problem = first_problem(problem, self.group)  # every rank stops alike
         if problem is not None:
@@ -356,7 +363,7 @@ class CheckpointStore:
 
     # ---- loading ------------------------------------------------------------------------------
 
-    def load(self, path: Path, state: dict[str, Any], metadata: Any = None) -> dict[str, Any]:
+    def load(self, path: PathLike, state: dict[str, Any], metadata: Any = None) -> dict[str, Any]:
         """Collective: fills `state` (a structure like the one save() got, with this rank's
         tensors, or a part of it) in place from `path`, resharding as needed; returns the meta.
         `metadata`: the checkpoint's DCP metadata, where the caller has read it already."""

@@ -59,7 +59,8 @@ def verify(path: Any, group: dist.ProcessGroup | None = None, storage: Storage |
         storage, path = storage_at(location(path).parent), location(path).name
     name = str(path)
     rank, ranks = position(group)
-    problem, expected = None, {}
+    problem: str | None = None
+    expected: dict[str, list[int]] = {}  # file name: [size, crc32]
     if rank == 0:
         problem, expected = _check_layout(storage, name)
     problem = broadcast_text(problem, group)

@@ -92,7 +92,8 @@ class Rows:
 
     def take(self, order: np.ndarray) -> Rows:
         """The rows in `order` (a permutation or any selection of row indices)."""
-        ids, offsets = [], []
+        ids: list[np.ndarray] = []
+        offsets: list[np.ndarray | None] = []
         for f, feature_ids in enumerate(self.ids):
             old = self.offsets[f]
             if old is None:
@@ -111,7 +112,8 @@ class Rows:
     def concat(parts: Sequence[Rows]) -> Rows:
         if len(parts) == 1:
             return parts[0]
-        ids, offsets = [], []
+        ids: list[np.ndarray] = []
+        offsets: list[np.ndarray | None] = []
         for f in range(len(parts[0].ids)):
             if all(p.offsets[f] is None for p in parts):
                 ids.append(np.concatenate([p.ids[f] for p in parts]))
@@ -223,8 +225,8 @@ def _sparse(column: pa.Array, name: str, num_embeddings: int | None, source: str
             if policy.invalid_ids != "hash":
                 raise DataError(
                     f"{source}, row {_row(offsets, _first(~valid))}: column {name!r} has a null id inside its "
-                    f"list; expected {'int64 ids' if num_embeddings is None else f'ids in [0, {num_embeddings})'} (or set data.invalid_ids=hash to drop null ids "
-                    "from their lists)."
+                    f"list; expected {'int64 ids' if num_embeddings is None else f'ids in [0, {num_embeddings})'} "
+                    "(or set data.invalid_ids=hash to drop null ids from their lists)."
                 )
             rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
             offsets = _offsets(np.bincount(rows[valid], minlength=len(offsets) - 1))

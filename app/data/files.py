@@ -112,7 +112,8 @@ def check_files(files: Sequence[str], schema: FeatureSchema, storage_options: St
             arrow_type = arrow_schema.field(name).type
             fits = _is_number(arrow_type) if name in (*schema.tasks, *schema.dense) else _is_id_column(arrow_type)
             if not fits:
-                raise DataError(f"{path}: column {name!r} has type {arrow_type}; expected {_expected_kind(schema, name)}.")
+                raise DataError(f"{path}: column {name!r} has type {arrow_type}; "
+                                f"expected {_expected_kind(schema, name)}.")
             if name not in first_types:
                 first_types[name] = arrow_type
             elif arrow_type != first_types[name]:
@@ -156,5 +157,5 @@ def check_first_row_group(files: Sequence[str], schema: FeatureSchema, policy: I
         parquet = open_parquet(path, storage_options)
         for index in range(parquet.metadata.num_row_groups):
             if parquet.metadata.row_group(index).num_rows:
-                read_row_group(path, index, schema, policy, lambda _: parquet)
+                read_row_group(path, index, schema, policy, lambda _: parquet)  # noqa: B023 (called at once)
                 return

@@ -9,7 +9,7 @@ training process only cuts the windows into batches. Each epoch and each evaluat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +79,7 @@ class _Reader:
         self.pin_memory = pin_memory  # batches in page-locked memory (see Rows.to_batch): for a CUDA device
         self.storage_options = storage_options  # of files in an object store (data.storage_options)
 
-    def _pass(self, epoch: int, skip_batches: int, count: int) -> Iterator[Rows]:
+    def _pass(self, epoch: int, skip_batches: int, count: int) -> Generator[Rows, None, None]:
         """This rank's rows of `epoch` as batches (see _cut), from batch `skip_batches` on. An error
         is re-raised as rank-specific: the other ranks read other row groups, and do not see it."""
         source = WindowSource(self.plan.windows(epoch, self.rank), self.schema, self.policy,
@@ -184,4 +184,5 @@ class EvaluationBatches(_Reader):
                            [np.zeros(count, np.int64) for _ in self.schema.sparse], [None] * len(self.schema.sparse))
             padding = with_empty_histories(padding, self.schema)
             rows = padding if rows is None else Rows.concat([rows, padding])
+        assert rows is not None  # padding alone when none were given
         return EvalBatch(rows.to_batch(self.schema.sparse_names, self.pin_memory, self.schema.sequence_inputs), valid)

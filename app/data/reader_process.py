@@ -32,7 +32,8 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,7 @@ class WindowSource(IterableDataset):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open_files": OrderedDict()}
 
-    def rows(self, reader: int = 0, readers: int = 1) -> Iterator[Rows]:
+    def rows(self, reader: int = 0, readers: int = 1) -> Generator[Rows, None, None]:
         """The rows of reader `reader` of `readers`, window by window, decoded and shuffled: windows
         reader, reader + readers, ... of those left after `skip_rows` (all of them for a lone
         reader). Taking one window from each reader in turn gives back every window in order."""
@@ -152,7 +153,7 @@ class _ReaderPopen(multiprocessing.popen_forkserver.Popen):
 
 class _ReaderProcess(multiprocessing.context.ForkServerProcess):
     @staticmethod
-    def _Popen(process_obj: multiprocessing.process.BaseProcess) -> _ReaderPopen:
+    def _Popen(process_obj: multiprocessing.process.BaseProcess) -> _ReaderPopen:  # noqa: N802 (multiprocessing's name)
         return _ReaderPopen(process_obj)
 
 
@@ -206,7 +207,7 @@ def start_reader_server() -> None:
     _worker_context()
 
 
-def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1) -> Iterator[Rows]:
+def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1) -> Generator[Rows, None, None]:
     """The windows read, decoded and shuffled in `num_workers` reader processes, each
     `prefetch_windows` ahead. Processes, not threads, so that this work never holds the training
     loop's GIL; whole windows travel (through shared memory), so the per-batch cost here is a slice.
@@ -230,7 +231,7 @@ def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1
 def _imported_by_the_fork_server() -> bool:
     """True while the fork server's main() imports this module (its preload); anywhere else,
     importing it must not change how the process handles signals."""
-    frame = sys._getframe()
+    frame: FrameType | None = sys._getframe()
     while frame is not None:
         if frame.f_code is multiprocessing.forkserver.main.__code__:
             return True

@@ -23,7 +23,7 @@ import shutil
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -90,7 +90,7 @@ def ensure_dataset(schema: FeatureSchema, cfg: SyntheticConfig) -> tuple[Path, P
 
 
 def best_achievable(features: FeaturesConfig, data: DataConfig,
-                    task: str | None = None) -> dict[str, object] | None:
+                    task: str | None = None) -> dict[str, Any] | None:
     """{"auc", "logloss", "path"}: the validation split's best achievable scores (those of the true
     click probabilities; in a multi-task dataset those of `task`, else of the first task trained
     on, and its name under "task") from the metadata.json of the generated dataset it comes from,
@@ -117,7 +117,10 @@ def best_achievable(features: FeaturesConfig, data: DataConfig,
 
 # ---- the planted model -------------------------------------------------------------------------
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+_UInt64s = TypeVar("_UInt64s", np.ndarray, np.uint64)  # an array of them, or one
+
+
+def _splitmix64(x: _UInt64s) -> _UInt64s:
     with np.errstate(over="ignore"):
         x = x + np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -227,7 +230,8 @@ class _PlantedModel:
         column = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids.astype(np.int64)))
         return column, hit.astype(np.float64)
 
-    def sample(self, rng: np.random.Generator, rows: int, cfg: SyntheticConfig) -> tuple[dict[str, pa.Array], np.ndarray]:
+    def sample(self, rng: np.random.Generator, rows: int,
+               cfg: SyntheticConfig) -> tuple[dict[str, pa.Array], np.ndarray]:
         columns: dict[str, pa.Array] = {}
         logit = np.full(rows, self.bias)
         # Count-like values, written as log(1 + count): the transform the Criteo converter applies.
@@ -247,7 +251,8 @@ class _PlantedModel:
                 ids = _power_law_ids(rng, int(lengths.sum()), feature.num_embeddings, cfg.zipf_exponent,
                                      self.scatter[i])
             logit += self.ID_WEIGHT * self._bag_mean(_hashed_normal(self.seed, 2 * i, ids), lengths)
-            vectors = np.stack([_hashed_normal(self.seed, 1000 + LATENT_DIM * i + d, ids) for d in range(LATENT_DIM)], 1)
+            vectors = np.stack([_hashed_normal(self.seed, 1000 + LATENT_DIM * i + d, ids)
+                                for d in range(LATENT_DIM)], 1)
             latent.append(self._bag_mean(vectors, lengths))
             drawn.append((ids, lengths))  # the candidates of features.sequence, as table rows
             ids = self.written_ids(i, ids)

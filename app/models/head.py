@@ -11,6 +11,8 @@ computed under autocast when the precision asks for it (app/precision.py).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torchrec.models.dlrm import DenseArch, OverArch, SparseArch
@@ -18,6 +20,9 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from app.precision import TableGradients
+
+if TYPE_CHECKING:
+    from app.models.sequence import SequenceArch
 
 
 @torch.fx.wrap  # one call in the train pipeline's trace of the model: it branches on the keys
@@ -33,6 +38,8 @@ class Head(nn.Module):
     """forward(dense B x dense_in, sparse KJT) -> B x 1 logits. Subclasses set inter_arch and say,
     in `embeddings`, how the pooled B x (sum of widths) block enters it."""
 
+    inter_arch: nn.Module  # set by each subclass
+
     def __init__(self, tables: EmbeddingBagCollection, dense_in_features: int, dense_arch_layer_sizes: list[int],
                  device: torch.device) -> None:
         super().__init__()
@@ -42,14 +49,14 @@ class Head(nn.Module):
         self.autocast_dtype: torch.dtype | None = None
         self.device_type = device.type
         self.table_gradients = TableGradients(None)
-        self.sequence_arch: nn.Module | None = None  # features.sequence: add_sequence
+        self.sequence_arch: SequenceArch | None = None  # features.sequence: add_sequence
 
     def set_over_arch(self, in_features: int, layer_sizes: list[int], device: torch.device) -> None:
         self.over_in_features = in_features  # what a multi-task over arch takes in its place (multitask.py)
         self.over_arch = OverArch(in_features, layer_sizes, device)
         self._over_arch_args = (in_features, layer_sizes, device)
 
-    def add_sequence(self, sequence_arch: nn.Module) -> None:
+    def add_sequence(self, sequence_arch: SequenceArch) -> None:
         """Sequence features (app/models/sequence.py): their attention-pooled vectors join the over
         arch's input after the interaction's output, so the over arch is made again that much wider."""
         self.sequence_arch = sequence_arch

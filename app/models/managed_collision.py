@@ -255,6 +255,7 @@ class ShardFaithfulRemap(nn.Module):
         values = mix63(values, self.mch.input_size())
         ranks = _route(values, self.mch.input_size(), self.buckets, self.world)
         out = torch.empty_like(values)
+        shard: MCHManagedCollisionModule  # what self.shards holds
         for rank, shard in enumerate(self.shards):
             chosen = ranks == rank
             ids = JaggedTensor(values=values[chosen], lengths=torch.ones(int(chosen.sum()), dtype=torch.long))

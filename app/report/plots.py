@@ -5,6 +5,7 @@ chose (overrides, directory names): they are drawn as plain text, never as matpl
 
 from __future__ import annotations
 
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,8 +43,8 @@ def plot_final_auc_against(sweep: Sweep, key: str, path: Path) -> Path | None:
     decade or more) axis, other values side by side."""
     import matplotlib.pyplot as plt
 
-    pairs = [(p.overrides.get(key, ""), _number(p.final.get("auc"))) for p in sweep.points]
-    pairs = [(x, y) for x, y in pairs if y is not None]
+    scored = [(p.overrides.get(key, ""), _number(p.final.get("auc"))) for p in sweep.points]
+    pairs = [(x, y) for x, y in scored if y is not None]
     if not pairs:
         return None
     figure, axes = plt.subplots(figsize=(6, 4))
@@ -70,6 +71,7 @@ def optuna_study(sweep: Sweep):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
 
+    assert sweep.optuna is not None, "a sweep by Optuna"
     parser = OverridesParser.create()
     distributions = {key: create_optuna_distribution_from_override(parser.parse_override(f"{key}={value}"))
                      for key, value in sweep.optuna["params"].items()}
@@ -114,7 +116,9 @@ def plot_optuna(sweep: Sweep, directory: Path) -> dict[str, Path]:
     a matplotlib API that 3.9 removed."""
     import matplotlib.pyplot as plt
     import optuna
+    from matplotlib.ticker import MaxNLocator
 
+    assert sweep.optuna is not None, "a sweep by Optuna"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna_study(sweep)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -129,7 +133,7 @@ def plot_optuna(sweep: Sweep, directory: Path) -> dict[str, Path]:
     failed = [t.number for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
     for number in failed:
         axes.axvline(number, color="0.7", linestyle=":")
-    axes.xaxis.get_major_locator().set_params(integer=True)
+    typing.cast(MaxNLocator, axes.xaxis.get_major_locator()).set_params(integer=True)  # an AutoLocator
     axes.set_xlabel("trial" + (" (dotted: not finished)" if failed else ""))
     axes.set_ylabel("validation AUC")
     axes.set_title("Optuna optimization history")

@@ -124,10 +124,10 @@ def read_point(path: Path, root: Path) -> Point:
     they could be read."""
     name = str(path.relative_to(root)) if path != root else path.name
     problems: list[str] = []
-    overrides = _attempt(lambda: _overrides(read_overrides(path)), problems, {})
+    overrides: dict[str, str] = _attempt(lambda: _overrides(read_overrides(path)), problems, {})
     job_number = _attempt(lambda: read_job_number(path), problems, None)
     summary = _attempt(lambda: read_summary(path), problems, None) or {}
-    evaluations = _attempt(lambda: read_evaluations(path), problems, [])
+    evaluations: list[dict[str, Any]] = _attempt(lambda: read_evaluations(path), problems, [])
     if problems:
         return Point(path, name, overrides, job_number, UNREADABLE, "; ".join(problems), {}, [])
     status = summary.get("status")
@@ -197,12 +197,12 @@ def _sweep_config(path: Path, points: list[Point], problems: list[str]) -> Sweep
     config = _attempt(lambda: read_sweep_config(path / "multirun.yaml", "multirun.yaml"), problems, None)
     if config is not None or problems:
         return config
-    for point in points[:1]:
-        if point.path != path:
-            config = _attempt(lambda: read_sweep_config(point.path / ".hydra" / "hydra.yaml", ".hydra/hydra.yaml"),
-                              [], None)
-            if config is not None and config.optuna_params is not None:
-                return config
+    first = points[0] if points else None
+    if first is not None and first.path != path:
+        config = _attempt(lambda: read_sweep_config(first.path / ".hydra" / "hydra.yaml", ".hydra/hydra.yaml"),
+                          [], None)
+        if config is not None and config.optuna_params is not None:
+            return config
     return None
 
 

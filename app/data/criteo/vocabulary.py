@@ -98,10 +98,10 @@ def count_input(job: CountJob) -> str:
             values, indices = distinct_values(batch.column(name), name, job.path, first_line, columns)
             counter.add(values, np.bincount(indices.drop_null().to_numpy(), minlength=len(values)))
     schema = pa.schema([("value", pa.uint64()), ("count", pa.int64())])
-    with atomic_output(job.counts_file) as partial:
-        with pa.OSFile(str(partial), "wb") as sink, ipc.new_file(sink, schema) as writer:
-            for counter in counts:
-                writer.write_batch(counter.result())
+    with (atomic_output(job.counts_file) as partial, pa.OSFile(str(partial), "wb") as sink,
+          ipc.new_file(sink, schema) as writer):
+        for counter in counts:
+            writer.write_batch(counter.result())
     return job.counts_file
 
 
@@ -157,6 +157,7 @@ def given_vocabulary(path: str) -> Path:
 def check_vocabulary_fits(directory: Path, columns: CriteoColumns) -> None:
     """Every table must hold its feature's vocabulary and the rare id 0; names all that do not."""
     meta = read_json(directory / VOCABULARY_META)
+    assert meta is not None, f"{directory} holds no {VOCABULARY_META}"  # found there by given_vocabulary
     missing = [name for name in columns.sparse if name not in meta["sizes"]]
     if missing:
         raise ConfigError(f"the vocabulary in {directory} lacks features {missing}; it has {sorted(meta['sizes'])}.")
