@@ -1,6 +1,7 @@
 # rectrain: `make train` trains the default job; `make test` runs the tests (those marked gpu are skipped
 # where there is no CUDA device), with an MLflow server's environment of their own; `make test-gpu` runs
-# only those, on one; `make docs` builds the documentation site (docs/). All set up .venv first.
+# only those, on one; `make lint` checks style and types; `make docs` builds the documentation site
+# (docs/). All set up .venv first.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -17,7 +18,7 @@ MLFLOW_SERVER := $(VENV)/mlflow-server/bin/mlflow
 # Keeps every later install from replacing the torch installed first.
 CONSTRAINTS := $(VENV)/constraints.txt
 
-.PHONY: setup train test test-gpu docs mlflow-server clean-outputs
+.PHONY: setup train test test-gpu lint docs mlflow-server clean-outputs
 
 setup: $(STAMP)
 
@@ -37,6 +38,12 @@ train: setup
 
 test: setup $(MLFLOW_SERVER)
 	$(PY) -m pytest -q $(ARGS)
+
+# ruff (lint, then formatting) and mypy, as configured in pyproject.toml; .pre-commit-config.yaml runs the same.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The MLflow tracking server the tests start on 127.0.0.1, in an environment of its own: the
 # server needs SQLAlchemy 2 and pyarrow < 26, which the training environment does not take.

@@ -22,7 +22,7 @@ sample contributes at most `value`, as on a sharded table.
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,7 @@ def clip_dense_gradients(parameters: Iterable[torch.Tensor], max_norm: float, lo
     norm before clipping. `local_gradients`: each rank holds its own (k-step averaging), so the norm
     is the root mean square over the ranks (collective: every rank calls it each step)."""
     parameters = [p for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     if local_gradients and dist.is_initialized() and dist.get_world_size() > 1:
         squared = norm.pow(2)
         dist.all_reduce(squared)
@@ -46,7 +46,7 @@ def clip_dense_gradients(parameters: Iterable[torch.Tensor], max_norm: float, lo
     return norm
 
 
-def replicated_tables(model: nn.Module) -> List[DenseTableBatchedEmbeddingBagsCodegen]:
+def replicated_tables(model: nn.Module) -> list[DenseTableBatchedEmbeddingBagsCodegen]:
     """The kernels of the tables a sharded model replicates (data_parallel)."""
     found = {}
     for ddp in data_parallel_modules(model):

@@ -16,8 +16,9 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,7 +46,7 @@ def under_launcher() -> bool:
 
 
 def resolve_device(config: DistributedConfig, local_rank: int, local_world_size: int,
-                   cuda_devices: int) -> Tuple[torch.device, str]:
+                   cuda_devices: int) -> tuple[torch.device, str]:
     """(this worker's device, the process group backend) that distributed.device and
     distributed.backend ask for, with `cuda_devices` CUDA devices visible to the process; a
     ConfigError naming the keys where they cannot work. Touches no device (init() selects it)."""
@@ -154,7 +155,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int) -> Dict[int, Any]:
+def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int) -> dict[int, Any]:
     """Run `entrypoint(*args)` in `nproc` local workers with torchrun's machinery (each worker gets
     RANK, WORLD_SIZE, LOCAL_RANK... in its environment); returns each rank's return value.
     A failing worker raises ChildFailedError with that worker's traceback.
@@ -209,4 +210,5 @@ class _QuietOnBadInput(logging.Filter):
 
 def _pass_on_to_workers(signum, frame) -> None:
     for worker in multiprocessing.active_children():
-        os.kill(worker.pid, signum)
+        if worker.pid is not None:  # started, as active children are
+            os.kill(worker.pid, signum)

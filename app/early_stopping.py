@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Optional
 
 from app.checkpoint import TrainState
 from app.config import HIGHER_IS_BETTER, EarlyStoppingConfig
@@ -20,7 +19,7 @@ log = logging.getLogger("app.trainer")  # its lines were the trainer's: logs and
 
 
 class EarlyStopping:
-    def __init__(self, config: EarlyStoppingConfig, task: Optional[str] = None) -> None:
+    def __init__(self, config: EarlyStoppingConfig, task: str | None = None) -> None:
         """`task`: multi-task, the task whose metric decides (<task>/<metric> in the results)."""
         self.config = config
         self.metric = config.metric if task is None else f"{task}/{config.metric}"
@@ -34,7 +33,7 @@ class EarlyStopping:
             state.best_metric = state.best_value = state.best_step = None
             state.evals_since_best = 0
 
-    def improves(self, value: float, best: Optional[float]) -> bool:
+    def improves(self, value: float, best: float | None) -> bool:
         if not math.isfinite(value):
             return False
         if best is None:
@@ -42,7 +41,7 @@ class EarlyStopping:
         delta = self.config.min_delta
         return value > best + delta if self.higher else value < best - delta
 
-    def update(self, state: TrainState, result: Dict[str, float]) -> bool:
+    def update(self, state: TrainState, result: dict[str, float]) -> bool:
         """Count the evaluation `result` at `state`; True when it is the best so far."""
         value = result[self.metric]
         state.evaluated_samples = state.samples
@@ -57,7 +56,7 @@ class EarlyStopping:
         state.evals_since_best = 0
         return True
 
-    def stop_reason(self, state: TrainState, result: Dict[str, float]) -> Optional[str]:
+    def stop_reason(self, state: TrainState, result: dict[str, float]) -> str | None:
         """Why training should stop after the evaluation `result` (counted by update), or None."""
         value, target, patience = result[self.metric], self.config.target, self.config.patience
         if target is not None and math.isfinite(value) and (value >= target if self.higher else value <= target):

@@ -14,10 +14,10 @@ evaluation counts for nothing: a resumed run evaluates that step again.
 
 from __future__ import annotations
 
-import itertools
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import closing
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
@@ -35,7 +35,7 @@ class EvaluationStopped(Exception):
     """Every rank abandoned an evaluation: SIGTERM (`code` STOP) or bad input (BAD_INPUT), with
     `error` this rank's own (None where another rank met it)."""
 
-    def __init__(self, code: int, error: Optional[UserError]) -> None:
+    def __init__(self, code: int, error: UserError | None) -> None:
         super().__init__("evaluation abandoned")
         self.code, self.error = code, error
 
@@ -51,9 +51,9 @@ class BadInputElsewhere(UserError):
 
 
 class Evaluator:
-    def __init__(self, model: torch.nn.Module, pipeline: Optional[Any], checkpointer: Checkpointer,
+    def __init__(self, model: torch.nn.Module, pipeline: Any | None, checkpointer: Checkpointer,
                  metrics_logger: MetricsLogger, preemption: Preemption, env: DistEnv, tasks: Sequence[str] = (),
-                 primary_task: Optional[str] = None, progress_bar: bool = True) -> None:
+                 primary_task: str | None = None, progress_bar: bool = True) -> None:
         """`pipeline`: the train pipeline that holds `model` while it trains (detached from it to
         evaluate), or None. `preemption`: where the ranks agree to abandon an evaluation. `tasks`:
         a multi-task model's label columns, `primary_task` the one whose metrics are also unprefixed."""
@@ -64,9 +64,9 @@ class Evaluator:
         self.env = env
         self.tasks, self.primary_task = list(tasks), primary_task
         self.progress_bar = progress_bar
-        self.last: Optional[Tuple[int, Dict[str, float]]] = None  # (step, metrics) of the latest evaluation
+        self.last: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the latest evaluation
 
-    def score(self, data: Any, max_batches: Optional[int] = None) -> Dict[str, float]:
+    def score(self, data: Any, max_batches: int | None = None) -> dict[str, float]:
         """Collective: the metrics of the model on an evaluation reader's batches (all of them, or
         the first `max_batches` of each rank); raises EvaluationStopped when the ranks abandon it."""
         model = self.pipeline.detach() if self.pipeline is not None else self.model
@@ -91,7 +91,7 @@ class Evaluator:
         AGREE_EVERY_N_STEPS batches and after the last. Each forward is collective (the sharded
         tables' all-to-all): a rank that meets bad input goes on with batches of padding rows up
         to the next agreement, where every rank learns it and stops."""
-        error: Optional[UserError] = None
+        error: UserError | None = None
         for done in range(1, count + 1):
             item = None
             if error is None:
@@ -108,12 +108,12 @@ class Evaluator:
             if done % AGREE_EVERY_N_STEPS == 0 or done == count:
                 self._agree(CONTINUE if error is None else BAD_INPUT, error)
 
-    def _agree(self, code: int, error: Optional[UserError]) -> None:
+    def _agree(self, code: int, error: UserError | None) -> None:
         agreed = self.preemption.agree(code)
         if agreed != CONTINUE:
             raise EvaluationStopped(agreed, error)
 
-    def evaluate(self, state: TrainState, data: Any, max_batches: Optional[int]) -> Dict[str, float]:
+    def evaluate(self, state: TrainState, data: Any, max_batches: int | None) -> dict[str, float]:
         """Collective: the validation split's metrics at `state`, logged (kind eval)."""
         result = self.score(data, max_batches)
         self.last = (state.step, result)
@@ -125,13 +125,13 @@ class Evaluator:
         self._log_tasks(result)
         return result
 
-    def _log_tasks(self, result: Dict[str, float]) -> None:
+    def _log_tasks(self, result: dict[str, Any]) -> None:
         """Multi-task: each task's metrics, on a line of its own (the line above is the primary's)."""
         for task in self.tasks:
             log.info("  task %s: auc %.4f  logloss %.4f  ne %.4f  calibration %.4f", task, result[f"{task}/auc"],
                      result[f"{task}/logloss"], result[f"{task}/ne"], result[f"{task}/calibration"])
 
-    def test(self, state: TrainState, data: Any) -> Optional[Dict[str, Any]]:
+    def test(self, state: TrainState, data: Any) -> dict[str, Any] | None:
         """Collective: the test split's metrics (kind test) with the best checkpoint's weights,
         loaded on every rank unless they are the model's now; None without a test split. Run at
         the end: the model keeps the weights it was tested with."""

@@ -26,8 +26,8 @@ import json
 import pickle
 import warnings
 import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -37,20 +37,27 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from app.checkpoint import (META_FILE, MODEL_KEY, CheckpointError, find_checkpoint, load_state, read_dcp_metadata,
-                            read_meta, weights_only_refusal)
+from app.checkpoint import (
+    META_FILE,
+    MODEL_KEY,
+    CheckpointError,
+    find_checkpoint,
+    load_state,
+    read_dcp_metadata,
+    read_meta,
+    weights_only_refusal,
+)
 from app.config import Config, ConfigError
-from app.hydra_edge import config_from_dict
 from app.data import DataError
 from app.data.batch import InputPolicy, decode
 from app.data.files import check_files, open_parquet
-from app.storage import UrlPath, location
 from app.errors import UserError
 from app.features import FeatureSchema
+from app.hydra_edge import config_from_dict
 from app.models import build_model, embedding_tables
 from app.models.managed_collision import for_export
 from app.precision import DTYPES
-from app.storage import atomic_output, write_atomically
+from app.storage import UrlPath, atomic_output, location, write_atomically
 from app.storage_failure import describe, storage_cause
 
 MODEL_FILE = "model.pt"
@@ -101,7 +108,7 @@ def _config_in(path: Path, data: dict) -> Config:
         raise ExportError(f"{path}: its config is not one this version of rectrain can use: {error}") from error
 
 
-def _check_keys(checkpoint: Path, state: Dict[str, torch.Tensor]) -> None:
+def _check_keys(checkpoint: Path, state: dict[str, torch.Tensor]) -> None:
     """The checkpoint's model entries must be exactly `state`'s tensors, with the same shapes."""
     try:
         metadata = read_dcp_metadata(checkpoint)
@@ -169,15 +176,16 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, prefer: str = "best") -> 
     return out_dir
 
 
-def _managed_collision_shards(checkpoint: Path, config: Config, world_size: int) -> Optional[dict]:
+def _managed_collision_shards(checkpoint: Path, config: Config, world_size: int) -> dict | None:
     """How the managed-collision tables were split into row-wise shards (the first row of each, and
     the table's rows), from the checkpoint's chunks: predict maps each id by the shard training
     sent it to (app/models/managed_collision.py). None without such tables."""
     if not any(f.id_mapping == "managed_collision" for f in config.features.sparse):
         return None
-    segments = {}
+    segments: dict[str, list[int]] = {}
     for key, entry in read_dcp_metadata(checkpoint).state_dict_metadata.items():
-        if key.startswith(f"{MODEL_KEY}.") and key.endswith("._mch_sorted_raw_ids"):
+        if key.startswith(f"{MODEL_KEY}.") and key.endswith("._mch_sorted_raw_ids") \
+                and isinstance(entry, TensorStorageMetadata):
             starts = sorted({chunk.offsets[0] for chunk in entry.chunks})
             segments[key.split(".")[-2]] = [*starts, int(entry.size[0])]
     return {"world_size": world_size, "segments": segments}
@@ -203,7 +211,7 @@ def read_export_info(out_dir: Path) -> dict:
     return info
 
 
-def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
+def load_exported(out_dir: Path) -> tuple[nn.Module, Config]:
     """The exported model on the CPU in eval mode, and the config it was trained with."""
     out_dir = Path(out_dir)
     info = read_export_info(out_dir)
@@ -229,7 +237,7 @@ def load_exported(out_dir: Path) -> Tuple[nn.Module, Config]:
     return model.eval(), config
 
 
-def _read_model_file(path: Path) -> Dict[str, torch.Tensor]:
+def _read_model_file(path: Path) -> dict[str, torch.Tensor]:
     """model.pt's tensors, loaded as plain data; ExportError naming the file for anything else."""
     if not zipfile.is_zipfile(path):  # what torch.save writes: any other file is junk to it
         raise ExportError(f"{path}: not a file of plain tensors written by scripts/export.py (not a torch.save "
@@ -249,7 +257,7 @@ def _read_model_file(path: Path) -> Dict[str, torch.Tensor]:
 def check_inputs(files: Sequence[str], schema: FeatureSchema) -> bool:
     """The footer checks training makes, with or without a label column; returns whether the
     files carry labels (all of them or none)."""
-    labeled: List[bool] = []
+    labeled: list[bool] = []
     for path in files:
         try:
             labeled.append(all(task in pq.read_schema(path).names for task in schema.tasks))
@@ -267,7 +275,7 @@ def check_inputs(files: Sequence[str], schema: FeatureSchema) -> bool:
 
 
 def score_files(model: nn.Module, config: Config, files: Sequence[str], batch_size: int,
-                labeled: bool) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+                labeled: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(logits, labels or None) of every row of `files`, in order, one batch at a time (B x T of
     each for a multi-task model, a column per task in features.labels' order). Rows are
     decoded and checked as training does it (config.data's input policy), a row group at a time."""

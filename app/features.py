@@ -7,7 +7,7 @@ once, in configs/features/, and the model, the planner, the loader and the gener
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING
 
 from app.config import FeaturesConfig, SequenceFeature, SparseFeature
 
@@ -22,16 +22,16 @@ def table_name(feature_name: str) -> str:
 @dataclass(frozen=True)
 class FeatureSchema:
     label: str
-    dense: Tuple[str, ...]
-    sparse: Tuple[SparseFeature, ...]
+    dense: tuple[str, ...]
+    sparse: tuple[SparseFeature, ...]
     embedding_dim: int
     pooling: str
     data_type: str = "fp32"
-    labels: Tuple[str, ...] = ()  # multi-task: every task's label column (label is the first); () for one task
-    sequence: Tuple[SequenceFeature, ...] = ()
+    labels: tuple[str, ...] = ()  # multi-task: every task's label column (label is the first); () for one task
+    sequence: tuple[SequenceFeature, ...] = ()
 
     @classmethod
-    def from_config(cls, config: FeaturesConfig) -> "FeatureSchema":
+    def from_config(cls, config: FeaturesConfig) -> FeatureSchema:
         return cls(
             label=config.tasks()[0],
             dense=tuple(config.dense),
@@ -44,16 +44,16 @@ class FeatureSchema:
         )
 
     @property
-    def sparse_names(self) -> List[str]:
+    def sparse_names(self) -> list[str]:
         return [f.name for f in self.sparse]
 
     @property
-    def tasks(self) -> Tuple[str, ...]:
+    def tasks(self) -> tuple[str, ...]:
         """The label columns, one per task: features.labels' names, or the one label."""
         return self.labels or (self.label,)
 
     @property
-    def columns(self) -> List[str]:
+    def columns(self) -> list[str]:
         """Every column the loader reads, in a fixed order."""
         return [*self.tasks, *self.dense, *self.sparse_names, *self.sequence_names]
 
@@ -63,7 +63,7 @@ class FeatureSchema:
     def table_dim(self, feature: SparseFeature) -> int:
         return feature.embedding_dim or self.embedding_dim
 
-    def embedding_bag_configs(self) -> List["EmbeddingBagConfig"]:
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         # Imported here: the Parquet reader processes unpickle a FeatureSchema, and importing
         # torchrec there would add seconds to their start (app/data/reader_worker.py).
         from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
@@ -86,25 +86,25 @@ class FeatureSchema:
     # ---- sequence features (features.sequence) ----
 
     @property
-    def sequence_names(self) -> List[str]:
+    def sequence_names(self) -> list[str]:
         return [f.name for f in self.sequence]
 
     def sequence_dim(self, feature: SequenceFeature) -> int:
         return feature.embedding_dim or self.embedding_dim
 
     @property
-    def sequence_inputs(self) -> List[Tuple[str, int]]:
+    def sequence_inputs(self) -> list[tuple[str, int]]:
         """The sequence KeyedJaggedTensor's keys, each with the decoded feature it is read from
         (Rows.ids[index]: the sparse features, the histories, then each history's candidates):
         per history its own key and target_key(name), the candidate's ids, looked up in the
         history's table (and mapped into it as the history's ids are: app/data/batch.py decode)."""
         count, histories = len(self.sparse), len(self.sequence)
-        inputs: List[Tuple[str, int]] = []
+        inputs: list[tuple[str, int]] = []
         for i, feature in enumerate(self.sequence):
             inputs += [(feature.name, count + i), (target_key(feature.name), count + histories + i)]
         return inputs
 
-    def embedding_configs(self) -> List["EmbeddingConfig"]:
+    def embedding_configs(self) -> list[EmbeddingConfig]:
         """The histories' tables (an EmbeddingCollection's): one per sequence feature, shared by the
         history and its candidate (fp32: export and checkpoints read them as they are)."""
         from torchrec.modules.embedding_configs import EmbeddingConfig

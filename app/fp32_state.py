@@ -14,7 +14,8 @@ fp32. Its state dict has the names and shapes the plain optimizer's has.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ class Fp32StateOptimizer(torch.optim.Optimizer):
                  **kwargs: Any) -> None:
         params = list(params)
         # .float() of an fp32 parameter is the parameter itself: copies only where needed.
-        self._working: Dict[torch.Tensor, torch.Tensor] = {p: p.detach().float() for p in params}
+        self._working: dict[torch.Tensor, torch.Tensor] = {p: p.detach().float() for p in params}
         self.inner = optimizer_class(list(self._working.values()), **kwargs)
         super().__init__(params, self.inner.defaults)
         # The same dicts as the inner optimizer's, which creates and fills them in place.

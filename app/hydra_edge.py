@@ -18,7 +18,7 @@ import re
 import textwrap
 import typing
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 from app.config import Config, ConfigError, check_run_location, field_docs
 
@@ -103,7 +103,7 @@ def _probe_writes(directory: Path) -> None:
             probe.unlink()
 
 
-def _rank0_only(value: str) -> Optional[str]:
+def _rank0_only(value: str) -> str | None:
     """Every worker composes the config; only rank 0 may write `value` (.hydra/)."""
     return value if worker_rank() == 0 else None
 
@@ -135,7 +135,7 @@ def _composed_value(root, key: str) -> Any:
 
     parent_key, _, name = key.rpartition(".")
     parent = OmegaConf.select(root, parent_key) if parent_key else root
-    if not OmegaConf.is_dict(parent) or name not in parent.keys():  # `in` leaves out a ??? value
+    if not OmegaConf.is_dict(parent) or name not in parent.keys():  # noqa: SIM118 (`in` leaves out a ??? value)
         return _UNSET
     if OmegaConf.is_missing(parent, name):
         return "???"
@@ -146,7 +146,7 @@ def _composed_value(root, key: str) -> Any:
 def config_docs(composed=None, width: int = 100) -> str:
     """Every config key as `key: type = default`, then its help text, groups before their keys;
     with a composed config, `(composed: value)` marks each key whose value differs from its default."""
-    def wrap(text: str, indent: str, more: str) -> List[str]:
+    def wrap(text: str, indent: str, more: str) -> list[str]:
         return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent + more,
                              break_on_hyphens=False)
 
@@ -189,7 +189,7 @@ def register_with_hydra() -> None:
     OmegaConf.register_new_resolver("config_docs", _config_docs_resolver, replace=True)
 
 
-def compose_config(overrides: List[str], validate: bool = True) -> Config:
+def compose_config(overrides: list[str], validate: bool = True) -> Config:
     """The Config that `python -m app.train <overrides>` runs: for the scripts, which compose it
     with Hydra's compose API instead of @hydra.main. Every way the overrides can be wrong (a key
     the schema lacks, an unknown group option, a value of the wrong type, and, unless `validate`
@@ -216,11 +216,11 @@ def to_config(cfg, validate: bool = True) -> Config:
     # silence by to_object, and the run would train without the setting its user asked for.
     for key in _keys_outside_schema(cfg):
         check_key(key)
-    config = OmegaConf.to_object(cfg)
+    config = typing.cast(Config, OmegaConf.to_object(cfg))  # composed onto the Config schema
     return config.validate() if validate else config
 
 
-def _keys_outside_schema(node, prefix: str = "") -> List[str]:
+def _keys_outside_schema(node, prefix: str = "") -> list[str]:
     """Dotted keys of a composed config that its dataclass schema has no field for."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -231,7 +231,7 @@ def _keys_outside_schema(node, prefix: str = "") -> List[str]:
     schema = OmegaConf.get_type(node)
     fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
     found = []
-    for key in node.keys():
+    for key in map(str, node):  # a config's keys are strings
         if fields is not None and key not in fields:
             found.append(f"{prefix}{key}")
         else:
@@ -252,7 +252,7 @@ def check_key(key: str) -> None:
         if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node)):
             if parts[depth] not in node:
                 parent = ".".join(parts[:depth])
-                raise ConfigError(_unknown_key_message(key, parent, parts[depth], list(node.keys())))
+                raise ConfigError(_unknown_key_message(key, parent, parts[depth], [str(k) for k in node]))
             node = node._get_node(parts[depth])
         elif isinstance(node, (DictConfig, ListConfig)) and dataclasses.is_dataclass(node._metadata.element_type):
             node = OmegaConf.structured(node._metadata.element_type)  # parts[depth] names the entry
@@ -261,7 +261,7 @@ def check_key(key: str) -> None:
         depth += 1
 
 
-def _unknown_key_message(key: str, parent: str, name: str, siblings: List[str]) -> str:
+def _unknown_key_message(key: str, parent: str, name: str, siblings: list[str]) -> str:
     near = [f"{parent}.{n}" if parent else n for n in difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)]
     if not near:  # the right name in the wrong group (lr=0.1 for optim.lr=0.1)
         near = [k for k in _known_keys(Config) if k.rsplit(".", 1)[-1] == name][:1]
@@ -271,7 +271,7 @@ def _unknown_key_message(key: str, parent: str, name: str, siblings: List[str]) 
             "`python -m app.train --cfg job` prints every key.")
 
 
-def _known_keys(schema: type, prefix: str = "") -> List[str]:
+def _known_keys(schema: type, prefix: str = "") -> list[str]:
     """Every dotted key of a dataclass schema, groups and fields alike."""
     keys = []
     hints = typing.get_type_hints(schema)
@@ -292,7 +292,8 @@ def config_from_dict(data: dict) -> Config:
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), _literal(data)))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), _literal(data))
+        config = typing.cast(Config, OmegaConf.to_object(merged))
     except ConfigKeyError as error:
         check_key(error.full_key or str(error.key))
         raise ConfigError(_first_line(error)) from error  # a key check_key admits (below a plain map)
@@ -322,7 +323,7 @@ def _first_line(error: Exception) -> str:
     return message.split("': ", 1)[1] if message.startswith("While dereferencing interpolation") else message
 
 
-def check_override_keys(argv: List[str]) -> None:
+def check_override_keys(argv: list[str]) -> None:
     """Every key the command line sets must be in the schema, whatever its prefix (none, + or ++):
     a ConfigError naming the key and the nearest valid one. (Hydra refuses an unknown key without a prefix,
     but names no valid key; with + it adds the key, which the run would then ignore.)"""

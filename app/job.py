@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,8 +21,8 @@ from app.checkpoint import Checkpointer, CheckpointStore, RunParts, RunShape
 from app.clipping import clip_replicated_table_gradients
 from app.config import Config, ConfigError, DataConfig
 from app.data.batch import InputPolicy
-from app.data.label_classes import warn_one_class
 from app.data.files import check_files, check_first_row_group, resolve_files
+from app.data.label_classes import warn_one_class
 from app.data.parquet import EvaluationBatches, TrainingBatches
 from app.data.reader_process import start_reader_server
 from app.data.synthetic import ensure_dataset
@@ -44,7 +45,7 @@ from app.trainer import Trainer, planned_steps
 log = logging.getLogger("app.job")
 
 
-def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> Tuple[List[str], List[str]]:
+def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> tuple[list[str], list[str]]:
     """The train and val Parquet files, checked against the schema from their footers, and the
     values of each split's first row group (the same on every rank, so every rank stops alike)."""
     if config.source == "synthetic":
@@ -59,7 +60,7 @@ def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> 
             _checked_split(config, schema, val_path, "data.val_path"))
 
 
-def _checked_split(config: DataConfig, schema: FeatureSchema, path: str, key: str) -> List[str]:
+def _checked_split(config: DataConfig, schema: FeatureSchema, path: str, key: str) -> list[str]:
     """A split's files, checked from their footers and its first row group (bad rows found before
     the first step, not after the last); errors name `key`."""
     options = config.storage_options
@@ -74,7 +75,7 @@ def checkpoint_location(config: Config, run_dir: Path):
     return config.checkpoint.dir or run_dir / "checkpoints"
 
 
-def held_out_test_files(config: DataConfig, schema: FeatureSchema, val_files: List[str]) -> Optional[List[str]]:
+def held_out_test_files(config: DataConfig, schema: FeatureSchema, val_files: list[str]) -> list[str] | None:
     """The test split's Parquet files, checked like the others before the first step: data.test_path,
     or with data.source=synthetic its generated test split (data.synthetic.test_rows > 0, beside
     the val split); None when there is no test split."""
@@ -97,7 +98,8 @@ def check_writable(storage: Storage, what: str, rank: int, key: str = "output_ro
         if isinstance(directory, UrlPath):
             reason = str(error)
         else:
-            reason = "a file is in the way" if directory.exists() and not directory.is_dir() else error.strerror or error
+            in_the_way = directory.exists() and not directory.is_dir()
+            reason = "a file is in the way" if in_the_way else str(error.strerror or error)
         raise ConfigError(f"cannot write {what} to {directory} (from {key}): {reason}.") from error
 
 
@@ -112,8 +114,8 @@ def warn_of_readers_beyond_cores(config: DataConfig, workers_per_node: int) -> N
                     config.num_workers, readers, config.num_workers, workers_per_node, cores)
 
 
-def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run_dir: Optional[Path],
-                        table_gradients: Optional[TableGradients] = None) -> nn.Module:
+def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run_dir: Path | None,
+                        table_gradients: TableGradients | None = None) -> nn.Module:
     """The model with its sparse optimizer fused in, planned collectively and wrapped in
     DistributedModelParallel; rank 0 writes the plan report into run_dir (when given). Its dense
     part computes in trainer.precision; `table_gradients` is the cut before the tables that fp16's
@@ -148,8 +150,8 @@ def prepare_managed_collision(model: nn.Module, config: Config, world_size: int)
         prepare_sharded(model, config.seed, history)
 
 
-def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train_files: List[str],
-                  val_files: List[str]) -> Tuple[TrainingBatches, EvaluationBatches]:
+def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train_files: list[str],
+                  val_files: list[str]) -> tuple[TrainingBatches, EvaluationBatches]:
     """This rank's training batches (shuffled per epoch) and evaluation batches (padded)."""
     train = TrainingBatches(train_files, schema, config.batch_size, env.rank, env.world_size,
                             shuffle=config.shuffle, seed=config.seed, shuffle_window=config.shuffle_window,
@@ -157,12 +159,12 @@ def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train
     return train, evaluation_batches(config, schema, env, val_files)
 
 
-def evaluation_batches(config: DataConfig, schema: FeatureSchema, env: DistEnv, files: List[str]) -> EvaluationBatches:
+def evaluation_batches(config: DataConfig, schema: FeatureSchema, env: DistEnv, files: list[str]) -> EvaluationBatches:
     """This rank's evaluation batches of a held-out split (validation or test), padded."""
     return EvaluationBatches(files, schema, config.eval_batch_size, env.rank, env.world_size, **_reading(config, env))
 
 
-def _reading(config: DataConfig, env: DistEnv) -> Dict[str, Any]:
+def _reading(config: DataConfig, env: DistEnv) -> dict[str, Any]:
     """How every split is read: the same readers, input policy and storage options."""
     return dict(prefetch_windows=config.prefetch_windows, num_workers=config.num_workers,
                 policy=InputPolicy.from_config(config),
@@ -170,7 +172,7 @@ def _reading(config: DataConfig, env: DistEnv) -> Dict[str, Any]:
                 storage_options=config.storage_options)
 
 
-def run(config: Config, run_dir: Path, overrides: Sequence[str] = ()) -> Optional[Dict[str, float]]:
+def run(config: Config, run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, float] | None:
     """One worker's whole job; returns the final validation metrics (the same on every rank), or
     None when SIGTERM stopped it early (after a checkpoint). `overrides` (the command line's
     key=value) name the hyperparameters TensorBoard's HParams dashboard compares runs by."""
@@ -202,7 +204,7 @@ def run(config: Config, run_dir: Path, overrides: Sequence[str] = ()) -> Optiona
 
 
 def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, summary: RunSummary,
-           overrides: Sequence[str]) -> Optional[Dict[str, float]]:
+           overrides: Sequence[str]) -> dict[str, float] | None:
     key = "checkpoint.dir" if config.checkpoint.dir else "output_root and run_name"
     checkpoint_storage = storage_at(checkpoint_location(config, run_dir), key=key)
     check_writable(checkpoint_storage, "checkpoints", env.rank, key)  # every rank writes its shards
@@ -211,7 +213,7 @@ def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, 
 
 
 def _train_locked(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, summary: RunSummary,
-                  overrides: Sequence[str], checkpoint_storage: Storage) -> Optional[Dict[str, float]]:
+                  overrides: Sequence[str], checkpoint_storage: Storage) -> dict[str, float] | None:
     # Before the set-up's minutes: a tracking server that cannot be reached stops the run now.
     tracking = None
     if env.is_rank0 and config.logging.mlflow.tracking_uri:

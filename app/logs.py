@@ -9,7 +9,6 @@ import logging
 
 from app.config import LoggingConfig
 
-
 # Warnings torchrec gives for every data-parallel table, about nothing the user set: such tables
 # are replicated, so they have no sharding spec and no cache.
 _ROUTINE_WARNINGS = ("Sharding spec not found for ", "Sharding Type is data_parallel, caching params will be ignored")

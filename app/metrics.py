@@ -17,8 +17,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,7 +83,8 @@ class EvalMetrics:
 
     def reset(self) -> None:
         # Exact AUC (no thresholds): every rank's logits and labels are gathered at compute().
-        self._logits, self._labels = [], []
+        self._logits: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
         # logloss sum, prediction sum, label sum, count, non-finite logits: float64 so millions of
         # rows add up exactly.
         self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)
@@ -95,10 +97,10 @@ class EvalMetrics:
         self._labels.append(labels)
         self._sums += batch_sums(logits, labels).to(self._sums)
 
-    def _rows(self, batches: List[torch.Tensor]) -> torch.Tensor:
+    def _rows(self, batches: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(batches) if batches else torch.zeros(0, device=self.device)
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         sums = self._sums.clone()
         if _distributed():
             dist.all_reduce(sums)
@@ -140,16 +142,16 @@ class TaskMetrics:
         for task, metrics in enumerate(self._metrics):
             metrics.update(logits[:, task], labels[:, task])
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         """Collective when distributed: every rank computes every task, in the same order."""
         per_task = {task: metrics.compute() for task, metrics in zip(self.tasks, self._metrics)}
-        result: Dict[str, float] = dict(per_task[self.primary])
+        result: dict[str, float] = dict(per_task[self.primary])
         for task, values in per_task.items():
             result.update({f"{task}/{key}": value for key, value in values.items() if key != "samples"})
         return result
 
 
-def evaluation_metrics(device: torch.device, tasks: Sequence[str] = (), primary: Optional[str] = None):
+def evaluation_metrics(device: torch.device, tasks: Sequence[str] = (), primary: str | None = None):
     """EvalMetrics for one task; TaskMetrics for several (B x T logits), `primary` unprefixed."""
     if len(tasks) <= 1:
         return EvalMetrics(device)
@@ -161,24 +163,24 @@ class MetricsLogger:
     TensorBoard scalars under tb/, and `tracking` (an MLflow run, app/tracking.py) where there is
     one. Only rank 0 writes."""
 
-    def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True, tracking: Optional[Any] = None) -> None:
+    def __init__(self, run_dir: Path, rank: int, tensorboard: bool = True, tracking: Any | None = None) -> None:
         self.enabled = rank == 0
         self._jsonl = None
-        self._tb: Optional[Any] = None
+        self._tb: Any | None = None
         self.tracking = tracking if self.enabled else None
         if not self.enabled:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._run_dir = run_dir
-        self._jsonl = open(run_dir / "metrics.jsonl", "a")
+        self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the logger's life)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
 
-    def log(self, kind: str, record: Dict[str, Any]) -> None:
-        if not self.enabled:
+    def log(self, kind: str, record: dict[str, Any]) -> None:
+        if self._jsonl is None:  # not rank 0
             return
         line = {"kind": kind, **record, "time": time.time()}
         with said_in_one_line(f"cannot write the run's metrics to {self._jsonl.name} and {self._run_dir / 'tb'}"):
@@ -192,7 +194,7 @@ class MetricsLogger:
         if self.tracking is not None:
             self.tracking.log(kind, record)
 
-    def start_session(self, hparams: Dict[str, Any]) -> None:
+    def start_session(self, hparams: dict[str, Any]) -> None:
         """The run's hyperparameters, for TensorBoard's HParams dashboard: a session of this run
         (tb/), whose metrics are its scalars (eval/auc, ...: their latest values). No experiment
         record: TensorBoard gathers one from the sessions of every run under its logdir, so the

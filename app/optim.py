@@ -21,7 +21,8 @@ the fused kernels take their LR from the groups).
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,8 +36,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from app.clipping import clip_dense_gradients
 from app.config import ConfigError, OptimConfig
 from app.fp32_state import fp32_state_factory
-from app.models import TABLES_PATH, embedding_tables
-from app.models import sequence_tables
+from app.models import TABLES_PATH, embedding_tables, sequence_tables
 from app.precision import TableGradients, unscale_and_check, update_scale
 
 _OPTIMIZER_CLASSES = {
@@ -54,8 +54,8 @@ _FUSED_ON_CPU = ("sgd", "adagrad", "rowwise_adagrad")
 FUSED_PART, DENSE_PART, REPLICATED_PART = "sparse", "dense", "replicated_tables"
 
 
-def _optimizer_kwargs(name: str, lr: float, config: OptimConfig, weight_decay: float) -> Dict[str, object]:
-    kwargs: Dict[str, object] = {"lr": lr, "weight_decay": weight_decay}
+def _optimizer_kwargs(name: str, lr: float, config: OptimConfig, weight_decay: float) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
     if name in ("adagrad", "rowwise_adagrad", "adam"):
         kwargs["eps"] = config.eps
     if name == "adam":
@@ -74,8 +74,9 @@ def apply_sparse_optimizer(model: nn.Module, config: OptimConfig, device: torch.
     if "betas" in kwargs:
         kwargs["beta1"], kwargs["beta2"] = kwargs.pop("betas")
     _apply_optimizer_in_backward(_FUSED_CLASSES[config.sparse], embedding_tables(model).parameters(), kwargs)
-    if sequence_tables(model) is not None:  # the histories' tables (features.sequence): fused alike
-        _apply_optimizer_in_backward(_FUSED_CLASSES[config.sparse], sequence_tables(model).parameters(), kwargs)
+    histories = sequence_tables(model)
+    if histories is not None:  # the histories' tables (features.sequence): fused alike
+        _apply_optimizer_in_backward(_FUSED_CLASSES[config.sparse], histories.parameters(), kwargs)
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
@@ -86,13 +87,14 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
     replicated_tables = {n: p for n, p in plain.items() if f"{TABLES_PATH}." in n}
     dense = {n: p for n, p in plain.items() if f"{TABLES_PATH}." not in n}
 
-    def wrap(name: str, lr: float, params: Dict[str, nn.Parameter], weight_decay: float) -> KeyedOptimizer:
+    def wrap(name: str, lr: float, params: dict[str, nn.Parameter], weight_decay: float) -> KeyedOptimizer:
         optimizer_class = _OPTIMIZER_CLASSES[name]
         kwargs = _optimizer_kwargs(name, lr, config, weight_decay)
         # fp16 (replicated) tables: state and arithmetic in fp32, as FBGEMM's for sharded ones.
         return KeyedOptimizerWrapper(params, fp32_state_factory(optimizer_class, **kwargs))
 
-    parts = [(FUSED_PART, model.fused_optimizer), (DENSE_PART, wrap(config.dense, config.lr, dense, config.weight_decay))]
+    parts = [(FUSED_PART, model.fused_optimizer),
+             (DENSE_PART, wrap(config.dense, config.lr, dense, config.weight_decay))]
     if replicated_tables:
         parts.append(
             (REPLICATED_PART, wrap(config.sparse, config.effective_sparse_lr, replicated_tables, weight_decay=0.0))
@@ -135,7 +137,7 @@ def set_schedule_step(scheduler: LambdaLR, step: int) -> None:
     scheduler._last_lr = lrs  # what get_last_lr() reports
 
 
-def learning_rates(optimizer: CombinedOptimizer) -> Dict[str, float]:
+def learning_rates(optimizer: CombinedOptimizer) -> dict[str, float]:
     """The current LR of the dense layers and of the tables, by their config names (the tables'
     from the fused optimizer, or the replicated tables' where the plan shards none)."""
     first = {name: part.param_groups[0]["lr"] for name, part in optimizer.optimizers if part.param_groups}
@@ -154,7 +156,7 @@ def set_fused_optimizer_step(optimizer: CombinedOptimizer, step: int) -> None:
 
 def optimizer_and_schedule(
     model: nn.Module, config: OptimConfig, total_steps: int
-) -> Tuple[CombinedOptimizer, LambdaLR]:
+) -> tuple[CombinedOptimizer, LambdaLR]:
     optimizer = build_optimizer(model, config)
     return optimizer, build_lr_scheduler(optimizer, config, total_steps)
 
@@ -168,9 +170,9 @@ class OptimizerStep:
     `local_gradients`: each rank steps on its own dense gradients (k-step averaging), so the norm
     clipped is taken over the ranks (app/clipping.py)."""
 
-    def __init__(self, optimizer: CombinedOptimizer, clip_grad_norm: Optional[float] = None,
-                 scaler: Optional[torch.amp.GradScaler] = None,
-                 table_gradients: Optional[TableGradients] = None, local_gradients: bool = False) -> None:
+    def __init__(self, optimizer: CombinedOptimizer, clip_grad_norm: float | None = None,
+                 scaler: torch.amp.GradScaler | None = None,
+                 table_gradients: TableGradients | None = None, local_gradients: bool = False) -> None:
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
         self.scaler = scaler
@@ -178,13 +180,13 @@ class OptimizerStep:
             raise ValueError("a loss scale needs the model's TableGradients of the same scaler")
         self.table_gradients = table_gradients
         self.local_gradients = local_gradients
-        self.last_grad_norm: Optional[torch.Tensor] = None  # before clipping, for the logs
+        self.last_grad_norm: torch.Tensor | None = None  # before clipping, for the logs
         self.skipped_steps = 0  # overflowing fp16 steps in this process's run
-        self._found: Optional[torch.Tensor] = None  # this step's verdict under a loss scale (1.0: overflow)
+        self._found: torch.Tensor | None = None  # this step's verdict under a loss scale (1.0: overflow)
         self._skip = False
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self.scaler is None:
+        if self.scaler is None or self.table_gradients is None:  # both or neither (see __init__)
             loss.backward()
             return
         self.scaler.scale(loss).backward()  # the dense part, up to the cut before the tables
@@ -201,11 +203,11 @@ class OptimizerStep:
                 self.last_grad_norm = clip_dense_gradients(dense_parameters(self.optimizer), self.clip_grad_norm,
                                                            self.local_gradients)
             self.optimizer.step()
-        if self._found is not None:
+        if self._found is not None and self.scaler is not None:
             update_scale(self.scaler, self._found)
         self._found, self._skip = None, False
 
-    def logged(self) -> Dict[str, float]:
+    def logged(self) -> dict[str, float]:
         """What the training log records of the optimizers: both learning rates, and under fp16 the
         loss scale and the steps skipped so far for overflowing."""
         values = learning_rates(self.optimizer)
@@ -214,10 +216,10 @@ class OptimizerStep:
         return values
 
 
-def _gradients(params: List[torch.Tensor]) -> List[torch.Tensor]:
+def _gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [param.grad for param in params if param.grad is not None]
 
 
-def dense_parameters(optimizer: CombinedOptimizer) -> List[torch.Tensor]:
+def dense_parameters(optimizer: CombinedOptimizer) -> list[torch.Tensor]:
     """The parameters stepped after the backward (dense layers, replicated tables), not by FBGEMM."""
     return [param for name, part in optimizer.optimizers if name != FUSED_PART for param in part.params.values()]

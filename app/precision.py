@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The dtype the dense part computes in (None: fp32), refusing what this device cannot do and
     warning of what it does slowly."""
     dtype = DTYPES[precision]
@@ -47,7 +47,7 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return dtype
 
 
-def loss_scaler(precision: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
+def loss_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 gradients underflow without a loss scale; bf16 has fp32's range and needs none."""
     if precision != "fp16":
         return None
@@ -60,9 +60,9 @@ class TableGradients:
     """The cut between the tables and the dense part under a loss scale (see the module's
     docstring). Without one (fp32, bf16), or outside training, it passes its input through."""
 
-    def __init__(self, scaler: Optional[torch.amp.GradScaler]) -> None:
+    def __init__(self, scaler: torch.amp.GradScaler | None) -> None:
         self.scaler = scaler
-        self._held: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (table output, its cut copy)
+        self._held: list[tuple[torch.Tensor, torch.Tensor]] = []  # (table output, its cut copy)
 
     @property
     def active(self) -> bool:
@@ -77,7 +77,7 @@ class TableGradients:
         self._held.append((values, cut))
         return cut
 
-    def gradients(self) -> List[torch.Tensor]:
+    def gradients(self) -> list[torch.Tensor]:
         """The gradients that arrived at the cut in the first half of the backward."""
         return [cut.grad for _, cut in self._held if cut.grad is not None]
 
@@ -94,6 +94,7 @@ def unscale_and_check(scaler: torch.amp.GradScaler, gradients: Iterable[torch.Te
     """Divide `gradients` by the loss scale in place; returns 1.0 where any of them, on any rank,
     is not finite, else 0.0 (the same on every rank: one all-reduce of one value)."""
     scale = scaler._get_scale_async()
+    assert scale is not None, "the loss was scaled first"
     found = torch.zeros((), dtype=torch.float32, device=scale.device)
     inverse = scale.double().reciprocal().float()  # as GradScaler.unscale_ does
     groups = defaultdict(list)
@@ -112,6 +113,7 @@ def unscale_and_check(scaler: torch.amp.GradScaler, gradients: Iterable[torch.Te
 def update_scale(scaler: torch.amp.GradScaler, found: torch.Tensor) -> None:
     """GradScaler.update's rule, for the verdict `found`: back off after a skipped step, grow after
     growth_interval good ones."""
-    scale = scaler._get_scale_async()
-    torch._amp_update_scale_(scale, scaler._growth_tracker, found.to(scale.device), scaler.get_growth_factor(),
+    scale, growth_tracker = scaler._get_scale_async(), scaler._growth_tracker
+    assert scale is not None and growth_tracker is not None, "the loss was scaled first"
+    torch._amp_update_scale_(scale, growth_tracker, found.to(scale.device), scaler.get_growth_factor(),
                              scaler.get_backoff_factor(), scaler.get_growth_interval())

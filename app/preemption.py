@@ -13,7 +13,6 @@ for, and a rank that meets bad rows in its share of a split stops every rank the
 from __future__ import annotations
 
 import signal
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,7 +26,7 @@ CONTINUE, STOP, BAD_INPUT = 0, 1, 2
 
 
 class Preemption:
-    def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.group = group
         self.requested = False
         self._previous = signal.signal(signal.SIGTERM, self._on_signal)

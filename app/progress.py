@@ -9,7 +9,7 @@ rank: only rank 0's console shows bars), so that the modules doing the work need
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from tqdm import tqdm
 
@@ -21,8 +21,8 @@ def configure(enabled: bool) -> None:
     _enabled = enabled
 
 
-def bar(total: Optional[float], desc: str, unit: str, unit_scale: Any = True, leave: bool = True,
-        enabled: Optional[bool] = None, **kwargs: Any) -> tqdm:
+def bar(total: float | None, desc: str, unit: str, unit_scale: Any = True, leave: bool = True,
+        enabled: bool | None = None, **kwargs: Any) -> tqdm:
     """A bar of `total` units of `unit` (scaled by `unit_scale`: a number counts each update as that
     many units, True writes 12.3k), showing the rate and the time left; off where configure()
     said so (or `enabled`, where the caller knows better)."""

@@ -25,9 +25,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, TextIO
 
 from app.checkpoint.collective import broadcast_text
 from app.config import ConfigError
@@ -47,24 +48,24 @@ class RunInUse(UserError):
     """Another job holds the run; the message names it."""
 
 
-def _holder() -> Dict[str, Any]:
+def _holder() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
 
 
-def _describe_holder(holder: Dict[str, Any]) -> str:
+def _describe_holder(holder: dict[str, Any]) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')}"
 
 
 class _LocalLock:
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / LOCK_FILE
-        self._file = None
+        self._file: TextIO | None = None
 
-    def take(self) -> Optional[str]:
+    def take(self) -> str | None:
         """None once held; else who holds it."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            file = open(self.path, "a+")
+            file = open(self.path, "a+")  # noqa: SIM115 (held open while the lock is)
         except OSError as error:
             raise ConfigError(f"cannot write to {self.path.parent} (from output_root and run_name, or "
                               f"checkpoint.dir): {error.strerror or error}.") from error
@@ -97,13 +98,14 @@ class _Lease:
         self.path = storage.path(LEASE_FILE)
         self.record = {**_holder(), "id": uuid.uuid4().hex}
         self._stop = threading.Event()
-        self._heartbeat: Optional[threading.Thread] = None
+        self._heartbeat: threading.Thread | None = None
 
-    def take(self) -> Optional[str]:
+    def take(self) -> str | None:
         held = self._read()
         if held is not None and not self._stale(held):
-            return f"{self.path} is leased by {_describe_holder(held)} (renewed {time.time() - held['heartbeat']:.0f} s " \
-                   f"ago; a lease not renewed for {LEASE_STALE_S:.0f} s is taken over)"
+            return (f"{self.path} is leased by {_describe_holder(held)} "
+                    f"(renewed {time.time() - held['heartbeat']:.0f} s ago; "
+                    f"a lease not renewed for {LEASE_STALE_S:.0f} s is taken over)")
         if held is not None:
             log.warning("taking over the stale lease %s of %s", self.path, _describe_holder(held))
         self._write()
@@ -115,16 +117,17 @@ class _Lease:
         self._heartbeat.start()
         return None
 
-    def _read(self) -> Optional[Dict[str, Any]]:
+    def _read(self) -> dict[str, Any] | None:
         try:
             held = json.loads(self.storage.read(LEASE_FILE))
         except FileNotFoundError:
             return None
         except ValueError:
             return {"heartbeat": 0.0}  # damaged: stale
-        return held if isinstance(held, dict) and isinstance(held.get("heartbeat"), (int, float)) else {"heartbeat": 0.0}
+        readable = isinstance(held, dict) and isinstance(held.get("heartbeat"), (int, float))
+        return held if readable else {"heartbeat": 0.0}
 
-    def _stale(self, held: Dict[str, Any]) -> bool:
+    def _stale(self, held: dict[str, Any]) -> bool:
         if time.time() - held["heartbeat"] > LEASE_STALE_S:
             return True
         if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int):
@@ -160,7 +163,7 @@ class _Lease:
             log.warning("could not remove the lease %s: %s", self.path, describe(error))
 
 
-def _locks(run_dir: Path, checkpoints: Optional[Storage]) -> list:
+def _locks(run_dir: Path, checkpoints: Storage | None) -> list:
     """The run directory's lock; with `checkpoints`, instead, theirs where they are elsewhere."""
     if checkpoints is None:
         return [_LocalLock(run_dir)]
@@ -172,7 +175,7 @@ def _locks(run_dir: Path, checkpoints: Optional[Storage]) -> list:
 
 
 @contextmanager
-def run_locked(run_dir: Path, checkpoints: Optional[Storage], rank: int, group: Any = None) -> Iterator[None]:
+def run_locked(run_dir: Path, checkpoints: Storage | None, rank: int, group: Any = None) -> Iterator[None]:
     """Collective: the block runs while this job holds the run directory (`checkpoints` None) or
     the run's checkpoints (where they are not in it); RunInUse on every rank when another job does."""
     with ExitStack() as held:

@@ -10,17 +10,20 @@ in place and published by writing its manifest last (see ObjectStorage.staging_n
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, BinaryIO
 
 from app.errors import UserError
 
 
 @contextmanager
-def atomic_output(path: Union[str, Path]) -> Iterator[Path]:
+def atomic_output(path: str | Path) -> Iterator[Path]:
     """A temporary name beside `path` (a file or a directory) to write to. When the block completes,
     a file is fsynced and the name replaces `path` in one rename; when it fails, whatever was written
     is removed. Readers therefore see the old `path` or the complete new one, never a part."""
@@ -37,7 +40,7 @@ def atomic_output(path: Union[str, Path]) -> Iterator[Path]:
         _remove(tmp)
 
 
-def write_atomically(path: Union[str, Path], data: Union[bytes, str]) -> None:
+def write_atomically(path: str | Path, data: bytes | str) -> None:
     """Write `data` to `path` so that `path` never holds a part of it (see atomic_output)."""
     with atomic_output(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
@@ -53,7 +56,7 @@ def _remove(path: Path) -> None:
 class LocalStorage:
     """Files under `root`, named by paths relative to it ("step_00000100/meta.json")."""
 
-    def __init__(self, root: Union[str, Path]) -> None:
+    def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
     def __str__(self) -> str:
@@ -74,7 +77,7 @@ class LocalStorage:
         probe.write_bytes(b"")
         probe.unlink()
 
-    def write(self, name: str, data: Union[bytes, str]) -> None:
+    def write(self, name: str, data: bytes | str) -> None:
         """Replace the file `name` with `data` at once (fsynced; never seen half-written)."""
         self.path(name).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path(name), data)
@@ -85,7 +88,7 @@ class LocalStorage:
     def open(self, name: str) -> BinaryIO:
         return open(self.path(name), "rb")
 
-    def list(self, name: str = "") -> List[str]:
+    def list(self, name: str = "") -> builtins.list[str]:
         """The entries of directory `name`, sorted; empty when it does not exist."""
         directory = self.path(name)
         return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
@@ -93,7 +96,7 @@ class LocalStorage:
     def is_dir(self, name: str) -> bool:
         return self.path(name).is_dir()
 
-    def files(self, name: str) -> Dict[str, int]:
+    def files(self, name: str) -> dict[str, int]:
         """{file name: size in bytes} of the files directly in directory `name`."""
         directory = self.path(name)
         return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()} \
@@ -121,13 +124,13 @@ class StorageError(UserError):
     credentials); the message names the config key or argument it came from."""
 
 
-def is_url(location: Union[str, "PathLike"]) -> bool:
+def is_url(location: str | PathLike) -> bool:
     """Whether `location` names an object store (scheme://...). file:// URLs are local paths."""
     text = str(location)
     return "://" in text and not text.startswith("file://")
 
 
-def local_path(location: Union[str, Path]) -> Path:
+def local_path(location: str | Path) -> Path:
     """A local location as a Path (a file:// URL without its scheme)."""
     text = str(location)
     return Path(text[len("file://"):]) if text.startswith("file://") else Path(text)
@@ -140,7 +143,7 @@ class UrlPath:
     def __init__(self, url: str) -> None:
         self.url = str(url).rstrip("/")
 
-    def __truediv__(self, name: str) -> "UrlPath":
+    def __truediv__(self, name: str) -> UrlPath:
         return UrlPath(f"{self.url}/{name}")
 
     @property
@@ -148,7 +151,7 @@ class UrlPath:
         return self.url.rsplit("/", 1)[-1]
 
     @property
-    def parent(self) -> "UrlPath":
+    def parent(self) -> UrlPath:
         return UrlPath(self.url.rsplit("/", 1)[0])
 
     def __str__(self) -> str:
@@ -164,17 +167,17 @@ class UrlPath:
         return hash(self.url)
 
 
-PathLike = Union[Path, UrlPath]
+PathLike = Path | UrlPath
 
 
-def location(text: Union[str, Path, UrlPath]) -> PathLike:
+def location(text: str | Path | UrlPath) -> PathLike:
     """A user's path or URL as a Path (local, file:// included) or a UrlPath (object store)."""
     if isinstance(text, (Path, UrlPath)):
         return text
     return UrlPath(text) if is_url(text) else local_path(text)
 
 
-def filesystem(url: str, options: Optional[Dict[str, Any]] = None, key: str = "the URL") -> Tuple[Any, str]:
+def filesystem(url: str, options: dict[str, Any] | None = None, key: str = "the URL") -> tuple[Any, str]:
     """(fsspec filesystem, path within it) for `url`; StorageError naming `key` when the scheme is
     unknown or its filesystem package is not installed."""
     import fsspec.core
@@ -200,7 +203,7 @@ class ObjectStorage:
     """Objects under the URL `root`, with LocalStorage's methods. There is no rename: a checkpoint
     is written in place and published by its manifest, written last (see staging_name)."""
 
-    def __init__(self, root: Union[str, UrlPath], options: Optional[Dict[str, Any]] = None,
+    def __init__(self, root: str | UrlPath, options: dict[str, Any] | None = None,
                  key: str = "the URL") -> None:
         self.root = UrlPath(str(root))
         self.options = dict(options or {})
@@ -231,7 +234,7 @@ class ObjectStorage:
         except Exception as error:  # botocore's credential errors are not OSErrors
             raise OSError(describe_failure(error)) from error
 
-    def write(self, name: str, data: Union[bytes, str]) -> None:
+    def write(self, name: str, data: bytes | str) -> None:
         """One PUT: readers see the old object or the new one, never a part."""
         self.fs.pipe_file(self._key(name), data.encode() if isinstance(data, str) else data)
 
@@ -241,7 +244,7 @@ class ObjectStorage:
     def open(self, name: str) -> BinaryIO:
         return self.fs.open(self._key(name), "rb")
 
-    def _entries(self, name: str) -> List[Dict[str, Any]]:
+    def _entries(self, name: str) -> builtins.list[dict[str, Any]]:
         key = self._key(name)
         self.fs.invalidate_cache(key)  # other processes write here: never trust a cached listing
         try:
@@ -249,13 +252,13 @@ class ObjectStorage:
         except FileNotFoundError:
             return []
 
-    def list(self, name: str = "") -> List[str]:
+    def list(self, name: str = "") -> builtins.list[str]:
         return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in self._entries(name))
 
     def is_dir(self, name: str) -> bool:
         return bool(self._entries(name)) and self.fs.isdir(self._key(name))
 
-    def files(self, name: str) -> Dict[str, int]:
+    def files(self, name: str) -> dict[str, int]:
         return {entry["name"].rsplit("/", 1)[-1]: int(entry["size"]) for entry in
                 sorted(self._entries(name), key=lambda e: e["name"]) if entry["type"] == "file"}
 
@@ -276,16 +279,14 @@ class ObjectStorage:
     def delete(self, name: str) -> None:
         key = self._key(name)
         self.fs.invalidate_cache(key)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm(key, recursive=True)
-        except FileNotFoundError:
-            pass
 
 
-Storage = Union[LocalStorage, ObjectStorage]
+Storage = LocalStorage | ObjectStorage
 
 
-def storage_at(where: Union[str, Path, UrlPath], options: Optional[Dict[str, Any]] = None,
+def storage_at(where: str | Path | UrlPath, options: dict[str, Any] | None = None,
                key: str = "the URL") -> Storage:
     """The storage rooted at a local path or an object-store URL. `key`: the config key or argument
     it came from, named by errors."""

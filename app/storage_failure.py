@@ -4,8 +4,8 @@ names the path and the cause, instead of the tracebacks of every thread that met
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 from app.errors import UserError
 
@@ -21,11 +21,11 @@ def is_storage_error(error: BaseException) -> bool:
     return isinstance(error, OSError) or type(error).__module__.split(".")[0] in _CLIENT_MODULES
 
 
-def storage_cause(error: BaseException) -> Optional[BaseException]:
+def storage_cause(error: BaseException) -> BaseException | None:
     """The storage error behind `error` (itself, one it was raised from, or one of the ranks'
     failures a DCP CheckpointException gathers), or None when it is something else."""
     seen = set()
-    todo = [error]
+    todo: list[BaseException | None] = [error]
     while todo:
         current = todo.pop(0)
         if current is None or id(current) in seen:

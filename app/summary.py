@@ -16,8 +16,9 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from app.errors import UserError
 from app.storage import write_atomically
@@ -33,11 +34,11 @@ _ATTEMPT_KEYS = ("status", "error", "bad_input", "attempts", "world_size", "wall
 METRIC_COLUMNS = ("auc", "logloss", "ne", "calibration")
 
 
-def hyperparameters(config: Any, overrides: Sequence[str]) -> Dict[str, Any]:
+def hyperparameters(config: Any, overrides: Sequence[str]) -> dict[str, Any]:
     """A run's hyperparameters for TensorBoard's HParams dashboard: BASE_HPARAMS and every key
     the command line overrode, with the values the run used (numbers as numbers; a group option
     such as model=dcn by its name; a list by its text)."""
-    values: Dict[str, Any] = {}
+    values: dict[str, Any] = {}
     keys = list(BASE_HPARAMS)
     for override in overrides:
         key, _, value = override.partition("=")
@@ -46,7 +47,7 @@ def hyperparameters(config: Any, overrides: Sequence[str]) -> Dict[str, Any]:
             continue
         keys.append(key)
         values[key] = value
-    result: Dict[str, Any] = {}
+    result: dict[str, Any] = {}
     for key in keys:
         found = _resolved(config, key)
         value = found if found is not _MISSING else values.get(key, "")
@@ -74,10 +75,10 @@ def _resolved(config: Any, dotted: str) -> Any:
             value = value[part]
         else:
             return _MISSING
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
 
 
-def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """A run directory's summary.json; None where there is none, or it is unreadable."""
     try:
         return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
@@ -85,14 +86,14 @@ def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def plan_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+def plan_summary(run_dir: Path) -> dict[str, Any] | None:
     """The sharding plan in a few numbers, from the run's plan.json: tables per sharding type and
     the bytes of the most loaded rank."""
     try:
         plan = json.loads((Path(run_dir) / "plan.json").read_text())
     except (OSError, ValueError):
         return None
-    types: Dict[str, int] = {}
+    types: dict[str, int] = {}
     for table in plan.get("tables", {}).values():
         types[table["sharding_type"]] = types.get(table["sharding_type"], 0) + 1
     ranks = plan.get("ranks", {}).values()
@@ -118,10 +119,10 @@ class RunSummary:
         self._attempts = int(earlier.get("attempts") or 0) + 1
         # What earlier attempts reached stays until this one says more: an attempt that fails at
         # once (a mistyped override on a finished run) does not hide the results the run has.
-        self.fields: Dict[str, Any] = {k: v for k, v in earlier.items() if k not in _ATTEMPT_KEYS}
-        self._failed_with: Optional[BaseException] = None
+        self.fields: dict[str, Any] = {k: v for k, v in earlier.items() if k not in _ATTEMPT_KEYS}
+        self._failed_with: BaseException | None = None
 
-    def _write(self, status: str, **fields: Any) -> Dict[str, Any]:
+    def _write(self, status: str, **fields: Any) -> dict[str, Any]:
         self.fields.update(fields)
         now = time.time()
         record = {
@@ -153,7 +154,7 @@ class RunSummary:
         if self.rank == 0:
             self._write("preempted", plan=plan_summary(self.run_dir), **fields)
 
-    def failed(self, error: BaseException, bad_input: Optional[bool] = None) -> None:
+    def failed(self, error: BaseException, bad_input: bool | None = None) -> None:
         """Rank 0's error; another rank's only where it is its own (bad rows in its share of the
         data): the others' are mostly the echo of a peer that went away. An error that says only
         that another rank met one (`said_by_another_rank`) is left to that rank. `bad_input` (by
@@ -173,7 +174,7 @@ class RunSummary:
             logging.getLogger(__name__).warning("could not record the failure in %s: %s", self.path, failure)
 
 
-def best_metrics(run_dir: Path, step: Optional[int]) -> Optional[Dict[str, Any]]:
+def best_metrics(run_dir: Path, step: int | None) -> dict[str, Any] | None:
     """The validation metrics of the evaluation at `step` (the best checkpoint's), from metrics.jsonl."""
     if step is None:
         return None
@@ -186,7 +187,7 @@ def best_metrics(run_dir: Path, step: Optional[int]) -> Optional[Dict[str, Any]]
     return {key: value for key, value in found.items() if key not in ("kind", "time", "epoch")}
 
 
-def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """Every record of a run's metrics.jsonl (a line cut short by a crash is left out)."""
     records = []
     try:
@@ -201,7 +202,7 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     return records
 
 
-def format_table(summary: Dict[str, Any]) -> str:
+def format_table(summary: dict[str, Any]) -> str:
     """The short table a run ends with: status, steps, throughput, time, and the metrics of the
     final and best evaluations and of the test split."""
     head = (f"{summary['status']}: step {summary.get('step')} of {summary.get('planned_steps')}, "
@@ -210,7 +211,7 @@ def format_table(summary: Dict[str, Any]) -> str:
         head += f", {summary['samples_per_s']:,.0f} samples/s"
     if summary.get("stopped_early"):
         head += f"; stopped early: {summary['stopped_early']}"
-    rows = [("", "step", *METRIC_COLUMNS)]
+    rows: list[tuple[str, ...]] = [("", "step", *METRIC_COLUMNS)]
     for name, metrics in (("final validation", summary.get("validation")), ("best validation", summary.get("best")),
                           ("test", summary.get("test"))):
         if metrics:
@@ -224,7 +225,7 @@ def format_table(summary: Dict[str, Any]) -> str:
 
 
 def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"

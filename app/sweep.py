@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from app.errors import BAD_INPUT
 from app.summary import read_summary
@@ -40,8 +40,8 @@ class FailedPoint:
         return f"sweep point {self.run_dir} failed: {self.error}"
 
 
-_points: List[Any] = []  # every point this process ran or collected, in order
-_began: Optional[Tuple[Path, float]] = None  # (its directory, when) of the sweep this process launched
+_points: list[Any] = []  # every point this process ran or collected, in order
+_began: tuple[Path, float] | None = None  # (its directory, when) of the sweep this process launched
 
 
 def began(sweep_dir: Path) -> None:
@@ -50,7 +50,7 @@ def began(sweep_dir: Path) -> None:
     _began = (Path(os.path.abspath(sweep_dir)), time.time())
 
 
-def summary_since(run_dir: Path, since: float) -> Optional[Dict[str, Any]]:
+def summary_since(run_dir: Path, since: float) -> dict[str, Any] | None:
     """run_dir's summary.json where a run wrote it since `since` (a time.time()), else None."""
     summary = read_summary(run_dir)
     return summary if summary is not None and float(summary.get("attempt_started") or 0) >= since else None
@@ -70,7 +70,7 @@ def finished_point(value: float) -> float:
     return value
 
 
-def failures() -> Optional[Tuple[str, int]]:
+def failures() -> tuple[str, int] | None:
     """(the line that ends a sweep with failed points, its exit code); None when none failed.
     Points that ran as jobs of their own are collected first (`_collect_jobs`)."""
     if not _points and _began is not None:

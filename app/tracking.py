@@ -14,9 +14,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List
+from typing import Any
 
 from app.config import MlflowConfig
 from app.errors import UserError
@@ -30,10 +31,11 @@ _PARAM_CHARS = 6000
 STATUSES = {"finished": "FINISHED", "failed": "FAILED", "preempted": "KILLED"}
 
 
-def flatten(value: Any, prefix: str = "") -> Dict[str, str]:
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     """A config as MLflow parameters: dotted keys (list items by index), values as text."""
     if dataclasses.is_dataclass(value):
         value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, (list, tuple)) and value and all(
@@ -41,7 +43,7 @@ def flatten(value: Any, prefix: str = "") -> Dict[str, str]:
         items = ((str(i), v) for i, v in enumerate(value))
     else:
         return {prefix: str(value)[:_PARAM_CHARS]}
-    flat: Dict[str, str] = {}
+    flat: dict[str, str] = {}
     for key, item in items:
         flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
     return flat
@@ -70,11 +72,11 @@ class MlflowRun:
     """The run directory's MLflow run."""
 
     def __init__(self, config: MlflowConfig, run_dir: Path, experiment: str, run_name: str,
-                 params: Dict[str, str]) -> None:
+                 params: dict[str, str]) -> None:
         import mlflow
         from mlflow.entities import Param
 
-        run_dir = str(Path(run_dir).resolve())
+        resolved = str(Path(run_dir).resolve())
         experiment = config.experiment or experiment
         uri = config.tracking_uri
         try:
@@ -87,7 +89,7 @@ class MlflowRun:
                 found = self._client.get_experiment_by_name(experiment)
                 experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
                 earlier = self._client.search_runs([experiment_id],
-                                                   filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1)
+                                                   filter_string=f"tags.`{RUN_DIR_TAG}` = '{resolved}'", max_results=1)
         except Exception as error:  # no server there, or it refused: say so before training starts
             raise UserError(f"logging.mlflow.tracking_uri={uri!r}: cannot reach MLflow "
                             f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from error
@@ -100,7 +102,7 @@ class MlflowRun:
             log.info("MLflow: continuing run %s in experiment %r", self.run_id, experiment)
         else:
             run = self._client.create_run(experiment_id, run_name=config.run_name or run_name,
-                                          tags={RUN_DIR_TAG: run_dir})
+                                          tags={RUN_DIR_TAG: resolved})
             self.run_id = run.info.run_id
             log.info("MLflow: run %s in experiment %r at %s", self.run_id, experiment, config.tracking_uri)
         entries = [Param(k, v) for k, v in params.items()]
@@ -108,7 +110,7 @@ class MlflowRun:
             self._client.log_batch(self.run_id, params=entries[start:start + _BATCH])
         self._working = True
 
-    def log(self, kind: str, record: Dict[str, Any]) -> None:
+    def log(self, kind: str, record: dict[str, Any]) -> None:
         """A record's numbers as metrics <kind>/<key> at its step. A tracking server that fails
         mid-run costs its metrics, not the training: a warning, and no more tries."""
         from mlflow.entities import Metric
@@ -126,7 +128,7 @@ class MlflowRun:
         """Uploads the artifacts that exist and ends the run as `status` (finished, failed, preempted)."""
         for path in artifacts:
             if path.exists():
-                self._guarded(lambda: self._client.log_artifact(self.run_id, str(path)))
+                self._guarded(lambda artifact=path: self._client.log_artifact(self.run_id, str(artifact)))
         self._guarded(lambda: self._client.set_terminated(self.run_id, STATUSES[status]))
 
     def _guarded(self, call) -> None:
@@ -140,13 +142,13 @@ class MlflowRun:
                         type(error).__name__, error)
 
 
-def run_artifacts(run_dir: Path) -> List[Path]:
+def run_artifacts(run_dir: Path) -> list[Path]:
     """The run's files worth keeping beside its metrics: the plan, the summary, and its report's
     plots (made here: validation AUC over steps)."""
     from app.report import read_sweep, write_plots
 
     run_dir = Path(run_dir)
-    plots: List[Path] = []
+    plots: list[Path] = []
     try:
         directory = run_dir / "report"
         directory.mkdir(exist_ok=True)

@@ -26,8 +26,13 @@ from omegaconf import DictConfig
 
 from app.config import ConfigError
 from app.errors import BAD_INPUT, UserError
-from app.hydra_edge import (RunDirectoryRefused, adopt_submitit_tasks, check_override_keys, register_with_hydra,
-                            to_config)
+from app.hydra_edge import (
+    RunDirectoryRefused,
+    adopt_submitit_tasks,
+    check_override_keys,
+    register_with_hydra,
+    to_config,
+)
 
 register_with_hydra()
 PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption, after saving a checkpoint
@@ -98,8 +103,9 @@ def _run(cfg: DictConfig, run_dir: Path, overrides) -> float:
     except ConfigError as error:
         _record_failure(run_dir, error)
         _fail(error)
-    from app import distributed
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from app import distributed
 
     try:
         if config.distributed.nproc_per_node > 1 and not distributed.under_launcher():
@@ -121,8 +127,8 @@ def _run(cfg: DictConfig, run_dir: Path, overrides) -> float:
               f"NE {result['ne']:.4f}  run dir {run_dir}", flush=True)
         tasks = config.features.tasks()
         for task in tasks if len(tasks) > 1 else ():  # multi-task: the line above is the primary task's
-            print(f"  task {task}: validation AUC {result[task + '/auc']:.4f}  logloss {result[task + '/logloss']:.4f}  "
-                  f"NE {result[task + '/ne']:.4f}", flush=True)
+            print(f"  task {task}: validation AUC {result[task + '/auc']:.4f}  "
+                  f"logloss {result[task + '/logloss']:.4f}  NE {result[task + '/ne']:.4f}", flush=True)
         _say_best_achievable(config, result["auc"])
     return result["auc"]  # the value a sweeper plugin optimises
 

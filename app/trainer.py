@@ -20,8 +20,9 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import closing
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -72,8 +73,8 @@ class StepPipeline(TrainPipelineSparseDist):
 class Trainer:
     def __init__(self, parts: RunParts, checkpointer: Checkpointer, metrics_logger: MetricsLogger,
                  preemption: Preemption, config: TrainerConfig, env: DistEnv, progress_bar: bool = True,
-                 optimizer_step: Optional[OptimizerStep] = None, tasks: Sequence[str] = (),
-                 primary_task: Optional[str] = None) -> None:
+                 optimizer_step: OptimizerStep | None = None, tasks: Sequence[str] = (),
+                 primary_task: str | None = None) -> None:
         """`preemption` says when SIGTERM asks every rank to stop; the run's shape (steps per
         epoch, total steps, global batch) is the checkpointer's, which converts positions by it.
         `optimizer_step` does backward and step (default: plain, for parts.optimizer). `tasks`:
@@ -89,21 +90,21 @@ class Trainer:
         self.progress_bar = progress_bar and env.is_rank0
         self.shape = checkpointer.shape  # the checkpointer's: it converts positions by it
         self.optimizer_step = optimizer_step or OptimizerStep(self.optimizer)
-        self._pipeline: Optional[StepPipeline] = None
+        self._pipeline: StepPipeline | None = None
         if config.pipeline == "sparse_dist":
             self._pipeline = StepPipeline(self.model, self.optimizer_step, env.device)
         self.dense_averages = 0
         self.tasks = list(tasks) if len(tasks) > 1 else []
         self.primary_task = (primary_task or self.tasks[0]) if self.tasks else None
         self.early_stopping = EarlyStopping(config.early_stopping, self.primary_task)
-        self.outcome: Dict[str, Any] = {}  # how fit() ended, for summary.json
+        self.outcome: dict[str, Any] = {}  # how fit() ended, for summary.json
         self.nonfinite = NonFiniteLoss(config.max_nonfinite_steps, env.rank, env.world_size)
         self.evaluator = Evaluator(self.model, self._pipeline, checkpointer, metrics_logger, preemption, env,
                                    self.tasks, self.primary_task, self.progress_bar)
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def fit(self, state: TrainState) -> Optional[Dict[str, float]]:
+    def fit(self, state: TrainState) -> dict[str, float] | None:
         """Train from `state` to the end, or until trainer.early_stopping stops it; then evaluate
         the test split (if any) with the best checkpoint. Returns the final validation metrics, or
         None when stopped by SIGTERM (after saving a checkpoint to resume from). Raises
@@ -114,9 +115,10 @@ class Trainer:
         try:
             return self._fit(state)
         except EvaluationStopped as stopped:
-            return self._after_abandoned_evaluation(state, stopped)
+            self._after_abandoned_evaluation(state, stopped)
+            return None
 
-    def _fit(self, state: TrainState) -> Optional[Dict[str, float]]:
+    def _fit(self, state: TrainState) -> dict[str, float] | None:
         stopped_before = state.stopped_early
         if stopped_before:
             log.info("this run stopped early at step %d (%s): it trains no further (checkpoint.load_from=<this run> "
@@ -179,7 +181,7 @@ class Trainer:
             f"the evaluation at step {state.step} stopped: another rank met bad input in its share of the data "
             "(its error says where); the training up to that step is saved.")
 
-    def _final_evaluation(self, state: TrainState, judge: bool) -> Dict[str, float]:
+    def _final_evaluation(self, state: TrainState, judge: bool) -> dict[str, float]:
         """The validation metrics at the end: those of the evaluation that stopped the run early,
         or a new evaluation, which (when `judge`: not a report of a run that had stopped before)
         can make the final checkpoint, saved just before it, the best."""
@@ -314,10 +316,10 @@ class Trainer:
         return (0 < state.step < self.shape.total_steps and every > 0 and state.step % every == 0
                 and state.evaluated_samples != state.samples)
 
-    def evaluate(self, state: TrainState) -> Dict[str, float]:
+    def evaluate(self, state: TrainState) -> dict[str, float]:
         return self.evaluator.evaluate(state, self.parts.val_data, self.config.eval_max_batches)
 
-    def _best_of(self, state: TrainState) -> Dict[str, Any]:
+    def _best_of(self, state: TrainState) -> dict[str, Any]:
         return {"metric": state.best_metric, "value": state.best_value}
 
     def _log_train(self, state: TrainState, window: LossWindow, bar: tqdm) -> None:

@@ -12,7 +12,7 @@ saved or judged.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import overload
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ class LossWindow:
     def reset(self, start: float) -> None:
         self.start = start
         self.steps = 0
-        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss_sum: torch.Tensor | None = None
 
     def add(self, loss: torch.Tensor) -> None:
         self.steps += 1
@@ -42,9 +42,14 @@ class LossWindow:
 
     def totals(self) -> torch.Tensor:
         """[loss sum, steps] on the losses' device (where the all-reduce of mean_loss needs them)."""
+        assert self._loss_sum is not None, "totals of a window without losses"
         return torch.stack([self._loss_sum, self._loss_sum.new_tensor(float(self.steps))])
 
-    def mean_loss(self, extra: Optional[torch.Tensor] = None) -> Tuple[float, Optional[torch.Tensor]]:
+    @overload
+    def mean_loss(self, extra: torch.Tensor) -> tuple[float, torch.Tensor]: ...
+    @overload
+    def mean_loss(self, extra: None = None) -> tuple[float, None]: ...
+    def mean_loss(self, extra: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:
         """Collective: the mean loss over every rank's steps of the window, and `extra` (float64,
         summed over the ranks in the same all-reduce), or None without it."""
         total = self.totals().double()
@@ -66,14 +71,14 @@ class NonFiniteLoss:
         # Counted on the device, in steps since the first one counted (`_before`: the step before
         # it), so that counting a step copies nothing between host and device.
         self._before = 0
-        self._count: Optional[torch.Tensor] = None
-        self._run: Optional[torch.Tensor] = None  # non-finite steps in a row, up to the latest
-        self._reached: Optional[torch.Tensor] = None  # the count at which _run reached the limit, 0: never
+        self._count: torch.Tensor | None = None
+        self._run: torch.Tensor | None = None  # non-finite steps in a row, up to the latest
+        self._reached: torch.Tensor | None = None  # the count at which _run reached the limit, 0: never
 
     def add(self, loss: torch.Tensor, step: int) -> None:
         """Count step `step`'s local loss."""
         bad = (~torch.isfinite(loss.detach())).any().to(torch.float64)
-        if self._run is None:
+        if self._count is None or self._run is None or self._reached is None:  # set together, on the first step
             self._before = step - 1
             self._count = torch.zeros((), dtype=torch.float64, device=loss.device)
             self._run, self._reached = torch.zeros_like(self._count), torch.zeros_like(self._count)
@@ -82,7 +87,7 @@ class NonFiniteLoss:
         self._reached = torch.where((self._run >= self.limit) & (self._reached == 0), self._count, self._reached)
 
     def slots(self, device: torch.device) -> torch.Tensor:
-        if self._run is None:
+        if self._run is None or self._reached is None:
             return torch.zeros(2 * self.world_size, dtype=torch.float64, device=device)
         reached = torch.where(self._reached > 0, self._reached + self._before, self._reached)
         mine = torch.stack([reached, (self._run > 0).to(reached)]).to(device)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import List, Optional, Tuple
 
 from app.config import ConfigError, FeaturesConfig
 from app.data.criteo import CATEGORICAL_MODES, MIN_ROW_GROUPS, ConvertOptions, convert
@@ -31,7 +30,7 @@ from app.errors import BAD_INPUT, UserError
 from app.hydra_edge import compose_config
 
 
-def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(options, config overrides); the input paths are in options.inputs."""
     defaults = ConvertOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +64,7 @@ def parse_args(argv: List[str]) -> Tuple[argparse.Namespace, List[str]]:
     return args, [item for item in args.items if "=" in item]
 
 
-def features_config(overrides: List[str]) -> FeaturesConfig:
+def features_config(overrides: list[str]) -> FeaturesConfig:
     """The features group as training would compose it with these overrides. Only this group is
     checked: the converter does not care whether the model fits the features (the default model's
     dense arch ends in 16, `features=criteo_1tb` has 128-wide tables)."""
@@ -74,7 +73,7 @@ def features_config(overrides: List[str]) -> FeaturesConfig:
     return features
 
 
-def multi_hot_sizes(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+def multi_hot_sizes(text: str | None) -> tuple[int, ...] | None:
     """--multi-hot-sizes as integers (their count and range are ConvertOptions.validate's to check)."""
     if text is None:
         return None
@@ -84,7 +83,7 @@ def multi_hot_sizes(text: Optional[str]) -> Optional[Tuple[int, ...]]:
         raise ConfigError(f"--multi-hot-sizes must be comma-separated integers, got {text!r}.") from None
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     logging.basicConfig(format="%(message)s")
     logging.getLogger("app").setLevel(logging.INFO)  # progress; the libraries' INFO stays quiet
@@ -115,8 +114,8 @@ def main(argv: List[str]) -> int:
         state = "skipped (already converted)" if stem in summary["skipped"] else "converted"
         print(f"{stem}: {entry['rows']:,} rows in {len(entry['parts'])} part(s), {state}")
     if summary["vocabulary"]:
-        sizes = ", ".join(f"{name} {size:,}" for name, size in summary["vocabulary"].items())
-        print(f"vocabulary (values kept per feature, plus the rare id 0): {sizes}")
+        kept = ", ".join(f"{name} {size:,}" for name, size in summary["vocabulary"].items())
+        print(f"vocabulary (values kept per feature, plus the rare id 0): {kept}")
     print(f"{summary['rows']:,} rows in {summary['out_dir']}; train with data.source=parquet "
           f"data.train_path={summary['out_dir']}")
     return 0

@@ -22,13 +22,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List
 
 from app.errors import BAD_INPUT, UserError
 from app.export import CONFIG_FILE, MODEL_FILE, export_checkpoint
 
 
-def parse_args(argv: List[str]) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a run directory (its best checkpoint, else its newest), its checkpoints/ "
                                            "directory, checkpoints/best, or one step_N checkpoint; a local path or "
@@ -40,7 +39,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         out_dir = export_checkpoint(args.checkpoint, Path(args.out), prefer=args.pick)

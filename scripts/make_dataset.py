@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import sys
 
-from app.errors import BAD_INPUT, UserError
-from app.hydra_edge import compose_config
 from app.data.synthetic import METADATA_FILE, ensure_dataset
+from app.errors import BAD_INPUT, UserError
 from app.features import FeatureSchema
+from app.hydra_edge import compose_config
 
 
 def main(overrides: list) -> int:

@@ -2,7 +2,8 @@
 a dry run to try before asking for machines.
 
     python scripts/plan.py --world-size 8
-    python scripts/plan.py --world-size 16 --local-world-size 8 features=criteo_1tb model.dense_arch_layer_sizes=[512,256,128]
+    python scripts/plan.py --world-size 16 --local-world-size 8 features=criteo_1tb \
+        model.dense_arch_layer_sizes=[512,256,128]
     python scripts/plan.py --world-size 1,2,4,8,16,32,64 --summary sharding.ddr_cap_gb=64
     python scripts/plan.py --world-size 4 --json plan.json       # also write the report as JSON
 
@@ -22,24 +23,22 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List
 
 import torch
 
 from app.config import Config
 from app.errors import BAD_INPUT, UserError
-from app.hydra_edge import compose_config
 from app.features import FeatureSchema
+from app.hydra_edge import compose_config
 from app.models import build_model
 from app.optim import apply_sparse_optimizer
 from app.sharding import format_plan_report, offline_memory_note, plan_offline, plan_report
-
 
 # torch's CUDA device index is 8 bits (c10::DeviceIndex): the planner's cuda:<local rank> overflows past it.
 _CUDA_DEVICES_PER_HOST = 128
 
 
-def _dry_run_config(overrides: List[str]) -> Config:
+def _dry_run_config(overrides: list[str]) -> Config:
     """The config app.train would run, validated but for where the data is: a dry run reads none,
     and a synthetic source is the one without paths to check."""
     config = compose_config(overrides, validate=False)
@@ -47,14 +46,14 @@ def _dry_run_config(overrides: List[str]) -> Config:
     return config
 
 
-def _world_sizes(text: str) -> List[int]:
+def _world_sizes(text: str) -> list[int]:
     sizes = [int(part) for part in text.split(",") if part]
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"expected world sizes >= 1 separated by commas, got {text!r}")
     return sizes
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-size", type=_world_sizes, required=True, help="one or more, e.g. 8 or 1,2,4,8")
     parser.add_argument("--local-world-size", type=int, default=None,

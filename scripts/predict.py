@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from app.errors import BAD_INPUT, UserError
 from app.data.files import resolve_files
+from app.errors import BAD_INPUT, UserError
 from app.export import check_inputs, load_exported, score_files
 from app.features import FeatureSchema
 from app.logs import quiet_torch_notes
@@ -42,7 +41,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_args(argv: List[str]) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="an export directory from scripts/export.py")
     parser.add_argument("--data", required=True, help="Parquet input: a directory, a file, or a glob; local or "
@@ -68,7 +67,7 @@ def predict(args: argparse.Namespace) -> dict:
     rows, written, pending = 0, 0, []
     with atomic_output(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:  # in place once every row is scored
         for logits, labels in batches:
-            columns = [torch.sigmoid(logits)] + ([labels.float()] if labeled else [])
+            columns = [torch.sigmoid(logits)] + ([labels.float()] if labels is not None else [])
             if tasks:  # B x T: a column per task
                 columns = [c[:, task] for c in columns for task in range(len(tasks))]
             pending.append(pa.record_batch([pa.array(c.contiguous().numpy()) for c in columns], schema=schema))
@@ -83,14 +82,14 @@ def predict(args: argparse.Namespace) -> dict:
             **(metrics.compute() if labeled else {})}
 
 
-def output_columns(tasks: List[str], labeled: bool) -> List[str]:
+def output_columns(tasks: list[str], labeled: bool) -> list[str]:
     """prediction (and label) for one task; prediction_<task> for each task (then label_<task>)."""
     if not tasks:
         return ["prediction"] + (["label"] if labeled else [])
     return [f"prediction_{task}" for task in tasks] + ([f"label_{task}" for task in tasks] if labeled else [])
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     quiet_torch_notes()
     try:

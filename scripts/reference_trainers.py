@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Callable, List, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,9 @@ from app.config import Config
 
 
 class _PlainDLRM(nn.Module):
+    rows: torch.Tensor  # buffers: the interaction's lower triangle
+    cols: torch.Tensor
+
     def __init__(self, config: Config) -> None:
         super().__init__()
         dim = config.features.embedding_dim
@@ -45,15 +48,15 @@ class _PlainDLRM(nn.Module):
 
     @staticmethod
     def _mlp(sizes: Sequence[int], sigmoid: bool) -> nn.Sequential:
-        layers: List[nn.Module] = []
-        for i, (n, m) in enumerate(zip(sizes, sizes[1:])):
+        layers: list[nn.Module] = []
+        for i, (n, m) in enumerate(itertools.pairwise(sizes)):
             layers += [nn.Linear(n, m), nn.Sigmoid() if sigmoid and i == len(sizes) - 2 else nn.ReLU()]
         return nn.Sequential(*layers)
 
-    def forward(self, dense: torch.Tensor, sparse: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, dense: torch.Tensor, sparse: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         x = self.bottom(dense)
         pooled = [table(ids, offsets) for table, (ids, offsets) in zip(self.tables, sparse)]
-        features = torch.cat([x] + pooled, dim=1).view(x.shape[0], -1, x.shape[1])
+        features = torch.cat([x, *pooled], dim=1).view(x.shape[0], -1, x.shape[1])
         products = torch.bmm(features, features.transpose(1, 2))
         return self.top(torch.cat([x, products[:, self.rows, self.cols]], dim=1)).squeeze(1)
 
@@ -66,7 +69,7 @@ def dlrm_s_pytorch(config: Config, batches: Sequence[Batch]) -> Callable[[int], 
     inputs = []
     for batch in batches:  # the reference reader's format: per table, ids and offsets
         sparse = batch.sparse_features
-        per_table = [(jt.values(), jt.offsets()[:-1]) for jt in (sparse[name] for name in sparse.keys())]
+        per_table = [(jt.values(), jt.offsets()[:-1]) for jt in (sparse[name] for name in sparse.keys())]  # noqa: SIM118 (a KeyedJaggedTensor)
         inputs.append((batch.dense_features, per_table, batch.labels.float()))
     cycle = itertools.cycle(inputs)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from app.checkpoint.names import is_step_name
 from app.checkpoint.verification import META_FILE
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 BEST_FILE = "best"
 
 
-def write(storage: Storage, name: str, step: int, samples: int, best: Dict[str, Any]) -> None:
+def write(storage: Storage, name: str, step: int, samples: int, best: dict[str, Any]) -> None:
     """Make checkpoint `name` (published, at `step` after `samples`) the best; `best`: {"metric", "value"}."""
     record = {"checkpoint": name, "step": step, "samples": samples, **best}
     storage.write(BEST_FILE, json.dumps(record))
@@ -34,7 +34,7 @@ def forget(storage: Storage) -> None:
     storage.delete(BEST_FILE)
 
 
-def named(storage: Storage) -> Optional[str]:
+def named(storage: Storage) -> str | None:
     """The checkpoint name the pointer holds, valid or not (what pruning must spare)."""
     try:
         record = json.loads(storage.read(BEST_FILE))
@@ -44,7 +44,7 @@ def named(storage: Storage) -> Optional[str]:
     return name if isinstance(name, str) else None
 
 
-def read(storage: Storage) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+def read(storage: Storage) -> tuple[dict[str, Any] | None, str | None]:
     """(the pointer's record, None) when it is valid; (None, what is wrong with it) when it is not;
     (None, None) when there is none."""
     try:
@@ -61,7 +61,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _problem(storage: Storage, record: Any) -> Optional[str]:
+def _problem(storage: Storage, record: Any) -> str | None:
     if not isinstance(record, dict):
         return "it is not a JSON object"
     name = record.get("checkpoint")

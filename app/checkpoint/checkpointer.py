@@ -14,23 +14,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import nn
 
+from app.checkpoint.lookup import find_checkpoint
 from app.checkpoint.optimizer_state import plan_optimizer_load
-from app.checkpoint.precision_state import (loss_scale_meta, restore_loss_scale, saved_loss_scale,
-                                            table_precision_differences)
+from app.checkpoint.precision_state import (
+    loss_scale_meta,
+    restore_loss_scale,
+    saved_loss_scale,
+    table_precision_differences,
+)
 from app.checkpoint.resumed_best import resume_best
 from app.checkpoint.safe_load import CheckpointError, load_state, read_dcp_metadata
-from app.checkpoint.lookup import find_checkpoint
 from app.checkpoint.store import CheckpointStore
 from app.checkpoint.verification import read_meta
 from app.config import CheckpointConfig, Config, ConfigError
 from app.optim import FUSED_PART, set_fused_optimizer_step, set_schedule_step
-from app.storage import location
+from app.storage import PathLike, location
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +53,12 @@ class TrainState:
     epoch: int = 0
     batches_done: int = 0  # steps done in the current epoch
     samples: int = 0  # over all ranks
-    best_metric: Optional[str] = None  # the validation metric best_value is of
-    best_value: Optional[float] = None
-    best_step: Optional[int] = None
+    best_metric: str | None = None  # the validation metric best_value is of
+    best_value: float | None = None
+    best_step: int | None = None
     evals_since_best: int = 0  # evaluations since the last improvement
     evaluated_samples: int = -1  # `samples` at the last evaluation counted: is this position's counted?
-    stopped_early: Optional[str] = None  # why the run stopped before its planned steps: it trains no further
+    stopped_early: str | None = None  # why the run stopped before its planned steps: it trains no further
 
     def forget_best(self) -> None:
         self.best_metric = self.best_value = self.best_step = self.stopped_early = None
@@ -76,17 +79,17 @@ class RunShape:
 class SavedCheckpoint:
     """A checkpoint's meta.json, typed: the position it was saved at, in the shape of its run."""
 
-    path: Path
+    path: PathLike
     step: int
     state: TrainState
     world_size: int
     global_batch_size: int
-    steps_per_epoch: Optional[int]  # None in checkpoints that predate it
+    steps_per_epoch: int | None  # None in checkpoints that predate it
     config: Config
-    loss_scale: Optional[Dict[str, Any]] = None  # fp16's GradScaler state (precision_state.py)
+    loss_scale: dict[str, Any] | None = None  # fp16's GradScaler state (precision_state.py)
 
     @classmethod
-    def read(cls, path: Path) -> "SavedCheckpoint":
+    def read(cls, path: PathLike) -> SavedCheckpoint:
         from app.hydra_edge import config_from_dict  # the config's dict form is checked like a composed one
 
         meta = read_meta(path)
@@ -112,11 +115,11 @@ class RunParts:
 
     model: nn.Module
     optimizer: Any  # torchrec's CombinedOptimizer (app/optim.py)
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
     train_data: Any  # app/data/parquet.py's training reader: set_epoch, load_state_dict, len(), iter()
     val_data: Any  # its evaluation reader
     test_data: Any = None  # an evaluation reader of the test split, if there is one
-    loss_scale: Optional[torch.amp.GradScaler] = None  # fp16's: saved in meta.json (precision_state.py)
+    loss_scale: torch.amp.GradScaler | None = None  # fp16's: saved in meta.json (precision_state.py)
 
 
 def position_here(saved: SavedCheckpoint, here: RunShape) -> TrainState:
@@ -151,7 +154,7 @@ _MODEL_SHAPE_KEYS = {
 }
 
 
-def model_differences(saved: Config, current: Config) -> List[str]:
+def model_differences(saved: Config, current: Config) -> list[str]:
     """How the model a checkpoint's config describes differs from the current config's, one line
     per config key; empty when the model fits."""
     lines = []
@@ -194,7 +197,7 @@ def _multi_task_differences(saved: Config, current: Config, compare) -> None:
         compare("model.num_experts", saved.model.num_experts, current.model.num_experts)
 
 
-def _sequence_differences(saved: Config, current: Config) -> List[str]:
+def _sequence_differences(saved: Config, current: Config) -> list[str]:
     """model_differences of features.sequence: the histories' tables and their attention units
     (max_length changes no shape: a run may resume with another)."""
     old = {f.name: f for f in saved.features.sequence}
@@ -209,13 +212,15 @@ def _sequence_differences(saved: Config, current: Config) -> List[str]:
                                new[name].embedding_dim or current.features.embedding_dim)):
             if was != now:
                 lines.append(f"features.sequence[{name}].{key}: {was!r} in the checkpoint, {now!r} now")
-    was, now = saved.model.sequence_attention_layer_sizes, current.model.sequence_attention_layer_sizes
-    if old and new and list(was) != list(now):
-        lines.append(f"model.sequence_attention_layer_sizes: {list(was)!r} in the checkpoint, {list(now)!r} now")
+    saved_layers = list(saved.model.sequence_attention_layer_sizes)
+    current_layers = list(current.model.sequence_attention_layer_sizes)
+    if old and new and saved_layers != current_layers:
+        lines.append(f"model.sequence_attention_layer_sizes: {saved_layers!r} in the checkpoint, "
+                     f"{current_layers!r} now")
     return lines
 
 
-def _managed_collision_differences(saved: Config, current: Config, old_tables: dict, new_tables: dict) -> List[str]:
+def _managed_collision_differences(saved: Config, current: Config, old_tables: dict, new_tables: dict) -> list[str]:
     """How the tables' id mappings differ: another mapping is another model (a managed-collision
     table has state of its own, and its rows mean other ids)."""
     lines = []
@@ -225,13 +230,14 @@ def _managed_collision_differences(saved: Config, current: Config, old_tables: d
             lines.append(f"features.sparse[{name}].id_mapping: {old!r} in the checkpoint, {new!r} now")
     if any(f.id_mapping == "managed_collision" for f in current.features.sparse):
         for key in ("eviction_policy", "input_hash_size"):
-            old, new = (getattr(saved.features.managed_collision, key), getattr(current.features.managed_collision, key))
+            old = getattr(saved.features.managed_collision, key)
+            new = getattr(current.features.managed_collision, key)
             if old != new:
                 lines.append(f"features.managed_collision.{key}: {old!r} in the checkpoint, {new!r} now")
     return lines
 
 
-def check_managed_collision_world_size(saved: "SavedCheckpoint", world_size: int) -> None:
+def check_managed_collision_world_size(saved: SavedCheckpoint, world_size: int) -> None:
     """A managed-collision table's state is split by row-wise shard, each shard managing the ids of
     its block of the hash space: on another number of ranks the blocks differ, and every id would
     be looked for on another shard than the one that gave it its row."""
@@ -254,7 +260,7 @@ class Checkpointer:
         self.run_config = run_config
         self.parts = parts
         self.shape = shape
-        self._last_saved: Tuple[int, str] = (-1, "")  # (step, name) of this run's latest checkpoint
+        self._last_saved: tuple[int, str] = (-1, "")  # (step, name) of this run's latest checkpoint
 
     @property
     def every_n_steps(self) -> int:
@@ -266,7 +272,7 @@ class Checkpointer:
 
     # ---- saving -------------------------------------------------------------------------------
 
-    def maybe_save(self, state: TrainState, force: bool = False, best: Optional[Dict[str, Any]] = None) -> bool:
+    def maybe_save(self, state: TrainState, force: bool = False, best: dict[str, Any] | None = None) -> bool:
         """Collective. Save at `state` when the cadence says so (asynchronously, if so configured);
         `force`: the end of a run, an early stop or a preemption, saved now and synchronously unless
         this step is saved already, and any asynchronous save published. `best` ({"metric",
@@ -303,7 +309,7 @@ class Checkpointer:
         checkpoints keep-last pruned."""
         self.store.wait()
 
-    def best(self) -> Optional[Dict[str, Any]]:
+    def best(self) -> dict[str, Any] | None:
         """Collective: the best checkpoint's record ({"checkpoint", "step", "samples", "metric",
         "value"}, see CheckpointStore), or None; an asynchronous save is published first."""
         self.store.wait()
@@ -319,7 +325,7 @@ class Checkpointer:
 
     # ---- restoring ----------------------------------------------------------------------------
 
-    def restore(self, load_from: Optional[str] = None, mode: str = "all") -> TrainState:
+    def restore(self, load_from: str | None = None, mode: str = "all") -> TrainState:
         """Collective. Continue from the newest intact checkpoint of the run; if it has none, start
         from `load_from` (another run's checkpoint: everything, or with mode "model" the weights
         only); else from scratch. With checkpoint.resume=false, a run that has checkpoints is refused."""
@@ -339,7 +345,7 @@ class Checkpointer:
             return state
         return TrainState()
 
-    def _load(self, path: Path, everything: bool) -> TrainState:
+    def _load(self, path: PathLike, everything: bool) -> TrainState:
         saved = SavedCheckpoint.read(path)
         own = self.store.holds(path)
         if own:

@@ -3,19 +3,19 @@ tensors, so that no pickled object travels between ranks), a barrier, and which 
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import overload
 
 import torch
 import torch.distributed as dist
 
 
-def position(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
+def position(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def first_problem(problem: Optional[str], group: Optional[dist.ProcessGroup]) -> Optional[str]:
+def first_problem(problem: str | None, group: dist.ProcessGroup | None) -> str | None:
     """The problem of the lowest rank that has one, on every rank; None if no rank has one."""
     rank, ranks = position(group)
     if ranks == 1:
@@ -27,13 +27,17 @@ def first_problem(problem: Optional[str], group: Optional[dist.ProcessGroup]) ->
     return broadcast_text(problem, group, src=int(first.item()))
 
 
-def barrier(group: Optional[dist.ProcessGroup]) -> None:
+def barrier(group: dist.ProcessGroup | None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
 
 
 
-def broadcast_text(text: Optional[str], group: Optional[dist.ProcessGroup] = None, src: int = 0) -> Optional[str]:
+@overload
+def broadcast_text(text: str, group: dist.ProcessGroup | None = None, src: int = 0) -> str: ...
+@overload
+def broadcast_text(text: str | None, group: dist.ProcessGroup | None = None, src: int = 0) -> str | None: ...
+def broadcast_text(text: str | None, group: dist.ProcessGroup | None = None, src: int = 0) -> str | None:
     """Rank `src`'s text (or None) on every rank (ranks of `group`), as bytes in tensors: no
     pickled objects travel."""
     if not dist.is_initialized():
@@ -49,7 +53,7 @@ def broadcast_text(text: Optional[str], group: Optional[dist.ProcessGroup] = Non
     return bytes(buffer.tolist()).decode()
 
 
-def gather_texts(text: str, group: Optional[dist.ProcessGroup] = None) -> List[str]:
+def gather_texts(text: str, group: dist.ProcessGroup | None = None) -> list[str]:
     """Every rank's text, in rank order, on every rank of `group` (as bytes in tensors: no pickled
     objects travel)."""
     if not dist.is_initialized():

@@ -4,7 +4,7 @@ directory or its checkpoints/), for resume's checkpoint.load_from and for export
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch.distributed as dist
 
@@ -17,7 +17,7 @@ from app.storage import location, storage_at
 log = logging.getLogger(__name__)
 
 
-def find_checkpoint(path: Any, group: Optional[dist.ProcessGroup] = None, prefer: str = "latest") -> Any:
+def find_checkpoint(path: Any, group: dist.ProcessGroup | None = None, prefer: str = "latest") -> Any:
     """The intact checkpoint that `path` (a local path or URL) names: a step_N directory itself, a
     checkpoints/best pointer, or a run directory or its checkpoints/ directory: there, with
     `prefer` "best", the one checkpoints/best names where it is intact, else (and with "latest")

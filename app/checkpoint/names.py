@@ -9,12 +9,11 @@ Old run directories, whose checkpoints are all step_<N>, resume as before."""
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 _STEP_DIR = re.compile(r"^step_(\d{8})(?:_samples_(\d+))?$")
 
 
-def step_name(step: int, samples: Optional[int] = None) -> str:
+def step_name(step: int, samples: int | None = None) -> str:
     """The name of the checkpoint of `step`; with `samples`, the one unique to that position."""
     name = f"step_{step:08d}"
     return name if samples is None else f"{name}_samples_{samples}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -48,15 +48,15 @@ class OptimizerLoad:
     """Where each of an optimizer's states loads from: `targets` goes to dcp.load (flat keys of the
     checkpoint), `finish()` puts the values into the optimizer's state dict."""
 
-    state_dict: Dict[str, Any]
-    targets: Dict[str, Any] = field(default_factory=dict)
-    _direct: List[Tuple[Dict[str, Any], str, str]] = field(default_factory=list)
-    _conversions: List[_Conversion] = field(default_factory=list)
-    _steps: List[Tuple[Dict[str, Any], str]] = field(default_factory=list)
-    fresh_tables: List[str] = field(default_factory=list)
-    fresh_dense: List[str] = field(default_factory=list)
+    state_dict: dict[str, Any]
+    targets: dict[str, Any] = field(default_factory=dict)
+    _direct: list[tuple[dict[str, Any], str, str]] = field(default_factory=list)
+    _conversions: list[_Conversion] = field(default_factory=list)
+    _steps: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    fresh_tables: list[str] = field(default_factory=list)
+    fresh_dense: list[str] = field(default_factory=list)
 
-    def finish(self, step: int) -> Dict[str, Any]:
+    def finish(self, step: int) -> dict[str, Any]:
         """After dcp.load of `targets`: the optimizer state dict to load, states converted, torch
         step counters without a counterpart set to `step`."""
         for states, name, key in self._direct:
@@ -75,7 +75,7 @@ class OptimizerLoad:
         return self.state_dict
 
 
-def plan_optimizer_load(state_dict: Dict[str, Any], saved: Metadata) -> OptimizerLoad:
+def plan_optimizer_load(state_dict: dict[str, Any], saved: Metadata) -> OptimizerLoad:
     """How to fill `state_dict` (an optimizer's, whose states already exist) from a checkpoint
     whose DCP metadata is `saved`."""
     entries = saved.state_dict_metadata
@@ -89,7 +89,9 @@ def plan_optimizer_load(state_dict: Dict[str, Any], saved: Metadata) -> Optimize
                 continue
             counterpart = _counterpart(param_key, name, entries, value)
             if counterpart is not None:
-                buffer = torch.empty(entries[counterpart].size, dtype=entries[counterpart].properties.dtype)
+                tensor = entries[counterpart]
+                assert isinstance(tensor, TensorStorageMetadata)  # the only kind _counterpart picks
+                buffer = torch.empty(tensor.size, dtype=tensor.properties.dtype)
                 load.targets[counterpart] = buffer
                 load._conversions.append(_Conversion(value, buffer))
             elif name == "step":
@@ -115,11 +117,11 @@ def _table(param_key: str) -> str:
     return param_key.rsplit(".", 2)[-2]
 
 
-def _counterpart(param_key: str, name: str, entries: Dict[str, Any], value: Any) -> Optional[str]:
+def _counterpart(param_key: str, name: str, entries: dict[str, Any], value: Any) -> str | None:
     """The checkpoint key that holds this table state in the other form, if it holds as many values."""
     if not isinstance(value, torch.Tensor):
         return None
-    candidates: List[str] = []
+    candidates: list[str] = []
     if param_key.startswith(_FUSED):
         fqn, table = param_key[len(_FUSED):], _table(param_key)
         state = name[len(table) + 1:] if name.startswith(f"{table}.") else name

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -29,12 +29,12 @@ _NUMBERS = {"scale": float, "growth_factor": float, "backoff_factor": float, "gr
             "_growth_tracker": int}
 
 
-def loss_scale_meta(scaler: Optional[torch.amp.GradScaler]) -> Dict[str, Any]:
+def loss_scale_meta(scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
     """meta.json's entry for the loss scale: none without one."""
     return {} if scaler is None else {LOSS_SCALE_KEY: scaler.state_dict()}
 
 
-def saved_loss_scale(meta: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def saved_loss_scale(meta: dict[str, Any]) -> dict[str, Any] | None:
     """meta.json's loss scale, checked (it is a file a user may have been given); None when it
     has none. A value that is not a GradScaler state is a ValueError saying what was expected."""
     saved = meta.get(LOSS_SCALE_KEY)
@@ -51,7 +51,7 @@ def saved_loss_scale(meta: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return {key: kind(saved[key]) for key, kind in _NUMBERS.items()}
 
 
-def restore_loss_scale(scaler: Optional[torch.amp.GradScaler], saved: Optional[Dict[str, Any]], path: Any) -> None:
+def restore_loss_scale(scaler: torch.amp.GradScaler | None, saved: dict[str, Any] | None, path: Any) -> None:
     """Continue the loss scale of the checkpoint at `path` (see saved_loss_scale)."""
     if scaler is None:
         return
@@ -62,7 +62,7 @@ def restore_loss_scale(scaler: Optional[torch.amp.GradScaler], saved: Optional[D
     scaler.load_state_dict(saved)
 
 
-def table_precision_differences(saved: Config, current: Config) -> List[str]:
+def table_precision_differences(saved: Config, current: Config) -> list[str]:
     """How the tables' data types of a checkpoint's config differ from the current config's, one
     line per config key (model_differences' form)."""
     lines = []

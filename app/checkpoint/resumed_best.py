@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, Optional
+from typing import Any
 
 from app.checkpoint import best as best_pointer
 from app.checkpoint.collective import barrier, broadcast_text
@@ -31,12 +31,14 @@ def resume_best(store: Any, state: Any) -> None:
     decided = None
     if store.rank == 0:
         decided = json.dumps(_decide(store, state))
-    for key, value in json.loads(broadcast_text(decided, store.group)).items():
+    received = broadcast_text(decided, store.group)
+    assert received is not None  # rank 0's decision
+    for key, value in json.loads(received).items():
         setattr(state, key, value)
     barrier(store.group)
 
 
-def _decide(store: Any, state: Any) -> Dict[str, Any]:
+def _decide(store: Any, state: Any) -> dict[str, Any]:
     """Rank 0: the train state's best fields as they must be."""
     storage = store.storage
     record, problem = best_pointer.read(storage)
@@ -63,7 +65,7 @@ def _decide(store: Any, state: Any) -> Dict[str, Any]:
     return {"best_metric": None, "best_value": None, "best_step": None, "evals_since_best": 0}
 
 
-def _adopt_final_evaluation(state: Any, record: Dict[str, Any]) -> Dict[str, Any]:
+def _adopt_final_evaluation(state: Any, record: dict[str, Any]) -> dict[str, Any]:
     """The pointer names the checkpoint resumed from: its final evaluation made it the best after
     it was saved. Taken where it improves on the state's best (a resumed run must not call a worse
     evaluation an improvement, nor move the best to it)."""
@@ -77,7 +79,7 @@ def _adopt_final_evaluation(state: Any, record: Dict[str, Any]) -> Dict[str, Any
     return {}
 
 
-def _checkpoint_of_best(store: Any, state: Any) -> Optional[tuple]:
+def _checkpoint_of_best(store: Any, state: Any) -> tuple[str, int, int] | None:
     """(name, step, samples) of the published checkpoint saved at the state's best evaluation, or None."""
     for name in reversed(store.published()):
         try:

@@ -10,11 +10,12 @@ checkpoint, in training and in export, is loaded through load_state.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 from collections import OrderedDict
-from pathlib import Path, PosixPath, PurePosixPath
-from typing import Any, Dict, Optional
+from pathlib import PosixPath, PurePosixPath
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,9 +24,16 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # DCP's reader of URLs
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                   MetadataIndex, StorageMeta, TensorProperties,
-                                                   TensorStorageMetadata, _MEM_FORMAT_ENCODING)
+from torch.distributed.checkpoint.metadata import (
+    _MEM_FORMAT_ENCODING,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import ReadItem
 
 from app.errors import UserError
@@ -39,7 +47,7 @@ class CheckpointError(UserError, RuntimeError):
 # Everything a DCP .metadata pickle names: the classes of torch.distributed.checkpoint.metadata,
 # FileSystemWriter's _StorageInfo, and the torch values and path types they hold. Calling any of
 # them builds data and nothing else.
-_METADATA_GLOBALS = {
+_METADATA_GLOBALS: dict[str, Any] = {
     f"{value.__module__}.{value.__name__}": value
     for value in (Metadata, StorageMeta, MetadataIndex, TensorStorageMetadata, BytesStorageMetadata,
                   ChunkStorageMetadata, TensorProperties, _MEM_FORMAT_ENCODING, _StorageInfo, torch.Size,
@@ -50,7 +58,7 @@ _METADATA_GLOBALS.update({f"torch.{name}": value for name, value in vars(torch).
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, stream: Any, path: Path) -> None:
+    def __init__(self, stream: Any, path: os.PathLike) -> None:
         super().__init__(stream)
         self.path = path
 
@@ -62,11 +70,11 @@ class _MetadataUnpickler(pickle.Unpickler):
         return found
 
 
-class _SafeMetadata:
+class _SafeMetadata(FileSystemReader):
     """DCP's file readers, but .metadata is unpickled with _METADATA_GLOBALS only (or given:
     a caller that has read it already need not have it read again)."""
 
-    def __init__(self, path: str, metadata: Optional[Metadata] = None) -> None:
+    def __init__(self, path: str, metadata: Metadata | None = None) -> None:
         super().__init__(path)
         self._metadata = metadata
 
@@ -78,9 +86,10 @@ class _SafeMetadata:
                 metadata = _MetadataUnpickler(stream, path).load()
             if not isinstance(metadata, Metadata):
                 raise CheckpointError(f"{path}: not DCP metadata (it holds a {type(metadata).__name__}).")
-        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None)
+        if storage_meta is None:  # as FileSystemReader does
+            storage_meta = metadata.storage_meta = StorageMeta()
+        storage_meta.load_id = self.load_id
         return metadata
 
 
@@ -92,7 +101,7 @@ class _SafeFsspecReader(_SafeMetadata, FsspecReader):
     """An object store's (s3://...) checkpoint reader, through fsspec as DCP reads URLs."""
 
 
-def _reader(path: Any, metadata: Optional[Metadata] = None) -> FileSystemReader:
+def _reader(path: Any, metadata: Metadata | None = None) -> FileSystemReader:
     path = location(path)
     return (_SafeFsspecReader if isinstance(path, UrlPath) else _SafeReader)(str(path), metadata)
 
@@ -110,9 +119,11 @@ class _SafePlanner(DefaultLoadPlanner):
         try:
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as error:
+            assert self.metadata is not None  # set up before any item is loaded
             file = self.path / self.metadata.storage_data[read_item.storage_index].relative_path
             raise CheckpointError(f"{file}: refused to load {fqn!r}: {weights_only_refusal(error)}; a checkpoint's "
-                                  "values are loaded as plain data only (the file may have been tampered with).")
+                                  "values are loaded as plain data only (the file may have been tampered with).") \
+                from error
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], loaded)
         else:
@@ -134,8 +145,8 @@ def read_dcp_metadata(path: Any) -> Metadata:
     return _reader(path).read_metadata()
 
 
-def load_state(path: Any, state: Dict[str, Any], group: Optional[dist.ProcessGroup] = None,
-               no_dist: bool = False, metadata: Optional[Metadata] = None) -> None:
+def load_state(path: Any, state: dict[str, Any], group: dist.ProcessGroup | None = None,
+               no_dist: bool = False, metadata: Metadata | None = None) -> None:
     """dcp.load of the checkpoint at `path` into `state`, unpickling nothing but data: every
     checkpoint is loaded through here. CheckpointError naming the file that holds anything else.
     `metadata`: the checkpoint's, where the caller has read it already (read_dcp_metadata)."""

@@ -18,8 +18,9 @@ looks complete. An object store (a URL: s3://...) has no rename: there a checkpo
 under its own name and published by its meta.json, written last; a step_* without one is a save
 that never finished, ignored on resume and removed by the next prune. A save that fails (a full
 disk, a store that stops answering) is removed and fails the job with a StorageFailure naming the
-checkpoint and the cause (app/storage_failure.py). The manifest catches what happens to a checkpoint afterwards (a truncated or
-damaged file): such a checkpoint is skipped, with a warning, for the newest one that is intact.
+checkpoint and the cause (app/storage_failure.py). The manifest catches what happens to a checkpoint
+afterwards (a truncated or damaged file): such a checkpoint is skipped, with a warning, for the
+newest one that is intact.
 Every rank verifies its share of the files, so the check reads a checkpoint once, in parallel.
 
 An asynchronous save copies the state to host memory (pinned where the process uses CUDA, so that
@@ -27,8 +28,9 @@ tables on the GPU, UVM ones included, never take a second copy of device memory)
 writes while training goes on; it is published by the next call that needs it finished (the next
 save, or wait()), on every rank at the same point of the run, since publishing takes a barrier.
 DCP stores each rank's shards separately, which is what lets a sharded table be saved without
-gathering it anywhere, and loaded onto another number of ranks or another sharding plan. Each rank's files are written by
-app/checkpoint/writers.py, listed and published through a storage (app/storage.py), and loaded
+gathering it anywhere, and loaded onto another number of ranks or another sharding plan. Each
+rank's files are written by app/checkpoint/writers.py, listed and published through a storage
+(app/storage.py), and loaded
 through app/checkpoint/safe_load.py, which unpickles nothing but data.
 """
 
@@ -39,7 +41,7 @@ import logging
 import math
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,8 +54,8 @@ from app.checkpoint.names import is_step_name, step_name
 from app.checkpoint.safe_load import CheckpointError, load_state
 from app.checkpoint.verification import META_FILE, manifest, read_meta, verify
 from app.checkpoint.writers import FileWriter, HostCopyStager, ObjectWriter, SavePlanner
+from app.storage import LocalStorage, ObjectStorage, PathLike, Storage, location, storage_at
 from app.storage_failure import StorageFailure, describe, said_in_one_line, storage_cause
-from app.storage import LocalStorage, ObjectStorage, Storage, location, storage_at
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,8 @@ BEST_FILE = best_pointer.BEST_FILE
 
 
 class CheckpointStore:
-    def __init__(self, storage: Union[Storage, str, Path], keep_last: int, rank: int,
-                 process_group: Optional[dist.ProcessGroup] = None, io_threads: int = 4) -> None:
+    def __init__(self, storage: Storage | str | Path, keep_last: int, rank: int,
+                 process_group: dist.ProcessGroup | None = None, io_threads: int = 4) -> None:
         """`storage`: where the checkpoints live (a path is a local directory, a URL an object
         store's). `process_group`
         carries the checkpoint's own coordination (a gloo group, so that an asynchronous save's
@@ -74,12 +76,12 @@ class CheckpointStore:
         self.rank = rank
         self.group = process_group
         self.io_threads = io_threads
-        self._pending: Optional[tuple] = None  # (future, step, staging, final, meta, checksums, best) of an async save
-        self._pinned_stager: Optional[BlockingAsyncStager] = None
-        self._removal: Optional[threading.Thread] = None  # deleting pruned checkpoints (rank 0)
-        self._removal_error: Optional[BaseException] = None
+        self._pending: tuple | None = None  # (future, step, staging, final, meta, checksums, best) of an async save
+        self._pinned_stager: BlockingAsyncStager | None = None
+        self._removal: threading.Thread | None = None  # deleting pruned checkpoints (rank 0)
+        self._removal_error: BaseException | None = None
 
-    def published(self) -> List[str]:
+    def published(self) -> list[str]:
         """Names of the published checkpoints (with meta.json), oldest first. Reads each meta.json
         once, for its samples."""
         self._finish_removal()  # a checkpoint half deleted would look published, and damaged
@@ -97,17 +99,19 @@ class CheckpointStore:
             return math.inf
         return samples if type(samples) is int else math.inf
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> PathLike | None:
         """The newest published checkpoint (not verified; see newest_valid)."""
         published = self.published()
         return self.storage.path(published[-1]) if published else None
 
-    def newest_valid(self) -> Optional[Path]:
+    def newest_valid(self) -> PathLike | None:
         """Collective (see verify()): the newest checkpoint whose files match its manifest; each
         newer one that does not is reported with a warning and skipped. None when there are no
         checkpoints at all; a CheckpointError when there are some but none is intact."""
         listed = json.dumps(self.published()) if self.rank == 0 else None
-        published = json.loads(broadcast_text(listed, self.group))
+        received = broadcast_text(listed, self.group)
+        assert received is not None  # rank 0's list
+        published = json.loads(received)
         for name in reversed(published):
             problem = verify(name, self.group, self.storage)
             if problem is None:
@@ -126,8 +130,8 @@ class CheckpointStore:
 
     # ---- saving -------------------------------------------------------------------------------
 
-    def save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any], asynchronous: bool = False,
-             samples: int = 0, best: Optional[Dict[str, Any]] = None) -> Path:
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], asynchronous: bool = False,
+             samples: int = 0, best: dict[str, Any] | None = None) -> PathLike:
         """Collective: every rank calls it with its own shards in `state`; `meta` (JSON-able, the
         same on all ranks) is written by rank 0, with `samples` (trained so far: what orders
         checkpoints). Asynchronous: returns once `state` is copied; the checkpoint appears when the
@@ -137,8 +141,8 @@ class CheckpointStore:
         with said_in_one_line(f"cannot write checkpoint {self.storage.path(step_name(step))}"):
             return self._save(step, state, meta, asynchronous, samples, best)
 
-    def _save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any], asynchronous: bool, samples: int,
-              best: Optional[Dict[str, Any]]) -> Path:
+    def _save(self, step: int, state: dict[str, Any], meta: dict[str, Any], asynchronous: bool, samples: int,
+              best: dict[str, Any] | None) -> PathLike:
         meta = {**meta, "samples": samples}
         self._publish_pending()
         final, staging = self._names_for(step, samples)
@@ -156,7 +160,7 @@ class CheckpointStore:
         self._publish(step, staging, final, meta, writer.checksums, best)
         return self.storage.path(final)
 
-    def _names_for(self, step: int, samples: int) -> Tuple[str, str]:
+    def _names_for(self, step: int, samples: int) -> tuple[str, str]:
         """Collective: (the name the checkpoint of `step` after `samples` is published under, the
         name it is written under, cleared), as rank 0 finds them; a StorageFailure on every rank
         where rank 0 cannot reach the storage."""
@@ -165,16 +169,18 @@ class CheckpointStore:
             try:
                 names = json.dumps(self._free_names(step, samples))
             except Exception as error:
-                if storage_cause(error) is None:
+                cause = storage_cause(error)
+                if cause is None:
                     raise
-                names = json.dumps(f"cannot write checkpoint {self.storage.path(step_name(step))}: "
-                                   f"{describe(storage_cause(error))}.")
-        decided = json.loads(broadcast_text(names, self.group))
+                names = json.dumps(f"cannot write checkpoint {self.storage.path(step_name(step))}: {describe(cause)}.")
+        received = broadcast_text(names, self.group)
+        assert received is not None  # rank 0's names
+        decided = json.loads(received)
         if isinstance(decided, str):
             raise StorageFailure(decided)
         return decided[0], decided[1]
 
-    def _free_names(self, step: int, samples: int) -> List[str]:
+    def _free_names(self, step: int, samples: int) -> list[str]:
         final = step_name(step)
         taken = META_FILE in self.storage.files(final)
         if taken and self._samples(final) != samples:
@@ -226,7 +232,7 @@ class CheckpointStore:
             self._pinned_stager = BlockingAsyncStager(cache_staged_state_dict=True)
         return self._pinned_stager
 
-    def _writer(self, staging: str) -> Union[FileWriter, ObjectWriter]:
+    def _writer(self, staging: str) -> FileWriter | ObjectWriter:
         # Several writer threads: one thread leaves most of a disk's bandwidth unused (measured by
         # scripts/benchmark.py checkpoint). Files are fsynced before the checkpoint is published;
         # an object is durable once its upload completes.
@@ -234,7 +240,7 @@ class CheckpointStore:
             return ObjectWriter(str(self.storage.path(staging)), thread_count=self.io_threads, **self.storage.options)
         return FileWriter(str(self.storage.path(staging)), thread_count=self.io_threads)
 
-    def wait(self) -> Optional[Path]:
+    def wait(self) -> PathLike | None:
         """Collective: finish what goes on in the background: the pending asynchronous save, if
         any, written and published (its path returned), and the deletion of pruned checkpoints."""
         with said_in_one_line(f"cannot write checkpoints to {self.directory}"):
@@ -242,7 +248,7 @@ class CheckpointStore:
             self._finish_removal()
         return path
 
-    def _publish_pending(self) -> Optional[Path]:
+    def _publish_pending(self) -> PathLike | None:
         self._finish_removal()
         if self._pending is None:
             return None
@@ -256,8 +262,8 @@ class CheckpointStore:
         self._publish(step, staging, final, meta, checksums, best)
         return self.storage.path(final)
 
-    def _publish(self, step: int, staging: str, final: str, meta: Dict[str, Any],
-                 checksums: Dict[str, List[int]], best: Optional[Dict[str, Any]] = None) -> None:
+    def _publish(self, step: int, staging: str, final: str, meta: dict[str, Any],
+                 checksums: dict[str, list[int]], best: dict[str, Any] | None = None) -> None:
         # Every rank's files are written once every rank has sent what its writers computed.
         written = gather_texts(json.dumps(checksums), self.group)
         problem = None
@@ -266,17 +272,18 @@ class CheckpointStore:
             try:
                 self._publish_files(step, staging, final, meta, checksums, best)
             except Exception as error:
-                if storage_cause(error) is None:
+                cause = storage_cause(error)
+                if cause is None:
                     raise
-                problem = f"cannot publish checkpoint {self.storage.path(final)}: {describe(storage_cause(error))}"
+                problem = f"cannot publish checkpoint {self.storage.path(final)}: {describe(cause)}"
                 self._remove_failed_save(staging, final)
         problem = first_problem(problem, self.group)  # every rank stops alike
         if problem is not None:
             raise StorageFailure(f"{problem}; the checkpoints before it are untouched.")
         barrier(self.group)
 
-    def _publish_files(self, step: int, staging: str, final: str, meta: Dict[str, Any],
-                       checksums: Dict[str, List[int]], best: Optional[Dict[str, Any]]) -> None:
+    def _publish_files(self, step: int, staging: str, final: str, meta: dict[str, Any],
+                       checksums: dict[str, list[int]], best: dict[str, Any] | None) -> None:
         """Rank 0: the manifest written, the checkpoint published, then latest and the best
         pointer; then pruning."""
         record = {"step": step, **meta, "files": manifest(self.storage, staging, checksums)}
@@ -288,7 +295,7 @@ class CheckpointStore:
             best_pointer.write(self.storage, final, step, meta.get("samples", 0), best)
         self._prune()
 
-    def mark_best(self, name: str, best: Dict[str, Any]) -> None:
+    def mark_best(self, name: str, best: dict[str, Any]) -> None:
         """Collective: make checkpoint `name` (saved by this run, published or being written in
         the background) the best one; `best`: {"metric", "value"}. The pointer is replaced in one
         write after the checkpoint it names is published, and the previous best, no longer exempt,
@@ -305,7 +312,7 @@ class CheckpointStore:
             self._prune()
         barrier(self.group)
 
-    def best_record(self) -> Optional[Dict[str, Any]]:
+    def best_record(self) -> dict[str, Any] | None:
         """Collective where distributed: rank 0's reading of the best pointer, on every rank: the
         record, or None when there is none or it is not valid (with a warning: see app/checkpoint/best.py)."""
         text = None
@@ -334,7 +341,7 @@ class CheckpointStore:
             self._removal = threading.Thread(target=self._remove, args=(old, incomplete), name="checkpoint-prune")
             self._removal.start()
 
-    def _remove(self, old: List[str], incomplete: List[str]) -> None:
+    def _remove(self, old: list[str], incomplete: list[str]) -> None:
         try:
             for name in old:
                 self.storage.delete(name)
@@ -356,7 +363,7 @@ class CheckpointStore:
 
     # ---- loading ------------------------------------------------------------------------------
 
-    def load(self, path: Path, state: Dict[str, Any], metadata: Any = None) -> Dict[str, Any]:
+    def load(self, path: PathLike, state: dict[str, Any], metadata: Any = None) -> dict[str, Any]:
         """Collective: fills `state` (a structure like the one save() got, with this rank's
         tensors, or a part of it) in place from `path`, resharding as needed; returns the meta.
         `metadata`: the checkpoint's DCP metadata, where the caller has read it already."""

@@ -7,7 +7,7 @@ import json
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch.distributed as dist
 
@@ -20,7 +20,7 @@ META_FILE = META_FILE_NAME  # the manifest: what publishes a checkpoint
 _CHUNK = 8 << 20
 
 
-def _crc32(storage: Storage, name: str, bar: Optional[Any] = None) -> int:
+def _crc32(storage: Storage, name: str, bar: Any | None = None) -> int:
     crc = 0
     with storage.open(name) as f:
         while chunk := f.read(_CHUNK):
@@ -30,13 +30,13 @@ def _crc32(storage: Storage, name: str, bar: Optional[Any] = None) -> int:
     return crc
 
 
-def _crc32s(storage: Storage, names: List[str], bar: Optional[Any] = None) -> List[int]:
+def _crc32s(storage: Storage, names: list[str], bar: Any | None = None) -> list[int]:
     # zlib releases the GIL on large buffers: one thread per file uses every core.
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
         return list(pool.map(lambda name: _crc32(storage, name, bar), names))
 
 
-def manifest(storage: Storage, directory: str, written: Optional[Dict[str, List[int]]] = None) -> Dict[str, List[int]]:
+def manifest(storage: Storage, directory: str, written: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
     """{file name: [size, crc32]} of every file of checkpoint `directory` but meta.json. `written`:
     the [size, crc32] its writers computed as they wrote; the files it does not cover, or whose
     size it does not match, are read back."""
@@ -47,7 +47,7 @@ def manifest(storage: Storage, directory: str, written: Optional[Dict[str, List[
     return {name: known[name] if name in known else [size, crcs[name]] for name, size in sizes.items()}
 
 
-def verify(path: Any, group: Optional[dist.ProcessGroup] = None, storage: Optional[Storage] = None) -> Optional[str]:
+def verify(path: Any, group: dist.ProcessGroup | None = None, storage: Storage | None = None) -> str | None:
     """None if the checkpoint at `path` (a name in `storage`, or a local path or URL) is complete and
     intact, else what is wrong with it.
 
@@ -59,7 +59,8 @@ def verify(path: Any, group: Optional[dist.ProcessGroup] = None, storage: Option
         storage, path = storage_at(location(path).parent), location(path).name
     name = str(path)
     rank, ranks = position(group)
-    problem, expected = None, {}
+    problem: str | None = None
+    expected: dict[str, list[int]] = {}  # file name: [size, crc32]
     if rank == 0:
         problem, expected = _check_layout(storage, name)
     problem = broadcast_text(problem, group)
@@ -74,7 +75,7 @@ def verify(path: Any, group: Optional[dist.ProcessGroup] = None, storage: Option
     return first_problem(mine, group)
 
 
-def parse_meta(storage: Storage, name: str) -> Tuple[Optional[str], Dict[str, Any]]:
+def parse_meta(storage: Storage, name: str) -> tuple[str | None, dict[str, Any]]:
     """(what is wrong with checkpoint `name`'s meta.json, or None; its contents)."""
     try:
         meta = json.loads(storage.read(f"{name}/{META_FILE}"))
@@ -89,7 +90,7 @@ def _is_manifest_entry(entry: Any) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and all(type(n) is int and n >= 0 for n in entry)
 
 
-def _check_layout(storage: Storage, name: str) -> Tuple[Optional[str], Dict[str, List[int]]]:
+def _check_layout(storage: Storage, name: str) -> tuple[str | None, dict[str, list[int]]]:
     """(what is wrong with meta.json or the files' presence and sizes, or None; the manifest)."""
     problem, meta = parse_meta(storage, name)
     if problem is not None:
@@ -108,7 +109,7 @@ def _check_layout(storage: Storage, name: str) -> Tuple[Optional[str], Dict[str,
     return None, expected
 
 
-def read_meta(path: Any) -> Dict[str, Any]:
+def read_meta(path: Any) -> dict[str, Any]:
     """The meta.json of the checkpoint at `path` (a local path or URL); CheckpointError if
     unreadable or not an object."""
     path = location(path)

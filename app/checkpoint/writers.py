@@ -7,6 +7,7 @@ CheckpointStore (store.py) decides where, and publishes what they wrote.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import fcntl
@@ -14,8 +15,9 @@ import mmap
 import os
 import threading
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List
+from typing import Any
 
 import torch
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
@@ -89,11 +91,13 @@ def _without_record_checksums() -> Iterator[None]:
         torch.serialization.set_crc32_options(before)
 
 
-class _CheckedWrites:
+class _CheckedWrites(FileSystemWriter):
     """DCP's file writers write a rank's shards from several threads, and a thread that fails (a
     full disk, a refused upload, an object that cannot be serialised) only prints its traceback:
     the save returns as if complete, and would be published without that thread's files. Here a
     save whose results do not cover every item of the rank's plan fails instead."""
+
+    _checksumming: _ChecksummingFileSystem  # the writer's file system, wrapped by each class below
 
     def write_data(self, plan, planner):
         try:
@@ -106,14 +110,14 @@ class _CheckedWrites:
         missing = [item.index.fqn for item in plan.items if item.index not in written]
         if missing:
             self._raise_storage_failure()
-            raise RuntimeError(f"{len(missing)} of the {len(plan.items)} items of this rank's checkpoint files were not "
-                          f"written ({', '.join(sorted(set(missing))[:3])}...): a writer thread failed, see its "
-                          "traceback above")
+            raise RuntimeError(f"{len(missing)} of the {len(plan.items)} items of this rank's checkpoint files "
+                               f"were not written ({', '.join(sorted(set(missing))[:3])}...): a writer thread "
+                               "failed, see its traceback above")
         return future
 
     def _raise_storage_failure(self) -> None:
         """The first storage error a writer thread met, if any (the cause, said once)."""
-        failures = self.fs.failures
+        failures = self._checksumming.failures
         if failures:
             path, error = failures[0]
             if isinstance(error, OSError) and error.strerror and not error.filename:
@@ -125,7 +129,7 @@ def _quiet_writer_threads(args: threading.ExceptHookArgs) -> None:
     """A DCP writer thread's storage error is reported by the save it failed (_CheckedWrites), in
     one line: its traceback is not printed too. Anything else is, as Python prints it."""
     if args.thread is not None and args.thread.name.endswith("(_write_files_from_queue)") \
-            and is_storage_error(args.exc_value):
+            and args.exc_value is not None and is_storage_error(args.exc_value):
         return
     _previous_thread_hook(args)
 
@@ -148,10 +152,8 @@ class UncachedFile:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         self._fd, self.direct = -1, False
         if direct:
-            try:
+            with contextlib.suppress(OSError):
                 self._fd, self.direct = os.open(path, flags | os.O_DIRECT, 0o666), True
-            except OSError:
-                pass
         if self._fd < 0:
             self._fd = os.open(path, flags, 0o666)
         self._buffer = mmap.mmap(-1, buffer_size)  # anonymous: page-aligned memory
@@ -229,7 +231,7 @@ class UncachedFile:
         except BufferError:
             pass  # a failed write's traceback still holds a slice: the buffer goes with it
 
-    def __enter__(self) -> "UncachedFile":
+    def __enter__(self) -> UncachedFile:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
@@ -268,9 +270,9 @@ class _ChecksummingFileSystem:
     `uncached`: files on a local disk are written as UncachedFiles; otherwise objects, uploaded in
     parts of OBJECT_PART bytes."""
 
-    def __init__(self, fs, checksums: Dict[str, List[int]], uncached: bool = False) -> None:
+    def __init__(self, fs, checksums: dict[str, list[int]], uncached: bool = False) -> None:
         self._fs, self.checksums, self._uncached = fs, checksums, uncached
-        self.failures: List[tuple] = []  # (file, storage error) met by any writer thread
+        self.failures: list[tuple] = []  # (file, storage error) met by any writer thread
 
     def _open(self, path, mode: str):
         if "w" not in mode:
@@ -285,10 +287,8 @@ class _ChecksummingFileSystem:
             try:
                 yield stream
             except BaseException:
-                try:
+                with contextlib.suppress(Exception):
                     self._fs.fs.rm_file(path)
-                except Exception:
-                    pass
                 raise
 
     @contextmanager
@@ -326,8 +326,9 @@ class FileWriter(_CheckedWrites, FileSystemWriter):
 
     def __init__(self, path: str, thread_count: int) -> None:
         super().__init__(path, thread_count=thread_count, sync_files=False)
-        self.checksums: Dict[str, List[int]] = {}
-        self.fs = _ChecksummingFileSystem(self.fs, self.checksums, uncached=True)
+        self.checksums: dict[str, list[int]] = {}
+        self._checksumming = _ChecksummingFileSystem(self.fs, self.checksums, uncached=True)
+        self.fs = self._checksumming  # type: ignore[assignment]  # a wrapper with FileSystem's methods
 
 
 class ObjectWriter(_CheckedWrites, FsspecWriter):
@@ -336,5 +337,6 @@ class ObjectWriter(_CheckedWrites, FsspecWriter):
 
     def __init__(self, path: str, thread_count: int, **storage_options) -> None:
         super().__init__(path, thread_count=thread_count, sync_files=False, **storage_options)
-        self.checksums: Dict[str, List[int]] = {}
-        self.fs = _ChecksummingFileSystem(self.fs, self.checksums)
+        self.checksums: dict[str, list[int]] = {}
+        self._checksumming = _ChecksummingFileSystem(self.fs, self.checksums)
+        self.fs = self._checksumming  # type: ignore[assignment]  # a wrapper with FileSystem's methods

@@ -23,18 +23,94 @@ import typing
 from dataclasses import dataclass
 from typing import Dict, Iterator
 
-from app.config.data import (POOLINGS, DataConfig, FeaturesConfig, SequenceFeature, SparseFeature, SyntheticConfig,
-                             TaskLabel)
-from app.config.data import ID_MAPPINGS, ManagedCollisionConfig
+from app.config.data import (
+    ID_MAPPINGS,
+    POOLINGS,
+    DataConfig,
+    FeaturesConfig,
+    ManagedCollisionConfig,
+    SequenceFeature,
+    SparseFeature,
+    SyntheticConfig,
+    TaskLabel,
+)
 from app.config.fields import ConfigError, FieldDoc, _require, doc, doc_factory, require_finite
 from app.config.fields import field_docs as _field_docs
-from app.config.parallel import (BACKENDS, COMM_PRECISIONS, COMPUTE_KERNELS, CUDA_ONLY_COMM_PRECISIONS,
-                                 CUDA_ONLY_KERNELS, DEVICES, SHARDING_TYPES, DistributedConfig, ShardingConfig,
-                                 TableConstraint, table_constraint)
-from app.config.training import (DENSE_OPTIMIZERS, EARLY_STOPPING_METRICS, HIGHER_IS_BETTER, LR_DECAYS, MODEL_ARCHS,
-                                 MULTI_TASK_ARCHS,
-                                 PIPELINES, SPARSE_OPTIMIZERS, EarlyStoppingConfig,
-                                 CheckpointConfig, LoggingConfig, MlflowConfig, ModelConfig, OptimConfig, TrainerConfig)
+from app.config.parallel import (
+    BACKENDS,
+    COMM_PRECISIONS,
+    COMPUTE_KERNELS,
+    CUDA_ONLY_COMM_PRECISIONS,
+    CUDA_ONLY_KERNELS,
+    DEVICES,
+    SHARDING_TYPES,
+    DistributedConfig,
+    ShardingConfig,
+    TableConstraint,
+    table_constraint,
+)
+from app.config.training import (
+    DENSE_OPTIMIZERS,
+    EARLY_STOPPING_METRICS,
+    HIGHER_IS_BETTER,
+    LR_DECAYS,
+    MODEL_ARCHS,
+    MULTI_TASK_ARCHS,
+    PIPELINES,
+    SPARSE_OPTIMIZERS,
+    CheckpointConfig,
+    EarlyStoppingConfig,
+    LoggingConfig,
+    MlflowConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainerConfig,
+)
+
+# The package's interface: the groups' dataclasses, their allowed values, and the checks and docs built on them.
+__all__ = [
+    "BACKENDS",
+    "COMM_PRECISIONS",
+    "COMPUTE_KERNELS",
+    "CUDA_ONLY_COMM_PRECISIONS",
+    "CUDA_ONLY_KERNELS",
+    "DENSE_OPTIMIZERS",
+    "DEVICES",
+    "EARLY_STOPPING_METRICS",
+    "GROUP_SCHEMAS",
+    "HIGHER_IS_BETTER",
+    "ID_MAPPINGS",
+    "LR_DECAYS",
+    "MODEL_ARCHS",
+    "MULTI_TASK_ARCHS",
+    "PIPELINES",
+    "POOLINGS",
+    "SHARDING_TYPES",
+    "SPARSE_OPTIMIZERS",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistributedConfig",
+    "EarlyStoppingConfig",
+    "FeaturesConfig",
+    "FieldDoc",
+    "LoggingConfig",
+    "ManagedCollisionConfig",
+    "MlflowConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SequenceFeature",
+    "ShardingConfig",
+    "SparseFeature",
+    "SyntheticConfig",
+    "TableConstraint",
+    "TaskLabel",
+    "TrainerConfig",
+    "check_run_location",
+    "field_docs",
+    "table_constraint",
+]
 
 
 @dataclass
@@ -58,7 +134,7 @@ class Config:
     distributed: DistributedConfig = doc_factory(DistributedConfig, "Workers, device, process group backend and CPU "
                                                                     "threads.")
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Check every group, then the rules that span groups; returns self for chaining."""
         require_finite(self)
         for group in GROUP_SCHEMAS:

@@ -55,7 +55,8 @@ class SparseFeature:
                                     "given a row of its own by TorchRec's managed-collision module (zero-collision "
                                     "hashing) while the table has room, rows of ids unseen longest (lru) or least "
                                     "often (lfu) reassigned to new ids once it is full, and ids without a row share "
-                                    "one reserved row per shard (see features.managed_collision; sharded row_wise only).")
+                                    "one reserved row per shard (see features.managed_collision; sharded row_wise "
+                                    "only).")
 
 
 ID_MAPPINGS = ("direct", "modulo", "managed_collision")
@@ -265,7 +266,8 @@ class SyntheticConfig:
         _require(self.test_rows >= 0, f"data.synthetic.test_rows must be >= 0, got {self.test_rows}.")
         _require_choice("data.synthetic.id_distribution", self.id_distribution, ID_DISTRIBUTIONS)
         _require(self.zipf_exponent > 0, f"data.synthetic.zipf_exponent must be > 0, got {self.zipf_exponent}.")
-        _require(0 <= self.id_bits <= 62, f"data.synthetic.id_bits must be 0 (table rows) or 1..62, got {self.id_bits}.")
+        _require(0 <= self.id_bits <= 62,
+                 f"data.synthetic.id_bits must be 0 (table rows) or 1..62, got {self.id_bits}.")
 
 
 @dataclass
@@ -301,8 +303,8 @@ class DataConfig:
                               "round-robin (reader k of N reads windows k, k+N, ...) and taken back in turn, so the "
                               "batches, and their order, are identical for any number of readers (and a checkpoint "
                               "resumes on any number). Each reader holds data.prefetch_windows windows ahead: the "
-                              "memory of windows read ahead grows with num_workers x prefetch_windows. Each reader is a "
-                              "process decoding on a core: more help only where training waits for windows (see "
+                              "memory of windows read ahead grows with num_workers x prefetch_windows. Each reader "
+                              "is a process decoding on a core: more help only where training waits for windows (see "
                               "the data benchmark); the run warns when a node's readers (num_workers x its workers) "
                               "outnumber the CPU cores available to it. With data.prefetch_windows=0 there is no "
                               "reader process, and a value above 1 is refused.")

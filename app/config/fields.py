@@ -4,8 +4,8 @@ and fields that carry their own help text (`doc`), listed with their defaults by
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import field
@@ -63,14 +63,14 @@ def field_docs(schema: type, prefix: str = "") -> Iterator[FieldDoc]:
     for f in dataclasses.fields(schema):
         hint, key = hints[f.name], prefix + f.name
         help_text = f.metadata.get("help", "")
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             yield FieldDoc(key, _type_name(hint), None, help_text, True)
             yield from field_docs(hint, key + ".")
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         yield FieldDoc(key, _type_name(hint), default, help_text, False)
         entry = typing.get_args(hint)[-1] if typing.get_origin(hint) in (list, dict) else None
-        if dataclasses.is_dataclass(entry):
+        if isinstance(entry, type) and dataclasses.is_dataclass(entry):
             placeholder = "<i>" if typing.get_origin(hint) is list else "<feature>"
             yield from field_docs(entry, f"{key}.{placeholder}.")
 

@@ -109,8 +109,10 @@ class ShardingConfig:
             _require(constraint.min_partition is None or constraint.min_partition > 0,
                      f"sharding.tables.{table}.min_partition must be > 0, got {constraint.min_partition}.")
             _require(constraint.cache_load_factor is None or 0 < constraint.cache_load_factor <= 1,
-                     f"sharding.tables.{table}.cache_load_factor must be in (0, 1], got {constraint.cache_load_factor}.")
-        for key in ("hbm_cap_gb", "ddr_cap_gb", "hbm_bw_gbps", "ddr_bw_gbps", "intra_host_bw_gbps", "inter_host_bw_gbps"):
+                     f"sharding.tables.{table}.cache_load_factor must be in (0, 1], "
+                     f"got {constraint.cache_load_factor}.")
+        for key in ("hbm_cap_gb", "ddr_cap_gb", "hbm_bw_gbps", "ddr_bw_gbps", "intra_host_bw_gbps",
+                    "inter_host_bw_gbps"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"sharding.{key} must be > 0 or null, got {value}.")
         _require_choice("sharding.proposer", self.proposer, PROPOSERS)

@@ -197,7 +197,8 @@ class TrainerConfig:
                                        "batches' copy to the device and their ids' all-to-all with the current step; "
                                        "base: one plain step after another.")
     precision: str = doc("fp32", "Precision of the dense arch, interaction and over arch: fp32, bf16 (autocast; "
-                                 "fast on CPUs with AVX512-BF16 or AMX, correct but slow on other CPUs; GPUs from Ampere on) or fp16 (autocast with a "
+                                 "fast on CPUs with AVX512-BF16 or AMX, correct but slow on other CPUs; GPUs from "
+                                 "Ampere on) or fp16 (autocast with a "
                                  "dynamic loss scale; fast on GPUs). Tables, loss and metrics stay in fp32; "
                                  "features.data_type sets the tables' own precision. fp16: a step whose gradients "
                                  "overflow on any rank (dense or into the tables) changes nothing anywhere, the "

@@ -13,8 +13,9 @@ to repair instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +41,7 @@ class InputPolicy:
     dense_fill_value: float = 0.0
 
     @classmethod
-    def from_config(cls, config: DataConfig) -> "InputPolicy":
+    def from_config(cls, config: DataConfig) -> InputPolicy:
         """The policy of data.invalid_ids, data.invalid_dense and data.dense_fill_value."""
         return cls(config.invalid_ids, config.invalid_dense, config.dense_fill_value)
 
@@ -71,27 +72,28 @@ class Rows:
 
     dense: np.ndarray
     labels: np.ndarray
-    ids: List[np.ndarray]
-    offsets: List[Optional[np.ndarray]]  # None for a single-hot feature
+    ids: list[np.ndarray]
+    offsets: list[np.ndarray | None]  # None for a single-hot feature
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def slice(self, start: int, stop: int) -> "Rows":
+    def slice(self, start: int, stop: int) -> Rows:
         ids = [i if o is not None else i[start:stop] for i, o in zip(self.ids, self.offsets)]
         offsets = [o[start : stop + 1] if o is not None else None for o in self.offsets]
         return Rows(self.dense[start:stop], self.labels[start:stop], ids, offsets)
 
-    def _lengths_and_ids(self, f: int) -> Tuple[np.ndarray, np.ndarray]:
+    def _lengths_and_ids(self, f: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids per row, the ids themselves) of feature f, as the rows are now."""
         offsets = self.offsets[f]
         if offsets is None:
             return np.ones(len(self), dtype=np.int64), self.ids[f]
         return np.diff(offsets), self.ids[f][offsets[0] : offsets[-1]]
 
-    def take(self, order: np.ndarray) -> "Rows":
+    def take(self, order: np.ndarray) -> Rows:
         """The rows in `order` (a permutation or any selection of row indices)."""
-        ids, offsets = [], []
+        ids: list[np.ndarray] = []
+        offsets: list[np.ndarray | None] = []
         for f, feature_ids in enumerate(self.ids):
             old = self.offsets[f]
             if old is None:
@@ -107,10 +109,11 @@ class Rows:
         return Rows(self.dense[order], self.labels[order], ids, offsets)
 
     @staticmethod
-    def concat(parts: Sequence["Rows"]) -> "Rows":
+    def concat(parts: Sequence[Rows]) -> Rows:
         if len(parts) == 1:
             return parts[0]
-        ids, offsets = [], []
+        ids: list[np.ndarray] = []
+        offsets: list[np.ndarray | None] = []
         for f in range(len(parts[0].ids)):
             if all(p.offsets[f] is None for p in parts):
                 ids.append(np.concatenate([p.ids[f] for p in parts]))
@@ -121,8 +124,8 @@ class Rows:
             ids.append(np.concatenate([feature_ids for _, feature_ids in pieces]))
         return Rows(np.concatenate([p.dense for p in parts]), np.concatenate([p.labels for p in parts]), ids, offsets)
 
-    def to_batch(self, keys: List[str], pin_memory: bool = False,
-                 sequence: Sequence[Tuple[str, int]] = ()) -> "Batch":
+    def to_batch(self, keys: list[str], pin_memory: bool = False,
+                 sequence: Sequence[tuple[str, int]] = ()) -> Batch:
         """The rows as a torchrec Batch. `pin_memory` (needs CUDA): in page-locked memory, so that
         its copy to the GPU (batch.to(device, non_blocking=True), as TrainPipelineSparseDist makes
         on its copy stream) runs asynchronously, overlapping the step before it, instead of being
@@ -153,7 +156,7 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     return offsets
 
 
-def _labels(table: pa.Table, schema: FeatureSchema, source: str, name: Optional[str] = None) -> np.ndarray:
+def _labels(table: pa.Table, schema: FeatureSchema, source: str, name: str | None = None) -> np.ndarray:
     name = name or schema.label
     labels = _flat(table.column(name))
     values = labels.to_numpy(zero_copy_only=False).astype(np.float32)
@@ -167,7 +170,7 @@ def _labels(table: pa.Table, schema: FeatureSchema, source: str, name: Optional[
     return values
 
 
-def label_shape(schema: FeatureSchema, rows: int) -> Tuple[int, ...]:
+def label_shape(schema: FeatureSchema, rows: int) -> tuple[int, ...]:
     """Shape of `rows` rows' labels: [rows] for one task, [rows, tasks] for several (multi-task)."""
     return (rows,) if len(schema.tasks) == 1 else (rows, len(schema.tasks))
 
@@ -199,12 +202,12 @@ def _dense(table: pa.Table, schema: FeatureSchema, source: str, policy: InputPol
     return dense
 
 
-def _row(offsets: Optional[np.ndarray], index: int) -> int:
+def _row(offsets: np.ndarray | None, index: int) -> int:
     """The row that holds ids[index]."""
     return index if offsets is None else int(np.searchsorted(offsets, index, side="right") - 1)
 
 
-def _sparse(column: pa.Array, name: str, num_embeddings: Optional[int], source: str, policy: InputPolicy):
+def _sparse(column: pa.Array, name: str, num_embeddings: int | None, source: str, policy: InputPolicy):
     """(offsets, ids) of one sparse feature, offsets None when every row has exactly one id; a
     null row (or null list) has no ids. A null id inside a list is not a row without ids but an id
     nobody wrote: an error, or dropped from its bag under invalid_ids=hash."""
@@ -222,8 +225,8 @@ def _sparse(column: pa.Array, name: str, num_embeddings: Optional[int], source: 
             if policy.invalid_ids != "hash":
                 raise DataError(
                     f"{source}, row {_row(offsets, _first(~valid))}: column {name!r} has a null id inside its "
-                    f"list; expected {'int64 ids' if num_embeddings is None else f'ids in [0, {num_embeddings})'} (or set data.invalid_ids=hash to drop null ids "
-                    "from their lists)."
+                    f"list; expected {'int64 ids' if num_embeddings is None else f'ids in [0, {num_embeddings})'} "
+                    "(or set data.invalid_ids=hash to drop null ids from their lists)."
                 )
             rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
             offsets = _offsets(np.bincount(rows[valid], minlength=len(offsets) - 1))
@@ -250,7 +253,7 @@ def _sparse(column: pa.Array, name: str, num_embeddings: Optional[int], source: 
     return offsets, values
 
 
-def _id_range(feature, policy: InputPolicy) -> Tuple[Optional[int], InputPolicy]:
+def _id_range(feature, policy: InputPolicy) -> tuple[int | None, InputPolicy]:
     """The ids `feature` accepts, as _sparse's num_embeddings (None: any int64), and the policy for
     them: id_mapping=modulo hashes every id into the table (data.invalid_ids=hash's mapping, for
     this column always); managed_collision takes raw ids as they are (its module maps them)."""
@@ -308,7 +311,7 @@ def with_empty_histories(rows: Rows, schema: FeatureSchema) -> Rows:
                 [*rows.offsets, *empty, *(rows.offsets[t] for t in targets)])
 
 
-def keep_recent(offsets: Optional[np.ndarray], ids: np.ndarray, max_length: int) -> Tuple[np.ndarray, np.ndarray]:
+def keep_recent(offsets: np.ndarray | None, ids: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, ids) of a history with each row cut to its last `max_length` ids: lists are oldest
     first, so these are the most recent. Always with offsets (a row may hold none)."""
     if offsets is None:
@@ -324,6 +327,6 @@ def keep_recent(offsets: Optional[np.ndarray], ids: np.ndarray, max_length: int)
 
 
 def table_to_batch(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
-                   policy: InputPolicy = InputPolicy()) -> "Batch":
+                   policy: InputPolicy = InputPolicy()) -> Batch:
     """One Batch from all the rows of `table`."""
     return decode(table, schema, source, policy).to_batch(schema.sparse_names, sequence=schema.sequence_inputs)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +20,7 @@ from app.data.batch import InputPolicy, Rows, decode
 from app.features import FeatureSchema
 from app.storage import describe_failure, filesystem, is_url, local_path
 
-StorageOptions = Optional[Dict[str, Any]]
+StorageOptions = dict[str, Any] | None
 
 
 def open_parquet(path: str, storage_options: StorageOptions = None) -> pq.ParquetFile:
@@ -40,7 +41,7 @@ def read_metadata(path: str, storage_options: StorageOptions = None) -> pq.FileM
     return pq.read_metadata(local_path(path))
 
 
-def resolve_files(path: str, storage_options: StorageOptions = None, key: str = "the data path") -> List[str]:
+def resolve_files(path: str, storage_options: StorageOptions = None, key: str = "the data path") -> list[str]:
     """A directory (every *.parquet below it), one file, or a glob -> sorted file list; local, or
     an object-store URL (the files then are URLs too). `key`: the config key, named by errors."""
     if is_url(path):
@@ -58,7 +59,7 @@ def resolve_files(path: str, storage_options: StorageOptions = None, key: str = 
     return sorted(files)
 
 
-def _resolve_urls(url: str, storage_options: StorageOptions, key: str) -> List[str]:
+def _resolve_urls(url: str, storage_options: StorageOptions, key: str) -> list[str]:
     fs, root = filesystem(url, storage_options, key)
     root = root.rstrip("/")
     try:
@@ -96,7 +97,7 @@ def check_files(files: Sequence[str], schema: FeatureSchema, storage_options: St
     column's type. Each error names the file and the column."""
     if not files:
         raise DataError("no Parquet files to read.")
-    first_types: Dict[str, pa.DataType] = {}
+    first_types: dict[str, pa.DataType] = {}
     for path in files:
         try:
             metadata = read_metadata(path, storage_options)
@@ -111,7 +112,8 @@ def check_files(files: Sequence[str], schema: FeatureSchema, storage_options: St
             arrow_type = arrow_schema.field(name).type
             fits = _is_number(arrow_type) if name in (*schema.tasks, *schema.dense) else _is_id_column(arrow_type)
             if not fits:
-                raise DataError(f"{path}: column {name!r} has type {arrow_type}; expected {_expected_kind(schema, name)}.")
+                raise DataError(f"{path}: column {name!r} has type {arrow_type}; "
+                                f"expected {_expected_kind(schema, name)}.")
             if name not in first_types:
                 first_types[name] = arrow_type
             elif arrow_type != first_types[name]:
@@ -155,5 +157,5 @@ def check_first_row_group(files: Sequence[str], schema: FeatureSchema, policy: I
         parquet = open_parquet(path, storage_options)
         for index in range(parquet.metadata.num_row_groups):
             if parquet.metadata.row_group(index).num_rows:
-                read_row_group(path, index, schema, policy, lambda _: parquet)
+                read_row_group(path, index, schema, policy, lambda _: parquet)  # noqa: B023 (called at once)
                 return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from app.data.files import StorageOptions, read_metadata
 
@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 
 
 def one_class_labels(files: Sequence[str], labels: Sequence[str],
-                     storage_options: StorageOptions = None) -> Dict[str, float]:
+                     storage_options: StorageOptions = None) -> dict[str, float]:
     """Each of `labels` whose every value in `files` is the same, with that value (from the
     footers' statistics; a label without them in some row group is left out)."""
-    ranges: Dict[str, Optional[List[float]]] = {label: None for label in labels}
+    ranges: dict[str, list[float] | None] = dict.fromkeys(labels)
     for path in files:
         metadata = read_metadata(path, storage_options)
         names = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
@@ -41,7 +41,7 @@ def one_class_labels(files: Sequence[str], labels: Sequence[str],
 
 
 def warn_one_class(split: str, files: Sequence[str], labels: Sequence[str],
-                   storage_options: StorageOptions = None) -> Dict[str, float]:
+                   storage_options: StorageOptions = None) -> dict[str, float]:
     """Warns, naming the split, where its files are and the label, of each label with one class."""
     found = one_class_labels(files, labels, storage_options) if files else {}
     where = os.path.dirname(files[0]) if len(files) > 1 else (files[0] if files else "")

@@ -9,16 +9,16 @@ training process only cuts the windows into batches. Each epoch and each evaluat
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 from torchrec.datasets.utils import Batch
 
 from app.data import DataError
-from app.data.batch import InputPolicy, Rows, label_shape
-from app.data.batch import with_empty_histories
+from app.data.batch import InputPolicy, Rows, label_shape, with_empty_histories
 from app.data.reader_process import WindowSource, prefetched
 from app.data.row_groups import RowGroupPlan
 from app.features import FeatureSchema
@@ -37,7 +37,7 @@ def _cut(windows: Iterator[Rows], batch_size: int, count: int) -> Iterator[Rows]
     stream end first, the rows left over (fewer; none when it ended on a batch boundary). Batches
     are slices (views) of a window; only a batch that spans two windows is copied."""
     emitted = 0
-    carry: Optional[Rows] = None  # the rows left at the end of the previous window
+    carry: Rows | None = None  # the rows left at the end of the previous window
     if count <= 0:
         return
     for rows in windows:
@@ -67,7 +67,7 @@ class _Reader:
 
     def __init__(self, plan: RowGroupPlan, files: Sequence[str], schema: FeatureSchema, batch_size: int,
                  rank: int, prefetch_windows: int, num_workers: int, policy: InputPolicy, pin_memory: bool,
-                 storage_options: Optional[Dict[str, Any]]) -> None:
+                 storage_options: dict[str, Any] | None) -> None:
         self.plan = plan
         self.files = list(files)
         self.schema = schema
@@ -79,7 +79,7 @@ class _Reader:
         self.pin_memory = pin_memory  # batches in page-locked memory (see Rows.to_batch): for a CUDA device
         self.storage_options = storage_options  # of files in an object store (data.storage_options)
 
-    def _pass(self, epoch: int, skip_batches: int, count: int) -> Iterator[Rows]:
+    def _pass(self, epoch: int, skip_batches: int, count: int) -> Generator[Rows, None, None]:
         """This rank's rows of `epoch` as batches (see _cut), from batch `skip_batches` on. An error
         is re-raised as rank-specific: the other ranks read other row groups, and do not see it."""
         source = WindowSource(self.plan.windows(epoch, self.rank), self.schema, self.policy,
@@ -105,7 +105,7 @@ class TrainingBatches(_Reader):
     def __init__(self, files: Sequence[str], schema: FeatureSchema, batch_size: int, rank: int, world_size: int,
                  *, shuffle: bool = False, seed: int = 0, shuffle_window: int = 4, prefetch_windows: int = 2,
                  num_workers: int = 1, policy: InputPolicy = InputPolicy(), pin_memory: bool = False,
-                 storage_options: Optional[Dict[str, Any]] = None) -> None:
+                 storage_options: dict[str, Any] | None = None) -> None:
         plan = RowGroupPlan.from_files(files, world_size, shuffle=shuffle, seed=seed, shuffle_window=shuffle_window,
                                        storage_options=storage_options)
         super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, num_workers, policy, pin_memory,
@@ -127,10 +127,10 @@ class TrainingBatches(_Reader):
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
 
-    def state_dict(self) -> Dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "batches_done": self._taken}
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int]) -> None:
         self._epoch = int(state["epoch"])
         self._start = int(state["batches_done"])
 
@@ -150,7 +150,7 @@ class EvaluationBatches(_Reader):
 
     def __init__(self, files: Sequence[str], schema: FeatureSchema, batch_size: int, rank: int, world_size: int,
                  *, prefetch_windows: int = 2, num_workers: int = 1, policy: InputPolicy = InputPolicy(),
-                 pin_memory: bool = False, storage_options: Optional[Dict[str, Any]] = None) -> None:
+                 pin_memory: bool = False, storage_options: dict[str, Any] | None = None) -> None:
         plan = RowGroupPlan.from_files(files, world_size, storage_options=storage_options)
         super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, num_workers, policy, pin_memory,
                          storage_options)
@@ -174,7 +174,7 @@ class EvaluationBatches(_Reader):
         the model's collectives (every rank's forward takes part in the tables' all-to-all)."""
         return self._padded(None)
 
-    def _padded(self, rows: Optional[Rows]) -> EvalBatch:
+    def _padded(self, rows: Rows | None) -> EvalBatch:
         """`rows` (up to a batch) followed by padding rows: zeros, with id 0 in every feature."""
         valid = 0 if rows is None else len(rows)
         if valid < self.batch_size:
@@ -184,4 +184,5 @@ class EvaluationBatches(_Reader):
                            [np.zeros(count, np.int64) for _ in self.schema.sparse], [None] * len(self.schema.sparse))
             padding = with_empty_histories(padding, self.schema)
             rows = padding if rows is None else Rows.concat([rows, padding])
+        assert rows is not None  # padding alone when none were given
         return EvalBatch(rows.to_batch(self.schema.sparse_names, self.pin_memory, self.schema.sequence_inputs), valid)

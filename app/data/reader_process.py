@@ -32,7 +32,9 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from collections.abc import Generator, Iterator
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -52,16 +54,16 @@ class WindowSource(IterableDataset):
     store with `storage_options`), and a few kept open for the next row group (reopening re-reads
     the footer)."""
 
-    def __init__(self, windows: List[Window], schema: FeatureSchema, policy: InputPolicy, skip_rows: int,
-                 storage_options: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, windows: list[Window], schema: FeatureSchema, policy: InputPolicy, skip_rows: int,
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.windows, self.schema, self.policy, self.skip_rows = windows, schema, policy, skip_rows
         self.storage_options = storage_options
-        self._open_files: "OrderedDict[str, pq.ParquetFile]" = OrderedDict()
+        self._open_files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open_files": OrderedDict()}
 
-    def rows(self, reader: int = 0, readers: int = 1) -> Iterator[Rows]:
+    def rows(self, reader: int = 0, readers: int = 1) -> Generator[Rows, None, None]:
         """The rows of reader `reader` of `readers`, window by window, decoded and shuffled: windows
         reader, reader + readers, ... of those left after `skip_rows` (all of them for a lone
         reader). Taking one window from each reader in turn gives back every window in order."""
@@ -74,7 +76,7 @@ class WindowSource(IterableDataset):
                 rows, skip_rows = rows.slice(skip_rows, len(rows)), 0
             yield rows
 
-    def _remaining(self) -> Tuple[List[Window], int]:
+    def _remaining(self) -> tuple[list[Window], int]:
         """The windows not wholly skipped, and the rows to skip in the first of them. Whole windows
         are dropped before the dealing, not by each reader from its own share: the windows taken
         in turn must start at reader 0 with the first window left, wherever a resume starts."""
@@ -110,7 +112,7 @@ class WindowSource(IterableDataset):
                 self._open_files.popitem(last=False)
         return self._open_files[path]
 
-    def _read(self, groups: List[RowGroup], row_seed: Optional[List[int]]) -> Rows:
+    def _read(self, groups: list[RowGroup], row_seed: list[int] | None) -> Rows:
         rows = Rows.concat([read_row_group(g.file, g.index, self.schema, self.policy, self._file) for g in groups])
         if row_seed is not None:
             rows = rows.take(np.random.default_rng(row_seed).permutation(len(rows)))
@@ -151,7 +153,7 @@ class _ReaderPopen(multiprocessing.popen_forkserver.Popen):
 
 class _ReaderProcess(multiprocessing.context.ForkServerProcess):
     @staticmethod
-    def _Popen(process_obj: multiprocessing.process.BaseProcess) -> _ReaderPopen:
+    def _Popen(process_obj: multiprocessing.process.BaseProcess) -> _ReaderPopen:  # noqa: N802 (multiprocessing's name)
         return _ReaderPopen(process_obj)
 
 
@@ -205,7 +207,7 @@ def start_reader_server() -> None:
     _worker_context()
 
 
-def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1) -> Iterator[Rows]:
+def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1) -> Generator[Rows, None, None]:
     """The windows read, decoded and shuffled in `num_workers` reader processes, each
     `prefetch_windows` ahead. Processes, not threads, so that this work never holds the training
     loop's GIL; whole windows travel (through shared memory), so the per-batch cost here is a slice.
@@ -229,7 +231,7 @@ def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1
 def _imported_by_the_fork_server() -> bool:
     """True while the fork server's main() imports this module (its preload); anywhere else,
     importing it must not change how the process handles signals."""
-    frame = sys._getframe()
+    frame: FrameType | None = sys._getframe()
     while frame is not None:
         if frame.f_code is multiprocessing.forkserver.main.__code__:
             return True

@@ -9,8 +9,9 @@ waiting forever in the next all-to-all. So a training epoch is as long as the sh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -25,10 +26,10 @@ class RowGroup:
     position: int  # in the unshuffled global list; seeds the row shuffle of the window it starts
 
 
-def read_row_groups(files: Sequence[str], storage_options: Optional[Dict[str, Any]] = None) -> List[RowGroup]:
+def read_row_groups(files: Sequence[str], storage_options: dict[str, Any] | None = None) -> list[RowGroup]:
     """The row groups of `files` that hold rows, in file order, from the footers alone (local
     files or object-store URLs: see app/data/files.py)."""
-    groups: List[RowGroup] = []
+    groups: list[RowGroup] = []
     for path in files:
         metadata = read_metadata(path, storage_options)
         for index in range(metadata.num_row_groups):
@@ -39,7 +40,7 @@ def read_row_groups(files: Sequence[str], storage_options: Optional[Dict[str, An
 
 
 # A window's row groups, and the seed of its row shuffle (None: the rows stay in file order).
-Window = Tuple[List[RowGroup], Optional[List[int]]]
+Window = tuple[list[RowGroup], list[int] | None]
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class RowGroupPlan:
     `seed` when `shuffle` is set (or in file order every epoch), read in windows of `shuffle_window`
     consecutive row groups whose rows are mixed together."""
 
-    groups: Tuple[RowGroup, ...]
+    groups: tuple[RowGroup, ...]
     world_size: int
     shuffle: bool = False
     seed: int = 0
@@ -56,10 +57,10 @@ class RowGroupPlan:
 
     @classmethod
     def from_files(cls, files: Sequence[str], world_size: int, *, shuffle: bool = False, seed: int = 0,
-                   shuffle_window: int = 4, storage_options: Optional[Dict[str, Any]] = None) -> "RowGroupPlan":
+                   shuffle_window: int = 4, storage_options: dict[str, Any] | None = None) -> RowGroupPlan:
         return cls(tuple(read_row_groups(files, storage_options)), world_size, shuffle, seed, shuffle_window)
 
-    def assignment(self, epoch: int, rank: int) -> List[RowGroup]:
+    def assignment(self, epoch: int, rank: int) -> list[RowGroup]:
         """`rank`'s row groups of `epoch`, in reading order."""
         order = list(self.groups)
         if self.shuffle:
@@ -67,10 +68,10 @@ class RowGroupPlan:
             order = [order[i] for i in permutation]
         return order[rank :: self.world_size]
 
-    def rows_per_rank(self, epoch: int) -> List[int]:
+    def rows_per_rank(self, epoch: int) -> list[int]:
         return [sum(group.rows for group in self.assignment(epoch, rank)) for rank in range(self.world_size)]
 
-    def windows(self, epoch: int, rank: int) -> List[Window]:
+    def windows(self, epoch: int, rank: int) -> list[Window]:
         """`rank`'s row groups of `epoch` in windows of `shuffle_window` consecutive groups (one
         group each without shuffle: there is nothing to mix), each with the seed of its row shuffle.
         The window is the shuffle buffer: rows are mixed within it, so it bounds both the memory a

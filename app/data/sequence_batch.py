@@ -13,7 +13,6 @@ processes (importing batch.py to decode rows) must not pay for at start.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 class SequenceBatch(Batch):
     sequence_features: KeyedJaggedTensor
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "SequenceBatch":
+    def to(self, device: torch.device, non_blocking: bool = False) -> SequenceBatch:
         moved = super().to(device, non_blocking)
         return SequenceBatch(moved.dense_features, moved.sparse_features, moved.labels,
                              self.sequence_features.to(device=device, non_blocking=non_blocking))
@@ -34,13 +33,13 @@ class SequenceBatch(Batch):
         super().record_stream(stream)
         self.sequence_features.record_stream(stream)
 
-    def pin_memory(self) -> "SequenceBatch":
+    def pin_memory(self) -> SequenceBatch:
         pinned = super().pin_memory()
         return SequenceBatch(pinned.dense_features, pinned.sparse_features, pinned.labels,
                              self.sequence_features.pin_memory())
 
 
-def with_sequences(batch: Batch, features: List[Tuple[str, np.ndarray, np.ndarray]]) -> SequenceBatch:
+def with_sequences(batch: Batch, features: list[tuple[str, np.ndarray, np.ndarray]]) -> SequenceBatch:
     """`batch` with a sequence KJT of (key, lengths per row, ids) `features`."""
     lengths = np.concatenate([lengths for _, lengths, _ in features])
     values = np.concatenate([ids for _, _, ids in features])

@@ -23,7 +23,7 @@ import shutil
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +48,7 @@ def task_probability_column(task: str) -> str:
     return f"{task}_probability"
 
 
-def dataset_dir(schema: "FeatureSchema | FeaturesConfig", cfg: SyntheticConfig) -> Path:
+def dataset_dir(schema: FeatureSchema | FeaturesConfig, cfg: SyntheticConfig) -> Path:
     """cfg.root/<fingerprint>: a changed feature schema or generator setting gets its own dataset."""
     # (id_bits only where set: the datasets generated before it existed keep their fingerprints)
     params = {k: v for k, v in asdict(cfg).items() if k != "root" and not (k == "id_bits" and v == 0)}
@@ -70,7 +70,7 @@ def dataset_dir(schema: "FeatureSchema | FeaturesConfig", cfg: SyntheticConfig) 
     return Path(cfg.root) / digest
 
 
-def ensure_dataset(schema: "FeatureSchema", cfg: SyntheticConfig) -> Tuple[Path, Path]:
+def ensure_dataset(schema: FeatureSchema, cfg: SyntheticConfig) -> tuple[Path, Path]:
     """(train_dir, val_dir), generating the dataset first if it is not there (a test split, if
     configured, lies beside them). The dataset is built
     under a temporary name and renamed into place, so a crash never leaves one that looks complete."""
@@ -89,8 +89,8 @@ def ensure_dataset(schema: "FeatureSchema", cfg: SyntheticConfig) -> Tuple[Path,
     return final / "train", final / "val"
 
 
-def best_achievable(features: "FeaturesConfig", data: "DataConfig",
-                    task: Optional[str] = None) -> Optional[Dict[str, object]]:
+def best_achievable(features: FeaturesConfig, data: DataConfig,
+                    task: str | None = None) -> dict[str, Any] | None:
     """{"auc", "logloss", "path"}: the validation split's best achievable scores (those of the true
     click probabilities; in a multi-task dataset those of `task`, else of the first task trained
     on, and its name under "task") from the metadata.json of the generated dataset it comes from,
@@ -117,7 +117,10 @@ def best_achievable(features: "FeaturesConfig", data: "DataConfig",
 
 # ---- the planted model -------------------------------------------------------------------------
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+_UInt64s = TypeVar("_UInt64s", np.ndarray, np.uint64)  # an array of them, or one
+
+
+def _splitmix64(x: _UInt64s) -> _UInt64s:
     with np.errstate(over="ignore"):
         x = x + np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -137,7 +140,7 @@ def _hashed_normal(seed: int, salt: int, ids: np.ndarray) -> np.ndarray:
 
 
 def _power_law_ids(rng: np.random.Generator, count: int, num_embeddings: int, exponent: float,
-                   scatter: Tuple[int, int]) -> np.ndarray:
+                   scatter: tuple[int, int]) -> np.ndarray:
     """Ids with P(k-th most frequent) ~ k^-exponent (inverse CDF of the continuous law), the
     frequency ranks scattered over the table by an affine bijection."""
     u = rng.random(count)
@@ -151,7 +154,7 @@ def _power_law_ids(rng: np.random.Generator, count: int, num_embeddings: int, ex
     return (ranks * multiplier + offset) % num_embeddings
 
 
-def _scatter(seed: int, feature_index: int, num_embeddings: int) -> Tuple[int, int]:
+def _scatter(seed: int, feature_index: int, num_embeddings: int) -> tuple[int, int]:
     rng = np.random.default_rng([seed, 7, feature_index])
     while True:
         multiplier = int(rng.integers(1, 2**31 - 1))
@@ -203,7 +206,7 @@ class _PlantedModel:
         return ids[np.concatenate([[0], np.cumsum(lengths)[:-1]])]
 
     def _history(self, rng: np.random.Generator, rows: int, index: int, history, candidates: np.ndarray,
-                 cfg: SyntheticConfig) -> Tuple[pa.Array, np.ndarray]:
+                 cfg: SyntheticConfig) -> tuple[pa.Array, np.ndarray]:
         """(the list column, whether each row's candidate is among its most recent max_length ids).
         Histories hold 0 to 2 x max_length ids, drawn as the sparse ids are; half the rows that
         have any get their candidate planted at one of their most recent max_length positions."""
@@ -227,8 +230,9 @@ class _PlantedModel:
         column = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids.astype(np.int64)))
         return column, hit.astype(np.float64)
 
-    def sample(self, rng: np.random.Generator, rows: int, cfg: SyntheticConfig) -> Tuple[Dict[str, pa.Array], np.ndarray]:
-        columns: Dict[str, pa.Array] = {}
+    def sample(self, rng: np.random.Generator, rows: int,
+               cfg: SyntheticConfig) -> tuple[dict[str, pa.Array], np.ndarray]:
+        columns: dict[str, pa.Array] = {}
         logit = np.full(rows, self.bias)
         # Count-like values, written as log(1 + count): the transform the Criteo converter applies.
         counts = np.floor(np.exp(rng.normal(self.dense_log_means, 1.0, (rows, len(self.schema.dense)))))
@@ -236,8 +240,8 @@ class _PlantedModel:
         logit += (dense - self.dense_log_means) @ self.dense_weights
         for j, name in enumerate(self.schema.dense):
             columns[name] = pa.array(dense[:, j].astype(np.float32))
-        latent: List[np.ndarray] = []
-        drawn: List[Tuple[np.ndarray, np.ndarray]] = []  # each feature's (ids, lengths): histories, later tasks
+        latent: list[np.ndarray] = []
+        drawn: list[tuple[np.ndarray, np.ndarray]] = []  # each feature's (ids, lengths): histories, later tasks
         for i, feature in enumerate(self.schema.sparse):
             hot = feature.hotness
             lengths = rng.integers(1, hot + 1, rows) if hot > 1 else np.ones(rows, dtype=np.int64)
@@ -247,7 +251,8 @@ class _PlantedModel:
                 ids = _power_law_ids(rng, int(lengths.sum()), feature.num_embeddings, cfg.zipf_exponent,
                                      self.scatter[i])
             logit += self.ID_WEIGHT * self._bag_mean(_hashed_normal(self.seed, 2 * i, ids), lengths)
-            vectors = np.stack([_hashed_normal(self.seed, 1000 + LATENT_DIM * i + d, ids) for d in range(LATENT_DIM)], 1)
+            vectors = np.stack([_hashed_normal(self.seed, 1000 + LATENT_DIM * i + d, ids)
+                                for d in range(LATENT_DIM)], 1)
             latent.append(self._bag_mean(vectors, lengths))
             drawn.append((ids, lengths))  # the candidates of features.sequence, as table rows
             ids = self.written_ids(i, ids)
@@ -279,8 +284,8 @@ class _PlantedModel:
     # many features there are: its signal does not fade with fewer of them.
     TASK_OWN = 1.8
 
-    def later_tasks(self, rng: np.random.Generator, columns: Dict[str, pa.Array], first_logit: np.ndarray,
-                    first_probability: np.ndarray, drawn: List[Tuple[np.ndarray, np.ndarray]],
+    def later_tasks(self, rng: np.random.Generator, columns: dict[str, pa.Array], first_logit: np.ndarray,
+                    first_probability: np.ndarray, drawn: list[tuple[np.ndarray, np.ndarray]],
                     dense: np.ndarray) -> None:
         """Adds each later task's label column and its true probability ("<task>_probability") to
         `columns`: a task that can happen only where the first did, correlated with it through the
@@ -344,7 +349,7 @@ def generate(schema: FeatureSchema, cfg: SyntheticConfig, out_dir: Path) -> dict
     out_dir = Path(out_dir)
     model = _PlantedModel(schema, cfg)
     splits = [("train", cfg.train_rows), ("val", cfg.val_rows), ("test", cfg.test_rows)]
-    summary: Dict[str, dict] = {}
+    summary: dict[str, dict] = {}
     bar = progress.bar(sum(total for _, total in splits), "generating the dataset", "row")
     for split_index, (split, total) in enumerate(splits):
         if total == 0:

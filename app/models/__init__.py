@@ -11,7 +11,7 @@ allocates only each rank's shards), and small dense layers built on the target d
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -24,8 +24,8 @@ from app.models.dcn import CrossHead
 from app.models.deepfm import DeepFMHead
 from app.models.dlrm import DotHead
 from app.models.head import Head
-from app.models.multitask import MultiTaskTrain, make_multi_task
 from app.models.managed_collision import build_tables
+from app.models.multitask import MultiTaskTrain, make_multi_task
 from app.models.sequence import SEQUENCE_TABLES_PATH, SequenceArch, SequenceDLRMTrain
 from app.precision import TableGradients
 
@@ -35,17 +35,18 @@ TABLES_PATH = "model.sparse_arch.embedding_bag_collection"
 
 def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device,
                 tables_device: torch.device = torch.device("meta"),
-                autocast_dtype: Optional[torch.dtype] = None,
-                table_gradients: Optional[TableGradients] = None,
-                managed_collision: Optional[ManagedCollisionConfig] = None, mc_buckets: int = 1,
-                task_weights: Optional[Sequence[float]] = None) -> Union[DLRMTrain, MultiTaskTrain]:
+                autocast_dtype: torch.dtype | None = None,
+                table_gradients: TableGradients | None = None,
+                managed_collision: ManagedCollisionConfig | None = None, mc_buckets: int = 1,
+                task_weights: Sequence[float] | None = None) -> DLRMTrain | MultiTaskTrain:
     """DLRMTrain: forward(batch) -> (loss, (loss, logits, labels)), what the train pipeline expects;
     with several tasks (schema.labels) MultiTaskTrain, the same with B x T logits and labels, its
     loss weighted by `task_weights` (default: 1 each; scoring does not need them).
     `tables_device` other than meta builds full tables there: one unsharded process (app/export.py).
     `autocast_dtype` (bf16, fp16) is the dense part's compute precision; `table_gradients` is the cut
-    between the tables and the dense part that a loss scale needs (app/precision.py). Features with id_mapping=managed_collision get
-    `managed_collision`'s modules, for `mc_buckets` row-wise shards (app/models/managed_collision.py)."""
+    between the tables and the dense part that a loss scale needs (app/precision.py). Features with
+    id_mapping=managed_collision get `managed_collision`'s modules, for `mc_buckets` row-wise shards
+    (app/models/managed_collision.py)."""
     managed = [f.name for f in schema.sparse if f.id_mapping == "managed_collision"]
     if not managed:
         tables = EmbeddingBagCollection(tables=schema.embedding_bag_configs(), device=tables_device)
@@ -82,7 +83,7 @@ def embedding_tables(model: nn.Module) -> EmbeddingBagCollection:
     return model.get_submodule(TABLES_PATH)
 
 
-def sequence_tables(model: nn.Module) -> Optional[nn.Module]:
+def sequence_tables(model: nn.Module) -> nn.Module | None:
     """The histories' EmbeddingCollection inside a model from build_model (None: no features.sequence)."""
     try:
         return model.get_submodule(SEQUENCE_TABLES_PATH)

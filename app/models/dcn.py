@@ -4,8 +4,6 @@ concatenation, D + the sum of the tables' widths)."""
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 from torch import nn
 from torchrec.modules.crossnet import LowRankCrossNet
@@ -27,8 +25,8 @@ class CrossInteraction(nn.Module):
 
 
 class CrossHead(Head):
-    def __init__(self, tables: EmbeddingBagCollection, dense_in_features: int, dense_arch_layer_sizes: List[int],
-                 over_arch_layer_sizes: List[int], dcn_num_layers: int, dcn_low_rank_dim: int,
+    def __init__(self, tables: EmbeddingBagCollection, dense_in_features: int, dense_arch_layer_sizes: list[int],
+                 over_arch_layer_sizes: list[int], dcn_num_layers: int, dcn_low_rank_dim: int,
                  device: torch.device) -> None:
         super().__init__(tables, dense_in_features, dense_arch_layer_sizes, device)
         width = dense_arch_layer_sizes[-1] + sum(self.widths)

@@ -11,8 +11,6 @@ elements and elements of different dimensions included; it is not used.
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 from torch import nn
 from torchrec.modules.deepfm import DeepFM
@@ -44,8 +42,8 @@ class FMInteraction(nn.Module):
 
 
 class DeepFMHead(Head):
-    def __init__(self, tables: EmbeddingBagCollection, dense_in_features: int, dense_arch_layer_sizes: List[int],
-                 over_arch_layer_sizes: List[int], deep_fm_dimension: int, device: torch.device) -> None:
+    def __init__(self, tables: EmbeddingBagCollection, dense_in_features: int, dense_arch_layer_sizes: list[int],
+                 over_arch_layer_sizes: list[int], deep_fm_dimension: int, device: torch.device) -> None:
         super().__init__(tables, dense_in_features, dense_arch_layer_sizes, device)
         width = dense_arch_layer_sizes[-1]
         self.inter_arch = FMInteraction(width + sum(self.widths), deep_fm_dimension, device)

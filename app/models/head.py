@@ -11,7 +11,7 @@ computed under autocast when the precision asks for it (app/precision.py).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,9 +21,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from app.precision import TableGradients
 
+if TYPE_CHECKING:
+    from app.models.sequence import SequenceArch
+
 
 @torch.fx.wrap  # one call in the train pipeline's trace of the model: it branches on the keys
-def pooled_in_feature_order(pooled: KeyedTensor, names: List[str]) -> torch.Tensor:
+def pooled_in_feature_order(pooled: KeyedTensor, names: list[str]) -> torch.Tensor:
     """B x (sum of the tables' widths): the pooled embeddings in the order of `names`."""
     if pooled.keys() == names:
         return pooled.values()
@@ -35,23 +38,25 @@ class Head(nn.Module):
     """forward(dense B x dense_in, sparse KJT) -> B x 1 logits. Subclasses set inter_arch and say,
     in `embeddings`, how the pooled B x (sum of widths) block enters it."""
 
-    def __init__(self, tables: EmbeddingBagCollection, dense_in_features: int, dense_arch_layer_sizes: List[int],
+    inter_arch: nn.Module  # set by each subclass
+
+    def __init__(self, tables: EmbeddingBagCollection, dense_in_features: int, dense_arch_layer_sizes: list[int],
                  device: torch.device) -> None:
         super().__init__()
         self.sparse_arch = SparseArch(tables)
         self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes, device)
         self.widths = [config.embedding_dim for config in tables.embedding_bag_configs()]
-        self.autocast_dtype: Optional[torch.dtype] = None
+        self.autocast_dtype: torch.dtype | None = None
         self.device_type = device.type
         self.table_gradients = TableGradients(None)
-        self.sequence_arch: Optional[nn.Module] = None  # features.sequence: add_sequence
+        self.sequence_arch: SequenceArch | None = None  # features.sequence: add_sequence
 
-    def set_over_arch(self, in_features: int, layer_sizes: List[int], device: torch.device) -> None:
+    def set_over_arch(self, in_features: int, layer_sizes: list[int], device: torch.device) -> None:
         self.over_in_features = in_features  # what a multi-task over arch takes in its place (multitask.py)
         self.over_arch = OverArch(in_features, layer_sizes, device)
         self._over_arch_args = (in_features, layer_sizes, device)
 
-    def add_sequence(self, sequence_arch: nn.Module) -> None:
+    def add_sequence(self, sequence_arch: SequenceArch) -> None:
         """Sequence features (app/models/sequence.py): their attention-pooled vectors join the over
         arch's input after the interaction's output, so the over arch is made again that much wider."""
         self.sequence_arch = sequence_arch
@@ -86,7 +91,7 @@ class Head(nn.Module):
         return pooled
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor,
-                sequence_features: Optional[KeyedJaggedTensor] = None) -> torch.Tensor:
+                sequence_features: KeyedJaggedTensor | None = None) -> torch.Tensor:
         pooled = self.sparse_arch.embedding_bag_collection(sparse_features)
         pooled = self.table_gradients(pooled_in_feature_order(pooled, self.sparse_arch.sparse_feature_names))
         if self.sequence_arch is not None:

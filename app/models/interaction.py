@@ -13,8 +13,6 @@ machine's matrix rate (27 x 64 matrices), so the product saved is worth having.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import nn
 
@@ -27,7 +25,7 @@ class _PairwiseDots(torch.autograd.Function):
         return products.flatten(1).index_select(1, upper)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         features, upper, lower = ctx.saved_tensors
         batch, count, _ = features.shape
         symmetric = grad.new_zeros(batch, count * count, dtype=features.dtype)

@@ -35,16 +35,20 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
-from torchrec.modules.mc_modules import (LFU_EvictionPolicy, LRU_EvictionPolicy, ManagedCollisionCollection,
-                                         MCHManagedCollisionModule)
+from torchrec.modules.mc_modules import (
+    LFU_EvictionPolicy,
+    LRU_EvictionPolicy,
+    ManagedCollisionCollection,
+    MCHManagedCollisionModule,
+)
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from app.config import ManagedCollisionConfig
@@ -78,14 +82,14 @@ class TablesWithManagedCollision(nn.Module):
     and embedding_bag_configs() in feature order. Both collections take the whole KJT and pick
     their own features (sharded, their input dists do)."""
 
-    def __init__(self, configs: List[EmbeddingBagConfig], plain: Optional[EmbeddingBagCollection],
+    def __init__(self, configs: list[EmbeddingBagConfig], plain: EmbeddingBagCollection | None,
                  managed: ManagedCollisionEmbeddingBagCollection) -> None:
         super().__init__()
         self.ebc = plain
         self.mc = managed
         self._configs = configs
 
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return self._configs
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -95,7 +99,7 @@ class TablesWithManagedCollision(nn.Module):
         return _merge_pooled(self.ebc(features), managed)
 
 
-def build_tables(configs: List[EmbeddingBagConfig], managed_features: Sequence[str], config: ManagedCollisionConfig,
+def build_tables(configs: list[EmbeddingBagConfig], managed_features: Sequence[str], config: ManagedCollisionConfig,
                  device: torch.device, buckets: int) -> TablesWithManagedCollision:
     """The tables of `configs` (feature order), those of `managed_features` under managed
     collision. `buckets`: the number of row-wise shards (the world size) the modules are sharded
@@ -177,7 +181,7 @@ def _history_that_grows(module: MCHManagedCollisionModule) -> None:
     hotness. Counting the ids reads tensor sizes only: no sync with the device."""
     profile = module.profile
 
-    def growing_profile(features: Dict[str, JaggedTensor]) -> Dict[str, JaggedTensor]:
+    def growing_profile(features: dict[str, JaggedTensor]) -> dict[str, JaggedTensor]:
         if module.training and module._input_history_buffer_size > 0:
             needed = module._current_history_buffer_offset + sum(f.values().numel() for f in features.values())
             if needed > module._input_history_buffer_size:
@@ -230,7 +234,7 @@ class ShardFaithfulRemap(nn.Module):
     (`segments`: their first rows, and the table's rows), each shard mapping the ids routed to
     it, its misses to its own last row: the mapping of the sharded training run."""
 
-    def __init__(self, mch: MCHManagedCollisionModule, segments: List[int], world: int) -> None:
+    def __init__(self, mch: MCHManagedCollisionModule, segments: list[int], world: int) -> None:
         super().__init__()
         self.mch, self.world, self.buckets = mch, world, len(segments) - 1
         self.shards = nn.ModuleList()
@@ -251,6 +255,7 @@ class ShardFaithfulRemap(nn.Module):
         values = mix63(values, self.mch.input_size())
         ranks = _route(values, self.mch.input_size(), self.buckets, self.world)
         out = torch.empty_like(values)
+        shard: MCHManagedCollisionModule  # what self.shards holds
         for rank, shard in enumerate(self.shards):
             chosen = ranks == rank
             ids = JaggedTensor(values=values[chosen], lengths=torch.ones(int(chosen.sum()), dtype=torch.long))
@@ -262,7 +267,7 @@ class ExportedManagedCollision(nn.Module):
     """In place of a loaded ManagedCollisionEmbeddingBagCollection for scoring: each managed
     feature's ids mapped as its shards did (ShardFaithfulRemap), then the tables."""
 
-    def __init__(self, mc: ManagedCollisionEmbeddingBagCollection, segments: Dict[str, List[int]], world: int) -> None:
+    def __init__(self, mc: ManagedCollisionEmbeddingBagCollection, segments: dict[str, list[int]], world: int) -> None:
         super().__init__()
         self.ebc = mc._embedding_module
         collection = mc._managed_collision_collection
@@ -283,7 +288,7 @@ class ExportedManagedCollision(nn.Module):
         return self.ebc(remapped), None
 
 
-def for_export(tables: nn.Module, segments: Dict[str, List[int]], world: int) -> None:
+def for_export(tables: nn.Module, segments: dict[str, list[int]], world: int) -> None:
     """Makes loaded `tables` (TablesWithManagedCollision) score as the sharded run did: `segments`
     per table, from the checkpoint (the first row of every shard, and the table's rows)."""
     tables.mc = ExportedManagedCollision(tables.mc, segments, world)

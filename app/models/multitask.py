@@ -19,7 +19,7 @@ in a ModuleList by task order (task names may hold characters a module name cann
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,7 @@ class MixtureOfExperts(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         experts = torch.stack([expert(features) for expert in self.experts], dim=1)  # B x E x H
-        logits: List[torch.Tensor] = []
+        logits: list[torch.Tensor] = []
         for gate, tower in zip(self.gates, self.towers):
             weights = F.softmax(gate(features), dim=1).unsqueeze(2)  # B x E x 1
             logits.append(tower((weights * experts).sum(dim=1)))
@@ -97,7 +97,7 @@ class MultiTaskTrain(nn.Module):
         self.weights = [float(w) for w in weights]
         self.sequence = sequence
 
-    def forward(self, batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def forward(self, batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.sequence:  # (a constant: the train pipeline's fx trace takes one branch)
             logits = self.model(batch.dense_features, batch.sparse_features, batch.sequence_features)
         else:

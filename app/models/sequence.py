@@ -17,8 +17,6 @@ interaction's output, for every architecture (app/models/head.py add_sequence).
 
 from __future__ import annotations
 
-from typing import Dict, List
-
 import torch
 from torch import nn
 from torchrec.models.dlrm import DLRMTrain
@@ -35,9 +33,9 @@ SEQUENCE_TABLES_PATH = "model.sequence_arch.embedding_collection"
 class TargetAttention(nn.Module):
     """forward(query B x D, keys B x L x D, lengths B) -> B x D: DIN's attention pooling."""
 
-    def __init__(self, width: int, layer_sizes: List[int], device: torch.device) -> None:
+    def __init__(self, width: int, layer_sizes: list[int], device: torch.device) -> None:
         super().__init__()
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         size = 4 * width
         for hidden in layer_sizes:
             layers += [nn.Linear(size, hidden, device=device), nn.ReLU()]
@@ -54,8 +52,8 @@ class TargetAttention(nn.Module):
 
 
 @torch.fx.wrap  # one call in the train pipeline's trace: it reads a dict of JaggedTensors
-def padded_histories(embedded: Dict[str, JaggedTensor], names: List[str], max_lengths: List[int]
-                     ) -> List[torch.Tensor]:
+def padded_histories(embedded: dict[str, JaggedTensor], names: list[str], max_lengths: list[int]
+                     ) -> list[torch.Tensor]:
     """Per history, flat (so that the traced caller indexes it): candidate B x D, history
     B x max_length x D zero-padded, lengths B. A row's candidate is the mean of its target ids'
     vectors (one id: that vector; none: zeros)."""
@@ -77,7 +75,7 @@ class SequenceArch(nn.Module):
     """The histories' tables and one attention unit per history; `width` is what it adds to the
     over arch's input. embed() runs the tables (outside autocast), attend() the attention."""
 
-    def __init__(self, schema: FeatureSchema, attention_layer_sizes: List[int], device: torch.device,
+    def __init__(self, schema: FeatureSchema, attention_layer_sizes: list[int], device: torch.device,
                  tables_device: torch.device) -> None:
         super().__init__()
         self.embedding_collection = EmbeddingCollection(tables=schema.embedding_configs(), device=tables_device)
@@ -89,7 +87,7 @@ class SequenceArch(nn.Module):
         })
         self.width = sum(schema.sequence_dim(f) for f in schema.sequence)
 
-    def embed(self, features: KeyedJaggedTensor, table_gradients: TableGradients) -> List[torch.Tensor]:
+    def embed(self, features: KeyedJaggedTensor, table_gradients: TableGradients) -> list[torch.Tensor]:
         """Flat [candidate, history, lengths] per history (see padded_histories); the vectors pass
         through `table_gradients`, as the pooled embeddings do (the cut a loss scale needs)."""
         flat = padded_histories(self.embedding_collection(features), self.names, self.max_lengths)
@@ -99,7 +97,7 @@ class SequenceArch(nn.Module):
             out += [table_gradients(flat[3 * i]), table_gradients(flat[3 * i + 1]), flat[3 * i + 2]]
         return out
 
-    def attend(self, histories: List[torch.Tensor]) -> torch.Tensor:
+    def attend(self, histories: list[torch.Tensor]) -> torch.Tensor:
         """B x width: each history's attention-pooled vector, side by side."""
         pooled = [self.attention[name](histories[3 * i], histories[3 * i + 1], histories[3 * i + 2])
                   for i, name in enumerate(self.names)]

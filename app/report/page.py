@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
-from typing import Dict
 
 from app.report.plots import write_plots
 from app.report.sweep import Sweep
 from app.report.table import cell_text, columns, headline, markdown_table, markdown_text, write_csv
 
 
-def write_html(sweep: Sweep, plots: Dict[str, Path], path: Path) -> None:
+def write_html(sweep: Sweep, plots: dict[str, Path], path: Path) -> None:
     """One page: the headline, the table, and every plot embedded (the page needs no other file)."""
     keys = columns(sweep)
     header = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
@@ -31,7 +30,7 @@ def write_html(sweep: Sweep, plots: Dict[str, Path], path: Path) -> None:
     path.write_text(page)
 
 
-def write_report(sweep: Sweep, directory: Path) -> Dict[str, Path]:
+def write_report(sweep: Sweep, directory: Path) -> dict[str, Path]:
     """report.csv, report.md, report.html and the PNGs into `directory`; returns what was written."""
     directory.mkdir(parents=True, exist_ok=True)
     written = {"csv": directory / "report.csv", "markdown": directory / "report.md"}

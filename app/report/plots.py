@@ -5,18 +5,21 @@ chose (overrides, directory names): they are drawn as plain text, never as matpl
 
 from __future__ import annotations
 
+import typing
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any
 
 from app.report.run_files import finite as _number
 from app.report.sweep import Point, Sweep
+
 
 def _label(point: Point, swept: Sequence[str]) -> str:
     return ", ".join(f"{k}={point.overrides.get(k, '')}" for k in swept) or point.name
 
 
-def plot_auc_over_steps(sweep: Sweep, path: Path) -> Optional[Path]:
+def plot_auc_over_steps(sweep: Sweep, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     points = [p for p in sweep.points if p.evaluations]
@@ -35,13 +38,13 @@ def plot_auc_over_steps(sweep: Sweep, path: Path) -> Optional[Path]:
     return _save(figure, path)
 
 
-def plot_final_auc_against(sweep: Sweep, key: str, path: Path) -> Optional[Path]:
+def plot_final_auc_against(sweep: Sweep, key: str, path: Path) -> Path | None:
     """Final validation AUC against one swept parameter: numbers on a (log, where they span a
     decade or more) axis, other values side by side."""
     import matplotlib.pyplot as plt
 
-    pairs = [(p.overrides.get(key, ""), _number(p.final.get("auc"))) for p in sweep.points]
-    pairs = [(x, y) for x, y in pairs if y is not None]
+    scored = [(p.overrides.get(key, ""), _number(p.final.get("auc"))) for p in sweep.points]
+    pairs = [(x, y) for x, y in scored if y is not None]
     if not pairs:
         return None
     figure, axes = plt.subplots(figsize=(6, 4))
@@ -68,6 +71,7 @@ def optuna_study(sweep: Sweep):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
 
+    assert sweep.optuna is not None, "a sweep by Optuna"
     parser = OverridesParser.create()
     distributions = {key: create_optuna_distribution_from_override(parser.parse_override(f"{key}={value}"))
                      for key, value in sweep.optuna["params"].items()}
@@ -106,17 +110,19 @@ def _optuna_value(raw: str, distribution: Any) -> Any:
     return float(raw)  # a ValueError where it is no number: no trial of it (see optuna_study)
 
 
-def plot_optuna(sweep: Sweep, directory: Path) -> Dict[str, Path]:
+def plot_optuna(sweep: Sweep, directory: Path) -> dict[str, Path]:
     """Optuna's optimization history (each trial's AUC, and the best so far) and, with 2 or more
     finished trials, its parameter importances. Drawn here: optuna 2's own matplotlib plots call
     a matplotlib API that 3.9 removed."""
     import matplotlib.pyplot as plt
     import optuna
+    from matplotlib.ticker import MaxNLocator
 
+    assert sweep.optuna is not None, "a sweep by Optuna"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna_study(sweep)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    written: Dict[str, Path] = {}
+    written: dict[str, Path] = {}
     if not complete:
         return written
     pick = max if sweep.optuna["direction"] == "maximize" else min
@@ -127,7 +133,7 @@ def plot_optuna(sweep: Sweep, directory: Path) -> Dict[str, Path]:
     failed = [t.number for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
     for number in failed:
         axes.axvline(number, color="0.7", linestyle=":")
-    axes.xaxis.get_major_locator().set_params(integer=True)
+    typing.cast(MaxNLocator, axes.xaxis.get_major_locator()).set_params(integer=True)  # an AutoLocator
     axes.set_xlabel("trial" + (" (dotted: not finished)" if failed else ""))
     axes.set_ylabel("validation AUC")
     axes.set_title("Optuna optimization history")
@@ -157,7 +163,7 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
-def write_plots(sweep: Sweep, directory: Path) -> Dict[str, Path]:
+def write_plots(sweep: Sweep, directory: Path) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -165,8 +171,8 @@ def write_plots(sweep: Sweep, directory: Path) -> Dict[str, Path]:
         return _draw_plots(sweep, directory)
 
 
-def _draw_plots(sweep: Sweep, directory: Path) -> Dict[str, Path]:
-    plots: Dict[str, Path] = {}
+def _draw_plots(sweep: Sweep, directory: Path) -> dict[str, Path]:
+    plots: dict[str, Path] = {}
     path = plot_auc_over_steps(sweep, directory / "val_auc.png")
     if path:
         plots["val_auc"] = path

@@ -13,7 +13,7 @@ import math
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import yaml
 
@@ -32,9 +32,9 @@ class Unreadable(Exception):
 class SweepConfig:
     """What a sweep's Hydra config says about its points."""
 
-    grid: Dict[str, int] = field(default_factory=dict)  # swept key: its number of values (basic sweeper)
-    optuna_params: Optional[Dict[str, str]] = None  # Optuna's search space, by key
-    n_trials: Optional[int] = None
+    grid: dict[str, int] = field(default_factory=dict)  # swept key: its number of values (basic sweeper)
+    optuna_params: dict[str, str] | None = None  # Optuna's search space, by key
+    n_trials: int | None = None
     direction: str = "maximize"
 
 
@@ -47,7 +47,7 @@ def _kind(value: Any) -> str:
     return names.get(type(value), f"the number {_shown(value)}" if isinstance(value, (int, float)) else "another value")
 
 
-def _check(record: Dict[str, Any], key: str, ok: Any, expected: str, where: str) -> None:
+def _check(record: dict[str, Any], key: str, ok: Any, expected: str, where: str) -> None:
     value = record.get(key)
     if value is not None and not ok(value):
         raise Unreadable(f"{where}: {key} is {_shown(value)}, not {expected}")
@@ -61,12 +61,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_metrics(record: Dict[str, Any], where: str) -> None:
+def _check_metrics(record: dict[str, Any], where: str) -> None:
     for key in METRIC_COLUMNS:
         _check(record, key, _is_number, "a number", where)
 
 
-def _text(path: Path, name: str) -> Optional[str]:
+def _text(path: Path, name: str) -> str | None:
     try:
         return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -87,7 +87,7 @@ def _yaml(path: Path, name: str) -> Any:
         raise Unreadable(f"{name}: not YAML ({' '.join(str(error).split())[:120]})") from None
 
 
-def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """summary.json, checked: None where there is none."""
     text = _text(run_dir / SUMMARY_FILE, SUMMARY_FILE)
     if text is None:
@@ -110,7 +110,7 @@ def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
     return summary
 
 
-def read_evaluations(run_dir: Path) -> List[Dict[str, Any]]:
+def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
     """The eval records of metrics.jsonl, checked (none where there is no file). A line that is
     not JSON is a record cut short by a crash, and left out."""
     text = _text(run_dir / "metrics.jsonl", "metrics.jsonl")
@@ -132,7 +132,7 @@ def read_evaluations(run_dir: Path) -> List[Dict[str, Any]]:
     return evaluations
 
 
-def read_overrides(run_dir: Path) -> List[str]:
+def read_overrides(run_dir: Path) -> list[str]:
     """.hydra/overrides.yaml: the command line's overrides, key=value each."""
     name = ".hydra/overrides.yaml"
     overrides = _yaml(run_dir / ".hydra" / "overrides.yaml", name)
@@ -143,7 +143,7 @@ def read_overrides(run_dir: Path) -> List[str]:
     return overrides
 
 
-def _hydra_section(path: Path, name: str) -> Optional[Dict[str, Any]]:
+def _hydra_section(path: Path, name: str) -> dict[str, Any] | None:
     config = _yaml(path, name)
     if config is None:
         return None
@@ -155,14 +155,14 @@ def _hydra_section(path: Path, name: str) -> Optional[Dict[str, Any]]:
     return hydra
 
 
-def _mapping(section: Dict[str, Any], key: str, where: str) -> Dict[str, Any]:
+def _mapping(section: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = section.get(key)
     if value is not None and not isinstance(value, dict):
         raise Unreadable(f"{where}: {key} is {_kind(value)}, a mapping was expected")
     return value or {}
 
 
-def read_job_number(run_dir: Path) -> Optional[int]:
+def read_job_number(run_dir: Path) -> int | None:
     """The point's number in its sweep, from .hydra/hydra.yaml (None for a single run)."""
     name = ".hydra/hydra.yaml"
     hydra = _hydra_section(run_dir / ".hydra" / "hydra.yaml", name)
@@ -170,7 +170,7 @@ def read_job_number(run_dir: Path) -> Optional[int]:
     return number if _is_int(number) else None
 
 
-def read_sweep_config(path: Path, name: str) -> Optional[SweepConfig]:
+def read_sweep_config(path: Path, name: str) -> SweepConfig | None:
     """A sweep's config (multirun.yaml, or an Optuna point's .hydra/hydra.yaml), checked."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -201,6 +201,6 @@ def read_sweep_config(path: Path, name: str) -> Optional[SweepConfig]:
     return SweepConfig(grid=grid)
 
 
-def finite(value: Any) -> Optional[float]:
+def finite(value: Any) -> float | None:
     """A metric as a float, or None where it is missing or not finite."""
     return float(value) if _is_number(value) and math.isfinite(value) else None

@@ -7,12 +7,21 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
-from app.report.run_files import (SweepConfig, Unreadable, finite, read_evaluations, read_job_number,
-                                  read_overrides, read_summary, read_sweep_config)
+from app.report.run_files import (
+    SweepConfig,
+    Unreadable,
+    finite,
+    read_evaluations,
+    read_job_number,
+    read_overrides,
+    read_summary,
+    read_sweep_config,
+)
 from app.summary import PLACEMENT_KEYS
 
 COLUMNS = ("point", "status", "step", "final_auc", "final_logloss", "final_ne", "best_auc", "best_step",
@@ -27,25 +36,25 @@ class Point:
 
     path: Path
     name: str  # relative to the report's root
-    overrides: Dict[str, str]
-    job_number: Optional[int]
+    overrides: dict[str, str]
+    job_number: int | None
     status: str
-    error: Optional[str]
-    summary: Dict[str, Any]
-    evaluations: List[Dict[str, Any]] = field(default_factory=list)
+    error: str | None
+    summary: dict[str, Any]
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def final(self) -> Dict[str, Any]:
+    def final(self) -> dict[str, Any]:
         """The final validation metrics: the summary's, or (a run not finished) the latest evaluation's."""
         return self.summary.get("validation") or (self.evaluations[-1] if self.evaluations else {})
 
     @property
-    def best(self) -> Dict[str, Any]:
+    def best(self) -> dict[str, Any]:
         """The evaluation with the highest AUC."""
         scored = [e for e in self.evaluations if finite(e.get("auc")) is not None]
         return max(scored, key=lambda e: e["auc"]) if scored else {}
 
-    def row(self, swept: Sequence[str]) -> Dict[str, Any]:
+    def row(self, swept: Sequence[str]) -> dict[str, Any]:
         final, best = self.final, self.best
         return {
             "point": self.name,
@@ -67,19 +76,19 @@ class Sweep:
     """What a report covers: its points, and what the sweep (if any) says about them."""
 
     root: Path
-    points: List[Point]
-    swept: List[str]
-    planned_points: Optional[int] = None
-    optuna: Optional[Dict[str, Any]] = None  # {"direction", "params": {name: override string}}
-    problems: List[str] = field(default_factory=list)  # the sweep's own files that could not be read
+    points: list[Point]
+    swept: list[str]
+    planned_points: int | None = None
+    optuna: dict[str, Any] | None = None  # {"direction", "params": {name: override string}}
+    problems: list[str] = field(default_factory=list)  # the sweep's own files that could not be read
 
-    def rows(self) -> List[Dict[str, Any]]:
+    def rows(self) -> list[dict[str, Any]]:
         """Every point's row, best first: by best validation AUC, points without one last."""
         rows = [p.row(self.swept) for p in self.points]
         return sorted(rows, key=lambda r: (r["best_auc"] is None, -(r["best_auc"] or 0.0), r["point"]))
 
 
-def _steps(summary: Dict[str, Any], evaluations: List[Dict[str, Any]]) -> str:
+def _steps(summary: dict[str, Any], evaluations: list[dict[str, Any]]) -> str:
     step = summary.get("step", evaluations[-1]["step"] if evaluations else None)
     planned = summary.get("planned_steps")
     if step is None:
@@ -87,7 +96,7 @@ def _steps(summary: Dict[str, Any], evaluations: List[Dict[str, Any]]) -> str:
     return f"{step}/{planned}" if planned else str(step)
 
 
-def _alive(summary: Dict[str, Any]) -> Optional[bool]:
+def _alive(summary: dict[str, Any]) -> bool | None:
     """Whether the process a running summary names still runs; None where that cannot be told
     (another host)."""
     if summary.get("host") != socket.gethostname() or not summary.get("pid"):
@@ -101,7 +110,7 @@ def _alive(summary: Dict[str, Any]) -> Optional[bool]:
     return True
 
 
-def _attempt(read: Callable[[], T], problems: List[str], otherwise: T) -> T:
+def _attempt(read: Callable[[], T], problems: list[str], otherwise: T) -> T:
     try:
         return read()
     except Unreadable as error:
@@ -114,11 +123,11 @@ def read_point(path: Path, root: Path) -> Point:
     reason, and shows no metrics (they could be wrong): only its name, and its overrides where
     they could be read."""
     name = str(path.relative_to(root)) if path != root else path.name
-    problems: List[str] = []
-    overrides = _attempt(lambda: _overrides(read_overrides(path)), problems, {})
+    problems: list[str] = []
+    overrides: dict[str, str] = _attempt(lambda: _overrides(read_overrides(path)), problems, {})
     job_number = _attempt(lambda: read_job_number(path), problems, None)
     summary = _attempt(lambda: read_summary(path), problems, None) or {}
-    evaluations = _attempt(lambda: read_evaluations(path), problems, [])
+    evaluations: list[dict[str, Any]] = _attempt(lambda: read_evaluations(path), problems, [])
     if problems:
         return Point(path, name, overrides, job_number, UNREADABLE, "; ".join(problems), {}, [])
     status = summary.get("status")
@@ -130,7 +139,7 @@ def read_point(path: Path, root: Path) -> Point:
     return Point(path, name, overrides, job_number, status, summary.get("error"), summary, evaluations)
 
 
-def _overrides(listed: List[str]) -> Dict[str, str]:
+def _overrides(listed: list[str]) -> dict[str, str]:
     overrides = {}
     for item in listed:
         key, _, value = item.partition("=")
@@ -145,13 +154,13 @@ def _is_run_dir(path: Path) -> bool:
         (path / ".hydra" / "overrides.yaml").exists() and not (path / "multirun.yaml").exists())
 
 
-def find_run_dirs(path: Path, depth: int = 3) -> List[Path]:
+def find_run_dirs(path: Path, depth: int = 3) -> list[Path]:
     """`path` itself if it is a run directory, else the run directories under it (a sweep's points)."""
     if _is_run_dir(path):
         return [path]
     if depth == 0:
         return []
-    found: List[Path] = []
+    found: list[Path] = []
     for child in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
         found.extend(find_run_dirs(child, depth - 1))
     return found
@@ -170,7 +179,7 @@ def read_sweep(paths: Sequence[Path]) -> Sweep:
                                 "metrics.jsonl or .hydra/overrides.yaml) found")
     points = [read_point(d, root if len(paths) > 1 else paths[0]) for d in run_dirs]
     points.sort(key=lambda p: (p.job_number is None, p.job_number or 0, p.name))
-    problems: List[str] = []
+    problems: list[str] = []
     config = _sweep_config(paths[0], points, problems) if len(paths) == 1 else None
     planned, optuna, swept = None, None, []
     if config is not None:
@@ -181,19 +190,19 @@ def read_sweep(paths: Sequence[Path]) -> Sweep:
     return Sweep(paths[0], points, swept, planned, optuna, problems)
 
 
-def _sweep_config(path: Path, points: List[Point], problems: List[str]) -> Optional[SweepConfig]:
+def _sweep_config(path: Path, points: list[Point], problems: list[str]) -> SweepConfig | None:
     """The sweep's Hydra config: multirun.yaml (the basic sweeper writes it), else a point's own
     (Optuna's sweeper writes none; its points' .hydra/hydra.yaml hold the search). A malformed
     multirun.yaml is one of the sweep's problems; a malformed point's file is that point's."""
     config = _attempt(lambda: read_sweep_config(path / "multirun.yaml", "multirun.yaml"), problems, None)
     if config is not None or problems:
         return config
-    for point in points[:1]:
-        if point.path != path:
-            config = _attempt(lambda: read_sweep_config(point.path / ".hydra" / "hydra.yaml", ".hydra/hydra.yaml"),
-                              [], None)
-            if config is not None and config.optuna_params is not None:
-                return config
+    first = points[0] if points else None
+    if first is not None and first.path != path:
+        config = _attempt(lambda: read_sweep_config(first.path / ".hydra" / "hydra.yaml", ".hydra/hydra.yaml"),
+                          [], None)
+        if config is not None and config.optuna_params is not None:
+            return config
     return None
 
 

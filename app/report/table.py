@@ -9,7 +9,7 @@ import csv
 import html
 import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 from app.report.sweep import COLUMNS, Sweep
 from app.summary import duration
@@ -32,7 +32,7 @@ def cell_text(value: Any, key: str) -> str:
     return str(value)
 
 
-def columns(sweep: Sweep) -> List[str]:
+def columns(sweep: Sweep) -> list[str]:
     return ["point", *sweep.swept, *COLUMNS[1:]]
 
 
@@ -84,7 +84,7 @@ def write_csv(sweep: Sweep, path: Path) -> None:
 
 
 def headline(sweep: Sweep) -> str:
-    counts: Dict[str, int] = {}
+    counts: dict[str, int] = {}
     for point in sweep.points:
         counts[point.status] = counts.get(point.status, 0) + 1
     said = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import closing
-from typing import Dict
 
 import torch
 import torch.distributed as dist
 
 
-def pinned_batches(data_root: str) -> Dict[str, bool]:
+def pinned_batches(data_root: str) -> dict[str, bool]:
     """Whether every tensor of a training and an evaluation batch read for CUDA is pinned, and
     whether a non-blocking copy of one reaches the GPU intact."""
     from app.data.files import resolve_files
@@ -45,7 +44,7 @@ def pinned_batches(data_root: str) -> Dict[str, bool]:
     return found
 
 
-def async_save(directory: str) -> Dict[str, object]:
+def async_save(directory: str) -> dict[str, object]:
     """Two asynchronous saves of a CUDA tensor, changed after each: the device memory the staging
     took, whether the staged copy is pinned, and what loads back into a CUDA tensor."""
     from app.checkpoint import CheckpointStore
@@ -65,7 +64,8 @@ def async_save(directory: str) -> Dict[str, object]:
     for path in (first, second):
         target = {"model": {"w": torch.zeros(1024, 1024, device="cuda")}}
         store.load(path, target)
-        loaded[path.name] = {"device": str(target["model"]["w"].device), "values": target["model"]["w"].unique().tolist()}
+        weights = target["model"]["w"]
+        loaded[path.name] = {"device": str(weights.device), "values": weights.unique().tolist()}
     staged = store._pinned_stager.state_dict_cache["model"]["w"] if store._pinned_stager else None
     dist.destroy_process_group()
     return {"staged_on_device_bytes": staged_on_device, "tensor_bytes": weight.numel() * weight.element_size(),

@@ -14,7 +14,6 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -32,7 +31,7 @@ STEPS = 20
 ASYNC_EVERY = 5  # checkpoints 5, 10 and 15 are written in the background; 20, the last, is not
 
 
-def on_cuda(root: Path, *overrides: str, data_root: Optional[Path] = None):
+def on_cuda(root: Path, *overrides: str, data_root: Path | None = None):
     return [sys.executable, "-m", "app.train", "experiment=tiny", "distributed.device=cuda",
             f"data.synthetic.root={data_root or root / 'data'}", f"output_root={root / 'outputs'}",
             "logging.progress_bar=false", *overrides]
@@ -111,7 +110,7 @@ def test_mixed_precision_trains_to_finite_losses(cuda_run, tmp_path, precision):
 def test_batches_read_for_cuda_are_pinned(cuda_run):
     root, _ = cuda_run
     found = cuda_check("pinned_batches", root / "data")
-    assert found == {name: True for name in found} and "copied intact" in found, found
+    assert found == dict.fromkeys(found, True) and "copied intact" in found, found
 
 
 def test_an_asynchronous_save_stages_in_pinned_host_memory_and_loads_back_onto_the_gpu(tmp_path):

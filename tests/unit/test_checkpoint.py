@@ -9,14 +9,22 @@ import re
 import zlib
 from pathlib import Path
 
+import pytest
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-import pytest
-
+from app.checkpoint import (
+    BEST_FILE,
+    LATEST_FILE,
+    META_FILE,
+    CheckpointError,
+    CheckpointStore,
+    find_checkpoint,
+    model_differences,
+    read_meta,
+    verify,
+)
 from app.config import Config, FeaturesConfig, ModelConfig, SparseFeature
-from app.checkpoint import (BEST_FILE, LATEST_FILE, META_FILE, CheckpointError, CheckpointStore, find_checkpoint,
-                            model_differences, read_meta, verify)
 
 
 def state(value: float):
@@ -70,7 +78,7 @@ def test_a_save_whose_writer_thread_fails_is_not_published(tmp_path, single_proc
     manager = CheckpointStore(tmp_path, keep_last=3, rank=0)
     manager.save(5, state(1.0), {})
     unwritable = {**state(2.0), "extra": lambda: None}
-    with pytest.raises(CheckpointException):
+    with pytest.raises(CheckpointException):  # noqa: PT012 (an asynchronous save fails in wait())
         manager.save(10, unwritable, {}, asynchronous=asynchronous)
         manager.wait()
     assert manager.latest().name == "step_00000005" and verify(manager.latest()) is None
@@ -111,7 +119,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, si
     assert "step_00000002 is not usable" in caplog.text
     # Every checkpoint damaged: a clear error, not a silent start from scratch.
     _distcp(tmp_path / "step_00000001").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="no intact checkpoint in .*: all 2 failed verification"):
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*: all 2 failed verification"):
         manager.newest_valid()
 
 

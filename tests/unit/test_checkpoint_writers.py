@@ -12,6 +12,7 @@ import torch
 from app.checkpoint import CheckpointStore
 from app.checkpoint.writers import UncachedFile
 
+
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("buffer_size", [8192, 1 << 20])
 def test_an_uncached_file_holds_exactly_what_was_written(tmp_path, buffer_size, direct):
@@ -51,12 +52,13 @@ def test_an_empty_uncached_file_and_a_float_tensor_view(tmp_path):
 
 
 def test_a_failed_write_closes_the_file_without_syncing_it(tmp_path):
-    with pytest.raises(RuntimeError, match="serialisation failed"):
+    # The file's block writes, then fails: the failure is raised through the file's __exit__.
+    with pytest.raises(RuntimeError, match="serialisation failed"):  # noqa: SIM117, PT012
         with UncachedFile(str(tmp_path / "failed"), buffer_size=8192) as file:
             file.write(b"x" * 10_000)
             raise RuntimeError("serialisation failed")
     assert file.closed
-    with pytest.raises(OSError):
+    with pytest.raises(OSError):  # noqa: PT011 (EBADF, whose text depends on the platform)
         os.fstat(file.fileno())  # the descriptor was released
 
 

@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from app import job
-from app.checkpoint import (Checkpointer, CheckpointError, CheckpointStore, RunParts, RunShape, SavedCheckpoint,
-                            TrainState, position_here)
+from app.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointStore,
+    RunParts,
+    RunShape,
+    SavedCheckpoint,
+    TrainState,
+    position_here,
+)
 from app.config import ConfigError
 from app.distributed import DistEnv
 from app.features import FeatureSchema
@@ -88,7 +96,8 @@ def test_nothing_to_resume_is_a_fresh_start_and_a_missing_load_from_an_error(sou
 
 def test_resume_false_refuses_a_run_that_has_checkpoints(source_run, single_process_group):
     root, source = source_run
-    with pytest.raises(ConfigError, match="checkpoint.resume=false, but .* already holds checkpoints .*step_00000020"):
+    with pytest.raises(ConfigError,
+                       match=r"checkpoint\.resume=false, but .* already holds checkpoints .*step_00000020"):
         checkpointer_for(source, "checkpoint.resume=false", data_root=root / "data").restore()
 
 

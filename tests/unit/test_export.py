@@ -22,8 +22,7 @@ from app.checkpoint import CheckpointStore
 from app.config import Config, FeaturesConfig, ModelConfig, ShardingConfig, SparseFeature, TrainerConfig
 from app.data import DataError
 from app.distributed import DistEnv
-from app.export import (CONFIG_FILE, MODEL_FILE, ExportError, check_inputs, export_checkpoint, load_exported,
-                        score_files)
+from app.export import CONFIG_FILE, MODEL_FILE, ExportError, check_inputs, export_checkpoint, load_exported, score_files
 from app.features import FeatureSchema
 from app.job import build_sharded_model
 from app.optim import optimizer_and_schedule

@@ -116,7 +116,7 @@ def test_the_export_maps_each_id_by_the_shard_that_gave_it_its_row():
     # As two row-wise shards of 4 rows would have saved it: each id in the shard its hash block routes
     # it to (the lower or upper half of the hash space), each shard's last row free for misses.
     rows = {0: [], 1: []}
-    for raw, h in hashed.items():
+    for h in hashed.values():
         rows[int(h >= module.input_size() // 2)].append(h)
     with torch.no_grad():
         for shard, ids in rows.items():

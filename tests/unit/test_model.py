@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrec.distributed import DistributedModelParallel
 from torchrec.datasets.utils import Batch
+from torchrec.distributed import DistributedModelParallel
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from app.config import FeaturesConfig, ModelConfig, SparseFeature

@@ -22,8 +22,14 @@ from app.checkpoint.checkpointer import model_differences
 from app.config import ConfigError, DataConfig, FeaturesConfig, ModelConfig, SparseFeature, SyntheticConfig, TaskLabel
 from app.data import DataError
 from app.data.batch import decode
-from app.data.synthetic import (PROBABILITY_COLUMN, best_achievable, dataset_dir, ensure_dataset, generate,
-                                task_probability_column)
+from app.data.synthetic import (
+    PROBABILITY_COLUMN,
+    best_achievable,
+    dataset_dir,
+    ensure_dataset,
+    generate,
+    task_probability_column,
+)
 from app.features import FeatureSchema
 from app.hydra_edge import compose_config
 from app.metrics import EvalMetrics, TaskMetrics, auc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from app.config import OptimConfig
@@ -21,7 +23,7 @@ def test_decay_reaches_the_floor_at_the_end(decay):
     assert m(60) == pytest.approx(0.55)  # halfway, for both shapes
     assert m(110) == pytest.approx(0.1) and m(500) == pytest.approx(0.1)
     values = [m(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_explicit_decay_steps():
@@ -39,7 +41,7 @@ def test_sparse_adam_is_refused_on_cpu_naming_the_key():
 
     schema = FeatureSchema.from_config(FeaturesConfig(dense=["d"], sparse=[SparseFeature("a", 10)], embedding_dim=8))
     model = build_model(ModelConfig(dense_arch_layer_sizes=[8]), schema, torch.device("cpu"))
-    with pytest.raises(ConfigError, match="optim.sparse=adam needs CUDA"):
+    with pytest.raises(ConfigError, match=r"optim\.sparse=adam needs CUDA"):
         apply_sparse_optimizer(model, OptimConfig(sparse="adam"), torch.device("cpu"))
 
 
@@ -49,7 +51,7 @@ def test_decay_after_warmup_starts_where_warmup_ends():
     assert m(9) == 1.0 and m(10) == 1.0
     assert m(60) == pytest.approx(0.5) and m(110) == 0.0
     values = [m(s) for s in range(9, 111)]
-    assert max(a - b for a, b in zip(values, values[1:])) == pytest.approx(0.01)
+    assert max(a - b for a, b in itertools.pairwise(values)) == pytest.approx(0.01)
 
 
 def test_a_schedule_put_at_a_step_gives_every_group_that_steps_lr():

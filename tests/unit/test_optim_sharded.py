@@ -10,9 +10,9 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from app.hydra_edge import compose_config
 from app.distributed import DistEnv
 from app.features import FeatureSchema
+from app.hydra_edge import compose_config
 from app.job import build_sharded_model
 from app.optim import REPLICATED_PART, build_optimizer, set_fused_optimizer_step
 

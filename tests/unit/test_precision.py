@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.hydra_edge import compose_config
 from app.features import FeatureSchema
+from app.hydra_edge import compose_config
 from app.job import build_sharded_model
 from app.optim import OptimizerStep, build_optimizer, dense_parameters
 from app.precision import TableGradients, autocast_dtype, loss_scaler

@@ -9,14 +9,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from app.config import (ConfigError, FeaturesConfig, ModelConfig, OptimConfig, ShardingConfig, SparseFeature,
-                        TableConstraint)
+from app.config import (
+    ConfigError,
+    FeaturesConfig,
+    ModelConfig,
+    OptimConfig,
+    ShardingConfig,
+    SparseFeature,
+    TableConstraint,
+)
 from app.features import FeatureSchema
 from app.hydra_edge import compose_config
 from app.models import build_model
 from app.optim import apply_sparse_optimizer
-from app.sharding import (parameter_constraints, plan_offline, plan_report, plan_sharding, sharders,
-                          write_plan_report)
+from app.sharding import parameter_constraints, plan_offline, plan_report, plan_sharding, sharders, write_plan_report
 
 SCHEMA = FeatureSchema.from_config(
     FeaturesConfig(dense=["d"], sparse=[SparseFeature("small", 100), SparseFeature("big", 5000)], embedding_dim=8)
@@ -50,7 +56,7 @@ def test_no_constraints_leaves_the_planner_free():
 
 def test_cuda_only_kernels_are_refused_on_cpu_naming_the_key():
     config = ShardingConfig(tables={"big": TableConstraint(compute_kernels=["fused_uvm_caching"])})
-    with pytest.raises(ConfigError, match="sharding.tables.big.compute_kernels: fused_uvm_caching needs CUDA"):
+    with pytest.raises(ConfigError, match=r"sharding\.tables\.big\.compute_kernels: fused_uvm_caching needs CUDA"):
         parameter_constraints(config, SCHEMA, "cpu")
     assert parameter_constraints(config, SCHEMA, "cuda")["t_big"].compute_kernels == ["fused_uvm_caching"]
 
@@ -227,7 +233,8 @@ def test_fp32_communication_needs_no_codecs():
 def test_fp8_communication_is_refused_on_cpu_naming_the_key():
     with pytest.raises(ConfigError, match=r"sharding.comm_backward_precision=fp8 needs CUDA"):
         sharders(ShardingConfig(comm_backward_precision="fp8"), torch.device("cpu"), 512)
-    registry = sharders(ShardingConfig(comm_backward_precision="fp8"), torch.device("cuda"), 512)[0].qcomm_codecs_registry
+    cuda_sharders = sharders(ShardingConfig(comm_backward_precision="fp8"), torch.device("cuda"), 512)
+    registry = cuda_sharders[0].qcomm_codecs_registry
     assert registry["POOLED_EMBEDDINGS_ALL_TO_ALL"].backward.quantized_dtype == torch.uint8
 
 

@@ -13,12 +13,15 @@ bit for bit (its tables come from numpy's global generator, in feature order).
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_UInt64s = TypeVar("_UInt64s", np.ndarray, np.uint64)  # an array of them, or one
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
+def _mix(x: _UInt64s) -> _UInt64s:
     """splitmix64's finaliser: a bijection of uint64 whose outputs look independent and uniform."""
     with np.errstate(over="ignore"):
         x = x + _GOLDEN

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING
 
 from app.config import ConfigError, FeaturesConfig
 
@@ -23,7 +24,7 @@ class ConvertOptions:
     # vocab: apply the vocabulary of an earlier conversion (its output directory or its
     # _vocabulary directory) instead of counting these inputs, e.g. the training days' for the
     # validation day, so that both splits give a value the same id.
-    vocabulary: Optional[str] = None
+    vocabulary: str | None = None
     log_dense: bool = True
     rows_per_file: int = 1_000_000
     # The loader deals whole row groups to ranks and shuffles rows within windows of
@@ -42,7 +43,7 @@ class ConvertOptions:
     # Ids per row of each categorical column, in column order (26 values), as the MLPerf DLRMv2
     # reference's --multi_hot_sizes; None: the features config's hotness. A column of hotness h > 1
     # is written as list<int64>: its one-hot id, then h - 1 ids derived from it (multi_hot.py).
-    multi_hot_sizes: Optional[Tuple[int, ...]] = None
+    multi_hot_sizes: tuple[int, ...] | None = None
     # Seed of the derived ids: the same seed gives every row with the same id the same bag.
     multi_hot_seed: int = 0
 
@@ -73,14 +74,14 @@ class CriteoColumns:
     plain data (a FeatureSchema would make every worker process import torchrec)."""
 
     label: str
-    dense: Tuple[str, ...]
-    sparse: Tuple[str, ...]
-    num_embeddings: Tuple[int, ...]
-    hotness: Tuple[int, ...]  # ids per row of each sparse column: > 1 is multi-hot (multi_hot.py)
+    dense: tuple[str, ...]
+    sparse: tuple[str, ...]
+    num_embeddings: tuple[int, ...]
+    hotness: tuple[int, ...]  # ids per row of each sparse column: > 1 is multi-hot (multi_hot.py)
 
     @classmethod
-    def from_schema(cls, schema: "FeatureSchema | FeaturesConfig",
-                    multi_hot_sizes: Optional[Sequence[int]] = None) -> "CriteoColumns":
+    def from_schema(cls, schema: FeatureSchema | FeaturesConfig,
+                    multi_hot_sizes: Sequence[int] | None = None) -> CriteoColumns:
         """The schema's columns; each sparse column's hotness is multi_hot_sizes' if given (checked
         by ConvertOptions.validate), else the features config's."""
         if len(schema.dense) != DENSE_COLUMNS or len(schema.sparse) != SPARSE_COLUMNS:
@@ -99,7 +100,7 @@ class CriteoColumns:
         )
 
     @property
-    def names(self) -> Tuple[str, ...]:
+    def names(self) -> tuple[str, ...]:
         return (self.label, *self.dense, *self.sparse)
 
     def field(self, name: str) -> int:

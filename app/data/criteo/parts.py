@@ -9,8 +9,8 @@ id, then h - 1 ids derived from it (multi_hot.py); an empty field stays null.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -33,12 +33,13 @@ def output_schema(columns: CriteoColumns) -> pa.Schema:
     return pa.schema(
         [(columns.label, pa.int8())]
         + [(name, pa.float32()) for name in columns.dense]
-        + [(name, pa.int64() if hot == 1 else pa.list_(pa.int64())) for name, hot in zip(columns.sparse, columns.hotness)]
+        + [(name, pa.int64() if hot == 1 else pa.list_(pa.int64()))
+           for name, hot in zip(columns.sparse, columns.hotness)]
     )
 
 
 def output_rows(batch: pa.RecordBatch, first_line: int, path: str, columns: CriteoColumns, log_dense: bool,
-                vocabularies: Optional[List[Vocabulary]], multi_hot_seed: int = 0, raw: bool = False) -> pa.Table:
+                vocabularies: list[Vocabulary] | None, multi_hot_seed: int = 0, raw: bool = False) -> pa.Table:
     """One block's rows in the output schema: ids from the vocabularies, or without them, hashed
     (int(hex, 16) mod the table's rows), or as they are with `raw` (int(hex, 16))."""
     raw_label = batch.column(columns.label)
@@ -103,14 +104,14 @@ class PartWriter:
                  rows_per_row_group: int) -> None:
         self.open_part, self.stem, self.schema = open_part, stem, schema
         self.rows_per_file, self.rows_per_row_group = rows_per_file, rows_per_row_group
-        self.parts: List[str] = []
-        self._pending: List[pa.Table] = []
+        self.parts: list[str] = []
+        self._pending: list[pa.Table] = []
         self._pending_rows = 0
-        self._writer: Optional[pq.ParquetWriter] = None
+        self._writer: pq.ParquetWriter | None = None
         self._rows_in_file = 0
         self._holding = True  # while the input may still be small
 
-    def __enter__(self) -> "PartWriter":
+    def __enter__(self) -> PartWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -129,7 +130,7 @@ class PartWriter:
         while self._pending_rows >= self._group_rows():
             self._write_group(self._group_rows())
 
-    def close(self) -> List[str]:
+    def close(self) -> list[str]:
         """Writes what is left; returns the part names."""
         if self._holding:  # the whole input: MIN_ROW_GROUPS row groups, equal but for a row
             rows = self._pending_rows

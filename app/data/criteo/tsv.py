@@ -7,7 +7,7 @@ empty, integers may be negative, categoricals are hex strings such as 68fd1e64.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +19,7 @@ from app.data.criteo.options import CriteoColumns
 
 
 def read_blocks(path: str, columns: CriteoColumns, block_size: int,
-                only: Optional[Sequence[str]] = None) -> Iterator[Tuple[int, pa.RecordBatch]]:
+                only: Sequence[str] | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(line number of its first row, the block's rows) for each block of the file, in order; of
     the columns named in `only` if given. Empty lines are kept as rows (of nulls, refused for their
     label) so rows and lines agree."""
@@ -68,7 +68,7 @@ def _locate(path: str, first_line: int, columns: CriteoColumns, block_size: int,
     return DataError(f"{path}, line {first_line} or a later one: {error}")
 
 
-def _first_problem(lines: pa.Array, columns: CriteoColumns) -> Optional[Tuple[int, str]]:
+def _first_problem(lines: pa.Array, columns: CriteoColumns) -> tuple[int, str] | None:
     """(row, what is wrong) for the first line with a wrong field count, a label other than 0/1, or
     a non-integer in an integer column; None if every line fits."""
     width = len(columns.names)
@@ -104,7 +104,7 @@ _HEX_DIGIT[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
 _HEX_DIGIT[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 
 
-def _parse_hex(strings: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
+def _parse_hex(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(uint64 value of each string, mask of those that are not 1-16 hex digits); no nulls.
     Vectorised: left-pad to 8 or 16 digits, look each byte up, pack digit pairs into bytes and
     read those as one big-endian integer. (A block of a 1TB day holds about as many distinct
@@ -126,7 +126,7 @@ def _parse_hex(strings: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def distinct_values(column: pa.Array, name: str, path: str, first_line: int,
-                    columns: CriteoColumns) -> Tuple[np.ndarray, pa.Array]:
+                    columns: CriteoColumns) -> tuple[np.ndarray, pa.Array]:
     """(value of each distinct string in the block's column, each row's index into them, null
     where the field is empty): later steps work on the few distinct values, then `take`."""
     encoded = column.dictionary_encode()

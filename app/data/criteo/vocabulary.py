@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import pyarrow as pa
@@ -47,7 +46,7 @@ class Vocabulary:
         return np.where(self.values[position] == values, self.ids[position], 0)
 
 
-def load_vocabularies(directory: Path, columns: CriteoColumns) -> List[Vocabulary]:
+def load_vocabularies(directory: Path, columns: CriteoColumns) -> list[Vocabulary]:
     """The sparse columns' vocabularies, in column order."""
     return [Vocabulary(directory / f"{name}.arrow") for name in columns.sparse]
 
@@ -99,14 +98,14 @@ def count_input(job: CountJob) -> str:
             values, indices = distinct_values(batch.column(name), name, job.path, first_line, columns)
             counter.add(values, np.bincount(indices.drop_null().to_numpy(), minlength=len(values)))
     schema = pa.schema([("value", pa.uint64()), ("count", pa.int64())])
-    with atomic_output(job.counts_file) as partial:
-        with pa.OSFile(str(partial), "wb") as sink, ipc.new_file(sink, schema) as writer:
-            for counter in counts:
-                writer.write_batch(counter.result())
+    with (atomic_output(job.counts_file) as partial, pa.OSFile(str(partial), "wb") as sink,
+          ipc.new_file(sink, schema) as writer):
+        for counter in counts:
+            writer.write_batch(counter.result())
     return job.counts_file
 
 
-def ensure_vocabulary(out: Path, inputs: List[str], stems: List[str], columns: CriteoColumns,
+def ensure_vocabulary(out: Path, inputs: list[str], stems: list[str], columns: CriteoColumns,
                       options: ConvertOptions, built_from: dict) -> Path:
     """out/_vocabulary, counted over all inputs unless a run with the same inputs and min_frequency
     left it there."""
@@ -133,7 +132,7 @@ def ensure_vocabulary(out: Path, inputs: List[str], stems: List[str], columns: C
     return target
 
 
-def _vocabulary_table(count_files: List[str], index: int, min_frequency: int) -> pa.Table:
+def _vocabulary_table(count_files: list[str], index: int, min_frequency: int) -> pa.Table:
     """Feature `index`'s kept values with their ids (1.. by descending count, ties by value),
     sorted by value for lookup."""
     batches = [ipc.open_file(pa.memory_map(f)).get_batch(index) for f in count_files]
@@ -158,6 +157,7 @@ def given_vocabulary(path: str) -> Path:
 def check_vocabulary_fits(directory: Path, columns: CriteoColumns) -> None:
     """Every table must hold its feature's vocabulary and the rare id 0; names all that do not."""
     meta = read_json(directory / VOCABULARY_META)
+    assert meta is not None, f"{directory} holds no {VOCABULARY_META}"  # found there by given_vocabulary
     missing = [name for name in columns.sparse if name not in meta["sizes"]]
     if missing:
         raise ConfigError(f"the vocabulary in {directory} lacks features {missing}; it has {sorted(meta['sizes'])}.")

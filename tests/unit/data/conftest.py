@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +21,7 @@ SCHEMA = FeatureSchema.from_config(
 )
 
 
-def make_rows(start: int, count: int) -> Dict[str, pa.Array]:
+def make_rows(start: int, count: int) -> dict[str, pa.Array]:
     """Rows whose d0 is their global index, so tests can tell exactly which rows they got."""
     index = np.arange(start, start + count)
     return {
@@ -34,14 +33,14 @@ def make_rows(start: int, count: int) -> Dict[str, pa.Array]:
     }
 
 
-def write(path: Path, columns: Dict[str, pa.Array], row_group_size: int) -> str:
+def write(path: Path, columns: dict[str, pa.Array], row_group_size: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
     return str(path)
 
 
 @pytest.fixture
-def uneven_files(tmp_path) -> List[str]:
+def uneven_files(tmp_path) -> list[str]:
     """Three files of 50, 130 and 20 rows in row groups of 25: 200 rows in 9 row groups."""
     files, start = [], 0
     for i, rows in enumerate((50, 130, 20)):

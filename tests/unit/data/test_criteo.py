@@ -11,7 +11,6 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +39,7 @@ POOL = [[f"{_POOL_RNG.getrandbits(32):08x}" for _ in range(6)] for _ in SPARSE]
 SMALL = dict(block_size=4096, rows_per_file=100, rows_per_row_group=30)
 
 
-def criteo_rows(count: int, seed: int) -> List[List[str]]:
+def criteo_rows(count: int, seed: int) -> list[list[str]]:
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
@@ -50,7 +49,7 @@ def criteo_rows(count: int, seed: int) -> List[List[str]]:
     return rows
 
 
-def write_tsv(path: Path, rows: List[List[str]]) -> str:
+def write_tsv(path: Path, rows: list[list[str]]) -> str:
     text = "".join("\t".join(row) + "\n" for row in rows).encode()
     if path.name.endswith(".gz"):
         text = gzip.compress(text)
@@ -58,21 +57,21 @@ def write_tsv(path: Path, rows: List[List[str]]) -> str:
     return str(path)
 
 
-def read_output(out: Path) -> Dict[str, list]:
+def read_output(out: Path) -> dict[str, list]:
     return pa.concat_tables(pq.read_table(f) for f in resolve_files(str(out))).to_pydict()
 
 
-def vocabulary(rows: List[List[str]], j: int, min_frequency: int) -> Dict[str, int]:
+def vocabulary(rows: list[list[str]], j: int, min_frequency: int) -> dict[str, int]:
     """The ids the converter must give feature j's values: 1.. by descending count, ties by value."""
     counts = Counter(row[14 + j] for row in rows if row[14 + j])
     kept = sorted((v for v, c in counts.items() if c >= min_frequency), key=lambda v: (-counts[v], int(v, 16)))
     return {value: i + 1 for i, value in enumerate(kept)}
 
 
-def expected(rows: List[List[str]], log_dense: bool = True,
-             vocabularies: Optional[List[dict]] = None) -> Dict[str, list]:
+def expected(rows: list[list[str]], log_dense: bool = True,
+             vocabularies: list[dict] | None = None) -> dict[str, list]:
     """The output columns for these raw rows, computed the plain way (hash ids without vocabularies)."""
-    columns: Dict[str, list] = {"label": [int(row[0]) for row in rows]}
+    columns: dict[str, list] = {"label": [int(row[0]) for row in rows]}
     for i, name in enumerate(DENSE):
         raw = [int(row[1 + i]) if row[1 + i] else 0 for row in rows]
         columns[name] = [math.log1p(max(x, 0)) for x in raw] if log_dense else raw
@@ -85,7 +84,7 @@ def expected(rows: List[List[str]], log_dense: bool = True,
     return columns
 
 
-def assert_output(out: Path, want: Dict[str, list]) -> None:
+def assert_output(out: Path, want: dict[str, list]) -> None:
     got = read_output(out)
     assert list(got) == ["label", *DENSE, *SPARSE]
     assert got["label"] == want["label"]
@@ -174,7 +173,7 @@ def test_parts_and_row_groups(tmp_path):
     assert groups == [[30, 30, 30, 10], [30, 30, 30, 10], [30, 20]]
 
 
-def row_groups(out: Path) -> List[List[int]]:
+def row_groups(out: Path) -> list[list[int]]:
     """Rows per row group, per file."""
     metadata = [pq.read_metadata(f) for f in resolve_files(str(out))]
     return [[m.row_group(i).num_rows for i in range(m.num_row_groups)] for m in metadata]
@@ -233,7 +232,8 @@ def test_raw_ids_refuse_what_no_int64_holds_and_multi_hot_columns(tmp_path):
     with pytest.raises(DataError, match=f"^{re.escape(path)}, line 42, column 'cat_7' \\(field 22\\): "
                                         "'8000000000000000' is 2\\*\\*63 or more"):
         convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical="raw", **SMALL))
-    with pytest.raises(ConfigError, match="categorical='raw' keeps each value as its id, but \\['cat_0'\\] are multi-hot"):
+    with pytest.raises(ConfigError,
+                       match="categorical='raw' keeps each value as its id, but \\['cat_0'\\] are multi-hot"):
         convert([path], str(tmp_path / "out2"), SCHEMA,
                 ConvertOptions(categorical="raw", multi_hot_sizes=(3,) + (1,) * 25, **SMALL))
 
@@ -299,7 +299,7 @@ def test_a_directory_of_other_settings_is_refused(tmp_path):
         convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(**{**SMALL, "rows_per_file": 50}))
 
 
-def _with(rows: List[List[str]], line: int, field: int, value: str) -> List[List[str]]:
+def _with(rows: list[list[str]], line: int, field: int, value: str) -> list[list[str]]:
     rows = [list(r) for r in rows]
     rows[line - 1][field - 1] = value
     return rows
@@ -308,7 +308,7 @@ def _with(rows: List[List[str]], line: int, field: int, value: str) -> List[List
 @pytest.mark.parametrize(
     "categorical, edit, message",
     [
-        ("hash", lambda r: r[:76] + [r[76][:39]] + r[77:],
+        ("hash", lambda r: [*r[:76], r[76][:39], *r[77:]],
          "line 77: 39 tab-separated field\\(s\\); expected 40"),
         ("hash", lambda r: _with(r, 90, 5, "12x"), "line 90, column 'int_3' \\(field 5\\): '12x'; expected an integer"),
         ("hash", lambda r: _with(r, 3, 1, "2"), "line 3, column 'label' \\(field 1\\): '2'; expected 0 or 1"),
@@ -316,7 +316,7 @@ def _with(rows: List[List[str]], line: int, field: int, value: str) -> List[List
         ("hash", lambda r: _with(r, 120, 1, "yes"), "line 120, column 'label' \\(field 1\\): 'yes'; expected 0 or 1"),
         ("hash", lambda r: _with(r, 45, 19, "ab-cd"), "line 45, column 'cat_4' \\(field 19\\): 'ab-cd'; expected a h"),
         ("vocab", lambda r: _with(r, 45, 19, "ab-cd"), "line 45, column 'cat_4' \\(field 19\\): 'ab-cd'; expected a h"),
-        ("vocab", lambda r: r[:33] + [r[33] + ["extra"]] + r[34:], "line 34: 41 tab-separated field\\(s\\)"),
+        ("vocab", lambda r: [*r[:33], r[33] + ["extra"], *r[34:]], "line 34: 41 tab-separated field\\(s\\)"),
     ],
     ids=["field-count", "integer", "label", "empty-label", "label-text", "hex", "hex-vocab", "field-count-vocab"],
 )
@@ -327,7 +327,7 @@ def test_bad_lines_are_named_by_file_line_and_column(tmp_path, categorical, edit
     assert not resolve_files_or_none(tmp_path / "out")
 
 
-def resolve_files_or_none(out: Path) -> Optional[List[str]]:
+def resolve_files_or_none(out: Path) -> list[str] | None:
     try:
         return resolve_files(str(out))
     except DataError:
@@ -339,7 +339,7 @@ def test_a_vocabulary_larger_than_its_table_is_refused(tmp_path):
     for k, row in enumerate(rows):
         row[14 + 2] = f"{k % 14:08x}"  # 14 values (2 of them 8 times, the others 7); cat_2's table has 13 rows
     path = write_tsv(tmp_path / "day_0", rows)
-    with pytest.raises(ConfigError, match="'cat_2' needs 15 \\(num_embeddings is 13\\).*raise min_frequency"):
+    with pytest.raises(ConfigError, match=r"'cat_2' needs 15 \(num_embeddings is 13\).*raise min_frequency"):
         convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical="vocab"))
     summary = convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical="vocab", min_frequency=8))
     assert summary["vocabulary"]["cat_2"] == 2
@@ -353,7 +353,7 @@ def test_a_missing_input_is_named(tmp_path):
 def test_a_schema_that_is_not_criteo_is_refused(tmp_path):
     path = write_tsv(tmp_path / "day_0", criteo_rows(5, seed=8))
     narrow = FeatureSchema.from_config(FeaturesConfig(dense=DENSE[:2], sparse=[SparseFeature(n, 10) for n in SPARSE]))
-    with pytest.raises(ConfigError, match="13 integer and 26 categorical columns.*2 dense and 26 sparse"):
+    with pytest.raises(ConfigError, match=r"13 integer and 26 categorical columns.*2 dense and 26 sparse"):
         convert([path], str(tmp_path / "out"), narrow, ConvertOptions())
 
 
@@ -369,7 +369,7 @@ def test_multi_hot_bags_are_the_one_hot_id_and_ids_derived_from_it_by_seed(tmp_p
     files = resolve_files(str(tmp_path / "a"))
     check_files(files, multi_hot)
     got, one_hot = read_output(tmp_path / "a"), expected(rows[0] + rows[1])
-    bags_of: Dict[tuple, list] = {}
+    bags_of: dict[tuple, list] = {}
     for j, (name, hotness) in enumerate(zip(SPARSE, HOTNESS)):
         column = pq.read_schema(files[0]).field(name).type
         assert str(column) == ("int64" if hotness == 1 else "list<element: int64>"), name
@@ -427,7 +427,7 @@ def test_the_script_converts_and_exits_2_on_bad_input(tmp_path, capsys):
         assert err.startswith("error: ") and "--multi-hot-sizes" in err and message in err, err
     assert main(["--out", str(tmp_path / "mh"), path, "features=criteo_small", "--multi-hot-sizes",
                  ",".join(map(str, HOTNESS)), "--multi-hot-seed", "3"]) == 0
-    assert [len(b) for b in read_output(tmp_path / "mh")["cat_21"] if b is not None][0] == 27
+    assert next(len(b) for b in read_output(tmp_path / "mh")["cat_21"] if b is not None) == 27
 
 
 def test_the_script_takes_any_features_config_and_names_a_bad_override(tmp_path, capsys):

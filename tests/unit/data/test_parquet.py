@@ -148,7 +148,7 @@ def test_errors_while_reading_reach_the_consumer(tmp_path):
     columns = make_rows(0, 64)
     columns["one"] = pa.array([11] * 64, type=pa.int64())
     files = [write(tmp_path / "bad.parquet", columns, row_group_size=32)]
-    with pytest.raises(DataError, match="bad.parquet row group 0, row 0: column 'one' has id 11"):
+    with pytest.raises(DataError, match=r"bad\.parquet row group 0, row 0: column 'one' has id 11"):
         list(reader(files, prefetch_windows=2))
 
 
@@ -166,7 +166,7 @@ def test_a_damaged_page_is_a_data_error_naming_file_and_row_group(tmp_path, pref
     path = write(tmp_path / "damaged.parquet", make_rows(0, 96), row_group_size=32)
     damage_page(path, row_group=1, column=SCHEMA.columns.index("one"), fill=fill)
     check_files([path], SCHEMA)  # the footer is intact
-    with pytest.raises(DataError, match="damaged.parquet row group 1: cannot be read \\(.+\\); the file is damaged"):
+    with pytest.raises(DataError, match=r"damaged\.parquet row group 1: cannot be read \(.+\); the file is damaged"):
         list(reader([path], prefetch_windows=prefetch))
 
 
@@ -178,7 +178,7 @@ def with_bad_id(path, row):
 
 def test_check_first_row_group_raises_what_the_loader_would(tmp_path, uneven_files):
     bad = with_bad_id(tmp_path / "val" / "a.parquet", row=16)
-    with pytest.raises(DataError, match="a.parquet row group 0, row 16: column 'one' has id 12") as loaded:
+    with pytest.raises(DataError, match=r"a\.parquet row group 0, row 16: column 'one' has id 12") as loaded:
         list(reader([bad, *uneven_files]))
     with pytest.raises(DataError) as checked:
         check_first_row_group([bad, *uneven_files], SCHEMA)
@@ -190,7 +190,7 @@ def test_check_first_row_group_reads_one_row_group_only(tmp_path):
     # A bad value in a later row group is found when the loader reads it: the check stays cheap.
     late = with_bad_id(tmp_path / "late.parquet", row=40)
     check_first_row_group([late], SCHEMA)
-    with pytest.raises(DataError, match="late.parquet row group 1, row 8"):
+    with pytest.raises(DataError, match=r"late\.parquet row group 1, row 8"):
         list(reader([late]))
 
 
@@ -201,7 +201,7 @@ def test_check_first_row_group_reads_the_first_row_group_with_rows(tmp_path):
         writer.write_table(columns.slice(0, 0))  # an empty row group first
         writer.write_table(columns)
     damage_page(path, row_group=1, column=0, fill=b"\xff")
-    with pytest.raises(DataError, match="late.parquet row group 1: cannot be read"):
+    with pytest.raises(DataError, match=r"late\.parquet row group 1: cannot be read"):
         check_first_row_group([path], SCHEMA)
 
 
@@ -209,7 +209,7 @@ def test_resolve_files(tmp_path, uneven_files):
     assert resolve_files(str(tmp_path)) == sorted(uneven_files)
     assert resolve_files(uneven_files[0]) == [uneven_files[0]]
     assert resolve_files(str(tmp_path / "part-[01].parquet")) == sorted(uneven_files)[:2]
-    with pytest.raises(DataError, match="no Parquet files at '.*nowhere'"):
+    with pytest.raises(DataError, match=r"no Parquet files at '.*nowhere'"):
         resolve_files(str(tmp_path / "nowhere"))
 
 
@@ -217,7 +217,7 @@ def test_check_files_refuses_files_whose_schemas_differ(tmp_path, uneven_files):
     columns = make_rows(0, 4)
     columns["one"] = pa.array(columns["one"].to_numpy().astype("int32"))
     odd = write(tmp_path / "odd.parquet", columns, row_group_size=4)
-    with pytest.raises(DataError, match="odd.parquet: column 'one' has type int32, but .*part-0.parquet has int64"):
+    with pytest.raises(DataError, match=r"odd\.parquet: column 'one' has type int32, but .*part-0\.parquet has int64"):
         check_files([*uneven_files, odd], SCHEMA)
 
 
@@ -225,7 +225,7 @@ def test_check_files_missing_column(tmp_path):
     columns = make_rows(0, 4)
     del columns["many"]
     path = write(tmp_path / "nomany.parquet", columns, row_group_size=4)
-    with pytest.raises(DataError, match="nomany.parquet: missing column\\(s\\) \\['many'\\]"):
+    with pytest.raises(DataError, match=r"nomany\.parquet: missing column\(s\) \['many'\]"):
         check_files([path], SCHEMA)
 
 
@@ -247,11 +247,11 @@ def test_check_files_wrong_types(tmp_path, column, values, expected):
 
 def test_check_files_empty_and_unreadable(tmp_path, uneven_files):
     empty = write(tmp_path / "empty.parquet", {k: v.slice(0, 0) for k, v in make_rows(0, 1).items()}, 1)
-    with pytest.raises(DataError, match="empty.parquet: the file holds no rows"):
+    with pytest.raises(DataError, match=r"empty\.parquet: the file holds no rows"):
         check_files([*uneven_files, empty], SCHEMA)
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"not parquet at all")
-    with pytest.raises(DataError, match="junk.parquet: not a readable Parquet file"):
+    with pytest.raises(DataError, match=r"junk\.parquet: not a readable Parquet file"):
         check_files([str(junk)], SCHEMA)
 
 

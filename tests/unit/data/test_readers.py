@@ -95,7 +95,7 @@ def test_an_error_in_another_reader_reaches_the_consumer(tmp_path):
     # Row 40 is in row group 1: the second window, dealt to the second reader.
     bad = with_bad_id(tmp_path / "bad.parquet", row=40)
     loader = TrainingBatches([bad], SCHEMA, 8, 0, 1, prefetch_windows=1, num_workers=2)
-    with pytest.raises(DataError, match="bad.parquet row group 1, row 8: column 'one' has id 12"):
+    with pytest.raises(DataError, match=r"bad\.parquet row group 1, row 8: column 'one' has id 12"):
         list(loader)
 
 

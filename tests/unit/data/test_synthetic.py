@@ -30,7 +30,8 @@ def test_generation_is_deterministic_by_seed(tmp_path):
     assert first == second
     for name in ("train/part-00002.parquet", "val/part-00000.parquet"):
         assert pq.read_table(tmp_path / "a" / name).equals(pq.read_table(tmp_path / "b" / name))
-    assert not pq.read_table(tmp_path / "a/val/part-00000.parquet").equals(pq.read_table(tmp_path / "c/val/part-00000.parquet"))
+    val = "val/part-00000.parquet"
+    assert not pq.read_table(tmp_path / "a" / val).equals(pq.read_table(tmp_path / "c" / val))
     assert first != other
 
 
@@ -63,12 +64,13 @@ def test_ensure_dataset_generates_once_and_reuses(tmp_path):
 
 def test_a_failed_generation_leaves_nothing_that_looks_complete(tmp_path):
     cfg = config(tmp_path, rows_per_row_group=0)  # pyarrow refuses: fails mid-generation
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017, PT011 (any failure: the test is about what it leaves)
         ensure_dataset(SCHEMA, cfg)
     assert not (tmp_path / "synthetic").exists() or not any((tmp_path / "synthetic").iterdir())
 
 
-@pytest.mark.parametrize("scores,expected", [([0.1, 0.4, 0.35, 0.8], 0.75), ([0.5] * 4, 0.5), ([0.1, 0.2, 0.3, 0.4], 1.0)])
+@pytest.mark.parametrize("scores,expected",
+                         [([0.1, 0.4, 0.35, 0.8], 0.75), ([0.5] * 4, 0.5), ([0.1, 0.2, 0.3, 0.4], 1.0)])
 def test_auc_reference_values(scores, expected):
     tally = ScoreTally()
     tally.add(np.array([0, 0, 1]), np.array(scores[:3]))
@@ -136,7 +138,8 @@ def test_id_bits_must_hold_every_table(tmp_path):
     from app.config import ConfigError
     from app.hydra_edge import compose_config
 
-    with pytest.raises(ConfigError, match=r"data\.synthetic\.id_bits=10: 2\*\*10 raw ids cannot hold the rows of \['cat_2'"):
+    with pytest.raises(ConfigError,
+                       match=r"data\.synthetic\.id_bits=10: 2\*\*10 raw ids cannot hold the rows of \['cat_2'"):
         compose_config(["features=criteo_small", "data.synthetic.id_bits=10"])
     with pytest.raises(ConfigError, match=r"data\.synthetic\.id_bits must be 0"):
         compose_config(["data.synthetic.id_bits=63"])
