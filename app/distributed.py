@@ -45,8 +45,9 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def resolve_device(config: DistributedConfig, local_rank: int, local_world_size: int,
-                   cuda_devices: int) -> tuple[torch.device, str]:
+def resolve_device(
+    config: DistributedConfig, local_rank: int, local_world_size: int, cuda_devices: int
+) -> tuple[torch.device, str]:
     """(this worker's device, the process group backend) that distributed.device and
     distributed.backend ask for, with `cuda_devices` CUDA devices visible to the process; a
     ConfigError naming the keys where they cannot work. Touches no device (init() selects it)."""
@@ -54,27 +55,36 @@ def resolve_device(config: DistributedConfig, local_rank: int, local_world_size:
     if not use_cuda:
         if config.backend == "nccl":
             why = "distributed.device=cpu" if config.device == "cpu" else "distributed.device=auto found no CUDA device"
-            raise ConfigError(f"distributed.backend=nccl needs CUDA, but {why}: use distributed.backend=gloo (or "
-                              "auto) to train on CPU.")
+            raise ConfigError(
+                f"distributed.backend=nccl needs CUDA, but {why}: use distributed.backend=gloo (or "
+                "auto) to train on CPU."
+            )
         return torch.device("cpu"), "gloo"
     chosen = "distributed.device=cuda" if config.device == "cuda" else "distributed.device=auto chose CUDA"
     if config.backend == "gloo":
         # gloo carries CUDA tensors in broadcast and all-reduce only: the all-to-alls and
         # reduce-scatters of sharded tables would fail at the first step.
-        raise ConfigError(f"{chosen}, but distributed.backend=gloo cannot train on CUDA (gloo has no all-to-all or "
-                          "reduce-scatter of CUDA tensors, which sharded tables need): use distributed.backend=nccl "
-                          "(or auto), or distributed.device=cpu to train on CPU over gloo.")
+        raise ConfigError(
+            f"{chosen}, but distributed.backend=gloo cannot train on CUDA (gloo has no all-to-all or "
+            "reduce-scatter of CUDA tensors, which sharded tables need): use distributed.backend=nccl "
+            "(or auto), or distributed.device=cpu to train on CPU over gloo."
+        )
     if cuda_devices == 0:
-        why = "this torch is built without CUDA" if torch.version.cuda is None else \
-            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"
+        why = (
+            "this torch is built without CUDA"
+            if torch.version.cuda is None
+            else f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"
+        )
         raise ConfigError(f"{chosen}, but no CUDA device is visible ({why}): use distributed.device=cpu (or auto).")
     workers = max(local_world_size, local_rank + 1)
     if workers > cuda_devices:
         # Each worker drives cuda:<LOCAL_RANK>, and NCCL cannot share a device between processes.
         devices = f"{cuda_devices} CUDA device{'s' if cuda_devices > 1 else ''}"
-        raise ConfigError(f"{chosen}, but {workers} workers per node and {devices} visible: each worker needs a "
-                          f"device of its own. Start at most {cuda_devices} per node (torchrun --nproc_per_node, "
-                          "distributed.nproc_per_node), or use distributed.device=cpu.")
+        raise ConfigError(
+            f"{chosen}, but {workers} workers per node and {devices} visible: each worker needs a "
+            f"device of its own. Start at most {cuda_devices} per node (torchrun --nproc_per_node, "
+            "distributed.nproc_per_node), or use distributed.device=cpu."
+        )
     return torch.device("cuda", local_rank), "nccl"
 
 
@@ -84,8 +94,13 @@ def _launcher_store(timeout: datetime.timedelta) -> dist.Store:
     the addresses their killed predecessors published there, and cannot connect."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=not agent_hosts_it and rank == 0, timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent_hosts_it and rank == 0,
+        timeout=timeout,
+    )
     return dist.PrefixStore(f"rectrain/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -103,12 +118,18 @@ def init(config: DistributedConfig) -> DistEnv:
     timeout = datetime.timedelta(seconds=config.timeout_s)
     if not dist.is_initialized():
         if under_launcher():
-            dist.init_process_group(backend=backend, store=_launcher_store(timeout), timeout=timeout,
-                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                                    device_id=device_id)
+            dist.init_process_group(
+                backend=backend,
+                store=_launcher_store(timeout),
+                timeout=timeout,
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+                device_id=device_id,
+            )
         else:
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
-                                    device_id=device_id)
+            dist.init_process_group(
+                backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, device_id=device_id
+            )
     if config.threads_per_worker:
         torch.set_num_threads(config.threads_per_worker)
     return DistEnv(

@@ -28,8 +28,11 @@ class EarlyStopping:
     def resume(self, state: TrainState) -> None:
         """A state whose best is by another metric (the config changed) starts its best over."""
         if state.best_metric not in (None, self.metric):
-            log.warning("trainer.early_stopping.metric is %s, the best so far was by %s: the best starts over",
-                        self.metric, state.best_metric)
+            log.warning(
+                "trainer.early_stopping.metric is %s, the best so far was by %s: the best starts over",
+                self.metric,
+                state.best_metric,
+            )
             state.best_metric = state.best_value = state.best_step = None
             state.evals_since_best = 0
 
@@ -46,8 +49,13 @@ class EarlyStopping:
         value = result[self.metric]
         state.evaluated_samples = state.samples
         if not math.isfinite(value):
-            log.warning("validation %s is undefined (%s) at step %d: the evaluation cannot be the best and does not "
-                        "count toward trainer.early_stopping.patience", self.metric, value, state.step)
+            log.warning(
+                "validation %s is undefined (%s) at step %d: the evaluation cannot be the best and does not "
+                "count toward trainer.early_stopping.patience",
+                self.metric,
+                value,
+                state.step,
+            )
             return False
         if not self.improves(value, state.best_value):
             state.evals_since_best += 1
@@ -63,7 +71,9 @@ class EarlyStopping:
             return f"validation {self.metric} {value:.6f} reached trainer.early_stopping.target={target}"
         if patience and state.evals_since_best >= patience:
             best = "none yet" if state.best_value is None else f"{state.best_value:.6f} at step {state.best_step}"
-            return (f"validation {self.metric} has not improved by more than {self.config.min_delta} in "
-                    f"{state.evals_since_best} evaluations (trainer.early_stopping.patience={patience}; "
-                    f"best {best})")
+            return (
+                f"validation {self.metric} has not improved by more than {self.config.min_delta} in "
+                f"{state.evals_since_best} evaluations (trainer.early_stopping.patience={patience}; "
+                f"best {best})"
+            )
         return None

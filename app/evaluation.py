@@ -51,9 +51,18 @@ class BadInputElsewhere(UserError):
 
 
 class Evaluator:
-    def __init__(self, model: torch.nn.Module, pipeline: Any | None, checkpointer: Checkpointer,
-                 metrics_logger: MetricsLogger, preemption: Preemption, env: DistEnv, tasks: Sequence[str] = (),
-                 primary_task: str | None = None, progress_bar: bool = True) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pipeline: Any | None,
+        checkpointer: Checkpointer,
+        metrics_logger: MetricsLogger,
+        preemption: Preemption,
+        env: DistEnv,
+        tasks: Sequence[str] = (),
+        primary_task: str | None = None,
+        progress_bar: bool = True,
+    ) -> None:
         """`pipeline`: the train pipeline that holds `model` while it trains (detached from it to
         evaluate), or None. `preemption`: where the ranks agree to abandon an evaluation. `tasks`:
         a multi-task model's label columns, `primary_task` the one whose metrics are also unprefixed."""
@@ -74,8 +83,14 @@ class Evaluator:
         metrics = evaluation_metrics(self.env.device, self.tasks, self.primary_task)
         count = len(data) if max_batches is None else min(len(data), max_batches)
         # Counted in batches, shown in samples (of every rank): the rate is samples/s.
-        bar = progress.bar(count, "eval", "sample", unit_scale=data.batch_size * self.env.world_size, leave=False,
-                           enabled=self.progress_bar)
+        bar = progress.bar(
+            count,
+            "eval",
+            "sample",
+            unit_scale=data.batch_size * self.env.world_size,
+            leave=False,
+            enabled=self.progress_bar,
+        )
         try:
             with torch.no_grad(), closing(bar), closing(iter(data)) as batches:
                 self._consume(model, data, batches, count, metrics, bar)
@@ -85,8 +100,9 @@ class Evaluator:
             if self.pipeline is not None:
                 self.pipeline.attach(model)
 
-    def _consume(self, model: torch.nn.Module, data: Any, batches: Iterator, count: int, metrics: Any,
-                 bar: Any) -> None:
+    def _consume(
+        self, model: torch.nn.Module, data: Any, batches: Iterator, count: int, metrics: Any, bar: Any
+    ) -> None:
         """Scores `count` of `batches` into `metrics`, agreeing with the other ranks every
         AGREE_EVERY_N_STEPS batches and after the last. Each forward is collective (the sharded
         tables' all-to-all): a rank that meets bad input goes on with batches of padding rows up
@@ -120,7 +136,11 @@ class Evaluator:
         self.metrics_logger.log("eval", {"step": state.step, "epoch": state.epoch, "samples": state.samples, **result})
         log.info(
             "eval step %d: auc %.4f  logloss %.4f  ne %.4f  (%d samples)",
-            state.step, result["auc"], result["logloss"], result["ne"], result["samples"],
+            state.step,
+            result["auc"],
+            result["logloss"],
+            result["ne"],
+            result["samples"],
         )
         self._log_tasks(result)
         return result
@@ -128,8 +148,14 @@ class Evaluator:
     def _log_tasks(self, result: dict[str, Any]) -> None:
         """Multi-task: each task's metrics, on a line of its own (the line above is the primary's)."""
         for task in self.tasks:
-            log.info("  task %s: auc %.4f  logloss %.4f  ne %.4f  calibration %.4f", task, result[f"{task}/auc"],
-                     result[f"{task}/logloss"], result[f"{task}/ne"], result[f"{task}/calibration"])
+            log.info(
+                "  task %s: auc %.4f  logloss %.4f  ne %.4f  calibration %.4f",
+                task,
+                result[f"{task}/auc"],
+                result[f"{task}/logloss"],
+                result[f"{task}/ne"],
+                result[f"{task}/calibration"],
+            )
 
     def test(self, state: TrainState, data: Any) -> dict[str, Any] | None:
         """Collective: the test split's metrics (kind test) with the best checkpoint's weights,
@@ -147,7 +173,13 @@ class Evaluator:
                 self.checkpointer.load_weights(name)
         result = {"step": step, "checkpoint": name, **self.score(data)}
         self.metrics_logger.log("test", result)
-        log.info("test with %s: auc %.4f  logloss %.4f  ne %.4f  (%d samples)",
-                 which, result["auc"], result["logloss"], result["ne"], result["samples"])
+        log.info(
+            "test with %s: auc %.4f  logloss %.4f  ne %.4f  (%d samples)",
+            which,
+            result["auc"],
+            result["logloss"],
+            result["ne"],
+            result["samples"],
+        )
         self._log_tasks(result)
         return result

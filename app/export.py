@@ -84,8 +84,10 @@ def resolve_checkpoint(path: Path, prefer: str = "best") -> Path:
         cause = storage_cause(error)
         if cause is None:
             raise
-        raise ExportError(f"{path}: cannot read it ({describe(cause)}); check the path, and for a URL the bucket, "
-                          "the credentials and the endpoint (AWS_* variables, ~/.aws).") from error
+        raise ExportError(
+            f"{path}: cannot read it ({describe(cause)}); check the path, and for a URL the bucket, "
+            "the credentials and the endpoint (AWS_* variables, ~/.aws)."
+        ) from error
 
 
 def _read_meta(checkpoint: Path) -> dict:
@@ -118,7 +120,7 @@ def _check_keys(checkpoint: Path, state: dict[str, torch.Tensor]) -> None:
         message = f"{checkpoint}: incomplete checkpoint, its DCP metadata is not readable ({error})."
         raise ExportError(message) from error
     prefix = f"{MODEL_KEY}."
-    saved = {k[len(prefix):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
+    saved = {k[len(prefix) :]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
     missing, unexpected = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
     if missing or unexpected:
         raise ExportError(
@@ -129,8 +131,10 @@ def _check_keys(checkpoint: Path, state: dict[str, torch.Tensor]) -> None:
         entry = saved[key]
         if not isinstance(entry, TensorStorageMetadata) or tuple(entry.size) != tuple(tensor.shape):
             shown = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else type(entry).__name__
-            raise ExportError(f"{checkpoint}: {key!r} is {shown} in the checkpoint; the model its config builds "
-                              f"has {tuple(tensor.shape)}.")
+            raise ExportError(
+                f"{checkpoint}: {key!r} is {shown} in the checkpoint; the model its config builds "
+                f"has {tuple(tensor.shape)}."
+            )
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, prefer: str = "best") -> Path:
@@ -140,8 +144,14 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, prefer: str = "best") -> 
     checkpoint = resolve_checkpoint(checkpoint, prefer)
     meta = _read_meta(checkpoint)
     config = _config_in(checkpoint / META_FILE, meta["config"])
-    model = build_model(config.model, FeatureSchema.from_config(config.features), _CPU, tables_device=_CPU,
-                        managed_collision=config.features.managed_collision, mc_buckets=int(meta["world_size"]))
+    model = build_model(
+        config.model,
+        FeatureSchema.from_config(config.features),
+        _CPU,
+        tables_device=_CPU,
+        managed_collision=config.features.managed_collision,
+        mc_buckets=int(meta["world_size"]),
+    )
     state = model.state_dict()
     _check_keys(checkpoint, state)
     managed_collision = _managed_collision_shards(checkpoint, config, int(meta["world_size"]))
@@ -184,8 +194,11 @@ def _managed_collision_shards(checkpoint: Path, config: Config, world_size: int)
         return None
     segments: dict[str, list[int]] = {}
     for key, entry in read_dcp_metadata(checkpoint).state_dict_metadata.items():
-        if key.startswith(f"{MODEL_KEY}.") and key.endswith("._mch_sorted_raw_ids") \
-                and isinstance(entry, TensorStorageMetadata):
+        if (
+            key.startswith(f"{MODEL_KEY}.")
+            and key.endswith("._mch_sorted_raw_ids")
+            and isinstance(entry, TensorStorageMetadata)
+        ):
             starts = sorted({chunk.offsets[0] for chunk in entry.chunks})
             segments[key.split(".")[-2]] = [*starts, int(entry.size[0])]
     return {"world_size": world_size, "segments": segments}
@@ -219,10 +232,15 @@ def load_exported(out_dir: Path) -> tuple[nn.Module, Config]:
     shards = info.get("managed_collision")
     # The dense part computes in the run's trainer.precision, as its evaluations did: scored in fp32,
     # a bf16 or fp16 run's AUC would differ from its validation's (in the 5th decimal, measured).
-    model = build_model(config.model, FeatureSchema.from_config(config.features), _CPU, tables_device=_CPU,
-                        autocast_dtype=DTYPES[config.trainer.precision],
-                        managed_collision=config.features.managed_collision,
-                        mc_buckets=shards["world_size"] if shards else 1)
+    model = build_model(
+        config.model,
+        FeatureSchema.from_config(config.features),
+        _CPU,
+        tables_device=_CPU,
+        autocast_dtype=DTYPES[config.trainer.precision],
+        managed_collision=config.features.managed_collision,
+        mc_buckets=shards["world_size"] if shards else 1,
+    )
     path = out_dir / MODEL_FILE
     state = _read_model_file(path)
     try:
@@ -240,13 +258,17 @@ def load_exported(out_dir: Path) -> tuple[nn.Module, Config]:
 def _read_model_file(path: Path) -> dict[str, torch.Tensor]:
     """model.pt's tensors, loaded as plain data; ExportError naming the file for anything else."""
     if not zipfile.is_zipfile(path):  # what torch.save writes: any other file is junk to it
-        raise ExportError(f"{path}: not a file of plain tensors written by scripts/export.py (not a torch.save "
-                          "archive); export the checkpoint again.")
+        raise ExportError(
+            f"{path}: not a file of plain tensors written by scripts/export.py (not a torch.save "
+            "archive); export the checkpoint again."
+        )
     try:
         return torch.load(path, map_location=_CPU, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ExportError(f"{path}: not a file of plain tensors, so it is not loaded (torch.load with "
-                          f"weights_only=True refused it: {weights_only_refusal(error)}).") from error
+        raise ExportError(
+            f"{path}: not a file of plain tensors, so it is not loaded (torch.load with "
+            f"weights_only=True refused it: {weights_only_refusal(error)})."
+        ) from error
     except Exception as error:  # a damaged archive fails deep in torch's reader, in many ways
         raise ExportError(f"{path}: not readable ({type(error).__name__}: {error}).") from error
 
@@ -265,8 +287,10 @@ def check_inputs(files: Sequence[str], schema: FeatureSchema) -> bool:
             raise DataError(f"{path}: not a readable Parquet file ({error}).") from error
     if any(labeled) and not all(labeled):
         what = f"{schema.label!r} column" if len(schema.tasks) == 1 else f"label columns {list(schema.tasks)}"
-        raise DataError(f"{files[labeled.index(False)]}: no {what}, but "
-                        f"{files[labeled.index(True)]} has one; label all files or none.")
+        raise DataError(
+            f"{files[labeled.index(False)]}: no {what}, but "
+            f"{files[labeled.index(True)]} has one; label all files or none."
+        )
     if all(labeled):
         check_files(files, schema)
     else:  # check_files needs a label column: a dense column in its place (checked twice) does
@@ -274,8 +298,9 @@ def check_inputs(files: Sequence[str], schema: FeatureSchema) -> bool:
     return all(labeled)
 
 
-def score_files(model: nn.Module, config: Config, files: Sequence[str], batch_size: int,
-                labeled: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+def score_files(
+    model: nn.Module, config: Config, files: Sequence[str], batch_size: int, labeled: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(logits, labels or None) of every row of `files`, in order, one batch at a time (B x T of
     each for a multi-task model, a column per task in features.labels' order). Rows are
     decoded and checked as training does it (config.data's input policy), a row group at a time."""
@@ -293,8 +318,9 @@ def score_files(model: nn.Module, config: Config, files: Sequence[str], batch_si
                     table = table.append_column(task, pa.array(np.zeros(table.num_rows, np.float32)))
             rows = decode(table, schema, f"{path} row group {index}", policy)
             for start in range(0, len(rows), batch_size):
-                batch = rows.slice(start, start + batch_size).to_batch(schema.sparse_names,
-                                                                       sequence=schema.sequence_inputs)
+                batch = rows.slice(start, start + batch_size).to_batch(
+                    schema.sparse_names, sequence=schema.sequence_inputs
+                )
                 with torch.no_grad():
                     _, (_loss, logits, labels) = model(batch)
                 yield logits, labels if labeled else None

@@ -109,10 +109,17 @@ class FeatureSchema:
         history and its candidate (fp32: export and checkpoints read them as they are)."""
         from torchrec.modules.embedding_configs import EmbeddingConfig
 
-        return [EmbeddingConfig(name=table_name(f.name), embedding_dim=self.sequence_dim(f),
-                                num_embeddings=f.num_embeddings, feature_names=[f.name, target_key(f.name)],
-                                weight_init_min=-SEQUENCE_INIT, weight_init_max=SEQUENCE_INIT)
-                for f in self.sequence]
+        return [
+            EmbeddingConfig(
+                name=table_name(f.name),
+                embedding_dim=self.sequence_dim(f),
+                num_embeddings=f.num_embeddings,
+                feature_names=[f.name, target_key(f.name)],
+                weight_init_min=-SEQUENCE_INIT,
+                weight_init_max=SEQUENCE_INIT,
+            )
+            for f in self.sequence
+        ]
 
 
 # Initial weights of the histories' tables, uniform in [-SEQUENCE_INIT, SEQUENCE_INIT]: torchrec's

@@ -24,8 +24,9 @@ class Fp32StateOptimizer(torch.optim.Optimizer):
     """`optimizer_class(**kwargs)` over fp32 copies of `params`, its state (fp32) keyed by
     `params` themselves; each step copies the weights and gradients in and the weights back."""
 
-    def __init__(self, params: Iterable[torch.Tensor], optimizer_class: Callable[..., torch.optim.Optimizer],
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, params: Iterable[torch.Tensor], optimizer_class: Callable[..., torch.optim.Optimizer], **kwargs: Any
+    ) -> None:
         params = list(params)
         # .float() of an fp32 parameter is the parameter itself: copies only where needed.
         self._working: dict[torch.Tensor, torch.Tensor] = {p: p.detach().float() for p in params}
@@ -51,13 +52,16 @@ class Fp32StateOptimizer(torch.optim.Optimizer):
         return loss
 
 
-def fp32_state_factory(optimizer_class: Callable[..., torch.optim.Optimizer],
-                       **kwargs: Any) -> Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]:
+def fp32_state_factory(
+    optimizer_class: Callable[..., torch.optim.Optimizer], **kwargs: Any
+) -> Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]:
     """An optimizer factory (torchrec's KeyedOptimizerWrapper takes one) that keeps fp16
     parameters' state in fp32 and steps fp32 ones with the plain optimizer."""
+
     def build(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
         params = list(params)
         if any(p.dtype == torch.float16 for p in params):
             return Fp32StateOptimizer(params, optimizer_class, **kwargs)
         return optimizer_class(params, **kwargs)
+
     return build

@@ -81,8 +81,9 @@ def _run_dir(output_root: str, run_name: str) -> str:
         try:
             _probe_writes(Path(path))
         except OSError as error:
-            raise ConfigError(f"cannot write the run directory {path} (from output_root and run_name): "
-                              f"{error.strerror or error}.") from error
+            raise ConfigError(
+                f"cannot write the run directory {path} (from output_root and run_name): {error.strerror or error}."
+            ) from error
     except ConfigError as error:
         raise RunDirectoryRefused(error) from error
     return path
@@ -146,9 +147,11 @@ def _composed_value(root, key: str) -> Any:
 def config_docs(composed=None, width: int = 100) -> str:
     """Every config key as `key: type = default`, then its help text, groups before their keys;
     with a composed config, `(composed: value)` marks each key whose value differs from its default."""
+
     def wrap(text: str, indent: str, more: str) -> list[str]:
-        return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent + more,
-                             break_on_hyphens=False)
+        return textwrap.wrap(
+            text, width, initial_indent=indent, subsequent_indent=indent + more, break_on_hyphens=False
+        )
 
     lines = []
     for doc in field_docs():
@@ -267,8 +270,10 @@ def _unknown_key_message(key: str, parent: str, name: str, siblings: list[str]) 
         near = [k for k in _known_keys(Config) if k.rsplit(".", 1)[-1] == name][:1]
     hint = f" Did you mean {near[0]!r}?" if near else ""
     where = f"{parent!r} has" if parent else "the config has"
-    return (f"{key!r} is not a config key: {where} no field {name!r}.{hint} "
-            "`python -m app.train --cfg job` prints every key.")
+    return (
+        f"{key!r} is not a config key: {where} no field {name!r}.{hint} "
+        "`python -m app.train --cfg job` prints every key."
+    )
 
 
 def _known_keys(schema: type, prefix: str = "") -> list[str]:
@@ -298,8 +303,9 @@ def config_from_dict(data: dict) -> Config:
         check_key(error.full_key or str(error.key))
         raise ConfigError(_first_line(error)) from error  # a key check_key admits (below a plain map)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{error.full_key}: {_first_line(error)}" if error.full_key else _first_line(error)) \
-            from error
+        raise ConfigError(
+            f"{error.full_key}: {_first_line(error)}" if error.full_key else _first_line(error)
+        ) from error
     return config.validate()
 
 

@@ -111,10 +111,18 @@ class EvalMetrics:
             # Non-finite predictions (a diverged model) have no metrics: sorted, nan would still
             # give an AUC, and that could become the best.
             if non_finite:
-                log.warning("%d of %d predictions are not finite (nan or inf): the metrics are undefined (nan)",
-                            int(non_finite), int(count))
-            return {"auc": float("nan"), "logloss": float("nan"), "ne": float("nan"), "calibration": float("nan"),
-                    "samples": int(count)}
+                log.warning(
+                    "%d of %d predictions are not finite (nan or inf): the metrics are undefined (nan)",
+                    int(non_finite),
+                    int(count),
+                )
+            return {
+                "auc": float("nan"),
+                "logloss": float("nan"),
+                "ne": float("nan"),
+                "calibration": float("nan"),
+                "samples": int(count),
+            }
         logloss = loss_sum / count
         rate = label_sum / count
         base_entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate)) if 0 < rate < 1 else 0.0
@@ -221,8 +229,9 @@ class MetricsLogger:
             from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
             code = {"finished": api_pb2.Status.STATUS_SUCCESS, "failed": api_pb2.Status.STATUS_FAILURE}[status]
-            self._hparams_record("session_end_info", plugin_data_pb2.SessionEndInfo(status=code,
-                                                                                    end_time_secs=time.time()))
+            self._hparams_record(
+                "session_end_info", plugin_data_pb2.SessionEndInfo(status=code, end_time_secs=time.time())
+            )
         if self.tracking is not None:
             self.tracking.finish(status, artifacts)
 
@@ -235,10 +244,13 @@ class MetricsLogger:
         from tensorboard.plugins.hparams import metadata, plugin_data_pb2
 
         data = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **{field: info})
-        tag = {"session_start_info": metadata.SESSION_START_INFO_TAG,
-               "session_end_info": metadata.SESSION_END_INFO_TAG}[field]
+        tag = {
+            "session_start_info": metadata.SESSION_START_INFO_TAG,
+            "session_end_info": metadata.SESSION_END_INFO_TAG,
+        }[field]
         self._tb.file_writer.add_summary(
-            Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))]))
+            Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))])
+        )
         self._tb.flush()
 
     def close(self) -> None:

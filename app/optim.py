@@ -93,8 +93,10 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> CombinedOptimizer:
         # fp16 (replicated) tables: state and arithmetic in fp32, as FBGEMM's for sharded ones.
         return KeyedOptimizerWrapper(params, fp32_state_factory(optimizer_class, **kwargs))
 
-    parts = [(FUSED_PART, model.fused_optimizer),
-             (DENSE_PART, wrap(config.dense, config.lr, dense, config.weight_decay))]
+    parts = [
+        (FUSED_PART, model.fused_optimizer),
+        (DENSE_PART, wrap(config.dense, config.lr, dense, config.weight_decay)),
+    ]
     if replicated_tables:
         parts.append(
             (REPLICATED_PART, wrap(config.sparse, config.effective_sparse_lr, replicated_tables, weight_decay=0.0))
@@ -170,9 +172,14 @@ class OptimizerStep:
     `local_gradients`: each rank steps on its own dense gradients (k-step averaging), so the norm
     clipped is taken over the ranks (app/clipping.py)."""
 
-    def __init__(self, optimizer: CombinedOptimizer, clip_grad_norm: float | None = None,
-                 scaler: torch.amp.GradScaler | None = None,
-                 table_gradients: TableGradients | None = None, local_gradients: bool = False) -> None:
+    def __init__(
+        self,
+        optimizer: CombinedOptimizer,
+        clip_grad_norm: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        table_gradients: TableGradients | None = None,
+        local_gradients: bool = False,
+    ) -> None:
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
         self.scaler = scaler
@@ -190,8 +197,9 @@ class OptimizerStep:
             loss.backward()
             return
         self.scaler.scale(loss).backward()  # the dense part, up to the cut before the tables
-        self._found = unscale_and_check(self.scaler, [*_gradients(dense_parameters(self.optimizer)),
-                                                      *self.table_gradients.gradients()])
+        self._found = unscale_and_check(
+            self.scaler, [*_gradients(dense_parameters(self.optimizer)), *self.table_gradients.gradients()]
+        )
         self._skip = bool(self._found.item())
         self.table_gradients.release(apply=not self._skip)  # the tables' half of the backward, or none
 
@@ -200,8 +208,9 @@ class OptimizerStep:
             self.skipped_steps += 1
         else:
             if self.clip_grad_norm is not None:
-                self.last_grad_norm = clip_dense_gradients(dense_parameters(self.optimizer), self.clip_grad_norm,
-                                                           self.local_gradients)
+                self.last_grad_norm = clip_dense_gradients(
+                    dense_parameters(self.optimizer), self.clip_grad_norm, self.local_gradients
+                )
             self.optimizer.step()
         if self._found is not None and self.scaler is not None:
             update_scale(self.scaler, self._found)

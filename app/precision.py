@@ -37,13 +37,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and dtype is torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         # torch computes bf16 without the instructions too (converting each operand), with the same
         # numbers: a CPU without them runs it correctly, only slower than fp32.
-        log.warning("trainer.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX or AVX512): "
-                    "correct, but slower than fp32 here.")
+        log.warning(
+            "trainer.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX or AVX512): "
+            "correct, but slower than fp32 here."
+        )
     if device.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ConfigError("trainer.precision=bf16 needs a GPU with bf16 (Ampere or later); use fp16 or fp32.")
     if device.type == "cpu" and dtype is torch.float16:
-        log.warning("trainer.precision=fp16 on CPU: correct, but slower than fp32 on CPUs without fp16 "
-                    "arithmetic; bf16 is the CPU's fast format.")
+        log.warning(
+            "trainer.precision=fp16 on CPU: correct, but slower than fp32 on CPUs without fp16 "
+            "arithmetic; bf16 is the CPU's fast format."
+        )
     return dtype
 
 
@@ -70,8 +74,7 @@ class TableGradients:
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         # Not a tensor: the train pipeline's fx trace, which only looks for the tables' inputs.
-        if not (self.active and torch.is_grad_enabled() and isinstance(values, torch.Tensor)
-                and values.requires_grad):
+        if not (self.active and torch.is_grad_enabled() and isinstance(values, torch.Tensor) and values.requires_grad):
             return values
         cut = values.detach().requires_grad_()
         self._held.append((values, cut))
@@ -115,5 +118,11 @@ def update_scale(scaler: torch.amp.GradScaler, found: torch.Tensor) -> None:
     growth_interval good ones."""
     scale, growth_tracker = scaler._get_scale_async(), scaler._growth_tracker
     assert scale is not None and growth_tracker is not None, "the loss was scaled first"
-    torch._amp_update_scale_(scale, growth_tracker, found.to(scale.device), scaler.get_growth_factor(),
-                             scaler.get_backoff_factor(), scaler.get_growth_interval())
+    torch._amp_update_scale_(
+        scale,
+        growth_tracker,
+        found.to(scale.device),
+        scaler.get_growth_factor(),
+        scaler.get_backoff_factor(),
+        scaler.get_growth_interval(),
+    )

@@ -21,11 +21,27 @@ def configure(enabled: bool) -> None:
     _enabled = enabled
 
 
-def bar(total: float | None, desc: str, unit: str, unit_scale: Any = True, leave: bool = True,
-        enabled: bool | None = None, **kwargs: Any) -> tqdm:
+def bar(
+    total: float | None,
+    desc: str,
+    unit: str,
+    unit_scale: Any = True,
+    leave: bool = True,
+    enabled: bool | None = None,
+    **kwargs: Any,
+) -> tqdm:
     """A bar of `total` units of `unit` (scaled by `unit_scale`: a number counts each update as that
     many units, True writes 12.3k), showing the rate and the time left; off where configure()
     said so (or `enabled`, where the caller knows better)."""
     shown = _enabled if enabled is None else enabled
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=leave, dynamic_ncols=True,
-                disable=not shown, file=sys.stderr, **kwargs)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit_scale,
+        leave=leave,
+        dynamic_ncols=True,
+        disable=not shown,
+        file=sys.stderr,
+        **kwargs,
+    )

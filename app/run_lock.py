@@ -67,8 +67,10 @@ class _LocalLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             file = open(self.path, "a+")  # noqa: SIM115 (held open while the lock is)
         except OSError as error:
-            raise ConfigError(f"cannot write to {self.path.parent} (from output_root and run_name, or "
-                              f"checkpoint.dir): {error.strerror or error}.") from error
+            raise ConfigError(
+                f"cannot write to {self.path.parent} (from output_root and run_name, or "
+                f"checkpoint.dir): {error.strerror or error}."
+            ) from error
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -103,9 +105,11 @@ class _Lease:
     def take(self) -> str | None:
         held = self._read()
         if held is not None and not self._stale(held):
-            return (f"{self.path} is leased by {_describe_holder(held)} "
-                    f"(renewed {time.time() - held['heartbeat']:.0f} s ago; "
-                    f"a lease not renewed for {LEASE_STALE_S:.0f} s is taken over)")
+            return (
+                f"{self.path} is leased by {_describe_holder(held)} "
+                f"(renewed {time.time() - held['heartbeat']:.0f} s ago; "
+                f"a lease not renewed for {LEASE_STALE_S:.0f} s is taken over)"
+            )
         if held is not None:
             log.warning("taking over the stale lease %s of %s", self.path, _describe_holder(held))
         self._write()
@@ -188,6 +192,8 @@ def run_locked(run_dir: Path, checkpoints: Storage | None, rank: int, group: Any
                 held.callback(lock.release)
         refusal = broadcast_text(refusal, group)
         if refusal is not None:
-            raise RunInUse(f"the run is in use by another job: {refusal}. Wait for it to end, or choose another "
-                           "run_name (or checkpoint.dir).")
+            raise RunInUse(
+                f"the run is in use by another job: {refusal}. Wait for it to end, or choose another "
+                "run_name (or checkpoint.dir)."
+            )
         yield

@@ -99,8 +99,9 @@ class LocalStorage:
     def files(self, name: str) -> dict[str, int]:
         """{file name: size in bytes} of the files directly in directory `name`."""
         directory = self.path(name)
-        return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()} \
-            if directory.is_dir() else {}
+        return (
+            {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()} if directory.is_dir() else {}
+        )
 
     def publish(self, staging: str, final: str) -> None:
         """Give the complete directory `staging` the name `final`, replacing one already there."""
@@ -119,6 +120,7 @@ class LocalStorage:
 # options and one way of finding credentials (for S3 botocore's: AWS_ENDPOINT_URL,
 # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, ~/.aws).
 
+
 class StorageError(UserError):
     """A URL that cannot be used (unknown scheme, its filesystem not installed, no bucket, no
     credentials); the message names the config key or argument it came from."""
@@ -133,7 +135,7 @@ def is_url(location: str | PathLike) -> bool:
 def local_path(location: str | Path) -> Path:
     """A local location as a Path (a file:// URL without its scheme)."""
     text = str(location)
-    return Path(text[len("file://"):]) if text.startswith("file://") else Path(text)
+    return Path(text[len("file://") :]) if text.startswith("file://") else Path(text)
 
 
 class UrlPath:
@@ -186,9 +188,11 @@ def filesystem(url: str, options: dict[str, Any] | None = None, key: str = "the 
         return fsspec.core.url_to_fs(url, **(options or {}))
     except (ImportError, ValueError) as error:
         scheme = url.split("://", 1)[0]
-        raise StorageError(f"{key}={url!r}: cannot open {scheme}:// URLs ({' '.join(str(error).split())}); "
-                           "expected a local path or an s3://, gs://, hdfs:// or file:// URL whose filesystem "
-                           "package is installed (s3fs for s3://, gcsfs for gs://).") from error
+        raise StorageError(
+            f"{key}={url!r}: cannot open {scheme}:// URLs ({' '.join(str(error).split())}); "
+            "expected a local path or an s3://, gs://, hdfs:// or file:// URL whose filesystem "
+            "package is installed (s3fs for s3://, gcsfs for gs://)."
+        ) from error
 
 
 def describe_failure(error: BaseException) -> str:
@@ -203,8 +207,7 @@ class ObjectStorage:
     """Objects under the URL `root`, with LocalStorage's methods. There is no rename: a checkpoint
     is written in place and published by its manifest, written last (see staging_name)."""
 
-    def __init__(self, root: str | UrlPath, options: dict[str, Any] | None = None,
-                 key: str = "the URL") -> None:
+    def __init__(self, root: str | UrlPath, options: dict[str, Any] | None = None, key: str = "the URL") -> None:
         self.root = UrlPath(str(root))
         self.options = dict(options or {})
         self.fs, self._root_path = filesystem(self.root.url, self.options, key)
@@ -259,8 +262,11 @@ class ObjectStorage:
         return bool(self._entries(name)) and self.fs.isdir(self._key(name))
 
     def files(self, name: str) -> dict[str, int]:
-        return {entry["name"].rsplit("/", 1)[-1]: int(entry["size"]) for entry in
-                sorted(self._entries(name), key=lambda e: e["name"]) if entry["type"] == "file"}
+        return {
+            entry["name"].rsplit("/", 1)[-1]: int(entry["size"])
+            for entry in sorted(self._entries(name), key=lambda e: e["name"])
+            if entry["type"] == "file"
+        }
 
     def publish(self, staging: str, final: str) -> None:
         """Nothing to move where the checkpoint was written under its final name (see
@@ -286,8 +292,7 @@ class ObjectStorage:
 Storage = LocalStorage | ObjectStorage
 
 
-def storage_at(where: str | Path | UrlPath, options: dict[str, Any] | None = None,
-               key: str = "the URL") -> Storage:
+def storage_at(where: str | Path | UrlPath, options: dict[str, Any] | None = None, key: str = "the URL") -> Storage:
     """The storage rooted at a local path or an object-store URL. `key`: the config key or argument
     it came from, named by errors."""
     where = location(where)

@@ -29,8 +29,18 @@ BASE_HPARAMS = ("model.arch", "optim.lr", "optim.sparse_lr", "data.batch_size", 
 # Overrides that say where a run is, or how it shows, not what it is.
 PLACEMENT_KEYS = ("run_name", "output_root", "distributed.nproc_per_node", "logging.progress_bar", "sweep", "launcher")
 # Said anew by every attempt.
-_ATTEMPT_KEYS = ("status", "error", "bad_input", "attempts", "world_size", "wall_time_s", "attempt_started", "updated",
-                 "pid", "host")
+_ATTEMPT_KEYS = (
+    "status",
+    "error",
+    "bad_input",
+    "attempts",
+    "world_size",
+    "wall_time_s",
+    "attempt_started",
+    "updated",
+    "pid",
+    "host",
+)
 METRIC_COLUMNS = ("auc", "logloss", "ne", "calibration")
 
 
@@ -97,9 +107,13 @@ def plan_summary(run_dir: Path) -> dict[str, Any] | None:
     for table in plan.get("tables", {}).values():
         types[table["sharding_type"]] = types.get(table["sharding_type"], 0) + 1
     ranks = plan.get("ranks", {}).values()
-    return {"tables": len(plan.get("tables", {})), "sharding_types": dict(sorted(types.items())),
-            "max_rank_embedding_bytes": max((rank.get("embedding_bytes", 0) for rank in ranks), default=0),
-            "imbalance": plan.get("imbalance"), "estimated_step_ms": plan.get("estimated_step_ms")}
+    return {
+        "tables": len(plan.get("tables", {})),
+        "sharding_types": dict(sorted(types.items())),
+        "max_rank_embedding_bytes": max((rank.get("embedding_bytes", 0) for rank in ranks), default=0),
+        "imbalance": plan.get("imbalance"),
+        "estimated_step_ms": plan.get("estimated_step_ms"),
+    }
 
 
 class RunSummary:
@@ -160,16 +174,20 @@ class RunSummary:
         that another rank met one (`said_by_another_rank`) is left to that rank. `bad_input` (by
         default: whether `error` is a UserError) says whether the run exits 2, for a sweep that reads
         it here."""
-        if error is self._failed_with or getattr(error, "said_by_another_rank", False) or (
-                self.rank != 0 and not getattr(error, "rank_specific", False)):
+        if (
+            error is self._failed_with
+            or getattr(error, "said_by_another_rank", False)
+            or (self.rank != 0 and not getattr(error, "rank_specific", False))
+        ):
             return  # said already (the run's end said it, before the MLflow run took the file)
         self._failed_with = error
         message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         if self.rank != 0:
             message = f"rank {self.rank}: {message}"
         try:
-            self._write("failed", error=message,
-                        bad_input=isinstance(error, UserError) if bad_input is None else bad_input)
+            self._write(
+                "failed", error=message, bad_input=isinstance(error, UserError) if bad_input is None else bad_input
+            )
         except OSError as failure:  # the storage that failed the run may fail this too: the error is said anyway
             logging.getLogger(__name__).warning("could not record the failure in %s: %s", self.path, failure)
 
@@ -205,22 +223,33 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def format_table(summary: dict[str, Any]) -> str:
     """The short table a run ends with: status, steps, throughput, time, and the metrics of the
     final and best evaluations and of the test split."""
-    head = (f"{summary['status']}: step {summary.get('step')} of {summary.get('planned_steps')}, "
-            f"{summary['world_size']} worker(s), {duration(summary['wall_time_s'])}")
+    head = (
+        f"{summary['status']}: step {summary.get('step')} of {summary.get('planned_steps')}, "
+        f"{summary['world_size']} worker(s), {duration(summary['wall_time_s'])}"
+    )
     if summary.get("samples_per_s"):
         head += f", {summary['samples_per_s']:,.0f} samples/s"
     if summary.get("stopped_early"):
         head += f"; stopped early: {summary['stopped_early']}"
     rows: list[tuple[str, ...]] = [("", "step", *METRIC_COLUMNS)]
-    for name, metrics in (("final validation", summary.get("validation")), ("best validation", summary.get("best")),
-                          ("test", summary.get("test"))):
+    for name, metrics in (
+        ("final validation", summary.get("validation")),
+        ("best validation", summary.get("best")),
+        ("test", summary.get("test")),
+    ):
         if metrics:
-            rows.append((name, str(metrics.get("step", "")),
-                         *(f"{metrics[key]:.4f}" if isinstance(metrics.get(key), float) else "-"
-                           for key in METRIC_COLUMNS)))
+            rows.append(
+                (
+                    name,
+                    str(metrics.get("step", "")),
+                    *(f"{metrics[key]:.4f}" if isinstance(metrics.get(key), float) else "-" for key in METRIC_COLUMNS),
+                )
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [head] + ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                                enumerate(zip(row, widths))) for row in rows]
+    lines = [head] + [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     return "\n".join(lines)
 
 

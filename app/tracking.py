@@ -38,8 +38,11 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
-    elif isinstance(value, (list, tuple)) and value and all(
-            dataclasses.is_dataclass(v) or isinstance(v, dict) for v in value):
+    elif (
+        isinstance(value, (list, tuple))
+        and value
+        and all(dataclasses.is_dataclass(v) or isinstance(v, dict) for v in value)
+    ):
         items = ((str(i), v) for i, v in enumerate(value))
     else:
         return {prefix: str(value)[:_PARAM_CHARS]}
@@ -71,8 +74,9 @@ def _answer_at_once() -> Iterator[None]:
 class MlflowRun:
     """The run directory's MLflow run."""
 
-    def __init__(self, config: MlflowConfig, run_dir: Path, experiment: str, run_name: str,
-                 params: dict[str, str]) -> None:
+    def __init__(
+        self, config: MlflowConfig, run_dir: Path, experiment: str, run_name: str, params: dict[str, str]
+    ) -> None:
         import mlflow
         from mlflow.entities import Param
 
@@ -82,17 +86,22 @@ class MlflowRun:
         try:
             self._client = mlflow.MlflowClient(tracking_uri=uri)
         except Exception as error:  # e.g. an unknown scheme (htps://)
-            raise UserError(f"logging.mlflow.tracking_uri={uri!r}: not a tracking URI MLflow can use "
-                            f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from error
+            raise UserError(
+                f"logging.mlflow.tracking_uri={uri!r}: not a tracking URI MLflow can use "
+                f"({type(error).__name__}: {' '.join(str(error).split())[:300]})"
+            ) from error
         try:
             with _answer_at_once():
                 found = self._client.get_experiment_by_name(experiment)
                 experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
-                earlier = self._client.search_runs([experiment_id],
-                                                   filter_string=f"tags.`{RUN_DIR_TAG}` = '{resolved}'", max_results=1)
+                earlier = self._client.search_runs(
+                    [experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{resolved}'", max_results=1
+                )
         except Exception as error:  # no server there, or it refused: say so before training starts
-            raise UserError(f"logging.mlflow.tracking_uri={uri!r}: cannot reach MLflow "
-                            f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from error
+            raise UserError(
+                f"logging.mlflow.tracking_uri={uri!r}: cannot reach MLflow "
+                f"({type(error).__name__}: {' '.join(str(error).split())[:300]})"
+            ) from error
         if earlier:
             self.run_id = earlier[0].info.run_id
             self._client.update_run(self.run_id, status="RUNNING")
@@ -101,13 +110,14 @@ class MlflowRun:
             params = {k: v for k, v in params.items() if k not in logged}
             log.info("MLflow: continuing run %s in experiment %r", self.run_id, experiment)
         else:
-            run = self._client.create_run(experiment_id, run_name=config.run_name or run_name,
-                                          tags={RUN_DIR_TAG: resolved})
+            run = self._client.create_run(
+                experiment_id, run_name=config.run_name or run_name, tags={RUN_DIR_TAG: resolved}
+            )
             self.run_id = run.info.run_id
             log.info("MLflow: run %s in experiment %r at %s", self.run_id, experiment, config.tracking_uri)
         entries = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(entries), _BATCH):
-            self._client.log_batch(self.run_id, params=entries[start:start + _BATCH])
+            self._client.log_batch(self.run_id, params=entries[start : start + _BATCH])
         self._working = True
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
@@ -118,10 +128,14 @@ class MlflowRun:
         if not self._working:
             return
         now = int(time.time() * 1000)
-        metrics = [Metric(f"{kind}/{key}", float(value), now, int(record.get("step", 0)))
-                   for key, value in record.items()
-                   if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool)
-                   and math.isfinite(value)]
+        metrics = [
+            Metric(f"{kind}/{key}", float(value), now, int(record.get("step", 0)))
+            for key, value in record.items()
+            if key not in ("step", "epoch")
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+        ]
         self._guarded(lambda: self._client.log_batch(self.run_id, metrics=metrics))
 
     def finish(self, status: str, artifacts: Iterable[Path]) -> None:
@@ -138,8 +152,9 @@ class MlflowRun:
             call()
         except Exception as error:
             self._working = False
-            log.warning("MLflow: logging failed, and stops for this run (training goes on): %s: %s",
-                        type(error).__name__, error)
+            log.warning(
+                "MLflow: logging failed, and stops for this run (training goes on): %s: %s", type(error).__name__, error
+            )
 
 
 def run_artifacts(run_dir: Path) -> list[Path]:

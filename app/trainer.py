@@ -71,10 +71,19 @@ class StepPipeline(TrainPipelineSparseDist):
 
 
 class Trainer:
-    def __init__(self, parts: RunParts, checkpointer: Checkpointer, metrics_logger: MetricsLogger,
-                 preemption: Preemption, config: TrainerConfig, env: DistEnv, progress_bar: bool = True,
-                 optimizer_step: OptimizerStep | None = None, tasks: Sequence[str] = (),
-                 primary_task: str | None = None) -> None:
+    def __init__(
+        self,
+        parts: RunParts,
+        checkpointer: Checkpointer,
+        metrics_logger: MetricsLogger,
+        preemption: Preemption,
+        config: TrainerConfig,
+        env: DistEnv,
+        progress_bar: bool = True,
+        optimizer_step: OptimizerStep | None = None,
+        tasks: Sequence[str] = (),
+        primary_task: str | None = None,
+    ) -> None:
         """`preemption` says when SIGTERM asks every rank to stop; the run's shape (steps per
         epoch, total steps, global batch) is the checkpointer's, which converts positions by it.
         `optimizer_step` does backward and step (default: plain, for parts.optimizer). `tasks`:
@@ -99,8 +108,17 @@ class Trainer:
         self.early_stopping = EarlyStopping(config.early_stopping, self.primary_task)
         self.outcome: dict[str, Any] = {}  # how fit() ended, for summary.json
         self.nonfinite = NonFiniteLoss(config.max_nonfinite_steps, env.rank, env.world_size)
-        self.evaluator = Evaluator(self.model, self._pipeline, checkpointer, metrics_logger, preemption, env,
-                                   self.tasks, self.primary_task, self.progress_bar)
+        self.evaluator = Evaluator(
+            self.model,
+            self._pipeline,
+            checkpointer,
+            metrics_logger,
+            preemption,
+            env,
+            self.tasks,
+            self.primary_task,
+            self.progress_bar,
+        )
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -121,14 +139,24 @@ class Trainer:
     def _fit(self, state: TrainState) -> dict[str, float] | None:
         stopped_before = state.stopped_early
         if stopped_before:
-            log.info("this run stopped early at step %d (%s): it trains no further (checkpoint.load_from=<this run> "
-                     "in a new run trains on from it)", state.step, stopped_before)
+            log.info(
+                "this run stopped early at step %d (%s): it trains no further (checkpoint.load_from=<this run> "
+                "in a new run trains on from it)",
+                state.step,
+                stopped_before,
+            )
         elif self._evaluation_missed(state):
             self._evaluate_and_judge(state)
         # Counted in steps, shown in samples: the rate is samples/s, and the time left is the run's.
-        bar = tqdm(total=self.shape.total_steps, initial=state.step, desc="train", unit="sample",
-                   unit_scale=self.shape.global_batch_size, dynamic_ncols=True,
-                   disable=not self.progress_bar or bool(stopped_before))
+        bar = tqdm(
+            total=self.shape.total_steps,
+            initial=state.step,
+            desc="train",
+            unit="sample",
+            unit_scale=self.shape.global_batch_size,
+            dynamic_ncols=True,
+            disable=not self.progress_bar or bool(stopped_before),
+        )
         with closing(bar):
             stopped = self._train(state, LossWindow(time.perf_counter()), bar)
         self._record_outcome(state)
@@ -148,17 +176,25 @@ class Trainer:
         self.checkpointer.maybe_save(state, force=True)
         result = self._final_evaluation(state, judge=not stopped_before)
         test = self.evaluator.test(state, self.parts.test_data)
-        self.outcome.update(stopped_early=state.stopped_early, validation={"step": state.step, **result},
-                            best=self.checkpointer.best(), test=test)
+        self.outcome.update(
+            stopped_early=state.stopped_early,
+            validation={"step": state.step, **result},
+            best=self.checkpointer.best(),
+            test=test,
+        )
         return result
 
     def _record_outcome(self, state: TrainState) -> None:
         """Training as it went, evaluations and checkpoints at its boundaries included."""
         start, samples_before = self._started
         trained = state.samples - samples_before
-        self.outcome = {"step": state.step, "epoch": state.epoch, "planned_steps": self.shape.total_steps,
-                        "samples": state.samples,
-                        "samples_per_s": trained / (time.perf_counter() - start) if trained else None}
+        self.outcome = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "planned_steps": self.shape.total_steps,
+            "samples": state.samples,
+            "samples_per_s": trained / (time.perf_counter() - start) if trained else None,
+        }
 
     def _save_to_resume(self, state: TrainState) -> None:
         """A forced save at `state` (none when its step is saved already), unless its latest
@@ -172,14 +208,16 @@ class Trainer:
         error. The evaluation is not counted: a resumed run evaluates that step again."""
         self._record_outcome(state)
         reason = "SIGTERM" if stopped.by_sigterm else "bad input"
-        log.warning("%s during the evaluation at step %d: abandoned; saving a checkpoint to resume from", reason,
-                    state.step)
+        log.warning(
+            "%s during the evaluation at step %d: abandoned; saving a checkpoint to resume from", reason, state.step
+        )
         self.checkpointer.maybe_save(state, force=True)
         if stopped.by_sigterm:
             return None
         raise stopped.error or BadInputElsewhere(
             f"the evaluation at step {state.step} stopped: another rank met bad input in its share of the data "
-            "(its error says where); the training up to that step is saved.")
+            "(its error says where); the training up to that step is saved."
+        )
 
     def _final_evaluation(self, state: TrainState, judge: bool) -> dict[str, float]:
         """The validation metrics at the end: those of the evaluation that stopped the run early,
@@ -202,10 +240,14 @@ class Trainer:
             train_data.set_epoch(state.epoch)
             train_data.load_state_dict({"epoch": state.epoch, "batches_done": state.batches_done})
             with closing(iter(train_data)) as epoch_batches:
-                while (state.batches_done < self.shape.steps_per_epoch and state.step < self.shape.total_steps
-                       and not state.stopped_early):
-                    length = segment_length(state, self.shape, self.config.eval_every_n_steps,
-                                            self.checkpointer.every_n_steps)
+                while (
+                    state.batches_done < self.shape.steps_per_epoch
+                    and state.step < self.shape.total_steps
+                    and not state.stopped_early
+                ):
+                    length = segment_length(
+                        state, self.shape, self.config.eval_every_n_steps, self.checkpointer.every_n_steps
+                    )
                     for loss in self._train_steps(epoch_batches, length):
                         self._count_step(state, loss, window, bar)
                         if state.step % AGREE_EVERY_N_STEPS == 0 and self.preemption.agreed():
@@ -253,8 +295,11 @@ class Trainer:
                 continue
             for param in part.params.values():
                 tensors.append(param)
-                tensors += [value for key, value in part.state.get(param, {}).items()
-                            if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point()]
+                tensors += [
+                    value
+                    for key, value in part.state.get(param, {}).items()
+                    if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point()
+                ]
         if not tensors or self.env.world_size == 1:
             return
         with torch.no_grad():
@@ -293,8 +338,10 @@ class Trainer:
         trainer.max_nonfinite_steps steps)."""
         if self.nonfinite.latest_finite(self.env.device):
             return True
-        log.warning("the training loss of step %d is not finite on some rank: its model is neither saved nor "
-                    "evaluated", state.step)
+        log.warning(
+            "the training loss of step %d is not finite on some rank: its model is neither saved nor evaluated",
+            state.step,
+        )
         return False
 
     def _evaluate_and_judge(self, state: TrainState, save: bool = False) -> None:
@@ -313,8 +360,12 @@ class Trainer:
         there, its final evaluation coming after its final checkpoint. Evaluated first, it counts
         as in the uninterrupted run."""
         every = self.config.eval_every_n_steps
-        return (0 < state.step < self.shape.total_steps and every > 0 and state.step % every == 0
-                and state.evaluated_samples != state.samples)
+        return (
+            0 < state.step < self.shape.total_steps
+            and every > 0
+            and state.step % every == 0
+            and state.evaluated_samples != state.samples
+        )
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         return self.evaluator.evaluate(state, self.parts.val_data, self.config.eval_max_batches)

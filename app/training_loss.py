@@ -106,14 +106,17 @@ class NonFiniteLoss:
                 f"the training loss is not finite (nan or inf) on rank {rank} for {self.limit} step(s) in a row, up "
                 f"to step {step} (trainer.max_nonfinite_steps={self.limit}): training diverged. Lower optim.lr (or "
                 "optim.sparse_lr), clip the gradients (optim.clip_grad_norm); the checkpoints saved "
-                "before it are kept.")
+                "before it are kept."
+            )
         return not any(latest for _, latest in pairs)
 
     def at_the_end(self, step: int) -> str:
         """The error of a run whose last step's loss was not finite (on some rank)."""
-        return (f"the training loss of the last step, {step}, is not finite (nan or inf) on some rank: training "
-                "diverged and its model is not saved. Lower optim.lr (or optim.sparse_lr), clip the gradients "
-                "(optim.clip_grad_norm); the checkpoints saved before it are kept.")
+        return (
+            f"the training loss of the last step, {step}, is not finite (nan or inf) on some rank: training "
+            "diverged and its model is not saved. Lower optim.lr (or optim.sparse_lr), clip the gradients "
+            "(optim.clip_grad_norm); the checkpoints saved before it are kept."
+        )
 
     def latest_finite(self, device: torch.device) -> bool:
         """Collective: whether every rank's latest loss was finite (raises as judge does)."""

@@ -28,36 +28,36 @@ import itertools
 import statistics
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import closing
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any
 
 import torch
 
 import reference_trainers
-from checkpoint_benchmark import bench_checkpoint, print_checkpoint
 from app import distributed
 from app.config import Config
-from app.hydra_edge import compose_config
 from app.data.parquet import TrainingBatches
-from app.features import FeatureSchema
-from app.job import build_loaders, build_sharded_model, dataset_files
 from app.errors import UserError
+from app.features import FeatureSchema
+from app.hydra_edge import compose_config
+from app.job import build_loaders, build_sharded_model, dataset_files
 from app.optim import OptimizerStep, optimizer_and_schedule
 from app.precision import TableGradients, autocast_dtype, loss_scaler
 from app.trainer import StepPipeline
-
+from checkpoint_benchmark import bench_checkpoint, print_checkpoint
 
 READER_COUNTS = (1, 2, 4)
 
 
-def bench_data(loader: TrainingBatches, max_batches: int) -> Dict[str, Any]:
+def bench_data(loader: TrainingBatches, max_batches: int) -> dict[str, Any]:
     """Decode on the calling thread only (no reader process, one torch thread): rows per second
     of wall time and per CPU-second, i.e. per core; then rows/s as training gets them, from 1, 2
     and 4 reader processes each reading data.prefetch_windows windows ahead (what hides an object
     store's latency)."""
     max_batches = max_batches or len(loader)
     ahead, num_workers = loader.prefetch_windows, loader.num_workers
-    read_ahead: Dict[int, float] = {}
+    read_ahead: dict[int, float] = {}
     if ahead > 0:
         # More readers than cores is part of what is measured: torch's warning about it is noise here.
         warnings.filterwarnings("ignore", message="This DataLoader will create")
@@ -85,7 +85,7 @@ def bench_data(loader: TrainingBatches, max_batches: int) -> Dict[str, Any]:
     return figures
 
 
-def _in_memory_batches(config: Config, schema: FeatureSchema, env: distributed.DistEnv, count: int) -> List:
+def _in_memory_batches(config: Config, schema: FeatureSchema, env: distributed.DistEnv, count: int) -> list:
     train_files, val_files = dataset_files(config.data, schema, is_rank0=env.is_rank0)
     loader, _ = build_loaders(config.data, schema, env, train_files, val_files)
     if len(loader) < count:
@@ -102,9 +102,17 @@ def _rectrain(config: Config, schema: FeatureSchema, env: distributed.DistEnv, p
     table_gradients = TableGradients(scaler)
     model = build_sharded_model(config, schema, env, run_dir=None, table_gradients=table_gradients)
     optimizer, _ = optimizer_and_schedule(model, config.optim, total_steps=10**9)
-    pipeline = StepPipeline(model, OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler, table_gradients,
-                                                 local_gradients=config.trainer.dense_average_every > 0),
-                            env.device)
+    pipeline = StepPipeline(
+        model,
+        OptimizerStep(
+            optimizer,
+            config.optim.clip_grad_norm,
+            scaler,
+            table_gradients,
+            local_gradients=config.trainer.dense_average_every > 0,
+        ),
+        env.device,
+    )
 
     def train(batches: Iterator, steps: int) -> None:
         for _ in range(steps):
@@ -113,13 +121,14 @@ def _rectrain(config: Config, schema: FeatureSchema, env: distributed.DistEnv, p
     return train
 
 
-def _cycled(train: Callable, batches: List) -> Callable[[int], None]:
+def _cycled(train: Callable, batches: list) -> Callable[[int], None]:
     cycle = itertools.cycle(batches)
     return lambda steps: train(cycle, steps)
 
 
-def bench_train(config: Config, schema: FeatureSchema, steps: int, warmup: int, rounds: int,
-                processes: bool) -> Dict[str, float]:
+def bench_train(
+    config: Config, schema: FeatureSchema, steps: int, warmup: int, rounds: int, processes: bool
+) -> dict[str, float]:
     """Samples/s of the reference trainers and of rectrain in each precision this machine runs,
     on the same in-memory batches, in alternating rounds so that all see the same machine state
     (the median over rounds); rectrain fp32 from the Parquet loader too; and, with `processes`,
@@ -127,14 +136,14 @@ def bench_train(config: Config, schema: FeatureSchema, steps: int, warmup: int, 
     env = distributed.init(config.distributed)
     batch_size = config.data.batch_size
     batches = _in_memory_batches(config, schema, env, warmup + steps + 2)  # +2: the pipeline reads ahead
-    contestants: Dict[str, Callable[[int], None]] = {}
+    contestants: dict[str, Callable[[int], None]] = {}
     if config.model.arch == "dlrm":
         contestants["reference dlrm_s_pytorch"] = reference_trainers.dlrm_s_pytorch(config, batches)
     contestants["reference torchrec_dlrm"] = reference_trainers.torchrec_dlrm(config, batches, env.device)
     for precision in _precisions(env.device):
         contestants[f"rectrain {precision}"] = _cycled(_rectrain(config, schema, env, precision), batches)
     loader_train = _rectrain(config, schema, env, "fp32")
-    figures: Dict[str, List[float]] = {name: [] for name in [*contestants, "rectrain fp32 from Parquet"]}
+    figures: dict[str, list[float]] = {name: [] for name in [*contestants, "rectrain fp32 from Parquet"]}
     for _ in range(rounds):
         for name, train in contestants.items():
             figures[name].append(reference_trainers.samples_per_s(train, batch_size, steps, warmup))
@@ -142,7 +151,8 @@ def bench_train(config: Config, schema: FeatureSchema, steps: int, warmup: int, 
         loader, _ = build_loaders(config.data, schema, env, train_files, val_files)
         with closing(iter(loader)) as parquet:  # closing stops the reader process
             figures["rectrain fp32 from Parquet"].append(
-                reference_trainers.samples_per_s(lambda n: loader_train(parquet, n), batch_size, steps, warmup))
+                reference_trainers.samples_per_s(lambda n: loader_train(parquet, n), batch_size, steps, warmup)
+            )
     distributed.shutdown()
     results = {name: statistics.median(values) for name, values in figures.items()}
     if processes:
@@ -163,7 +173,7 @@ def _two_process_worker(config: Config, steps: int, warmup: int) -> float:
     return rate
 
 
-def _precisions(device: torch.device) -> List[str]:
+def _precisions(device: torch.device) -> list[str]:
     """fp32, and the reduced precisions this device computes fast."""
     fast = ["bf16"] if device.type == "cpu" else ["bf16", "fp16"]
     supported = []
@@ -176,12 +186,14 @@ def _precisions(device: torch.device) -> List[str]:
     return ["fp32", *supported]
 
 
-def print_train(results: Dict[str, float], config: Config, steps: int, rounds: int) -> None:
+def print_train(results: dict[str, float], config: Config, steps: int, rounds: int) -> None:
     references = {name: rate for name, rate in results.items() if name.startswith("reference")}
     fastest_name = max(references, key=references.get)
     fastest = references[fastest_name]
-    print(f"train ({config.model.arch}, batch {config.data.batch_size} per rank, torch threads "
-          f"{torch.get_num_threads()}, median of {rounds} rounds of {steps} steps; in-memory batches unless said):")
+    print(
+        f"train ({config.model.arch}, batch {config.data.batch_size} per rank, torch threads "
+        f"{torch.get_num_threads()}, median of {rounds} rounds of {steps} steps; in-memory batches unless said):"
+    )
     for name, rate in results.items():
         print(f"  {name:<30} {rate:>10,.0f} samples/s  {rate / fastest:5.2f}x {fastest_name}")
     fp32 = results["rectrain fp32"]
@@ -193,18 +205,27 @@ def print_train(results: Dict[str, float], config: Config, steps: int, rounds: i
         print(f"  2 processes/1 process: {results['rectrain fp32, 2 processes'] / fp32:.2f}x")
 
 
-def _parse_args() -> Tuple[argparse.Namespace, List[str], List[str]]:
+def _parse_args() -> tuple[argparse.Namespace, list[str], list[str]]:
     """The flags, the benchmarks named and the config overrides."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmarks", nargs="+", help="data and/or train, then config overrides (key=value)")
-    parser.add_argument("--data-batches", type=int, default=0,
-                        help="batches decoded by the data benchmark (0: one whole epoch)")
-    parser.add_argument("--steps", type=int, default=130,
-                        help="timed training steps per round and contestant (the reference benchmark's 130)")
+    parser.add_argument(
+        "--data-batches", type=int, default=0, help="batches decoded by the data benchmark (0: one whole epoch)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=130,
+        help="timed training steps per round and contestant (the reference benchmark's 130)",
+    )
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps before each timed stretch")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the contestants")
-    parser.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time 2 local processes (train benchmark)")
+    parser.add_argument(
+        "--processes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time 2 local processes (train benchmark)",
+    )
     parser.add_argument("--checkpoint-gb", type=float, default=1.0, help="size of the checkpointed tables")
     parser.add_argument("--checkpoint-repeats", type=int, default=3, help="saves and loads timed (median)")
     parser.add_argument("--checkpoint-dir", default="outputs/benchmark", help="where to write (and remove) it")
@@ -214,20 +235,25 @@ def _parse_args() -> Tuple[argparse.Namespace, List[str], List[str]]:
     overrides = [a for a in words if "=" in a]
     unknown = set(names) - {"data", "train", "checkpoint"}
     if unknown or not names:
-        parser.error(f"unknown argument(s) {sorted(unknown)}; name data, train and/or checkpoint, "
-                     "then key=value overrides.")
+        parser.error(
+            f"unknown argument(s) {sorted(unknown)}; name data, train and/or checkpoint, then key=value overrides."
+        )
     return args, names, overrides
 
 
-def print_data(data: Dict[str, Any], config: Config) -> None:
-    print(f"data:  {data['rows']:,} rows from {config.data.train_path or 'the synthetic dataset'} decoded at "
-          f"{data['rows_per_s']:,.0f} rows/s on one thread ({data['rows_per_cpu_s']:,.0f} rows per CPU-second)")
+def print_data(data: dict[str, Any], config: Config) -> None:
+    print(
+        f"data:  {data['rows']:,} rows from {config.data.train_path or 'the synthetic dataset'} decoded at "
+        f"{data['rows_per_s']:,.0f} rows/s on one thread ({data['rows_per_cpu_s']:,.0f} rows per CPU-second)"
+    )
     if "read_ahead_rows_per_s" in data:
         read_ahead = data["read_ahead_rows_per_s"]
         for readers, rate in read_ahead.items():
-            print(f"       {rate:>12,.0f} rows/s as training gets them from {readers} reader process"
-                  f"{'es' if readers > 1 else ''} ({data['prefetch_windows']} windows ahead each)  "
-                  f"{rate / read_ahead[1]:5.2f}x 1 reader")
+            print(
+                f"       {rate:>12,.0f} rows/s as training gets them from {readers} reader process"
+                f"{'es' if readers > 1 else ''} ({data['prefetch_windows']} windows ahead each)  "
+                f"{rate / read_ahead[1]:5.2f}x 1 reader"
+            )
 
 
 def main() -> None:
@@ -242,19 +268,24 @@ def main() -> None:
         return
     train_files, val_files = dataset_files(config.data, schema, is_rank0=True)
     env = distributed.DistEnv(0, 1, 0, 1, torch.device("cpu"))
-    print(f"dataset: {len(train_files)} training file(s), batch size {config.data.batch_size}, "
-          f"{len(schema.dense)} dense + {len(schema.sparse)} sparse features; torch threads {torch.get_num_threads()}")
+    print(
+        f"dataset: {len(train_files)} training file(s), batch size {config.data.batch_size}, "
+        f"{len(schema.dense)} dense + {len(schema.sparse)} sparse features; torch threads {torch.get_num_threads()}"
+    )
     if "data" in names:
         loader, _ = build_loaders(config.data, schema, env, train_files, val_files)
         results["data"] = data = bench_data(loader, args.data_batches)
         print_data(data, config)
     if "train" in names:
-        results["train"] = train = bench_train(config, schema, args.steps, args.warmup, args.rounds,
-                                               processes=args.processes)
+        results["train"] = train = bench_train(
+            config, schema, args.steps, args.warmup, args.rounds, processes=args.processes
+        )
         print_train(train, config, args.steps, args.rounds)
     if len(results) == 2:
-        print(f"loader rows/s over training samples/s (fp32, from memory): "
-              f"{results['data']['rows_per_s'] / results['train']['rectrain fp32']:.1f}x")
+        print(
+            f"loader rows/s over training samples/s (fp32, from memory): "
+            f"{results['data']['rows_per_s'] / results['train']['rectrain fp32']:.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,8 +32,11 @@ def _disk_write_speed(directory: Path, gigabytes: float) -> float:
     target = directory / "dd.tmp"
     count = max(1, int(gigabytes * 1024 / 16))
     start = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "oflag=direct"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "oflag=direct"],
+        check=True,
+        capture_output=True,
+    )
     seconds = time.perf_counter() - start
     target.unlink()
     return count * 16 / 1024 / seconds
@@ -45,7 +49,7 @@ class PeakMemory:
     def __init__(self) -> None:
         self.before = self.peak = _resident_gb()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.before = self.peak = _resident_gb()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -67,7 +71,7 @@ def _resident_gb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def bench_checkpoint(config: Config, directory: str, gigabytes: float, repeats: int) -> Dict[str, float]:
+def bench_checkpoint(config: Config, directory: str, gigabytes: float, repeats: int) -> dict[str, float]:
     """Save (DCP, fsynced, with the CRC manifest) and load times of a model of `gigabytes` of
     tables, against dd's raw write speed to the same directory; and how long an asynchronous save
     stalls the caller (copying the state) before writing in the background. `directory` may be an
@@ -83,7 +87,7 @@ def bench_checkpoint(config: Config, directory: str, gigabytes: float, repeats: 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     remote = is_url(directory)
     storage = storage_at(f"{directory.rstrip('/')}/checkpoints", key="--checkpoint-dir")
-    results: Dict[str, float] = {}
+    results: dict[str, float] = {}
     if not remote:
         Path(directory).mkdir(parents=True, exist_ok=True)
         results["disk_gb_per_s"] = _disk_write_speed(Path(directory), gigabytes)
@@ -113,8 +117,9 @@ def _with_tables_of(config: Config, gigabytes: float) -> Config:
     return dataclasses.replace(config, features=features)
 
 
-def _time_saves_and_loads(manager: CheckpointStore, state: dict, repeats: int, synchronize: Callable[[], None],
-                          results: Dict[str, float]) -> Path:
+def _time_saves_and_loads(
+    manager: CheckpointStore, state: dict, repeats: int, synchronize: Callable[[], None], results: dict[str, float]
+) -> Path:
     """`repeats` saves, each loaded back, timed into `results` with the memory they take; returns
     the last checkpoint's path."""
     # One save varies by 2x here (disk and page cache state): the first, and the median of the
@@ -140,8 +145,9 @@ def _time_saves_and_loads(manager: CheckpointStore, state: dict, repeats: int, s
     return path
 
 
-def _time_async_save(manager: CheckpointStore, state: dict, step: int, synchronize: Callable[[], None],
-                     results: Dict[str, float]) -> None:
+def _time_async_save(
+    manager: CheckpointStore, state: dict, step: int, synchronize: Callable[[], None], results: dict[str, float]
+) -> None:
     """How long an asynchronous save stalls the caller, and how long until it is published."""
     synchronize()
     start = time.perf_counter()
@@ -152,19 +158,28 @@ def _time_async_save(manager: CheckpointStore, state: dict, step: int, synchroni
     results["async_total_s"] = time.perf_counter() - start
 
 
-def print_checkpoint(bench: Dict[str, float], directory: str, repeats: int) -> None:
+def print_checkpoint(bench: dict[str, float], directory: str, repeats: int) -> None:
     size = bench["size_gb"]
     disk = f"disk (dd, O_DIRECT) {bench['disk_gb_per_s']:.2f} GB/s" if "disk_gb_per_s" in bench else "an object store"
     print(f"checkpoint: {size:.2f} GB in {directory}; {disk}")
-    versus_disk = (lambda seconds: f" ({size / seconds / bench['disk_gb_per_s']:.2f}x dd)") \
-        if "disk_gb_per_s" in bench else (lambda seconds: "")
-    print(f"  save (median of {repeats - 1 or 1} after the first) {bench['save_s']:.2f} s = "
-          f"{size / bench['save_s']:.2f} GB/s{versus_disk(bench['save_s'])}; first save "
-          f"{bench['first_save_s']:.2f} s = {size / bench['first_save_s']:.2f} GB/s"
-          f"{versus_disk(bench['first_save_s'])} (CRC-32s computed as the files are written)")
+    versus_disk = (
+        (lambda seconds: f" ({size / seconds / bench['disk_gb_per_s']:.2f}x dd)")
+        if "disk_gb_per_s" in bench
+        else (lambda seconds: "")
+    )
+    print(
+        f"  save (median of {repeats - 1 or 1} after the first) {bench['save_s']:.2f} s = "
+        f"{size / bench['save_s']:.2f} GB/s{versus_disk(bench['save_s'])}; first save "
+        f"{bench['first_save_s']:.2f} s = {size / bench['first_save_s']:.2f} GB/s"
+        f"{versus_disk(bench['first_save_s'])} (CRC-32s computed as the files are written)"
+    )
     print(f"  verify (CRC-32 of every file, as a resume does) {bench['verify_s']:.2f} s")
     print(f"  load (median of {repeats}) {bench['load_s']:.2f} s = {size / bench['load_s']:.2f} GB/s")
-    print(f"  memory: {bench['resident_gb']:.2f} GB resident before a save, {bench['save_peak_gb']:.2f} GB at the "
-          f"peak of a save ({bench['save_peak_gb'] / bench['resident_gb']:.2f}x)")
-    print(f"  async save: training stalled {bench['async_stall_s']:.2f} s (copying the state), "
-          f"written and published after {bench['async_total_s']:.2f} s")
+    print(
+        f"  memory: {bench['resident_gb']:.2f} GB resident before a save, {bench['save_peak_gb']:.2f} GB at the "
+        f"peak of a save ({bench['save_peak_gb'] / bench['resident_gb']:.2f}x)"
+    )
+    print(
+        f"  async save: training stalled {bench['async_stall_s']:.2f} s (copying the state), "
+        f"written and published after {bench['async_total_s']:.2f} s"
+    )

@@ -36,29 +36,61 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("items", nargs="+", metavar="INPUT|key=value", help="Criteo TSV files and config overrides")
     parser.add_argument("--out", required=True, help="output directory (created; a re-run resumes it)")
-    parser.add_argument("--categorical", choices=CATEGORICAL_MODES, default=defaults.categorical,
-                        help="hash: int(hex) %% num_embeddings; vocab: ids by frequency over the inputs; raw: "
-                             "int(hex) itself (64-bit ids for managed collision, or data.invalid_ids=hash)")
-    parser.add_argument("--min-frequency", type=int, default=defaults.min_frequency,
-                        help="vocab: values seen fewer times get the rare id 0")
-    parser.add_argument("--vocabulary", default=defaults.vocabulary,
-                        help="vocab: apply the vocabulary of an earlier conversion (its --out) instead of counting")
-    parser.add_argument("--log-dense", action=argparse.BooleanOptionalAction, default=defaults.log_dense,
-                        help="dense values as log(1 + max(x, 0)) (the DLRM reference's transform)")
-    parser.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file,
-                        help="rows per Parquet part (default %(default)s)")
-    parser.add_argument("--rows-per-row-group", type=int, default=defaults.rows_per_row_group,
-                        help="rows per row group, the unit training deals to workers (default %(default)s); "
-                             f"an input of fewer than {MIN_ROW_GROUPS} row groups is written in {MIN_ROW_GROUPS} "
-                             "equal smaller ones, so that even a small conversion can be split")
-    parser.add_argument("--block-size-mb", type=float, default=defaults.block_size / 2**20,
-                        help="bytes per streamed read, in MiB: memory per worker is about 45 times it")
+    parser.add_argument(
+        "--categorical",
+        choices=CATEGORICAL_MODES,
+        default=defaults.categorical,
+        help="hash: int(hex) %% num_embeddings; vocab: ids by frequency over the inputs; raw: "
+        "int(hex) itself (64-bit ids for managed collision, or data.invalid_ids=hash)",
+    )
+    parser.add_argument(
+        "--min-frequency",
+        type=int,
+        default=defaults.min_frequency,
+        help="vocab: values seen fewer times get the rare id 0",
+    )
+    parser.add_argument(
+        "--vocabulary",
+        default=defaults.vocabulary,
+        help="vocab: apply the vocabulary of an earlier conversion (its --out) instead of counting",
+    )
+    parser.add_argument(
+        "--log-dense",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.log_dense,
+        help="dense values as log(1 + max(x, 0)) (the DLRM reference's transform)",
+    )
+    parser.add_argument(
+        "--rows-per-file", type=int, default=defaults.rows_per_file, help="rows per Parquet part (default %(default)s)"
+    )
+    parser.add_argument(
+        "--rows-per-row-group",
+        type=int,
+        default=defaults.rows_per_row_group,
+        help="rows per row group, the unit training deals to workers (default %(default)s); "
+        f"an input of fewer than {MIN_ROW_GROUPS} row groups is written in {MIN_ROW_GROUPS} "
+        "equal smaller ones, so that even a small conversion can be split",
+    )
+    parser.add_argument(
+        "--block-size-mb",
+        type=float,
+        default=defaults.block_size / 2**20,
+        help="bytes per streamed read, in MiB: memory per worker is about 45 times it",
+    )
     parser.add_argument("--workers", type=int, default=defaults.workers, help="processes, one input each at a time")
-    parser.add_argument("--multi-hot-sizes", default=None, metavar="H0,H1,...,H25",
-                        help="ids per row of each categorical column (26 comma-separated values; default: the "
-                             "features config's hotness); h > 1 adds h - 1 ids derived from the row's id")
-    parser.add_argument("--multi-hot-seed", type=int, default=defaults.multi_hot_seed,
-                        help="seed of the derived multi-hot ids (default %(default)s)")
+    parser.add_argument(
+        "--multi-hot-sizes",
+        default=None,
+        metavar="H0,H1,...,H25",
+        help="ids per row of each categorical column (26 comma-separated values; default: the "
+        "features config's hotness); h > 1 adds h - 1 ids derived from the row's id",
+    )
+    parser.add_argument(
+        "--multi-hot-seed",
+        type=int,
+        default=defaults.multi_hot_seed,
+        help="seed of the derived multi-hot ids (default %(default)s)",
+    )
     args = parser.parse_intermixed_args(argv)
     args.inputs = [item for item in args.items if "=" not in item]
     return args, [item for item in args.items if "=" in item]
@@ -116,8 +148,10 @@ def main(argv: list[str]) -> int:
     if summary["vocabulary"]:
         kept = ", ".join(f"{name} {size:,}" for name, size in summary["vocabulary"].items())
         print(f"vocabulary (values kept per feature, plus the rare id 0): {kept}")
-    print(f"{summary['rows']:,} rows in {summary['out_dir']}; train with data.source=parquet "
-          f"data.train_path={summary['out_dir']}")
+    print(
+        f"{summary['rows']:,} rows in {summary['out_dir']}; train with data.source=parquet "
+        f"data.train_path={summary['out_dir']}"
+    )
     return 0
 
 

@@ -29,12 +29,19 @@ from app.export import CONFIG_FILE, MODEL_FILE, export_checkpoint
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a run directory (its best checkpoint, else its newest), its checkpoints/ "
-                                           "directory, checkpoints/best, or one step_N checkpoint; a local path or "
-                                           "a URL (s3://...)")
-    parser.add_argument("--pick", choices=("best", "latest"), default="best",
-                        help="of a run directory: its best checkpoint by validation metric (default; the newest "
-                             "when it has none) or its newest")
+    parser.add_argument(
+        "checkpoint",
+        help="a run directory (its best checkpoint, else its newest), its checkpoints/ "
+        "directory, checkpoints/best, or one step_N checkpoint; a local path or "
+        "a URL (s3://...)",
+    )
+    parser.add_argument(
+        "--pick",
+        choices=("best", "latest"),
+        default="best",
+        help="of a run directory: its best checkpoint by validation metric (default; the newest "
+        "when it has none) or its newest",
+    )
     parser.add_argument("--out", required=True, help="output directory (created; an earlier export there is replaced)")
     return parser.parse_args(argv)
 
@@ -49,9 +56,11 @@ def main(argv: list[str]) -> int:
     info = json.loads((out_dir / CONFIG_FILE).read_text())
     size_mb = (out_dir / MODEL_FILE).stat().st_size / 2**20
     precision = info["config"].get("trainer", {}).get("precision", "fp32")  # the config's default when absent
-    print(f"exported step {info['step']} of {info['checkpoint']}: {info['parameters']:,} parameters, "
-          f"{out_dir / MODEL_FILE} ({size_mb:.1f} MiB) and {out_dir / CONFIG_FILE}; predict.py computes its dense "
-          f"part in {precision}, the run's trainer.precision")
+    print(
+        f"exported step {info['step']} of {info['checkpoint']}: {info['parameters']:,} parameters, "
+        f"{out_dir / MODEL_FILE} ({size_mb:.1f} MiB) and {out_dir / CONFIG_FILE}; predict.py computes its dense "
+        f"part in {precision}, the run's trainer.precision"
+    )
     return 0
 
 

@@ -28,8 +28,10 @@ def main(overrides: list) -> int:
     metadata = json.loads((train_dir.parent / METADATA_FILE).read_text())
     print(f"dataset: {train_dir.parent}")
     for split, scores in metadata["splits"].items():
-        print(f"{split:>5}: {scores['rows']:,} rows, click rate {scores['click_rate']:.3f}, best achievable "
-              f"AUC {scores['best_auc']:.4f}, logloss {scores['best_logloss']:.4f}")
+        print(
+            f"{split:>5}: {scores['rows']:,} rows, click rate {scores['click_rate']:.3f}, best achievable "
+            f"AUC {scores['best_auc']:.4f}, logloss {scores['best_logloss']:.4f}"
+        )
     return 0
 
 

@@ -56,8 +56,9 @@ def _world_sizes(text: str) -> list[int]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-size", type=_world_sizes, required=True, help="one or more, e.g. 8 or 1,2,4,8")
-    parser.add_argument("--local-world-size", type=int, default=None,
-                        help="workers per node (default: the world size, one node)")
+    parser.add_argument(
+        "--local-world-size", type=int, default=None, help="workers per node (default: the world size, one node)"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="the device type to plan for")
     parser.add_argument("--summary", action="store_true", help="one line per world size instead of the full plan")
     parser.add_argument("--json", default=None, help="write the (last) report to this file")
@@ -72,9 +73,11 @@ def main(argv: list[str]) -> int:
         for world_size in args.world_size if device_type == "cuda" else []:
             local = min(args.local_world_size or world_size, world_size)
             if local > _CUDA_DEVICES_PER_HOST:
-                parser.error(f"--world-size {world_size} with {local} workers a host: torch numbers a host's CUDA "
-                             f"devices 0 to {_CUDA_DEVICES_PER_HOST - 1}; give --local-world-size (workers a host, "
-                             "e.g. 8).")
+                parser.error(
+                    f"--world-size {world_size} with {local} workers a host: torch numbers a host's CUDA "
+                    f"devices 0 to {_CUDA_DEVICES_PER_HOST - 1}; give --local-world-size (workers a host, "
+                    "e.g. 8)."
+                )
         note = offline_memory_note(config.sharding, device_type)
         if note:
             print(note + "\n")
@@ -86,20 +89,29 @@ def main(argv: list[str]) -> int:
             local = min(args.local_world_size or world_size, world_size)
             if any(f.id_mapping == "managed_collision" for f in schema.sparse):
                 # Managed-collision modules are built for their number of row-wise shards.
-                model = build_model(config.model, schema, torch.device("cpu"),
-                                    managed_collision=config.features.managed_collision, mc_buckets=world_size)
+                model = build_model(
+                    config.model,
+                    schema,
+                    torch.device("cpu"),
+                    managed_collision=config.features.managed_collision,
+                    mc_buckets=world_size,
+                )
                 apply_sparse_optimizer(model, config.optim, torch.device(device_type))
             started = time.perf_counter()
-            plan, chosen = plan_offline(model, config.sharding, schema, device_type, config.data.batch_size,
-                                        world_size, local)
+            plan, chosen = plan_offline(
+                model, config.sharding, schema, device_type, config.data.batch_size, world_size, local
+            )
             planning_s = time.perf_counter() - started
             report = plan_report(plan, schema, world_size, chosen)
             if args.summary:
                 types = sorted({t["sharding_type"] for t in report["tables"].values()})
-                print(f"world size {world_size:>3}: {', '.join(types)}; estimated step "
-                      f"{report['estimated_step_ms']:.4g} ms; imbalance: table bytes {report['imbalance']:.3f}, "
-                      f"planned memory {report['planned_memory_imbalance']:.3f}, cost {report['cost_imbalance']:.3f}; "
-                      f"planned in {planning_s:.1f} s", flush=True)
+                print(
+                    f"world size {world_size:>3}: {', '.join(types)}; estimated step "
+                    f"{report['estimated_step_ms']:.4g} ms; imbalance: table bytes {report['imbalance']:.3f}, "
+                    f"planned memory {report['planned_memory_imbalance']:.3f}, cost {report['cost_imbalance']:.3f}; "
+                    f"planned in {planning_s:.1f} s",
+                    flush=True,
+                )
             else:
                 print(format_plan_report(report), flush=True)
     except UserError as error:

@@ -44,11 +44,19 @@ def positive_int(text: str) -> int:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="an export directory from scripts/export.py")
-    parser.add_argument("--data", required=True, help="Parquet input: a directory, a file, or a glob; local or "
-                                                      "a URL (s3://bucket/prefix/, credentials from AWS_* / ~/.aws)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="Parquet input: a directory, a file, or a glob; local or "
+        "a URL (s3://bucket/prefix/, credentials from AWS_* / ~/.aws)",
+    )
     parser.add_argument("--out", required=True, help="the Parquet file to write (replaced when it exists)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="rows per forward pass (default: data.eval_batch_size of the training config)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="rows per forward pass (default: data.eval_batch_size of the training config)",
+    )
     return parser.parse_args(argv)
 
 
@@ -78,8 +86,13 @@ def predict(args: argparse.Namespace) -> dict:
                 writer.write_table(pa.Table.from_batches(pending))
                 pending, written = [], rows
         writer.write_table(pa.Table.from_batches(pending, schema=schema))
-    return {"rows": rows, "labeled": labeled, "tasks": tasks, "precision": config.trainer.precision,
-            **(metrics.compute() if labeled else {})}
+    return {
+        "rows": rows,
+        "labeled": labeled,
+        "tasks": tasks,
+        "precision": config.trainer.precision,
+        **(metrics.compute() if labeled else {}),
+    }
 
 
 def output_columns(tasks: list[str], labeled: bool) -> list[str]:
@@ -97,13 +110,17 @@ def main(argv: list[str]) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return BAD_INPUT
-    print(f"{result['rows']:,} predictions in {args.out}, the dense part computed in {result['precision']} "
-          "(the run's trainer.precision, as its evaluations computed it)")
+    print(
+        f"{result['rows']:,} predictions in {args.out}, the dense part computed in {result['precision']} "
+        "(the run's trainer.precision, as its evaluations computed it)"
+    )
     if result["labeled"]:
         print(f"AUC {result['auc']:.6f}  logloss {result['logloss']:.6f}  NE {result['ne']:.6f}")
         for task in result["tasks"]:  # multi-task: the line above is the primary task's
-            print(f"task {task}: AUC {result[task + '/auc']:.6f}  logloss {result[task + '/logloss']:.6f}  "
-                  f"NE {result[task + '/ne']:.6f}")
+            print(
+                f"task {task}: AUC {result[task + '/auc']:.6f}  logloss {result[task + '/logloss']:.6f}  "
+                f"NE {result[task + '/ne']:.6f}"
+            )
     return 0
 
 

@@ -35,8 +35,9 @@ class _PlainDLRM(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         dim = config.features.embedding_dim
-        self.tables = nn.ModuleList(nn.EmbeddingBag(f.num_embeddings, dim, mode="sum", sparse=True)
-                                    for f in config.features.sparse)
+        self.tables = nn.ModuleList(
+            nn.EmbeddingBag(f.num_embeddings, dim, mode="sum", sparse=True) for f in config.features.sparse
+        )
         bottom = [len(config.features.dense), *config.model.dense_arch_layer_sizes]
         tables = len(config.features.sparse) + 1
         top = [dim + tables * (tables - 1) // 2, *config.model.over_arch_layer_sizes]
@@ -96,27 +97,37 @@ def torchrec_dlrm(config: Config, batches: Sequence[Batch], device: torch.device
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     features, model_config = config.features, config.model
-    tables = [EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=features.embedding_dim,
-                                 num_embeddings=f.num_embeddings, feature_names=[f.name])
-              for f in features.sparse]
-    common = dict(embedding_bag_collection=EmbeddingBagCollection(tables=tables, device=torch.device("meta")),
-                  dense_in_features=len(features.dense),
-                  dense_arch_layer_sizes=list(model_config.dense_arch_layer_sizes),
-                  over_arch_layer_sizes=list(model_config.over_arch_layer_sizes), dense_device=device)
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t_{f.name}",
+            embedding_dim=features.embedding_dim,
+            num_embeddings=f.num_embeddings,
+            feature_names=[f.name],
+        )
+        for f in features.sparse
+    ]
+    common = dict(
+        embedding_bag_collection=EmbeddingBagCollection(tables=tables, device=torch.device("meta")),
+        dense_in_features=len(features.dense),
+        dense_arch_layer_sizes=list(model_config.dense_arch_layer_sizes),
+        over_arch_layer_sizes=list(model_config.over_arch_layer_sizes),
+        dense_device=device,
+    )
     if model_config.arch == "dcn":
-        head = DLRM_DCN(**common, dcn_num_layers=model_config.dcn_num_layers,
-                        dcn_low_rank_dim=model_config.dcn_low_rank_dim)
+        head = DLRM_DCN(
+            **common, dcn_num_layers=model_config.dcn_num_layers, dcn_low_rank_dim=model_config.dcn_low_rank_dim
+        )
     else:
         head = DLRM(**common)
     train_model = DLRMTrain(head)
-    apply_optimizer_in_backward(torch.optim.SGD,
-                                train_model.model.sparse_arch.parameters(), {"lr": config.optim.lr})
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=dist.get_world_size(),
-                                                         compute_device=device.type))
+    apply_optimizer_in_backward(torch.optim.SGD, train_model.model.sparse_arch.parameters(), {"lr": config.optim.lr})
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=dist.get_world_size(), compute_device=device.type))
     plan = planner.collective_plan(train_model, get_default_sharders(), dist.GroupMember.WORLD)
     model = DistributedModelParallel(module=train_model, device=device, plan=plan)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
-                                  lambda params: torch.optim.SGD(params, lr=config.optim.lr))
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(model.named_parameters())),
+        lambda params: torch.optim.SGD(params, lr=config.optim.lr),
+    )
     optimizer = CombinedOptimizer([model.fused_optimizer, dense])
     pipeline = TrainPipelineSparseDist(model, optimizer, device)
     cycle = itertools.cycle(batches)

@@ -67,16 +67,23 @@ def _problem(storage: Storage, record: Any) -> str | None:
     name = record.get("checkpoint")
     if not isinstance(name, str) or not is_step_name(name) or META_FILE not in storage.files(name):
         return f"it names no published checkpoint ({name!r})"
-    if not isinstance(record.get("metric"), str) or not _is_number(record.get("value")) \
-            or not math.isfinite(record["value"]):
-        return f"its metric and value ({record.get('metric')!r}, {record.get('value')!r}) are not a metric " \
-               "name and a finite number"
+    if (
+        not isinstance(record.get("metric"), str)
+        or not _is_number(record.get("value"))
+        or not math.isfinite(record["value"])
+    ):
+        return (
+            f"its metric and value ({record.get('metric')!r}, {record.get('value')!r}) are not a metric "
+            "name and a finite number"
+        )
     try:
         meta = json.loads(storage.read(f"{name}/{META_FILE}"))
         saved = (meta["step"], meta.get("samples", 0))
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"the meta.json of {name} is not readable ({error})"
     if (record.get("step"), record.get("samples")) != saved:
-        return (f"it says step {record.get('step')!r} after {record.get('samples')!r} samples, but {name} was saved "
-                f"at step {saved[0]!r} after {saved[1]!r} samples: another checkpoint of that name")
+        return (
+            f"it says step {record.get('step')!r} after {record.get('samples')!r} samples, but {name} was saved "
+            f"at step {saved[0]!r} after {saved[1]!r} samples: another checkpoint of that name"
+        )
     return None

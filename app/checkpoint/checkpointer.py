@@ -101,10 +101,13 @@ class SavedCheckpoint:
             steps_per_epoch = meta.get("steps_per_epoch")
             loss_scale = saved_loss_scale(meta)
         except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"checkpoint {path} is not usable: its meta.json does not describe a run of this "
-                                  f"version of rectrain ({type(error).__name__}: {error}).") from error
-        return cls(location(path), int(meta["step"]), state, world_size, global_batch_size, steps_per_epoch, config,
-                   loss_scale)
+            raise CheckpointError(
+                f"checkpoint {path} is not usable: its meta.json does not describe a run of this "
+                f"version of rectrain ({type(error).__name__}: {error})."
+            ) from error
+        return cls(
+            location(path), int(meta["step"]), state, world_size, global_batch_size, steps_per_epoch, config, loss_scale
+        )
 
 
 @dataclass
@@ -135,22 +138,41 @@ def position_here(saved: SavedCheckpoint, here: RunShape) -> TrainState:
     # Samples as this run counts them: those of the epochs before, and this run's batches since.
     samples = saved.state.samples - done + batches * here.global_batch_size
     evaluated = samples if saved.state.evaluated_samples == saved.state.samples else saved.state.evaluated_samples
-    position = dataclasses.replace(saved.state, step=saved.state.epoch * here.steps_per_epoch + batches,
-                                   batches_done=batches, samples=samples, evaluated_samples=evaluated)
+    position = dataclasses.replace(
+        saved.state,
+        step=saved.state.epoch * here.steps_per_epoch + batches,
+        batches_done=batches,
+        samples=samples,
+        evaluated_samples=evaluated,
+    )
     # Row groups are dealt to ranks by world size: the same samples cannot be replayed on another one.
-    log.warning("the checkpoint was written by %d ranks with a global batch of %d, this run has %d ranks and "
-                "%d: epoch %d continues after %d samples, at step %d of %d (was step %d)",
-                saved.world_size, saved.global_batch_size, here.world_size, here.global_batch_size,
-                saved.state.epoch, batches * here.global_batch_size, position.step, here.total_steps,
-                saved.state.step)
+    log.warning(
+        "the checkpoint was written by %d ranks with a global batch of %d, this run has %d ranks and "
+        "%d: epoch %d continues after %d samples, at step %d of %d (was step %d)",
+        saved.world_size,
+        saved.global_batch_size,
+        here.world_size,
+        here.global_batch_size,
+        saved.state.epoch,
+        batches * here.global_batch_size,
+        position.step,
+        here.total_steps,
+        saved.state.step,
+    )
     return position
 
 
 # What the model's shapes depend on: a checkpoint whose values differ cannot be loaded into it.
 _MODEL_SHAPE_KEYS = {
     "features": ("label", "dense", "embedding_dim", "pooling"),
-    "model": ("arch", "dense_arch_layer_sizes", "over_arch_layer_sizes", "dcn_num_layers", "dcn_low_rank_dim",
-              "deep_fm_dimension"),
+    "model": (
+        "arch",
+        "dense_arch_layer_sizes",
+        "over_arch_layer_sizes",
+        "dcn_num_layers",
+        "dcn_low_rank_dim",
+        "deep_fm_dimension",
+    ),
 }
 
 
@@ -173,12 +195,15 @@ def model_differences(saved: Config, current: Config) -> list[str]:
     for name in sorted(new_tables.keys() - old_tables.keys()):
         lines.append(f"features.sparse: {name!r} is in the config, not in the checkpoint")
     for name in sorted(old_tables.keys() & new_tables.keys()):
-        compare(f"features.sparse[{name}].num_embeddings", old_tables[name].num_embeddings,
-                new_tables[name].num_embeddings)
+        compare(
+            f"features.sparse[{name}].num_embeddings", old_tables[name].num_embeddings, new_tables[name].num_embeddings
+        )
         if old_tables[name].embedding_dim or new_tables[name].embedding_dim:  # else features.embedding_dim says it
-            compare(f"features.sparse[{name}].embedding_dim",
-                    old_tables[name].embedding_dim or saved.features.embedding_dim,
-                    new_tables[name].embedding_dim or current.features.embedding_dim)
+            compare(
+                f"features.sparse[{name}].embedding_dim",
+                old_tables[name].embedding_dim or saved.features.embedding_dim,
+                new_tables[name].embedding_dim or current.features.embedding_dim,
+            )
     lines += _managed_collision_differences(saved, current, old_tables, new_tables)
     lines += _sequence_differences(saved, current)
     lines += table_precision_differences(saved, current)
@@ -202,21 +227,31 @@ def _sequence_differences(saved: Config, current: Config) -> list[str]:
     (max_length changes no shape: a run may resume with another)."""
     old = {f.name: f for f in saved.features.sequence}
     new = {f.name: f for f in current.features.sequence}
-    lines = [f"features.sequence: {name!r} is in the checkpoint, not in the config"
-             for name in sorted(old.keys() - new.keys())]
-    lines += [f"features.sequence: {name!r} is in the config, not in the checkpoint"
-              for name in sorted(new.keys() - old.keys())]
+    lines = [
+        f"features.sequence: {name!r} is in the checkpoint, not in the config"
+        for name in sorted(old.keys() - new.keys())
+    ]
+    lines += [
+        f"features.sequence: {name!r} is in the config, not in the checkpoint"
+        for name in sorted(new.keys() - old.keys())
+    ]
     for name in sorted(old.keys() & new.keys()):
-        for key, was, now in (("num_embeddings", old[name].num_embeddings, new[name].num_embeddings),
-                              ("embedding_dim", old[name].embedding_dim or saved.features.embedding_dim,
-                               new[name].embedding_dim or current.features.embedding_dim)):
+        for key, was, now in (
+            ("num_embeddings", old[name].num_embeddings, new[name].num_embeddings),
+            (
+                "embedding_dim",
+                old[name].embedding_dim or saved.features.embedding_dim,
+                new[name].embedding_dim or current.features.embedding_dim,
+            ),
+        ):
             if was != now:
                 lines.append(f"features.sequence[{name}].{key}: {was!r} in the checkpoint, {now!r} now")
     saved_layers = list(saved.model.sequence_attention_layer_sizes)
     current_layers = list(current.model.sequence_attention_layer_sizes)
     if old and new and saved_layers != current_layers:
-        lines.append(f"model.sequence_attention_layer_sizes: {saved_layers!r} in the checkpoint, "
-                     f"{current_layers!r} now")
+        lines.append(
+            f"model.sequence_attention_layer_sizes: {saved_layers!r} in the checkpoint, {current_layers!r} now"
+        )
     return lines
 
 
@@ -247,12 +282,14 @@ def check_managed_collision_world_size(saved: SavedCheckpoint, world_size: int) 
             f"checkpoint {saved.path} was saved by {saved.world_size} rank(s) and this run has {world_size}: "
             f"the managed-collision tables of {managed} (features.sparse[i].id_mapping=managed_collision) assign "
             f"ids to rows per row-wise shard, so they resume only on {saved.world_size} rank(s). Run with "
-            f"{saved.world_size} workers, or start a new run_name.")
+            f"{saved.world_size} workers, or start a new run_name."
+        )
 
 
 class Checkpointer:
-    def __init__(self, store: CheckpointStore, config: CheckpointConfig, run_config: Config, parts: RunParts,
-                 shape: RunShape) -> None:
+    def __init__(
+        self, store: CheckpointStore, config: CheckpointConfig, run_config: Config, parts: RunParts, shape: RunShape
+    ) -> None:
         """`run_config`: the whole config, saved with every checkpoint (the model is compared
         against it on load, and export rebuilds the model from it)."""
         self.store = store
@@ -296,8 +333,7 @@ class Checkpointer:
             **loss_scale_meta(self.parts.loss_scale),
         }
         state_dict = {MODEL_KEY: self.parts.model.state_dict(), OPTIMIZER_KEY: self.parts.optimizer.state_dict()}
-        path = self.store.save(state.step, state_dict, meta, asynchronous=background, samples=state.samples,
-                               best=best)
+        path = self.store.save(state.step, state_dict, meta, asynchronous=background, samples=state.samples, best=best)
         self._last_saved = (state.step, path.name)
         log.info("saved checkpoint %s%s", path, " (writing in the background)" if background else "")
         if force:
@@ -353,10 +389,16 @@ class Checkpointer:
         check_managed_collision_world_size(saved, self.shape.world_size)
         differences = model_differences(saved.config, self.run_config)
         if differences:
-            advice = ("Restore those settings, or train this model under another run_name." if own else
-                      "Restore those settings, or set checkpoint.load_from to a checkpoint of this model.")
-            raise ConfigError(f"checkpoint {path} holds another model than this config describes: "
-                              + "; ".join(differences) + f". {advice}")
+            advice = (
+                "Restore those settings, or train this model under another run_name."
+                if own
+                else "Restore those settings, or set checkpoint.load_from to a checkpoint of this model."
+            )
+            raise ConfigError(
+                f"checkpoint {path} holds another model than this config describes: "
+                + "; ".join(differences)
+                + f". {advice}"
+            )
         model, optimizer = self.parts.model, self.parts.optimizer
         metadata = read_dcp_metadata(path)
         if not everything:

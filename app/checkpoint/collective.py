@@ -32,7 +32,6 @@ def barrier(group: dist.ProcessGroup | None) -> None:
         dist.barrier(group=group)
 
 
-
 @overload
 def broadcast_text(text: str, group: dist.ProcessGroup | None = None, src: int = 0) -> str: ...
 @overload
@@ -47,8 +46,11 @@ def broadcast_text(text: str | None, group: dist.ProcessGroup | None = None, src
     dist.broadcast(length, group=group, group_src=src)
     if length.item() < 0:
         return None
-    buffer = torch.tensor(list(data), dtype=torch.uint8) if dist.get_rank(group) == src else \
-        torch.zeros(int(length.item()), dtype=torch.uint8)
+    buffer = (
+        torch.tensor(list(data), dtype=torch.uint8)
+        if dist.get_rank(group) == src
+        else torch.zeros(int(length.item()), dtype=torch.uint8)
+    )
     dist.broadcast(buffer, group=group, group_src=src)
     return bytes(buffer.tolist()).decode()
 
@@ -64,7 +66,7 @@ def gather_texts(text: str, group: dist.ProcessGroup | None = None) -> list[str]
     dist.all_gather(lengths, torch.tensor([len(data)], dtype=torch.int64), group=group)
     longest = max(int(length.item()) for length in lengths)
     mine = torch.zeros(longest, dtype=torch.uint8)
-    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
     buffers = [torch.zeros(longest, dtype=torch.uint8) for _ in range(ranks)]
     dist.all_gather(buffers, mine, group=group)
-    return [buffer[:int(length.item())].numpy().tobytes().decode() for buffer, length in zip(buffers, lengths)]
+    return [buffer[: int(length.item())].numpy().tobytes().decode() for buffer, length in zip(buffers, lengths)]

@@ -51,8 +51,11 @@ def find_checkpoint(path: Any, group: dist.ProcessGroup | None = None, prefer: s
     if kind == "best" or prefer == "best":
         record = store.best_record()
         best = store.storage.path(record["checkpoint"]) if record is not None else None
-        problem = verify(record["checkpoint"], group, store.storage) if record is not None else \
-            f"{directory / BEST_FILE} names no checkpoint"
+        problem = (
+            verify(record["checkpoint"], group, store.storage)
+            if record is not None
+            else f"{directory / BEST_FILE} names no checkpoint"
+        )
         if problem is None:
             return best
         if kind == "best":

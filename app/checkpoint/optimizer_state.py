@@ -67,11 +67,17 @@ class OptimizerLoad:
             value = states[name]
             states[name] = value.fill_(step) if isinstance(value, torch.Tensor) else float(step)
         if self.fresh_tables:
-            log.warning("the checkpoint holds no optimizer state of this optimizer for table(s) %s: it starts "
-                        "fresh there", ", ".join(sorted(set(self.fresh_tables))))
+            log.warning(
+                "the checkpoint holds no optimizer state of this optimizer for table(s) %s: it starts fresh there",
+                ", ".join(sorted(set(self.fresh_tables))),
+            )
         if self.fresh_dense:
-            log.warning("the checkpoint holds no dense optimizer state like this optimizer's (%d value(s), e.g. "
-                        "%s): it starts fresh", len(self.fresh_dense), self.fresh_dense[0])
+            log.warning(
+                "the checkpoint holds no dense optimizer state like this optimizer's (%d value(s), e.g. "
+                "%s): it starts fresh",
+                len(self.fresh_dense),
+                self.fresh_dense[0],
+            )
         return self.state_dict
 
 
@@ -123,11 +129,11 @@ def _counterpart(param_key: str, name: str, entries: dict[str, Any], value: Any)
         return None
     candidates: list[str] = []
     if param_key.startswith(_FUSED):
-        fqn, table = param_key[len(_FUSED):], _table(param_key)
-        state = name[len(table) + 1:] if name.startswith(f"{table}.") else name
+        fqn, table = param_key[len(_FUSED) :], _table(param_key)
+        state = name[len(table) + 1 :] if name.startswith(f"{table}.") else name
         candidates = [f"{PREFIX}{_REPLICATED}{fqn}.{torch_name}" for torch_name in _TORCH_NAMES.get(state, ())]
     elif param_key.startswith(_REPLICATED) and name in _FUSED_NAME:
-        fqn, table = param_key[len(_REPLICATED):], _table(param_key)
+        fqn, table = param_key[len(_REPLICATED) :], _table(param_key)
         candidates = [f"{PREFIX}{_FUSED}{fqn}.{table}.{_FUSED_NAME[name]}"]
     size = _global_numel(value)
     for key in candidates:

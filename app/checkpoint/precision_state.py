@@ -25,8 +25,13 @@ from app.config import Config
 log = logging.getLogger(__name__)
 
 LOSS_SCALE_KEY = "loss_scale"  # in meta.json
-_NUMBERS = {"scale": float, "growth_factor": float, "backoff_factor": float, "growth_interval": int,
-            "_growth_tracker": int}
+_NUMBERS = {
+    "scale": float,
+    "growth_factor": float,
+    "backoff_factor": float,
+    "growth_interval": int,
+    "_growth_tracker": int,
+}
 
 
 def loss_scale_meta(scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
@@ -44,10 +49,18 @@ def saved_loss_scale(meta: dict[str, Any]) -> dict[str, Any] | None:
         raise ValueError(f"{LOSS_SCALE_KEY} must be an object with the keys {sorted(_NUMBERS)}")
     for key, kind in _NUMBERS.items():
         value = saved[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-                or (kind is int and value != int(value)) or (key == "scale" and value <= 0):
-            raise ValueError(f"{LOSS_SCALE_KEY}.{key} must be a finite {'integer' if kind is int else 'number'} "
-                             f"{'> 0' if key == 'scale' else '>= 0'}, got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+            or (kind is int and value != int(value))
+            or (key == "scale" and value <= 0)
+        ):
+            raise ValueError(
+                f"{LOSS_SCALE_KEY}.{key} must be a finite {'integer' if kind is int else 'number'} "
+                f"{'> 0' if key == 'scale' else '>= 0'}, got {value!r}"
+            )
     return {key: kind(saved[key]) for key, kind in _NUMBERS.items()}
 
 
@@ -56,8 +69,11 @@ def restore_loss_scale(scaler: torch.amp.GradScaler | None, saved: dict[str, Any
     if scaler is None:
         return
     if saved is None:
-        log.info("checkpoint %s holds no fp16 loss scale (trainer.precision was not fp16): it starts at %g",
-                 path, scaler.get_scale())
+        log.info(
+            "checkpoint %s holds no fp16 loss scale (trainer.precision was not fp16): it starts at %g",
+            path,
+            scaler.get_scale(),
+        )
         return
     scaler.load_state_dict(saved)
 
@@ -67,8 +83,9 @@ def table_precision_differences(saved: Config, current: Config) -> list[str]:
     line per config key (model_differences' form)."""
     lines = []
     if saved.features.data_type != current.features.data_type:
-        lines.append(f"features.data_type: {saved.features.data_type!r} in the checkpoint, "
-                     f"{current.features.data_type!r} now")
+        lines.append(
+            f"features.data_type: {saved.features.data_type!r} in the checkpoint, {current.features.data_type!r} now"
+        )
     old = {f.name: f.data_type or saved.features.data_type for f in saved.features.sparse}
     new = {f.name: f.data_type or current.features.data_type for f in current.features.sparse}
     overridden = {f.name for f in (*saved.features.sparse, *current.features.sparse) if f.data_type is not None}

@@ -47,20 +47,31 @@ def _decide(store: Any, state: Any) -> dict[str, Any]:
         best_pointer.forget(storage)
     if record is not None and record["samples"] == state.samples:
         return _adopt_final_evaluation(state, record)
-    if state.best_value is None or (record is not None and (record["metric"], record["value"]) ==
-                                    (state.best_metric, state.best_value)):
+    if state.best_value is None or (
+        record is not None and (record["metric"], record["value"]) == (state.best_metric, state.best_value)
+    ):
         return {}
     saved_at_best = _checkpoint_of_best(store, state)
     if saved_at_best is not None:
-        log.warning("%s did not name the checkpoint of the best evaluation so far (validation %s %.6f at step %d: "
-                    "the run before stopped before it was written): it now names %s",
-                    storage.path(best_pointer.BEST_FILE), state.best_metric, state.best_value, state.best_step,
-                    saved_at_best[0])
+        log.warning(
+            "%s did not name the checkpoint of the best evaluation so far (validation %s %.6f at step %d: "
+            "the run before stopped before it was written): it now names %s",
+            storage.path(best_pointer.BEST_FILE),
+            state.best_metric,
+            state.best_value,
+            state.best_step,
+            saved_at_best[0],
+        )
         best_pointer.write(storage, *saved_at_best, {"metric": state.best_metric, "value": state.best_value})
         return {}
-    log.warning("no checkpoint of the best evaluation so far (validation %s %.6f at step %d) is published, and %s "
-                "names none: the best starts over", state.best_metric, state.best_value, state.best_step,
-                storage.path(best_pointer.BEST_FILE))
+    log.warning(
+        "no checkpoint of the best evaluation so far (validation %s %.6f at step %d) is published, and %s "
+        "names none: the best starts over",
+        state.best_metric,
+        state.best_value,
+        state.best_step,
+        storage.path(best_pointer.BEST_FILE),
+    )
     best_pointer.forget(storage)
     return {"best_metric": None, "best_value": None, "best_step": None, "evals_since_best": 0}
 
@@ -74,8 +85,13 @@ def _adopt_final_evaluation(state: Any, record: dict[str, Any]) -> dict[str, Any
         return {}
     higher = str(metric).rsplit("/", 1)[-1] in HIGHER_IS_BETTER  # multi-task: <task>/auc
     if state.best_value is None or (value > state.best_value if higher else value < state.best_value):
-        return {"best_metric": metric, "best_value": value, "best_step": state.step, "evals_since_best": 0,
-                "evaluated_samples": state.samples}
+        return {
+            "best_metric": metric,
+            "best_value": value,
+            "best_step": state.step,
+            "evals_since_best": 0,
+            "evaluated_samples": state.samples,
+        }
     return {}
 
 
@@ -87,7 +103,10 @@ def _checkpoint_of_best(store: Any, state: Any) -> tuple[str, int, int] | None:
             saved = meta["train_state"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if isinstance(saved, dict) and saved.get("step") == saved.get("best_step") == state.best_step \
-                and (saved.get("best_metric"), saved.get("best_value")) == (state.best_metric, state.best_value):
+        if (
+            isinstance(saved, dict)
+            and saved.get("step") == saved.get("best_step") == state.best_step
+            and (saved.get("best_metric"), saved.get("best_value")) == (state.best_metric, state.best_value)
+        ):
             return name, meta["step"], meta.get("samples", 0)
     return None

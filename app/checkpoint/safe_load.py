@@ -49,12 +49,30 @@ class CheckpointError(UserError, RuntimeError):
 # them builds data and nothing else.
 _METADATA_GLOBALS: dict[str, Any] = {
     f"{value.__module__}.{value.__name__}": value
-    for value in (Metadata, StorageMeta, MetadataIndex, TensorStorageMetadata, BytesStorageMetadata,
-                  ChunkStorageMetadata, TensorProperties, _MEM_FORMAT_ENCODING, _StorageInfo, torch.Size,
-                  torch.serialization._get_layout, OrderedDict, PosixPath, PurePosixPath)
+    for value in (
+        Metadata,
+        StorageMeta,
+        MetadataIndex,
+        TensorStorageMetadata,
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        TensorProperties,
+        _MEM_FORMAT_ENCODING,
+        _StorageInfo,
+        torch.Size,
+        torch.serialization._get_layout,
+        OrderedDict,
+        PosixPath,
+        PurePosixPath,
+    )
 }
-_METADATA_GLOBALS.update({f"torch.{name}": value for name, value in vars(torch).items()
-                          if isinstance(value, (torch.dtype, torch.layout, torch.memory_format))})
+_METADATA_GLOBALS.update(
+    {
+        f"torch.{name}": value
+        for name, value in vars(torch).items()
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format))
+    }
+)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -65,8 +83,10 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         found = _METADATA_GLOBALS.get(f"{module}.{name}")
         if found is None:
-            raise CheckpointError(f"{self.path}: refused to load: it names {module}.{name}, which a checkpoint "
-                                  "never contains (the file may have been tampered with).")
+            raise CheckpointError(
+                f"{self.path}: refused to load: it names {module}.{name}, which a checkpoint "
+                "never contains (the file may have been tampered with)."
+            )
         return found
 
 
@@ -121,9 +141,10 @@ class _SafePlanner(DefaultLoadPlanner):
         except pickle.UnpicklingError as error:
             assert self.metadata is not None  # set up before any item is loaded
             file = self.path / self.metadata.storage_data[read_item.storage_index].relative_path
-            raise CheckpointError(f"{file}: refused to load {fqn!r}: {weights_only_refusal(error)}; a checkpoint's "
-                                  "values are loaded as plain data only (the file may have been tampered with).") \
-                from error
+            raise CheckpointError(
+                f"{file}: refused to load {fqn!r}: {weights_only_refusal(error)}; a checkpoint's "
+                "values are loaded as plain data only (the file may have been tampered with)."
+            ) from error
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], loaded)
         else:
@@ -133,9 +154,9 @@ class _SafePlanner(DefaultLoadPlanner):
 def weights_only_refusal(error: Exception) -> str:
     """The line of torch.load(weights_only=True)'s long message that says what it refused."""
     text = str(error)
-    found = (re.search(r"WeightsUnpickler error:\s*(Unsupported [^\n]*?)(?: was not an allowed global.*)?$", text,
-                       re.MULTILINE)
-             or re.search(r"^Trying to load (unsupported GLOBAL \S+) whose module", text, re.MULTILINE))
+    found = re.search(
+        r"WeightsUnpickler error:\s*(Unsupported [^\n]*?)(?: was not an allowed global.*)?$", text, re.MULTILINE
+    ) or re.search(r"^Trying to load (unsupported GLOBAL \S+) whose module", text, re.MULTILINE)
     return found.group(1) if found else text.splitlines()[0]
 
 
@@ -145,8 +166,13 @@ def read_dcp_metadata(path: Any) -> Metadata:
     return _reader(path).read_metadata()
 
 
-def load_state(path: Any, state: dict[str, Any], group: dist.ProcessGroup | None = None,
-               no_dist: bool = False, metadata: Metadata | None = None) -> None:
+def load_state(
+    path: Any,
+    state: dict[str, Any],
+    group: dist.ProcessGroup | None = None,
+    no_dist: bool = False,
+    metadata: Metadata | None = None,
+) -> None:
     """dcp.load of the checkpoint at `path` into `state`, unpickling nothing but data: every
     checkpoint is loaded through here. CheckpointError naming the file that holds anything else.
     `metadata`: the checkpoint's, where the caller has read it already (read_dcp_metadata)."""
@@ -155,8 +181,13 @@ def load_state(path: Any, state: dict[str, Any], group: dist.ProcessGroup | None
     if metadata is None:
         metadata = read_dcp_metadata(path)
     try:
-        dcp.load(state, storage_reader=_reader(path, metadata), planner=_SafePlanner(path),
-                 process_group=group, no_dist=no_dist)
+        dcp.load(
+            state,
+            storage_reader=_reader(path, metadata),
+            planner=_SafePlanner(path),
+            process_group=group,
+            no_dist=no_dist,
+        )
     except dcp.CheckpointException as error:  # DCP wraps what each rank raised
         refused = [cause for cause, _ in error.failures.values() if isinstance(cause, CheckpointError)]
         if not refused:

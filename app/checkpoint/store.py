@@ -64,8 +64,14 @@ BEST_FILE = best_pointer.BEST_FILE
 
 
 class CheckpointStore:
-    def __init__(self, storage: Storage | str | Path, keep_last: int, rank: int,
-                 process_group: dist.ProcessGroup | None = None, io_threads: int = 4) -> None:
+    def __init__(
+        self,
+        storage: Storage | str | Path,
+        keep_last: int,
+        rank: int,
+        process_group: dist.ProcessGroup | None = None,
+        io_threads: int = 4,
+    ) -> None:
         """`storage`: where the checkpoints live (a path is a local directory, a URL an object
         store's). `process_group`
         carries the checkpoint's own coordination (a gloo group, so that an asynchronous save's
@@ -85,8 +91,7 @@ class CheckpointStore:
         """Names of the published checkpoints (with meta.json), oldest first. Reads each meta.json
         once, for its samples."""
         self._finish_removal()  # a checkpoint half deleted would look published, and damaged
-        found = [name for name in self.storage.list() if is_step_name(name)
-                 and META_FILE in self.storage.files(name)]
+        found = [name for name in self.storage.list() if is_step_name(name) and META_FILE in self.storage.files(name)]
         return sorted(found, key=lambda name: (self._samples(name), name))
 
     def _samples(self, name: str) -> float:
@@ -130,8 +135,15 @@ class CheckpointStore:
 
     # ---- saving -------------------------------------------------------------------------------
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], asynchronous: bool = False,
-             samples: int = 0, best: dict[str, Any] | None = None) -> PathLike:
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        meta: dict[str, Any],
+        asynchronous: bool = False,
+        samples: int = 0,
+        best: dict[str, Any] | None = None,
+    ) -> PathLike:
         """Collective: every rank calls it with its own shards in `state`; `meta` (JSON-able, the
         same on all ranks) is written by rank 0, with `samples` (trained so far: what orders
         checkpoints). Asynchronous: returns once `state` is copied; the checkpoint appears when the
@@ -141,16 +153,28 @@ class CheckpointStore:
         with said_in_one_line(f"cannot write checkpoint {self.storage.path(step_name(step))}"):
             return self._save(step, state, meta, asynchronous, samples, best)
 
-    def _save(self, step: int, state: dict[str, Any], meta: dict[str, Any], asynchronous: bool, samples: int,
-              best: dict[str, Any] | None) -> PathLike:
+    def _save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        meta: dict[str, Any],
+        asynchronous: bool,
+        samples: int,
+        best: dict[str, Any] | None,
+    ) -> PathLike:
         meta = {**meta, "samples": samples}
         self._publish_pending()
         final, staging = self._names_for(step, samples)
         writer = self._writer(staging)
         try:
             if asynchronous:
-                future = dcp.async_save(state, storage_writer=writer, planner=SavePlanner(),
-                                        process_group=self.group, async_stager=self._stager())
+                future = dcp.async_save(
+                    state,
+                    storage_writer=writer,
+                    planner=SavePlanner(),
+                    process_group=self.group,
+                    async_stager=self._stager(),
+                )
                 self._pending = (future, step, staging, final, meta, writer.checksums, best)
                 return self.storage.path(final)
             dcp.save(state, storage_writer=writer, planner=SavePlanner(), process_group=self.group)
@@ -204,8 +228,10 @@ class CheckpointStore:
         self._remove_failed_save(staging, final)
         cause = storage_cause(error)
         if cause is not None and not isinstance(cause, StorageFailure):
-            raise StorageFailure(f"cannot write checkpoint {self.storage.path(final)}: {describe(cause)}; "
-                                 "the checkpoints before it are untouched.") from error
+            raise StorageFailure(
+                f"cannot write checkpoint {self.storage.path(final)}: {describe(cause)}; "
+                "the checkpoints before it are untouched."
+            ) from error
 
     def _remove_failed_save(self, staging: str, final: str) -> None:
         """Rank 0: removes what a failed save wrote: never a published checkpoint (see _names_for),
@@ -262,8 +288,15 @@ class CheckpointStore:
         self._publish(step, staging, final, meta, checksums, best)
         return self.storage.path(final)
 
-    def _publish(self, step: int, staging: str, final: str, meta: dict[str, Any],
-                 checksums: dict[str, list[int]], best: dict[str, Any] | None = None) -> None:
+    def _publish(
+        self,
+        step: int,
+        staging: str,
+        final: str,
+        meta: dict[str, Any],
+        checksums: dict[str, list[int]],
+        best: dict[str, Any] | None = None,
+    ) -> None:
         # Every rank's files are written once every rank has sent what its writers computed.
         written = gather_texts(json.dumps(checksums), self.group)
         problem = None
@@ -282,8 +315,15 @@ class CheckpointStore:
             raise StorageFailure(f"{problem}; the checkpoints before it are untouched.")
         barrier(self.group)
 
-    def _publish_files(self, step: int, staging: str, final: str, meta: dict[str, Any],
-                       checksums: dict[str, list[int]], best: dict[str, Any] | None) -> None:
+    def _publish_files(
+        self,
+        step: int,
+        staging: str,
+        final: str,
+        meta: dict[str, Any],
+        checksums: dict[str, list[int]],
+        best: dict[str, Any] | None,
+    ) -> None:
         """Rank 0: the manifest written, the checkpoint published, then latest and the best
         pointer; then pruning."""
         record = {"step": step, **meta, "files": manifest(self.storage, staging, checksums)}
@@ -335,8 +375,9 @@ class CheckpointStore:
         old = [name for name in self.published()[: -self.keep_last] if name not in keep]
         # A step directory without meta.json is a save that died before publishing (in an object
         # store, where saves are written in place); no save is under way while this runs.
-        incomplete = [name for name in self.storage.list()
-                      if is_step_name(name) and META_FILE not in self.storage.files(name)]
+        incomplete = [
+            name for name in self.storage.list() if is_step_name(name) and META_FILE not in self.storage.files(name)
+        ]
         if old or incomplete:
             self._removal = threading.Thread(target=self._remove, args=(old, incomplete), name="checkpoint-prune")
             self._removal.start()
@@ -370,4 +411,3 @@ class CheckpointStore:
         meta = read_meta(path)
         load_state(path, state, self.group, metadata=metadata)
         return meta
-

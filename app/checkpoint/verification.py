@@ -117,4 +117,3 @@ def read_meta(path: Any) -> dict[str, Any]:
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is not usable: {problem}.")
     return meta
-

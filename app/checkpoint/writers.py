@@ -44,8 +44,12 @@ class SavePlanner(DefaultSavePlanner):
 
     def resolve_data(self, write_item):
         data = super().resolve_data(write_item)
-        if isinstance(data, torch.Tensor) and data.device.type == "cpu" and data.is_contiguous() \
-                and data.untyped_storage().nbytes() != data.nbytes:
+        if (
+            isinstance(data, torch.Tensor)
+            and data.device.type == "cpu"
+            and data.is_contiguous()
+            and data.untyped_storage().nbytes() != data.nbytes
+        ):
             # numpy's array of the view's own bytes, shared: a storage exactly the tensor's size.
             data = torch.from_numpy(data.reshape(-1).view(torch.uint8).numpy()).view(data.dtype).view(data.shape)
         return data
@@ -65,10 +69,17 @@ def _host_copy(value: Any) -> Any:
     if isinstance(value, ShardedTensor):
         shards = [Shard(shard.tensor.detach().clone(), shard.metadata) for shard in value.local_shards()]
         return ShardedTensor._init_from_local_shards_and_global_metadata(
-            shards, value.metadata(), process_group=value._process_group)
+            shards, value.metadata(), process_group=value._process_group
+        )
     if isinstance(value, DTensor):
-        return DTensor.from_local(value.to_local().detach().clone(), value.device_mesh, value.placements,
-                                  run_check=False, shape=value.shape, stride=value.stride())
+        return DTensor.from_local(
+            value.to_local().detach().clone(),
+            value.device_mesh,
+            value.placements,
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
+        )
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, dict):
@@ -110,9 +121,11 @@ class _CheckedWrites(FileSystemWriter):
         missing = [item.index.fqn for item in plan.items if item.index not in written]
         if missing:
             self._raise_storage_failure()
-            raise RuntimeError(f"{len(missing)} of the {len(plan.items)} items of this rank's checkpoint files "
-                               f"were not written ({', '.join(sorted(set(missing))[:3])}...): a writer thread "
-                               "failed, see its traceback above")
+            raise RuntimeError(
+                f"{len(missing)} of the {len(plan.items)} items of this rank's checkpoint files "
+                f"were not written ({', '.join(sorted(set(missing))[:3])}...): a writer thread "
+                "failed, see its traceback above"
+            )
         return future
 
     def _raise_storage_failure(self) -> None:
@@ -128,8 +141,12 @@ class _CheckedWrites(FileSystemWriter):
 def _quiet_writer_threads(args: threading.ExceptHookArgs) -> None:
     """A DCP writer thread's storage error is reported by the save it failed (_CheckedWrites), in
     one line: its traceback is not printed too. Anything else is, as Python prints it."""
-    if args.thread is not None and args.thread.name.endswith("(_write_files_from_queue)") \
-            and args.exc_value is not None and is_storage_error(args.exc_value):
+    if (
+        args.thread is not None
+        and args.thread.name.endswith("(_write_files_from_queue)")
+        and args.exc_value is not None
+        and is_storage_error(args.exc_value)
+    ):
         return
     _previous_thread_hook(args)
 
@@ -167,7 +184,7 @@ class UncachedFile:
         done = 0
         while done < data.nbytes:
             count = min(data.nbytes - done, len(self._buffer) - self._filled)
-            self._view[self._filled:self._filled + count] = data[done:done + count]
+            self._view[self._filled : self._filled + count] = data[done : done + count]
             self._filled += count
             done += count
             if self._filled == len(self._buffer):
@@ -214,7 +231,7 @@ class UncachedFile:
             self._write_out(self._view[:whole_blocks])
             if whole_blocks < self._filled:
                 self._through_cache()
-                self._write_out(self._view[whole_blocks:self._filled])
+                self._write_out(self._view[whole_blocks : self._filled])
             os.fsync(self._fd)
             # What did go through the cache is of no use to training: released, not left to
             # push out pages training uses.
@@ -253,7 +270,7 @@ class _ChecksummedStream:
         data = memoryview(data).cast("B")
         if self._piece and data.nbytes > self._piece:
             for start in range(0, data.nbytes, self._piece):
-                self._stream.write(data[start:start + self._piece])
+                self._stream.write(data[start : start + self._piece])
         else:
             self._stream.write(data)
         self.crc = zlib.crc32(data, self.crc)  # zlib releases the GIL: other writer threads go on

@@ -115,24 +115,33 @@ __all__ = [
 
 @dataclass
 class Config:
-    run_name: str = doc("default", "The run directory is <output_root>/<run_name>; running again with the same name "
-                                   "resumes it. A name, without '/'.")
+    run_name: str = doc(
+        "default",
+        "The run directory is <output_root>/<run_name>; running again with the same name "
+        "resumes it. A name, without '/'.",
+    )
     seed: int = doc(0, "Seed of torch's generator: the model's initial weights.")
     output_root: str = doc("outputs", "Directory the run directories are made in.")
-    features: FeaturesConfig = doc_factory(FeaturesConfig, "The dataset's columns: label, dense columns, sparse "
-                                                           "features with their table sizes, embedding width.")
+    features: FeaturesConfig = doc_factory(
+        FeaturesConfig,
+        "The dataset's columns: label, dense columns, sparse features with their table sizes, embedding width.",
+    )
     model: ModelConfig = doc_factory(ModelConfig, "The network: DLRM's dense and over arches and its interaction.")
     data: DataConfig = doc_factory(DataConfig, "Where the data comes from and how it is batched and shuffled.")
-    sharding: ShardingConfig = doc_factory(ShardingConfig, "How the planner shards the embedding tables over the "
-                                                           "ranks.")
+    sharding: ShardingConfig = doc_factory(
+        ShardingConfig, "How the planner shards the embedding tables over the ranks."
+    )
     optim: OptimConfig = doc_factory(OptimConfig, "Optimizers, learning rates and their schedule.")
-    checkpoint: CheckpointConfig = doc_factory(CheckpointConfig, "When checkpoints are saved, how many are kept, and "
-                                                                 "what a run starts from.")
-    trainer: TrainerConfig = doc_factory(TrainerConfig, "Epochs, steps, evaluation and logging cadence, the train "
-                                                        "pipeline.")
+    checkpoint: CheckpointConfig = doc_factory(
+        CheckpointConfig, "When checkpoints are saved, how many are kept, and what a run starts from."
+    )
+    trainer: TrainerConfig = doc_factory(
+        TrainerConfig, "Epochs, steps, evaluation and logging cadence, the train pipeline."
+    )
     logging: LoggingConfig = doc_factory(LoggingConfig, "Console, log files, TensorBoard and MLflow.")
-    distributed: DistributedConfig = doc_factory(DistributedConfig, "Workers, device, process group backend and CPU "
-                                                                    "threads.")
+    distributed: DistributedConfig = doc_factory(
+        DistributedConfig, "Workers, device, process group backend and CPU threads."
+    )
 
     def validate(self) -> Config:
         """Check every group, then the rules that span groups; returns self for chaining."""
@@ -172,16 +181,20 @@ class Config:
     def _validate_tasks(self) -> None:
         task = self.trainer.early_stopping.task
         tasks = self.features.tasks()
-        _require(task is None or (len(tasks) > 1 and task in tasks),
-                 f"trainer.early_stopping.task={task!r} is not a task: "
-                 + (f"the tasks (features.labels) are {tasks}." if len(tasks) > 1 else
-                    "it names one of features.labels in multi-task training; with one task leave it null."))
+        _require(
+            task is None or (len(tasks) > 1 and task in tasks),
+            f"trainer.early_stopping.task={task!r} is not a task: "
+            + (
+                f"the tasks (features.labels) are {tasks}."
+                if len(tasks) > 1
+                else "it names one of features.labels in multi-task training; with one task leave it null."
+            ),
+        )
 
     def primary_task(self) -> str:
         """The task whose metrics are the unprefixed ones and decide: trainer.early_stopping.task,
         else the first."""
         return self.trainer.early_stopping.task or self.features.tasks()[0]
-
 
     def _check_managed_collision_sharding(self) -> None:
         """TorchRec shards a managed-collision table row-wise only (its sharder offers no other
@@ -190,12 +203,16 @@ class Config:
             if feature.id_mapping != "managed_collision":
                 continue
             override = table_constraint(self.sharding.tables, feature.name)
-            key, types = ((f"sharding.tables.{feature.name}.sharding_types", override.sharding_types)
-                          if override and override.sharding_types else
-                          ("sharding.sharding_types", self.sharding.sharding_types))
-            _require(not types or "row_wise" in types,
-                     f"features.sparse[{i}].id_mapping=managed_collision ({feature.name!r}) shards only row_wise, "
-                     f"but {key}={list(types)} excludes it; add row_wise there (or use another id_mapping).")
+            key, types = (
+                (f"sharding.tables.{feature.name}.sharding_types", override.sharding_types)
+                if override and override.sharding_types
+                else ("sharding.sharding_types", self.sharding.sharding_types)
+            )
+            _require(
+                not types or "row_wise" in types,
+                f"features.sparse[{i}].id_mapping=managed_collision ({feature.name!r}) shards only row_wise, "
+                f"but {key}={list(types)} excludes it; add row_wise there (or use another id_mapping).",
+            )
 
 
 def check_run_location(output_root: str, run_name: str) -> None:

@@ -124,8 +124,7 @@ class Rows:
             ids.append(np.concatenate([feature_ids for _, feature_ids in pieces]))
         return Rows(np.concatenate([p.dense for p in parts]), np.concatenate([p.labels for p in parts]), ids, offsets)
 
-    def to_batch(self, keys: list[str], pin_memory: bool = False,
-                 sequence: Sequence[tuple[str, int]] = ()) -> Batch:
+    def to_batch(self, keys: list[str], pin_memory: bool = False, sequence: Sequence[tuple[str, int]] = ()) -> Batch:
         """The rows as a torchrec Batch. `pin_memory` (needs CUDA): in page-locked memory, so that
         its copy to the GPU (batch.to(device, non_blocking=True), as TrainPipelineSparseDist makes
         on its copy stream) runs asynchronously, overlapping the step before it, instead of being
@@ -140,9 +139,13 @@ class Rows:
         lengths = np.concatenate([lengths for lengths, _ in pieces])
         values = np.concatenate([feature_ids for _, feature_ids in pieces])
         sparse = KeyedJaggedTensor.from_lengths_sync(
-            keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths))
-        batch = Batch(dense_features=torch.from_numpy(np.ascontiguousarray(self.dense)),
-                      sparse_features=sparse, labels=torch.from_numpy(np.ascontiguousarray(self.labels)))
+            keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+        )
+        batch = Batch(
+            dense_features=torch.from_numpy(np.ascontiguousarray(self.dense)),
+            sparse_features=sparse,
+            labels=torch.from_numpy(np.ascontiguousarray(self.labels)),
+        )
         if sequence:
             from app.data.sequence_batch import with_sequences
 
@@ -265,8 +268,9 @@ def _id_range(feature, policy: InputPolicy) -> tuple[int | None, InputPolicy]:
     return feature.num_embeddings, policy
 
 
-def decode(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
-           policy: InputPolicy = InputPolicy()) -> Rows:
+def decode(
+    table: pa.Table, schema: FeatureSchema, source: str = "<memory>", policy: InputPolicy = InputPolicy()
+) -> Rows:
     """Check and decode the rows of `table`, raising DataError at the first value that cannot be
     trained on (naming `source`, the row and the column) unless `policy` says to repair it."""
     labels = _task_labels(table, schema, source)
@@ -274,13 +278,15 @@ def decode(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
     ids, offsets = [], []
     for feature in schema.sparse:
         rows, feature_policy = _id_range(feature, policy)
-        feature_offsets, feature_ids = _sparse(_flat(table.column(feature.name)), feature.name,
-                                               rows, source, feature_policy)
+        feature_offsets, feature_ids = _sparse(
+            _flat(table.column(feature.name)), feature.name, rows, source, feature_policy
+        )
         ids.append(feature_ids)
         offsets.append(feature_offsets)
     for history in schema.sequence:  # after the sparse features (FeatureSchema.sequence_inputs)
-        history_offsets, history_ids = _sparse(_flat(table.column(history.name)), history.name,
-                                               history.num_embeddings, source, policy)
+        history_offsets, history_ids = _sparse(
+            _flat(table.column(history.name)), history.name, history.num_embeddings, source, policy
+        )
         history_offsets, history_ids = keep_recent(history_offsets, history_ids, history.max_length)
         ids.append(history_ids)
         offsets.append(history_offsets)
@@ -294,8 +300,9 @@ def decode(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
             continue
         # Hashed ids: mod the target's table is another row than the history's for the same raw id
         # (150 is row 50 of 100 rows, row 150 of 200): the candidate is mapped as the history is.
-        candidate_offsets, candidate_ids = _sparse(_flat(table.column(target.name)), target.name,
-                                                   history.num_embeddings, source, target_policy)
+        candidate_offsets, candidate_ids = _sparse(
+            _flat(table.column(target.name)), target.name, history.num_embeddings, source, target_policy
+        )
         ids.append(candidate_ids)
         offsets.append(candidate_offsets)
     return Rows(dense, labels, ids, offsets)
@@ -306,9 +313,12 @@ def with_empty_histories(rows: Rows, schema: FeatureSchema) -> Rows:
     feature, and its candidate's ids (the target's, valid rows of the history's table too)."""
     empty = [np.zeros(len(rows) + 1, np.int64) for _ in schema.sequence]
     targets = [schema.sparse_names.index(history.target) for history in schema.sequence]
-    return Rows(rows.dense, rows.labels, [*rows.ids, *(np.zeros(0, np.int64) for _ in empty),
-                                          *(rows.ids[t] for t in targets)],
-                [*rows.offsets, *empty, *(rows.offsets[t] for t in targets)])
+    return Rows(
+        rows.dense,
+        rows.labels,
+        [*rows.ids, *(np.zeros(0, np.int64) for _ in empty), *(rows.ids[t] for t in targets)],
+        [*rows.offsets, *empty, *(rows.offsets[t] for t in targets)],
+    )
 
 
 def keep_recent(offsets: np.ndarray | None, ids: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -326,7 +336,8 @@ def keep_recent(offsets: np.ndarray | None, ids: np.ndarray, max_length: int) ->
     return new, ids[source]
 
 
-def table_to_batch(table: pa.Table, schema: FeatureSchema, source: str = "<memory>",
-                   policy: InputPolicy = InputPolicy()) -> Batch:
+def table_to_batch(
+    table: pa.Table, schema: FeatureSchema, source: str = "<memory>", policy: InputPolicy = InputPolicy()
+) -> Batch:
     """One Batch from all the rows of `table`."""
     return decode(table, schema, source, policy).to_batch(schema.sparse_names, sequence=schema.sequence_inputs)

@@ -54,8 +54,9 @@ def resolve_files(path: str, storage_options: StorageOptions = None, key: str = 
     else:
         files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
     if not files:
-        raise DataError(f"{key}: no Parquet files at {path!r}: expected a directory of .parquet files, a file, "
-                        "or a glob.")
+        raise DataError(
+            f"{key}: no Parquet files at {path!r}: expected a directory of .parquet files, a file, or a glob."
+        )
     return sorted(files)
 
 
@@ -68,11 +69,15 @@ def _resolve_urls(url: str, storage_options: StorageOptions, key: str) -> list[s
         else:
             found = [name for name, info in fs.glob(root, detail=True).items() if info["type"] == "file"]
     except Exception as error:  # no credentials, no permission: botocore's errors are not OSErrors
-        raise DataError(f"{key}={url!r}: cannot list it ({describe_failure(error)}); check the bucket, the "
-                        "credentials and the endpoint (AWS_* variables, ~/.aws, data.storage_options).") from error
+        raise DataError(
+            f"{key}={url!r}: cannot list it ({describe_failure(error)}); check the bucket, the "
+            "credentials and the endpoint (AWS_* variables, ~/.aws, data.storage_options)."
+        ) from error
     if not found:
-        raise DataError(f"{key}: no Parquet files at {url!r} (does the bucket exist?): expected a prefix holding "
-                        ".parquet files, a file, or a glob.")
+        raise DataError(
+            f"{key}: no Parquet files at {url!r} (does the bucket exist?): expected a prefix holding "
+            ".parquet files, a file, or a glob."
+        )
     return sorted(fs.unstrip_protocol(name) for name in found)
 
 
@@ -87,8 +92,11 @@ def _is_id_column(arrow_type: pa.DataType) -> bool:
 
 
 def _expected_kind(schema: FeatureSchema, name: str) -> str:
-    return "a number type" if name in (*schema.tasks, *schema.dense) else \
-        "int64 (one id per row) or list<int64> (multi-hot)"
+    return (
+        "a number type"
+        if name in (*schema.tasks, *schema.dense)
+        else "int64 (one id per row) or list<int64> (multi-hot)"
+    )
 
 
 def check_files(files: Sequence[str], schema: FeatureSchema, storage_options: StorageOptions = None) -> None:
@@ -112,8 +120,9 @@ def check_files(files: Sequence[str], schema: FeatureSchema, storage_options: St
             arrow_type = arrow_schema.field(name).type
             fits = _is_number(arrow_type) if name in (*schema.tasks, *schema.dense) else _is_id_column(arrow_type)
             if not fits:
-                raise DataError(f"{path}: column {name!r} has type {arrow_type}; "
-                                f"expected {_expected_kind(schema, name)}.")
+                raise DataError(
+                    f"{path}: column {name!r} has type {arrow_type}; expected {_expected_kind(schema, name)}."
+                )
             if name not in first_types:
                 first_types[name] = arrow_type
             elif arrow_type != first_types[name]:
@@ -131,8 +140,13 @@ def check_files(files: Sequence[str], schema: FeatureSchema, storage_options: St
 _READ_ERRORS = (OSError, pa.ArrowException)
 
 
-def read_row_group(path: str, index: int, schema: FeatureSchema, policy: InputPolicy,
-                   open_file: Callable[[str], pq.ParquetFile] = open_parquet) -> Rows:
+def read_row_group(
+    path: str,
+    index: int,
+    schema: FeatureSchema,
+    policy: InputPolicy,
+    open_file: Callable[[str], pq.ParquetFile] = open_parquet,
+) -> Rows:
     """Row group `index` of `path`, read and decoded; a damaged page is a DataError naming the row
     group, as a bad value is. One thread: the reader already runs beside training, which needs the
     other cores. `open_file` may hand out files kept open (the readers keep a few)."""
@@ -147,8 +161,12 @@ def read_row_group(path: str, index: int, schema: FeatureSchema, policy: InputPo
     return decode(table, schema, source, policy)
 
 
-def check_first_row_group(files: Sequence[str], schema: FeatureSchema, policy: InputPolicy = InputPolicy(),
-                          storage_options: StorageOptions = None) -> None:
+def check_first_row_group(
+    files: Sequence[str],
+    schema: FeatureSchema,
+    policy: InputPolicy = InputPolicy(),
+    storage_options: StorageOptions = None,
+) -> None:
     """Read and decode a split's first row group as the loader will, before the first step: values
     the loader would refuse there (or a page it cannot read) stop the job now, not at the first
     evaluation after training. One row group on one thread, so it is cheap; the others are checked

@@ -17,8 +17,9 @@ from app.data.files import StorageOptions, read_metadata
 log = logging.getLogger(__name__)
 
 
-def one_class_labels(files: Sequence[str], labels: Sequence[str],
-                     storage_options: StorageOptions = None) -> dict[str, float]:
+def one_class_labels(
+    files: Sequence[str], labels: Sequence[str], storage_options: StorageOptions = None
+) -> dict[str, float]:
     """Each of `labels` whose every value in `files` is the same, with that value (from the
     footers' statistics; a label without them in some row group is left out)."""
     ranges: dict[str, list[float] | None] = dict.fromkeys(labels)
@@ -40,13 +41,20 @@ def one_class_labels(files: Sequence[str], labels: Sequence[str],
     return {label: seen[0] for label, seen in ranges.items() if seen is not None and seen[0] == seen[1]}
 
 
-def warn_one_class(split: str, files: Sequence[str], labels: Sequence[str],
-                   storage_options: StorageOptions = None) -> dict[str, float]:
+def warn_one_class(
+    split: str, files: Sequence[str], labels: Sequence[str], storage_options: StorageOptions = None
+) -> dict[str, float]:
     """Warns, naming the split, where its files are and the label, of each label with one class."""
     found = one_class_labels(files, labels, storage_options) if files else {}
     where = os.path.dirname(files[0]) if len(files) > 1 else (files[0] if files else "")
     for label, value in found.items():
-        log.warning("the %s split (%s) has one class only: every row's %r is %g. Its AUC is undefined (nan): its "
-                    "evaluations cannot make a best checkpoint and do not count toward "
-                    "trainer.early_stopping.patience", split, where, label, value)
+        log.warning(
+            "the %s split (%s) has one class only: every row's %r is %g. Its AUC is undefined (nan): its "
+            "evaluations cannot make a best checkpoint and do not count toward "
+            "trainer.early_stopping.patience",
+            split,
+            where,
+            label,
+            value,
+        )
     return found

@@ -32,6 +32,7 @@ class EvalBatch:
 
 # ---- shared by both readers -----------------------------------------------------------------
 
+
 def _cut(windows: Iterator[Rows], batch_size: int, count: int) -> Iterator[Rows]:
     """`count` batches of `batch_size` rows cut from the stream of windows, and then, should the
     stream end first, the rows left over (fewer; none when it ended on a batch boundary). Batches
@@ -65,9 +66,19 @@ def _cut(windows: Iterator[Rows], batch_size: int, count: int) -> Iterator[Rows]
 class _Reader:
     """What both readers share: the plan, and one pass's batches read through the reader processes."""
 
-    def __init__(self, plan: RowGroupPlan, files: Sequence[str], schema: FeatureSchema, batch_size: int,
-                 rank: int, prefetch_windows: int, num_workers: int, policy: InputPolicy, pin_memory: bool,
-                 storage_options: dict[str, Any] | None) -> None:
+    def __init__(
+        self,
+        plan: RowGroupPlan,
+        files: Sequence[str],
+        schema: FeatureSchema,
+        batch_size: int,
+        rank: int,
+        prefetch_windows: int,
+        num_workers: int,
+        policy: InputPolicy,
+        pin_memory: bool,
+        storage_options: dict[str, Any] | None,
+    ) -> None:
         self.plan = plan
         self.files = list(files)
         self.schema = schema
@@ -82,10 +93,16 @@ class _Reader:
     def _pass(self, epoch: int, skip_batches: int, count: int) -> Generator[Rows, None, None]:
         """This rank's rows of `epoch` as batches (see _cut), from batch `skip_batches` on. An error
         is re-raised as rank-specific: the other ranks read other row groups, and do not see it."""
-        source = WindowSource(self.plan.windows(epoch, self.rank), self.schema, self.policy,
-                               skip_rows=skip_batches * self.batch_size, storage_options=self.storage_options)
-        windows = (prefetched(source, self.prefetch_windows, self.num_workers) if self.prefetch_windows > 0
-                   else source.rows())
+        source = WindowSource(
+            self.plan.windows(epoch, self.rank),
+            self.schema,
+            self.policy,
+            skip_rows=skip_batches * self.batch_size,
+            storage_options=self.storage_options,
+        )
+        windows = (
+            prefetched(source, self.prefetch_windows, self.num_workers) if self.prefetch_windows > 0 else source.rows()
+        )
         try:
             yield from _cut(windows, self.batch_size, count - skip_batches)
         except DataError as error:
@@ -102,14 +119,34 @@ class TrainingBatches(_Reader):
     `pin_memory` (training on CUDA; needs CUDA): batches in page-locked memory, see Rows.to_batch.
     `num_workers` reader processes (with `prefetch_windows` > 0) give the same batches as one."""
 
-    def __init__(self, files: Sequence[str], schema: FeatureSchema, batch_size: int, rank: int, world_size: int,
-                 *, shuffle: bool = False, seed: int = 0, shuffle_window: int = 4, prefetch_windows: int = 2,
-                 num_workers: int = 1, policy: InputPolicy = InputPolicy(), pin_memory: bool = False,
-                 storage_options: dict[str, Any] | None = None) -> None:
-        plan = RowGroupPlan.from_files(files, world_size, shuffle=shuffle, seed=seed, shuffle_window=shuffle_window,
-                                       storage_options=storage_options)
-        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, num_workers, policy, pin_memory,
-                         storage_options)
+    def __init__(
+        self,
+        files: Sequence[str],
+        schema: FeatureSchema,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_window: int = 4,
+        prefetch_windows: int = 2,
+        num_workers: int = 1,
+        policy: InputPolicy = InputPolicy(),
+        pin_memory: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        plan = RowGroupPlan.from_files(
+            files,
+            world_size,
+            shuffle=shuffle,
+            seed=seed,
+            shuffle_window=shuffle_window,
+            storage_options=storage_options,
+        )
+        super().__init__(
+            plan, files, schema, batch_size, rank, prefetch_windows, num_workers, policy, pin_memory, storage_options
+        )
         self._length = plan.training_batches(batch_size)
         self._epoch = 0
         self._start = 0  # batches to skip at the next __iter__ (resume)
@@ -148,12 +185,24 @@ class EvaluationBatches(_Reader):
     `len()` is the longest rank's count, which every rank runs, padding with rows marked invalid.
     `pin_memory`, `num_workers`: as TrainingBatches'."""
 
-    def __init__(self, files: Sequence[str], schema: FeatureSchema, batch_size: int, rank: int, world_size: int,
-                 *, prefetch_windows: int = 2, num_workers: int = 1, policy: InputPolicy = InputPolicy(),
-                 pin_memory: bool = False, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        files: Sequence[str],
+        schema: FeatureSchema,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        *,
+        prefetch_windows: int = 2,
+        num_workers: int = 1,
+        policy: InputPolicy = InputPolicy(),
+        pin_memory: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         plan = RowGroupPlan.from_files(files, world_size, storage_options=storage_options)
-        super().__init__(plan, files, schema, batch_size, rank, prefetch_windows, num_workers, policy, pin_memory,
-                         storage_options)
+        super().__init__(
+            plan, files, schema, batch_size, rank, prefetch_windows, num_workers, policy, pin_memory, storage_options
+        )
         self._length = plan.evaluation_batches(batch_size)
 
     def __len__(self) -> int:
@@ -179,9 +228,12 @@ class EvaluationBatches(_Reader):
         valid = 0 if rows is None else len(rows)
         if valid < self.batch_size:
             count = self.batch_size - valid
-            padding = Rows(np.zeros((count, len(self.schema.dense)), np.float32),
-                           np.zeros(label_shape(self.schema, count), np.float32),
-                           [np.zeros(count, np.int64) for _ in self.schema.sparse], [None] * len(self.schema.sparse))
+            padding = Rows(
+                np.zeros((count, len(self.schema.dense)), np.float32),
+                np.zeros(label_shape(self.schema, count), np.float32),
+                [np.zeros(count, np.int64) for _ in self.schema.sparse],
+                [None] * len(self.schema.sparse),
+            )
             padding = with_empty_histories(padding, self.schema)
             rows = padding if rows is None else Rows.concat([rows, padding])
         assert rows is not None  # padding alone when none were given

@@ -56,8 +56,16 @@ class RowGroupPlan:
     shuffle_window: int = 4
 
     @classmethod
-    def from_files(cls, files: Sequence[str], world_size: int, *, shuffle: bool = False, seed: int = 0,
-                   shuffle_window: int = 4, storage_options: dict[str, Any] | None = None) -> RowGroupPlan:
+    def from_files(
+        cls,
+        files: Sequence[str],
+        world_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_window: int = 4,
+        storage_options: dict[str, Any] | None = None,
+    ) -> RowGroupPlan:
         return cls(tuple(read_row_groups(files, storage_options)), world_size, shuffle, seed, shuffle_window)
 
     def assignment(self, epoch: int, rank: int) -> list[RowGroup]:

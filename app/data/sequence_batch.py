@@ -26,8 +26,12 @@ class SequenceBatch(Batch):
 
     def to(self, device: torch.device, non_blocking: bool = False) -> SequenceBatch:
         moved = super().to(device, non_blocking)
-        return SequenceBatch(moved.dense_features, moved.sparse_features, moved.labels,
-                             self.sequence_features.to(device=device, non_blocking=non_blocking))
+        return SequenceBatch(
+            moved.dense_features,
+            moved.sparse_features,
+            moved.labels,
+            self.sequence_features.to(device=device, non_blocking=non_blocking),
+        )
 
     def record_stream(self, stream: torch.Stream) -> None:
         super().record_stream(stream)
@@ -35,15 +39,16 @@ class SequenceBatch(Batch):
 
     def pin_memory(self) -> SequenceBatch:
         pinned = super().pin_memory()
-        return SequenceBatch(pinned.dense_features, pinned.sparse_features, pinned.labels,
-                             self.sequence_features.pin_memory())
+        return SequenceBatch(
+            pinned.dense_features, pinned.sparse_features, pinned.labels, self.sequence_features.pin_memory()
+        )
 
 
 def with_sequences(batch: Batch, features: list[tuple[str, np.ndarray, np.ndarray]]) -> SequenceBatch:
     """`batch` with a sequence KJT of (key, lengths per row, ids) `features`."""
     lengths = np.concatenate([lengths for _, lengths, _ in features])
     values = np.concatenate([ids for _, _, ids in features])
-    sequence = KeyedJaggedTensor.from_lengths_sync(keys=[key for key, _, _ in features],
-                                                   values=torch.from_numpy(values),
-                                                   lengths=torch.from_numpy(lengths))
+    sequence = KeyedJaggedTensor.from_lengths_sync(
+        keys=[key for key, _, _ in features], values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+    )
     return SequenceBatch(batch.dense_features, batch.sparse_features, batch.labels, sequence)

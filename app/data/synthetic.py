@@ -89,8 +89,7 @@ def ensure_dataset(schema: FeatureSchema, cfg: SyntheticConfig) -> tuple[Path, P
     return final / "train", final / "val"
 
 
-def best_achievable(features: FeaturesConfig, data: DataConfig,
-                    task: str | None = None) -> dict[str, Any] | None:
+def best_achievable(features: FeaturesConfig, data: DataConfig, task: str | None = None) -> dict[str, Any] | None:
     """{"auc", "logloss", "path"}: the validation split's best achievable scores (those of the true
     click probabilities; in a multi-task dataset those of `task`, else of the first task trained
     on, and its name under "task") from the metadata.json of the generated dataset it comes from,
@@ -109,8 +108,12 @@ def best_achievable(features: FeaturesConfig, data: DataConfig,
         if "tasks" in scores:  # a multi-task dataset, read by a model of any of its tasks
             named = {"task": task or features.tasks()[0]}
             scores = scores["tasks"][named["task"]]
-        return {"auc": float(scores["best_auc"]), "logloss": float(scores["best_logloss"]), "path": str(metadata_path),
-                **named}
+        return {
+            "auc": float(scores["best_auc"]),
+            "logloss": float(scores["best_logloss"]),
+            "path": str(metadata_path),
+            **named,
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -139,8 +142,9 @@ def _hashed_normal(seed: int, salt: int, ids: np.ndarray) -> np.ndarray:
     return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
 
 
-def _power_law_ids(rng: np.random.Generator, count: int, num_embeddings: int, exponent: float,
-                   scatter: tuple[int, int]) -> np.ndarray:
+def _power_law_ids(
+    rng: np.random.Generator, count: int, num_embeddings: int, exponent: float, scatter: tuple[int, int]
+) -> np.ndarray:
     """Ids with P(k-th most frequent) ~ k^-exponent (inverse CDF of the continuous law), the
     frequency ranks scattered over the table by an affine bijection."""
     u = rng.random(count)
@@ -205,8 +209,9 @@ class _PlantedModel:
         """Each row's first id (rows have >= 1 id): a multi-hot target's candidate."""
         return ids[np.concatenate([[0], np.cumsum(lengths)[:-1]])]
 
-    def _history(self, rng: np.random.Generator, rows: int, index: int, history, candidates: np.ndarray,
-                 cfg: SyntheticConfig) -> tuple[pa.Array, np.ndarray]:
+    def _history(
+        self, rng: np.random.Generator, rows: int, index: int, history, candidates: np.ndarray, cfg: SyntheticConfig
+    ) -> tuple[pa.Array, np.ndarray]:
         """(the list column, whether each row's candidate is among its most recent max_length ids).
         Histories hold 0 to 2 x max_length ids, drawn as the sparse ids are; half the rows that
         have any get their candidate planted at one of their most recent max_length positions."""
@@ -217,8 +222,9 @@ class _PlantedModel:
         if cfg.id_distribution == "uniform":
             ids = rng.integers(0, history.num_embeddings, total)
         else:
-            ids = _power_law_ids(rng, total, history.num_embeddings, cfg.zipf_exponent,
-                                 _scatter(cfg.seed, index, history.num_embeddings))
+            ids = _power_law_ids(
+                rng, total, history.num_embeddings, cfg.zipf_exponent, _scatter(cfg.seed, index, history.num_embeddings)
+            )
         window = np.minimum(lengths, recent)
         planted = (rng.random(rows) < 0.5) & (lengths > 0)
         back = np.floor(rng.random(rows) * window).astype(np.int64)  # 0: the most recent id
@@ -230,8 +236,9 @@ class _PlantedModel:
         column = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids.astype(np.int64)))
         return column, hit.astype(np.float64)
 
-    def sample(self, rng: np.random.Generator, rows: int,
-               cfg: SyntheticConfig) -> tuple[dict[str, pa.Array], np.ndarray]:
+    def sample(
+        self, rng: np.random.Generator, rows: int, cfg: SyntheticConfig
+    ) -> tuple[dict[str, pa.Array], np.ndarray]:
         columns: dict[str, pa.Array] = {}
         logit = np.full(rows, self.bias)
         # Count-like values, written as log(1 + count): the transform the Criteo converter applies.
@@ -248,11 +255,13 @@ class _PlantedModel:
             if cfg.id_distribution == "uniform":
                 ids = rng.integers(0, feature.num_embeddings, int(lengths.sum()))
             else:
-                ids = _power_law_ids(rng, int(lengths.sum()), feature.num_embeddings, cfg.zipf_exponent,
-                                     self.scatter[i])
+                ids = _power_law_ids(
+                    rng, int(lengths.sum()), feature.num_embeddings, cfg.zipf_exponent, self.scatter[i]
+                )
             logit += self.ID_WEIGHT * self._bag_mean(_hashed_normal(self.seed, 2 * i, ids), lengths)
-            vectors = np.stack([_hashed_normal(self.seed, 1000 + LATENT_DIM * i + d, ids)
-                                for d in range(LATENT_DIM)], 1)
+            vectors = np.stack(
+                [_hashed_normal(self.seed, 1000 + LATENT_DIM * i + d, ids) for d in range(LATENT_DIM)], 1
+            )
             latent.append(self._bag_mean(vectors, lengths))
             drawn.append((ids, lengths))  # the candidates of features.sequence, as table rows
             ids = self.written_ids(i, ids)
@@ -284,9 +293,15 @@ class _PlantedModel:
     # many features there are: its signal does not fade with fewer of them.
     TASK_OWN = 1.8
 
-    def later_tasks(self, rng: np.random.Generator, columns: dict[str, pa.Array], first_logit: np.ndarray,
-                    first_probability: np.ndarray, drawn: list[tuple[np.ndarray, np.ndarray]],
-                    dense: np.ndarray) -> None:
+    def later_tasks(
+        self,
+        rng: np.random.Generator,
+        columns: dict[str, pa.Array],
+        first_logit: np.ndarray,
+        first_probability: np.ndarray,
+        drawn: list[tuple[np.ndarray, np.ndarray]],
+        dense: np.ndarray,
+    ) -> None:
         """Adds each later task's label column and its true probability ("<task>_probability") to
         `columns`: a task that can happen only where the first did, correlated with it through the
         first task's logit, with a signal of its own (per-id weights of its own)."""
@@ -304,6 +319,7 @@ class _PlantedModel:
 
 
 # ---- scores of the true probabilities ----------------------------------------------------------
+
 
 class ScoreTally:
     """Streaming AUC and logloss of probabilities against labels, so a split of any size is scored
@@ -362,10 +378,12 @@ def generate(schema: FeatureSchema, cfg: SyntheticConfig, out_dir: Path) -> dict
             rng = np.random.default_rng([cfg.seed, split_index, file_index])
             columns, probability = model.sample(rng, rows, cfg)
             truths = {task_probability_column(task): columns[task_probability_column(task)] for task in task_tallies}
-            table = pa.table({**{name: columns[name] for name in schema.columns}, PROBABILITY_COLUMN: probability,
-                              **truths})
-            pq.write_table(table, out_dir / split / f"part-{file_index:05d}.parquet",
-                           row_group_size=cfg.rows_per_row_group)
+            table = pa.table(
+                {**{name: columns[name] for name in schema.columns}, PROBABILITY_COLUMN: probability, **truths}
+            )
+            pq.write_table(
+                table, out_dir / split / f"part-{file_index:05d}.parquet", row_group_size=cfg.rows_per_row_group
+            )
             tally.add(columns[schema.label].to_numpy(), probability)
             for task, task_tally in task_tallies.items():
                 task_tally.add(columns[task].to_numpy(), columns[task_probability_column(task)].to_numpy())
@@ -380,7 +398,8 @@ def generate(schema: FeatureSchema, cfg: SyntheticConfig, out_dir: Path) -> dict
         if task_tallies:  # multi-task: every task's rate and best scores, the first's as above
             summary[split]["tasks"] = {
                 task: {"positive_rate": t.click_rate(), "best_auc": t.auc(), "best_logloss": t.logloss()}
-                for task, t in [(schema.tasks[0], tally), *task_tallies.items()]}
+                for task, t in [(schema.tasks[0], tally), *task_tallies.items()]
+            }
     bar.close()
     metadata = {
         "format_version": FORMAT_VERSION,

@@ -33,12 +33,17 @@ from app.precision import TableGradients
 TABLES_PATH = "model.sparse_arch.embedding_bag_collection"
 
 
-def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device,
-                tables_device: torch.device = torch.device("meta"),
-                autocast_dtype: torch.dtype | None = None,
-                table_gradients: TableGradients | None = None,
-                managed_collision: ManagedCollisionConfig | None = None, mc_buckets: int = 1,
-                task_weights: Sequence[float] | None = None) -> DLRMTrain | MultiTaskTrain:
+def build_model(
+    config: ModelConfig,
+    schema: FeatureSchema,
+    device: torch.device,
+    tables_device: torch.device = torch.device("meta"),
+    autocast_dtype: torch.dtype | None = None,
+    table_gradients: TableGradients | None = None,
+    managed_collision: ManagedCollisionConfig | None = None,
+    mc_buckets: int = 1,
+    task_weights: Sequence[float] | None = None,
+) -> DLRMTrain | MultiTaskTrain:
     """DLRMTrain: forward(batch) -> (loss, (loss, logits, labels)), what the train pipeline expects;
     with several tasks (schema.labels) MultiTaskTrain, the same with B x T logits and labels, its
     loss weighted by `task_weights` (default: 1 each; scoring does not need them).
@@ -51,12 +56,18 @@ def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device
     if not managed:
         tables = EmbeddingBagCollection(tables=schema.embedding_bag_configs(), device=tables_device)
     else:
-        tables = build_tables(schema.embedding_bag_configs(), managed, managed_collision or ManagedCollisionConfig(),
-                              tables_device, mc_buckets)
+        tables = build_tables(
+            schema.embedding_bag_configs(),
+            managed,
+            managed_collision or ManagedCollisionConfig(),
+            tables_device,
+            mc_buckets,
+        )
     dense = (tables, len(schema.dense), list(config.dense_arch_layer_sizes))
     if config.arch == "dcn":
-        head: Head = CrossHead(*dense, list(config.over_arch_layer_sizes), config.dcn_num_layers,
-                               config.dcn_low_rank_dim, device)
+        head: Head = CrossHead(
+            *dense, list(config.over_arch_layer_sizes), config.dcn_num_layers, config.dcn_low_rank_dim, device
+        )
     elif config.arch == "deepfm":
         head = DeepFMHead(*dense, list(config.over_arch_layer_sizes), config.deep_fm_dimension, device)
     else:
@@ -68,10 +79,18 @@ def build_model(config: ModelConfig, schema: FeatureSchema, device: torch.device
         head.add_sequence(SequenceArch(schema, config.sequence_attention_layer_sizes, device, tables_device))
     tasks = len(schema.tasks)
     if tasks > 1:  # after add_sequence: the towers take the over arch's input with the histories'
-        make_multi_task(head, config.multi_task, config.over_arch_layer_sizes, config.tower_layer_sizes, tasks,
-                        config.num_experts, device)
-        return MultiTaskTrain(head, [1.0] * tasks if task_weights is None else task_weights,
-                              sequence=bool(schema.sequence))
+        make_multi_task(
+            head,
+            config.multi_task,
+            config.over_arch_layer_sizes,
+            config.tower_layer_sizes,
+            tasks,
+            config.num_experts,
+            device,
+        )
+        return MultiTaskTrain(
+            head, [1.0] * tasks if task_weights is None else task_weights, sequence=bool(schema.sequence)
+        )
     if schema.sequence:
         return SequenceDLRMTrain(head)
     return DLRMTrain(head)

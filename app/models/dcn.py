@@ -25,9 +25,16 @@ class CrossInteraction(nn.Module):
 
 
 class CrossHead(Head):
-    def __init__(self, tables: EmbeddingBagCollection, dense_in_features: int, dense_arch_layer_sizes: list[int],
-                 over_arch_layer_sizes: list[int], dcn_num_layers: int, dcn_low_rank_dim: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        tables: EmbeddingBagCollection,
+        dense_in_features: int,
+        dense_arch_layer_sizes: list[int],
+        over_arch_layer_sizes: list[int],
+        dcn_num_layers: int,
+        dcn_low_rank_dim: int,
+        device: torch.device,
+    ) -> None:
         super().__init__(tables, dense_in_features, dense_arch_layer_sizes, device)
         width = dense_arch_layer_sizes[-1] + sum(self.widths)
         self.inter_arch = CrossInteraction(LowRankCrossNet(width, dcn_num_layers, dcn_low_rank_dim)).to(device)

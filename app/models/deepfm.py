@@ -31,8 +31,9 @@ class FMInteraction(nn.Module):
 
     def __init__(self, in_features: int, deep_dimension: int, device: torch.device) -> None:
         super().__init__()
-        self.deep_fm = DeepFM(dense_module=nn.Sequential(nn.Linear(in_features, deep_dimension, device=device),
-                                                         nn.ReLU()))
+        self.deep_fm = DeepFM(
+            dense_module=nn.Sequential(nn.Linear(in_features, deep_dimension, device=device), nn.ReLU())
+        )
 
     def forward(self, dense_features: torch.Tensor, sparse_features) -> torch.Tensor:
         stacked, flat = sparse_features
@@ -42,8 +43,15 @@ class FMInteraction(nn.Module):
 
 
 class DeepFMHead(Head):
-    def __init__(self, tables: EmbeddingBagCollection, dense_in_features: int, dense_arch_layer_sizes: list[int],
-                 over_arch_layer_sizes: list[int], deep_fm_dimension: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        tables: EmbeddingBagCollection,
+        dense_in_features: int,
+        dense_arch_layer_sizes: list[int],
+        over_arch_layer_sizes: list[int],
+        deep_fm_dimension: int,
+        device: torch.device,
+    ) -> None:
         super().__init__(tables, dense_in_features, dense_arch_layer_sizes, device)
         width = dense_arch_layer_sizes[-1]
         self.inter_arch = FMInteraction(width + sum(self.widths), deep_fm_dimension, device)

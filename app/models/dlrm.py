@@ -13,8 +13,14 @@ from app.models.interaction import DotInteraction
 
 
 class DotHead(Head):
-    def __init__(self, tables: EmbeddingBagCollection, dense_in_features: int, dense_arch_layer_sizes: list[int],
-                 over_arch_layer_sizes: list[int], device: torch.device) -> None:
+    def __init__(
+        self,
+        tables: EmbeddingBagCollection,
+        dense_in_features: int,
+        dense_arch_layer_sizes: list[int],
+        over_arch_layer_sizes: list[int],
+        device: torch.device,
+    ) -> None:
         super().__init__(tables, dense_in_features, dense_arch_layer_sizes, device)
         width = dense_arch_layer_sizes[-1]
         count = len(self.widths)

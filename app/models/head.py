@@ -40,8 +40,13 @@ class Head(nn.Module):
 
     inter_arch: nn.Module  # set by each subclass
 
-    def __init__(self, tables: EmbeddingBagCollection, dense_in_features: int, dense_arch_layer_sizes: list[int],
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        tables: EmbeddingBagCollection,
+        dense_in_features: int,
+        dense_arch_layer_sizes: list[int],
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.sparse_arch = SparseArch(tables)
         self.dense_arch = DenseArch(dense_in_features, dense_arch_layer_sizes, device)
@@ -70,11 +75,13 @@ class Head(nn.Module):
         self._projected = [w != width for w in self.widths]
         if any(self._projected):
             # Only where needed, so that a model of one width keeps torchrec DLRM's state dict.
-            self.projections = nn.ModuleDict({
-                name: nn.Linear(w, width, bias=False, device=device)
-                for name, w, projected in zip(self.sparse_arch.sparse_feature_names, self.widths, self._projected)
-                if projected
-            })
+            self.projections = nn.ModuleDict(
+                {
+                    name: nn.Linear(w, width, bias=False, device=device)
+                    for name, w, projected in zip(self.sparse_arch.sparse_feature_names, self.widths, self._projected)
+                    if projected
+                }
+            )
 
     def stacked(self, pooled: torch.Tensor) -> torch.Tensor:
         """B x F x width (see project_to) from the flat B x (sum of widths) pooled embeddings."""
@@ -82,7 +89,7 @@ class Head(nn.Module):
             return pooled.view(pooled.shape[0], len(self.widths), self._width)
         vectors, start = [], 0
         for name, width, projected in zip(self.sparse_arch.sparse_feature_names, self.widths, self._projected):
-            part = pooled[:, start:start + width]  # slices, not torch.split: the pipeline traces this with fx
+            part = pooled[:, start : start + width]  # slices, not torch.split: the pipeline traces this with fx
             vectors.append(self.projections[name](part) if projected else part)
             start += width
         return torch.stack(vectors, dim=1)
@@ -90,14 +97,19 @@ class Head(nn.Module):
     def embeddings(self, pooled: torch.Tensor) -> torch.Tensor:
         return pooled
 
-    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor,
-                sequence_features: KeyedJaggedTensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        dense_features: torch.Tensor,
+        sparse_features: KeyedJaggedTensor,
+        sequence_features: KeyedJaggedTensor | None = None,
+    ) -> torch.Tensor:
         pooled = self.sparse_arch.embedding_bag_collection(sparse_features)
         pooled = self.table_gradients(pooled_in_feature_order(pooled, self.sparse_arch.sparse_feature_names))
         if self.sequence_arch is not None:
             histories = self.sequence_arch.embed(sequence_features, self.table_gradients)
-        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
             embedded_dense = self.dense_arch(dense_features)
             interactions = self.inter_arch(embedded_dense, self.embeddings(pooled))
             if self.sequence_arch is not None:

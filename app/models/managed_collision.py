@@ -71,9 +71,11 @@ def mix63(ids: torch.Tensor, input_hash_size: int) -> torch.Tensor:
 
 @torch.fx.wrap  # one call in the train pipeline's trace of the model
 def _merge_pooled(first: KeyedTensor, second: KeyedTensor) -> KeyedTensor:
-    return KeyedTensor(keys=first.keys() + second.keys(),
-                       length_per_key=first.length_per_key() + second.length_per_key(),
-                       values=torch.cat([first.values(), second.values()], dim=1))
+    return KeyedTensor(
+        keys=first.keys() + second.keys(),
+        length_per_key=first.length_per_key() + second.length_per_key(),
+        values=torch.cat([first.values(), second.values()], dim=1),
+    )
 
 
 class TablesWithManagedCollision(nn.Module):
@@ -82,8 +84,12 @@ class TablesWithManagedCollision(nn.Module):
     and embedding_bag_configs() in feature order. Both collections take the whole KJT and pick
     their own features (sharded, their input dists do)."""
 
-    def __init__(self, configs: list[EmbeddingBagConfig], plain: EmbeddingBagCollection | None,
-                 managed: ManagedCollisionEmbeddingBagCollection) -> None:
+    def __init__(
+        self,
+        configs: list[EmbeddingBagConfig],
+        plain: EmbeddingBagCollection | None,
+        managed: ManagedCollisionEmbeddingBagCollection,
+    ) -> None:
         super().__init__()
         self.ebc = plain
         self.mc = managed
@@ -99,8 +105,13 @@ class TablesWithManagedCollision(nn.Module):
         return _merge_pooled(self.ebc(features), managed)
 
 
-def build_tables(configs: list[EmbeddingBagConfig], managed_features: Sequence[str], config: ManagedCollisionConfig,
-                 device: torch.device, buckets: int) -> TablesWithManagedCollision:
+def build_tables(
+    configs: list[EmbeddingBagConfig],
+    managed_features: Sequence[str],
+    config: ManagedCollisionConfig,
+    device: torch.device,
+    buckets: int,
+) -> TablesWithManagedCollision:
     """The tables of `configs` (feature order), those of `managed_features` under managed
     collision. `buckets`: the number of row-wise shards (the world size) the modules are sharded
     into (TorchRec asks for a multiple of it; the export needs it to route ids as training did)."""
@@ -108,31 +119,38 @@ def build_tables(configs: list[EmbeddingBagConfig], managed_features: Sequence[s
     plain = [c for c in configs if c.feature_names[0] not in managed_features]
     modules = {
         c.name: MCHManagedCollisionModule(
-            zch_size=c.num_embeddings, device=device, name=c.name, buckets=buckets,
-            eviction_policy=_EVICTION_POLICIES[config.eviction_policy](), eviction_interval=1,
-            input_hash_size=config.input_hash_size, input_hash_func=mix63)
+            zch_size=c.num_embeddings,
+            device=device,
+            name=c.name,
+            buckets=buckets,
+            eviction_policy=_EVICTION_POLICIES[config.eviction_policy](),
+            eviction_interval=1,
+            input_hash_size=config.input_hash_size,
+            input_hash_func=mix63,
+        )
         for c in managed
     }
     collection = ManagedCollisionCollection(managed_collision_modules=modules, embedding_configs=managed)
-    mc = ManagedCollisionEmbeddingBagCollection(EmbeddingBagCollection(tables=managed, device=device), collection,
-                                                return_remapped_features=False)
-    return TablesWithManagedCollision(configs, EmbeddingBagCollection(tables=plain, device=device) if plain else None,
-                                      mc)
+    mc = ManagedCollisionEmbeddingBagCollection(
+        EmbeddingBagCollection(tables=managed, device=device), collection, return_remapped_features=False
+    )
+    return TablesWithManagedCollision(
+        configs, EmbeddingBagCollection(tables=plain, device=device) if plain else None, mc
+    )
 
 
 # ---- after sharding -----------------------------------------------------------------------------
 
 
-def _reset_rows_optimizer_state(tbe, pruned_indices, pruned_indices_offsets, logical_table_ids,
-                                buffer_ids) -> None:
+def _reset_rows_optimizer_state(tbe, pruned_indices, pruned_indices_offsets, logical_table_ids, buffer_ids) -> None:
     """Stands in for FBGEMM's reset_embedding_weight_momentum (CUDA only, rowwise_adagrad only):
     zeroes the optimizer state of the rows given to new ids, in every optimizer's layout, so that
     a new id does not inherit the evicted one's accumulators."""
     states = tbe.split_optimizer_states()
     offsets = pruned_indices_offsets.tolist()
     for i, table in enumerate(logical_table_ids.tolist()):
-        rows = pruned_indices[offsets[i]:offsets[i + 1]]
-        for state in (states[table] if states else []):
+        rows = pruned_indices[offsets[i] : offsets[i + 1]]
+        for state in states[table] if states else []:
             state[rows] = 0
 
 
@@ -141,14 +159,17 @@ class _SeededRows:
     init, from a generator seeded by (seed, table, shard, step), so that it depends on nothing a
     checkpoint does not restore (the module's step counter is in its state)."""
 
-    def __init__(self, module: MCHManagedCollisionModule, seed: int, table_index: int, low: float,
-                 high: float) -> None:
+    def __init__(self, module: MCHManagedCollisionModule, seed: int, table_index: int, low: float, high: float) -> None:
         self.module, self.seed, self.table_index, self.low, self.high = module, seed, table_index, low, high
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         key = 0
-        for part in (self.seed, self.table_index, self.module._output_global_offset,
-                     int(self.module._current_iter_tensor.item())):
+        for part in (
+            self.seed,
+            self.table_index,
+            self.module._output_global_offset,
+            int(self.module._current_iter_tensor.item()),
+        ):
             key = ((key * 1_000_003) ^ int(part)) & _MASK63
         generator = torch.Generator(device=rows.device)
         generator.manual_seed(key)
@@ -210,8 +231,10 @@ def prepare_sharded(model: nn.Module, seed: int, history_size: int) -> int:
             _fixed_history(module, history_size)
             _history_that_grows(module)
             config = configs[table]
-            configs[table] = replace(config, init_fn=_SeededRows(module, seed, index, config.get_weight_init_min(),
-                                                                 config.get_weight_init_max()))
+            configs[table] = replace(
+                config,
+                init_fn=_SeededRows(module, seed, index, config.get_weight_init_min(), config.get_weight_init_max()),
+            )
     return fitted
 
 
@@ -222,10 +245,16 @@ def _route(ids: torch.Tensor, input_hash_size: int, buckets: int, world: int) ->
     """The rank each (hashed) id was sent to in training: FBGEMM's block bucketize, as TorchRec's
     row-wise input dist calls it for managed-collision tables."""
     out = torch.ops.fbgemm.block_bucketize_sparse_features(
-        torch.ones_like(ids), ids, bucketize_pos=False, sequence=True,
+        torch.ones_like(ids),
+        ids,
+        bucketize_pos=False,
+        sequence=True,
         block_sizes=torch.tensor([math.ceil(input_hash_size / buckets)], dtype=ids.dtype),
-        my_size=world, weights=None, total_num_blocks=torch.tensor([buckets], dtype=ids.dtype),
-        keep_orig_idx=True)
+        my_size=world,
+        weights=None,
+        total_num_blocks=torch.tensor([buckets], dtype=ids.dtype),
+        keep_orig_idx=True,
+    )
     return out[0].view(world, -1).argmax(0)
 
 
@@ -271,10 +300,15 @@ class ExportedManagedCollision(nn.Module):
         super().__init__()
         self.ebc = mc._embedding_module
         collection = mc._managed_collision_collection
-        self.features = {table: list(collection._table_to_features[table])
-                         for table in collection._managed_collision_modules}
-        self.remaps = nn.ModuleDict({table: ShardFaithfulRemap(module, segments[table], world)
-                                     for table, module in collection._managed_collision_modules.items()})
+        self.features = {
+            table: list(collection._table_to_features[table]) for table in collection._managed_collision_modules
+        }
+        self.remaps = nn.ModuleDict(
+            {
+                table: ShardFaithfulRemap(module, segments[table], world)
+                for table, module in collection._managed_collision_modules.items()
+            }
+        )
 
     def forward(self, features: KeyedJaggedTensor):
         by_feature = features.to_dict()

@@ -33,8 +33,10 @@ def _tower(in_features: int, layer_sizes: Sequence[int], device: torch.device) -
     """Hidden layers (ReLU) then one logit: a task's tower."""
     if not layer_sizes:
         return nn.Linear(in_features, 1, device=device)
-    return nn.Sequential(MLP(in_features, list(layer_sizes), bias=True, activation="relu", device=device),
-                         nn.Linear(layer_sizes[-1], 1, device=device))
+    return nn.Sequential(
+        MLP(in_features, list(layer_sizes), bias=True, activation="relu", device=device),
+        nn.Linear(layer_sizes[-1], 1, device=device),
+    )
 
 
 def _hidden(in_features: int, layer_sizes: Sequence[int], device: torch.device) -> nn.Module:
@@ -44,8 +46,14 @@ def _hidden(in_features: int, layer_sizes: Sequence[int], device: torch.device) 
 class TaskTowers(nn.Module):
     """Shared bottom: forward(B x in) -> B x T logits."""
 
-    def __init__(self, in_features: int, hidden_sizes: Sequence[int], tower_sizes: Sequence[int], tasks: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden_sizes: Sequence[int],
+        tower_sizes: Sequence[int],
+        tasks: int,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.bottom = _hidden(in_features, hidden_sizes, device)
         self.towers = nn.ModuleList(_tower(hidden_sizes[-1], tower_sizes, device) for _ in range(tasks))
@@ -58,8 +66,15 @@ class TaskTowers(nn.Module):
 class MixtureOfExperts(nn.Module):
     """MMoE: forward(B x in) -> B x T logits."""
 
-    def __init__(self, in_features: int, hidden_sizes: Sequence[int], tower_sizes: Sequence[int], tasks: int,
-                 num_experts: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden_sizes: Sequence[int],
+        tower_sizes: Sequence[int],
+        tasks: int,
+        num_experts: int,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.experts = nn.ModuleList(_hidden(in_features, hidden_sizes, device) for _ in range(num_experts))
         self.gates = nn.ModuleList(nn.Linear(in_features, num_experts, device=device) for _ in range(tasks))
@@ -74,8 +89,15 @@ class MixtureOfExperts(nn.Module):
         return torch.cat(logits, dim=1)
 
 
-def make_multi_task(head: Head, kind: str, over_arch_layer_sizes: Sequence[int], tower_sizes: Sequence[int],
-                    tasks: int, num_experts: int, device: torch.device) -> None:
+def make_multi_task(
+    head: Head,
+    kind: str,
+    over_arch_layer_sizes: Sequence[int],
+    tower_sizes: Sequence[int],
+    tasks: int,
+    num_experts: int,
+    device: torch.device,
+) -> None:
     """Replace `head`'s over arch (built for one logit over `head.over_in_features`) by the
     multi-task one of `kind`: its output becomes B x T logits."""
     hidden = list(over_arch_layer_sizes[:-1])

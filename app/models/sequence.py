@@ -52,8 +52,7 @@ class TargetAttention(nn.Module):
 
 
 @torch.fx.wrap  # one call in the train pipeline's trace: it reads a dict of JaggedTensors
-def padded_histories(embedded: dict[str, JaggedTensor], names: list[str], max_lengths: list[int]
-                     ) -> list[torch.Tensor]:
+def padded_histories(embedded: dict[str, JaggedTensor], names: list[str], max_lengths: list[int]) -> list[torch.Tensor]:
     """Per history, flat (so that the traced caller indexes it): candidate B x D, history
     B x max_length x D zero-padded, lengths B. A row's candidate is the mean of its target ids'
     vectors (one id: that vector; none: zeros)."""
@@ -62,8 +61,11 @@ def padded_histories(embedded: dict[str, JaggedTensor], names: list[str], max_le
         history, target = embedded[name], embedded[target_key(name)]
         padded = torch.ops.fbgemm.jagged_to_padded_dense(history.values(), [history.offsets()], [max_length], 0.0)
         target_lengths = target.lengths()
-        rows = torch.repeat_interleave(torch.arange(target_lengths.numel(), device=target_lengths.device),
-                                       target_lengths, output_size=target.values().shape[0])
+        rows = torch.repeat_interleave(
+            torch.arange(target_lengths.numel(), device=target_lengths.device),
+            target_lengths,
+            output_size=target.values().shape[0],
+        )
         summed = target.values().new_zeros(target_lengths.numel(), target.values().shape[1])
         summed = summed.index_add(0, rows, target.values())
         query = summed / target_lengths.clamp(min=1).unsqueeze(1).to(summed.dtype)
@@ -75,16 +77,19 @@ class SequenceArch(nn.Module):
     """The histories' tables and one attention unit per history; `width` is what it adds to the
     over arch's input. embed() runs the tables (outside autocast), attend() the attention."""
 
-    def __init__(self, schema: FeatureSchema, attention_layer_sizes: list[int], device: torch.device,
-                 tables_device: torch.device) -> None:
+    def __init__(
+        self, schema: FeatureSchema, attention_layer_sizes: list[int], device: torch.device, tables_device: torch.device
+    ) -> None:
         super().__init__()
         self.embedding_collection = EmbeddingCollection(tables=schema.embedding_configs(), device=tables_device)
         self.names = schema.sequence_names
         self.max_lengths = [f.max_length for f in schema.sequence]
-        self.attention = nn.ModuleDict({
-            f.name: TargetAttention(schema.sequence_dim(f), list(attention_layer_sizes), device)
-            for f in schema.sequence
-        })
+        self.attention = nn.ModuleDict(
+            {
+                f.name: TargetAttention(schema.sequence_dim(f), list(attention_layer_sizes), device)
+                for f in schema.sequence
+            }
+        )
         self.width = sum(schema.sequence_dim(f) for f in schema.sequence)
 
     def embed(self, features: KeyedJaggedTensor, table_gradients: TableGradients) -> list[torch.Tensor]:
@@ -99,8 +104,10 @@ class SequenceArch(nn.Module):
 
     def attend(self, histories: list[torch.Tensor]) -> torch.Tensor:
         """B x width: each history's attention-pooled vector, side by side."""
-        pooled = [self.attention[name](histories[3 * i], histories[3 * i + 1], histories[3 * i + 2])
-                  for i, name in enumerate(self.names)]
+        pooled = [
+            self.attention[name](histories[3 * i], histories[3 * i + 1], histories[3 * i + 2])
+            for i, name in enumerate(self.names)
+        ]
         return torch.cat(pooled, dim=1)
 
 

@@ -17,5 +17,18 @@ from app.report.plots import write_plots
 from app.report.sweep import Point, Sweep, find_run_dirs, read_point, read_sweep
 from app.report.table import columns, headline, markdown_table, text_table, write_csv
 
-__all__ = ["Point", "Sweep", "columns", "find_run_dirs", "headline", "markdown_table", "read_point", "read_sweep",
-           "text_table", "write_csv", "write_html", "write_plots", "write_report"]
+__all__ = [
+    "Point",
+    "Sweep",
+    "columns",
+    "find_run_dirs",
+    "headline",
+    "markdown_table",
+    "read_point",
+    "read_sweep",
+    "text_table",
+    "write_csv",
+    "write_html",
+    "write_plots",
+    "write_report",
+]

@@ -73,8 +73,10 @@ def optuna_study(sweep: Sweep):
 
     assert sweep.optuna is not None, "a sweep by Optuna"
     parser = OverridesParser.create()
-    distributions = {key: create_optuna_distribution_from_override(parser.parse_override(f"{key}={value}"))
-                     for key, value in sweep.optuna["params"].items()}
+    distributions = {
+        key: create_optuna_distribution_from_override(parser.parse_override(f"{key}={value}"))
+        for key, value in sweep.optuna["params"].items()
+    }
     study = optuna.create_study(direction=sweep.optuna["direction"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # add_trial, create_trial
@@ -92,8 +94,9 @@ def optuna_study(sweep: Sweep):
             else:
                 state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
                 try:
-                    study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
-                                                              value=value, state=state))
+                    study.add_trial(
+                        optuna.trial.create_trial(params=params, distributions=distributions, value=value, state=state)
+                    )
                 except ValueError:  # a value outside the search space (an override edited by hand): no trial of it
                     continue
     return study
@@ -104,8 +107,9 @@ def _optuna_value(raw: str, distribution: Any) -> Any:
 
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
         return next((c for c in distribution.choices if str(c) == raw), raw)
-    if isinstance(distribution, (optuna.distributions.IntUniformDistribution,
-                                 optuna.distributions.IntLogUniformDistribution)):
+    if isinstance(
+        distribution, (optuna.distributions.IntUniformDistribution, optuna.distributions.IntLogUniformDistribution)
+    ):
         return int(raw)
     return float(raw)  # a ValueError where it is no number: no trial of it (see optuna_study)
 

@@ -187,8 +187,11 @@ def read_sweep_config(path: Path, name: str) -> SweepConfig | None:
             for key, value in optuna_params.items():
                 parser.parse_override(f"{key}={value}")
             trials = sweeper.get("n_trials")
-            return SweepConfig(optuna_params=optuna_params, n_trials=trials if _is_int(trials) else None,
-                               direction="minimize" if sweeper.get("direction") == "minimize" else "maximize")
+            return SweepConfig(
+                optuna_params=optuna_params,
+                n_trials=trials if _is_int(trials) else None,
+                direction="minimize" if sweeper.get("direction") == "minimize" else "maximize",
+            )
         task = _mapping(hydra, "overrides", f"{name} hydra").get("task") or []
         if not isinstance(task, list) or not all(isinstance(item, str) for item in task):
             raise Unreadable(f"{name}: hydra.overrides.task is {_kind(task)}, a list of overrides was expected")

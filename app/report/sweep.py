@@ -24,8 +24,18 @@ from app.report.run_files import (
 )
 from app.summary import PLACEMENT_KEYS
 
-COLUMNS = ("point", "status", "step", "final_auc", "final_logloss", "final_ne", "best_auc", "best_step",
-           "samples_per_s", "wall_time_s")
+COLUMNS = (
+    "point",
+    "status",
+    "step",
+    "final_auc",
+    "final_logloss",
+    "final_ne",
+    "best_auc",
+    "best_step",
+    "samples_per_s",
+    "wall_time_s",
+)
 UNREADABLE = "unreadable"
 T = TypeVar("T")
 
@@ -150,8 +160,11 @@ def _overrides(listed: list[str]) -> dict[str, str]:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / "summary.json").exists() or (path / "metrics.jsonl").exists() or (
-        (path / ".hydra" / "overrides.yaml").exists() and not (path / "multirun.yaml").exists())
+    return (
+        (path / "summary.json").exists()
+        or (path / "metrics.jsonl").exists()
+        or ((path / ".hydra" / "overrides.yaml").exists() and not (path / "multirun.yaml").exists())
+    )
 
 
 def find_run_dirs(path: Path, depth: int = 3) -> list[Path]:
@@ -175,8 +188,10 @@ def read_sweep(paths: Sequence[Path]) -> Sweep:
     root = paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths]))
     run_dirs = [d for p in paths for d in find_run_dirs(p)]
     if not run_dirs:
-        raise FileNotFoundError(f"{', '.join(map(str, paths))}: no run directory (one with summary.json, "
-                                "metrics.jsonl or .hydra/overrides.yaml) found")
+        raise FileNotFoundError(
+            f"{', '.join(map(str, paths))}: no run directory (one with summary.json, "
+            "metrics.jsonl or .hydra/overrides.yaml) found"
+        )
     points = [read_point(d, root if len(paths) > 1 else paths[0]) for d in run_dirs]
     points.sort(key=lambda p: (p.job_number is None, p.job_number or 0, p.name))
     problems: list[str] = []
@@ -184,8 +199,9 @@ def read_sweep(paths: Sequence[Path]) -> Sweep:
     planned, optuna, swept = None, None, []
     if config is not None:
         planned, optuna, swept = _sweep_plan(config)
-    varying = [k for k in sorted({k for p in points for k in p.overrides})
-               if len({p.overrides.get(k) for p in points}) > 1]
+    varying = [
+        k for k in sorted({k for p in points for k in p.overrides}) if len({p.overrides.get(k) for p in points}) > 1
+    ]
     swept = swept + [k for k in varying if k not in swept]
     return Sweep(paths[0], points, swept, planned, optuna, problems)
 
@@ -199,8 +215,9 @@ def _sweep_config(path: Path, points: list[Point], problems: list[str]) -> Sweep
         return config
     first = points[0] if points else None
     if first is not None and first.path != path:
-        config = _attempt(lambda: read_sweep_config(first.path / ".hydra" / "hydra.yaml", ".hydra/hydra.yaml"),
-                          [], None)
+        config = _attempt(
+            lambda: read_sweep_config(first.path / ".hydra" / "hydra.yaml", ".hydra/hydra.yaml"), [], None
+        )
         if config is not None and config.optuna_params is not None:
             return config
     return None
@@ -209,7 +226,10 @@ def _sweep_config(path: Path, points: list[Point], problems: list[str]) -> Sweep
 def _sweep_plan(config: SweepConfig):
     """(points planned, Optuna's search or None, swept keys)."""
     if config.optuna_params is not None:
-        return config.n_trials, {"direction": config.direction, "params": config.optuna_params}, \
-            list(config.optuna_params)
+        return (
+            config.n_trials,
+            {"direction": config.direction, "params": config.optuna_params},
+            list(config.optuna_params),
+        )
     planned = math.prod(config.grid.values()) if config.grid else None
     return planned, None, [k for k in config.grid if k not in PLACEMENT_KEYS]

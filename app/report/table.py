@@ -40,7 +40,7 @@ def text_table(sweep: Sweep, width: int = 60) -> str:
     """The table for a terminal: an error cut to `width` characters (report.csv keeps it whole)."""
     keys = columns(sweep)
     rows = [keys] + [[cell_text(row[k], k) for k in keys] for row in sweep.rows()]
-    rows = [[c if len(c) <= width else c[:width - 3] + "..." for c in r] for r in rows]
+    rows = [[c if len(c) <= width else c[: width - 3] + "..." for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(keys))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -4,8 +4,6 @@ row-wise for the tables too large to place whole."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
-
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.types import CacheParams, ShardingType
@@ -14,15 +12,16 @@ from app.config import CUDA_ONLY_KERNELS, ConfigError, ShardingConfig, table_con
 from app.features import FeatureSchema, table_name
 
 
-def parameter_constraints(config: ShardingConfig, schema: FeatureSchema, device_type: str,
-                          world_size: int = 1) -> Dict[str, ParameterConstraints]:
+def parameter_constraints(
+    config: ShardingConfig, schema: FeatureSchema, device_type: str, world_size: int = 1
+) -> dict[str, ParameterConstraints]:
     """Per table: the global allowed types/kernels, narrowed by sharding.tables.<feature>; with
     sharding.balance=memory, row-wise for the tables too large to place whole."""
-    constraints: Dict[str, ParameterConstraints] = {}
+    constraints: dict[str, ParameterConstraints] = {}
     for feature in schema.sparse_names:
         override = table_constraint(config.tables, feature)
-        types = (override.sharding_types if override and override.sharding_types else config.sharding_types)
-        kernels = (override.compute_kernels if override and override.compute_kernels else config.compute_kernels)
+        types = override.sharding_types if override and override.sharding_types else config.sharding_types
+        kernels = override.compute_kernels if override and override.compute_kernels else config.compute_kernels
         key = f"sharding.tables.{feature}" if override and override.compute_kernels else "sharding"
         cuda_only = [k for k in kernels if k in CUDA_ONLY_KERNELS]
         if cuda_only and device_type != "cuda":
@@ -50,14 +49,17 @@ def schema_feature(schema: FeatureSchema, name: str):
     return next(f for f in schema.sparse if f.name == name)
 
 
-def _managed_collision_constraint(types: List[str], kernels: List[str], device_type: str,
-                                  key: str) -> Tuple[List[str], List[str]]:
+def _managed_collision_constraint(
+    types: list[str], kernels: list[str], device_type: str, key: str
+) -> tuple[list[str], list[str]]:
     """A managed-collision table: row_wise (Config.validate has refused configs that exclude it),
     and on CPU the fused kernel, the only one that runs there."""
     if device_type != "cuda":
         if kernels and EmbeddingComputeKernel.FUSED.value not in kernels:
-            raise ConfigError(f"{key}.compute_kernels={list(kernels)}: a managed-collision table on CPU runs only "
-                              "with the fused kernel; add fused.")
+            raise ConfigError(
+                f"{key}.compute_kernels={list(kernels)}: a managed-collision table on CPU runs only "
+                "with the fused kernel; add fused."
+            )
         kernels = [EmbeddingComputeKernel.FUSED.value]
     return [ShardingType.ROW_WISE.value], kernels
 
@@ -68,10 +70,10 @@ def _managed_collision_constraint(types: List[str], kernels: List[str], device_t
 SEQUENCE_SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.ROW_WISE.value)
 
 
-def sequence_constraints(config: ShardingConfig, schema: FeatureSchema) -> Dict[str, ParameterConstraints]:
+def sequence_constraints(config: ShardingConfig, schema: FeatureSchema) -> dict[str, ParameterConstraints]:
     """The histories' tables: sharding.sharding_types (all when empty) narrowed to the types an
     EmbeddingCollection is sharded by here, and sharding.compute_kernels."""
-    constraints: Dict[str, ParameterConstraints] = {}
+    constraints: dict[str, ParameterConstraints] = {}
     allowed = [t for t in (config.sharding_types or SEQUENCE_SHARDING_TYPES) if t in SEQUENCE_SHARDING_TYPES]
     for feature in schema.sequence_names:
         if not allowed:
@@ -81,11 +83,12 @@ def sequence_constraints(config: ShardingConfig, schema: FeatureSchema) -> Dict[
                 f"{', '.join(SEQUENCE_SHARDING_TYPES)}; allow one of them."
             )
         constraints[table_name(feature)] = ParameterConstraints(
-            sharding_types=list(allowed), compute_kernels=list(config.compute_kernels) or None)
+            sharding_types=list(allowed), compute_kernels=list(config.compute_kernels) or None
+        )
     return constraints
 
 
-def _oversized(schema: FeatureSchema, world_size: int) -> List[str]:
+def _oversized(schema: FeatureSchema, world_size: int) -> list[str]:
     """Features whose table holds more than half of one rank's share of all table bytes: placed
     whole, such a table alone would unbalance memory."""
     share = sum(f.num_embeddings for f in schema.sparse) / world_size

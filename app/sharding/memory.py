@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torchrec.distributed.planner import Topology
@@ -17,19 +16,28 @@ from app.config import ShardingConfig
 _GB = 1024**3
 
 
-def _topology(config: ShardingConfig, device: torch.device, world_size: int, local_world_size: int,
-              measured: HardwareConfig) -> Topology:
+def _topology(
+    config: ShardingConfig, device: torch.device, world_size: int, local_world_size: int, measured: HardwareConfig
+) -> Topology:
     """`measured`: this machine's memory per rank (empty for a dry run). torchrec's TopologyFactory
     resolves each cap from the config first, then `measured`, then torchrec's defaults."""
     gb = lambda value: None if value is None else int(value * _GB)  # noqa: E731
     per_ms = lambda gbps: None if gbps is None else gbps * _GB / 1000  # noqa: E731  torchrec's unit
     return TopologyFactory.create_topology(
-        trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size,
-                                     hbm_cap_bytes=gb(config.hbm_cap_gb), ddr_cap_bytes=gb(config.ddr_cap_gb)),
-        hardware_config=HardwareConfig(hbm_cap_bytes=measured.hbm_cap_bytes, ddr_cap_bytes=measured.ddr_cap_bytes,
-                                       hbm_mem_bw=per_ms(config.hbm_bw_gbps), ddr_mem_bw=per_ms(config.ddr_bw_gbps),
-                                       intra_host_bw=per_ms(config.intra_host_bw_gbps),
-                                       inter_host_bw=per_ms(config.inter_host_bw_gbps)),
+        trainer_config=TrainerConfig(
+            world_size=world_size,
+            local_world_size=local_world_size,
+            hbm_cap_bytes=gb(config.hbm_cap_gb),
+            ddr_cap_bytes=gb(config.ddr_cap_gb),
+        ),
+        hardware_config=HardwareConfig(
+            hbm_cap_bytes=measured.hbm_cap_bytes,
+            ddr_cap_bytes=measured.ddr_cap_bytes,
+            hbm_mem_bw=per_ms(config.hbm_bw_gbps),
+            ddr_mem_bw=per_ms(config.ddr_bw_gbps),
+            intra_host_bw=per_ms(config.intra_host_bw_gbps),
+            inter_host_bw=per_ms(config.inter_host_bw_gbps),
+        ),
         # use_hardware_based_bandwidth: take the bandwidths above, torchrec's defaults where None.
         kernel_config=KernelConfig(compute_device=device.type, use_hardware_based_bandwidth=True),
     )
@@ -58,23 +66,35 @@ def _host_memory_bytes() -> int:
     return total
 
 
-def offline_memory_note(config: ShardingConfig, device_type: str) -> Optional[str]:
+def offline_memory_note(config: ShardingConfig, device_type: str) -> str | None:
     """What a dry run assumes for the memory caps the config leaves null (None: it sets them)."""
     caps = [("HBM", "hbm_cap_gb", HBM_CAP)] if device_type == "cuda" else []
-    unset = [f"{kind} {default / _GB:g} GiB" for kind, key, default in caps + [("DDR", "ddr_cap_gb", DDR_CAP)]
-             if getattr(config, key) is None]
+    unset = [
+        f"{kind} {default / _GB:g} GiB"
+        for kind, key, default in [*caps, ("DDR", "ddr_cap_gb", DDR_CAP)]
+        if getattr(config, key) is None
+    ]
     if not unset:
         return None
-    return (f"memory per rank: torchrec's default ({', '.join(unset)}) where sharding.hbm_cap_gb / ddr_cap_gb "
-            "are null. A dry run does not measure the machines it plans for (training does: the device's "
-            "memory, and the host's shared by its workers): set them for yours.")
+    return (
+        f"memory per rank: torchrec's default ({', '.join(unset)}) where sharding.hbm_cap_gb / ddr_cap_gb "
+        "are null. A dry run does not measure the machines it plans for (training does: the device's "
+        "memory, and the host's shared by its workers): set them for yours."
+    )
 
 
 def _memory_text(config: ShardingConfig, topology: Topology, measured: HardwareConfig) -> str:
     """Each memory cap the planner fills, per rank, and where it comes from."""
     storage = topology.devices[0].storage
-    caps = [("DDR", storage.ddr, "ddr_cap_gb", measured.ddr_cap_bytes,
-             f"the host's memory / {topology.local_world_size} worker(s)")]
+    caps = [
+        (
+            "DDR",
+            storage.ddr,
+            "ddr_cap_gb",
+            measured.ddr_cap_bytes,
+            f"the host's memory / {topology.local_world_size} worker(s)",
+        )
+    ]
     if topology.compute_device == "cuda":
         caps.insert(0, ("HBM", storage.hbm, "hbm_cap_gb", measured.hbm_cap_bytes, "the device's memory"))
     parts = []

@@ -4,7 +4,6 @@ training (plan_sharding) or offline for any world size (plan_offline, a dry run)
 from __future__ import annotations
 
 import logging
-from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -23,8 +22,9 @@ from app.sharding.sharders import sharders
 log = logging.getLogger("app.sharding")  # the name its lines have always carried in the logs
 
 
-def _planner(config: ShardingConfig, schema: FeatureSchema, topology: Topology, batch_size: int,
-             chosen: _Chosen) -> EmbeddingShardingPlanner:
+def _planner(
+    config: ShardingConfig, schema: FeatureSchema, topology: Topology, batch_size: int, chosen: _Chosen
+) -> EmbeddingShardingPlanner:
     constraints = parameter_constraints(config, schema, topology.compute_device, topology.world_size)
     constraints.update(sequence_constraints(config, schema))
     return EmbeddingShardingPlanner(
@@ -45,9 +45,16 @@ def _no_plan(config: ShardingConfig, topology: Topology, measured: HardwareConfi
     )
 
 
-def plan_sharding(model: nn.Module, config: ShardingConfig, schema: FeatureSchema, device: torch.device,
-                  batch_size: int, world_size: int, local_world_size: int,
-                  process_group) -> Tuple[ShardingPlan, List[ShardingOption]]:
+def plan_sharding(
+    model: nn.Module,
+    config: ShardingConfig,
+    schema: FeatureSchema,
+    device: torch.device,
+    batch_size: int,
+    world_size: int,
+    local_world_size: int,
+    process_group,
+) -> tuple[ShardingPlan, list[ShardingOption]]:
     """Collective: every rank calls it and gets rank 0's plan; the chosen options (for the
     report) only on rank 0, where the planner ran. Memory caps left null are this machine's."""
     chosen = _Chosen()
@@ -61,8 +68,15 @@ def plan_sharding(model: nn.Module, config: ShardingConfig, schema: FeatureSchem
         raise _no_plan(config, topology, measured, error) from error
 
 
-def plan_offline(model: nn.Module, config: ShardingConfig, schema: FeatureSchema, device_type: str,
-                 batch_size: int, world_size: int, local_world_size: int) -> Tuple[ShardingPlan, List[ShardingOption]]:
+def plan_offline(
+    model: nn.Module,
+    config: ShardingConfig,
+    schema: FeatureSchema,
+    device_type: str,
+    batch_size: int,
+    world_size: int,
+    local_world_size: int,
+) -> tuple[ShardingPlan, list[ShardingOption]]:
     """The plan for a world size, computed here without any process group (a dry run). It
     measures nothing: memory caps left null are torchrec's defaults (offline_memory_note)."""
     chosen = _Chosen()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
 
 from torchrec.distributed.planner import ParameterConstraints, Topology
 from torchrec.distributed.planner.partitioners import MemoryBalancedPartitioner
@@ -45,37 +44,54 @@ class _ColumnSplitProposer(Proposer):
 
     _FINEST = 4
 
-    def __init__(self, world_size: int, min_partitions: Dict[str, int]) -> None:
+    def __init__(self, world_size: int, min_partitions: dict[str, int]) -> None:
         self._world_size = world_size
         self._min_partitions = min_partitions  # by table name
         # each walk: its chains by table, its step along them (+1 coarser, -1 finer), where each table is
-        self._walks: List[Tuple[Dict[str, List[ShardingOption]], int, Dict[str, int]]] = []
+        self._walks: list[tuple[dict[str, list[ShardingOption]], int, dict[str, int]]] = []
 
-    def load(self, search_space: List[ShardingOption], enumerator: Optional[Enumerator] = None) -> None:
-        by_table: Dict[str, List[ShardingOption]] = defaultdict(list)
+    def load(self, search_space: list[ShardingOption], enumerator: Enumerator | None = None) -> None:
+        by_table: dict[str, list[ShardingOption]] = defaultdict(list)
         for option in search_space:
             by_table[option.fqn].append(option)
         cheapest = {fqn: min(options, key=lambda o: o.total_perf) for fqn, options in by_table.items()}
-        unreplicated = {fqn: min([o for o in options if o.sharding_type != ShardingType.DATA_PARALLEL.value]
-                                 or options, key=lambda o: o.total_perf) for fqn, options in by_table.items()}
-        column_wise = {fqn: [o for o in options if o.sharding_type == ShardingType.COLUMN_WISE.value
-                             and o.compute_kernel == unreplicated[fqn].compute_kernel]
-                       for fqn, options in by_table.items()}
-        splits = {fqn: [split for option in options for split in self._splits(option)]
-                  for fqn, options in column_wise.items()}
+        unreplicated = {
+            fqn: min(
+                [o for o in options if o.sharding_type != ShardingType.DATA_PARALLEL.value] or options,
+                key=lambda o: o.total_perf,
+            )
+            for fqn, options in by_table.items()
+        }
+        column_wise = {
+            fqn: [
+                o
+                for o in options
+                if o.sharding_type == ShardingType.COLUMN_WISE.value
+                and o.compute_kernel == unreplicated[fqn].compute_kernel
+            ]
+            for fqn, options in by_table.items()
+        }
+        splits = {
+            fqn: [split for option in options for split in self._splits(option)] for fqn, options in column_wise.items()
+        }
         if enumerator is not None:
             enumerator.populate_estimates([split for table in splits.values() for split in table])
         self._walks = []
-        for wholes in ([cheapest, unreplicated] if cheapest != unreplicated else [cheapest]):
+        for wholes in [cheapest, unreplicated] if cheapest != unreplicated else [cheapest]:
             chains = {}
             for fqn, whole in wholes.items():
-                by_count = {o.num_shards: o for o in column_wise[fqn] + splits[fqn]
-                            if unreplicated[fqn].num_shards < o.num_shards <= self._world_size}
+                by_count = {
+                    o.num_shards: o
+                    for o in column_wise[fqn] + splits[fqn]
+                    if unreplicated[fqn].num_shards < o.num_shards <= self._world_size
+                }
                 chains[fqn] = [by_count[n] for n in sorted(by_count, reverse=True)] + [whole]
-            self._walks += [(chains, +1, {fqn: 0 for fqn in chains}),
-                            (chains, -1, {fqn: len(chain) - 1 for fqn, chain in chains.items()})]
+            self._walks += [
+                (chains, +1, dict.fromkeys(chains, 0)),
+                (chains, -1, {fqn: len(chain) - 1 for fqn, chain in chains.items()}),
+            ]
 
-    def _splits(self, option: ShardingOption) -> List[ShardingOption]:
+    def _splits(self, option: ShardingOption) -> list[ShardingOption]:
         """A column-wise option at every other width torchrec's own splits take (a multiple of 4,
         as fbgemm's kernels need, dividing the table's width); their estimates still to be made."""
         made = []
@@ -86,20 +102,26 @@ class _ColumnSplitProposer(Proposer):
             if width < narrowest or columns % width or slices == option.num_shards or slices > self._world_size:
                 continue
             sizes, offsets = calculate_shard_sizes_and_offsets(
-                option.tensor, self._world_size, self._world_size, option.sharding_type, col_wise_shard_dim=width)
+                option.tensor, self._world_size, self._world_size, option.sharding_type, col_wise_shard_dim=width
+            )
             split = copy.deepcopy(option)
             split.shards = [Shard(size=size, offset=offset) for size, offset in zip(sizes, offsets)]
             made.append(split)
         return made
 
-    def propose(self) -> Optional[List[ShardingOption]]:
+    def propose(self) -> list[ShardingOption] | None:
         if not self._walks:
             return None
         chains, _, positions = self._walks[0]
         return [chains[fqn][index] for fqn, index in positions.items()]
 
-    def feedback(self, partitionable: bool, plan: Optional[List[ShardingOption]] = None,
-                 perf_rating: Optional[float] = None, storage_constraint: Optional[Topology] = None) -> None:
+    def feedback(
+        self,
+        partitionable: bool,
+        plan: list[ShardingOption] | None = None,
+        perf_rating: float | None = None,
+        storage_constraint: Topology | None = None,
+    ) -> None:
         chains, step, positions = self._walks[0]
         table = self._next_table(chains, step, positions, plan) if partitionable and plan else None
         if table is None:
@@ -108,36 +130,46 @@ class _ColumnSplitProposer(Proposer):
             positions[table] += step
 
     @staticmethod
-    def _next_table(chains: Dict[str, List[ShardingOption]], step: int, positions: Dict[str, int],
-                    plan: List[ShardingOption]) -> Optional[str]:
-        load: Dict[int, float] = defaultdict(float)
-        tables_on: Dict[int, set] = defaultdict(set)
+    def _next_table(
+        chains: dict[str, list[ShardingOption]], step: int, positions: dict[str, int], plan: list[ShardingOption]
+    ) -> str | None:
+        load: dict[int, float] = defaultdict(float)
+        tables_on: dict[int, set] = defaultdict(set)
         for option in plan:
             for shard in option.shards:
                 if shard.rank is not None:  # None: a plan from the planner's cache, placed before
                     load[shard.rank] += shard.perf.total
                     tables_on[shard.rank].add(option.fqn)
         slowest = max(load, key=load.get) if load else None
-        movable = [fqn for fqn, index in positions.items() if 0 <= index + step < len(chains[fqn])
-                   and (slowest is None or fqn in tables_on[slowest])]
+        movable = [
+            fqn
+            for fqn, index in positions.items()
+            if 0 <= index + step < len(chains[fqn]) and (slowest is None or fqn in tables_on[slowest])
+        ]
         if not movable:
             return None
         current = {fqn: chains[fqn][positions[fqn]] for fqn in movable}
         if step > 0:  # merge the most split table
             return max(movable, key=lambda fqn: (current[fqn].num_shards, fqn))
         # split the table with the costliest shard
-        return max(movable, key=lambda fqn: (max(s.perf.total for s in current[fqn].shards),
-                                             -current[fqn].num_shards, fqn))
+        return max(
+            movable, key=lambda fqn: (max(s.perf.total for s in current[fqn].shards), -current[fqn].num_shards, fqn)
+        )
 
 
-def _search(config: ShardingConfig, constraints: Dict[str, ParameterConstraints], world_size: int) -> dict:
+def _search(config: ShardingConfig, constraints: dict[str, ParameterConstraints], world_size: int) -> dict:
     """The planner's proposers and partitioner as configured (torchrec's defaults otherwise)."""
     search = {}
     if config.proposer == "best":
         min_partitions = {name: c.min_partition for name, c in constraints.items() if c.min_partition}
         # ours first, then torchrec's defaults (EmbeddingShardingPlanner's own list)
-        search["proposer"] = [_ColumnSplitProposer(world_size, min_partitions), GridSearchProposer(),
-                              GreedyProposer(), GreedyProposer(use_depth=False), UniformProposer()]
+        search["proposer"] = [
+            _ColumnSplitProposer(world_size, min_partitions),
+            GridSearchProposer(),
+            GreedyProposer(),
+            GreedyProposer(use_depth=False),
+            UniformProposer(),
+        ]
     elif config.proposer == "greedy":
         search["proposer"] = [GreedyProposer()]
     elif config.proposer == "uniform":
@@ -153,8 +185,19 @@ class _Chosen(Stats):
     default stats, which log the same as a long table.)"""
 
     def __init__(self) -> None:
-        self.options: List[ShardingOption] = []
+        self.options: list[ShardingOption] = []
 
-    def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals, num_plans,
-            run_time, best_plan, *args, **kwargs) -> None:
+    def log(
+        self,
+        sharding_plan,
+        topology,
+        batch_size,
+        storage_reservation,
+        num_proposals,
+        num_plans,
+        run_time,
+        best_plan,
+        *args,
+        **kwargs,
+    ) -> None:
         self.options = list(best_plan)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from torchrec.distributed.planner.types import ShardingOption
 from torchrec.distributed.types import ShardingPlan
@@ -17,26 +16,31 @@ from app.models import TABLES_PATH
 from app.models.sequence import SEQUENCE_TABLES_PATH
 
 
-def _table_plans(plan: ShardingPlan) -> Dict[str, object]:
+def _table_plans(plan: ShardingPlan) -> dict[str, object]:
     """Every table's ParameterSharding: the plain collection's at TABLES_PATH, or, with
     managed-collision tables, those of both collections below it."""
-    found: Dict[str, object] = {}
+    found: dict[str, object] = {}
     for path, module_plan in plan.plan.items():
         if path == TABLES_PATH or path.startswith(TABLES_PATH + "."):
             found.update(module_plan)
     return found
 
 
-def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,
-                options: Optional[List[ShardingOption]] = None) -> dict:
+def plan_report(
+    plan: ShardingPlan, schema: FeatureSchema, world_size: int, options: list[ShardingOption] | None = None
+) -> dict:
     """What the planner decided, as plain data: per table, and per rank its tables' bytes and,
     from the chosen `options`, its planned HBM and DDR use and the planner's cost estimate."""
     features = {table_name(f.name): f for f in schema.sparse}
-    features.update({table_name(f.name): SparseFeature(f.name, f.num_embeddings, embedding_dim=schema.sequence_dim(f))
-                     for f in schema.sequence})  # the histories' tables (fp32), reported alike
-    tables: Dict[str, dict] = {}
-    rank_bytes: Dict[int, int] = defaultdict(int)
-    rank_tables: Dict[int, List[str]] = defaultdict(list)
+    features.update(
+        {
+            table_name(f.name): SparseFeature(f.name, f.num_embeddings, embedding_dim=schema.sequence_dim(f))
+            for f in schema.sequence
+        }
+    )  # the histories' tables (fp32), reported alike
+    tables: dict[str, dict] = {}
+    rank_bytes: dict[int, int] = defaultdict(int)
+    rank_tables: dict[int, list[str]] = defaultdict(list)
     for name, sharding in sorted({**_table_plans(plan), **plan.plan.get(SEQUENCE_TABLES_PATH, {})}.items()):
         feature = features[name]
         full = [feature.num_embeddings, schema.table_dim(feature)]
@@ -68,18 +72,25 @@ def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,
             if shard.rank is None:
                 continue
             info = ranks[str(shard.rank)]
-            for key, value in (("hbm_bytes", shard.storage.hbm if shard.storage else 0),
-                               ("ddr_bytes", shard.storage.ddr if shard.storage else 0),
-                               ("cost", shard.perf.total if shard.perf else 0.0),
-                               ("compute_cost", (shard.perf.fwd_compute + shard.perf.bwd_compute) if shard.perf else 0.0),
-                               ("comms_cost", (shard.perf.fwd_comms + shard.perf.bwd_comms) if shard.perf else 0.0)):
+            for key, value in (
+                ("hbm_bytes", shard.storage.hbm if shard.storage else 0),
+                ("ddr_bytes", shard.storage.ddr if shard.storage else 0),
+                ("cost", shard.perf.total if shard.perf else 0.0),
+                ("compute_cost", (shard.perf.fwd_compute + shard.perf.bwd_compute) if shard.perf else 0.0),
+                ("comms_cost", (shard.perf.fwd_comms + shard.perf.bwd_comms) if shard.perf else 0.0),
+            ):
                 info[key] = info.get(key, 0) + value
-    report = {"world_size": world_size, "tables": tables, "ranks": ranks,
-              # max over mean of per-rank table bytes: how evenly memory is spread
-              "imbalance": _imbalance([rank_bytes[r] for r in range(world_size)])}
+    report = {
+        "world_size": world_size,
+        "tables": tables,
+        "ranks": ranks,
+        # max over mean of per-rank table bytes: how evenly memory is spread
+        "imbalance": _imbalance([rank_bytes[r] for r in range(world_size)]),
+    }
     if options:
         report["planned_memory_imbalance"] = _imbalance(
-            [ranks[str(r)].get("hbm_bytes", 0) + ranks[str(r)].get("ddr_bytes", 0) for r in range(world_size)])
+            [ranks[str(r)].get("hbm_bytes", 0) + ranks[str(r)].get("ddr_bytes", 0) for r in range(world_size)]
+        )
         costs = [ranks[str(r)].get("cost", 0.0) for r in range(world_size)]
         # The planner's own rating of a plan (torchrec's NoopPerfModel): a step waits for its slowest rank.
         report["estimated_step_ms"] = max(costs)
@@ -87,7 +98,7 @@ def plan_report(plan: ShardingPlan, schema: FeatureSchema, world_size: int,
     return report
 
 
-def _imbalance(values: List[float]) -> float:
+def _imbalance(values: list[float]) -> float:
     mean = sum(values) / len(values)
     return max(values) / mean if mean else 1.0
 
@@ -105,20 +116,32 @@ def format_plan_report(report: dict) -> str:
             f"{name:<14}{table['num_embeddings']:>12}{table['embedding_dim']:>5}  "
             f"{table['sharding_type']:<18}{table['compute_kernel']:<8}{shards}"
         )
-    lines += ["", "per rank: fp32 table weights; planned HBM and DDR (weights, optimizer state, buffers); "
-              "the planner's cost estimate in ms (compute + communication)"]
+    lines += [
+        "",
+        "per rank: fp32 table weights; planned HBM and DDR (weights, optimizer state, buffers); "
+        "the planner's cost estimate in ms (compute + communication)",
+    ]
     for rank, info in report["ranks"].items():
         line = f"  rank {rank}: {_mb(info['embedding_bytes']):>12} in {len(info['tables'])} table(s)"
         if "cost" in info:
-            line += (f"; HBM {_mb(info['hbm_bytes'])}, DDR {_mb(info['ddr_bytes'])}; cost {info['cost']:.4g} "
-                     f"(compute {info['compute_cost']:.4g}, comms {info['comms_cost']:.4g})")
+            line += (
+                f"; HBM {_mb(info['hbm_bytes'])}, DDR {_mb(info['ddr_bytes'])}; cost {info['cost']:.4g} "
+                f"(compute {info['compute_cost']:.4g}, comms {info['comms_cost']:.4g})"
+            )
         lines.append(line)
-    lines.append(f"  imbalance (max / mean): table bytes {report['imbalance']:.3f}"
-                 + (f", planned memory {report['planned_memory_imbalance']:.3f}, cost {report['cost_imbalance']:.3f}"
-                    if "cost_imbalance" in report else ""))
+    lines.append(
+        f"  imbalance (max / mean): table bytes {report['imbalance']:.3f}"
+        + (
+            f", planned memory {report['planned_memory_imbalance']:.3f}, cost {report['cost_imbalance']:.3f}"
+            if "cost_imbalance" in report
+            else ""
+        )
+    )
     if "estimated_step_ms" in report:
-        lines.append(f"  estimated step time: {report['estimated_step_ms']:.4g} ms (the planner's estimate for the "
-                     "embeddings: the slowest rank's cost)")
+        lines.append(
+            f"  estimated step time: {report['estimated_step_ms']:.4g} ms (the planner's estimate for the "
+            "embeddings: the slowest rank's cost)"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,6 @@ table larger than one worker's memory needs them, so our sharder allows them on 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
 
 import torch
 from fbgemm_gpu.quantize_comm import QuantizedCommCodec as FbgemmQuantizedCommCodec
@@ -30,7 +29,7 @@ _CPU_EXTRA_TYPES = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.val
 
 
 class _CPUCapableSharder(EmbeddingBagCollectionSharder):
-    def sharding_types(self, compute_device_type: str) -> List[str]:
+    def sharding_types(self, compute_device_type: str) -> list[str]:
         types = super().sharding_types(compute_device_type)
         return types + [t for t in _CPU_EXTRA_TYPES if t not in types]
 
@@ -41,7 +40,7 @@ class _CPUCapableMCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
     sharder to offer row_wise at all; its kernels are a fixed list whatever the device, of which
     only fused runs on CPU; and it defaults its device to CUDA where DMP passes none."""
 
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
         if compute_device_type == "cuda":
             return super().compute_kernels(sharding_type, compute_device_type)
         return [EmbeddingComputeKernel.FUSED.value]
@@ -50,21 +49,27 @@ class _CPUCapableMCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
         return super().shard(module, params, env, device or torch.device("cpu"), module_fqn)
 
 
-def sharders(config: ShardingConfig, device: torch.device, batch_size: int,
-             sparse_clip_value: Optional[float] = None) -> list:
+def sharders(
+    config: ShardingConfig, device: torch.device, batch_size: int, sparse_clip_value: float | None = None
+) -> list:
     """The sharders the planner and DistributedModelParallel use, with quantized communication
     codecs when the config asks for a precision below fp32 (`batch_size`: per rank), and FBGEMM's
     element-wise gradient clipping in the fused table optimizers when `sparse_clip_value` is set."""
-    fused_params = None if sparse_clip_value is None else {"gradient_clipping": True,
-                                                           "max_gradient": float(sparse_clip_value)}
+    fused_params = (
+        None if sparse_clip_value is None else {"gradient_clipping": True, "max_gradient": float(sparse_clip_value)}
+    )
     codecs = _qcomm_codecs(config, device, batch_size)
     tables = _CPUCapableSharder(qcomm_codecs_registry=codecs, fused_params=fused_params)
     # The managed-collision sharder is only used where the model has such tables.
-    return [tables, _CPUCapableMCSharder(ebc_sharder=_CPUCapableSharder(qcomm_codecs_registry=codecs,
-                                                                        fused_params=fused_params),
-                                         qcomm_codecs_registry=codecs),
-            # The histories' tables (features.sequence); torchrec offers its types on CPU too.
-            EmbeddingCollectionSharder(qcomm_codecs_registry=codecs, fused_params=fused_params)]
+    return [
+        tables,
+        _CPUCapableMCSharder(
+            ebc_sharder=_CPUCapableSharder(qcomm_codecs_registry=codecs, fused_params=fused_params),
+            qcomm_codecs_registry=codecs,
+        ),
+        # The histories' tables (features.sequence); torchrec offers its types on CPU too.
+        EmbeddingCollectionSharder(qcomm_codecs_registry=codecs, fused_params=fused_params),
+    ]
 
 
 class _ScaledFP16Codec(FbgemmQuantizedCommCodec):
@@ -86,8 +91,9 @@ class _ScaledFP16Codec(FbgemmQuantizedCommCodec):
         return super().decode(input_tensor, ctx) / self.scale
 
 
-def _qcomm_codecs(config: ShardingConfig, device: torch.device,
-                  batch_size: int) -> Optional[Dict[str, QuantizedCommCodecs]]:
+def _qcomm_codecs(
+    config: ShardingConfig, device: torch.device, batch_size: int
+) -> dict[str, QuantizedCommCodecs] | None:
     """One codec pair per embedding collective. torchrec's get_qcomm_codecs_registry turns bf16
     into fp16 whenever the device is a CPU, an assumption older than gloo's bf16 all-to-all (torch
     2.13 sends bf16 over gloo; tests/integration/test_qcomms.py trains with it), so we build the
@@ -97,20 +103,30 @@ def _qcomm_codecs(config: ShardingConfig, device: torch.device,
         return None
     for key, precision in (("comm_forward_precision", forward), ("comm_backward_precision", backward)):
         if precision in CUDA_ONLY_COMM_PRECISIONS and device.type != "cuda":
-            raise ConfigError(f"sharding.{key}={precision} needs CUDA (fbgemm has no CPU {precision} "
-                              f"kernel), but this job runs on {device.type}; use fp16, bf16, int8 or mx4.")
+            raise ConfigError(
+                f"sharding.{key}={precision} needs CUDA (fbgemm has no CPU {precision} "
+                f"kernel), but this job runs on {device.type}; use fp16, bf16, int8 or mx4."
+            )
     registry = {}
-    for op in (CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL, CommOp.POOLED_EMBEDDINGS_REDUCE_SCATTER,
-               CommOp.SEQUENCE_EMBEDDINGS_ALL_TO_ALL):
+    for op in (
+        CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL,
+        CommOp.POOLED_EMBEDDINGS_REDUCE_SCATTER,
+        CommOp.SEQUENCE_EMBEDDINGS_ALL_TO_ALL,
+    ):
         op_forward, op_backward = forward, backward
         if op == CommOp.POOLED_EMBEDDINGS_REDUCE_SCATTER:
             # torchrec's own fallbacks for fp8 and mx4, which int8 needs as well.
             op_forward = "fp16" if forward in _SCALED_PRECISIONS else forward
             op_backward = "bf16" if backward in _SCALED_PRECISIONS else backward
             if (op_forward, op_backward) != (forward, backward):
-                log.info("Reduce-scatters (row_wise and table_row_wise tables) send %s forward and %s "
-                         "backward: %s/%s values cannot be summed while encoded.",
-                         op_forward, op_backward, forward, backward)
+                log.info(
+                    "Reduce-scatters (row_wise and table_row_wise tables) send %s forward and %s "
+                    "backward: %s/%s values cannot be summed while encoded.",
+                    op_forward,
+                    op_backward,
+                    forward,
+                    backward,
+                )
         qcomms = QCommsConfig(forward_precision=CommType(op_forward), backward_precision=CommType(op_backward))
         registry[op.name] = get_qcomm_codecs(qcomms)
         if op_backward == "fp16":

@@ -4,7 +4,6 @@ with dense gradients kept local (k-step model averaging)."""
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional
 
 import torch
 from torch import nn
@@ -31,7 +30,7 @@ class _LocalGradients(DefaultDataParallelWrapper):
             ddp.register_comm_hook(None, _keep_local)
 
 
-def data_parallel_modules(dmp: DistributedModelParallel) -> List[DistributedDataParallel]:
+def data_parallel_modules(dmp: DistributedModelParallel) -> list[DistributedDataParallel]:
     """The dense part's DDP and the replicated tables' DDPs (held in a plain list, `_lookups`,
     of each sharded collection, so not among the model's submodules)."""
     found = [dmp._dmp_wrapped_module] if isinstance(dmp._dmp_wrapped_module, DistributedDataParallel) else []
@@ -47,15 +46,25 @@ def _keep_local(state, bucket):  # no annotations: DDP checks them, and this mod
     return future
 
 
-def shard_model(model: nn.Module, plan: ShardingPlan, config: ShardingConfig, device: torch.device,
-                batch_size: int, local_dense_gradients: bool = False,
-                sparse_clip_value: Optional[float] = None) -> DistributedModelParallel:
+def shard_model(
+    model: nn.Module,
+    plan: ShardingPlan,
+    config: ShardingConfig,
+    device: torch.device,
+    batch_size: int,
+    local_dense_gradients: bool = False,
+    sparse_clip_value: float | None = None,
+) -> DistributedModelParallel:
     """`batch_size`: per rank (it scales fp16 gradients in communication); `sparse_clip_value`:
     optim.sparse_clip_value."""
     wrapper = _LocalGradients() if local_dense_gradients else None
     with warnings.catch_warnings():
         # torchrec's own DDP wrap passes DDP's deprecated broadcast_buffers; nothing for us to change.
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-        return DistributedModelParallel(model, device=device, plan=plan,
-                                        sharders=sharders(config, device, batch_size, sparse_clip_value),
-                                        data_parallel_wrapper=wrapper)
+        return DistributedModelParallel(
+            model,
+            device=device,
+            plan=plan,
+            sharders=sharders(config, device, batch_size, sparse_clip_value),
+            data_parallel_wrapper=wrapper,
+        )

@@ -34,13 +34,18 @@ def pinned_batches(data_root: str) -> dict[str, bool]:
         val = next(batches).batch
     found = {}
     for split, batch in (("train", train), ("val", val)):
-        tensors = {"dense": batch.dense_features, "labels": batch.labels,
-                   "values": batch.sparse_features.values(), "lengths": batch.sparse_features.lengths()}
+        tensors = {
+            "dense": batch.dense_features,
+            "labels": batch.labels,
+            "values": batch.sparse_features.values(),
+            "lengths": batch.sparse_features.lengths(),
+        }
         found.update({f"{split}.{name}": tensor.is_pinned() for name, tensor in tensors.items()})
     on_gpu = train.to(torch.device("cuda", 0), non_blocking=True)
     torch.cuda.synchronize()
-    found["copied intact"] = (torch.equal(on_gpu.dense_features.cpu(), train.dense_features)
-                              and torch.equal(on_gpu.sparse_features.values().cpu(), train.sparse_features.values()))
+    found["copied intact"] = torch.equal(on_gpu.dense_features.cpu(), train.dense_features) and torch.equal(
+        on_gpu.sparse_features.values().cpu(), train.sparse_features.values()
+    )
     return found
 
 
@@ -68,9 +73,12 @@ def async_save(directory: str) -> dict[str, object]:
         loaded[path.name] = {"device": str(weights.device), "values": weights.unique().tolist()}
     staged = store._pinned_stager.state_dict_cache["model"]["w"] if store._pinned_stager else None
     dist.destroy_process_group()
-    return {"staged_on_device_bytes": staged_on_device, "tensor_bytes": weight.numel() * weight.element_size(),
-            "staged_pinned": staged is not None and staged.device.type == "cpu" and staged.is_pinned(),
-            "loaded": loaded}
+    return {
+        "staged_on_device_bytes": staged_on_device,
+        "tensor_bytes": weight.numel() * weight.element_size(),
+        "staged_pinned": staged is not None and staged.device.type == "cpu" and staged.is_pinned(),
+        "loaded": loaded,
+    }
 
 
 if __name__ == "__main__":

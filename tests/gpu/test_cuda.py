@@ -32,13 +32,25 @@ ASYNC_EVERY = 5  # checkpoints 5, 10 and 15 are written in the background; 20, t
 
 
 def on_cuda(root: Path, *overrides: str, data_root: Path | None = None):
-    return [sys.executable, "-m", "app.train", "experiment=tiny", "distributed.device=cuda",
-            f"data.synthetic.root={data_root or root / 'data'}", f"output_root={root / 'outputs'}",
-            "logging.progress_bar=false", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "app.train",
+        "experiment=tiny",
+        "distributed.device=cuda",
+        f"data.synthetic.root={data_root or root / 'data'}",
+        f"output_root={root / 'outputs'}",
+        "logging.progress_bar=false",
+        *overrides,
+    ]
 
 
-RUN = [f"trainer.max_steps={STEPS}", f"checkpoint.every_n_steps={ASYNC_EVERY}", "checkpoint.async_save=true",
-       "checkpoint.keep_last=4"]
+RUN = [
+    f"trainer.max_steps={STEPS}",
+    f"checkpoint.every_n_steps={ASYNC_EVERY}",
+    "checkpoint.async_save=true",
+    "checkpoint.keep_last=4",
+]
 
 
 def cuda_check(name: str, argument: Path) -> dict:
@@ -88,8 +100,14 @@ def test_the_exported_model_scores_on_cpu_as_the_cuda_run_did(cuda_run, tmp_path
     root, run_dir = cuda_run
     check(run_command(script("export.py", run_dir, "--out", tmp_path / "exported"), cwd=tmp_path))
     val = next((root / "data").iterdir()) / "val"
-    printed = check(run_command(script("predict.py", "--model", tmp_path / "exported", "--data", val,
-                                       "--out", tmp_path / "predictions.parquet"), cwd=tmp_path))
+    printed = check(
+        run_command(
+            script(
+                "predict.py", "--model", tmp_path / "exported", "--data", val, "--out", tmp_path / "predictions.parquet"
+            ),
+            cwd=tmp_path,
+        )
+    )
     metrics = {name: float(value) for name, value in re.findall(r"\b(AUC|logloss|NE) ([0-9.]+)", printed)}
     final = records(run_dir, "eval")[-1]
     # CPU and GPU kernels round differently: close, not equal to the last digit.
@@ -117,8 +135,10 @@ def test_an_asynchronous_save_stages_in_pinned_host_memory_and_loads_back_onto_t
     found = cuda_check("async_save", tmp_path / "checkpoints")
     assert found["staged_on_device_bytes"] < found["tensor_bytes"]  # no copy of the tensor on the GPU
     assert found["staged_pinned"]
-    assert found["loaded"] == {"step_00000001": {"device": "cuda:0", "values": [1.0]},
-                               "step_00000002": {"device": "cuda:0", "values": [2.0]}}
+    assert found["loaded"] == {
+        "step_00000001": {"device": "cuda:0", "values": [1.0]},
+        "step_00000002": {"device": "cuda:0", "values": [2.0]},
+    }
 
 
 def test_more_workers_than_cuda_devices_is_refused_with_exit_2(tmp_path):

@@ -185,8 +185,11 @@ def test_non_tensor_values_load_as_plain_data_only(tmp_path, single_process_grou
     marker = tmp_path / "ran"
     path = manager.save(2, {**state(1.0), "extra": {"epoch": Opens(marker)}}, {})
     assert verify(path) is None
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}/__0_\d+\.distcp: refused to load "
-                                              r"'extra\.epoch': Unsupported global: GLOBAL io\.open"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{re.escape(str(path))}/__0_\d+\.distcp: refused to load "
+        r"'extra\.epoch': Unsupported global: GLOBAL io\.open",
+    ):
         manager.load(path, {**state(0.0), "extra": {"epoch": 0}})
     assert not marker.exists()
 
@@ -220,10 +223,20 @@ def test_find_checkpoint_accepts_run_checkpoints_and_step_dirs(tmp_path, single_
 def test_model_differences_name_each_key():
     def config(**tables):
         return Config(
-            features=FeaturesConfig(label="label", dense=["a"], embedding_dim=16, pooling="sum",
-                                    sparse=[SparseFeature(n, v, 1) for n, v in tables.items()]),
-            model=ModelConfig(arch="dlrm", dense_arch_layer_sizes=[8, 16], over_arch_layer_sizes=[4, 1],
-                              dcn_num_layers=3, dcn_low_rank_dim=32),
+            features=FeaturesConfig(
+                label="label",
+                dense=["a"],
+                embedding_dim=16,
+                pooling="sum",
+                sparse=[SparseFeature(n, v, 1) for n, v in tables.items()],
+            ),
+            model=ModelConfig(
+                arch="dlrm",
+                dense_arch_layer_sizes=[8, 16],
+                over_arch_layer_sizes=[4, 1],
+                dcn_num_layers=3,
+                dcn_low_rank_dim=32,
+            ),
         )
 
     saved = config(x=10, y=20)
@@ -260,8 +273,13 @@ def test_the_best_checkpoint_is_a_pointer_that_keep_last_never_prunes(tmp_path, 
     store.save(30, state(3.0), {}, samples=300)
     store.wait()  # pruned checkpoints are deleted in the background
     assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE, LATEST_FILE, "step_00000010", "step_00000030"]
-    assert json.loads((tmp_path / BEST_FILE).read_text()) == \
-        {"checkpoint": "step_00000010", "step": 10, "samples": 100, "metric": "auc", "value": 0.7}
+    assert json.loads((tmp_path / BEST_FILE).read_text()) == {
+        "checkpoint": "step_00000010",
+        "step": 10,
+        "samples": 100,
+        "metric": "auc",
+        "value": 0.7,
+    }
     assert store.best_record()["checkpoint"] == "step_00000010"
     # An asynchronous save becomes the best only once it is published; the old best is pruned then.
     store.save(40, state(4.0), {}, asynchronous=True, samples=400)

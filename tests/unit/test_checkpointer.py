@@ -28,8 +28,13 @@ from app.hydra_edge import compose_config
 from app.optim import optimizer_and_schedule
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
-TINY = ["experiment=tiny", "logging.progress_bar=false", "logging.tensorboard=false", "trainer.max_steps=20",
-        "checkpoint.every_n_steps=10"]
+TINY = [
+    "experiment=tiny",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "trainer.max_steps=20",
+    "checkpoint.every_n_steps=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +69,9 @@ def test_a_run_continues_from_its_own_checkpoint_before_load_from(source_run, tm
     root, source = source_run
     own = checkpointer_for(source, data_root=root / "data")
     state = own.restore(load_from=str(tmp_path / "nowhere"))  # not even looked at
-    assert dataclasses.replace(state, best_metric=None, best_value=None, best_step=None, evaluated_samples=-1) == \
-        TrainState(step=20, epoch=0, batches_done=20, samples=20 * 128)
+    assert dataclasses.replace(
+        state, best_metric=None, best_value=None, best_step=None, evaluated_samples=-1
+    ) == TrainState(step=20, epoch=0, batches_done=20, samples=20 * 128)
     # Step 20 became the best at the final evaluation, after its checkpoint was written: the state
     # takes that from checkpoints/best, so a longer run resumed from it never moves the best to a worse one.
     assert (state.best_metric, state.best_step, state.evals_since_best) == ("auc", 20, 0)
@@ -86,8 +92,9 @@ def test_load_from_continues_another_run_or_takes_its_weights_only(source_run, t
     assert any(not torch.equal(loaded[k], v) for k, v in weights(everything).items())  # of step 10, not 20
 
 
-def test_nothing_to_resume_is_a_fresh_start_and_a_missing_load_from_an_error(source_run, tmp_path,
-                                                                            single_process_group):
+def test_nothing_to_resume_is_a_fresh_start_and_a_missing_load_from_an_error(
+    source_run, tmp_path, single_process_group
+):
     root, _ = source_run
     assert checkpointer_for(tmp_path / "new", data_root=root / "data").restore() == TrainState()
     with pytest.raises(CheckpointError, match="no such directory"):
@@ -96,21 +103,26 @@ def test_nothing_to_resume_is_a_fresh_start_and_a_missing_load_from_an_error(sou
 
 def test_resume_false_refuses_a_run_that_has_checkpoints(source_run, single_process_group):
     root, source = source_run
-    with pytest.raises(ConfigError,
-                       match=r"checkpoint\.resume=false, but .* already holds checkpoints .*step_00000020"):
+    with pytest.raises(
+        ConfigError, match=r"checkpoint\.resume=false, but .* already holds checkpoints .*step_00000020"
+    ):
         checkpointer_for(source, "checkpoint.resume=false", data_root=root / "data").restore()
 
 
 def test_a_checkpoint_of_another_model_is_refused_naming_the_keys(source_run, tmp_path, single_process_group):
     root, source = source_run
     other = checkpointer_for(tmp_path / "new", "model.over_arch_layer_sizes=[32,1]", data_root=root / "data")
-    with pytest.raises(ConfigError, match=r"another model .*model.over_arch_layer_sizes: \[64, 32, 1\] in the "
-                                          r"checkpoint, \[32, 1\] now.*checkpoint.load_from"):
+    with pytest.raises(
+        ConfigError,
+        match=r"another model .*model.over_arch_layer_sizes: \[64, 32, 1\] in the "
+        r"checkpoint, \[32, 1\] now.*checkpoint.load_from",
+    ):
         other.restore(str(source))
 
 
-def saved(step: int, batches_done: int, epoch: int = 0, world_size: int = 1, batch: int = 128,
-          steps_per_epoch=31) -> SavedCheckpoint:
+def saved(
+    step: int, batches_done: int, epoch: int = 0, world_size: int = 1, batch: int = 128, steps_per_epoch=31
+) -> SavedCheckpoint:
     state = TrainState(step, epoch, batches_done, samples=step * batch)
     return SavedCheckpoint(Path("step"), step, state, world_size, batch, steps_per_epoch, config=None)
 
@@ -125,7 +137,8 @@ def test_a_position_on_another_shape_is_the_same_samples_in_its_steps():
     assert position_here(saved(31, 31), twice) == TrainState(15, 0, 15, 15 * 256)  # a whole epoch stays whole
     assert position_here(saved(35, 4, epoch=1), twice) == TrainState(17, 1, 2, 35 * 128)
     back = RunShape(1, 128, 31, 62)
-    assert position_here(saved(10, 10, world_size=2, batch=256, steps_per_epoch=15), back) == \
-        TrainState(20, 0, 20, 10 * 256)
+    assert position_here(saved(10, 10, world_size=2, batch=256, steps_per_epoch=15), back) == TrainState(
+        20, 0, 20, 10 * 256
+    )
     bigger_batch = RunShape(1, 256, 15, 30)
     assert position_here(saved(20, 20), bigger_batch) == TrainState(10, 0, 10, 20 * 128)

@@ -84,17 +84,20 @@ def test_impossible_values_fail_naming_the_key(override, key):
         load([override])
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.lr=inf", "optim.lr=inf"),  # lr > 0 lets inf through
-    ("optim.lr=nan", "optim.lr=nan"),
-    ("optim.sparse_lr=inf", "optim.sparse_lr=inf"),
-    ("optim.clip_grad_norm=inf", "optim.clip_grad_norm=inf"),
-    ("optim.betas=[0.9,-inf]", "optim.betas[1]=-inf"),
-    ("data.dense_fill_value=nan", "data.dense_fill_value=nan"),
-    ("sharding.inter_host_bw_gbps=inf", "sharding.inter_host_bw_gbps=inf"),
-    # A float inside a list of groups.
-    ("features.labels=[{name: label, weight: 1.0}, {name: conv, weight: inf}]", "features.labels[1].weight=inf"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=inf", "optim.lr=inf"),  # lr > 0 lets inf through
+        ("optim.lr=nan", "optim.lr=nan"),
+        ("optim.sparse_lr=inf", "optim.sparse_lr=inf"),
+        ("optim.clip_grad_norm=inf", "optim.clip_grad_norm=inf"),
+        ("optim.betas=[0.9,-inf]", "optim.betas[1]=-inf"),
+        ("data.dense_fill_value=nan", "data.dense_fill_value=nan"),
+        ("sharding.inter_host_bw_gbps=inf", "sharding.inter_host_bw_gbps=inf"),
+        # A float inside a list of groups.
+        ("features.labels=[{name: label, weight: 1.0}, {name: conv, weight: inf}]", "features.labels[1].weight=inf"),
+    ],
+)
 def test_every_float_key_refuses_non_finite_values_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key) + " is not a finite number"):
         load([override])
@@ -198,11 +201,18 @@ def _leaves(values: dict, prefix: str) -> dict:
 
 
 def test_every_field_has_help_text():
-    schemas = [c for _, c in inspect.getmembers(app.config, inspect.isclass)
-               if dataclasses.is_dataclass(c) and c.__module__.startswith("app.config")]
+    schemas = [
+        c
+        for _, c in inspect.getmembers(app.config, inspect.isclass)
+        if dataclasses.is_dataclass(c) and c.__module__.startswith("app.config")
+    ]
     assert len(schemas) >= 13  # the groups, Config, SparseFeature, SyntheticConfig, TableConstraint
     missing = [f"{c.__name__}.{f.name}" for c in schemas for f in dataclasses.fields(c) if not f.metadata.get("help")]
     assert not missing, f"fields without help text: {missing}"
     documented = {d.key for d in field_docs()}
-    assert {"checkpoint.every_n_steps", "data.synthetic.seed", "features.sparse.<i>.hotness",
-            "sharding.tables.<feature>.min_partition"} <= documented
+    assert {
+        "checkpoint.every_n_steps",
+        "data.synthetic.seed",
+        "features.sparse.<i>.hotness",
+        "sharding.tables.<feature>.min_partition",
+    } <= documented

@@ -16,10 +16,17 @@ from app.config import ConfigError, DistributedConfig
 from tests.conftest import REPO, run_command
 
 
-def resolve(device: str = "auto", backend: str = "auto", *, local_rank: int = 0, local_world_size: int = 1,
-            cuda_devices: int = 0):
-    return distributed.resolve_device(DistributedConfig(device=device, backend=backend), local_rank,
-                                      local_world_size, cuda_devices)
+def resolve(
+    device: str = "auto",
+    backend: str = "auto",
+    *,
+    local_rank: int = 0,
+    local_world_size: int = 1,
+    cuda_devices: int = 0,
+):
+    return distributed.resolve_device(
+        DistributedConfig(device=device, backend=backend), local_rank, local_world_size, cuda_devices
+    )
 
 
 def test_auto_is_cuda_and_nccl_where_a_device_is_visible_else_cpu_and_gloo():
@@ -54,8 +61,11 @@ def test_gloo_on_cuda_is_refused_since_sharded_tables_need_its_missing_collectiv
 def test_more_workers_per_node_than_cuda_devices_names_both_counts():
     # torchrun --nproc_per_node=2 on a one-GPU machine: rank 0 fits, but both ranks must refuse alike.
     for local_rank in (0, 1):
-        with pytest.raises(ConfigError, match=r"distributed.device=auto chose CUDA, but 2 workers per node and "
-                                              r"1 CUDA device visible: each worker needs a device of its own"):
+        with pytest.raises(
+            ConfigError,
+            match=r"distributed.device=auto chose CUDA, but 2 workers per node and "
+            r"1 CUDA device visible: each worker needs a device of its own",
+        ):
             resolve(local_rank=local_rank, local_world_size=2, cuda_devices=1)
     with pytest.raises(ConfigError, match=r"distributed.device=cuda, but 3 workers per node and 2 CUDA devices"):
         resolve("cuda", local_rank=2, local_world_size=1, cuda_devices=2)

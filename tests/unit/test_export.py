@@ -34,9 +34,12 @@ CPU = torch.device("cpu")
 
 def small_config(sharding_type: str = "row_wise", data_type: str = "fp32", precision: str = "fp32") -> Config:
     return Config(
-        features=FeaturesConfig(dense=["d0", "d1", "d2"],
-                                sparse=[SparseFeature("a", 50), SparseFeature("b", 20, hotness=3)], embedding_dim=8,
-                                data_type=data_type),
+        features=FeaturesConfig(
+            dense=["d0", "d1", "d2"],
+            sparse=[SparseFeature("a", 50), SparseFeature("b", 20, hotness=3)],
+            embedding_dim=8,
+            data_type=data_type,
+        ),
         model=ModelConfig(dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]),
         sharding=ShardingConfig(sharding_types=[sharding_type]),
         trainer=TrainerConfig(precision=precision),
@@ -49,7 +52,8 @@ def batch(size: int, seed: int = 0) -> Batch:
     return Batch(
         dense_features=torch.rand(size, 3, generator=generator),
         sparse_features=KeyedJaggedTensor.from_lengths_sync(
-            keys=["a", "b"], values=torch.randint(0, 20, (int(lengths.sum()),), generator=generator), lengths=lengths),
+            keys=["a", "b"], values=torch.randint(0, 20, (int(lengths.sum()),), generator=generator), lengths=lengths
+        ),
         labels=torch.randint(0, 2, (size,), generator=generator).float(),
     )
 
@@ -72,8 +76,10 @@ def train_and_save(run_dir: Path, config: Config) -> torch.Tensor:
     loss.backward()
     optimizer.step()
     CheckpointStore(run_dir / "checkpoints", keep_last=1, rank=0).save(
-        1, {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-        {"world_size": 1, "config": dataclasses.asdict(config)})
+        1,
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+        {"world_size": 1, "config": dataclasses.asdict(config)},
+    )
     model.eval()
     with torch.no_grad():
         _, (_, logits, _) = model(batch(64, seed=1))
@@ -81,12 +87,20 @@ def train_and_save(run_dir: Path, config: Config) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("sharding_type, data_type, precision",
-                         [("row_wise", "fp32", "fp32"), ("table_wise", "fp32", "fp32"), ("column_wise", "fp32", "fp32"),
-                          ("data_parallel", "fp32", "fp32"), ("table_wise", "fp16", "fp32"),
-                          ("table_wise", "fp32", "fp16")])  # the dense part in the run's precision
-def test_the_exported_model_scores_exactly_as_the_sharded_one(tmp_path, process_group, sharding_type, data_type,
-                                                              precision):
+@pytest.mark.parametrize(
+    "sharding_type, data_type, precision",
+    [
+        ("row_wise", "fp32", "fp32"),
+        ("table_wise", "fp32", "fp32"),
+        ("column_wise", "fp32", "fp32"),
+        ("data_parallel", "fp32", "fp32"),
+        ("table_wise", "fp16", "fp32"),
+        ("table_wise", "fp32", "fp16"),
+    ],
+)  # the dense part in the run's precision
+def test_the_exported_model_scores_exactly_as_the_sharded_one(
+    tmp_path, process_group, sharding_type, data_type, precision
+):
     config = small_config(sharding_type, data_type, precision)
     expected = train_and_save(tmp_path / "run", config)
 
@@ -194,11 +208,23 @@ def test_predict_refuses_a_model_file_of_junk_in_one_line(tmp_path, process_grou
     else:
         (out / MODEL_FILE).write_bytes(JUNK[junk])
     data = write_parquet(tmp_path / "data.parquet", rows=40, start=0)
-    result = run_command([sys.executable, str(REPO / "scripts" / "predict.py"), "--model", str(out), "--data", data,
-                          "--out", str(tmp_path / "p.parquet")], cwd=tmp_path)
+    result = run_command(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "predict.py"),
+            "--model",
+            str(out),
+            "--data",
+            data,
+            "--out",
+            str(tmp_path / "p.parquet"),
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.startswith(f"error: {out / MODEL_FILE}: not ") and result.stderr.count("\n") == 1, \
+    assert result.stderr.startswith(f"error: {out / MODEL_FILE}: not ") and result.stderr.count("\n") == 1, (
         result.stderr[-3000:]
+    )
 
 
 class Payload:
@@ -208,7 +234,9 @@ class Payload:
 def write_parquet(path: Path, rows: int, start: int, labeled: bool = True) -> str:
     index = np.arange(start, start + rows)
     columns = {
-        "d0": pa.array(index / 100.0), "d1": pa.array(np.ones(rows)), "d2": pa.array(index % 5, type=pa.float32()),
+        "d0": pa.array(index / 100.0),
+        "d1": pa.array(np.ones(rows)),
+        "d2": pa.array(index % 5, type=pa.float32()),
         "a": pa.array(index % 50, type=pa.int64()),
         "b": pa.array([[int(i % 20)] * int(i % 4) for i in index], type=pa.list_(pa.int64())),
     }
@@ -230,8 +258,10 @@ def test_score_files_scores_every_row_in_file_order(tmp_path, process_group):
     assert torch.equal(labels, torch.from_numpy(np.arange(115) % 2).float())
     # Row i of the output is row i of the files read in order: the second file alone gives the tail.
     assert torch.equal(torch.cat([s[0] for s in score_files(model, config, files[1:], 16, True)]), logits[70:])
-    unlabeled = [write_parquet(tmp_path / "u0.parquet", 70, 0, labeled=False),
-                 write_parquet(tmp_path / "u1.parquet", 45, 70, labeled=False)]
+    unlabeled = [
+        write_parquet(tmp_path / "u0.parquet", 70, 0, labeled=False),
+        write_parquet(tmp_path / "u1.parquet", 45, 70, labeled=False),
+    ]
     assert not check_inputs(unlabeled, schema)
     again = list(score_files(model, config, unlabeled, batch_size=50, labeled=False))
     assert all(s[1] is None for s in again)

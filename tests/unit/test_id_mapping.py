@@ -24,27 +24,45 @@ MODEL = ModelConfig(arch="dlrm", dense_arch_layer_sizes=[16, 8], over_arch_layer
 
 def config(*mappings: str, rows: int = 16) -> Config:
     c = Config()
-    c.features = FeaturesConfig(dense=["d"], embedding_dim=8,
-                                sparse=[SparseFeature(f"s{i}", rows, id_mapping=m) for i, m in enumerate(mappings)])
+    c.features = FeaturesConfig(
+        dense=["d"],
+        embedding_dim=8,
+        sparse=[SparseFeature(f"s{i}", rows, id_mapping=m) for i, m in enumerate(mappings)],
+    )
     c.model = MODEL
     return c
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda c: setattr(c.features.sparse[0], "id_mapping", "hashed"),
-     "features.sparse[0].id_mapping='hashed' is not allowed; choose one of direct, modulo, managed_collision."),
-    (lambda c: setattr(c.sharding, "sharding_types", ["table_wise"]),
-     "features.sparse[0].id_mapping=managed_collision ('s0') shards only row_wise, but "
-     "sharding.sharding_types=['table_wise'] excludes it"),
-    (lambda c: c.sharding.tables.update({"s*": TableConstraint(sharding_types=["column_wise"])}),
-     "but sharding.tables.s0.sharding_types=['column_wise'] excludes it"),
-    (lambda c: setattr(c.features.managed_collision, "eviction_policy", "fifo"),
-     "features.managed_collision.eviction_policy='fifo' is not allowed; choose one of lru, lfu."),
-    (lambda c: setattr(c.features.managed_collision, "input_hash_size", 8),
-     "features.managed_collision.input_hash_size=8 must lie in [16, 2**62]"),
-    (lambda c: setattr(c.features.sparse[0], "num_embeddings", 1),
-     "features.sparse[0].num_embeddings must be >= 2 with id_mapping=managed_collision"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            lambda c: setattr(c.features.sparse[0], "id_mapping", "hashed"),
+            "features.sparse[0].id_mapping='hashed' is not allowed; choose one of direct, modulo, managed_collision.",
+        ),
+        (
+            lambda c: setattr(c.sharding, "sharding_types", ["table_wise"]),
+            "features.sparse[0].id_mapping=managed_collision ('s0') shards only row_wise, but "
+            "sharding.sharding_types=['table_wise'] excludes it",
+        ),
+        (
+            lambda c: c.sharding.tables.update({"s*": TableConstraint(sharding_types=["column_wise"])}),
+            "but sharding.tables.s0.sharding_types=['column_wise'] excludes it",
+        ),
+        (
+            lambda c: setattr(c.features.managed_collision, "eviction_policy", "fifo"),
+            "features.managed_collision.eviction_policy='fifo' is not allowed; choose one of lru, lfu.",
+        ),
+        (
+            lambda c: setattr(c.features.managed_collision, "input_hash_size", 8),
+            "features.managed_collision.input_hash_size=8 must lie in [16, 2**62]",
+        ),
+        (
+            lambda c: setattr(c.features.sparse[0], "num_embeddings", 1),
+            "features.sparse[0].num_embeddings must be >= 2 with id_mapping=managed_collision",
+        ),
+    ],
+)
 def test_impossible_settings_are_refused_naming_the_key(change, message):
     c = config("managed_collision", "direct")
     c.validate()
@@ -97,8 +115,9 @@ def test_managed_collision_tables_sit_beside_the_plain_ones_and_give_new_ids_row
     assert f"{TABLES_PATH}.ebc.embedding_bags.t_s1.weight" in keys
     assert f"{TABLES_PATH}.mc._embedding_module.embedding_bags.t_s0.weight" in keys
     raw = torch.tensor([2**40 - 1, 5, 2**40 - 1, 77])
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["s0", "s1"], values=torch.cat([raw, torch.arange(4)]),
-                                              lengths=torch.ones(8, dtype=torch.long))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["s0", "s1"], values=torch.cat([raw, torch.arange(4)]), lengths=torch.ones(8, dtype=torch.long)
+    )
     pooled = tables(kjt)
     assert pooled.to_dict()["s0"].shape == (4, 8)
     module = tables.mc._managed_collision_collection._managed_collision_modules["t_s0"]
@@ -135,9 +154,11 @@ def test_the_export_maps_each_id_by_the_shard_that_gave_it_its_row():
 def test_another_id_mapping_is_another_model():
     saved, current = config("modulo"), config("managed_collision")
     assert model_differences(saved, current) == [
-        "features.sparse[s0].id_mapping: 'modulo' in the checkpoint, 'managed_collision' now"]
+        "features.sparse[s0].id_mapping: 'modulo' in the checkpoint, 'managed_collision' now"
+    ]
     changed = dataclasses.replace(current.features.managed_collision, eviction_policy="lfu")
     other = config("managed_collision")
     other.features.managed_collision = changed
     assert model_differences(current, other) == [
-        "features.managed_collision.eviction_policy: 'lru' in the checkpoint, 'lfu' now"]
+        "features.managed_collision.eviction_policy: 'lru' in the checkpoint, 'lfu' now"
+    ]

@@ -23,5 +23,10 @@ def test_console_drops_library_chatter():
     assert not quiet.filter(record("root", logging.INFO, "Successfully loaded: 'fbgemm_gpu_py.so'"))
     assert not quiet.filter(record("py.warnings", logging.WARNING, "FutureWarning: ... is deprecated"))
     assert not quiet.filter(record("root", logging.WARNING, "Sharding spec not found for model.t_cat_8"))
-    assert not quiet.filter(record("torchrec.distributed.utils", logging.WARNING,
-                                   "Sharding Type is data_parallel, caching params will be ignored"))
+    assert not quiet.filter(
+        record(
+            "torchrec.distributed.utils",
+            logging.WARNING,
+            "Sharding Type is data_parallel, caching params will be ignored",
+        )
+    )

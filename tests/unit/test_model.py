@@ -54,8 +54,11 @@ def test_forward_gives_one_logit_per_row(arch, single_process_group):
 MIXED = FeatureSchema.from_config(
     FeaturesConfig(
         dense=["d0", "d1", "d2"],
-        sparse=[SparseFeature("a", 50, embedding_dim=16), SparseFeature("b", 20, hotness=3),
-                SparseFeature("c", 30, embedding_dim=4)],
+        sparse=[
+            SparseFeature("a", 50, embedding_dim=16),
+            SparseFeature("b", 20, hotness=3),
+            SparseFeature("c", 30, embedding_dim=4),
+        ],
         embedding_dim=8,
     )
 )
@@ -66,15 +69,21 @@ def mixed_batch(size: int) -> Batch:
     return Batch(
         dense_features=torch.rand(size, 3),
         sparse_features=KeyedJaggedTensor.from_lengths_sync(
-            keys=["a", "b", "c"], values=torch.randint(0, 20, (int(lengths.sum()),)), lengths=lengths),
+            keys=["a", "b", "c"], values=torch.randint(0, 20, (int(lengths.sum()),)), lengths=lengths
+        ),
         labels=torch.randint(0, 2, (size,)).float(),
     )
 
 
 @pytest.mark.parametrize("arch", ["dlrm", "dcn", "deepfm"])
 def test_tables_of_several_widths(arch, single_process_group):
-    config = ModelConfig(arch=arch, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], dcn_low_rank_dim=4,
-                         deep_fm_dimension=12)
+    config = ModelConfig(
+        arch=arch,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 1],
+        dcn_low_rank_dim=4,
+        deep_fm_dimension=12,
+    )
     model = build_model(config, MIXED, torch.device("cpu"))
     assert [c.embedding_dim for c in embedding_tables(model).embedding_bag_configs()] == [16, 8, 4]
     head = model.model
@@ -105,8 +114,12 @@ def test_one_width_is_torchrecs_model_exactly(arch):
     config = ModelConfig(arch=arch, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], dcn_low_rank_dim=4)
     ours = build_model(config, SCHEMA, torch.device("cpu"), tables_device=torch.device("cpu")).model
     tables = EmbeddingBagCollection(tables=SCHEMA.embedding_bag_configs(), device=torch.device("cpu"))
-    common = dict(embedding_bag_collection=tables, dense_in_features=3, dense_arch_layer_sizes=[16, 8],
-                  over_arch_layer_sizes=[16, 1])
+    common = dict(
+        embedding_bag_collection=tables,
+        dense_in_features=3,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 1],
+    )
     theirs = DLRM_DCN(**common, dcn_num_layers=3, dcn_low_rank_dim=4) if arch == "dcn" else DLRM(**common)
     assert set(ours.state_dict()) == set(theirs.state_dict())
     theirs.load_state_dict(ours.state_dict())

@@ -40,8 +40,12 @@ TASKS = "features.labels=[{name: click, weight: 1.0}, {name: conversion, weight:
 
 
 def features(**overrides) -> FeaturesConfig:
-    values = dict(dense=["d0", "d1", "d2"], sparse=[SparseFeature("a", 50), SparseFeature("b", 20, hotness=3)],
-                  embedding_dim=8, labels=[TaskLabel("click", 1.0), TaskLabel("conversion", 0.5)])
+    values = dict(
+        dense=["d0", "d1", "d2"],
+        sparse=[SparseFeature("a", 50), SparseFeature("b", 20, hotness=3)],
+        embedding_dim=8,
+        labels=[TaskLabel("click", 1.0), TaskLabel("conversion", 0.5)],
+    )
     values.update(overrides)
     return FeaturesConfig(**values)
 
@@ -49,19 +53,28 @@ def features(**overrides) -> FeaturesConfig:
 SCHEMA = FeatureSchema.from_config(features())
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["features.labels=[{name: click}]"], "features.labels must list at least two tasks"),
-    (["features.labels=[{name: click}, {name: conv, weight: -1}]"], "features.labels[1].weight must be a finite"),
-    (["features.labels=[{name: click, weight: 0}, {name: conv, weight: 0}]"], "at least one task needs a weight > 0"),
-    (["features.labels=[{name: click}, {name: ''}]"], "features.labels[1].name must be a non-empty"),
-    (["features.labels=[{name: click}, {name: int_0}]"], "column names must be unique; repeated: ['int_0']"),
-    ([TASKS, "trainer.early_stopping.task=purchase"], "trainer.early_stopping.task='purchase' is not a task: the "
-                                                      "tasks (features.labels) are ['click', 'conversion']"),
-    (["trainer.early_stopping.task=label"], "with one task leave it null"),
-    ([TASKS, "model.multi_task=moe"], "model.multi_task='moe' is not allowed"),
-    ([TASKS, "model.num_experts=0"], "model.num_experts must be >= 1"),
-    ([TASKS, "model.tower_layer_sizes=[0]"], "model.tower_layer_sizes must be positive sizes"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["features.labels=[{name: click}]"], "features.labels must list at least two tasks"),
+        (["features.labels=[{name: click}, {name: conv, weight: -1}]"], "features.labels[1].weight must be a finite"),
+        (
+            ["features.labels=[{name: click, weight: 0}, {name: conv, weight: 0}]"],
+            "at least one task needs a weight > 0",
+        ),
+        (["features.labels=[{name: click}, {name: ''}]"], "features.labels[1].name must be a non-empty"),
+        (["features.labels=[{name: click}, {name: int_0}]"], "column names must be unique; repeated: ['int_0']"),
+        (
+            [TASKS, "trainer.early_stopping.task=purchase"],
+            "trainer.early_stopping.task='purchase' is not a task: the "
+            "tasks (features.labels) are ['click', 'conversion']",
+        ),
+        (["trainer.early_stopping.task=label"], "with one task leave it null"),
+        ([TASKS, "model.multi_task=moe"], "model.multi_task='moe' is not allowed"),
+        ([TASKS, "model.num_experts=0"], "model.num_experts must be >= 1"),
+        ([TASKS, "model.tower_layer_sizes=[0]"], "model.tower_layer_sizes must be positive sizes"),
+    ],
+)
 def test_impossible_task_settings_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         compose_config(overrides)
@@ -77,18 +90,28 @@ def test_the_primary_task_is_the_configured_one_or_the_first():
 
 def batch(size: int, tasks: int) -> Batch:
     lengths = torch.tensor([1] * size + [2] * size)
-    return Batch(dense_features=torch.rand(size, 3),
-                 sparse_features=KeyedJaggedTensor.from_lengths_sync(
-                     keys=["a", "b"], values=torch.randint(0, 20, (int(lengths.sum()),)), lengths=lengths),
-                 labels=torch.randint(0, 2, (size, tasks)).float())
+    return Batch(
+        dense_features=torch.rand(size, 3),
+        sparse_features=KeyedJaggedTensor.from_lengths_sync(
+            keys=["a", "b"], values=torch.randint(0, 20, (int(lengths.sum()),)), lengths=lengths
+        ),
+        labels=torch.randint(0, 2, (size, tasks)).float(),
+    )
 
 
 @pytest.mark.parametrize("arch", ["dlrm", "dcn", "deepfm"])
 @pytest.mark.parametrize("kind", ["shared_bottom", "mmoe"])
 def test_every_architecture_gets_a_logit_per_task_and_a_weighted_loss(arch, kind, single_process_group):
     torch.manual_seed(0)
-    config = ModelConfig(arch=arch, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], dcn_low_rank_dim=4,
-                         multi_task=kind, tower_layer_sizes=[4], num_experts=3)
+    config = ModelConfig(
+        arch=arch,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 1],
+        dcn_low_rank_dim=4,
+        multi_task=kind,
+        tower_layer_sizes=[4],
+        num_experts=3,
+    )
     plain = build_model(config, SCHEMA, torch.device("cpu"), task_weights=[1.0, 0.5])
     assert isinstance(plain, MultiTaskTrain)
     assert isinstance(plain.model.over_arch, MixtureOfExperts if kind == "mmoe" else TaskTowers)
@@ -102,8 +125,9 @@ def test_every_architecture_gets_a_logit_per_task_and_a_weighted_loss(arch, kind
     data = batch(6, 2)
     loss, (detached, logits, labels) = model(data)
     assert logits.shape == (6, 2) and torch.equal(labels, data.labels)
-    expected = (F.binary_cross_entropy_with_logits(logits[:, 0], labels[:, 0])
-                + 0.5 * F.binary_cross_entropy_with_logits(logits[:, 1], labels[:, 1]))
+    expected = F.binary_cross_entropy_with_logits(
+        logits[:, 0], labels[:, 0]
+    ) + 0.5 * F.binary_cross_entropy_with_logits(logits[:, 1], labels[:, 1])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and detached.item() == pytest.approx(loss.item())
     loss.backward()
     for tower in plain.model.over_arch.towers:  # every tower learns (its logit's bias at least)
@@ -122,9 +146,15 @@ def test_a_task_of_weight_zero_trains_nothing_of_its_own():
 
 
 def test_labels_are_decoded_per_task_and_a_bad_one_names_its_column():
-    columns = {"click": pa.array([0, 1, 1]), "conversion": pa.array([0.0, 0.0, 1.0]),
-               "d0": pa.array([1.0, 2.0, 3.0]), "d1": pa.array([0.0] * 3), "d2": pa.array([0.0] * 3),
-               "a": pa.array([1, 2, 3]), "b": pa.array([[1], [2, 3], []], type=pa.list_(pa.int64()))}
+    columns = {
+        "click": pa.array([0, 1, 1]),
+        "conversion": pa.array([0.0, 0.0, 1.0]),
+        "d0": pa.array([1.0, 2.0, 3.0]),
+        "d1": pa.array([0.0] * 3),
+        "d2": pa.array([0.0] * 3),
+        "a": pa.array([1, 2, 3]),
+        "b": pa.array([[1], [2, 3], []], type=pa.list_(pa.int64())),
+    }
     rows = decode(pa.table(columns), SCHEMA, "f.parquet row group 0")
     assert rows.labels.tolist() == [[0, 0], [1, 0], [1, 1]]
     assert rows.take(np.array([2, 0])).labels.tolist() == [[1, 1], [0, 0]]
@@ -152,8 +182,9 @@ def test_task_metrics_are_each_tasks_and_the_primarys_unprefixed():
 
 
 def synthetic(tmp_path) -> SyntheticConfig:
-    return SyntheticConfig(root=str(tmp_path), train_rows=2000, val_rows=4000, rows_per_file=4000,
-                           rows_per_row_group=500, seed=3)
+    return SyntheticConfig(
+        root=str(tmp_path), train_rows=2000, val_rows=4000, rows_per_file=4000, rows_per_row_group=500, seed=3
+    )
 
 
 def test_planted_tasks_leave_the_first_tasks_rows_as_they_were(tmp_path):
@@ -190,9 +221,12 @@ def test_a_checkpoint_of_other_tasks_or_towers_is_another_model():
     other = compose_config(["features.labels=[{name: click}, {name: purchase}]", "model.multi_task=mmoe"])
     assert model_differences(base, other) == [
         "features.labels: ['click', 'conversion'] in the checkpoint, ['click', 'purchase'] now",
-        "model.multi_task: 'shared_bottom' in the checkpoint, 'mmoe' now"]
-    assert model_differences(compose_config([]), base)[0] == \
-        "features.labels: ['label'] in the checkpoint, ['click', 'conversion'] now"
+        "model.multi_task: 'shared_bottom' in the checkpoint, 'mmoe' now",
+    ]
+    assert (
+        model_differences(compose_config([]), base)[0]
+        == "features.labels: ['label'] in the checkpoint, ['click', 'conversion'] now"
+    )
 
 
 def test_a_multi_task_model_takes_sequence_features_too():
@@ -200,15 +234,27 @@ def test_a_multi_task_model_takes_sequence_features_too():
     from app.data.batch import table_to_batch
 
     torch.manual_seed(0)
-    schema = FeatureSchema.from_config(features(
-        dense=["d0"], sparse=[SparseFeature("item", 10)],
-        sequence=[SequenceFeature("history", 12, max_length=4, target="item")]))
+    schema = FeatureSchema.from_config(
+        features(
+            dense=["d0"],
+            sparse=[SparseFeature("item", 10)],
+            sequence=[SequenceFeature("history", 12, max_length=4, target="item")],
+        )
+    )
     config = ModelConfig(dense_arch_layer_sizes=[8], over_arch_layer_sizes=[16, 1], sequence_attention_layer_sizes=[6])
     model = build_model(config, schema, torch.device("cpu"), tables_device=torch.device("cpu"))
-    data = table_to_batch(pa.table({
-        "click": pa.array([0, 1, 1]), "conversion": pa.array([0, 0, 1]), "d0": pa.array(np.ones(3)),
-        "item": pa.array([1, 2, 3], type=pa.int64()),
-        "history": pa.array([[1, 5, 7], [], [3]], type=pa.list_(pa.int64()))}), schema)
+    data = table_to_batch(
+        pa.table(
+            {
+                "click": pa.array([0, 1, 1]),
+                "conversion": pa.array([0, 0, 1]),
+                "d0": pa.array(np.ones(3)),
+                "item": pa.array([1, 2, 3], type=pa.int64()),
+                "history": pa.array([[1, 5, 7], [], [3]], type=pa.list_(pa.int64())),
+            }
+        ),
+        schema,
+    )
     loss, (_, logits, labels) = model(data)
     assert logits.shape == labels.shape == (3, 2)
     loss.backward()

@@ -33,10 +33,11 @@ def batch(schema: FeatureSchema, size: int = 16, seed: int = 1) -> Batch:
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.ones(size * len(schema.sparse), dtype=torch.int64)
     values = torch.cat([torch.randint(0, f.num_embeddings, (size,), generator=generator) for f in schema.sparse])
-    return Batch(dense_features=torch.rand(size, len(schema.dense), generator=generator),
-                 sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=schema.sparse_names, values=values,
-                                                                     lengths=lengths),
-                 labels=torch.randint(0, 2, (size,), generator=generator).float())
+    return Batch(
+        dense_features=torch.rand(size, len(schema.dense), generator=generator),
+        sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=schema.sparse_names, values=values, lengths=lengths),
+        labels=torch.randint(0, 2, (size,), generator=generator).float(),
+    )
 
 
 def fused_kernels(optimizer):
@@ -87,8 +88,9 @@ def test_replicated_fp16_tables_step_with_fp32_state(optim, single_process_group
     sharded one: in fp16, eps rounds to 0 and every row without a gradient became 0/0 = NaN."""
     results = {}
     for data_type in ("fp32", "fp16"):
-        model, optimizer, schema = sharded("sharding=data_parallel", f"features.data_type={data_type}",
-                                           f"optim.sparse={optim}", "optim.dense=sgd")
+        model, optimizer, schema = sharded(
+            "sharding=data_parallel", f"features.data_type={data_type}", f"optim.sparse={optim}", "optim.dense=sgd"
+        )
         replicated = dict(optimizer.optimizers)[REPLICATED_PART]
         before = {name: param.detach().float().clone() for name, param in replicated.params.items()}
         optimizer.zero_grad()

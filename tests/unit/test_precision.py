@@ -18,8 +18,7 @@ TABLE = "model.sparse_arch.embedding_bag_collection.embedding_bags.t_cat_0.weigh
 
 
 def _build(*overrides: str):
-    config = compose_config(["experiment=tiny", "sharding=table_wise", "optim=sgd", "optim.warmup_steps=0",
-                             *overrides])
+    config = compose_config(["experiment=tiny", "sharding=table_wise", "optim=sgd", "optim.warmup_steps=0", *overrides])
     schema = FeatureSchema.from_config(config.features)
     scaler = loss_scaler(config.trainer.precision, ENV.device)
     table_gradients = TableGradients(scaler)

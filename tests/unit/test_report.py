@@ -29,13 +29,28 @@ def point(root: Path, lr: str, status: str, **fields) -> Path:
 def test_a_sweep_with_failed_dead_and_missing_points_reports_each_as_it_is(tmp_path):
     root = tmp_path / "sweep"
     root.mkdir()
-    (root / "multirun.yaml").write_text(yaml.safe_dump(
-        {"hydra": {"overrides": {"task": ["optim.lr=0.1,0.2,0.3,0.4", "run_name=sweep"]}, "sweeper": {}}}))
-    point(root, "0.1", "finished", step=4, planned_steps=4, samples_per_s=100.0,
-          validation={"step": 4, "auc": 0.7, "logloss": 0.5, "ne": 0.9},
-          evaluations=[{"step": 2, "auc": 0.75}, {"step": 4, "auc": 0.7, "logloss": 0.5}])
-    point(root, "0.2", "failed", error="DataError: part-0.parquet: column 'cat_3' has id 10000",
-          evaluations=[{"step": 2, "auc": 0.6}])
+    (root / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {"hydra": {"overrides": {"task": ["optim.lr=0.1,0.2,0.3,0.4", "run_name=sweep"]}, "sweeper": {}}}
+        )
+    )
+    point(
+        root,
+        "0.1",
+        "finished",
+        step=4,
+        planned_steps=4,
+        samples_per_s=100.0,
+        validation={"step": 4, "auc": 0.7, "logloss": 0.5, "ne": 0.9},
+        evaluations=[{"step": 2, "auc": 0.75}, {"step": 4, "auc": 0.7, "logloss": 0.5}],
+    )
+    point(
+        root,
+        "0.2",
+        "failed",
+        error="DataError: part-0.parquet: column 'cat_3' has id 10000",
+        evaluations=[{"step": 2, "auc": 0.6}],
+    )
     dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a pid that no longer runs
     dead.wait()
     point(root, "0.3", "running", pid=dead.pid, host=socket.gethostname())
@@ -58,8 +73,9 @@ def test_a_sweep_with_failed_dead_and_missing_points_reports_each_as_it_is(tmp_p
 def test_an_attempt_that_fails_keeps_what_the_run_reached_and_the_time_adds_up(tmp_path):
     first = RunSummary(tmp_path, rank=0, world_size=2)
     first.running()
-    first.finished(step=10, planned_steps=10, validation={"step": 10, "auc": 0.8, "logloss": 0.4, "ne": 0.9,
-                                                          "calibration": 1.0})
+    first.finished(
+        step=10, planned_steps=10, validation={"step": 10, "auc": 0.8, "logloss": 0.4, "ne": 0.9, "calibration": 1.0}
+    )
     finished = json.loads((tmp_path / "summary.json").read_text())
     again = RunSummary(tmp_path, rank=0, world_size=1)
     again.failed(ValueError("bad"))

@@ -17,11 +17,21 @@ from app.models import build_model, sequence_tables
 from app.models.sequence import TargetAttention
 
 CPU = torch.device("cpu")
-SCHEMA = FeatureSchema.from_config(FeaturesConfig(
-    dense=["d0", "d1"], sparse=[SparseFeature("item", 10), SparseFeature("user", 5)], embedding_dim=8,
-    sequence=[SequenceFeature("history", 12, max_length=4, target="item")]))
-MODEL = ModelConfig(dense_arch_layer_sizes=[8], over_arch_layer_sizes=[16, 1], sequence_attention_layer_sizes=[6],
-                    dcn_low_rank_dim=4, deep_fm_dimension=8)
+SCHEMA = FeatureSchema.from_config(
+    FeaturesConfig(
+        dense=["d0", "d1"],
+        sparse=[SparseFeature("item", 10), SparseFeature("user", 5)],
+        embedding_dim=8,
+        sequence=[SequenceFeature("history", 12, max_length=4, target="item")],
+    )
+)
+MODEL = ModelConfig(
+    dense_arch_layer_sizes=[8],
+    over_arch_layer_sizes=[16, 1],
+    sequence_attention_layer_sizes=[6],
+    dcn_low_rank_dim=4,
+    deep_fm_dimension=8,
+)
 
 
 def test_positions_past_a_rows_length_do_not_count_and_an_empty_history_gives_zeros():
@@ -40,10 +50,19 @@ def test_positions_past_a_rows_length_do_not_count_and_an_empty_history_gives_ze
 
 
 def batch():
-    return table_to_batch(pa.table({
-        "label": pa.array([0, 1, 1]), "d0": pa.array(np.ones(3)), "d1": pa.array(np.zeros(3)),
-        "item": pa.array([1, 2, 3], type=pa.int64()), "user": pa.array([0, 4, 2], type=pa.int64()),
-        "history": pa.array([[1, 5, 7, 2, 9], [], [3]], type=pa.list_(pa.int64()))}), SCHEMA)
+    return table_to_batch(
+        pa.table(
+            {
+                "label": pa.array([0, 1, 1]),
+                "d0": pa.array(np.ones(3)),
+                "d1": pa.array(np.zeros(3)),
+                "item": pa.array([1, 2, 3], type=pa.int64()),
+                "user": pa.array([0, 4, 2], type=pa.int64()),
+                "history": pa.array([[1, 5, 7, 2, 9], [], [3]], type=pa.list_(pa.int64())),
+            }
+        ),
+        SCHEMA,
+    )
 
 
 @pytest.mark.parametrize("arch", ["dlrm", "dcn", "deepfm"])

@@ -30,8 +30,11 @@ SCHEMA = FeatureSchema.from_config(
 
 
 def test_global_constraints_with_a_per_table_override():
-    config = ShardingConfig(sharding_types=["table_wise"], compute_kernels=["fused"],
-                            tables={"big": TableConstraint(sharding_types=["row_wise", "table_row_wise"])})
+    config = ShardingConfig(
+        sharding_types=["table_wise"],
+        compute_kernels=["fused"],
+        tables={"big": TableConstraint(sharding_types=["row_wise", "table_row_wise"])},
+    )
     constraints = parameter_constraints(config, SCHEMA, "cpu")
     assert constraints["t_small"].sharding_types == ["table_wise"]
     assert constraints["t_big"].sharding_types == ["row_wise", "table_row_wise"]
@@ -39,10 +42,12 @@ def test_global_constraints_with_a_per_table_override():
 
 
 def test_patterns_name_several_tables_and_a_feature_name_wins():
-    config = ShardingConfig(tables={
-        "*": TableConstraint(sharding_types=["column_wise"], min_partition=4),
-        "big": TableConstraint(compute_kernels=["fused_uvm_caching"], cache_load_factor=0.2),
-    })
+    config = ShardingConfig(
+        tables={
+            "*": TableConstraint(sharding_types=["column_wise"], min_partition=4),
+            "big": TableConstraint(compute_kernels=["fused_uvm_caching"], cache_load_factor=0.2),
+        }
+    )
     constraints = parameter_constraints(config, SCHEMA, "cuda")
     assert constraints["t_small"].sharding_types == ["column_wise"] and constraints["t_small"].min_partition == 4
     big = constraints["t_big"]
@@ -69,8 +74,12 @@ def plan_for(config: ShardingConfig, world_size: int):
 
 
 def test_plan_report_describes_tables_and_ranks(tmp_path, single_process_group):
-    config = ShardingConfig(tables={"big": TableConstraint(sharding_types=["row_wise"]),
-                                    "small": TableConstraint(sharding_types=["table_wise"])})
+    config = ShardingConfig(
+        tables={
+            "big": TableConstraint(sharding_types=["row_wise"]),
+            "small": TableConstraint(sharding_types=["table_wise"]),
+        }
+    )
     plan, chosen = plan_for(config, 2)
     report = plan_report(plan, SCHEMA, 2, chosen)
     big, small = report["tables"]["t_big"], report["tables"]["t_small"]
@@ -98,10 +107,13 @@ def test_an_impossible_plan_is_a_clear_error(single_process_group):
         plan_for(config, 2)
 
 
-SKEWED = FeatureSchema.from_config(FeaturesConfig(
-    dense=["d"], embedding_dim=16,
-    sparse=[SparseFeature("big", 4_000_000)] + [SparseFeature(f"small{i}", 1000 + 500 * i) for i in range(25)],
-))
+SKEWED = FeatureSchema.from_config(
+    FeaturesConfig(
+        dense=["d"],
+        embedding_dim=16,
+        sparse=[SparseFeature("big", 4_000_000)] + [SparseFeature(f"small{i}", 1000 + 500 * i) for i in range(25)],
+    )
+)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -122,8 +134,13 @@ def test_bandwidths_and_search_strategy_reach_the_planner():
 
     from app.sharding.memory import _topology
 
-    config = ShardingConfig(intra_host_bw_gbps=100, inter_host_bw_gbps=12.5, ddr_bw_gbps=40,
-                            proposer="uniform", partitioner="memory_balanced")
+    config = ShardingConfig(
+        intra_host_bw_gbps=100,
+        inter_host_bw_gbps=12.5,
+        ddr_bw_gbps=40,
+        proposer="uniform",
+        partitioner="memory_balanced",
+    )
     topology = _topology(config, torch.device("cpu"), 4, 2, HardwareConfig())
     assert topology.intra_host_bw == 100 * 2**30 / 1000 and topology.inter_host_bw == 12.5 * 2**30 / 1000
     assert topology.ddr_mem_bw == 40 * 2**30 / 1000 and topology.local_world_size == 2
@@ -136,9 +153,13 @@ def test_bandwidths_and_search_strategy_reach_the_planner():
 
 # Three 16-wide tables on 8 ranks: whole tables keep 5 ranks idle, and torchrec's enumerator
 # offers no narrower column slices (it splits at 128 columns).
-NARROW = FeatureSchema.from_config(FeaturesConfig(
-    dense=["d"], embedding_dim=16, sparse=[SparseFeature(f"f{i}", 1000 * (i + 1)) for i in range(3)],
-))
+NARROW = FeatureSchema.from_config(
+    FeaturesConfig(
+        dense=["d"],
+        embedding_dim=16,
+        sparse=[SparseFeature(f"f{i}", 1000 * (i + 1)) for i in range(3)],
+    )
+)
 
 
 def _offline_report(config: ShardingConfig, world_size: int = 8) -> dict:
@@ -165,8 +186,10 @@ def test_the_default_search_keeps_every_rank_busy_and_the_slowest_one_fastest():
 def test_the_default_search_keeps_to_the_constraints():
     whole = _offline_report(ShardingConfig(sharding_types=["table_wise"]))
     assert {t["sharding_type"] for t in whole["tables"].values()} == {"table_wise"}
-    assert whole["estimated_step_ms"] == _offline_report(ShardingConfig(sharding_types=["table_wise"],
-                                                                        proposer="default"))["estimated_step_ms"]
+    assert (
+        whole["estimated_step_ms"]
+        == _offline_report(ShardingConfig(sharding_types=["table_wise"], proposer="default"))["estimated_step_ms"]
+    )
     wide = _offline_report(ShardingConfig(tables={"*": TableConstraint(min_partition=8)}))
     widths = {s["sizes"][1] for t in wide["tables"].values() for s in t["shards"]}
     assert widths and min(widths) >= 8
@@ -180,8 +203,9 @@ def test_training_plans_for_the_hosts_memory_and_a_dry_run_for_torchrecs_default
     world_size = 64
     per_worker = _host_memory_bytes() // world_size
     rows = 2 * per_worker // (16 * 4)
-    schema = FeatureSchema.from_config(FeaturesConfig(dense=["d"], embedding_dim=16,
-                                                      sparse=[SparseFeature("huge", rows)]))
+    schema = FeatureSchema.from_config(
+        FeaturesConfig(dense=["d"], embedding_dim=16, sparse=[SparseFeature("huge", rows)])
+    )
     model = build_model(ModelConfig(dense_arch_layer_sizes=[16]), schema, torch.device("meta"))
     apply_sparse_optimizer(model, OptimConfig(), torch.device("cpu"))
     config = ShardingConfig(sharding_types=["table_wise"])
@@ -191,8 +215,7 @@ def test_training_plans_for_the_hosts_memory_and_a_dry_run_for_torchrecs_default
         plan_sharding(model, config, schema, torch.device("cpu"), 512, world_size, world_size, dist.group.WORLD)
     # sharding.ddr_cap_gb still wins over the measured memory
     config.ddr_cap_gb = 128
-    plan, _ = plan_sharding(model, config, schema, torch.device("cpu"), 512, world_size, world_size,
-                            dist.group.WORLD)
+    plan, _ = plan_sharding(model, config, schema, torch.device("cpu"), 512, world_size, world_size, dist.group.WORLD)
     assert plan.plan
 
 

@@ -22,16 +22,30 @@ from app.trainer import segment_length
 from app.training_loss import LossWindow
 
 STEPS_PER_EPOCH = 4000 // 128  # experiment=tiny on one rank: 31 full batches
-CADENCE = ["trainer.epochs=2", "trainer.eval_every_n_steps=10", "trainer.eval_max_batches=1",
-           "checkpoint.every_n_steps=7", "checkpoint.keep_last=100", "trainer.log_every_n_steps=5"]
+CADENCE = [
+    "trainer.epochs=2",
+    "trainer.eval_every_n_steps=10",
+    "trainer.eval_max_batches=1",
+    "checkpoint.every_n_steps=7",
+    "checkpoint.keep_last=100",
+    "trainer.log_every_n_steps=5",
+]
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """experiment=tiny for 2 epochs, evaluating every 10 steps and saving every 7, run to the end."""
     root = tmp_path_factory.mktemp("trainer")
-    config = compose_config(["experiment=tiny", f"output_root={root}", "logging.progress_bar=false",
-                             "logging.tensorboard=false", f"data.synthetic.root={root / 'data'}", *CADENCE])
+    config = compose_config(
+        [
+            "experiment=tiny",
+            f"output_root={root}",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+            f"data.synthetic.root={root / 'data'}",
+            *CADENCE,
+        ]
+    )
     run_dir = root / config.run_name
     result = job.run(config, run_dir)
     return run_dir, result
@@ -102,14 +116,25 @@ def test_bf16_with_fp16_tables_trains_checkpoints_fp16_and_resumes(tmp_path):
     checkpoint holds the tables in fp16, and the same command resumes from it."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    overrides = ["experiment=tiny", f"output_root={tmp_path}", "logging.progress_bar=false",
-                 "logging.tensorboard=false", f"data.synthetic.root={tmp_path / 'data'}", "trainer.precision=bf16",
-                 "features.data_type=fp16", "checkpoint.every_n_steps=3", "trainer.eval_max_batches=1"]
+    overrides = [
+        "experiment=tiny",
+        f"output_root={tmp_path}",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        f"data.synthetic.root={tmp_path / 'data'}",
+        "trainer.precision=bf16",
+        "features.data_type=fp16",
+        "checkpoint.every_n_steps=3",
+        "trainer.eval_max_batches=1",
+    ]
     first = job.run(compose_config([*overrides, "trainer.max_steps=6"]), tmp_path / "tiny")
     step_6 = tmp_path / "tiny" / "checkpoints" / "step_00000006"
     metadata = FileSystemReader(str(step_6)).read_metadata().state_dict_metadata
-    tables = {key: value.properties.dtype for key, value in metadata.items()
-              if key.startswith("model.") and "embedding_bags" in key}
+    tables = {
+        key: value.properties.dtype
+        for key, value in metadata.items()
+        if key.startswith("model.") and "embedding_bags" in key
+    }
     assert tables and set(tables.values()) == {torch.float16}
     second = job.run(compose_config([*overrides, "trainer.max_steps=9"]), tmp_path / "tiny")
     # Resumed at step 6: started over, it would have logged step 5 again.

@@ -7,16 +7,24 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING
 
 from app.config import ConfigError
 from app.data import DataError
 from app.data.criteo.options import ConvertOptions, CriteoColumns
 from app.data.criteo.output_dir import (
-    DONE_DIR, SUMMARY_FILE, VOCABULARY_DIR, VOCABULARY_META, WORK_DIR, input_stem, read_json, write_json,
+    DONE_DIR,
+    SUMMARY_FILE,
+    VOCABULARY_DIR,
+    VOCABULARY_META,
+    WORK_DIR,
+    input_stem,
+    read_json,
+    write_json,
 )
 from app.data.criteo.parts import PartWriter, output_rows, output_schema
 from app.data.criteo.processes import map_in_processes
@@ -29,8 +37,9 @@ if TYPE_CHECKING:
     from app.features import FeatureSchema
 
 
-def convert(inputs: Sequence[str], out_dir: str, schema: "FeatureSchema | FeaturesConfig",
-            options: ConvertOptions) -> dict:
+def convert(
+    inputs: Sequence[str], out_dir: str, schema: FeatureSchema | FeaturesConfig, options: ConvertOptions
+) -> dict:
     """Convert every input not yet done into out_dir; returns (and writes to _conversion.json) a
     summary of all the directory holds. `options.workers` processes convert inputs in parallel;
     the output does not depend on their number. Only the schema's label, dense and sparse are
@@ -49,9 +58,10 @@ def convert(inputs: Sequence[str], out_dir: str, schema: "FeatureSchema | Featur
     todo = [(path, stem) for path, stem in zip(inputs, stems) if stem not in finished]
     vocabulary_dir = _vocabulary_dir(out, given, todo, inputs, stems, columns, options, built_from)
 
-    jobs = [InputJob(path, stem, str(out), columns, options, str(vocabulary_dir) if vocabulary_dir else None,
-                     settings)
-            for path, stem in todo]
+    jobs = [
+        InputJob(path, stem, str(out), columns, options, str(vocabulary_dir) if vocabulary_dir else None, settings)
+        for path, stem in todo
+    ]
     map_in_processes(convert_input, jobs, options.workers, "converted")
 
     summary = _summary(out, stems, todo, finished, settings, options, vocabulary_dir)
@@ -70,7 +80,7 @@ def _refuse_raw_multi_hot(columns: CriteoColumns, options: ConvertOptions) -> No
         )
 
 
-def _checked_inputs(inputs: Sequence[str]) -> Tuple[List[str], List[str]]:
+def _checked_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """The inputs as paths and their stems (their names less .gz/.txt, which name their parts)."""
     inputs = [str(p) for p in inputs]
     if not inputs:
@@ -85,7 +95,7 @@ def _checked_inputs(inputs: Sequence[str]) -> Tuple[List[str], List[str]]:
     return inputs, stems
 
 
-def _vocabulary_built_from(options: ConvertOptions, given: Optional[Path], stems: List[str]) -> Optional[dict]:
+def _vocabulary_built_from(options: ConvertOptions, given: Path | None, stems: list[str]) -> dict | None:
     """With categorical=vocab, what the vocabulary is built from: the given one's record, or these inputs."""
     if options.categorical != "vocab":
         return None
@@ -94,9 +104,16 @@ def _vocabulary_built_from(options: ConvertOptions, given: Optional[Path], stems
     return {"inputs": sorted(stems), "min_frequency": options.min_frequency}
 
 
-def _vocabulary_dir(out: Path, given: Optional[Path], todo: List[Tuple[str, str]], inputs: List[str],
-                    stems: List[str], columns: CriteoColumns, options: ConvertOptions,
-                    built_from: Optional[dict]) -> Optional[Path]:
+def _vocabulary_dir(
+    out: Path,
+    given: Path | None,
+    todo: list[tuple[str, str]],
+    inputs: list[str],
+    stems: list[str],
+    columns: CriteoColumns,
+    options: ConvertOptions,
+    built_from: dict | None,
+) -> Path | None:
     """The vocabulary the inputs to do are converted with (built into out_dir first where none is
     given and there is work), checked to fit the tables; None without categorical=vocab."""
     vocabulary_dir = given
@@ -109,8 +126,15 @@ def _vocabulary_dir(out: Path, given: Optional[Path], todo: List[Tuple[str, str]
     return vocabulary_dir
 
 
-def _summary(out: Path, stems: List[str], todo: List[Tuple[str, str]], finished: Dict[str, dict], settings: dict,
-             options: ConvertOptions, vocabulary_dir: Optional[Path]) -> dict:
+def _summary(
+    out: Path,
+    stems: list[str],
+    todo: list[tuple[str, str]],
+    finished: dict[str, dict],
+    settings: dict,
+    options: ConvertOptions,
+    vocabulary_dir: Path | None,
+) -> dict:
     """All the directory holds (from its markers), what this run converted and skipped, and how."""
     markers = _markers(out)
     vocabulary = read_json(vocabulary_dir / VOCABULARY_META) if vocabulary_dir else None
@@ -126,7 +150,7 @@ def _summary(out: Path, stems: List[str], todo: List[Tuple[str, str]], finished:
     }
 
 
-def _settings(columns: CriteoColumns, options: ConvertOptions, built_from: Optional[dict]) -> dict:
+def _settings(columns: CriteoColumns, options: ConvertOptions, built_from: dict | None) -> dict:
     """What the output depends on: inputs converted under other settings cannot share a directory."""
     settings = {
         "columns": list(columns.names),
@@ -140,22 +164,26 @@ def _settings(columns: CriteoColumns, options: ConvertOptions, built_from: Optio
     elif options.categorical == "vocab":
         settings["vocabulary"] = built_from
     if any(h > 1 for h in columns.hotness):
-        settings["multi_hot"] = {"hotness": list(columns.hotness), "seed": options.multi_hot_seed,
-                                 "num_embeddings": list(columns.num_embeddings)}
+        settings["multi_hot"] = {
+            "hotness": list(columns.hotness),
+            "seed": options.multi_hot_seed,
+            "num_embeddings": list(columns.num_embeddings),
+        }
     return json.loads(json.dumps(settings))  # as it reads back from a marker
 
 
-def _markers(out: Path) -> Dict[str, dict]:
+def _markers(out: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((out / DONE_DIR).glob("*.json"))}
 
 
-def _check_finished(out: Path, settings: dict) -> Dict[str, dict]:
+def _check_finished(out: Path, settings: dict) -> dict[str, dict]:
     """The finished inputs (by stem); refuses a directory whose inputs were converted differently."""
     markers = _markers(out)
     for stem, marker in markers.items():
         if marker["settings"] != settings:
-            differ = sorted(k for k in settings.keys() | marker["settings"].keys()
-                            if settings.get(k) != marker["settings"].get(k))
+            differ = sorted(
+                k for k in settings.keys() | marker["settings"].keys() if settings.get(k) != marker["settings"].get(k)
+            )
             changes = "; ".join(f"{k}: {marker['settings'].get(k)} there, {settings.get(k)} now" for k in differ)
             raise ConfigError(
                 f"{out}: input {stem!r} was converted with other settings ({changes}); convert into another "
@@ -171,7 +199,7 @@ class InputJob:
     out_dir: str
     columns: CriteoColumns
     options: ConvertOptions
-    vocabulary_dir: Optional[str]
+    vocabulary_dir: str | None
     settings: dict
 
 
@@ -184,14 +212,26 @@ def convert_input(job: InputJob) -> dict:
     vocabularies = load_vocabularies(Path(job.vocabulary_dir), job.columns) if job.vocabulary_dir else None
     options, rows = job.options, 0
     with ExitStack() as publish:
+
         def open_part(name: str) -> Path:
             return publish.enter_context(atomic_output(out / name))
 
-        with PartWriter(open_part, job.stem, output_schema(job.columns), options.rows_per_file,
-                        options.rows_per_row_group) as writer:
+        with PartWriter(
+            open_part, job.stem, output_schema(job.columns), options.rows_per_file, options.rows_per_row_group
+        ) as writer:
             for first_line, batch in read_blocks(job.path, job.columns, options.block_size):
-                writer.write(output_rows(batch, first_line, job.path, job.columns, options.log_dense, vocabularies,
-                                         options.multi_hot_seed, raw=options.categorical == "raw"))
+                writer.write(
+                    output_rows(
+                        batch,
+                        first_line,
+                        job.path,
+                        job.columns,
+                        options.log_dense,
+                        vocabularies,
+                        options.multi_hot_seed,
+                        raw=options.categorical == "raw",
+                    )
+                )
                 rows += batch.num_rows
             parts = writer.close()
     marker = {"input": os.path.abspath(job.path), "rows": rows, "parts": parts, "settings": job.settings}

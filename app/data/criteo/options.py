@@ -80,8 +80,9 @@ class CriteoColumns:
     hotness: tuple[int, ...]  # ids per row of each sparse column: > 1 is multi-hot (multi_hot.py)
 
     @classmethod
-    def from_schema(cls, schema: FeatureSchema | FeaturesConfig,
-                    multi_hot_sizes: Sequence[int] | None = None) -> CriteoColumns:
+    def from_schema(
+        cls, schema: FeatureSchema | FeaturesConfig, multi_hot_sizes: Sequence[int] | None = None
+    ) -> CriteoColumns:
         """The schema's columns; each sparse column's hotness is multi_hot_sizes' if given (checked
         by ConvertOptions.validate), else the features config's."""
         if len(schema.dense) != DENSE_COLUMNS or len(schema.sparse) != SPARSE_COLUMNS:

@@ -33,13 +33,23 @@ def output_schema(columns: CriteoColumns) -> pa.Schema:
     return pa.schema(
         [(columns.label, pa.int8())]
         + [(name, pa.float32()) for name in columns.dense]
-        + [(name, pa.int64() if hot == 1 else pa.list_(pa.int64()))
-           for name, hot in zip(columns.sparse, columns.hotness)]
+        + [
+            (name, pa.int64() if hot == 1 else pa.list_(pa.int64()))
+            for name, hot in zip(columns.sparse, columns.hotness)
+        ]
     )
 
 
-def output_rows(batch: pa.RecordBatch, first_line: int, path: str, columns: CriteoColumns, log_dense: bool,
-                vocabularies: list[Vocabulary] | None, multi_hot_seed: int = 0, raw: bool = False) -> pa.Table:
+def output_rows(
+    batch: pa.RecordBatch,
+    first_line: int,
+    path: str,
+    columns: CriteoColumns,
+    log_dense: bool,
+    vocabularies: list[Vocabulary] | None,
+    multi_hot_seed: int = 0,
+    raw: bool = False,
+) -> pa.Table:
     """One block's rows in the output schema: ids from the vocabularies, or without them, hashed
     (int(hex, 16) mod the table's rows), or as they are with `raw` (int(hex, 16))."""
     raw_label = batch.column(columns.label)
@@ -58,8 +68,9 @@ def output_rows(batch: pa.RecordBatch, first_line: int, path: str, columns: Crit
             arrays.append(pa.array(np.log1p(np.maximum(values, 0)).astype(np.float32)))
         else:
             arrays.append(pa.array(values.astype(np.float32)))
-    for index, (name, num_embeddings, hotness) in enumerate(zip(columns.sparse, columns.num_embeddings,
-                                                                 columns.hotness)):
+    for index, (name, num_embeddings, hotness) in enumerate(
+        zip(columns.sparse, columns.num_embeddings, columns.hotness)
+    ):
         values, rows = distinct_values(batch.column(name), name, path, first_line, columns)
         if raw:
             ids = _as_int64(values, rows, batch.column(name), name, path, first_line, columns)
@@ -76,8 +87,9 @@ def output_rows(batch: pa.RecordBatch, first_line: int, path: str, columns: Crit
     return pa.Table.from_arrays(arrays, schema=output_schema(columns))
 
 
-def _as_int64(values: np.ndarray, rows: pa.Array, column: pa.Array, name: str, path: str, first_line: int,
-              columns: CriteoColumns) -> np.ndarray:
+def _as_int64(
+    values: np.ndarray, rows: pa.Array, column: pa.Array, name: str, path: str, first_line: int, columns: CriteoColumns
+) -> np.ndarray:
     """Raw ids as int64, the loader's type: a value of 2**63 or more (16 hex digits from 8) is refused."""
     too_large = values >= np.uint64(2**63)
     if too_large.any():
@@ -100,8 +112,14 @@ class PartWriter:
     fewer than MIN_ROW_GROUPS row groups is written in MIN_ROW_GROUPS smaller ones instead, of
     equal size: its first rows are held until they fill that many row groups, or the input ends."""
 
-    def __init__(self, open_part: Callable[[str], Path], stem: str, schema: pa.Schema, rows_per_file: int,
-                 rows_per_row_group: int) -> None:
+    def __init__(
+        self,
+        open_part: Callable[[str], Path],
+        stem: str,
+        schema: pa.Schema,
+        rows_per_file: int,
+        rows_per_row_group: int,
+    ) -> None:
         self.open_part, self.stem, self.schema = open_part, stem, schema
         self.rows_per_file, self.rows_per_row_group = rows_per_file, rows_per_row_group
         self.parts: list[str] = []

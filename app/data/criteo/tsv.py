@@ -18,8 +18,9 @@ from app.data import DataError
 from app.data.criteo.options import CriteoColumns
 
 
-def read_blocks(path: str, columns: CriteoColumns, block_size: int,
-                only: Sequence[str] | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
+def read_blocks(
+    path: str, columns: CriteoColumns, block_size: int, only: Sequence[str] | None = None
+) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(line number of its first row, the block's rows) for each block of the file, in order; of
     the columns named in `only` if given. Empty lines are kept as rows (of nulls, refused for their
     label) so rows and lines agree."""
@@ -125,8 +126,9 @@ def _parse_hex(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return packed.view(f">u{width // 2}").ravel().astype(np.uint64), bad
 
 
-def distinct_values(column: pa.Array, name: str, path: str, first_line: int,
-                    columns: CriteoColumns) -> tuple[np.ndarray, pa.Array]:
+def distinct_values(
+    column: pa.Array, name: str, path: str, first_line: int, columns: CriteoColumns
+) -> tuple[np.ndarray, pa.Array]:
     """(value of each distinct string in the block's column, each row's index into them, null
     where the field is empty): later steps work on the few distinct values, then `take`."""
     encoded = column.dictionary_encode()

@@ -74,8 +74,9 @@ class _ValueCounts:
     def result(self) -> pa.RecordBatch:
         self._merge()
         table = self._tables[0]
-        return pa.RecordBatch.from_arrays([table["value"].combine_chunks(), table["count"].combine_chunks()],
-                                          names=["value", "count"])
+        return pa.RecordBatch.from_arrays(
+            [table["value"].combine_chunks(), table["count"].combine_chunks()], names=["value", "count"]
+        )
 
 
 @dataclass(frozen=True)
@@ -98,15 +99,19 @@ def count_input(job: CountJob) -> str:
             values, indices = distinct_values(batch.column(name), name, job.path, first_line, columns)
             counter.add(values, np.bincount(indices.drop_null().to_numpy(), minlength=len(values)))
     schema = pa.schema([("value", pa.uint64()), ("count", pa.int64())])
-    with (atomic_output(job.counts_file) as partial, pa.OSFile(str(partial), "wb") as sink,
-          ipc.new_file(sink, schema) as writer):
+    with (
+        atomic_output(job.counts_file) as partial,
+        pa.OSFile(str(partial), "wb") as sink,
+        ipc.new_file(sink, schema) as writer,
+    ):
         for counter in counts:
             writer.write_batch(counter.result())
     return job.counts_file
 
 
-def ensure_vocabulary(out: Path, inputs: list[str], stems: list[str], columns: CriteoColumns,
-                      options: ConvertOptions, built_from: dict) -> Path:
+def ensure_vocabulary(
+    out: Path, inputs: list[str], stems: list[str], columns: CriteoColumns, options: ConvertOptions, built_from: dict
+) -> Path:
     """out/_vocabulary, counted over all inputs unless a run with the same inputs and min_frequency
     left it there."""
     target = out / VOCABULARY_DIR
@@ -115,16 +120,20 @@ def ensure_vocabulary(out: Path, inputs: list[str], stems: list[str], columns: C
         return target
     counts_dir = out / WORK_DIR / "counts"
     counts_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [CountJob(path, str(counts_dir / f"{stem}.arrow"), columns, options.block_size)
-            for path, stem in zip(inputs, stems)]
+    jobs = [
+        CountJob(path, str(counts_dir / f"{stem}.arrow"), columns, options.block_size)
+        for path, stem in zip(inputs, stems)
+    ]
     files = map_in_processes(count_input, jobs, options.workers, "counted")
     with atomic_output(target) as staging:
         staging.mkdir()
         sizes = {}
         for index, name in enumerate(columns.sparse):
             vocabulary = _vocabulary_table(files, index, options.min_frequency)
-            with pa.OSFile(str(staging / f"{name}.arrow"), "wb") as sink, \
-                    ipc.new_file(sink, vocabulary.schema) as writer:
+            with (
+                pa.OSFile(str(staging / f"{name}.arrow"), "wb") as sink,
+                ipc.new_file(sink, vocabulary.schema) as writer,
+            ):
                 writer.write_table(vocabulary)
             sizes[name] = vocabulary.num_rows
         write_json(staging / VOCABULARY_META, {"built_from": built_from, "sizes": sizes})
@@ -150,8 +159,10 @@ def given_vocabulary(path: str) -> Path:
     for candidate in (Path(path), Path(path) / VOCABULARY_DIR):
         if (candidate / VOCABULARY_META).is_file():
             return candidate
-    raise ConfigError(f"vocabulary={path!r}: no {VOCABULARY_META} there or in its {VOCABULARY_DIR}/; "
-                      "give the output directory of a vocab-mode conversion.")
+    raise ConfigError(
+        f"vocabulary={path!r}: no {VOCABULARY_META} there or in its {VOCABULARY_DIR}/; "
+        "give the output directory of a vocab-mode conversion."
+    )
 
 
 def check_vocabulary_fits(directory: Path, columns: CriteoColumns) -> None:

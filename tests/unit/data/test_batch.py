@@ -90,8 +90,11 @@ def test_a_null_id_inside_a_list_is_an_error_naming_the_row(tmp_path):
     columns = make_rows(0, 4)
     columns["many"] = pa.array([[1], None, [1, None, 2], [3]], type=pa.list_(pa.int64()))
     path = write(tmp_path / "holes.parquet", columns, row_group_size=4)
-    with pytest.raises(DataError, match=r"holes\.parquet row group 0, row 2: column 'many' has a null id inside its "
-                                        r"list; expected ids in \[0, 7\) .*data\.invalid_ids=hash to drop"):
+    with pytest.raises(
+        DataError,
+        match=r"holes\.parquet row group 0, row 2: column 'many' has a null id inside its "
+        r"list; expected ids in \[0, 7\) .*data\.invalid_ids=hash to drop",
+    ):
         table_to_batch(pq.read_table(path), SCHEMA, source=f"{path} row group 0")
 
 

@@ -68,8 +68,7 @@ def vocabulary(rows: list[list[str]], j: int, min_frequency: int) -> dict[str, i
     return {value: i + 1 for i, value in enumerate(kept)}
 
 
-def expected(rows: list[list[str]], log_dense: bool = True,
-             vocabularies: list[dict] | None = None) -> dict[str, list]:
+def expected(rows: list[list[str]], log_dense: bool = True, vocabularies: list[dict] | None = None) -> dict[str, list]:
     """The output columns for these raw rows, computed the plain way (hash ids without vocabularies)."""
     columns: dict[str, list] = {"label": [int(row[0]) for row in rows]}
     for i, name in enumerate(DENSE):
@@ -143,7 +142,10 @@ def test_vocabulary_ids_by_count_with_a_rare_id(tmp_path, two_inputs):
     assert summary["vocabulary"]["cat_0"] == 3
     # The vocabulary files are not data: the loader's glob sees the parts only.
     assert [os.path.basename(f) for f in resolve_files(str(tmp_path / "out"))] == [
-        "day_0-00000.parquet", "day_0-00001.parquet", "day_1-00000.parquet"]
+        "day_0-00000.parquet",
+        "day_0-00001.parquet",
+        "day_1-00000.parquet",
+    ]
     saved = ipc.open_file(pa.memory_map(str(tmp_path / "out" / "_vocabulary" / "cat_0.arrow"))).read_all()
     assert saved.sort_by("id").to_pydict() == {"value": [0xAA, 0xBB, 0xCC], "id": [1, 2, 3], "count": [4, 3, 3]}
 
@@ -166,10 +168,14 @@ def test_parts_and_row_groups(tmp_path):
     assert input_stem(path) == "train"
     summary = convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(**SMALL))
     files = resolve_files(str(tmp_path / "out"))
-    assert [os.path.basename(f) for f in files] == summary["inputs"]["train"]["parts"] == [
-        "train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
-    groups = [[pq.read_metadata(f).row_group(i).num_rows for i in range(pq.read_metadata(f).num_row_groups)]
-              for f in files]
+    assert (
+        [os.path.basename(f) for f in files]
+        == summary["inputs"]["train"]["parts"]
+        == ["train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
+    )
+    groups = [
+        [pq.read_metadata(f).row_group(i).num_rows for i in range(pq.read_metadata(f).num_row_groups)] for f in files
+    ]
     assert groups == [[30, 30, 30, 10], [30, 30, 30, 10], [30, 20]]
 
 
@@ -198,8 +204,12 @@ def test_a_small_input_is_written_in_row_groups_that_ranks_can_split(tmp_path):
     ],
 )
 def test_row_groups_of_an_input_smaller_than_eight_row_groups(tmp_path, rows, groups):
-    convert([write_tsv(tmp_path / "day_0", criteo_rows(rows, seed=12))], str(tmp_path / "out"), SCHEMA,
-            ConvertOptions(**SMALL))
+    convert(
+        [write_tsv(tmp_path / "day_0", criteo_rows(rows, seed=12))],
+        str(tmp_path / "out"),
+        SCHEMA,
+        ConvertOptions(**SMALL),
+    )
     assert row_groups(tmp_path / "out") == groups
     assert_output(tmp_path / "out", expected(criteo_rows(rows, seed=12)))
 
@@ -217,8 +227,9 @@ def test_raw_ids_are_the_values_themselves_and_train_hashed_by_the_loader(tmp_pa
     files = resolve_files(str(tmp_path / "out"))
     with pytest.raises(DataError, match="column 'cat_0' has id"):
         next(iter(TrainingBatches(files, SCHEMA, batch_size=20, rank=0, world_size=1, prefetch_windows=0)))
-    hashed = TrainingBatches(files, SCHEMA, batch_size=220, rank=0, world_size=1, prefetch_windows=0,
-                             policy=InputPolicy(invalid_ids="hash"))
+    hashed = TrainingBatches(
+        files, SCHEMA, batch_size=220, rank=0, world_size=1, prefetch_windows=0, policy=InputPolicy(invalid_ids="hash")
+    )
     batch = next(iter(hashed))
     want = expected(rows[0] + rows[1])
     for name in ("cat_0", "cat_25"):
@@ -229,13 +240,20 @@ def test_raw_ids_refuse_what_no_int64_holds_and_multi_hot_columns(tmp_path):
     rows = criteo_rows(60, seed=9)
     rows[41][14 + 7] = "8000000000000000"
     path = write_tsv(tmp_path / "day_0", rows)
-    with pytest.raises(DataError, match=f"^{re.escape(path)}, line 42, column 'cat_7' \\(field 22\\): "
-                                        "'8000000000000000' is 2\\*\\*63 or more"):
+    with pytest.raises(
+        DataError,
+        match=f"^{re.escape(path)}, line 42, column 'cat_7' \\(field 22\\): '8000000000000000' is 2\\*\\*63 or more",
+    ):
         convert([path], str(tmp_path / "out"), SCHEMA, ConvertOptions(categorical="raw", **SMALL))
-    with pytest.raises(ConfigError,
-                       match="categorical='raw' keeps each value as its id, but \\['cat_0'\\] are multi-hot"):
-        convert([path], str(tmp_path / "out2"), SCHEMA,
-                ConvertOptions(categorical="raw", multi_hot_sizes=(3,) + (1,) * 25, **SMALL))
+    with pytest.raises(
+        ConfigError, match="categorical='raw' keeps each value as its id, but \\['cat_0'\\] are multi-hot"
+    ):
+        convert(
+            [path],
+            str(tmp_path / "out2"),
+            SCHEMA,
+            ConvertOptions(categorical="raw", multi_hot_sizes=(3,) + (1,) * 25, **SMALL),
+        )
 
 
 def test_output_loads_for_training(tmp_path, two_inputs):
@@ -258,8 +276,9 @@ def test_workers_give_the_same_output(tmp_path):
     for name in [p for entry in one["inputs"].values() for p in entry["parts"]]:
         assert pq.read_table(tmp_path / "one" / name).equals(pq.read_table(tmp_path / "two" / name)), name
     for name in SPARSE:
-        assert (tmp_path / "one" / "_vocabulary" / f"{name}.arrow").read_bytes() == \
-            (tmp_path / "two" / "_vocabulary" / f"{name}.arrow").read_bytes()
+        assert (tmp_path / "one" / "_vocabulary" / f"{name}.arrow").read_bytes() == (
+            tmp_path / "two" / "_vocabulary" / f"{name}.arrow"
+        ).read_bytes()
 
 
 def test_resume_skips_finished_inputs_and_redoes_an_interrupted_one(tmp_path):
@@ -287,7 +306,10 @@ def test_resume_skips_finished_inputs_and_redoes_an_interrupted_one(tmp_path):
     assert not (out / "day_1-00007.parquet").exists() and not (out / ".tmp").exists()
     assert not (out / ".day_1-00009.parquet.tmp").exists()
     assert [os.path.basename(f) for f in resolve_files(str(out))] == [
-        "day_0-00000.parquet", "day_0-00001.parquet", "day_1-00000.parquet"]
+        "day_0-00000.parquet",
+        "day_0-00001.parquet",
+        "day_1-00000.parquet",
+    ]
     assert_output(out, expected(rows[0] + rows[1]))
     assert summary["rows"] == 200
 
@@ -308,8 +330,7 @@ def _with(rows: list[list[str]], line: int, field: int, value: str) -> list[list
 @pytest.mark.parametrize(
     "categorical, edit, message",
     [
-        ("hash", lambda r: [*r[:76], r[76][:39], *r[77:]],
-         "line 77: 39 tab-separated field\\(s\\); expected 40"),
+        ("hash", lambda r: [*r[:76], r[76][:39], *r[77:]], "line 77: 39 tab-separated field\\(s\\); expected 40"),
         ("hash", lambda r: _with(r, 90, 5, "12x"), "line 90, column 'int_3' \\(field 5\\): '12x'; expected an integer"),
         ("hash", lambda r: _with(r, 3, 1, "2"), "line 3, column 'label' \\(field 1\\): '2'; expected 0 or 1"),
         ("hash", lambda r: _with(r, 64, 1, ""), "line 64, column 'label' \\(field 1\\): an empty field; expected 0"),
@@ -362,8 +383,9 @@ HOTNESS = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27,
 
 def test_multi_hot_bags_are_the_one_hot_id_and_ids_derived_from_it_by_seed(tmp_path, two_inputs):
     paths, rows = two_inputs
-    multi_hot = FeatureSchema.from_config(FeaturesConfig(
-        dense=DENSE, sparse=[SparseFeature(n, s, hotness=h) for n, s, h in zip(SPARSE, SIZES, HOTNESS)]))
+    multi_hot = FeatureSchema.from_config(
+        FeaturesConfig(dense=DENSE, sparse=[SparseFeature(n, s, hotness=h) for n, s, h in zip(SPARSE, SIZES, HOTNESS)])
+    )
     summary = convert(paths, str(tmp_path / "a"), multi_hot, ConvertOptions(**SMALL))
     assert summary["settings"]["multi_hot"] == {"hotness": HOTNESS, "seed": 0, "num_embeddings": SIZES}
     files = resolve_files(str(tmp_path / "a"))
@@ -393,8 +415,9 @@ def test_multi_hot_bags_are_the_one_hot_id_and_ids_derived_from_it_by_seed(tmp_p
     assert [b and b[0] for b in reseeded["cat_20"]] == [b and b[0] for b in got["cat_20"]]
     assert reseeded["cat_20"] != got["cat_20"]
     # Loads for training: a bag of `hotness` ids per row.
-    batch = next(iter(TrainingBatches(files, multi_hot, batch_size=20, rank=0, world_size=1, shuffle=False,
-                                      prefetch_windows=0)))
+    batch = next(
+        iter(TrainingBatches(files, multi_hot, batch_size=20, rank=0, world_size=1, shuffle=False, prefetch_windows=0))
+    )
     lengths = batch.sparse_features["cat_20"].lengths().numpy()
     assert set(lengths.tolist()) <= {0, 100} and (lengths == 100).any()
     # multi_hot_sizes overrides the features config; a directory of other sizes is refused.
@@ -425,8 +448,21 @@ def test_the_script_converts_and_exits_2_on_bad_input(tmp_path, capsys):
         assert main(["--out", str(tmp_path / "mh"), path, "--multi-hot-sizes", sizes]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "--multi-hot-sizes" in err and message in err, err
-    assert main(["--out", str(tmp_path / "mh"), path, "features=criteo_small", "--multi-hot-sizes",
-                 ",".join(map(str, HOTNESS)), "--multi-hot-seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(tmp_path / "mh"),
+                path,
+                "features=criteo_small",
+                "--multi-hot-sizes",
+                ",".join(map(str, HOTNESS)),
+                "--multi-hot-seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert next(len(b) for b in read_output(tmp_path / "mh")["cat_21"] if b is not None) == 27
 
 

@@ -111,8 +111,9 @@ def test_shuffle_window_mixes_rows_across_row_groups_and_keeps_them_whole(uneven
 @pytest.mark.parametrize("stop_after", [1, 2, 4])
 def test_resume_yields_exactly_the_remaining_batches(uneven_files, stop_after, world_size, window):
     def make(rank):
-        return reader(uneven_files, rank=rank, world_size=world_size, shuffle=True, seed=1, batch_size=12,
-                      shuffle_window=window)
+        return reader(
+            uneven_files, rank=rank, world_size=world_size, shuffle=True, seed=1, batch_size=12, shuffle_window=window
+        )
 
     for rank in range(world_size):
         uninterrupted = make(rank)
@@ -256,6 +257,7 @@ def test_check_files_empty_and_unreadable(tmp_path, uneven_files):
 
 
 # ---- the reader process, from the fork server ---------------------------------------------------
+
 
 def parent_of(pid):
     with open(f"/proc/{pid}/stat") as f:

@@ -37,15 +37,36 @@ def assert_same_batches(got, expected):
 def training(files, num_workers, **kwargs):
     # Windows of one row group of 25 rows (20 and 5 for two of them) and batches of 12: batches
     # span windows, and a resume's skip ends inside a window.
-    return TrainingBatches(files, SCHEMA, 12, 0, 1, shuffle=True, seed=7, shuffle_window=1,
-                           prefetch_windows=2, num_workers=num_workers, **kwargs)
+    return TrainingBatches(
+        files,
+        SCHEMA,
+        12,
+        0,
+        1,
+        shuffle=True,
+        seed=7,
+        shuffle_window=1,
+        prefetch_windows=2,
+        num_workers=num_workers,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("num_workers", READERS)
 def test_a_shuffled_epoch_is_the_same_for_any_number_of_readers(uneven_files, num_workers):
     def epoch(num_workers, shuffle_window):
-        loader = TrainingBatches(uneven_files, SCHEMA, 12, 0, 1, shuffle=True, seed=7, shuffle_window=shuffle_window,
-                                 prefetch_windows=2, num_workers=num_workers)
+        loader = TrainingBatches(
+            uneven_files,
+            SCHEMA,
+            12,
+            0,
+            1,
+            shuffle=True,
+            seed=7,
+            shuffle_window=shuffle_window,
+            prefetch_windows=2,
+            num_workers=num_workers,
+        )
         loader.set_epoch(1)
         return list(loader)
 

@@ -16,16 +16,27 @@ from app.data.batch import InputPolicy, Rows, keep_recent, table_to_batch, with_
 from app.data.sequence_batch import SequenceBatch
 from app.features import FeatureSchema, target_key
 
-SCHEMA = FeatureSchema.from_config(FeaturesConfig(
-    dense=["d0"], sparse=[SparseFeature("item", 10), SparseFeature("user", 5)], embedding_dim=8,
-    sequence=[SequenceFeature("history", 12, max_length=3, target="item")]))
+SCHEMA = FeatureSchema.from_config(
+    FeaturesConfig(
+        dense=["d0"],
+        sparse=[SparseFeature("item", 10), SparseFeature("user", 5)],
+        embedding_dim=8,
+        sequence=[SequenceFeature("history", 12, max_length=3, target="item")],
+    )
+)
 
 
 def table(history, items=(1, 2, 3, 4)) -> pa.Table:
     count = len(items)
-    return pa.table({"label": pa.array([0, 1] * (count // 2)), "d0": pa.array(np.ones(count)),
-                     "item": pa.array(list(items), type=pa.int64()), "user": pa.array([0] * count, type=pa.int64()),
-                     "history": pa.array(history, type=pa.list_(pa.int64()))})
+    return pa.table(
+        {
+            "label": pa.array([0, 1] * (count // 2)),
+            "d0": pa.array(np.ones(count)),
+            "item": pa.array(list(items), type=pa.int64()),
+            "user": pa.array([0] * count, type=pa.int64()),
+            "history": pa.array(history, type=pa.list_(pa.int64())),
+        }
+    )
 
 
 def test_the_most_recent_ids_are_kept_and_empty_histories_are_empty():
@@ -65,10 +76,17 @@ def test_without_sequence_features_batches_are_plain():
 
 def test_evaluation_padding_has_empty_histories():
     rows = Rows(np.zeros((2, 1), np.float32), np.zeros(2, np.float32), [np.zeros(2, np.int64)] * 2, [None, None])
-    padded = Rows.concat([Rows(np.ones((1, 1), np.float32), np.ones(1, np.float32),
-                               [np.array([1]), np.array([2]), np.array([5, 6]), np.array([1])],
-                               [None, None, np.array([0, 2]), None]),
-                          with_empty_histories(rows, SCHEMA)])
+    padded = Rows.concat(
+        [
+            Rows(
+                np.ones((1, 1), np.float32),
+                np.ones(1, np.float32),
+                [np.array([1]), np.array([2]), np.array([5, 6]), np.array([1])],
+                [None, None, np.array([0, 2]), None],
+            ),
+            with_empty_histories(rows, SCHEMA),
+        ]
+    )
     batch = padded.to_batch(SCHEMA.sparse_names, sequence=SCHEMA.sequence_inputs)
     history = batch.sequence_features.to_dict()["history"]
     assert history.lengths().tolist() == [2, 0, 0] and history.values().tolist() == [5, 6]
@@ -78,9 +96,14 @@ def test_evaluation_padding_has_empty_histories():
 @pytest.mark.parametrize("mapping, policy", [("modulo", InputPolicy()), ("direct", InputPolicy(invalid_ids="hash"))])
 def test_a_hashed_raw_id_lands_on_the_same_row_as_candidate_and_in_the_history(mapping, policy):
     # The target's table (100 rows) is smaller than the history's (200), which both index.
-    schema = FeatureSchema.from_config(FeaturesConfig(
-        dense=["d0"], sparse=[SparseFeature("item", 100, id_mapping=mapping), SparseFeature("user", 5)],
-        embedding_dim=8, sequence=[SequenceFeature("history", 200, max_length=3, target="item")]))
+    schema = FeatureSchema.from_config(
+        FeaturesConfig(
+            dense=["d0"],
+            sparse=[SparseFeature("item", 100, id_mapping=mapping), SparseFeature("user", 5)],
+            embedding_dim=8,
+            sequence=[SequenceFeature("history", 200, max_length=3, target="item")],
+        )
+    )
     batch = table_to_batch(table([[7, 150], [150], [], [199]], items=(150, 7, 450, 1)), schema, policy=policy)
     sequence = batch.sequence_features.to_dict()
     assert sequence["history"].values().tolist() == [7, 150, 150, 199]

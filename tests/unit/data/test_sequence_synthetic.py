@@ -13,14 +13,26 @@ from app.data.synthetic import PROBABILITY_COLUMN, dataset_dir, generate
 from app.features import FeatureSchema
 from app.hydra_edge import compose_config
 
-SCHEMA = FeatureSchema.from_config(FeaturesConfig(
-    dense=["d0"], sparse=[SparseFeature("item", 30), SparseFeature("user", 8)], embedding_dim=8,
-    sequence=[SequenceFeature("history", 40, max_length=5, target="item")]))
+SCHEMA = FeatureSchema.from_config(
+    FeaturesConfig(
+        dense=["d0"],
+        sparse=[SparseFeature("item", 30), SparseFeature("user", 8)],
+        embedding_dim=8,
+        sequence=[SequenceFeature("history", 40, max_length=5, target="item")],
+    )
+)
 
 
 def config(tmp_path, **overrides) -> SyntheticConfig:
-    return SyntheticConfig(root=str(tmp_path), train_rows=2000, val_rows=500, rows_per_file=2000,
-                           rows_per_row_group=500, seed=3, **overrides)
+    return SyntheticConfig(
+        root=str(tmp_path),
+        train_rows=2000,
+        val_rows=500,
+        rows_per_file=2000,
+        rows_per_row_group=500,
+        seed=3,
+        **overrides,
+    )
 
 
 def logit(p: np.ndarray) -> np.ndarray:
