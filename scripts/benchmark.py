@@ -188,7 +188,7 @@ def _precisions(device: torch.device) -> list[str]:
 
 def print_train(results: dict[str, float], config: Config, steps: int, rounds: int) -> None:
     references = {name: rate for name, rate in results.items() if name.startswith("reference")}
-    fastest_name = max(references, key=references.get)
+    fastest_name = max(references, key=lambda name: references[name])
     fastest = references[fastest_name]
     print(
         f"train ({config.model.arch}, batch {config.data.batch_size} per rank, torch threads "

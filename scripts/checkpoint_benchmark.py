@@ -25,6 +25,7 @@ from app.optim import optimizer_and_schedule
 
 if TYPE_CHECKING:
     from app.checkpoint import CheckpointStore
+    from app.storage import PathLike
 
 
 def _disk_write_speed(directory: Path, gigabytes: float) -> float:
@@ -119,7 +120,7 @@ def _with_tables_of(config: Config, gigabytes: float) -> Config:
 
 def _time_saves_and_loads(
     manager: CheckpointStore, state: dict, repeats: int, synchronize: Callable[[], None], results: dict[str, float]
-) -> Path:
+) -> PathLike:
     """`repeats` saves, each loaded back, timed into `results` with the memory they take; returns
     the last checkpoint's path."""
     # One save varies by 2x here (disk and page cache state): the first, and the median of the

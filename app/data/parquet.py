@@ -171,7 +171,7 @@ class TrainingBatches(_Reader):
         self._epoch = int(state["epoch"])
         self._start = int(state["batches_done"])
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         start, self._start = self._start, 0
         self._taken = start
         with closing(self._pass(self._epoch, start, len(self))) as batches:
@@ -208,7 +208,7 @@ class EvaluationBatches(_Reader):
     def __len__(self) -> int:
         return self._length
 
-    def __iter__(self) -> Iterator[EvalBatch]:
+    def __iter__(self) -> Generator[EvalBatch, None, None]:
         emitted = 0
         with closing(self._pass(0, 0, len(self))) as batches:
             for rows in batches:

@@ -140,7 +140,7 @@ class _ColumnSplitProposer(Proposer):
                 if shard.rank is not None:  # None: a plan from the planner's cache, placed before
                     load[shard.rank] += shard.perf.total
                     tables_on[shard.rank].add(option.fqn)
-        slowest = max(load, key=load.get) if load else None
+        slowest = max(load, key=lambda rank: load[rank]) if load else None
         movable = [
             fqn
             for fqn, index in positions.items()

@@ -41,7 +41,7 @@ def data_parallel_modules(dmp: DistributedModelParallel) -> list[DistributedData
 
 def _keep_local(state, bucket):  # no annotations: DDP checks them, and this module's are strings
     """A DDP communication hook that communicates nothing: the bucket's local gradients."""
-    future = torch.futures.Future()
+    future: torch.futures.Future = torch.futures.Future()
     future.set_result(bucket.buffer())
     return future
 

@@ -100,7 +100,9 @@ def _vocabulary_built_from(options: ConvertOptions, given: Path | None, stems: l
     if options.categorical != "vocab":
         return None
     if given:
-        return read_json(given / VOCABULARY_META)["built_from"]
+        meta = read_json(given / VOCABULARY_META)
+        assert meta is not None, f"{given} holds no {VOCABULARY_META}"  # found there by given_vocabulary
+        return meta["built_from"]
     return {"inputs": sorted(stems), "min_frequency": options.min_frequency}
 
 
@@ -120,6 +122,7 @@ def _vocabulary_dir(
     if options.categorical == "vocab" and vocabulary_dir is None:
         vocabulary_dir = out / VOCABULARY_DIR
         if todo:
+            assert built_from is not None  # categorical=vocab: _vocabulary_built_from gave one
             vocabulary_dir = ensure_vocabulary(out, inputs, stems, columns, options, built_from)
     if todo and vocabulary_dir is not None:
         check_vocabulary_fits(vocabulary_dir, columns)
