@@ -1,0 +1,119 @@
+"""Finished runs that several integration tests inspect, each trained once per session.
+
+A test that only reads a run's files and output takes the fixture; a test that resumes, damages or
+otherwise writes into a run works on a copy of it (FinishedRun.copy_to), so that the run stays as
+its other readers expect. Under pytest-xdist every worker process has its own session: the run is
+trained once into a directory the workers share, under a file lock, and read back by the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import pytest
+from filelock import FileLock
+
+from tests.conftest import REPO, run_command
+from tests.integration.test_train import tiny, torchrun
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A run laid out as tiny(root, ...) lays it out: root/data (its generated dataset) and
+    root/outputs/tiny (the run directory); `output` is what the command printed (stdout + stderr)."""
+
+    root: Path
+    output: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "outputs" / "tiny"
+
+    @property
+    def dataset(self) -> Path:
+        """The generated dataset's directory (root/data/<fingerprint>)."""
+        return next((self.root / "data").iterdir())
+
+    def copy_to(self, root: Path) -> Path:
+        """The run's data and outputs copied under `root`, to be resumed or damaged there with
+        tiny(root, ...): the copy is the run as the test would have trained it in `root`."""
+        for name in ("data", "outputs"):
+            shutil.copytree(self.root / name, root / name)
+        return root
+
+
+_BUILT: Dict[str, FinishedRun] = {}
+
+
+def _shared_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's temporary directory; under xdist its parent, which all workers share
+    (each worker's basetemp is <parent>/popen-gwN). A new one for every session either way."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def finished_run(tmp_path_factory: pytest.TempPathFactory, name: str, command: Sequence[str]) -> FinishedRun:
+    """The run `name` of this session, which `command` (built for the root given to it) trains
+    once; a command that fails fails every test that uses it, with its output."""
+    if name in _BUILT:
+        return _BUILT[name]
+    shared = _shared_base(tmp_path_factory) / "shared-runs"
+    shared.mkdir(exist_ok=True)
+    root, done = shared / name, shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that failed to build it left this
+            root.mkdir()
+            result = run_command([arg.replace("{root}", str(root)) for arg in command], cwd=REPO)
+            output = result.stdout + result.stderr
+            assert result.returncode == 0, f"the shared run {name} failed: exit {result.returncode}\n{output[-8000:]}"
+            done.write_text(json.dumps({"output": output}))
+    run = FinishedRun(root, json.loads(done.read_text())["output"])
+    _BUILT[name] = run
+    return run
+
+
+ROOT = Path("{root}")  # replaced by the shared run's root when the command runs
+
+
+def one_process(*overrides: str) -> List[str]:
+    return [sys.executable, "-m", "app.train", *tiny(ROOT, *overrides)]
+
+
+def comm_precision_run(sharding: str, precision: str) -> List[str]:
+    """test_qcomms.py's run: one epoch on 2 ranks (15 steps), every loss logged, the embedding
+    all-to-alls in `precision`."""
+    return torchrun(*tiny(ROOT, f"sharding={sharding}", "trainer.max_steps=15", "trainer.log_every_n_steps=1",
+                          f"sharding.comm_forward_precision={precision}",
+                          f"sharding.comm_backward_precision={precision}"))
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory) -> FinishedRun:
+    """experiment=tiny, 1 process, 5 steps: its final checkpoint step_00000005, evaluated at the
+    end and so the best; the run the tests that damage, refuse or continue a short run start from."""
+    return finished_run(tmp_path_factory, "one_process", one_process("trainer.max_steps=5"))
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory) -> FinishedRun:
+    """experiment=tiny on 2 ranks under torchrun, one epoch (15 steps), a checkpoint every 5 steps,
+    keep_last=2: step_00000010 and step_00000015 are kept."""
+    return finished_run(tmp_path_factory, "two_ranks", torchrun(*tiny(ROOT, "checkpoint.every_n_steps=5")))
+
+
+@pytest.fixture(scope="session")
+def row_wise_run(tmp_path_factory) -> FinishedRun:
+    """One epoch on 2 ranks, every table row-wise, fp32 all-to-alls (the default), every loss logged."""
+    return finished_run(tmp_path_factory, "row_wise", comm_precision_run("row_wise", "fp32"))
+
+
+@pytest.fixture(scope="session")
+def table_wise_run(tmp_path_factory) -> FinishedRun:
+    """One epoch on 2 ranks, every table table-wise, fp32 all-to-alls (the default), every loss logged."""
+    return finished_run(tmp_path_factory, "table_wise", comm_precision_run("table_wise", "fp32"))
