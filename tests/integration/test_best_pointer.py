@@ -67,9 +67,10 @@ def test_a_run_resumed_on_a_larger_batch_never_replaces_the_best_checkpoint(tmp_
         [(10, 5120), (15, 7680)]
 
 
-def test_a_forged_best_pointer_is_refused_and_the_best_starts_over(tmp_path):
-    run_dir = tmp_path / "outputs" / "tiny"
-    train(tmp_path, "trainer.max_steps=5")  # its final evaluation makes step 5 the best
+def test_a_forged_best_pointer_is_refused_and_the_best_starts_over(one_process_run, tmp_path):
+    # A copy of the session's run of `trainer.max_steps=5` (tests/integration/conftest.py): its
+    # final evaluation makes step 5 the best.
+    run_dir = one_process_run.copy_to(tmp_path) / "outputs" / "tiny"
     forged = {**pointer(run_dir), "value": float("nan")}
     (run_dir / "checkpoints" / "best").write_text(json.dumps(forged))  # {"value": NaN, ...}
     out = train(tmp_path, "trainer.max_steps=10", "trainer.eval_every_n_steps=5")
