@@ -13,7 +13,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import pytest
 from filelock import FileLock
@@ -101,6 +101,15 @@ def one_process_run(tmp_path_factory) -> FinishedRun:
 
 
 @pytest.fixture(scope="session")
+def one_process_run_of_10_steps(tmp_path_factory) -> FinishedRun:
+    """experiment=tiny, 1 process, 10 steps, evaluated and checkpointed every 5 steps: step_00000005
+    and step_00000010 kept (keep_last=2), the best whichever evaluation was."""
+    return finished_run(tmp_path_factory, "one_process_10",
+                        one_process("trainer.max_steps=10", "checkpoint.every_n_steps=5",
+                                    "trainer.eval_every_n_steps=5"))
+
+
+@pytest.fixture(scope="session")
 def two_rank_run(tmp_path_factory) -> FinishedRun:
     """experiment=tiny on 2 ranks under torchrun, one epoch (15 steps), a checkpoint every 5 steps,
     keep_last=2: step_00000010 and step_00000015 are kept."""
@@ -117,3 +126,22 @@ def row_wise_run(tmp_path_factory) -> FinishedRun:
 def table_wise_run(tmp_path_factory) -> FinishedRun:
     """One epoch on 2 ranks, every table table-wise, fp32 all-to-alls (the default), every loss logged."""
     return finished_run(tmp_path_factory, "table_wise", comm_precision_run("table_wise", "fp32"))
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory) -> Callable[[str, int], FinishedRun]:
+    """test_resume.py's uninterrupted run of an optimizer preset on 1 or 2 ranks (2 epochs, every
+    loss logged, a checkpoint every 5 steps, all kept): `uninterrupted_run(preset, ranks)`, each
+    trained on first use."""
+    from tests.integration.test_resume import uninterrupted_command
+
+    def run(preset: str, ranks: int) -> FinishedRun:
+        return finished_run(tmp_path_factory, f"uninterrupted_{preset}_{ranks}", uninterrupted_command(preset, ranks))
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(uninterrupted_run) -> Callable[[str, int], Path]:
+    """The root of `uninterrupted_run(preset, ranks)`: root/data, root/outputs/tiny."""
+    return lambda preset, ranks: uninterrupted_run(preset, ranks).root
