@@ -11,9 +11,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
 
 import pytest
 from filelock import FileLock
@@ -47,7 +47,7 @@ class FinishedRun:
         return root
 
 
-_BUILT: Dict[str, FinishedRun] = {}
+_BUILT: dict[str, tuple[FinishedRun, int]] = {}
 
 
 def _shared_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -59,33 +59,31 @@ def _shared_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def finished_run(tmp_path_factory: pytest.TempPathFactory, name: str, command: Sequence[str]) -> FinishedRun:
     """The run `name` of this session, which `command` (built for the root given to it) trains
-    once; a command that fails fails every test that uses it, with its output."""
-    if name in _BUILT:
-        return _BUILT[name]
-    shared = _shared_base(tmp_path_factory) / "shared-runs"
-    shared.mkdir(exist_ok=True)
-    root, done = shared / name, shared / f"{name}.json"
-    with FileLock(str(shared / f"{name}.lock")):
-        if not done.exists():
-            shutil.rmtree(root, ignore_errors=True)  # a worker that failed to build it left this
-            root.mkdir()
-            result = run_command([arg.replace("{root}", str(root)) for arg in command], cwd=REPO)
-            output = result.stdout + result.stderr
-            assert result.returncode == 0, f"the shared run {name} failed: exit {result.returncode}\n{output[-8000:]}"
-            done.write_text(json.dumps({"output": output}))
-    run = FinishedRun(root, json.loads(done.read_text())["output"])
-    _BUILT[name] = run
+    once; a command that fails fails every test that uses it, with its output (run once too)."""
+    if name not in _BUILT:
+        shared = _shared_base(tmp_path_factory) / "shared-runs"
+        shared.mkdir(exist_ok=True)
+        root, done = shared / name, shared / f"{name}.json"
+        with FileLock(str(shared / f"{name}.lock")):
+            if not done.exists():
+                root.mkdir()
+                result = run_command([arg.replace("{root}", str(root)) for arg in command], cwd=REPO)
+                done.write_text(json.dumps({"returncode": result.returncode, "output": result.stdout + result.stderr}))
+        ended = json.loads(done.read_text())
+        _BUILT[name] = (FinishedRun(root, ended["output"]), ended["returncode"])
+    run, returncode = _BUILT[name]
+    assert returncode == 0, f"the shared run {name} failed: exit {returncode}\n{run.output[-8000:]}"
     return run
 
 
 ROOT = Path("{root}")  # replaced by the shared run's root when the command runs
 
 
-def one_process(*overrides: str) -> List[str]:
+def one_process(*overrides: str) -> list[str]:
     return [sys.executable, "-m", "app.train", *tiny(ROOT, *overrides)]
 
 
-def comm_precision_run(sharding: str, precision: str) -> List[str]:
+def comm_precision_run(sharding: str, precision: str) -> list[str]:
     """test_qcomms.py's run: one epoch on 2 ranks (15 steps), every loss logged, the embedding
     all-to-alls in `precision`."""
     return torchrun(*tiny(ROOT, f"sharding={sharding}", "trainer.max_steps=15", "trainer.log_every_n_steps=1",
