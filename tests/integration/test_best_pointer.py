@@ -67,9 +67,10 @@ def test_a_run_resumed_on_a_larger_batch_never_replaces_the_best_checkpoint(tmp_
         [(10, 5120), (15, 7680)]
 
 
-def test_a_forged_best_pointer_is_refused_and_the_best_starts_over(tmp_path):
-    run_dir = tmp_path / "outputs" / "tiny"
-    train(tmp_path, "trainer.max_steps=5")  # its final evaluation makes step 5 the best
+def test_a_forged_best_pointer_is_refused_and_the_best_starts_over(one_process_run, tmp_path):
+    # A copy of the session's run of `trainer.max_steps=5` (tests/integration/conftest.py): its
+    # final evaluation makes step 5 the best.
+    run_dir = one_process_run.copy_to(tmp_path) / "outputs" / "tiny"
     forged = {**pointer(run_dir), "value": float("nan")}
     (run_dir / "checkpoints" / "best").write_text(json.dumps(forged))  # {"value": NaN, ...}
     out = train(tmp_path, "trainer.max_steps=10", "trainer.eval_every_n_steps=5")
@@ -82,13 +83,14 @@ def test_a_forged_best_pointer_is_refused_and_the_best_starts_over(tmp_path):
            "number; it is not used" in out
 
 
-def test_a_crash_between_publishing_the_best_and_writing_its_pointer_is_repaired_on_resume(tmp_path):
-    run_dir = tmp_path / "outputs" / "tiny"
+def test_a_crash_between_publishing_the_best_and_writing_its_pointer_is_repaired_on_resume(
+        one_process_run_of_10_steps, tmp_path):
     common = ["trainer.eval_every_n_steps=5", "checkpoint.every_n_steps=5", "checkpoint.keep_last=1",
               "trainer.early_stopping.min_delta=1.0"]  # only the first evaluation, step 5's, is a best
-    train(tmp_path, *common, "trainer.max_steps=10")
-    # The run directory as rank 0 leaves it when it dies right after publishing step 5, which its
-    # evaluation made the best, and before writing checkpoints/best.
+    # A run of 10 steps, evaluated and checkpointed every 5: a copy of the session's shared one
+    # (tests/integration/conftest.py). The run directory as rank 0 leaves it when it dies right
+    # after publishing step 5, which its evaluation made the best, and before writing checkpoints/best.
+    run_dir = one_process_run_of_10_steps.copy_to(tmp_path) / "outputs" / "tiny"
     checkpoints = run_dir / "checkpoints"
     shutil.rmtree(checkpoints / "step_00000010")
     (checkpoints / "best").unlink()

@@ -7,13 +7,14 @@ import sys
 
 from tests.conftest import REPO, run_command
 from tests.integration.test_export_predict import script
-from tests.integration.test_train import check, tiny
+from tests.integration.test_train import tiny
 from tests.unit.test_checkpoint import forge_metadata
 
 
-def test_resume_and_export_refuse_a_checkpoint_whose_metadata_names_code(tmp_path):
-    train = [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4")]
-    check(run_command(train, cwd=REPO))
+def test_resume_and_export_refuse_a_checkpoint_whose_metadata_names_code(one_process_run, tmp_path):
+    # The run `train` finished, copied from the session's shared one (tests/integration/conftest.py).
+    train = [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=5")]
+    one_process_run.copy_to(tmp_path)
     checkpoints = tmp_path / "outputs" / "tiny" / "checkpoints"
     newest = checkpoints / (checkpoints / "latest").read_text()
     marker = tmp_path / "ran"

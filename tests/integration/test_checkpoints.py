@@ -62,15 +62,16 @@ def test_resume_onto_other_world_sizes_and_sharding_plans(tmp_path):
     assert after["auc"] == pytest.approx(before["auc"], abs=1e-6)
 
 
-def test_bitwise_determinism_with_and_without_an_interruption(tmp_path):
+def test_bitwise_determinism_with_and_without_an_interruption(two_rank_run, tmp_path):
+    # The first run is the session's shared one (tests/integration/conftest.py): the same job but
+    # for its checkpoints every 5 steps, which must not change what it trains either.
     common = ["trainer.epochs=1", "checkpoint.every_n_steps=0"]
-    for name in ("first", "second"):
-        check(run_command(torchrun(*tiny(tmp_path / name, *common)), cwd=REPO))
+    check(run_command(torchrun(*tiny(tmp_path / "second", *common)), cwd=REPO))
     # Interrupted at step 6 (its checkpoint is the last of that run), then resumed to the end.
     check(run_command(torchrun(*tiny(tmp_path / "interrupted", *common, "trainer.max_steps=6")), cwd=REPO))
     check(run_command(torchrun(*tiny(tmp_path / "interrupted", *common)), cwd=REPO))
 
-    reference = exported_parameters(tmp_path / "first", tmp_path)
+    reference = exported_parameters(two_rank_run.root, tmp_path)
     assert len(reference) > 26  # every table and dense layer
     for name in ("second", "interrupted"):
         other = exported_parameters(tmp_path / name, tmp_path)
@@ -157,9 +158,10 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     assert newest is not None and verify(newest) is None
 
 
-def test_damaged_incompatible_and_foreign_checkpoints(tmp_path):
-    run = tmp_path / "outputs" / "tiny"
-    check(run_command(one_process(*tiny(tmp_path, "trainer.max_steps=10", "checkpoint.every_n_steps=5")), cwd=REPO))
+def test_damaged_incompatible_and_foreign_checkpoints(one_process_run_of_10_steps, tmp_path):
+    # A copy of the session's run of `trainer.max_steps=10 checkpoint.every_n_steps=5` (evaluated
+    # every 5 steps too; tests/integration/conftest.py).
+    run = one_process_run_of_10_steps.copy_to(tmp_path) / "outputs" / "tiny"
     assert checkpoints(tmp_path) == ["step_00000005", "step_00000010"]
 
     # A truncated newest checkpoint: a warning, and the run continues from the previous one.
@@ -196,9 +198,10 @@ def test_asynchronous_saves_are_published_intact_and_resume(tmp_path):
     assert "at step 13 " in out
 
 
-def test_two_ranks_share_the_verification_of_a_checkpoint(tmp_path):
-    check(run_command(torchrun(*tiny(tmp_path, "checkpoint.every_n_steps=5", "trainer.max_steps=10")), cwd=REPO))
-    newest = tmp_path / "outputs" / "tiny" / "checkpoints" / "step_00000010"
+def test_two_ranks_share_the_verification_of_a_checkpoint(two_rank_run, tmp_path):
+    # A copy of the session's 2-rank run (tests/integration/conftest.py): checkpoints at steps 10 and 15.
+    two_rank_run.copy_to(tmp_path)
+    newest = tmp_path / "outputs" / "tiny" / "checkpoints" / "step_00000015"
     names = sorted(p.name for p in newest.iterdir() if p.name != "meta.json")
     # Rank 1 reads every second file: damage one of those only, keeping its size, so that rank 0
     # (which checks sizes) sees nothing wrong and only rank 1's CRC-32 can catch it.
@@ -206,5 +209,5 @@ def test_two_ranks_share_the_verification_of_a_checkpoint(tmp_path):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    out = check(run_command(torchrun(*tiny(tmp_path, "trainer.max_steps=12")), cwd=REPO))
-    assert f"{victim.name} is damaged" in out and "at step 5 " in out
+    out = check(run_command(torchrun(*tiny(tmp_path)), cwd=REPO))
+    assert f"{victim.name} is damaged" in out and "at step 10 " in out

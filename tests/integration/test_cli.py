@@ -74,14 +74,16 @@ def _files(directory):
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_a_refused_run_name_writes_nothing_into_another_run(tmp_path):
+def test_a_refused_run_name_writes_nothing_into_another_run(one_process_run, tmp_path):
     # A finished run, then a command whose run_name climbs out of its output_root into that run:
     # refused before Hydra writes its .hydra/ or log file, or the run's summary says "failed".
-    from tests.integration.test_train import check, tiny
+    # The finished run: a copy of the session's shared one (tests/integration/conftest.py).
+    import shutil
 
-    check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=2", "run_name=victim")],
-                      cwd=REPO))
+    from tests.integration.test_train import tiny
+
     victim = tmp_path / "outputs" / "victim"
+    shutil.copytree(one_process_run.run_dir, victim)
     before = _files(victim)
     assert json.loads(before["summary.json"])["status"] == "finished" and ".hydra/config.yaml" in before
     other = tmp_path / "outputs" / "other"

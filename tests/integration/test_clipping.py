@@ -122,21 +122,37 @@ CHECKS = {"sparse_clip_value": check_sparse_clip_value,
           "clip_grad_norm": check_clip_grad_norm_under_k_step_averaging}
 
 
-def worker(rank: int, init_file: str, name: str, failures) -> None:
+def worker(rank: int, init_file: str, results) -> None:
+    """Both checks in one process group (its 2 processes cost more than the checks): each one's
+    outcome on this rank in `results`. A failure ends the process, as it did with one check a
+    group: the other rank may wait in a collective the failed check never reaches."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        CHECKS[name](rank)
-    except Exception:
-        failures[f"rank {rank}"] = traceback.format_exc()
-        raise
+        for name, check in CHECKS.items():
+            try:
+                check(rank)
+            except Exception:
+                results[name, rank] = traceback.format_exc()
+                raise
+            results[name, rank] = "passed"
     finally:
         shutdown()
 
 
-@pytest.mark.parametrize("name", CHECKS)
-def test_clipping_on_two_ranks(tmp_path, name):
-    failures = mp.Manager().dict()
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """(each check's outcome on each rank, the error of the spawned group if it failed)."""
+    results = mp.Manager().dict()
     try:
-        mp.spawn(worker, args=(str(tmp_path / "init"), name, failures), nprocs=WORLD, join=True)
+        mp.spawn(worker, args=(str(tmp_path_factory.mktemp("clipping") / "init"), results), nprocs=WORLD, join=True)
     except Exception as error:
-        pytest.fail(f"{error}\n" + "\n".join(f"--- {k}\n{v}" for k, v in failures.items()))
+        return dict(results), error
+    return dict(results), None
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_clipping_on_two_ranks(outcomes, name):
+    results, error = outcomes
+    mine = {rank: results.get((name, rank), "not run: a check before it failed") for rank in range(WORLD)}
+    if error is not None or any(outcome != "passed" for outcome in mine.values()):
+        pytest.fail(f"{error}\n" + "\n".join(f"--- rank {rank}\n{outcome}" for rank, outcome in mine.items()))

@@ -22,9 +22,9 @@ def script(name: str, *args: str):
     return [sys.executable, str(REPO / "scripts" / name), *map(str, args)]
 
 
-def test_the_exported_model_scores_the_val_split_as_the_run_did(tmp_path):
-    check(run_command(torchrun(*tiny(tmp_path, "sharding=row_wise")), cwd=REPO))
-    run_dir = tmp_path / "outputs" / "tiny"
+def test_the_exported_model_scores_the_val_split_as_the_run_did(row_wise_run, tmp_path):
+    # The session's run of one epoch with sharding=row_wise on 2 ranks (tests/integration/conftest.py).
+    run_dir = row_wise_run.run_dir
     plan = json.loads((run_dir / "plan.json").read_text())
     assert {t["sharding_type"] for t in plan["tables"].values()} == {"row_wise"}  # every table split over 2 ranks
     final_eval = records(run_dir, "eval")[-1]
@@ -33,7 +33,7 @@ def test_the_exported_model_scores_the_val_split_as_the_run_did(tmp_path):
     step = final_eval["step"]
     assert f"exported step {step} of {run_dir.resolve() / 'checkpoints' / f'step_{step:08d}'}:" in exported
 
-    val = next((tmp_path / "data").iterdir()) / "val"
+    val = row_wise_run.dataset / "val"
     predictions = tmp_path / "predictions.parquet"
     printed = check(run_command(script("predict.py", "--model", tmp_path / "exported", "--data", val,
                                        "--out", predictions), cwd=tmp_path))
@@ -93,15 +93,16 @@ def _edited_copy(source, target, name: str, edit) -> None:
     (target / name).write_text(json.dumps(data))
 
 
-def test_configs_in_received_files_are_plain_data_and_unknown_keys_exit_2(tmp_path):
+def test_configs_in_received_files_are_plain_data_and_unknown_keys_exit_2(one_process_run, tmp_path):
     # An export or a checkpoint someone sent: its config is data. '${oc.env:...}' in it is that
     # string, never a value from this machine's environment (nor a crash where it is unset), and a
     # key this version does not know is refused naming the file, as resume refuses it.
     import os
     import subprocess
 
-    check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=2")], cwd=REPO))
-    checkpoint = tmp_path / "outputs" / "tiny" / "checkpoints" / "step_00000002"
+    # A finished run: a copy of the session's shared one of 5 steps (tests/integration/conftest.py).
+    one_process_run.copy_to(tmp_path)
+    checkpoint = tmp_path / "outputs" / "tiny" / "checkpoints" / "step_00000005"
     check(run_command(script("export.py", checkpoint, "--out", tmp_path / "exported"), cwd=tmp_path))
     val = next((tmp_path / "data").iterdir()) / "val"
     env = dict(os.environ, PYTHONPATH=str(REPO), BATCH="64")
@@ -131,7 +132,7 @@ def test_configs_in_received_files_are_plain_data_and_unknown_keys_exit_2(tmp_pa
         "prints every key.\n"), result.stderr[-3000:]
 
     # A checkpoint whose meta.json has a key this version does not know: export refuses it as resume does.
-    foreign = tmp_path / "foreign" / "step_00000002"
+    foreign = tmp_path / "foreign" / "step_00000005"
     _edited_copy(checkpoint, foreign, "meta.json", lambda c: c["trainer"].update(epochz=3))
     result = run_command(script("export.py", foreign, "--out", tmp_path / "exported_foreign"), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -6,20 +6,24 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO, run_command
-from tests.integration.test_train import check, records, tiny, torchrun
+from tests.integration.conftest import FinishedRun, comm_precision_run
+from tests.integration.test_train import check, records
 
 
 def run(root, precision: str, sharding: str = "table_wise"):
-    args = tiny(root, f"sharding={sharding}", "trainer.max_steps=15", "trainer.log_every_n_steps=1",
-                f"sharding.comm_forward_precision={precision}", f"sharding.comm_backward_precision={precision}")
-    check(run_command(torchrun(*args), cwd=REPO))
-    run_dir = root / "outputs" / "tiny"
+    command = [arg.replace("{root}", str(root)) for arg in comm_precision_run(sharding, precision)]
+    check(run_command(command, cwd=REPO))
+    return losses_and_logloss(root / "outputs" / "tiny")
+
+
+def losses_and_logloss(run_dir):
     return [r["loss"] for r in records(run_dir, "train")], records(run_dir, "eval")[-1]["logloss"]
 
 
 @pytest.fixture(scope="module")
-def exact(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("fp32"), "fp32")
+def exact(table_wise_run: FinishedRun):
+    """The fp32 run: the session's table-wise one, which is run(root, "fp32") (tests/integration/conftest.py)."""
+    return losses_and_logloss(table_wise_run.run_dir)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "mx4"])
@@ -31,8 +35,8 @@ def test_quantized_communication_stays_close_to_fp32(tmp_path, exact, precision)
     assert logloss == pytest.approx(exact_logloss, abs=2e-3)
 
 
-def test_row_wise_reduce_scatter_with_bf16(tmp_path):
-    exact_losses, _ = run(tmp_path / "fp32", "fp32", "row_wise")
+def test_row_wise_reduce_scatter_with_bf16(tmp_path, row_wise_run):
+    exact_losses, _ = losses_and_logloss(row_wise_run.run_dir)  # run(..., "fp32", "row_wise"), shared
     losses, _ = run(tmp_path / "bf16", "bf16", "row_wise")
     assert losses != exact_losses
     assert losses == pytest.approx(exact_losses, abs=5e-3)

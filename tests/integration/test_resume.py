@@ -75,24 +75,18 @@ def assert_schedule_of(root: Path, reference: Path, first_step: int) -> None:
     assert steps[-1]["samples"] == expected[max(expected)]["samples"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """Per preset, the uninterrupted runs on 1 and on 2 ranks (each preset trains its own)."""
-    runs = {}
-    for name, overrides in PRESETS.items():
-        base = tmp_path_factory.mktemp(name)
-        for ranks in (1, 2):
-            root = base / f"ranks{ranks}"
-            if ranks == 2:
-                shutil.copytree(base / "ranks1" / "data", root / "data")
-            train(root, ranks, *COMMON, *overrides)
-            runs[name, ranks] = root
-    return runs
+def uninterrupted_command(preset: str, ranks: int) -> List[str]:
+    """The uninterrupted run of `preset` on `ranks` ranks, for the root tests/integration/conftest.py
+    gives it ("{root}"); `uninterrupted(preset, ranks)` is that run, trained once a session."""
+    launcher = ([sys.executable, "-m", "app.train"] if ranks == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                 "-m", "app.train"])
+    return [*launcher, *tiny(Path("{root}"), *COMMON, *PRESETS[preset])]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_resume_on_the_same_number_of_workers_is_bitwise_identical(preset, uninterrupted, tmp_path):
-    reference = uninterrupted[preset, 2]
+    reference = uninterrupted(preset, 2)
     # Inside warmup (step 5 of 10) and inside the decay for sgd; mid-run for the others.
     for at_step in ((5, 20) if preset == "sgd" else (20,)):
         root = interrupted_copy(reference, tmp_path / f"at{at_step}", at_step)
@@ -105,25 +99,25 @@ def test_resume_on_the_same_number_of_workers_is_bitwise_identical(preset, unint
 @pytest.mark.parametrize("preset", PRESETS)
 def test_resume_on_another_number_of_workers_continues_the_schedule(preset, uninterrupted, tmp_path):
     # 1 -> 2: 20 steps of 128 samples are 10 steps of 256; the small tables become data_parallel.
-    grown = interrupted_copy(uninterrupted[preset, 1], tmp_path / "grown", at_step=20)
+    grown = interrupted_copy(uninterrupted(preset, 1), tmp_path / "grown", at_step=20)
     out = train(grown, 2, *COMMON, *PRESETS[preset])
     assert "written by 1 ranks with a global batch of 128, this run has 2 ranks and 256" in out
     assert "Missing key" not in out and "starts fresh" not in out
-    assert_schedule_of(grown, uninterrupted[preset, 2], first_step=11)
+    assert_schedule_of(grown, uninterrupted(preset, 2), first_step=11)
 
     # 2 -> 1: 10 steps of 256 are 20 of 128; the replicated tables' state goes back into the fused kernels.
-    shrunk = interrupted_copy(uninterrupted[preset, 2], tmp_path / "shrunk", at_step=10)
+    shrunk = interrupted_copy(uninterrupted(preset, 2), tmp_path / "shrunk", at_step=10)
     out = train(shrunk, 1, *COMMON, *PRESETS[preset])
     assert "starts fresh" not in out
-    assert_schedule_of(shrunk, uninterrupted[preset, 1], first_step=21)
-    for root, reference in ((grown, uninterrupted[preset, 2]), (shrunk, uninterrupted[preset, 1])):
+    assert_schedule_of(shrunk, uninterrupted(preset, 1), first_step=21)
+    for root, reference in ((grown, uninterrupted(preset, 2)), (shrunk, uninterrupted(preset, 1))):
         # Another data order than the reference's, so close, not equal.
         final, expected = records(run_dir(root), "eval")[-1], records(run_dir(reference), "eval")[-1]
         assert final["step"] == expected["step"] and abs(final["auc"] - expected["auc"]) < 0.03
 
 
 def test_resume_onto_four_workers(uninterrupted, tmp_path):
-    root = interrupted_copy(uninterrupted["adagrad", 2], tmp_path / "four", at_step=10)
+    root = interrupted_copy(uninterrupted("adagrad", 2), tmp_path / "four", at_step=10)
     out = train(root, 4, *COMMON, *PRESETS["adagrad"])
     assert "this run has 4 ranks and 512" in out and "starts fresh" not in out
     train_records = records(run_dir(root), "train")
@@ -145,8 +139,8 @@ def test_k_step_averaging_resumes_exactly_with_a_stateful_dense_optimizer(tmp_pa
 
 def test_a_changed_batch_size_continues_after_as_many_samples(uninterrupted, tmp_path):
     # 20 steps of 128 on 1 rank, then data.batch_size=256: 10 steps of 256 are done, of 2 x 15.
-    root = interrupted_copy(uninterrupted["sgd", 1], tmp_path / "bigger", at_step=20)
+    root = interrupted_copy(uninterrupted("sgd", 1), tmp_path / "bigger", at_step=20)
     out = train(root, 1, *COMMON, *PRESETS["sgd"], "data.batch_size=256")
     assert "global batch of 128, this run has 1 ranks and 256" in out
     # 1 rank x 256 has the steps, and so the schedule, of 2 ranks x 128.
-    assert_schedule_of(root, uninterrupted["sgd", 2], first_step=11)
+    assert_schedule_of(root, uninterrupted("sgd", 2), first_step=11)

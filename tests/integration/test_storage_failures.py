@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from app.checkpoint import verify
 from tests.conftest import REPO, run_command
-from tests.integration.test_train import check, tiny
+from tests.integration.test_train import tiny
 
 # Runs the rest of its command line with files limited to argv[1] bytes: a write beyond fails
 # with EFBIG (Python ignores SIGXFSZ), as one on a full disk fails with ENOSPC.
@@ -31,19 +30,21 @@ def one_error_line(stderr: str) -> str:
     return errors[0]
 
 
-def test_a_save_that_meets_a_full_disk_fails_in_one_line_and_leaves_the_checkpoints_intact(tmp_path):
-    run_dir = tmp_path / "outputs" / "tiny"
+def test_a_save_that_meets_a_full_disk_fails_in_one_line_and_leaves_the_checkpoints_intact(one_process_run,
+                                                                                          tmp_path):
+    # A finished run of 5 steps (a copy of the session's shared one, tests/integration/conftest.py),
+    # continued under the limit: its next save, step 10's (experiment=tiny saves every 10), fails.
+    run_dir = one_process_run.copy_to(tmp_path) / "outputs" / "tiny"
     checkpoints = run_dir / "checkpoints"
-    check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=10")], cwd=REPO))
     failed = run_command(with_file_size_limit(256 << 10, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=20")),
                          cwd=REPO)
     assert failed.returncode == 2, failed.stderr[-5000:]
     line = one_error_line(failed.stderr)
-    assert line.startswith(f"error: cannot write checkpoint {checkpoints / 'step_00000020'}: [Errno 27] File too "
-                           f"large ({checkpoints / '.step_00000020.tmp'}/") and \
+    assert line.startswith(f"error: cannot write checkpoint {checkpoints / 'step_00000010'}: [Errno 27] File too "
+                           f"large ({checkpoints / '.step_00000010.tmp'}/") and \
         line.endswith("; the checkpoints before it are untouched."), line
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "latest", "step_00000010"]  # nothing half-written
-    assert verify(checkpoints / "step_00000010") is None
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "latest", "step_00000005"]  # nothing half-written
+    assert verify(checkpoints / "step_00000005") is None
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == f"StorageFailure: {line.removeprefix('error: ')}"
 

@@ -40,9 +40,11 @@ def check(result):
     return result.stdout + result.stderr
 
 
-def test_two_process_training_saves_then_resumes(tmp_path):
-    first = check(run_command(torchrun(*tiny(tmp_path, "checkpoint.every_n_steps=5")), cwd=REPO))
-    run_dir = tmp_path / "outputs" / "tiny"
+def test_two_process_training_saves_then_resumes(two_rank_run, tmp_path):
+    # The first command is the session's shared run (tests/integration/conftest.py):
+    # torchrun ... experiment=tiny checkpoint.every_n_steps=5; it is continued in a copy of it.
+    first = two_rank_run.output
+    run_dir = two_rank_run.copy_to(tmp_path) / "outputs" / "tiny"
     assert "final validation AUC" in first
     # The console has rank 0's story; fbgemm's INFO chatter and library warnings reach the log files only.
     assert "Successfully loaded" not in first and "FutureWarning" not in first and "Sharding spec" not in first
@@ -91,10 +93,15 @@ def test_a_run_stopped_mid_epoch_resumes_at_the_same_sample(tmp_path):
 @pytest.mark.parametrize(
     "sharding", ["data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise"]
 )
-def test_every_sharding_type_trains_to_the_end(tmp_path, sharding):
-    out = check(run_command(torchrun(*tiny(tmp_path, f"sharding={sharding}", "trainer.max_steps=6")), cwd=REPO))
+def test_every_sharding_type_trains_to_the_end(tmp_path, sharding, request):
+    if sharding in ("row_wise", "table_wise"):  # the session's runs of one epoch (tests/integration/conftest.py)
+        shared = request.getfixturevalue(f"{sharding}_run")
+        out, run_dir = shared.output, shared.run_dir
+    else:
+        out = check(run_command(torchrun(*tiny(tmp_path, f"sharding={sharding}", "trainer.max_steps=6")), cwd=REPO))
+        run_dir = tmp_path / "outputs" / "tiny"
     assert "final validation AUC" in out
-    plan = json.loads((tmp_path / "outputs" / "tiny" / "plan.json").read_text())
+    plan = json.loads((run_dir / "plan.json").read_text())
     assert {t["sharding_type"] for t in plan["tables"].values()} == {sharding}
 
 
@@ -269,17 +276,22 @@ def test_an_optuna_trial_that_fails_is_marked_failed_and_the_search_goes_on(tmp_
 
 
 @pytest.mark.parametrize("overrides", [["optim=sgd", "model=dcn"], ["optim=adam"]])
-def test_other_optimizers_and_the_dcn_head_train(tmp_path, overrides):
-    args = [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4", *overrides)]
-    assert "final validation AUC" in check(run_command(args, cwd=REPO))
+def test_other_optimizers_and_the_dcn_head_train(tmp_path, overrides, request):
+    if overrides == ["optim=adam"]:  # test_resume.py's run of optim=adam on 1 process, shared by the session
+        out = request.getfixturevalue("uninterrupted_run")("adam", 1).output
+    else:
+        out = check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4", *overrides)],
+                                cwd=REPO))
+    assert "final validation AUC" in out
 
 
-def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(tmp_path):
+def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(one_process_run, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    first = [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4")]
-    check(run_command(first, cwd=REPO))
+    # A finished job, as `python -m app.train experiment=tiny trainer.max_steps=5` leaves it: a copy
+    # of the session's shared run (tests/integration/conftest.py).
+    one_process_run.copy_to(tmp_path)
     checkpoints = tmp_path / "outputs" / "tiny" / "checkpoints"
     saved = sorted(p.name for p in checkpoints.iterdir())
 
@@ -287,7 +299,7 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(tm
     synthetic = next((tmp_path / "data").iterdir())
     table = pq.read_table(synthetic / "train" / "part-00000.parquet")
     ids = table.column("cat_3").to_numpy().copy()
-    # cat_3 has 10000 rows. The resumed job skips the 4 batches (512 rows) it has trained on, so the
+    # cat_3 has 10000 rows. The resumed job skips the 5 batches (640 rows) it has trained on, so the
     # bad id goes past them: row 700, in the third row group of 250.
     ids[700] = 10_000
     bad = tmp_path / "bad" / "part-00000.parquet"
