@@ -35,8 +35,13 @@ $(STAMP): pyproject.toml Makefile
 train: setup
 	$(PY) -m app.train $(ARGS)
 
+# The suite in TEST_WORKERS pytest-xdist workers; --dist loadgroup keeps the tests that share a test
+# module's module- or session-scoped fixture on one worker (tests/conftest.py). Its jobs spend much
+# of their time waiting (on process starts, gloo, servers), so more workers than cores pays.
+TEST_WORKERS ?= 3
+
 test: setup $(MLFLOW_SERVER)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 # The MLflow tracking server the tests start on 127.0.0.1, in an environment of its own: the
 # server needs SQLAlchemy 2 and pyarrow < 26, which the training environment does not take.

@@ -1,15 +1,36 @@
-"""Shared test helpers: the repo root, the venv's python, a one-rank process group, and the CUDA
-devices that only tests marked gpu see."""
+"""Shared test helpers: the repo root, the venv's python, a one-rank process group, the CUDA
+devices that only tests marked gpu see, and what lets the suite run in several pytest-xdist workers.
+
+Parallel runs (`make test` runs `pytest -n <workers> --dist loadgroup`):
+- `shared_run(name, build)`, a session fixture: a finished run (or any expensive set of files) that
+  tests across all workers share, built once per pytest session by whichever worker asks first,
+  under a file lock; the others wait for it, then read the same files. It returns a `Shared`:
+  `.path`, the directory `build(path)` filled, and `.value`, what `build` returned (anything that
+  pickles: a CompletedProcess, its output); the machinery is in tests/shared_run.py. A build that failed is not retried by the next worker:
+  each test that asks fails with the first failure's traceback. The directory is shared: a test
+  that changes files there (resumes the run, corrupts a checkpoint) works on its own copy
+  (`shutil.copytree(shared.path, tmp_path / "copy")`). Without xdist it is built once per session too.
+      @pytest.fixture(scope="session")
+      def finished_tiny_run(shared_run):
+          return shared_run("tiny_two_ranks", lambda root: check(run_command(torchrun(*tiny(root)), cwd=REPO)))
+- Tests that use a module- or session-scoped fixture defined in a test module (not in a conftest.py)
+  run on one worker, grouped by the module that defines the fixture (an xdist_group mark, see
+  pytest_collection_modifyitems): each worker would otherwise build its own. Fixtures in a
+  conftest.py are expected to be cheap or built through shared_run.
+- Nothing of a test may use fixed ports or fixed directories: servers and rendezvous pick free ports
+  (torchrun --standalone does), every output goes under tmp_path or shared_run's directory.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 # The suite runs on CPU and gloo whatever the machine has: with a CUDA device visible,
 # distributed.device=auto would put every job on it (and a 2-rank job on a one-GPU machine fails).
@@ -22,6 +43,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from tests.shared_run import Shared, build_once, shared_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -143,3 +165,45 @@ def _is_test_job(pid: int) -> bool:
         return False
     return (b"python" in command and b"multiprocessing" not in command and b"moto.server" not in command
             and b"mlflow-server" not in command)
+
+
+# ---- running in several pytest-xdist workers -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], Any]], Shared]:
+    """See the module's docstring."""
+    root = shared_root(tmp_path_factory)
+    built: Dict[str, Shared] = {}
+
+    def shared(name: str, build: Callable[[Path], Any]) -> Shared:
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+", name), f"shared_run name {name!r}: letters, digits, _ . - only"
+        if name not in built:
+            built[name] = build_once(root, name, build)
+        return built[name]
+
+    return shared
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    """With --dist loadgroup, the tests that use a module- or session-scoped fixture of a test module
+    go to the same worker (the module's group), so that the fixture is built once, not once per
+    worker. An explicit xdist_group mark is left as it is."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        group = _expensive_fixture_module(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _expensive_fixture_module(item: pytest.Item) -> Optional[str]:
+    info = getattr(item, "_fixtureinfo", None)
+    for definitions in (info.name2fixturedefs.values() if info is not None else ()):
+        for definition in definitions:
+            module = getattr(definition.func, "__module__", "") or ""
+            if (definition.scope in ("module", "package", "session") and module.startswith("tests.")
+                    and not module.endswith("conftest")):
+                return module
+    return None
