@@ -13,10 +13,11 @@ Parallel runs (`make test` runs `pytest -n <workers> --dist loadgroup`):
       @pytest.fixture(scope="session")
       def finished_tiny_run(shared_run):
           return shared_run("tiny_two_ranks", lambda root: check(run_command(torchrun(*tiny(root)), cwd=REPO)))
-- Tests that use a module- or session-scoped fixture defined in a test module (not in a conftest.py)
-  run on one worker, grouped by the module that defines the fixture (an xdist_group mark, see
-  pytest_collection_modifyitems): each worker would otherwise build its own. Fixtures in a
-  conftest.py are expected to be cheap or built through shared_run.
+- With --dist loadgroup, tests that use a module- or session-scoped fixture defined in a test module
+  (not in a conftest.py) run on one worker, grouped by the module that defines the fixture: each
+  worker would otherwise build its own. So do tests with the same xdist_group mark. Every other
+  test is scheduled on its own. Fixtures in a conftest.py are expected to be cheap or built
+  through shared_run. (tests/xdist_groups.py: xdist's own loadgroup does not group on pytest 9.)
 - Nothing of a test may use fixed ports or fixed directories: servers and rendezvous pick free ports
   (torchrun --standalone does), every output goes under tmp_path or shared_run's directory.
 """
@@ -185,25 +186,15 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Calla
     return shared
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
-def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
-    """With --dist loadgroup, the tests that use a module- or session-scoped fixture of a test module
-    go to the same worker (the module's group), so that the fixture is built once, not once per
-    worker. An explicit xdist_group mark is left as it is."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        group = _expensive_fixture_module(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+def pytest_configure(config: pytest.Config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        from tests.xdist_groups import XdistGroups
+
+        config.pluginmanager.register(XdistGroups(), "rectrain-xdist-groups")
 
 
-def _expensive_fixture_module(item: pytest.Item) -> Optional[str]:
-    info = getattr(item, "_fixtureinfo", None)
-    for definitions in (info.name2fixturedefs.values() if info is not None else ()):
-        for definition in definitions:
-            module = getattr(definition.func, "__module__", "") or ""
-            if (definition.scope in ("module", "package", "session") and module.startswith("tests.")
-                    and not module.endswith("conftest")):
-                return module
-    return None
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        from tests.xdist_groups import write_groups
+
+        write_groups(config, items)
