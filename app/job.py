@@ -23,7 +23,7 @@ from app.data.batch import InputPolicy
 from app.data.label_classes import warn_one_class
 from app.data.files import check_files, check_first_row_group, resolve_files
 from app.data.parquet import EvaluationBatches, TrainingBatches
-from app.data.reader_process import start_reader_server
+from app.data.reader_server import start_reader_server
 from app.data.synthetic import ensure_dataset
 from app.distributed import DistEnv
 from app.features import FeatureSchema

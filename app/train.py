@@ -7,7 +7,8 @@
 
 Only this module touches Hydra and OmegaConf; app/job.py and everything below it receive plain
 dataclasses. torch and torchrec are imported only once the config is valid, so a mistyped
-override fails in about a second rather than after several seconds of imports.
+override fails in about a second rather than after several seconds of imports; the readers' fork
+server (app/data/reader_server.py) is started just before them, so that its imports overlap theirs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from app.config import ConfigError
+from app.data.reader_server import start_reader_server
 from app.errors import BAD_INPUT, UserError
 from app.hydra_edge import (RunDirectoryRefused, adopt_submitit_tasks, check_override_keys, register_with_hydra,
                             to_config)
@@ -98,11 +100,14 @@ def _run(cfg: DictConfig, run_dir: Path, overrides) -> float:
     except ConfigError as error:
         _record_failure(run_dir, error)
         _fail(error)
+    launches_workers = config.distributed.nproc_per_node > 1 and not _under_launcher()
+    if config.data.prefetch_windows > 0 and not launches_workers:
+        start_reader_server()  # before torch: the server's imports overlap this process's (seconds)
     from app import distributed
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
-        if config.distributed.nproc_per_node > 1 and not distributed.under_launcher():
+        if launches_workers:
             result = distributed.launch_local(_worker, (config, run_dir, overrides),
                                               config.distributed.nproc_per_node)[0]
         else:
@@ -125,6 +130,12 @@ def _run(cfg: DictConfig, run_dir: Path, overrides) -> float:
                   f"NE {result[task + '/ne']:.4f}", flush=True)
         _say_best_achievable(config, result["auc"])
     return result["auc"]  # the value a sweeper plugin optimises
+
+
+def _under_launcher() -> bool:
+    """app.distributed.under_launcher(), without importing torch: inside a worker that torchrun or
+    elastic_launch started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def _record_failure(run_dir: Path, error: BaseException, bad_input: bool = True) -> None:
