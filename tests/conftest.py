@@ -6,10 +6,11 @@ Parallel runs (`make test` runs `pytest -n <workers> --dist loadgroup`):
   tests across all workers share, built once per pytest session by whichever worker asks first,
   under a file lock; the others wait for it, then read the same files. It returns a `Shared`:
   `.path`, the directory `build(path)` filled, and `.value`, what `build` returned (anything that
-  pickles: a CompletedProcess, its output); the machinery is in tests/shared_run.py. A build that failed is not retried by the next worker:
-  each test that asks fails with the first failure's traceback. The directory is shared: a test
-  that changes files there (resumes the run, corrupts a checkpoint) works on its own copy
-  (`shutil.copytree(shared.path, tmp_path / "copy")`). Without xdist it is built once per session too.
+  pickles: a CompletedProcess, its output); the machinery is in tests/shared_run.py. A build that
+  failed is not retried by the next worker: each test that asks fails with the first failure's
+  traceback. The directory is shared: a test that changes files there (resumes the run, corrupts
+  a checkpoint) works on its own copy (`shutil.copytree(shared.path, tmp_path / "copy")`).
+  Without xdist it is built once per session too.
       @pytest.fixture(scope="session")
       def finished_tiny_run(shared_run):
           return shared_run("tiny_two_ranks", lambda root: check(run_command(torchrun(*tiny(root)), cwd=REPO)))
@@ -20,6 +21,8 @@ Parallel runs (`make test` runs `pytest -n <workers> --dist loadgroup`):
   through shared_run. (tests/xdist_groups.py: xdist's own loadgroup does not group on pytest 9.)
 - Nothing of a test may use fixed ports or fixed directories: servers and rendezvous pick free ports
   (torchrun --standalone does), every output goes under tmp_path or shared_run's directory.
+- no_process_outlives_its_test looks at this process's children only: under xdist, the jobs of the
+  worker's own tests.
 """
 
 from __future__ import annotations
