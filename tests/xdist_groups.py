@@ -61,7 +61,8 @@ class GroupScheduling(LoadScopeScheduling):
 
     def __init__(self, config: pytest.Config, log=None) -> None:
         super().__init__(config, log)
-        self._groups_file = config._tmp_path_factory.getbasetemp() / GROUPS_FILE  # as xdist's workers get theirs
+        # The directory xdist makes its workers' base temps in (xdist reads the same private attribute).
+        self._groups_file = config._tmp_path_factory.getbasetemp() / GROUPS_FILE  # type: ignore[attr-defined]
         self._groups: Optional[Dict[str, str]] = None
 
     def _split_scope(self, nodeid: str) -> str:
