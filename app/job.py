@@ -24,7 +24,7 @@ from app.data.batch import InputPolicy
 from app.data.files import check_files, check_first_row_group, resolve_files
 from app.data.label_classes import warn_one_class
 from app.data.parquet import EvaluationBatches, TrainingBatches
-from app.data.reader_process import start_reader_server
+from app.data.reader_server import start_reader_server
 from app.data.synthetic import ensure_dataset
 from app.distributed import DistEnv
 from app.features import FeatureSchema
@@ -56,8 +56,10 @@ def dataset_files(config: DataConfig, schema: FeatureSchema, is_rank0: bool) -> 
         train_path, val_path = str(train_dir), str(val_dir)
     else:
         train_path, val_path = config.train_path, config.val_path
-    return (_checked_split(config, schema, train_path, "data.train_path"),
-            _checked_split(config, schema, val_path, "data.val_path"))
+    return (
+        _checked_split(config, schema, train_path, "data.train_path"),
+        _checked_split(config, schema, val_path, "data.val_path"),
+    )
 
 
 def _checked_split(config: DataConfig, schema: FeatureSchema, path: str, key: str) -> list[str]:
@@ -109,31 +111,61 @@ def warn_of_readers_beyond_cores(config: DataConfig, workers_per_node: int) -> N
     readers = config.num_workers * workers_per_node if config.prefetch_windows > 0 else 0
     cores = len(os.sched_getaffinity(0))
     if readers > cores:
-        log.warning("data.num_workers=%d: %d reader processes on this node (%d per worker x %d worker(s)) for %d "
-                    "CPU core(s) available; readers beyond the cores compete with training for them.",
-                    config.num_workers, readers, config.num_workers, workers_per_node, cores)
+        log.warning(
+            "data.num_workers=%d: %d reader processes on this node (%d per worker x %d worker(s)) for %d "
+            "CPU core(s) available; readers beyond the cores compete with training for them.",
+            config.num_workers,
+            readers,
+            config.num_workers,
+            workers_per_node,
+            cores,
+        )
 
 
-def build_sharded_model(config: Config, schema: FeatureSchema, env: DistEnv, run_dir: Path | None,
-                        table_gradients: TableGradients | None = None) -> nn.Module:
+def build_sharded_model(
+    config: Config,
+    schema: FeatureSchema,
+    env: DistEnv,
+    run_dir: Path | None,
+    table_gradients: TableGradients | None = None,
+) -> nn.Module:
     """The model with its sparse optimizer fused in, planned collectively and wrapped in
     DistributedModelParallel; rank 0 writes the plan report into run_dir (when given). Its dense
     part computes in trainer.precision; `table_gradients` is the cut before the tables that fp16's
     loss scale needs (see app/precision.py)."""
-    model = build_model(config.model, schema, env.device,
-                        autocast_dtype=autocast_dtype(config.trainer.precision, env.device),
-                        table_gradients=table_gradients,
-                        managed_collision=config.features.managed_collision, mc_buckets=env.world_size,
-                        task_weights=[task.weight for task in config.features.labels] or None)
+    model = build_model(
+        config.model,
+        schema,
+        env.device,
+        autocast_dtype=autocast_dtype(config.trainer.precision, env.device),
+        table_gradients=table_gradients,
+        managed_collision=config.features.managed_collision,
+        mc_buckets=env.world_size,
+        task_weights=[task.weight for task in config.features.labels] or None,
+    )
     apply_sparse_optimizer(model, config.optim, env.device)
-    plan, chosen = plan_sharding(model, config.sharding, schema, env.device, config.data.batch_size,
-                                 env.world_size, env.local_world_size, dist.group.WORLD)
+    plan, chosen = plan_sharding(
+        model,
+        config.sharding,
+        schema,
+        env.device,
+        config.data.batch_size,
+        env.world_size,
+        env.local_world_size,
+        dist.group.WORLD,
+    )
     if env.is_rank0 and run_dir is not None:
         report = plan_report(plan, schema, env.world_size, chosen)
         log.info("sharding plan:\n%s", write_plan_report(report, run_dir))
-    sharded = shard_model(model, plan, config.sharding, env.device, config.data.batch_size,
-                          local_dense_gradients=config.trainer.dense_average_every > 0,
-                          sparse_clip_value=config.optim.sparse_clip_value)
+    sharded = shard_model(
+        model,
+        plan,
+        config.sharding,
+        env.device,
+        config.data.batch_size,
+        local_dense_gradients=config.trainer.dense_average_every > 0,
+        sparse_clip_value=config.optim.sparse_clip_value,
+    )
     if config.optim.sparse_clip_value is not None:  # the sharded tables': FBGEMM's, set by shard_model
         clip_replicated_table_gradients(sharded, config.optim.sparse_clip_value, env.world_size)
     prepare_managed_collision(sharded, config, env.world_size)
@@ -150,12 +182,21 @@ def prepare_managed_collision(model: nn.Module, config: Config, world_size: int)
         prepare_sharded(model, config.seed, history)
 
 
-def build_loaders(config: DataConfig, schema: FeatureSchema, env: DistEnv, train_files: list[str],
-                  val_files: list[str]) -> tuple[TrainingBatches, EvaluationBatches]:
+def build_loaders(
+    config: DataConfig, schema: FeatureSchema, env: DistEnv, train_files: list[str], val_files: list[str]
+) -> tuple[TrainingBatches, EvaluationBatches]:
     """This rank's training batches (shuffled per epoch) and evaluation batches (padded)."""
-    train = TrainingBatches(train_files, schema, config.batch_size, env.rank, env.world_size,
-                            shuffle=config.shuffle, seed=config.seed, shuffle_window=config.shuffle_window,
-                            **_reading(config, env))
+    train = TrainingBatches(
+        train_files,
+        schema,
+        config.batch_size,
+        env.rank,
+        env.world_size,
+        shuffle=config.shuffle,
+        seed=config.seed,
+        shuffle_window=config.shuffle_window,
+        **_reading(config, env),
+    )
     return train, evaluation_batches(config, schema, env, val_files)
 
 
@@ -166,10 +207,13 @@ def evaluation_batches(config: DataConfig, schema: FeatureSchema, env: DistEnv, 
 
 def _reading(config: DataConfig, env: DistEnv) -> dict[str, Any]:
     """How every split is read: the same readers, input policy and storage options."""
-    return dict(prefetch_windows=config.prefetch_windows, num_workers=config.num_workers,
-                policy=InputPolicy.from_config(config),
-                pin_memory=env.device.type == "cuda",  # so that the copies to the device overlap compute
-                storage_options=config.storage_options)
+    return dict(
+        prefetch_windows=config.prefetch_windows,
+        num_workers=config.num_workers,
+        policy=InputPolicy.from_config(config),
+        pin_memory=env.device.type == "cuda",  # so that the copies to the device overlap compute
+        storage_options=config.storage_options,
+    )
 
 
 def run(config: Config, run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, float] | None:
@@ -183,8 +227,13 @@ def run(config: Config, run_dir: Path, overrides: Sequence[str] = ()) -> dict[st
     try:
         setup_logging(config.logging, env.is_rank0)
         progress.configure(config.logging.progress_bar and env.is_rank0)
-        log.info("%d worker(s) on %s, %d on this node, %d CPU threads each", env.world_size, env.device,
-                 env.local_world_size, torch.get_num_threads())
+        log.info(
+            "%d worker(s) on %s, %d on this node, %d CPU threads each",
+            env.world_size,
+            env.device,
+            env.local_world_size,
+            torch.get_num_threads(),
+        )
         if env.is_rank0:
             warn_of_readers_beyond_cores(config.data, env.local_world_size)
         # Before summary.json: a job refused here must not write over the one that holds the run.
@@ -203,8 +252,9 @@ def run(config: Config, run_dir: Path, overrides: Sequence[str] = ()) -> dict[st
         distributed.shutdown()
 
 
-def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, summary: RunSummary,
-           overrides: Sequence[str]) -> dict[str, float] | None:
+def _train(
+    config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, summary: RunSummary, overrides: Sequence[str]
+) -> dict[str, float] | None:
     key = "checkpoint.dir" if config.checkpoint.dir else "output_root and run_name"
     checkpoint_storage = storage_at(checkpoint_location(config, run_dir), key=key)
     check_writable(checkpoint_storage, "checkpoints", env.rank, key)  # every rank writes its shards
@@ -212,13 +262,21 @@ def _train(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, 
         return _train_locked(config, run_dir, env, preemption, summary, overrides, checkpoint_storage)
 
 
-def _train_locked(config: Config, run_dir: Path, env: DistEnv, preemption: Preemption, summary: RunSummary,
-                  overrides: Sequence[str], checkpoint_storage: Storage) -> dict[str, float] | None:
+def _train_locked(
+    config: Config,
+    run_dir: Path,
+    env: DistEnv,
+    preemption: Preemption,
+    summary: RunSummary,
+    overrides: Sequence[str],
+    checkpoint_storage: Storage,
+) -> dict[str, float] | None:
     # Before the set-up's minutes: a tracking server that cannot be reached stops the run now.
     tracking = None
     if env.is_rank0 and config.logging.mlflow.tracking_uri:
-        tracking = MlflowRun(config.logging.mlflow, run_dir, experiment=config.run_name, run_name=run_dir.name,
-                             params=flatten(config))
+        tracking = MlflowRun(
+            config.logging.mlflow, run_dir, experiment=config.run_name, run_name=run_dir.name, params=flatten(config)
+        )
     torch.manual_seed(config.seed)
     schema = FeatureSchema.from_config(config.features)
     train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
@@ -232,23 +290,42 @@ def _train_locked(config: Config, run_dir: Path, env: DistEnv, preemption: Preem
     if env.is_rank0:
         for split, files in (("validation", val_files), ("test", test_split or [])):
             warn_one_class(split, files, schema.tasks, config.data.storage_options)
-    shape = RunShape(env.world_size, config.data.batch_size * env.world_size, len(train_data),
-                     planned_steps(config.trainer, len(train_data)))
+    shape = RunShape(
+        env.world_size,
+        config.data.batch_size * env.world_size,
+        len(train_data),
+        planned_steps(config.trainer, len(train_data)),
+    )
     optimizer, lr_scheduler = optimizer_and_schedule(model, config.optim, shape.total_steps)
     parts = RunParts(model, optimizer, lr_scheduler, train_data, val_data, test_data, loss_scale=scaler)
-    store = CheckpointStore(checkpoint_storage, config.checkpoint.keep_last, env.rank,
-                            process_group=distributed.new_gloo_group())
+    store = CheckpointStore(
+        checkpoint_storage, config.checkpoint.keep_last, env.rank, process_group=distributed.new_gloo_group()
+    )
     checkpointer = Checkpointer(store, config.checkpoint, config, parts, shape)
     state = checkpointer.restore(config.checkpoint.load_from, config.checkpoint.load_mode)
     if state.step == 0:
-        log.info("starting %s from scratch: %d steps of %d samples", run_dir, shape.total_steps,
-                 shape.global_batch_size)
+        log.info(
+            "starting %s from scratch: %d steps of %d samples", run_dir, shape.total_steps, shape.global_batch_size
+        )
     metrics_logger = MetricsLogger(run_dir, env.rank, tensorboard=config.logging.tensorboard, tracking=tracking)
-    trainer = Trainer(parts, checkpointer, metrics_logger, preemption, config.trainer, env,
-                      progress_bar=config.logging.progress_bar,
-                      optimizer_step=OptimizerStep(optimizer, config.optim.clip_grad_norm, scaler, table_gradients,
-                                                   local_gradients=config.trainer.dense_average_every > 0),
-                      tasks=config.features.tasks(), primary_task=config.primary_task())
+    trainer = Trainer(
+        parts,
+        checkpointer,
+        metrics_logger,
+        preemption,
+        config.trainer,
+        env,
+        progress_bar=config.logging.progress_bar,
+        optimizer_step=OptimizerStep(
+            optimizer,
+            config.optim.clip_grad_norm,
+            scaler,
+            table_gradients,
+            local_gradients=config.trainer.dense_average_every > 0,
+        ),
+        tasks=config.features.tasks(),
+        primary_task=config.primary_task(),
+    )
     metrics_logger.start_session(hyperparameters(config, overrides))
     try:
         result = trainer.fit(state)

@@ -7,7 +7,8 @@
 
 Only this module touches Hydra and OmegaConf; app/job.py and everything below it receive plain
 dataclasses. torch and torchrec are imported only once the config is valid, so a mistyped
-override fails in about a second rather than after several seconds of imports.
+override fails in about a second rather than after several seconds of imports; the readers' fork
+server (app/data/reader_server.py) is started just before them, so that its imports overlap theirs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from app.config import ConfigError
+from app.data.reader_server import start_reader_server
 from app.errors import BAD_INPUT, UserError
 from app.hydra_edge import (
     RunDirectoryRefused,
@@ -103,14 +105,18 @@ def _run(cfg: DictConfig, run_dir: Path, overrides) -> float:
     except ConfigError as error:
         _record_failure(run_dir, error)
         _fail(error)
+    launches_workers = config.distributed.nproc_per_node > 1 and not _under_launcher()
+    if config.data.prefetch_windows > 0 and not launches_workers:
+        start_reader_server()  # before torch: the server's imports overlap this process's (seconds)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from app import distributed
 
     try:
-        if config.distributed.nproc_per_node > 1 and not distributed.under_launcher():
-            result = distributed.launch_local(_worker, (config, run_dir, overrides),
-                                              config.distributed.nproc_per_node)[0]
+        if launches_workers:
+            result = distributed.launch_local(_worker, (config, run_dir, overrides), config.distributed.nproc_per_node)[
+                0
+            ]
         else:
             result = _worker(config, run_dir, overrides)
     except ChildFailedError as error:  # a self-launched worker failed
@@ -123,14 +129,27 @@ def _run(cfg: DictConfig, run_dir: Path, overrides) -> float:
         sys.exit(PREEMPTED)
     if os.environ.get("RANK", "0") == "0":
         _print_summary(run_dir)
-        print(f"final validation AUC {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
-              f"NE {result['ne']:.4f}  run dir {run_dir}", flush=True)
+        print(
+            f"final validation AUC {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
+            f"NE {result['ne']:.4f}  run dir {run_dir}",
+            flush=True,
+        )
         tasks = config.features.tasks()
         for task in tasks if len(tasks) > 1 else ():  # multi-task: the line above is the primary task's
-            print(f"  task {task}: validation AUC {result[task + '/auc']:.4f}  "
-                  f"logloss {result[task + '/logloss']:.4f}  NE {result[task + '/ne']:.4f}", flush=True)
+            print(
+                f"  task {task}: validation AUC {result[task + '/auc']:.4f}  "
+                f"logloss {result[task + '/logloss']:.4f}  "
+                f"NE {result[task + '/ne']:.4f}",
+                flush=True,
+            )
         _say_best_achievable(config, result["auc"])
     return result["auc"]  # the value a sweeper plugin optimises
+
+
+def _under_launcher() -> bool:
+    """app.distributed.under_launcher(), without importing torch: inside a worker that torchrun or
+    elastic_launch started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def _record_failure(run_dir: Path, error: BaseException, bad_input: bool = True) -> None:
@@ -161,8 +180,11 @@ def _say_best_achievable(config, auc: float) -> None:
     best = best_achievable(config.features, config.data, task)
     if best is not None:
         truth = f"{best['task']!r}" if "task" in best else "click"
-        print(f"best achievable validation AUC {best['auc']:.4f} (the true {truth} probabilities', "
-              f"{best['path']}): reached {auc:.4f}, gap {best['auc'] - auc:.4f}", flush=True)
+        print(
+            f"best achievable validation AUC {best['auc']:.4f} (the true {truth} probabilities', "
+            f"{best['path']}): reached {auc:.4f}, gap {best['auc'] - auc:.4f}",
+            flush=True,
+        )
 
 
 def _worker(config, run_dir: Path, overrides=()):

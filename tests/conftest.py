@@ -1,15 +1,40 @@
-"""Shared test helpers: the repo root, the venv's python, a one-rank process group, and the CUDA
-devices that only tests marked gpu see."""
+"""Shared test helpers: the repo root, the venv's python, a one-rank process group, the CUDA
+devices that only tests marked gpu see, and what lets the suite run in several pytest-xdist workers.
+
+Parallel runs (`make test` runs `pytest -n <workers> --dist loadgroup`):
+- `shared_run(name, build)`, a session fixture: a finished run (or any expensive set of files) that
+  tests across all workers share, built once per pytest session by whichever worker asks first,
+  under a file lock; the others wait for it, then read the same files. It returns a `Shared`:
+  `.path`, the directory `build(path)` filled, and `.value`, what `build` returned (anything that
+  pickles: a CompletedProcess, its output); the machinery is in tests/shared_run.py. A build that
+  failed is not retried by the next worker: each test that asks fails with the first failure's
+  traceback. The directory is shared: a test that changes files there (resumes the run, corrupts
+  a checkpoint) works on its own copy (`shutil.copytree(shared.path, tmp_path / "copy")`).
+  Without xdist it is built once per session too.
+      @pytest.fixture(scope="session")
+      def finished_tiny_run(shared_run):
+          return shared_run("tiny_two_ranks", lambda root: check(run_command(torchrun(*tiny(root)), cwd=REPO)))
+- With --dist loadgroup, tests that use a module- or session-scoped fixture defined in a test module
+  (not in a conftest.py) run on one worker, grouped by the module that defines the fixture: each
+  worker would otherwise build its own. So do tests with the same xdist_group mark. Every other
+  test is scheduled on its own. Fixtures in a conftest.py are expected to be cheap or built
+  through shared_run. (tests/xdist_groups.py: xdist's own loadgroup does not group on pytest 9.)
+- Nothing of a test may use fixed ports or fixed directories: servers and rendezvous pick free ports
+  (torchrun --standalone does), every output goes under tmp_path or shared_run's directory.
+- no_process_outlives_its_test looks at this process's children only: under xdist, the jobs of the
+  worker's own tests.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 # The suite runs on CPU and gloo whatever the machine has: with a CUDA device visible,
 # distributed.device=auto would put every job on it (and a 2-rank job on a one-GPU machine fails).
@@ -22,6 +47,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from tests.shared_run import Shared, build_once, shared_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -143,3 +169,35 @@ def _is_test_job(pid: int) -> bool:
         return False
     return (b"python" in command and b"multiprocessing" not in command and b"moto.server" not in command
             and b"mlflow-server" not in command)
+
+
+# ---- running in several pytest-xdist workers -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], Any]], Shared]:
+    """See the module's docstring."""
+    root = shared_root(tmp_path_factory)
+    built: Dict[str, Shared] = {}
+
+    def shared(name: str, build: Callable[[Path], Any]) -> Shared:
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+", name), f"shared_run name {name!r}: letters, digits, _ . - only"
+        if name not in built:
+            built[name] = build_once(root, name, build)
+        return built[name]
+
+    return shared
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        from tests.xdist_groups import XdistGroups
+
+        config.pluginmanager.register(XdistGroups(), "rectrain-xdist-groups")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        from tests.xdist_groups import write_groups
+
+        write_groups(config, items)

@@ -1,10 +1,11 @@
-"""The reader processes: what they run, and where they come from.
+"""The reader processes: what they run, and how they handle signals.
 
 Each epoch and each evaluation pass of a reader (app/data/parquet.py) reads, decodes and shuffles
 its windows in data.num_workers reader processes (one by default), whole windows ahead of
 training. They are forked from a fork server, never from the training process (see
-_worker_context), and this module is all the server preloads: it imports numpy, pyarrow and
-torch, never torchrec, so that the server starts in about the time torch takes to import.
+app/data/reader_server.py, which starts it), and this module is all the server preloads: it
+imports numpy, pyarrow and torch, never torchrec, so that the server starts in about the time
+torch takes to import.
 
 Launchers signal a whole process group (torchrun each worker's, Slurm every process, a terminal's
 Ctrl-C its foreground group), and the fork server and the readers are in the training process's.
@@ -24,16 +25,13 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.forkserver
-import multiprocessing.popen_forkserver
-import multiprocessing.resource_tracker
 import os
 import signal
 import sys
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Generator, Iterator
-from types import FrameType
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -43,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from app.data import DataError
 from app.data.batch import InputPolicy, Rows
 from app.data.files import open_parquet, read_row_group
+from app.data.reader_server import STOP_SIGNALS, worker_context
 from app.data.row_groups import RowGroup, Window
 from app.features import FeatureSchema
 
@@ -54,8 +53,14 @@ class WindowSource(IterableDataset):
     store with `storage_options`), and a few kept open for the next row group (reopening re-reads
     the footer)."""
 
-    def __init__(self, windows: list[Window], schema: FeatureSchema, policy: InputPolicy, skip_rows: int,
-                 storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        windows: list[Window],
+        schema: FeatureSchema,
+        policy: InputPolicy,
+        skip_rows: int,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.windows, self.schema, self.policy, self.skip_rows = windows, schema, policy, skip_rows
         self.storage_options = storage_options
         self._open_files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
@@ -63,7 +68,7 @@ class WindowSource(IterableDataset):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open_files": OrderedDict()}
 
-    def rows(self, reader: int = 0, readers: int = 1) -> Generator[Rows, None, None]:
+    def rows(self, reader: int = 0, readers: int = 1) -> Iterator[Rows]:
         """The rows of reader `reader` of `readers`, window by window, decoded and shuffled: windows
         reader, reader + readers, ... of those left after `skip_rows` (all of them for a lone
         reader). Taking one window from each reader in turn gives back every window in order."""
@@ -121,8 +126,6 @@ class WindowSource(IterableDataset):
 
 # ---- the worker process ---------------------------------------------------------------------
 
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
 
 def _start_worker(worker_id: int) -> None:
     """In each reader process, before it reads. It was born with the stop signals ignored and
@@ -131,9 +134,9 @@ def _start_worker(worker_id: int) -> None:
     Should the training process die, the reader exits at once: its parent is the fork server,
     which lives as long as any reader does, so the DataLoader's own check (that the worker's parent
     is alive) would never fire, and the reader of a killed training process would run on."""
-    for stop in _STOP_SIGNALS:
+    for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     trainer = multiprocessing.parent_process()
     if trainer is not None:
         threading.Thread(target=_exit_with, args=(trainer,), daemon=True, name="exit-with-trainer").start()
@@ -144,86 +147,34 @@ def _exit_with(trainer: multiprocessing.process.BaseProcess) -> None:
     os._exit(0)
 
 
-class _ReaderPopen(multiprocessing.popen_forkserver.Popen):
-    """A reader ignores SIGTERM, so terminating it is killing it."""
-
-    def terminate(self) -> None:
-        self.kill()
-
-
-class _ReaderProcess(multiprocessing.context.ForkServerProcess):
-    @staticmethod
-    def _Popen(process_obj: multiprocessing.process.BaseProcess) -> _ReaderPopen:  # noqa: N802 (multiprocessing's name)
-        return _ReaderPopen(process_obj)
-
-
-class _ReaderContext(multiprocessing.context.ForkServerContext):
-    Process = _ReaderProcess
-
-
-_SERVER_MODULE = __name__
-_READER_CONTEXT = _ReaderContext()
-_preloaded = False
-
-
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """Where reader processes come from: a fork server, not a fork of the training process. A fork
-    copies the process as it is, threads' locks included (Arrow's pools, torch's, NCCL's, CUDA's
-    after it is initialised), and the child may hang on a lock some thread held at the fork. The
-    server is a fresh interpreter, started once per training process, that imports the reader's
-    modules once (this module) and forks each reader from itself: a reader starts in
-    milliseconds, where a spawned one would import torch again, every epoch and evaluation pass.
-    As with spawn, each reader re-imports the main module, so a script must start its work under
-    `if __name__ == "__main__"`; one run as `python -m module` is preloaded too, so its imports are
-    done once (Python 3.11's server cannot preload a script given by path: a script's own imports
-    are redone per reader). The preload list is the process's own (multiprocessing keeps one fork
-    server), set here before the server starts, which is here too (see _ensure_server)."""
-    global _preloaded
-    if not _preloaded:
-        main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        main = [main_spec.name] if main_spec is not None and not main_spec.name.endswith("__main__") else []
-        _READER_CONTEXT.set_forkserver_preload([_SERVER_MODULE, *main])
-        _preloaded = True
-    _ensure_server()
-    return _READER_CONTEXT
-
-
-def _ensure_server() -> None:
-    """Start the fork server, unless it runs, with the stop signals blocked: it inherits this
-    thread's mask, and its preload ignores them only once torch is imported (seconds). A stop
-    signal this process gets meanwhile waits until the server is started. The resource tracker
-    is started first: its own start (inside the server's) unblocks both signals in this thread."""
-    multiprocessing.resource_tracker.ensure_running()
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-def start_reader_server() -> None:
-    """Start the fork server now, rather than at the first reader: its imports then overlap the
-    training process's own set-up (process group, plan, model) instead of delaying the first step."""
-    _worker_context()
-
-
-def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1) -> Generator[Rows, None, None]:
+def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1) -> Iterator[Rows]:
     """The windows read, decoded and shuffled in `num_workers` reader processes, each
     `prefetch_windows` ahead. Processes, not threads, so that this work never holds the training
     loop's GIL; whole windows travel (through shared memory), so the per-batch cost here is a slice.
     The source deals the windows round-robin to the readers; the DataLoader, in order, takes one
     item from each reader in turn and passes over a reader once it is done, which is the order they
     were dealt in: the stream is the same for any number of readers."""
-    loader = DataLoader(source, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_windows,
-                        in_order=True, multiprocessing_context=_worker_context(), worker_init_fn=_start_worker)
+    loader = DataLoader(
+        source,
+        batch_size=None,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_windows,
+        in_order=True,
+        multiprocessing_context=worker_context(),
+        worker_init_fn=_start_worker,
+    )
     items = iter(loader)
     try:
         for packed in items:
             if packed[0] == "error":
                 raise DataError(packed[1])
             _, dense, labels, ids, offsets = packed
-            yield Rows(dense.numpy(), labels.numpy(), [i.numpy() for i in ids],
-                       [None if o is None else o.numpy() for o in offsets])
+            yield Rows(
+                dense.numpy(),
+                labels.numpy(),
+                [i.numpy() for i in ids],
+                [None if o is None else o.numpy() for o in offsets],
+            )
     finally:
         del items  # shuts the readers down
 
@@ -231,7 +182,7 @@ def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1
 def _imported_by_the_fork_server() -> bool:
     """True while the fork server's main() imports this module (its preload); anywhere else,
     importing it must not change how the process handles signals."""
-    frame: FrameType | None = sys._getframe()
+    frame = sys._getframe()
     while frame is not None:
         if frame.f_code is multiprocessing.forkserver.main.__code__:
             return True
@@ -240,6 +191,6 @@ def _imported_by_the_fork_server() -> bool:
 
 
 if _imported_by_the_fork_server():
-    for _stop in _STOP_SIGNALS:
+    for _stop in STOP_SIGNALS:
         signal.signal(_stop, signal.SIG_IGN)  # the server's main() then hands this SIGINT ignore to each reader
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # and each reader this mask (see _start_worker)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # and each reader this mask (see _start_worker)

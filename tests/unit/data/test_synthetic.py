@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,6 +18,7 @@ from torchmetrics.functional.classification import binary_auroc
 from app.config import DataConfig, SyntheticConfig
 from app.data.files import check_files, resolve_files
 from app.data.synthetic import PROBABILITY_COLUMN, ScoreTally, best_achievable, dataset_dir, ensure_dataset, generate
+from tests.conftest import REPO
 from tests.unit.data.conftest import SCHEMA
 
 
@@ -60,6 +66,44 @@ def test_ensure_dataset_generates_once_and_reuses(tmp_path):
     assert (train / "part-00000.parquet").stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "synthetic").iterdir()] == [train.parent.name]  # no temp dirs left
     assert dataset_dir(SCHEMA, config(tmp_path, train_rows=2000)) != train.parent
+
+
+# Two jobs started together on one dataset (two pytest-xdist workers, two users' jobs): each
+# generates it once it is told to go, at the same moment.
+_JOB = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from app.config import SyntheticConfig
+    from app.data.synthetic import ensure_dataset
+    from tests.unit.data.conftest import SCHEMA
+
+    cfg, ready, go = SyntheticConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
+    ready.touch()
+    while not go.exists():
+        time.sleep(0.01)
+    train, val = ensure_dataset(SCHEMA, cfg)
+    print(train, val)
+""")
+
+
+def test_two_jobs_generating_the_same_dataset_at_once_both_use_one_complete_dataset(tmp_path):
+    cfg = config(tmp_path)
+    go = tmp_path / "go"
+    jobs = [subprocess.Popen([sys.executable, "-c", _JOB, json.dumps(cfg.__dict__), str(tmp_path / f"ready{i}"),
+                              str(go)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert time.time() < deadline and all(job.poll() is None for job in jobs), [job.communicate() for job in jobs]
+        time.sleep(0.01)
+    go.touch()
+    printed = [job.communicate(timeout=120) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], printed
+    train = Path(printed[0][0].split()[0])
+    assert printed[0][0] == printed[1][0] and train.parent == dataset_dir(SCHEMA, cfg)
+    assert [p.name for p in (tmp_path / "synthetic").iterdir()] == [train.parent.name]  # the loser's copy is gone
+    check_files(resolve_files(str(train)), SCHEMA)
+    assert json.loads((train.parent / "metadata.json").read_text())["splits"]["val"]["rows"] == 1000
 
 
 def test_a_failed_generation_leaves_nothing_that_looks_complete(tmp_path):
