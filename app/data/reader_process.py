@@ -31,7 +31,8 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -68,7 +69,7 @@ class WindowSource(IterableDataset):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open_files": OrderedDict()}
 
-    def rows(self, reader: int = 0, readers: int = 1) -> Iterator[Rows]:
+    def rows(self, reader: int = 0, readers: int = 1) -> Generator[Rows, None, None]:
         """The rows of reader `reader` of `readers`, window by window, decoded and shuffled: windows
         reader, reader + readers, ... of those left after `skip_rows` (all of them for a lone
         reader). Taking one window from each reader in turn gives back every window in order."""
@@ -147,7 +148,7 @@ def _exit_with(trainer: multiprocessing.process.BaseProcess) -> None:
     os._exit(0)
 
 
-def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1) -> Iterator[Rows]:
+def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1) -> Generator[Rows, None, None]:
     """The windows read, decoded and shuffled in `num_workers` reader processes, each
     `prefetch_windows` ahead. Processes, not threads, so that this work never holds the training
     loop's GIL; whole windows travel (through shared memory), so the per-batch cost here is a slice.
@@ -182,7 +183,7 @@ def prefetched(source: WindowSource, prefetch_windows: int, num_workers: int = 1
 def _imported_by_the_fork_server() -> bool:
     """True while the fork server's main() imports this module (its preload); anywhere else,
     importing it must not change how the process handles signals."""
-    frame = sys._getframe()
+    frame: FrameType | None = sys._getframe()
     while frame is not None:
         if frame.f_code is multiprocessing.forkserver.main.__code__:
             return True
