@@ -27,26 +27,29 @@ Parallel runs (`make test` runs `pytest -n <workers> --dist loadgroup`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 # The suite runs on CPU and gloo whatever the machine has: with a CUDA device visible,
 # distributed.device=auto would put every job on it (and a 2-rank job on a one-GPU machine fails).
 # Hidden here, before anything in this process initialises CUDA (which reads the variable once),
 # from this process and every process a test starts; tests marked gpu hand their processes the
 # devices back (run_command(..., cuda=True)) and do their CUDA work there.
-_CUDA_VISIBLE_DEVICES: Optional[str] = os.environ.get("CUDA_VISIBLE_DEVICES")
+_CUDA_VISIBLE_DEVICES: str | None = os.environ.get("CUDA_VISIBLE_DEVICES")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
 from tests.shared_run import Shared, build_once, shared_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,18 +82,26 @@ def cuda_device_count() -> int:
     one must not initialise CUDA (see _CUDA_VISIBLE_DEVICES)."""
     if torch.version.cuda is None:
         return 0
-    count = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                           env=_environment(cuda=True), capture_output=True, text=True, timeout=120)
+    count = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+        env=_environment(cuda=True),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     printed = count.stdout.split()
     return int(printed[-1]) if count.returncode == 0 and printed else 0
 
 
-def run_command(args: Sequence[str], cwd: Path, timeout: float = 600, cuda: bool = False) -> subprocess.CompletedProcess:
+def run_command(
+    args: Sequence[str], cwd: Path, timeout: float = 600, cuda: bool = False
+) -> subprocess.CompletedProcess:
     """Run a command with the test's python first on PATH; output kept for assertion messages.
     `cuda`: the command sees the machine's CUDA devices (tests marked gpu only).
     Whatever happens, no process it started outlives it (see kill_tree)."""
-    process = subprocess.Popen(list(args), cwd=cwd, env=_environment(cuda), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        list(args), cwd=cwd, env=_environment(cuda), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     finally:
@@ -103,18 +114,25 @@ def run_command(args: Sequence[str], cwd: Path, timeout: float = 600, cuda: bool
 def start(args: Sequence[str], log_path: Path, new_session: bool = True) -> subprocess.Popen:
     """Start a command in the background, output to `log_path`; in a process group of its own by
     default, as a job under a launcher is (so that a test can signal the group)."""
-    log = open(log_path, "w")
-    return subprocess.Popen(list(args), cwd=REPO, env=_environment(), stdout=log, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=new_session)
+    log = open(log_path, "w")  # noqa: SIM115 (the process writes to it for its life)
+    return subprocess.Popen(
+        list(args),
+        cwd=REPO,
+        env=_environment(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=new_session,
+    )
 
 
-def children(pid: int) -> List[int]:
+def children(pid: int) -> list[int]:
     """Direct child processes of `pid` (from /proc: no extra dependency)."""
     return _children_by_parent().get(pid, [])
 
 
-def _children_by_parent() -> Dict[int, List[int]]:
-    found: Dict[int, List[int]] = {}
+def _children_by_parent() -> dict[int, list[int]]:
+    found: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -126,7 +144,7 @@ def _children_by_parent() -> Dict[int, List[int]]:
     return found
 
 
-def descendants(pid: int) -> List[int]:
+def descendants(pid: int) -> list[int]:
     tree, found, todo = _children_by_parent(), [], [pid]
     while todo:
         for child in tree.get(todo.pop(), []):
@@ -140,10 +158,8 @@ def kill_tree(pid: int) -> None:
     own, and a worker its reader process: killing the launcher alone would leave them running
     (and, orphaned, no longer findable as its descendants), so they are found first."""
     for process in [*descendants(pid), pid]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(process, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(autouse=True)
@@ -153,10 +169,8 @@ def no_process_outlives_its_test():
     for pid in children(os.getpid()):
         if _is_test_job(pid):
             kill_tree(pid)
-            try:
+            with contextlib.suppress(ChildProcessError):  # a Popen of the test's reaped it
                 os.waitpid(pid, 0)
-            except ChildProcessError:  # a Popen of the test's reaped it
-                pass
 
 
 def _is_test_job(pid: int) -> bool:
@@ -167,8 +181,12 @@ def _is_test_job(pid: int) -> bool:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return (b"python" in command and b"multiprocessing" not in command and b"moto.server" not in command
-            and b"mlflow-server" not in command)
+    return (
+        b"python" in command
+        and b"multiprocessing" not in command
+        and b"moto.server" not in command
+        and b"mlflow-server" not in command
+    )
 
 
 # ---- running in several pytest-xdist workers -------------------------------------------------
@@ -178,7 +196,7 @@ def _is_test_job(pid: int) -> bool:
 def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], Any]], Shared]:
     """See the module's docstring."""
     root = shared_root(tmp_path_factory)
-    built: Dict[str, Shared] = {}
+    built: dict[str, Shared] = {}
 
     def shared(name: str, build: Callable[[Path], Any]) -> Shared:
         assert re.fullmatch(r"[A-Za-z0-9_.-]+", name), f"shared_run name {name!r}: letters, digits, _ . - only"
@@ -196,7 +214,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(XdistGroups(), "rectrain-xdist-groups")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.pluginmanager.hasplugin("xdist"):
         from tests.xdist_groups import write_groups
 

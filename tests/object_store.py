@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator
 
 from tests.conftest import kill_tree
 
@@ -23,7 +23,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _environment(endpoint: str, home: Path) -> Dict[str, str]:
+def _environment(endpoint: str, home: Path) -> dict[str, str]:
     return {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "rectrain-test",
@@ -42,9 +42,13 @@ def s3_server(log_dir: Path) -> Iterator[str]:
     """An S3 server for the block; yields its endpoint URL, with os.environ pointing at it."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    log = open(log_dir / "moto.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(log_dir / "moto.log", "w")  # noqa: SIM115 (the server writes to it for its life)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     saved = {key: os.environ.get(key) for key in _environment(endpoint, log_dir)}
     os.environ.update(_environment(endpoint, log_dir))
     try:

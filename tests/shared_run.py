@@ -8,8 +8,9 @@ import os
 import pickle
 import shutil
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 from filelock import FileLock
@@ -39,8 +40,10 @@ def build_once(root: Path, name: str, build: Callable[[Path], Any]) -> Shared:
     directory, value_file, failure = root / name, root / f"{name}.value", root / f"{name}.failed"
     with FileLock(str(root / f"{name}.lock")):
         if failure.exists():
-            pytest.fail(f"building shared run {name!r} failed (once, for every test that uses it):\n"
-                        f"{failure.read_text()}", pytrace=False)
+            pytest.fail(
+                f"building shared run {name!r} failed (once, for every test that uses it):\n{failure.read_text()}",
+                pytrace=False,
+            )
         if not value_file.exists():
             shutil.rmtree(directory, ignore_errors=True)  # a build interrupted in an earlier attempt
             directory.mkdir()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import pytest
 from xdist.scheduler import LoadScopeScheduling
@@ -27,25 +26,28 @@ from xdist.scheduler import LoadScopeScheduling
 GROUPS_FILE = "xdist_groups.json"
 
 
-def group_of(item: pytest.Item) -> Optional[str]:
+def group_of(item: pytest.Item) -> str | None:
     for mark in item.iter_markers("xdist_group"):
         return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
     info = getattr(item, "_fixtureinfo", None)
-    for definitions in (info.name2fixturedefs.values() if info is not None else ()):
+    for definitions in info.name2fixturedefs.values() if info is not None else ():
         for definition in definitions:
             module = getattr(definition.func, "__module__", "") or ""
-            if (definition.scope in ("module", "package", "session") and module.startswith("tests.")
-                    and not module.endswith("conftest")):
+            if (
+                definition.scope in ("module", "package", "session")
+                and module.startswith("tests.")
+                and not module.endswith("conftest")
+            ):
                 return module
     return None
 
 
-def write_groups(config: pytest.Config, items: List[pytest.Item]) -> None:
+def write_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On a worker: {node id: group} of the grouped tests, beside the workers' own temporary
     directories (the controller's base temp). Every worker writes the same; each replaces it whole."""
     if not os.environ.get("PYTEST_XDIST_WORKER") or not config.option.basetemp:
         return
-    groups: Dict[str, str] = {}
+    groups: dict[str, str] = {}
     for item in items:
         group = group_of(item)
         if group is not None:
@@ -63,7 +65,7 @@ class GroupScheduling(LoadScopeScheduling):
         super().__init__(config, log)
         # The directory xdist makes its workers' base temps in (xdist reads the same private attribute).
         self._groups_file = config._tmp_path_factory.getbasetemp() / GROUPS_FILE  # type: ignore[attr-defined]
-        self._groups: Optional[Dict[str, str]] = None
+        self._groups: dict[str, str] | None = None
 
     def _split_scope(self, nodeid: str) -> str:
         if self._groups is None:  # first asked once every worker has collected

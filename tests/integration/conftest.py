@@ -20,6 +20,7 @@ from filelock import FileLock
 
 from tests.conftest import REPO, run_command
 from tests.integration.test_train import tiny, torchrun
+from tests.unit.data.conftest import uneven_files  # noqa: F401 (a fixture test_reader_process.py uses)
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,16 @@ def one_process(*overrides: str) -> list[str]:
 def comm_precision_run(sharding: str, precision: str) -> list[str]:
     """test_qcomms.py's run: one epoch on 2 ranks (15 steps), every loss logged, the embedding
     all-to-alls in `precision`."""
-    return torchrun(*tiny(ROOT, f"sharding={sharding}", "trainer.max_steps=15", "trainer.log_every_n_steps=1",
-                          f"sharding.comm_forward_precision={precision}",
-                          f"sharding.comm_backward_precision={precision}"))
+    return torchrun(
+        *tiny(
+            ROOT,
+            f"sharding={sharding}",
+            "trainer.max_steps=15",
+            "trainer.log_every_n_steps=1",
+            f"sharding.comm_forward_precision={precision}",
+            f"sharding.comm_backward_precision={precision}",
+        )
+    )
 
 
 @pytest.fixture(scope="session")
@@ -102,9 +110,11 @@ def one_process_run(tmp_path_factory) -> FinishedRun:
 def one_process_run_of_10_steps(tmp_path_factory) -> FinishedRun:
     """experiment=tiny, 1 process, 10 steps, evaluated and checkpointed every 5 steps: step_00000005
     and step_00000010 kept (keep_last=2), the best whichever evaluation was."""
-    return finished_run(tmp_path_factory, "one_process_10",
-                        one_process("trainer.max_steps=10", "checkpoint.every_n_steps=5",
-                                    "trainer.eval_every_n_steps=5"))
+    return finished_run(
+        tmp_path_factory,
+        "one_process_10",
+        one_process("trainer.max_steps=10", "checkpoint.every_n_steps=5", "trainer.eval_every_n_steps=5"),
+    )
 
 
 @pytest.fixture(scope="session")

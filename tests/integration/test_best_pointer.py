@@ -22,9 +22,15 @@ from tests.integration.test_early_stopping import script
 from tests.integration.test_train import check, records, tiny
 
 # The issue's reproduction: only the first evaluation is a best (nothing improves AUC by 1.0).
-REPRODUCTION = ["trainer.eval_every_n_steps=10", "checkpoint.every_n_steps=10", "checkpoint.keep_last=2",
-                "trainer.early_stopping.min_delta=1.0", "trainer.epochs=3", "data.synthetic.test_rows=1000",
-                "trainer.max_steps=30"]
+REPRODUCTION = [
+    "trainer.eval_every_n_steps=10",
+    "checkpoint.every_n_steps=10",
+    "checkpoint.keep_last=2",
+    "trainer.early_stopping.min_delta=1.0",
+    "trainer.epochs=3",
+    "data.synthetic.test_rows=1000",
+    "trainer.max_steps=30",
+]
 
 
 def train(root: Path, *overrides: str) -> str:
@@ -47,8 +53,10 @@ def test_a_run_resumed_on_a_larger_batch_never_replaces_the_best_checkpoint(tmp_
     assert "continues after 3584 samples, at step 7" in out
     best = pointer(run_dir)
     assert (best["checkpoint"], best["step"], best["samples"]) == ("step_00000010", 10, 1280)
-    assert (meta(run_dir, "step_00000010")["samples"], meta(run_dir, "step_00000010")["global_batch_size"]) == \
-        (1280, 128)
+    assert (meta(run_dir, "step_00000010")["samples"], meta(run_dir, "step_00000010")["global_batch_size"]) == (
+        1280,
+        128,
+    )
     assert f"saved checkpoint {run_dir / 'checkpoints' / 'step_00000010_samples_5120'}" in out  # its own name
     test = records(run_dir, "test")[-1]
     assert (test["checkpoint"], test["step"]) == ("step_00000010", 10)
@@ -63,8 +71,10 @@ def test_a_run_resumed_on_a_larger_batch_never_replaces_the_best_checkpoint(tmp_
         metrics.update(logits, labels)
     assert metrics.compute()["auc"] == pytest.approx(test["auc"], abs=1e-6)
     # The resumed run counts the samples of its own steps: step 10 of 512 is 5120 (not 3840 + 3 x 512).
-    assert [(r["step"], r["samples"]) for r in records(run_dir, "train") if r["step"] in (10, 15)][-2:] == \
-        [(10, 5120), (15, 7680)]
+    assert [(r["step"], r["samples"]) for r in records(run_dir, "train") if r["step"] in (10, 15)][-2:] == [
+        (10, 5120),
+        (15, 7680),
+    ]
 
 
 def test_a_forged_best_pointer_is_refused_and_the_best_starts_over(one_process_run, tmp_path):
@@ -79,14 +89,21 @@ def test_a_forged_best_pointer_is_refused_and_the_best_starts_over(one_process_r
     evaluations = {r["step"]: r["auc"] for r in records(run_dir, "eval")}
     assert best["value"] == evaluations[best["step"]] and best["value"] == max(evaluations.values())
     assert meta(run_dir, best["checkpoint"])["samples"] == best["samples"]
-    assert "checkpoints/best is not valid: its metric and value ('auc', nan) are not a metric name and a finite " \
-           "number; it is not used" in out
+    assert (
+        "checkpoints/best is not valid: its metric and value ('auc', nan) are not a metric name and a finite "
+        "number; it is not used" in out
+    )
 
 
 def test_a_crash_between_publishing_the_best_and_writing_its_pointer_is_repaired_on_resume(
-        one_process_run_of_10_steps, tmp_path):
-    common = ["trainer.eval_every_n_steps=5", "checkpoint.every_n_steps=5", "checkpoint.keep_last=1",
-              "trainer.early_stopping.min_delta=1.0"]  # only the first evaluation, step 5's, is a best
+    one_process_run_of_10_steps, tmp_path
+):
+    common = [
+        "trainer.eval_every_n_steps=5",
+        "checkpoint.every_n_steps=5",
+        "checkpoint.keep_last=1",
+        "trainer.early_stopping.min_delta=1.0",
+    ]  # only the first evaluation, step 5's, is a best
     # A run of 10 steps, evaluated and checkpointed every 5: a copy of the session's shared one
     # (tests/integration/conftest.py). The run directory as rank 0 leaves it when it dies right
     # after publishing step 5, which its evaluation made the best, and before writing checkpoints/best.
@@ -101,6 +118,8 @@ def test_a_crash_between_publishing_the_best_and_writing_its_pointer_is_repaired
     assert best["value"] == records(run_dir, "eval")[0]["auc"]
     # keep_last=1 spares the best: without the pointer, step 5 would have been pruned.
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000005", "step_00000015"]
-    assert re.search(r"checkpoints/best did not name the checkpoint of the best evaluation so far \(validation auc "
-                     r"[0-9.]+ at step 5: the run before stopped before it was written\): it now names step_00000005",
-                     out)
+    assert re.search(
+        r"checkpoints/best did not name the checkpoint of the best evaluation so far \(validation auc "
+        r"[0-9.]+ at step 5: the run before stopped before it was written\): it now names step_00000005",
+        out,
+    )

@@ -42,7 +42,9 @@ def test_resume_onto_other_world_sizes_and_sharding_plans(tmp_path):
     check(run_command(torchrun(*tiny(a, "sharding=row_wise", "trainer.max_steps=10")), cwd=REPO))
     before = final_eval(a)
     out = check(run_command(one_process(*tiny(a, "sharding=table_wise", "trainer.max_steps=20")), cwd=REPO))
-    assert "resumed from" in out and "written by 2 ranks with a global batch of 256, this run has 1 ranks and 128" in out
+    assert (
+        "resumed from" in out and "written by 2 ranks with a global batch of 256, this run has 1 ranks and 128" in out
+    )
     after = final_eval(a)
     # 10 steps of 256 samples are 20 of 128: nothing left to train.
     assert (before["step"], after["step"]) == (10, 20)
@@ -92,8 +94,17 @@ def _wait_for_checkpoint(root: Path, process: subprocess.Popen, at_least: int, t
 
 
 def test_a_worker_killed_under_max_restarts_resumes_and_finishes(tmp_path):
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-            "-m", "app.train", *tiny(tmp_path, "trainer.epochs=12", "checkpoint.every_n_steps=10")]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "-m",
+        "app.train",
+        *tiny(tmp_path, "trainer.epochs=12", "checkpoint.every_n_steps=10"),
+    ]
     job = start(args, tmp_path / "job.log")
     try:
         _wait_for_checkpoint(tmp_path, job, at_least=20)
@@ -172,16 +183,32 @@ def test_damaged_incompatible_and_foreign_checkpoints(one_process_run_of_10_step
 
     # A config whose model differs is refused, naming what differs; nothing is written.
     before = checkpoints(tmp_path)
-    refused = run_command(one_process(*tiny(tmp_path, "trainer.max_steps=14", "features.embedding_dim=8",
-                                            "model.dense_arch_layer_sizes=[64,8]")), cwd=REPO)
+    refused = run_command(
+        one_process(
+            *tiny(tmp_path, "trainer.max_steps=14", "features.embedding_dim=8", "model.dense_arch_layer_sizes=[64,8]")
+        ),
+        cwd=REPO,
+    )
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "features.embedding_dim: 16 in the checkpoint, 8 now" in refused.stderr
     assert "train this model under another run_name" in refused.stderr and "load_from" not in refused.stderr
     assert checkpoints(tmp_path) == before
 
     # Another run starts from this one's weights only, at step 0.
-    out = check(run_command(one_process(*tiny(tmp_path, "run_name=other", "trainer.max_steps=3",
-                                              f"checkpoint.load_from={run}", "checkpoint.load_mode=model")), cwd=REPO))
+    out = check(
+        run_command(
+            one_process(
+                *tiny(
+                    tmp_path,
+                    "run_name=other",
+                    "trainer.max_steps=3",
+                    f"checkpoint.load_from={run}",
+                    "checkpoint.load_mode=model",
+                )
+            ),
+            cwd=REPO,
+        )
+    )
     assert "started from the model weights of" in out
     assert [r["step"] for r in records(tmp_path / "outputs" / "other", "eval")] == [3]
 
@@ -189,8 +216,14 @@ def test_damaged_incompatible_and_foreign_checkpoints(one_process_run_of_10_step
 def test_asynchronous_saves_are_published_intact_and_resume(tmp_path):
     from app.checkpoint import verify
 
-    check(run_command(torchrun(*tiny(tmp_path, "checkpoint.async_save=true", "checkpoint.every_n_steps=4",
-                                     "trainer.max_steps=13")), cwd=REPO))
+    check(
+        run_command(
+            torchrun(
+                *tiny(tmp_path, "checkpoint.async_save=true", "checkpoint.every_n_steps=4", "trainer.max_steps=13")
+            ),
+            cwd=REPO,
+        )
+    )
     assert checkpoints(tmp_path) == ["step_00000012", "step_00000013"]
     for name in checkpoints(tmp_path):
         assert verify(tmp_path / "outputs" / "tiny" / "checkpoints" / name) is None

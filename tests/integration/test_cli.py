@@ -15,11 +15,13 @@ from tests.conftest import REPO, run_command
 @pytest.mark.parametrize("prefix", ["", "+", "++"])
 def test_entrypoint_rejects_an_unknown_key_whatever_its_prefix(tmp_path, prefix):
     # `+optim.lrr=0.1` is what Hydra itself suggests for an unknown key; it used to train at the default lr.
-    result = run_command([sys.executable, "-m", "app.train", f"{prefix}optim.lrr=0.1", f"output_root={tmp_path}"],
-                         cwd=REPO)
+    result = run_command(
+        [sys.executable, "-m", "app.train", f"{prefix}optim.lrr=0.1", f"output_root={tmp_path}"], cwd=REPO
+    )
     assert result.returncode == 2, result.stderr
-    assert "error: 'optim.lrr' is not a config key: 'optim' has no field 'lrr'. Did you mean 'optim.lr'?" \
-        in result.stderr
+    assert (
+        "error: 'optim.lrr' is not a config key: 'optim' has no field 'lrr'. Did you mean 'optim.lr'?" in result.stderr
+    )
     assert not list(tmp_path.iterdir()), "a rejected config must not create a run directory"
 
 
@@ -62,8 +64,9 @@ def test_help_lists_every_key_with_its_default_and_help():
             assert f"{doc.key}: {doc.type} = " in text, doc.key
         assert " ".join(doc.help.split()) in flat, doc.key
     # The group options and overrides given show where they change a default.
-    text = run_command([sys.executable, "-m", "app.train", "--help", "experiment=tiny", "optim.lr=0.5"],
-                       cwd=REPO).stdout
+    text = run_command(
+        [sys.executable, "-m", "app.train", "--help", "experiment=tiny", "optim.lr=0.5"], cwd=REPO
+    ).stdout
     assert "checkpoint.every_n_steps: int = 500  (composed: 10)\n" in text
     assert "optim.lr: float = 0.05  (composed: 0.5)\n" in text and "optim.eps: float = 1e-08\n" in text
     assert "features.sparse: List[SparseFeature] = []  (composed: [26 entries])\n" in text
@@ -88,13 +91,16 @@ def test_a_refused_run_name_writes_nothing_into_another_run(one_process_run, tmp
     assert json.loads(before["summary.json"])["status"] == "finished" and ".hydra/config.yaml" in before
     other = tmp_path / "outputs" / "other"
     for sweep in ([], ["-m", "seed=1,2"]):
-        result = run_command([sys.executable, "-m", "app.train", *sweep,
-                              *tiny(tmp_path, f"output_root={other}", "run_name=../victim")], cwd=REPO)
+        result = run_command(
+            [sys.executable, "-m", "app.train", *sweep, *tiny(tmp_path, f"output_root={other}", "run_name=../victim")],
+            cwd=REPO,
+        )
         assert result.returncode == 2, (sweep, result.stderr[-3000:])
         assert _files(victim) == before, sweep
         assert not other.exists()
-        assert result.stderr == ("error: run_name='../victim' must be a non-empty name without '/' (and not '.' "
-                                 "or '..').\n"), result.stderr[-3000:]
+        assert result.stderr == (
+            "error: run_name='../victim' must be a non-empty name without '/' (and not '.' or '..').\n"
+        ), result.stderr[-3000:]
 
 
 @pytest.fixture
@@ -135,13 +141,16 @@ def test_a_run_directory_that_cannot_be_written_is_one_line_and_exit_2(tmp_path,
         stderr = _refused_run(tmp_path, immutable)
     finally:
         subprocess.run(["chattr", "-i", str(immutable / "tiny")], check=True)
-    assert stderr == (f"error: cannot write the run directory {immutable / 'tiny'} (from output_root and run_name): "
-                      "Operation not permitted.\n")
+    assert stderr == (
+        f"error: cannot write the run directory {immutable / 'tiny'} (from output_root and run_name): "
+        "Operation not permitted.\n"
+    )
     # A read-only file system.
     read_only = mount_point("ro,size=1m")
     assert _refused_run(tmp_path, read_only) == (
         f"error: cannot write the run directory {read_only / 'tiny'} (from output_root and run_name): "
-        "Read-only file system.\n")
+        "Read-only file system.\n"
+    )
 
 
 def test_a_full_disk_under_the_run_directory_is_one_line_and_exit_2(tmp_path, mount_point):
@@ -155,4 +164,5 @@ def test_a_full_disk_under_the_run_directory_is_one_line_and_exit_2(tmp_path, mo
             pass
     assert _refused_run(tmp_path, full) == (
         f"error: cannot write the run directory {full / 'tiny'} (from output_root and run_name): "
-        "No space left on device.\n")
+        "No space left on device.\n"
+    )

@@ -34,8 +34,11 @@ CPU = torch.device("cpu")
 
 def config(sharding: str, dense_average_every: int = 0, **optim) -> Config:
     return Config(
-        features=FeaturesConfig(dense=["d0", "d1", "d2"], sparse=[SparseFeature("a", 30), SparseFeature("b", 40, hotness=3)],
-                                embedding_dim=8),
+        features=FeaturesConfig(
+            dense=["d0", "d1", "d2"],
+            sparse=[SparseFeature("a", 30), SparseFeature("b", 40, hotness=3)],
+            embedding_dim=8,
+        ),
         model=ModelConfig(dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]),
         sharding=ShardingConfig(sharding_types=[sharding]),
         optim=OptimConfig(dense="sgd", sparse="sgd", lr=1.0, **optim),
@@ -51,8 +54,10 @@ def make_batch(rank: int) -> Batch:
     return Batch(
         dense_features=torch.rand(BATCH, 3, generator=g) * (1 + 4 * rank),  # the ranks' gradients differ
         sparse_features=KeyedJaggedTensor.from_lengths_sync(
-            keys=["a", "b"], values=torch.cat([torch.full((BATCH,), HOT_ROW), b_values]),
-            lengths=torch.cat([torch.ones(BATCH, dtype=torch.long), b_lengths])),
+            keys=["a", "b"],
+            values=torch.cat([torch.full((BATCH,), HOT_ROW), b_values]),
+            lengths=torch.cat([torch.ones(BATCH, dtype=torch.long), b_lengths]),
+        ),
         labels=torch.randint(0, 2, (BATCH,), generator=g).float(),
     )
 
@@ -64,8 +69,9 @@ def built(cfg: Config, rank: int):
     initial = build_model(cfg.model, schema, CPU, tables_device=CPU).state_dict()
     model = build_sharded_model(cfg, schema, DistEnv(rank, WORLD, rank, WORLD, CPU), None)
     model.load_state_dict(initial)
-    step = OptimizerStep(build_optimizer(model, cfg.optim), cfg.optim.clip_grad_norm,
-                         local_gradients=cfg.trainer.dense_average_every > 0)
+    step = OptimizerStep(
+        build_optimizer(model, cfg.optim), cfg.optim.clip_grad_norm, local_gradients=cfg.trainer.dense_average_every > 0
+    )
     return model, step
 
 
@@ -91,7 +97,9 @@ def check_sparse_clip_value(rank: int) -> None:
     if rank != 0:
         return
     for name, update in sharded.items():
-        torch.testing.assert_close(replicated[name], update, atol=1e-10, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            replicated[name], update, atol=1e-10, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
     hot = sharded["model.sparse_arch.embedding_bag_collection.embedding_bags.t_a.weight"]
     met = WORLD * BATCH  # times row HOT_ROW is met in the global batch
     assert hot[HOT_ROW].abs().max() <= met * SPARSE_CLIP * (1 + 1e-4)
@@ -118,8 +126,7 @@ def check_clip_grad_norm_under_k_step_averaging(rank: int) -> None:
     torch.testing.assert_close(step.last_grad_norm, norms.pow(2).mean().sqrt(), rtol=1e-5, atol=0)
 
 
-CHECKS = {"sparse_clip_value": check_sparse_clip_value,
-          "clip_grad_norm": check_clip_grad_norm_under_k_step_averaging}
+CHECKS = {"sparse_clip_value": check_sparse_clip_value, "clip_grad_norm": check_clip_grad_norm_under_k_step_averaging}
 
 
 def worker(rank: int, init_file: str, results) -> None:

@@ -22,8 +22,13 @@ from tests.integration.test_train import check, records, tiny, torchrun
 # experiment=tiny on 2 ranks: 15 steps an epoch, 30 planned. Evaluated every 5 steps; no evaluation
 # after the first improves by more than 0.5, so with a patience of 2 the run stops at step 15.
 # keep_last=1 would prune the best (step 5) but for checkpoints/best.
-PATIENCE = ["trainer.eval_every_n_steps=5", "trainer.early_stopping.patience=2",
-            "trainer.early_stopping.min_delta=0.5", "checkpoint.keep_last=1", "trainer.epochs=2"]
+PATIENCE = [
+    "trainer.eval_every_n_steps=5",
+    "trainer.early_stopping.patience=2",
+    "trainer.early_stopping.min_delta=0.5",
+    "checkpoint.keep_last=1",
+    "trainer.epochs=2",
+]
 
 
 def script(name: str, *args):
@@ -33,14 +38,26 @@ def script(name: str, *args):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("early_stopping_data")
-    made = check(run_command(script("make_dataset.py", "experiment=tiny", f"data.synthetic.root={root}",
-                                    "data.synthetic.test_rows=1000"), cwd=REPO))
+    made = check(
+        run_command(
+            script(
+                "make_dataset.py", "experiment=tiny", f"data.synthetic.root={root}", "data.synthetic.test_rows=1000"
+            ),
+            cwd=REPO,
+        )
+    )
     return Path(re.search(r"dataset: (\S+)", made).group(1))
 
 
 def on_parquet(tmp_path: Path, dataset: Path, *overrides: str):
-    return tiny(tmp_path, "data=parquet", f"data.train_path={dataset / 'train'}", f"data.val_path={dataset / 'val'}",
-                f"data.test_path={dataset / 'test'}", *overrides)
+    return tiny(
+        tmp_path,
+        "data=parquet",
+        f"data.train_path={dataset / 'train'}",
+        f"data.val_path={dataset / 'val'}",
+        f"data.test_path={dataset / 'test'}",
+        *overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +80,10 @@ def stopped_run(tmp_path_factory, dataset):
 def test_a_run_stops_when_validation_has_not_improved_for_patience_evaluations(stopped_run):
     _, first, _, _, records_after_first, summary = stopped_run
     out = check(first)
-    assert ("stopping early at step 15 of 30: validation auc has not improved by more than 0.5 in 2 evaluations "
-            "(trainer.early_stopping.patience=2; best ") in out
+    assert (
+        "stopping early at step 15 of 30: validation auc has not improved by more than 0.5 in 2 evaluations "
+        "(trainer.early_stopping.patience=2; best "
+    ) in out
     assert "resumed from" in out
     kinds = [json.loads(line) for line in records_after_first]
     # Step 10's evaluation, the end of the interrupted run, is counted by the resumed one: without
@@ -120,7 +139,7 @@ def test_an_early_stopped_run_run_again_trains_no_further(stopped_run):
     assert "resumed from" in out and "this run stopped early at step 15 (validation auc has not improved" in out
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints_after_first
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    added = [json.loads(line) for line in lines[len(records_after_first):]]
+    added = [json.loads(line) for line in lines[len(records_after_first) :]]
     assert [r["kind"] for r in added] == ["eval", "test"]  # reported again, not trained
     assert added[0]["step"] == 15 and added[1]["checkpoint"] == "step_00000005"
     assert json.loads((run_dir / "checkpoints" / "best").read_text())["checkpoint"] == "step_00000005"
@@ -128,11 +147,20 @@ def test_an_early_stopped_run_run_again_trains_no_further(stopped_run):
 
 def test_a_run_stops_when_validation_reaches_the_target(tmp_path, dataset):
     # Any model this side of chance has a logloss below 1.0: the first evaluation reaches it.
-    args = on_parquet(tmp_path, dataset, "trainer.eval_every_n_steps=5", "trainer.early_stopping.metric=logloss",
-                      "trainer.early_stopping.target=1.0", "checkpoint.every_n_steps=0")
+    args = on_parquet(
+        tmp_path,
+        dataset,
+        "trainer.eval_every_n_steps=5",
+        "trainer.early_stopping.metric=logloss",
+        "trainer.early_stopping.target=1.0",
+        "checkpoint.every_n_steps=0",
+    )
     out = check(run_command([sys.executable, "-m", "app.train", *args], cwd=REPO))
-    assert re.search(r"stopping early at step 5 of 31: validation logloss [0-9.]+ reached "
-                     r"trainer.early_stopping.target=1.0", out)
+    assert re.search(
+        r"stopping early at step 5 of 31: validation logloss [0-9.]+ reached "
+        r"trainer.early_stopping.target=1.0",
+        out,
+    )
     run_dir = tmp_path / "outputs" / "tiny"
     assert [r["step"] for r in records(run_dir, "eval")] == [5]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "latest", "step_00000005"]
@@ -140,9 +168,7 @@ def test_a_run_stops_when_validation_reaches_the_target(tmp_path, dataset):
     assert len(test) == 1 and test[0]["checkpoint"] == "step_00000005"  # the model in memory: no reload
 
 
-
-def test_a_validation_split_of_one_class_is_said_at_start_up_and_its_evaluations_do_not_stop_the_run(tmp_path,
-                                                                                                      dataset):
+def test_a_validation_split_of_one_class_is_said_at_start_up_and_its_evaluations_do_not_stop_the_run(tmp_path, dataset):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -153,14 +179,25 @@ def test_a_validation_split_of_one_class_is_said_at_start_up_and_its_evaluations
         label = table.schema.get_field_index("label")
         table = table.set_column(label, "label", pa.array([0] * table.num_rows, type=table.schema.field(label).type))
         pq.write_table(table, one_class / path.name, row_group_size=250)
-    args = on_parquet(tmp_path, dataset, f"data.val_path={one_class}", "trainer.eval_every_n_steps=5",
-                      "trainer.early_stopping.patience=1", "checkpoint.every_n_steps=0", "trainer.max_steps=15")
+    args = on_parquet(
+        tmp_path,
+        dataset,
+        f"data.val_path={one_class}",
+        "trainer.eval_every_n_steps=5",
+        "trainer.early_stopping.patience=1",
+        "checkpoint.every_n_steps=0",
+        "trainer.max_steps=15",
+    )
     out = check(run_command([sys.executable, "-m", "app.train", *args], cwd=REPO))
-    assert f"the validation split ({one_class}) has one class only: every row's 'label' is 0. Its AUC is " \
-           "undefined (nan)" in out
+    assert (
+        f"the validation split ({one_class}) has one class only: every row's 'label' is 0. Its AUC is "
+        "undefined (nan)" in out
+    )
     assert "the test split" not in out  # it has both
-    assert "validation auc is undefined (nan) at step 5: the evaluation cannot be the best and does not count " \
-           "toward trainer.early_stopping.patience" in out
+    assert (
+        "validation auc is undefined (nan) at step 5: the evaluation cannot be the best and does not count "
+        "toward trainer.early_stopping.patience" in out
+    )
     # Patience 1 would have stopped it at step 10 ("best none yet"): it trains to the end.
     assert "stopping early" not in out
     run_dir = tmp_path / "outputs" / "tiny"

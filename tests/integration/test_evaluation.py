@@ -11,8 +11,16 @@ from tests.integration.test_train import check, records, tiny, torchrun
 
 def test_a_worker_without_validation_rows_evaluates_with_the_others(tmp_path):
     # 200 validation rows in one file of one row group: all of them go to one worker.
-    out = check(run_command(torchrun(*tiny(tmp_path, "data.synthetic.val_rows=200",
-                                           "data.synthetic.rows_per_file=2000", "trainer.max_steps=6")), cwd=REPO))
+    out = check(
+        run_command(
+            torchrun(
+                *tiny(
+                    tmp_path, "data.synthetic.val_rows=200", "data.synthetic.rows_per_file=2000", "trainer.max_steps=6"
+                )
+            ),
+            cwd=REPO,
+        )
+    )
     final = records(tmp_path / "outputs" / "tiny", "eval")[-1]
     assert final["samples"] == 200 and math.isfinite(final["auc"]) and math.isfinite(final["logloss"])
     assert "final validation AUC" in out

@@ -25,9 +25,16 @@ def run_dir(root: Path) -> Path:
 
 def test_sigterm_during_a_long_evaluation_abandons_it_saves_exits_143_and_the_resumed_run_evaluates_again(tmp_path):
     # 40,000 validation rows at 2 a batch: 10,000 batches for each worker, minutes of evaluation.
-    args = tiny(tmp_path, "data.synthetic.val_rows=40000", "data.synthetic.rows_per_file=10000",
-                "data.synthetic.rows_per_row_group=1000", "data.eval_batch_size=2", "trainer.eval_every_n_steps=5",
-                "checkpoint.every_n_steps=1000", "trainer.epochs=40")
+    args = tiny(
+        tmp_path,
+        "data.synthetic.val_rows=40000",
+        "data.synthetic.rows_per_file=10000",
+        "data.synthetic.rows_per_row_group=1000",
+        "data.eval_batch_size=2",
+        "trainer.eval_every_n_steps=5",
+        "checkpoint.every_n_steps=1000",
+        "trainer.epochs=40",
+    )
     launch = torchrun(*args)
     launch.insert(launch.index("--standalone"), "--monitor-interval=3")
     job = start(launch, tmp_path / "job.log")
@@ -71,19 +78,38 @@ def test_a_bad_row_met_by_one_worker_at_a_periodic_evaluation_saves_the_training
     late = tmp_path / "late"
     _with_bad_id(synthetic / "val" / "part-00000.parquet", late / "part-00000.parquet", row=3 * 250 + 7)
     shutil.copy(synthetic / "val" / "part-00001.parquet", late)
-    result = run_command([sys.executable, "-m", "app.train", "distributed.nproc_per_node=2",
-                          *tiny(tmp_path, "data=parquet", f"data.train_path={synthetic / 'train'}",
-                                f"data.val_path={late}", "trainer.eval_every_n_steps=5",
-                                "checkpoint.every_n_steps=0", "trainer.max_steps=10")], cwd=REPO)
+    result = run_command(
+        [
+            sys.executable,
+            "-m",
+            "app.train",
+            "distributed.nproc_per_node=2",
+            *tiny(
+                tmp_path,
+                "data=parquet",
+                f"data.train_path={synthetic / 'train'}",
+                f"data.val_path={late}",
+                "trainer.eval_every_n_steps=5",
+                "checkpoint.every_n_steps=0",
+                "trainer.max_steps=10",
+            ),
+        ],
+        cwd=REPO,
+    )
     assert result.returncode == 2, result.stderr[-4000:]
     # Said by rank 1, which met it; rank 0 says where to look.
     lines = sorted(line for line in result.stderr.splitlines() if line.startswith("error"))
     assert len(lines) == 2, result.stderr[-4000:]
-    assert lines[0] == ("error (rank 1): " f"{late / 'part-00000.parquet'} row group 3, row 7: column 'cat_3' has id "
-                        "10000; expected ids in [0, 10000) (features config: num_embeddings=10000; or set "
-                        "data.invalid_ids=hash to map each id to id mod num_embeddings).")
-    assert lines[1] == ("error: the evaluation at step 5 stopped: another rank met bad input in its share of the "
-                        "data (its error says where); the training up to that step is saved.")
+    assert lines[0] == (
+        "error (rank 1): "
+        f"{late / 'part-00000.parquet'} row group 3, row 7: column 'cat_3' has id "
+        "10000; expected ids in [0, 10000) (features config: num_embeddings=10000; or set "
+        "data.invalid_ids=hash to map each id to id mod num_embeddings)."
+    )
+    assert lines[1] == (
+        "error: the evaluation at step 5 stopped: another rank met bad input in its share of the "
+        "data (its error says where); the training up to that step is saved."
+    )
     # The 5 steps before the evaluation are saved (no cadence would have saved them).
     assert sorted(p.name for p in (run_dir(tmp_path) / "checkpoints").glob("step_*")) == ["step_00000005"]
     summary = json.loads((run_dir(tmp_path) / "summary.json").read_text())

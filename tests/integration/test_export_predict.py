@@ -15,7 +15,7 @@ import torch
 
 from app.metrics import auc
 from tests.conftest import REPO, run_command
-from tests.integration.test_train import check, records, tiny, torchrun
+from tests.integration.test_train import check, records, tiny
 
 
 def script(name: str, *args: str):
@@ -35,8 +35,11 @@ def test_the_exported_model_scores_the_val_split_as_the_run_did(row_wise_run, tm
 
     val = row_wise_run.dataset / "val"
     predictions = tmp_path / "predictions.parquet"
-    printed = check(run_command(script("predict.py", "--model", tmp_path / "exported", "--data", val,
-                                       "--out", predictions), cwd=tmp_path))
+    printed = check(
+        run_command(
+            script("predict.py", "--model", tmp_path / "exported", "--data", val, "--out", predictions), cwd=tmp_path
+        )
+    )
     assert "is_fx_tracing" not in printed  # torch's note to library authors stays off the console
     metrics = {name: float(value) for name, value in re.findall(r"\b(AUC|logloss|NE) ([0-9.]+)", printed)}
     assert metrics["AUC"] == pytest.approx(final_eval["auc"], abs=1e-6)  # printed to 6 decimals
@@ -47,8 +50,9 @@ def test_the_exported_model_scores_the_val_split_as_the_run_did(row_wise_run, tm
     # for pairs of rows whose logits differ and whose float32 probabilities do not (a tie counts half).
     table = pq.read_table(predictions)
     assert table.schema == pa.schema([("prediction", pa.float32()), ("label", pa.float32())])
-    labels = np.concatenate([pq.read_table(f, columns=["label"])["label"].to_numpy()
-                             for f in sorted(val.glob("*.parquet"))])
+    labels = np.concatenate(
+        [pq.read_table(f, columns=["label"])["label"].to_numpy() for f in sorted(val.glob("*.parquet"))]
+    )
     assert table.num_rows == len(labels) == final_eval["samples"]
     assert np.array_equal(table["label"].to_numpy(), labels)
     scores = torch.from_numpy(table["prediction"].to_numpy().copy())
@@ -59,8 +63,9 @@ def test_the_exported_model_scores_the_val_split_as_the_run_did(row_wise_run, tm
     ties_weigh = 0.5 * tied_pairs / (positives * (len(labels) - positives))
     assert auc(scores, torch.from_numpy(labels)) == pytest.approx(final_eval["auc"], abs=1e-9 + ties_weigh)
 
-    missing = run_command(script("predict.py", "--model", tmp_path / "nowhere", "--data", val, "--out", predictions),
-                          cwd=tmp_path)
+    missing = run_command(
+        script("predict.py", "--model", tmp_path / "nowhere", "--data", val, "--out", predictions), cwd=tmp_path
+    )
     assert missing.returncode == 2 and f"error: {tmp_path / 'nowhere'}: no such directory" in missing.stderr
 
 
@@ -75,12 +80,19 @@ def test_predict_scores_an_fp16_run_in_its_precision_as_its_validation_did(tmp_p
     assert "predict.py computes its dense part in fp16, the run's trainer.precision" in exported
 
     val = next((tmp_path / "data").iterdir()) / "val"
-    printed = check(run_command(script("predict.py", "--model", tmp_path / "exported", "--data", val,
-                                       "--out", tmp_path / "predictions.parquet"), cwd=tmp_path))
+    printed = check(
+        run_command(
+            script(
+                "predict.py", "--model", tmp_path / "exported", "--data", val, "--out", tmp_path / "predictions.parquet"
+            ),
+            cwd=tmp_path,
+        )
+    )
     assert "the dense part computed in fp16 (the run's trainer.precision" in printed
     printed_metrics = dict(re.findall(r"\b(AUC|logloss|NE) ([0-9.]+)", printed))
-    assert printed_metrics == {name: f"{final_eval[key]:.6f}" for name, key in (("AUC", "auc"), ("logloss", "logloss"),
-                                                                                 ("NE", "ne"))}
+    assert printed_metrics == {
+        name: f"{final_eval[key]:.6f}" for name, key in (("AUC", "auc"), ("logloss", "logloss"), ("NE", "ne"))
+    }
 
 
 def _edited_copy(source, target, name: str, edit) -> None:
@@ -109,36 +121,52 @@ def test_configs_in_received_files_are_plain_data_and_unknown_keys_exit_2(one_pr
     env.pop("UNSET_VAR", None)
 
     def predict(model):
-        return subprocess.run(script("predict.py", "--model", model, "--data", val, "--out", tmp_path / "p.parquet"),
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            script("predict.py", "--model", model, "--data", val, "--out", tmp_path / "p.parquet"),
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     unset = tmp_path / "unset"  # a string key: kept as the string
     _edited_copy(tmp_path / "exported", unset, "config.json", lambda c: c.update(run_name="${oc.env:UNSET_VAR}"))
     check(predict(unset))
     from_env = tmp_path / "from_env"  # an integer key: the string is not an integer
-    _edited_copy(tmp_path / "exported", from_env, "config.json",
-                 lambda c: c["data"].update(eval_batch_size="${oc.env:BATCH}"))
+    _edited_copy(
+        tmp_path / "exported", from_env, "config.json", lambda c: c["data"].update(eval_batch_size="${oc.env:BATCH}")
+    )
     result = predict(from_env)
     assert result.returncode == 2 and result.stderr == (
         f"error: {from_env / 'config.json'}: its config is not one this version of rectrain can use: "
-        "data.eval_batch_size: Value '${oc.env:BATCH}' of type 'str' could not be converted to Integer\n"), \
-        result.stderr[-3000:]
+        "data.eval_batch_size: Value '${oc.env:BATCH}' of type 'str' could not be converted to Integer\n"
+    ), result.stderr[-3000:]
     unknown = tmp_path / "unknown"
     _edited_copy(tmp_path / "exported", unknown, "config.json", lambda c: c["optim"].update(lrr=0.1))
     result = predict(unknown)
     assert result.returncode == 2 and result.stderr == (
         f"error: {unknown / 'config.json'}: its config is not one this version of rectrain can use: 'optim.lrr' is "
         "not a config key: 'optim' has no field 'lrr'. Did you mean 'optim.lr'? `python -m app.train --cfg job` "
-        "prints every key.\n"), result.stderr[-3000:]
+        "prints every key.\n"
+    ), result.stderr[-3000:]
 
     # A checkpoint whose meta.json has a key this version does not know: export refuses it as resume does.
     foreign = tmp_path / "foreign" / "step_00000005"
     _edited_copy(checkpoint, foreign, "meta.json", lambda c: c["trainer"].update(epochz=3))
     result = run_command(script("export.py", foreign, "--out", tmp_path / "exported_foreign"), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert f"\nerror: {foreign / 'meta.json'}: its config is not one this version of rectrain can use: " \
-        "'trainer.epochz' is not a config key" in result.stderr, result.stderr[-3000:]
-    resumed = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4", "run_name=other",
-                                                                   f"checkpoint.load_from={foreign}")], cwd=REPO)
-    assert resumed.returncode == 2 and "'trainer.epochz' is not a config key" in resumed.stderr, \
-        resumed.stderr[-3000:]
+    assert (
+        f"\nerror: {foreign / 'meta.json'}: its config is not one this version of rectrain can use: "
+        "'trainer.epochz' is not a config key" in result.stderr
+    ), result.stderr[-3000:]
+    resumed = run_command(
+        [
+            sys.executable,
+            "-m",
+            "app.train",
+            *tiny(tmp_path, "trainer.max_steps=4", "run_name=other", f"checkpoint.load_from={foreign}"),
+        ],
+        cwd=REPO,
+    )
+    assert resumed.returncode == 2 and "'trainer.epochz' is not a config key" in resumed.stderr, resumed.stderr[-3000:]

@@ -10,7 +10,6 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,7 +38,7 @@ def train_records(root: Path):
 
 
 @pytest.fixture(scope="module")
-def overflowing_data(tmp_path_factory) -> Dict[str, Path]:
+def overflowing_data(tmp_path_factory) -> dict[str, Path]:
     """experiment=tiny's synthetic splits, and a copy of the train split with one huge dense value."""
     root = tmp_path_factory.mktemp("data")
     check(run_command([sys.executable, "scripts/make_dataset.py", *tiny(root)[:2]], cwd=REPO))
@@ -54,11 +53,11 @@ def overflowing_data(tmp_path_factory) -> Dict[str, Path]:
     return {"train": crafted, "val": synthetic / "val", "clean": synthetic / "train"}
 
 
-def on(data: Dict[str, Path], split: str = "train"):
+def on(data: dict[str, Path], split: str = "train"):
     return [f"data.train_path={data[split]}", f"data.val_path={data['val']}"]
 
 
-def checkpoint_state(path: Path, tmp_path: Path) -> Dict[str, object]:
+def checkpoint_state(path: Path, tmp_path: Path) -> dict[str, object]:
     """Everything a checkpoint holds (model and optimizer state, every rank's shards), flat."""
     out = tmp_path / f"{path.parent.parent.parent.name}-{path.name}.pt"
     dcp_to_torch_save(path, out)
@@ -72,7 +71,7 @@ def checkpoint_state(path: Path, tmp_path: Path) -> Dict[str, object]:
     return flat(torch.load(out, weights_only=True))
 
 
-def differing(a: Dict[str, object], b: Dict[str, object]):
+def differing(a: dict[str, object], b: dict[str, object]):
     assert a.keys() == b.keys()
     same = lambda x, y: torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y  # noqa: E731
     return [key for key in a if not same(a[key], b[key])]
@@ -83,8 +82,11 @@ def test_replicated_fp16_tables_train_like_fp32_ones(tmp_path):
     NaN after the first step (their torch optimizer's state was fp16: eps rounds to 0, 0/0)."""
     common = ["features=criteo_demo", "trainer.max_steps=15", "checkpoint.every_n_steps=0"]
     finals = {}
-    for name, extra in (("fp32", []), ("fp16", ["features.data_type=fp16"]),
-                        ("fp16-scaled", ["features.data_type=fp16", "trainer.precision=fp16"])):
+    for name, extra in (
+        ("fp32", []),
+        ("fp16", ["features.data_type=fp16"]),
+        ("fp16-scaled", ["features.data_type=fp16", "trainer.precision=fp16"]),
+    ):
         root = tmp_path / name
         if name != "fp32":
             shutil.copytree(tmp_path / "fp32" / "data", root / "data")
@@ -107,11 +109,27 @@ def test_an_overflow_on_one_rank_changes_nothing_on_any_rank(overflowing_data, t
     on both ranks, and halve the loss scale; step 3 trains again."""
     # sharding=mixed (cat_9 row-wise, cat_2 column-wise, ...) with two small tables replicated.
     replicated = "+sharding.tables={cat_13:{sharding_types:[data_parallel]},cat_16:{sharding_types:[data_parallel]}}"
-    check(run_command(torchrun(*tiny(tmp_path, *FP16_STEPS, *on(overflowing_data),
-                                     "sharding=mixed", replicated, "trainer.max_steps=3",
-                                     "checkpoint.every_n_steps=1", "checkpoint.keep_last=3")), cwd=REPO))
-    plan = {name: table["sharding_type"]
-            for name, table in json.loads((run_dir(tmp_path) / "plan.json").read_text())["tables"].items()}
+    check(
+        run_command(
+            torchrun(
+                *tiny(
+                    tmp_path,
+                    *FP16_STEPS,
+                    *on(overflowing_data),
+                    "sharding=mixed",
+                    replicated,
+                    "trainer.max_steps=3",
+                    "checkpoint.every_n_steps=1",
+                    "checkpoint.keep_last=3",
+                )
+            ),
+            cwd=REPO,
+        )
+    )
+    plan = {
+        name: table["sharding_type"]
+        for name, table in json.loads((run_dir(tmp_path) / "plan.json").read_text())["tables"].items()
+    }
     assert plan["t_cat_13"] == "data_parallel" and plan["t_cat_9"] == "row_wise", plan
     checkpoints = run_dir(tmp_path) / "checkpoints"
     states = [checkpoint_state(checkpoints / f"step_{step:08d}", tmp_path) for step in (1, 2, 3)]
@@ -119,13 +137,19 @@ def test_an_overflow_on_one_rank_changes_nothing_on_any_rank(overflowing_data, t
     assert differing(states[0], states[1]) == []
     assert len(differing(states[1], states[2])) > 30  # tables and dense layers moved again
     steps = train_records(tmp_path)
-    assert [(r["step"], r["loss_scale"], r["skipped_steps"]) for r in steps] == \
-        [(1, 65536.0, 0), (2, 32768.0, 1), (3, 32768.0, 1)], steps
+    assert [(r["step"], r["loss_scale"], r["skipped_steps"]) for r in steps] == [
+        (1, 65536.0, 0),
+        (2, 32768.0, 1),
+        (3, 32768.0, 1),
+    ], steps
     assert all(math.isfinite(r["loss"]) for r in steps)  # an overflow in the backward, not the loss
 
     # The verdict is every rank's, so the scale is one: saved once, it resumes on 1 rank.
-    out = check(run_command(one_process(*tiny(tmp_path, *FP16_STEPS, *on(overflowing_data, "clean"),
-                                              "trainer.max_steps=8")), cwd=REPO))
+    out = check(
+        run_command(
+            one_process(*tiny(tmp_path, *FP16_STEPS, *on(overflowing_data, "clean"), "trainer.max_steps=8")), cwd=REPO
+        )
+    )
     assert "this run has 1 ranks" in out
     assert [r["loss_scale"] for r in train_records(tmp_path)[3:]] == [32768.0] * 2
 
@@ -133,8 +157,7 @@ def test_an_overflow_on_one_rank_changes_nothing_on_any_rank(overflowing_data, t
 def test_an_fp16_run_that_backed_off_resumes_exactly(overflowing_data, tmp_path):
     """The loss scale halves at step 4; interrupted at step 6 and resumed, the run ends bitwise
     where the uninterrupted one does: model and optimizer state."""
-    common = [*FP16_STEPS, *on(overflowing_data), "trainer.max_steps=12", "checkpoint.every_n_steps=6",
-              "optim=adam"]
+    common = [*FP16_STEPS, *on(overflowing_data), "trainer.max_steps=12", "checkpoint.every_n_steps=6", "optim=adam"]
     reference = tmp_path / "reference"
     check(run_command(one_process(*tiny(reference, *common)), cwd=REPO))
     resumed = tmp_path / "resumed"
@@ -144,8 +167,12 @@ def test_an_fp16_run_that_backed_off_resumes_exactly(overflowing_data, tmp_path)
     check(run_command(one_process(*tiny(resumed, *common)), cwd=REPO))
     assert train_records(resumed)[0]["step"] == 7
     final = "checkpoints/step_00000012"
-    assert differing(checkpoint_state(run_dir(reference) / final, tmp_path),
-                     checkpoint_state(run_dir(resumed) / final, tmp_path)) == []
+    assert (
+        differing(
+            checkpoint_state(run_dir(reference) / final, tmp_path), checkpoint_state(run_dir(resumed) / final, tmp_path)
+        )
+        == []
+    )
     assert [r["skipped_steps"] for r in train_records(reference)][2:5] == [0, 1, 1]
     assert [r["loss_scale"] for r in train_records(resumed)] == [r["loss_scale"] for r in train_records(reference)][6:]
 

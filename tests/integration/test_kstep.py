@@ -13,8 +13,20 @@ from tests.integration.test_train import check, records, tiny, torchrun
 
 def run(tmp_path, every: int, *overrides: str):
     root = tmp_path / f"k{every}"
-    out = check(run_command(torchrun(*tiny(root, "trainer.epochs=2", "trainer.log_every_n_steps=1",
-                                           f"trainer.dense_average_every={every}", *overrides)), cwd=REPO))
+    out = check(
+        run_command(
+            torchrun(
+                *tiny(
+                    root,
+                    "trainer.epochs=2",
+                    "trainer.log_every_n_steps=1",
+                    f"trainer.dense_average_every={every}",
+                    *overrides,
+                )
+            ),
+            cwd=REPO,
+        )
+    )
     return (out, *losses_and_eval(root / "outputs" / "tiny"))
 
 

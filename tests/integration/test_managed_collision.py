@@ -15,7 +15,6 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import List
 
 import pytest
 import torch
@@ -28,32 +27,60 @@ ROWS = [320] * 7 + [64]
 MC_KEY = "model.sparse_arch.embedding_bag_collection.mc._managed_collision_collection._managed_collision_modules"
 
 
-def sparse(rows: List[int], mapping: str) -> str:
-    return "features.sparse=[" + ",".join(f"{{name: c{i}, num_embeddings: {n}, id_mapping: {mapping}}}"
-                                          for i, n in enumerate(rows)) + "]"
+def sparse(rows: list[int], mapping: str) -> str:
+    return (
+        "features.sparse=["
+        + ",".join(f"{{name: c{i}, num_embeddings: {n}, id_mapping: {mapping}}}" for i, n in enumerate(rows))
+        + "]"
+    )
 
 
-def script(name: str, *args) -> List[str]:
+def script(name: str, *args) -> list[str]:
     return [sys.executable, str(REPO / "scripts" / name), *map(str, args)]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mc_data")
-    printed = check(run_command(script(
-        "make_dataset.py", f"data.synthetic.root={root}", "features.dense=[int_0,int_1]",
-        sparse([LIVE_IDS] * len(ROWS), "direct"), "data.synthetic.id_bits=40", "data.synthetic.id_distribution=uniform",
-        "data.synthetic.train_rows=40000", "data.synthetic.val_rows=10000", "data.synthetic.rows_per_file=10000",
-        "data.synthetic.rows_per_row_group=2500"), cwd=REPO))
+    printed = check(
+        run_command(
+            script(
+                "make_dataset.py",
+                f"data.synthetic.root={root}",
+                "features.dense=[int_0,int_1]",
+                sparse([LIVE_IDS] * len(ROWS), "direct"),
+                "data.synthetic.id_bits=40",
+                "data.synthetic.id_distribution=uniform",
+                "data.synthetic.train_rows=40000",
+                "data.synthetic.val_rows=10000",
+                "data.synthetic.rows_per_file=10000",
+                "data.synthetic.rows_per_row_group=2500",
+            ),
+            cwd=REPO,
+        )
+    )
     return Path(re.search(r"dataset: (\S+)", printed).group(1))
 
 
-def overrides(root: Path, dataset: Path, mapping: str) -> List[str]:
-    return [f"output_root={root / 'outputs'}", "run_name=raw", "data=parquet", f"data.train_path={dataset / 'train'}",
-            f"data.val_path={dataset / 'val'}", "features.dense=[int_0,int_1]", sparse(ROWS, mapping),
-            "features.embedding_dim=8", "model.dense_arch_layer_sizes=[16,8]", "model.over_arch_layer_sizes=[16,1]",
-            "data.batch_size=256", "optim.lr=0.1", "trainer.epochs=2", "checkpoint.every_n_steps=50",
-            "checkpoint.keep_last=10", "logging.progress_bar=false"]
+def overrides(root: Path, dataset: Path, mapping: str) -> list[str]:
+    return [
+        f"output_root={root / 'outputs'}",
+        "run_name=raw",
+        "data=parquet",
+        f"data.train_path={dataset / 'train'}",
+        f"data.val_path={dataset / 'val'}",
+        "features.dense=[int_0,int_1]",
+        sparse(ROWS, mapping),
+        "features.embedding_dim=8",
+        "model.dense_arch_layer_sizes=[16,8]",
+        "model.over_arch_layer_sizes=[16,1]",
+        "data.batch_size=256",
+        "optim.lr=0.1",
+        "trainer.epochs=2",
+        "checkpoint.every_n_steps=50",
+        "checkpoint.keep_last=10",
+        "logging.progress_bar=false",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +144,9 @@ def test_a_resumed_run_is_bitwise_the_uninterrupted_one(managed, managed_export,
     assert records(run_dir(resumed), "eval")[-1]["auc"] == records(run_dir(managed), "eval")[-1]["auc"]
 
     # On one rank the ids would be looked for on other shards than the ones that gave them rows.
-    refused = run_command([sys.executable, "-m", "app.train", *overrides(resumed, dataset, "managed_collision")],
-                          cwd=REPO)
+    refused = run_command(
+        [sys.executable, "-m", "app.train", *overrides(resumed, dataset, "managed_collision")], cwd=REPO
+    )
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "was saved by 2 rank(s) and this run has 1" in refused.stderr
     assert "Run with 2 workers, or start a new run_name" in refused.stderr
@@ -126,8 +154,20 @@ def test_a_resumed_run_is_bitwise_the_uninterrupted_one(managed, managed_export,
 
 def test_predict_maps_ids_as_training_did(managed, managed_export, dataset, tmp_path):
     final_eval = records(run_dir(managed), "eval")[-1]
-    printed = check(run_command(script("predict.py", "--model", managed_export, "--data", dataset / "val",
-                                       "--out", tmp_path / "predictions.parquet"), cwd=REPO))
+    printed = check(
+        run_command(
+            script(
+                "predict.py",
+                "--model",
+                managed_export,
+                "--data",
+                dataset / "val",
+                "--out",
+                tmp_path / "predictions.parquet",
+            ),
+            cwd=REPO,
+        )
+    )
     metrics = {name: float(value) for name, value in re.findall(r"\b(AUC|logloss) ([0-9.]+)", printed)}
     assert metrics["AUC"] == pytest.approx(final_eval["auc"], abs=1e-6)  # printed to 6 decimals
     assert metrics["logloss"] == pytest.approx(final_eval["logloss"], abs=1e-6)
@@ -152,16 +192,40 @@ def test_bags_longer_than_their_hotness_give_every_id_a_row(tmp_path):
     for split, count, first in (("train", rows, 0), ("val", 128, rows * bag)):
         ids = (10**9 + first + np.arange(count * bag)).reshape(count, bag)
         (tmp_path / split).mkdir()
-        pq.write_table(pa.table({"label": np.arange(count) % 2, "int_0": np.ones(count, np.float32),
-                                 "c0": pa.array(ids.tolist(), type=pa.list_(pa.int64()))}),
-                       tmp_path / split / "part-0.parquet")
-    check(run_command([sys.executable, "-m", "app.train", f"output_root={tmp_path / 'outputs'}", "run_name=raw",
-                       "data=parquet", f"data.train_path={tmp_path / 'train'}", f"data.val_path={tmp_path / 'val'}",
-                       "features.dense=[int_0]", "features.embedding_dim=8", "model.dense_arch_layer_sizes=[16,8]",
-                       "model.over_arch_layer_sizes=[16,1]",
-                       f"features.sparse=[{{name: c0, num_embeddings: {table_rows}, id_mapping: managed_collision}}]",
-                       "data.batch_size=64", "trainer.epochs=1", "checkpoint.every_n_steps=0",
-                       "logging.progress_bar=false"], cwd=REPO))
+        pq.write_table(
+            pa.table(
+                {
+                    "label": np.arange(count) % 2,
+                    "int_0": np.ones(count, np.float32),
+                    "c0": pa.array(ids.tolist(), type=pa.list_(pa.int64())),
+                }
+            ),
+            tmp_path / split / "part-0.parquet",
+        )
+    check(
+        run_command(
+            [
+                sys.executable,
+                "-m",
+                "app.train",
+                f"output_root={tmp_path / 'outputs'}",
+                "run_name=raw",
+                "data=parquet",
+                f"data.train_path={tmp_path / 'train'}",
+                f"data.val_path={tmp_path / 'val'}",
+                "features.dense=[int_0]",
+                "features.embedding_dim=8",
+                "model.dense_arch_layer_sizes=[16,8]",
+                "model.over_arch_layer_sizes=[16,1]",
+                f"features.sparse=[{{name: c0, num_embeddings: {table_rows}, id_mapping: managed_collision}}]",
+                "data.batch_size=64",
+                "trainer.epochs=1",
+                "checkpoint.every_n_steps=0",
+                "logging.progress_bar=false",
+            ],
+            cwd=REPO,
+        )
+    )
     state = exported(tmp_path, tmp_path / "export")
     raw = state[f"{MC_KEY}.t_c0._mch_sorted_raw_ids"]
     # Every id trained on has a row of its own (dropped from the history, it would have none).

@@ -14,8 +14,12 @@ from tests.integration.test_export_predict import script
 from tests.integration.test_train import check, records, tiny, torchrun
 
 # sharding=mixed splits cat_9 (40,000 rows) row-wise over both workers and cat_2 column-wise.
-WIDTHS = ["features.sparse.0.embedding_dim=32", "features.sparse.5.embedding_dim=8",
-          "features.sparse.9.embedding_dim=24", "sharding=mixed"]
+WIDTHS = [
+    "features.sparse.0.embedding_dim=32",
+    "features.sparse.5.embedding_dim=8",
+    "features.sparse.9.embedding_dim=24",
+    "sharding=mixed",
+]
 
 
 @pytest.mark.parametrize("arch", ["dlrm", "dcn", "deepfm"])
@@ -33,8 +37,14 @@ def test_tables_of_several_widths_shard_resume_on_one_worker_export_and_predict(
 
     check(run_command(script("export.py", run_dir, "--out", tmp_path / "exported"), cwd=tmp_path))
     val = next((tmp_path / "data").iterdir()) / "val"
-    printed = check(run_command(script("predict.py", "--model", tmp_path / "exported", "--data", val,
-                                       "--out", tmp_path / "predictions.parquet"), cwd=tmp_path))
+    printed = check(
+        run_command(
+            script(
+                "predict.py", "--model", tmp_path / "exported", "--data", val, "--out", tmp_path / "predictions.parquet"
+            ),
+            cwd=tmp_path,
+        )
+    )
     assert float(re.search(r"\bAUC ([0-9.]+)", printed).group(1)) == pytest.approx(final_eval["auc"], abs=1e-6)
 
 
@@ -47,10 +57,21 @@ def planted_root(tmp_path_factory):
 def test_each_architecture_learns_the_planted_truth_over_tables_of_several_widths(arch, planted_root, tmp_path):
     """The default job's planted-truth features (criteo_demo), on 200,000 rows for 2 epochs (about
     12 s): measured 0.869 (dlrm), 0.854 (dcn) and 0.839 (deepfm) against a best achievable 0.908."""
-    args = [f"model={arch}", *WIDTHS[:3], f"data.synthetic.root={planted_root}", f"output_root={tmp_path}",
-            "data.synthetic.train_rows=200000", "data.synthetic.val_rows=20000", "data.synthetic.rows_per_file=50000",
-            "data.synthetic.rows_per_row_group=5000", "trainer.eval_every_n_steps=0", "checkpoint.every_n_steps=0",
-            "logging.progress_bar=false"]
+    args = [
+        f"model={arch}",
+        *WIDTHS[:3],
+        f"data.synthetic.root={planted_root}",
+        f"output_root={tmp_path}",
+        "data.synthetic.train_rows=200000",
+        "data.synthetic.val_rows=20000",
+        "data.synthetic.rows_per_file=50000",
+        "data.synthetic.rows_per_row_group=5000",
+        "trainer.eval_every_n_steps=0",
+        "checkpoint.every_n_steps=0",
+        "logging.progress_bar=false",
+    ]
     out = check(run_command([sys.executable, "-m", "app.train", *args], cwd=REPO))
-    reached, best = map(float, re.search(r"best achievable validation AUC (0\.\d+) .*reached (0\.\d+)", out).group(2, 1))
+    reached, best = map(
+        float, re.search(r"best achievable validation AUC (0\.\d+) .*reached (0\.\d+)", out).group(2, 1)
+    )
     assert reached > best - 0.09, out[-2000:]

@@ -21,12 +21,23 @@ def _free_port() -> int:
 
 def test_two_agents_as_two_nodes_train_row_wise_tables(tmp_path):
     port = _free_port()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=multinode-test",
-               "-m", "app.train", *tiny(tmp_path, "sharding=row_wise", "trainer.max_steps=8")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=multinode-test",
+        "-m",
+        "app.train",
+        *tiny(tmp_path, "sharding=row_wise", "trainer.max_steps=8"),
+    ]
     # The second agent runs beside the first; run_command waits for the first.
-    second = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=_env())
+    second = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
+    )
     try:
         first = run_command(command, cwd=REPO)
         other_output, _ = second.communicate(timeout=300)

@@ -30,11 +30,20 @@ SPARSE = "[" + ",".join(f"{{name: cat_{i}, num_embeddings: 10}}" for i in range(
 
 def multitask(root: Path, run_name: str, *overrides: str):
     return [
-        f"data.synthetic.root={root / 'data'}", f"output_root={root / 'outputs'}", f"run_name={run_name}",
-        "logging.progress_bar=false", "features.dense=[int_0,int_1,int_2]", f"features.sparse={SPARSE}",
+        f"data.synthetic.root={root / 'data'}",
+        f"output_root={root / 'outputs'}",
+        f"run_name={run_name}",
+        "logging.progress_bar=false",
+        "features.dense=[int_0,int_1,int_2]",
+        f"features.sparse={SPARSE}",
         "features.labels=[{name: click, weight: 1.0}, {name: conversion, weight: 1.0}]",
-        "data.synthetic.train_rows=60000", "data.synthetic.val_rows=10000", "data.synthetic.rows_per_file=10000",
-        "data.synthetic.rows_per_row_group=1000", "data.batch_size=128", "optim.lr=0.1", "trainer.epochs=2",
+        "data.synthetic.train_rows=60000",
+        "data.synthetic.val_rows=10000",
+        "data.synthetic.rows_per_file=10000",
+        "data.synthetic.rows_per_row_group=1000",
+        "data.batch_size=128",
+        "optim.lr=0.1",
+        "trainer.epochs=2",
         *overrides,
     ]
 
@@ -49,9 +58,14 @@ def trained(tmp_path_factory):
     step 700 of 936); the best checkpoint is the conversion's."""
     root = tmp_path_factory.mktemp("multitask")
     # (Evaluations 150 steps apart: the resumed run's first step, 700 on 1 worker, is not one of them.)
-    common = ("trainer.eval_every_n_steps=150", "checkpoint.every_n_steps=150", "trainer.early_stopping.task=conversion")
-    first = check(run_command(torchrun(*multitask(root, "mt", *common, "sharding=row_wise", "trainer.max_steps=350")),
-                              cwd=REPO))
+    common = (
+        "trainer.eval_every_n_steps=150",
+        "checkpoint.every_n_steps=150",
+        "trainer.early_stopping.task=conversion",
+    )
+    first = check(
+        run_command(torchrun(*multitask(root, "mt", *common, "sharding=row_wise", "trainer.max_steps=350")), cwd=REPO)
+    )
     run_dir = root / "outputs" / "mt"
     plan = json.loads((run_dir / "plan.json").read_text())  # before the 1-worker run writes its own
     assert plan["world_size"] == 2 and {t["sharding_type"] for t in plan["tables"].values()} == {"row_wise"}
@@ -60,7 +74,7 @@ def trained(tmp_path_factory):
 
 
 def test_two_ranks_resumed_on_one_then_exported_predict_a_column_per_task(trained):
-    root, run_dir, first, second = trained
+    root, run_dir, _first, second = trained
     assert "at step 700 " in second  # resumed where the 2-rank run stopped
     evals = records(run_dir, "eval")
     final = evals[-1]
@@ -80,15 +94,18 @@ def test_two_ranks_resumed_on_one_then_exported_predict_a_column_per_task(traine
     check(run_command(script("export.py", run_dir, "--out", root / "exported"), cwd=root))
     val = next((root / "data").iterdir()) / "val"
     predictions = root / "predictions.parquet"
-    printed = check(run_command(script("predict.py", "--model", root / "exported", "--data", val,
-                                       "--out", predictions), cwd=root))
+    printed = check(
+        run_command(script("predict.py", "--model", root / "exported", "--data", val, "--out", predictions), cwd=root)
+    )
     table = pq.read_table(predictions)
     assert table.column_names == ["prediction_click", "prediction_conversion", "label_click", "label_conversion"]
     assert table.num_rows == 10000
     for task in TASKS:
         printed_auc = float(re.search(rf"task {task}: AUC ([0-9.]+)", printed).group(1))
         assert printed_auc == pytest.approx(best_eval[f"{task}/auc"], abs=1e-6)
-        labels = np.concatenate([pq.read_table(f, columns=[task])[task].to_numpy() for f in sorted(val.glob("*.parquet"))])
+        labels = np.concatenate(
+            [pq.read_table(f, columns=[task])[task].to_numpy() for f in sorted(val.glob("*.parquet"))]
+        )
         assert np.array_equal(table[f"label_{task}"].to_numpy(), labels)
         written = auc(torch.from_numpy(table[f"prediction_{task}"].to_numpy().copy()), torch.from_numpy(labels))
         assert written == pytest.approx(best_eval[f"{task}/auc"], abs=1e-4)  # float32 probabilities tie a few pairs
@@ -134,16 +151,31 @@ def test_each_task_is_learned_to_near_its_planted_best(trained):
 
 def test_early_stopping_follows_the_configured_tasks_metric(trained, tmp_path):
     root, _, _, _ = trained
-    printed = check(run_command(single_process(*multitask(
-        root, "stop", "model=dcn", "model.multi_task=mmoe", "model.num_experts=2", "trainer.eval_every_n_steps=10",
-        "trainer.early_stopping.task=conversion", "trainer.early_stopping.target=0.7", "trainer.max_steps=200")),
-        cwd=REPO))
+    printed = check(
+        run_command(
+            single_process(
+                *multitask(
+                    root,
+                    "stop",
+                    "model=dcn",
+                    "model.multi_task=mmoe",
+                    "model.num_experts=2",
+                    "trainer.eval_every_n_steps=10",
+                    "trainer.early_stopping.task=conversion",
+                    "trainer.early_stopping.target=0.7",
+                    "trainer.max_steps=200",
+                )
+            ),
+            cwd=REPO,
+        )
+    )
     run_dir = root / "outputs" / "stop"
     evals = records(run_dir, "eval")
     summary = json.loads((run_dir / "summary.json").read_text())
     stop = evals[-1]
     assert stop["conversion/auc"] >= 0.7 and all(r["conversion/auc"] < 0.7 for r in evals[:-1])
     assert summary["step"] == stop["step"] < 200
-    assert summary["stopped_early"].startswith(f"validation conversion/auc {stop['conversion/auc']:.6f} reached "
-                                               "trainer.early_stopping.target=0.7")
+    assert summary["stopped_early"].startswith(
+        f"validation conversion/auc {stop['conversion/auc']:.6f} reached trainer.early_stopping.target=0.7"
+    )
     assert "stopping early at step" in printed

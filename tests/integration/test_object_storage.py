@@ -48,9 +48,16 @@ def s3_job(root: Path, s3_data, name: str, *overrides: str):
     """tiny, from the bucket's Parquet files, checkpointing into s3://BUCKET/runs/<name>
     asynchronously every 5 steps (15 steps on 2 ranks)."""
     train, val = s3_data
-    return tiny(root, "data.source=parquet", f"data.train_path={train}", f"data.val_path={val}",
-                f"checkpoint.dir=s3://{BUCKET}/runs/{name}", "checkpoint.every_n_steps=5",
-                "checkpoint.async_save=true", *overrides)
+    return tiny(
+        root,
+        "data.source=parquet",
+        f"data.train_path={train}",
+        f"data.val_path={val}",
+        f"checkpoint.dir=s3://{BUCKET}/runs/{name}",
+        "checkpoint.every_n_steps=5",
+        "checkpoint.async_save=true",
+        *overrides,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -81,17 +88,31 @@ def test_two_workers_train_from_a_bucket_and_checkpoint_into_it_then_export_and_
     assert not (root / "outputs" / "tiny" / "checkpoints").exists()
     for name in ("step_00000010", "step_00000015"):
         assert verify(f"{url}/{name}") is None
-    exported = check(run_command([sys.executable, "scripts/export.py", url, "--out", str(tmp_path / "model")],
-                                 cwd=REPO))
+    exported = check(
+        run_command([sys.executable, "scripts/export.py", url, "--out", str(tmp_path / "model")], cwd=REPO)
+    )
     assert f"exported step 15 of {url}/step_00000015" in exported
-    predicted = check(run_command([sys.executable, "scripts/predict.py", "--model", str(tmp_path / "model"),
-                                   "--data", f"s3://{BUCKET}/tiny/val/", "--out", str(tmp_path / "p.parquet")],
-                                  cwd=REPO))
+    predicted = check(
+        run_command(
+            [
+                sys.executable,
+                "scripts/predict.py",
+                "--model",
+                str(tmp_path / "model"),
+                "--data",
+                f"s3://{BUCKET}/tiny/val/",
+                "--out",
+                str(tmp_path / "p.parquet"),
+            ],
+            cwd=REPO,
+        )
+    )
     assert "2,000 predictions" in predicted
 
 
-def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_bucket_to_identical_metrics(s3_run, s3_data,
-                                                                                               tmp_path):
+def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_bucket_to_identical_metrics(
+    s3_run, s3_data, tmp_path
+):
     reference_root, _, _ = s3_run
     url = f"s3://{BUCKET}/runs/killed"
     args = torchrun(*s3_job(tmp_path, s3_data, "killed"))
@@ -101,8 +122,9 @@ def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_bucket_to_i
         # Until a save is under way (objects of a step, no meta.json yet) after one is published.
         deadline, dirs = time.time() + 240, {}
         while not (True in dirs.values() and False in dirs.values()):
-            assert job.poll() is None, "the job ended before a save could be interrupted:\n" + \
-                (tmp_path / "job.log").read_text()[-3000:]
+            assert job.poll() is None, (
+                "the job ended before a save could be interrupted:\n" + (tmp_path / "job.log").read_text()[-3000:]
+            )
             assert time.time() < deadline, "no save under way in time"
             dirs = step_dirs(fs, url)
             time.sleep(0.01)
@@ -114,8 +136,9 @@ def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_bucket_to_i
         kill_tree(job.pid)
     interrupted = [name for name, published in dirs.items() if not published]
     # The failed save's objects are removed by the job that failed, or left without a meta.json.
-    assert not any(step_dirs(fs, url).get(name) for name in interrupted), \
+    assert not any(step_dirs(fs, url).get(name) for name in interrupted), (
         "killed too late: the save it interrupted was published"
+    )
     newest_published = max(name for name, published in dirs.items() if published)
 
     out = check(run_command(args, cwd=REPO))
@@ -124,8 +147,9 @@ def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_bucket_to_i
     assert all(step_dirs(fs, url).values()) and set(step_dirs(fs, url)) == {"step_00000010", "step_00000015"}
     final = records(tmp_path / "outputs" / "tiny", "eval")[-1]
     reference = records(reference_root / "outputs" / "tiny", "eval")[-1]
-    assert {k: final[k] for k in ("step", "auc", "logloss", "ne")} == \
-        {k: reference[k] for k in ("step", "auc", "logloss", "ne")}
+    assert {k: final[k] for k in ("step", "auc", "logloss", "ne")} == {
+        k: reference[k] for k in ("step", "auc", "logloss", "ne")
+    }
 
 
 def test_a_damaged_object_in_the_newest_checkpoint_falls_back_to_the_one_before(s3_run, s3_data, tmp_path):
@@ -138,18 +162,27 @@ def test_a_damaged_object_in_the_newest_checkpoint_falls_back_to_the_one_before(
     data[len(data) // 2] ^= 0xFF  # the same size: only the CRC-32 can tell
     fs.pipe_file(shard, bytes(data))
     out = check(run_command(torchrun(*s3_job(tmp_path, s3_data, "damaged", "trainer.max_steps=12")), cwd=REPO))
-    assert f"{shard.rsplit('/', 1)[1]} is damaged" in out and f"resumed from s3://{copy}/step_00000010 at step 10 " in out
+    assert (
+        f"{shard.rsplit('/', 1)[1]} is damaged" in out and f"resumed from s3://{copy}/step_00000010 at step 10 " in out
+    )
     assert records(tmp_path / "outputs" / "tiny", "eval")[-1]["step"] == 12
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["data.train_path=gs://a-bucket/train/"], "data.train_path='gs://a-bucket/train/': gs:// needs a filesystem "
-                                               "package that is not installed"),
-    (["data.train_path=nosuch://a/b"], "data.train_path='nosuch://a/b': unknown URL scheme 'nosuch'"),
-    ([f"checkpoint.dir=s3://{BUCKET}-missing/runs/x"],
-     f"cannot write checkpoints to s3://{BUCKET}-missing/runs/x (from checkpoint.dir): FileNotFoundError"),
-    (["output_root=s3://a-bucket/outputs"], "output_root='s3://a-bucket/outputs': must be a local directory"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["data.train_path=gs://a-bucket/train/"],
+            "data.train_path='gs://a-bucket/train/': gs:// needs a filesystem package that is not installed",
+        ),
+        (["data.train_path=nosuch://a/b"], "data.train_path='nosuch://a/b': unknown URL scheme 'nosuch'"),
+        (
+            [f"checkpoint.dir=s3://{BUCKET}-missing/runs/x"],
+            f"cannot write checkpoints to s3://{BUCKET}-missing/runs/x (from checkpoint.dir): FileNotFoundError",
+        ),
+        (["output_root=s3://a-bucket/outputs"], "output_root='s3://a-bucket/outputs': must be a local directory"),
+    ],
+)
 def test_unusable_urls_are_refused_naming_the_key(s3_data, tmp_path, overrides, expected):
     train, val = s3_data
     args = tiny(tmp_path, "data.source=parquet", f"data.train_path={train}", f"data.val_path={val}", *overrides)
@@ -168,8 +201,16 @@ def test_missing_credentials_are_refused_naming_the_key(s3_data, tmp_path, monke
     assert f"data.train_path={train!r}: cannot list it (NoCredentialsError" in result.stderr, result.stderr[-3000:]
     # data.storage_options supplies them instead, for every split: the test split is read with them too.
     credentials = ["+data.storage_options.key=rectrain-test", "+data.storage_options.secret=rectrain-test-secret"]
-    args = tiny(tmp_path, "data.source=parquet", f"data.train_path={train}", f"data.val_path={val}",
-                f"data.test_path={val}", "trainer.max_steps=4", "checkpoint.every_n_steps=0", *credentials)
+    args = tiny(
+        tmp_path,
+        "data.source=parquet",
+        f"data.train_path={train}",
+        f"data.val_path={val}",
+        f"data.test_path={val}",
+        "trainer.max_steps=4",
+        "checkpoint.every_n_steps=0",
+        *credentials,
+    )
     check(run_command([sys.executable, "-m", "app.train", *args], cwd=REPO))
     assert records(tmp_path / "outputs" / "tiny", "test")[-1]["samples"] == 2000  # every test row, from S3
 
@@ -213,15 +254,17 @@ def test_export_from_a_store_that_is_down_or_refuses_fails_in_one_line(s3_endpoi
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{probe.getsockname()[1]}")
     down = run_command(export, cwd=REPO)
     assert down.returncode == 2 and "Traceback" not in down.stderr, down.stderr[-3000:]
-    assert f"error: {url}: cannot read it (EndpointConnectionError: Could not connect to the endpoint URL" \
-        in down.stderr, down.stderr[-3000:]
+    assert (
+        f"error: {url}: cannot read it (EndpointConnectionError: Could not connect to the endpoint URL" in down.stderr
+    ), down.stderr[-3000:]
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     refused = run_command(export, cwd=REPO)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-    assert f"error: {url}: cannot read it (NoCredentialsError: Unable to locate credentials)" in refused.stderr, \
+    assert f"error: {url}: cannot read it (NoCredentialsError: Unable to locate credentials)" in refused.stderr, (
         refused.stderr[-3000:]
+    )
     assert not (tmp_path / "model").exists()
 
 
@@ -244,8 +287,10 @@ def test_a_second_job_on_checkpoints_in_use_in_a_bucket_is_refused_until_their_h
         others = s3_job(tmp_path / "second", s3_data, "leased", "trainer.max_steps=3")
         second = run_command([sys.executable, "-m", "app.train", *others], cwd=REPO)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
-        assert (f"error: the run is in use by another job: s3://{lease} is leased by pid {first.pid} on host "
-                f"{holder['host']} (renewed ") in second.stderr, second.stderr[-3000:]
+        assert (
+            f"error: the run is in use by another job: s3://{lease} is leased by pid {first.pid} on host "
+            f"{holder['host']} (renewed "
+        ) in second.stderr, second.stderr[-3000:]
         assert first.poll() is None
     finally:
         kill_tree(first.pid)

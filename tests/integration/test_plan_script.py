@@ -11,8 +11,19 @@ from tests.conftest import REPO, run_command
 
 def test_plans_the_criteo_1tb_preset_balanced_without_its_data(tmp_path):
     # The preset reads Parquet, and no data path is given: a dry run reads no data.
-    result = run_command([sys.executable, "scripts/plan.py", "--world-size", "8,64", "--summary",
-                          "--json", str(tmp_path / "plan.json"), "experiment=criteo_1tb_dcnv2"], cwd=REPO)
+    result = run_command(
+        [
+            sys.executable,
+            "scripts/plan.py",
+            "--world-size",
+            "8,64",
+            "--summary",
+            "--json",
+            str(tmp_path / "plan.json"),
+            "experiment=criteo_1tb_dcnv2",
+        ],
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "memory per rank: torchrec's default (DDR 128 GiB)" in result.stdout
     lines = [line for line in result.stdout.splitlines() if line.startswith("world size")]
@@ -33,8 +44,9 @@ def test_full_report_and_errors():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharding plan for 2 rank(s)" in result.stdout and "row_wise" in result.stdout
     assert "cost" in result.stdout and "imbalance" in result.stdout and "estimated step time" in result.stdout
-    refused = run_command([sys.executable, "scripts/plan.py", "--world-size", "2", "sharding.ddr_cap_gb=0.000001"],
-                          cwd=REPO)
+    refused = run_command(
+        [sys.executable, "scripts/plan.py", "--world-size", "2", "sharding.ddr_cap_gb=0.000001"], cwd=REPO
+    )
     assert refused.returncode == 2 and "found no plan for 2 rank(s)" in refused.stderr
     assert "memory per rank: DDR 9.99e-07 GiB (sharding.ddr_cap_gb)" in refused.stderr
     # torch numbers a host's CUDA devices with 8 bits: 200 on one host cannot be placed.

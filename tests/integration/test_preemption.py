@@ -4,6 +4,7 @@ time every rank stops at the same step, one checkpoint is written, and the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -94,17 +95,22 @@ def test_sigterm_reaching_the_ranks_at_different_steps_stops_them_at_one_step_wi
     job = start(launch, tmp_path / "job.log")
     wait_until_training(tmp_path, job)
     workers = sorted(pid for pid in children(job.pid) if b"app.train" in Path(f"/proc/{pid}/cmdline").read_bytes())
-    ranks = {int(dict(line.split(b"=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                      if b"=" in line)[b"RANK"]): pid for pid in workers}
+    ranks = {
+        int(
+            dict(
+                line.split(b"=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in line
+            )[b"RANK"]
+        ): pid
+        for pid in workers
+    }
     assert sorted(ranks) == [0, 1], ranks
 
     def signal_rank_1_then_rank_0():
         os.killpg(ranks[1], signal.SIGTERM)
         time.sleep(1.0)
-        try:
+        # It may have stopped already: the agreement does not wait for every rank's signal.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(ranks[0], signal.SIGTERM)
-        except ProcessLookupError:
-            pass  # it had stopped already: the agreement does not wait for every rank's signal
 
     stop(job, signal_rank_1_then_rank_0)
     log = (tmp_path / "job.log").read_text()
@@ -131,16 +137,20 @@ def test_sigterm_to_the_process_group_of_one_process_saves_exits_143_and_resumes
     wait_until_training(tmp_path, job)
     running = read_point(run_dir(tmp_path), tmp_path)
     assert running.status == "running" and running.summary["pid"] == job.pid
-    assert stop(job, lambda: os.killpg(job.pid, signal.SIGTERM)) == PREEMPTED, \
-        (tmp_path / "job.log").read_text()[-3000:]
+    assert stop(job, lambda: os.killpg(job.pid, signal.SIGTERM)) == PREEMPTED, (tmp_path / "job.log").read_text()[
+        -3000:
+    ]
     log = (tmp_path / "job.log").read_text()
     assert "stopped by SIGTERM after saving checkpoint" in log and "Traceback" not in log
     step = the_one_checkpoint(tmp_path)
     assert stopped_steps(tmp_path) == [step]
     preempted = json.loads((run_dir(tmp_path) / "summary.json").read_text())
     assert preempted["status"] == "preempted" and preempted["step"] == step and preempted["attempts"] == 1
-    out = check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, *LONG, f"trainer.max_steps={step + 3}")],
-                            cwd=REPO))
+    out = check(
+        run_command(
+            [sys.executable, "-m", "app.train", *tiny(tmp_path, *LONG, f"trainer.max_steps={step + 3}")], cwd=REPO
+        )
+    )
     assert f"at step {step} " in out
     finished = json.loads((run_dir(tmp_path) / "summary.json").read_text())
     assert finished["status"] == "finished" and finished["step"] == step + 3 and finished["attempts"] == 2
@@ -153,8 +163,9 @@ def test_sigterm_to_a_self_launched_job_saves_and_exits_143_without_a_traceback(
     args = [sys.executable, "-m", "app.train", "distributed.nproc_per_node=2", *tiny(tmp_path, *LONG)]
     job = start(args, tmp_path / "job.log")
     wait_until_training(tmp_path, job)
-    assert stop(job, lambda: os.killpg(job.pid, signal.SIGTERM)) == PREEMPTED, \
-        (tmp_path / "job.log").read_text()[-3000:]
+    assert stop(job, lambda: os.killpg(job.pid, signal.SIGTERM)) == PREEMPTED, (tmp_path / "job.log").read_text()[
+        -3000:
+    ]
     log = (tmp_path / "job.log").read_text()
     # The workers return as usual: torch's launcher never takes the signal for a death of its own,
     # stops waiting for their results and kills them after its 30 s grace.
@@ -173,9 +184,15 @@ def test_a_job_preempted_on_two_workers_resumes_on_one_and_an_evaluation_there_m
     wait_until_training(tmp_path, job)
     stop(job, lambda: os.killpg(job.pid, signal.SIGTERM))
     step = the_one_checkpoint(tmp_path)
-    resumed = run_command([sys.executable, "-m", "app.train",
-                           *tiny(tmp_path, *LONG, "trainer.eval_every_n_steps=1", f"trainer.max_steps={2 * step + 2}")],
-                          cwd=REPO)
+    resumed = run_command(
+        [
+            sys.executable,
+            "-m",
+            "app.train",
+            *tiny(tmp_path, *LONG, "trainer.eval_every_n_steps=1", f"trainer.max_steps={2 * step + 2}"),
+        ],
+        cwd=REPO,
+    )
     out = check(resumed)
     assert f"step_{step:08d} at step {2 * step} " in out
     best = json.loads((run_dir(tmp_path) / "checkpoints" / "best").read_text())

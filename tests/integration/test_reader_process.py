@@ -12,13 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
 
 import pytest
 
 from app.data.parquet import TrainingBatches
 from tests.conftest import REPO, kill_tree, run_command, start
-from tests.unit.data.conftest import SCHEMA, uneven_files  # noqa: F401  (a fixture)
+from tests.unit.data.conftest import SCHEMA
 from tests.unit.data.test_parquet import is_running, parent_of
 
 
@@ -37,8 +36,13 @@ def test_the_reader_processes_exit_with_their_training_process(tmp_path, uneven_
         "open(sys.argv[1], 'w').write(' '.join(str(p.pid) for p in multiprocessing.active_children()))\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    trainer = subprocess.run([sys.executable, "-c", script, str(pids), str(num_workers), *uneven_files], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    trainer = subprocess.run(
+        [sys.executable, "-c", script, str(pids), str(num_workers), *uneven_files],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+    )
     assert trainer.returncode == -signal.SIGKILL
     readers = [int(pid) for pid in pids.read_text().split()]
     assert len(readers) == num_workers
@@ -79,8 +83,9 @@ print("read every pass", flush=True)
 
 
 @pytest.mark.parametrize("server_first", [True, False], ids=["server-started-before", "server-started-during"])
-def test_readers_and_their_server_born_while_stop_signals_rain_on_the_group_keep_reading(tmp_path, uneven_files,
-                                                                                          server_first):
+def test_readers_and_their_server_born_while_stop_signals_rain_on_the_group_keep_reading(
+    tmp_path, uneven_files, server_first
+):
     # A launcher's SIGTERM or a terminal's Ctrl-C reaches the whole process group at any moment,
     # also while a reader (or the fork server) is being born: it must ignore them from its birth on.
     log = tmp_path / "job.log"
@@ -103,11 +108,11 @@ def test_readers_and_their_server_born_while_stop_signals_rain_on_the_group_keep
     assert sent > 100
 
 
-def _readers_of(pid_file: Path) -> List[int]:
+def _readers_of(pid_file: Path) -> list[int]:
     return [int(pid) for pid in pid_file.read_text().split()]
 
 
-def _gone_within(pids: List[int], seconds: float) -> List[int]:
+def _gone_within(pids: list[int], seconds: float) -> list[int]:
     """The processes still running after up to `seconds`."""
     deadline = time.time() + seconds
     while any(is_running(pid) for pid in pids) and time.time() < deadline:

@@ -27,9 +27,19 @@ def check(result):
 def real_sweep(tmp_path_factory) -> Path:
     """Two finished points of a real sweep, each with two evaluations."""
     root = tmp_path_factory.mktemp("sweep")
-    args = [sys.executable, "-m", "app.train", "-m", "experiment=tiny", "optim.lr=0.01,0.02", "trainer.max_steps=2",
-            "trainer.eval_every_n_steps=1", f"data.synthetic.root={root / 'data'}", f"output_root={root / 'outputs'}",
-            "logging.progress_bar=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "app.train",
+        "-m",
+        "experiment=tiny",
+        "optim.lr=0.01,0.02",
+        "trainer.max_steps=2",
+        "trainer.eval_every_n_steps=1",
+        f"data.synthetic.root={root / 'data'}",
+        f"output_root={root / 'outputs'}",
+        "logging.progress_bar=false",
+    ]
     check(run_command(args, cwd=REPO))
     return root / "outputs" / "tiny"
 
@@ -62,20 +72,34 @@ def append(path: Path, text: str) -> None:
 
 
 DAMAGE = {
-    "summary a list": (lambda p: (p / "summary.json").write_text("[1, 2]"),
-                       "summary.json: a JSON object was expected, got a list"),
-    "pid not a number": (lambda p: edit_json(p / "summary.json", status="running", pid="abc"),
-                         "summary.json: pid is 'abc', not a process id"),
-    "pid too large": (lambda p: edit_json(p / "summary.json", status="running", pid=99999999999),
-                      "summary.json: pid is 99999999999, not a process id"),
-    "eval without step": (lambda p: append(p / "metrics.jsonl", '{"kind": "eval", "auc": 0.9}\n'),
-                          "metrics.jsonl line 3: an eval record without a step (got None)"),
-    "metrics line a number": (lambda p: append(p / "metrics.jsonl", "5\n"),
-                              "metrics.jsonl line 3: a JSON object was expected, got the number 5"),
-    "binary metrics": (lambda p: (p / "metrics.jsonl").write_bytes(bytes(range(256)) * 4),
-                       "metrics.jsonl: not text (binary data?)"),
-    "overrides a number": (lambda p: (p / ".hydra" / "overrides.yaml").write_text("5\n"),
-                           ".hydra/overrides.yaml: a list of overrides (key=value) was expected, got the number 5"),
+    "summary a list": (
+        lambda p: (p / "summary.json").write_text("[1, 2]"),
+        "summary.json: a JSON object was expected, got a list",
+    ),
+    "pid not a number": (
+        lambda p: edit_json(p / "summary.json", status="running", pid="abc"),
+        "summary.json: pid is 'abc', not a process id",
+    ),
+    "pid too large": (
+        lambda p: edit_json(p / "summary.json", status="running", pid=99999999999),
+        "summary.json: pid is 99999999999, not a process id",
+    ),
+    "eval without step": (
+        lambda p: append(p / "metrics.jsonl", '{"kind": "eval", "auc": 0.9}\n'),
+        "metrics.jsonl line 3: an eval record without a step (got None)",
+    ),
+    "metrics line a number": (
+        lambda p: append(p / "metrics.jsonl", "5\n"),
+        "metrics.jsonl line 3: a JSON object was expected, got the number 5",
+    ),
+    "binary metrics": (
+        lambda p: (p / "metrics.jsonl").write_bytes(bytes(range(256)) * 4),
+        "metrics.jsonl: not text (binary data?)",
+    ),
+    "overrides a number": (
+        lambda p: (p / ".hydra" / "overrides.yaml").write_text("5\n"),
+        ".hydra/overrides.yaml: a list of overrides (key=value) was expected, got the number 5",
+    ),
 }
 
 
@@ -94,10 +118,13 @@ def test_a_point_with_a_malformed_file_is_reported_unreadable_with_the_reason(sw
     assert f"unreadable: {reason}" in (sweep / "report" / "report.html").read_text().replace("&#x27;", "'")
 
 
-@pytest.mark.parametrize("content, reason", [
-    ("- a\n- b\n", "multirun.yaml: a mapping was expected, got a list"),
-    ("hydra: null\n", "multirun.yaml: hydra is null, a mapping was expected"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("- a\n- b\n", "multirun.yaml: a mapping was expected, got a list"),
+        ("hydra: null\n", "multirun.yaml: hydra is null, a mapping was expected"),
+    ],
+)
 def test_a_malformed_multirun_yaml_is_said_and_every_point_still_reported(sweep, content, reason):
     (sweep / "multirun.yaml").write_text(content)
     out, rows = report(sweep)
@@ -120,14 +147,17 @@ def test_values_from_overrides_directory_names_and_errors_are_text_in_every_form
     set_override(first, "+tag", "-0.5")
     set_override(second, "+tag", "-2+3|x")
     edit_json(second / "summary.json", status="failed", error="ValueError: <b>bold</b> | \\ @SUM(1)\nsecond line")
-    out, rows = report(sweep)
+    _out, rows = report(sweep)
     files = sweep / "report"
     assert (files / "final_auc_vs_optim.lr.png").stat().st_size > 0 and (files / "val_auc.png").stat().st_size > 0
 
     markdown = (files / "report.md").read_text()
     assert "<" not in markdown and ">" not in markdown
     assert r"&lt;script&gt;alert(3)&lt;/script&gt;" in markdown and "&lt;img src=x onerror=alert(1)&gt;" in markdown
-    assert r"a$\\foo$b" in markdown and r"failed: ValueError: &lt;b&gt;bold&lt;/b&gt; \| \\ @SUM(1) second line" in markdown
+    assert (
+        r"a$\\foo$b" in markdown
+        and r"failed: ValueError: &lt;b&gt;bold&lt;/b&gt; \| \\ @SUM(1) second line" in markdown
+    )
     table = [line for line in markdown.splitlines() if line.startswith("|")]
     assert len(table) == 4 and all(len(re.findall(r"(?<!\\)\|", line)) == 13 for line in table)  # 12 cells each
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List
 
 import pytest
 import torch
@@ -20,8 +19,7 @@ from tests.conftest import REPO, run_command
 from tests.integration.test_train import check, records, tiny
 
 # 31 steps an epoch on 1 rank, 15 on 2, 7 on 4 (experiment=tiny: 4000 rows, batch 128 a rank).
-COMMON = ["trainer.epochs=2", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=5",
-          "checkpoint.keep_last=100"]
+COMMON = ["trainer.epochs=2", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=5", "checkpoint.keep_last=100"]
 PRESETS = {
     "sgd": ["optim=sgd", "optim.warmup_steps=10"],  # warmup, then linear decay to the end
     "adagrad": ["optim=adagrad"],
@@ -30,9 +28,19 @@ PRESETS = {
 
 
 def train(root: Path, ranks: int, *overrides: str) -> str:
-    launcher = ([sys.executable, "-m", "app.train"] if ranks == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                 "-m", "app.train"])
+    launcher = (
+        [sys.executable, "-m", "app.train"]
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "app.train",
+        ]
+    )
     return check(run_command([*launcher, *tiny(root, *overrides)], cwd=REPO))
 
 
@@ -51,7 +59,7 @@ def interrupted_copy(source: Path, target: Path, at_step: int) -> Path:
     return target
 
 
-def parameters(root: Path, tmp_path: Path) -> Dict[str, torch.Tensor]:
+def parameters(root: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     out = export_checkpoint(run_dir(root), tmp_path / f"export-{root.name}", prefer="latest")
     return torch.load(out / MODEL_FILE, weights_only=True)
 
@@ -66,7 +74,7 @@ def assert_bitwise_equal(root: Path, reference: Path, tmp_path: Path) -> None:
 
 def assert_schedule_of(root: Path, reference: Path, first_step: int) -> None:
     """The resumed run trained from `first_step` to the reference's end, with its LRs at each step."""
-    steps: List[dict] = records(run_dir(root), "train")
+    steps: list[dict] = records(run_dir(root), "train")
     expected = {r["step"]: r for r in records(run_dir(reference), "train")}
     assert [r["step"] for r in steps] == list(range(first_step, max(expected) + 1))
     for record in steps:
@@ -75,12 +83,22 @@ def assert_schedule_of(root: Path, reference: Path, first_step: int) -> None:
     assert steps[-1]["samples"] == expected[max(expected)]["samples"]
 
 
-def uninterrupted_command(preset: str, ranks: int) -> List[str]:
+def uninterrupted_command(preset: str, ranks: int) -> list[str]:
     """The uninterrupted run of `preset` on `ranks` ranks, for the root tests/integration/conftest.py
     gives it ("{root}"); `uninterrupted(preset, ranks)` is that run, trained once a session."""
-    launcher = ([sys.executable, "-m", "app.train"] if ranks == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                 "-m", "app.train"])
+    launcher = (
+        [sys.executable, "-m", "app.train"]
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "app.train",
+        ]
+    )
     return [*launcher, *tiny(Path("{root}"), *COMMON, *PRESETS[preset])]
 
 
@@ -88,7 +106,7 @@ def uninterrupted_command(preset: str, ranks: int) -> List[str]:
 def test_resume_on_the_same_number_of_workers_is_bitwise_identical(preset, uninterrupted, tmp_path):
     reference = uninterrupted(preset, 2)
     # Inside warmup (step 5 of 10) and inside the decay for sgd; mid-run for the others.
-    for at_step in ((5, 20) if preset == "sgd" else (20,)):
+    for at_step in (5, 20) if preset == "sgd" else (20,):
         root = interrupted_copy(reference, tmp_path / f"at{at_step}", at_step)
         out = train(root, 2, *COMMON, *PRESETS[preset])
         assert f"resumed from {run_dir(root) / 'checkpoints' / f'step_{at_step:08d}'}" in out

@@ -37,15 +37,15 @@ def test_a_second_job_on_a_run_in_use_is_refused_and_a_killed_job_leaves_no_lock
         summary = wait_until_training(run_dir, first, log)
         second = run_command([sys.executable, "-m", "app.train", *args, "trainer.max_steps=3"], cwd=REPO)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
-        assert (f"error: the run is in use by another job: {run_dir / '.rectrain.lock'} is locked by pid "
-                f"{summary['pid']} on host {summary['host']}. Wait for it to end, or choose another run_name") \
-            in second.stderr, second.stderr[-3000:]
+        assert (
+            f"error: the run is in use by another job: {run_dir / '.rectrain.lock'} is locked by pid "
+            f"{summary['pid']} on host {summary['host']}. Wait for it to end, or choose another run_name"
+        ) in second.stderr, second.stderr[-3000:]
         after = json.loads((run_dir / "summary.json").read_text())
         assert (after["status"], after["pid"]) == ("running", summary["pid"])  # the first job's, untouched
         assert first.poll() is None, log.read_text()[-3000:]
     finally:
         kill_tree(first.pid)  # SIGKILL to the launcher and every worker: no word, no clean-up
         first.wait(timeout=60)
-    resumed = check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=3")],
-                                cwd=REPO))
+    resumed = check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=3")], cwd=REPO))
     assert "final validation AUC" in resumed

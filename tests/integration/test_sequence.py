@@ -24,8 +24,14 @@ ROWS = ["data.synthetic.train_rows=16000", "data.synthetic.val_rows=4000"]
 
 
 def sequence_job(root: Path, *overrides: str):
-    return ["experiment=sequence", f"data.synthetic.root={root / 'data'}", f"output_root={root / 'outputs'}",
-            "logging.progress_bar=false", *ROWS, *overrides]
+    return [
+        "experiment=sequence",
+        f"data.synthetic.root={root / 'data'}",
+        f"output_root={root / 'outputs'}",
+        "logging.progress_bar=false",
+        *ROWS,
+        *overrides,
+    ]
 
 
 def app_train(*args: str):
@@ -46,12 +52,27 @@ def runs(tmp_path_factory):
     resumed = check(run_command(app_train(*two_ranks, "trainer.epochs=2", "trainer.max_steps=145"), cwd=REPO))
     dataset = next((root / "data").iterdir())
     # The same files, the same global batch (2 x 128), no history: the column is there, unread.
-    without = sequence_job(root, "run_name=without", "features.sequence=[]", "data.source=parquet",
-                           f"data.train_path={dataset / 'train'}", f"data.val_path={dataset / 'val'}",
-                           "data.batch_size=256", "checkpoint.every_n_steps=0")
+    without = sequence_job(
+        root,
+        "run_name=without",
+        "features.sequence=[]",
+        "data.source=parquet",
+        f"data.train_path={dataset / 'train'}",
+        f"data.val_path={dataset / 'val'}",
+        "data.batch_size=256",
+        "checkpoint.every_n_steps=0",
+    )
     check(run_command(app_train(*without), cwd=REPO))
-    return {"root": root, "run_dir": run_dir, "dataset": dataset, "first": first, "first_eval": first_eval,
-            "plan": plan, "resumed": resumed, "without_eval": records(root / "outputs" / "without", "eval")[-1]}
+    return {
+        "root": root,
+        "run_dir": run_dir,
+        "dataset": dataset,
+        "first": first,
+        "first_eval": first_eval,
+        "plan": plan,
+        "resumed": resumed,
+        "without_eval": records(root / "outputs" / "without", "eval")[-1],
+    }
 
 
 def test_two_ranks_shard_the_histories_then_one_worker_resumes(runs):
@@ -72,8 +93,20 @@ def test_the_exported_model_scores_the_val_split_as_the_resumed_run_did(runs):
     final_eval = records(runs["run_dir"], "eval")[-1]
     out = runs["root"] / "exported"
     check(run_command(script("export.py", runs["run_dir"], "--pick", "latest", "--out", out), cwd=REPO))
-    printed = check(run_command(script("predict.py", "--model", out, "--data", runs["dataset"] / "val",
-                                       "--out", runs["root"] / "predictions.parquet"), cwd=REPO))
+    printed = check(
+        run_command(
+            script(
+                "predict.py",
+                "--model",
+                out,
+                "--data",
+                runs["dataset"] / "val",
+                "--out",
+                runs["root"] / "predictions.parquet",
+            ),
+            cwd=REPO,
+        )
+    )
     metrics = {name: float(value) for name, value in re.findall(r"\b(AUC|logloss) ([0-9.]+)", printed)}
     assert metrics["AUC"] == pytest.approx(final_eval["auc"], abs=1e-6)
     assert metrics["logloss"] == pytest.approx(final_eval["logloss"], abs=1e-6)

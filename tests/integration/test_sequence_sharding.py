@@ -24,9 +24,14 @@ from app.optim import apply_sparse_optimizer, build_optimizer
 from app.sharding import plan_sharding, shard_model
 from tests.integration.test_sharding_equivalence import compare_one_step
 
-SCHEMA = FeatureSchema.from_config(FeaturesConfig(
-    dense=["d0", "d1"], sparse=[SparseFeature("item", 40), SparseFeature("user", 30)], embedding_dim=8,
-    sequence=[SequenceFeature("history", 50, max_length=4, target="item")]))
+SCHEMA = FeatureSchema.from_config(
+    FeaturesConfig(
+        dense=["d0", "d1"],
+        sparse=[SparseFeature("item", 40), SparseFeature("user", 30)],
+        embedding_dim=8,
+        sequence=[SequenceFeature("history", 50, max_length=4, target="item")],
+    )
+)
 OPTIM = OptimConfig(dense="sgd", sparse="sgd", lr=0.1)
 BATCH = 6
 WORLD = 2
@@ -42,12 +47,15 @@ def make_batch(seed: int) -> SequenceBatch:
     ones = torch.ones(BATCH, dtype=torch.long)
     return SequenceBatch(
         dense_features=torch.rand(BATCH, 2, generator=g),
-        sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=["item", "user"], values=torch.cat([items, users]),
-                                                            lengths=torch.cat([ones, ones])),
+        sparse_features=KeyedJaggedTensor.from_lengths_sync(
+            keys=["item", "user"], values=torch.cat([items, users]), lengths=torch.cat([ones, ones])
+        ),
         labels=torch.randint(0, 2, (BATCH,), generator=g).float(),
         sequence_features=KeyedJaggedTensor.from_lengths_sync(
-            keys=["history", target_key("history")], values=torch.cat([history, items]),
-            lengths=torch.cat([history_lengths, ones])),
+            keys=["history", target_key("history")],
+            values=torch.cat([history, items]),
+            lengths=torch.cat([history_lengths, ones]),
+        ),
     )
 
 
@@ -75,8 +83,15 @@ def check_one(sharding_type: str) -> None:
     optimizer = build_optimizer(sharded, OPTIM)
 
     assert any("embedding_collection.embeddings.t_history" in k for k in sharded.state_dict())
-    compared = compare_one_step(sharded, optimizer, reference, [make_batch(seed) for seed in range(WORLD)],
-                                OPTIM.lr, sharding_type, skip="embedding")
+    compared = compare_one_step(
+        sharded,
+        optimizer,
+        reference,
+        [make_batch(seed) for seed in range(WORLD)],
+        OPTIM.lr,
+        sharding_type,
+        skip="embedding",
+    )
     assert any("attention" in name for name in compared), "no attention unit's gradient was compared"
 
 
@@ -97,7 +112,11 @@ def worker(rank: int, init_file: str, cases, failures) -> None:
 def test_every_sequence_sharding_type_matches_the_unsharded_model(tmp_path):
     failures = mp.Manager().dict()
     try:
-        mp.spawn(worker, args=(str(tmp_path / "init"), ["table_wise", "column_wise", "row_wise"], failures),
-                 nprocs=WORLD, join=True)
+        mp.spawn(
+            worker,
+            args=(str(tmp_path / "init"), ["table_wise", "column_wise", "row_wise"], failures),
+            nprocs=WORLD,
+            join=True,
+        )
     except Exception as error:
         pytest.fail(f"{error}\n" + "\n".join(f"--- {k}\n{v}" for k, v in failures.items()))

@@ -45,16 +45,26 @@ WORLD = 2
 
 
 def model_config(arch: str) -> ModelConfig:
-    return ModelConfig(arch=arch, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
-                       dcn_num_layers=2, dcn_low_rank_dim=4)
+    return ModelConfig(
+        arch=arch, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], dcn_num_layers=2, dcn_low_rank_dim=4
+    )
 
 
 def make_batch(seed: int) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.cat([torch.ones(BATCH, dtype=torch.long), torch.randint(0, 4, (BATCH,), generator=g),
-                         torch.ones(BATCH, dtype=torch.long)])
-    values = torch.cat([torch.randint(0, n, (int(l),), generator=g)
-                        for n, l in zip((60, 120, 200), lengths.view(3, BATCH).sum(1))])
+    lengths = torch.cat(
+        [
+            torch.ones(BATCH, dtype=torch.long),
+            torch.randint(0, 4, (BATCH,), generator=g),
+            torch.ones(BATCH, dtype=torch.long),
+        ]
+    )
+    values = torch.cat(
+        [
+            torch.randint(0, n, (int(count),), generator=g)
+            for n, count in zip((60, 120, 200), lengths.view(3, BATCH).sum(1))
+        ]
+    )
     return Batch(
         dense_features=torch.rand(BATCH, 4, generator=g),
         sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=["a", "b", "c"], values=values, lengths=lengths),
@@ -95,17 +105,33 @@ def check_one(sharding_type: str, arch: str) -> None:
 
     model = build_model(model_config(arch), SCHEMA, torch.device("cpu"))
     apply_sparse_optimizer(model, OPTIM, torch.device("cpu"))
-    plan, _ = plan_sharding(model, ShardingConfig(sharding_types=[sharding_type]), SCHEMA, torch.device("cpu"),
-                         BATCH, WORLD, WORLD, dist.group.WORLD)
+    plan, _ = plan_sharding(
+        model,
+        ShardingConfig(sharding_types=[sharding_type]),
+        SCHEMA,
+        torch.device("cpu"),
+        BATCH,
+        WORLD,
+        WORLD,
+        dist.group.WORLD,
+    )
     chosen = {p.sharding_type for p in plan.plan["model.sparse_arch.embedding_bag_collection"].values()}
     assert chosen == {sharding_type}, chosen
-    sharded = shard_model(model, plan, ShardingConfig(sharding_types=[sharding_type]), torch.device("cpu"),
-                          batch_size=BATCH)
+    sharded = shard_model(
+        model, plan, ShardingConfig(sharding_types=[sharding_type]), torch.device("cpu"), batch_size=BATCH
+    )
     sharded.load_state_dict(initial)
     optimizer = build_optimizer(sharded, OPTIM)
 
-    compare_one_step(sharded, optimizer, reference, [make_batch(seed) for seed in range(WORLD)], OPTIM.lr,
-                     f"{sharding_type}/{arch}", skip="embedding_bag_collection")
+    compare_one_step(
+        sharded,
+        optimizer,
+        reference,
+        [make_batch(seed) for seed in range(WORLD)],
+        OPTIM.lr,
+        f"{sharding_type}/{arch}",
+        skip="embedding_bag_collection",
+    )
 
 
 def compare_one_step(sharded, optimizer, reference, batches, lr: float, label: str, skip: str) -> list:
@@ -127,8 +153,13 @@ def compare_one_step(sharded, optimizer, reference, batches, lr: float, label: s
     for name, param in sharded.named_parameters():
         if skip in name or param.grad is None:
             continue
-        torch.testing.assert_close(param.grad, by_suffix(ref_params, name).grad, atol=1e-6, rtol=1e-5,
-                                   msg=lambda m: f"{label} grad of {name}: {m}")
+        torch.testing.assert_close(
+            param.grad,
+            by_suffix(ref_params, name).grad,
+            atol=1e-6,
+            rtol=1e-5,
+            msg=lambda m, name=name: f"{label} grad of {name}: {m}",
+        )
         compared.append(name)
     optimizer.step()
     with torch.no_grad():
@@ -139,8 +170,13 @@ def compare_one_step(sharded, optimizer, reference, batches, lr: float, label: s
     for name, value in sharded.state_dict().items():
         full = full_tensor(value)
         if rank == 0:
-            torch.testing.assert_close(full, by_suffix(ref_state, name), atol=1e-5, rtol=1e-5,
-                                       msg=lambda m: f"{label} {name} after one step: {m}")
+            torch.testing.assert_close(
+                full,
+                by_suffix(ref_state, name),
+                atol=1e-5,
+                rtol=1e-5,
+                msg=lambda m, name=name: f"{label} {name} after one step: {m}",
+            )
     return compared
 
 
@@ -166,8 +202,9 @@ def worker(rank: int, init_file: str, cases, failures) -> None:
     left = native_threads()
     gc.collect()
     if native_threads() != left:
-        failures[f"rank {rank} shutdown"] = (f"{left - native_threads()} threads outlived shutdown() and ended only at "
-                                             "a later garbage collection")
+        failures[f"rank {rank} shutdown"] = (
+            f"{left - native_threads()} threads outlived shutdown() and ended only at a later garbage collection"
+        )
         raise AssertionError(failures[f"rank {rank} shutdown"])
 
 

@@ -15,8 +15,11 @@ from tests.integration.test_train import tiny
 
 # Runs the rest of its command line with files limited to argv[1] bytes: a write beyond fails
 # with EFBIG (Python ignores SIGXFSZ), as one on a full disk fails with ENOSPC.
-_LIMITED = ("import os, resource, sys; limit = int(sys.argv[1]); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+_LIMITED = (
+    "import os, resource, sys; limit = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+)
 
 
 def with_file_size_limit(limit: int, *command: str):
@@ -30,19 +33,20 @@ def one_error_line(stderr: str) -> str:
     return errors[0]
 
 
-def test_a_save_that_meets_a_full_disk_fails_in_one_line_and_leaves_the_checkpoints_intact(one_process_run,
-                                                                                          tmp_path):
+def test_a_save_that_meets_a_full_disk_fails_in_one_line_and_leaves_the_checkpoints_intact(one_process_run, tmp_path):
     # A finished run of 5 steps (a copy of the session's shared one, tests/integration/conftest.py),
     # continued under the limit: its next save, step 10's (experiment=tiny saves every 10), fails.
     run_dir = one_process_run.copy_to(tmp_path) / "outputs" / "tiny"
     checkpoints = run_dir / "checkpoints"
-    failed = run_command(with_file_size_limit(256 << 10, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=20")),
-                         cwd=REPO)
+    failed = run_command(
+        with_file_size_limit(256 << 10, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=20")), cwd=REPO
+    )
     assert failed.returncode == 2, failed.stderr[-5000:]
     line = one_error_line(failed.stderr)
-    assert line.startswith(f"error: cannot write checkpoint {checkpoints / 'step_00000010'}: [Errno 27] File too "
-                           f"large ({checkpoints / '.step_00000010.tmp'}/") and \
-        line.endswith("; the checkpoints before it are untouched."), line
+    assert line.startswith(
+        f"error: cannot write checkpoint {checkpoints / 'step_00000010'}: [Errno 27] File too "
+        f"large ({checkpoints / '.step_00000010.tmp'}/"
+    ) and line.endswith("; the checkpoints before it are untouched."), line
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "latest", "step_00000005"]  # nothing half-written
     assert verify(checkpoints / "step_00000005") is None
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -78,7 +82,8 @@ def test_an_object_store_that_dies_during_a_run_fails_it_in_one_line(tmp_path):
     output = (tmp_path / "job.log").read_text()
     assert job.returncode == 2, output[-5000:]
     line = one_error_line(output)
-    assert line.startswith(f"error: cannot write checkpoint {url}/step_000000") and "EndpointConnectionError" in line, \
+    assert line.startswith(f"error: cannot write checkpoint {url}/step_000000") and "EndpointConnectionError" in line, (
         line
+    )
     summary = json.loads((tmp_path / "outputs" / "tiny" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == f"StorageFailure: {line.removeprefix('error: ')}"

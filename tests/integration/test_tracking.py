@@ -31,11 +31,26 @@ def tracking_uri(tmp_path_factory):
     assert SERVER.exists(), f"{SERVER} is missing: `make test` installs the MLflow server's environment"
     store = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
-    log = open(store / "server.log", "w")
-    server = subprocess.Popen([str(SERVER), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                               "--artifacts-destination", str(store / "artifacts")],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(store / "server.log", "w")  # noqa: SIM115 (the server writes to it for its life)
+    server = subprocess.Popen(
+        [
+            str(SERVER),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         import urllib.request
@@ -61,16 +76,23 @@ def tracking_uri(tmp_path_factory):
 def test_a_run_logs_config_metrics_and_files_to_mlflow_and_a_resume_continues_it(tmp_path, tracking_uri):
     import mlflow
 
-    overrides = ["trainer.eval_every_n_steps=3", f"logging.mlflow.tracking_uri={tracking_uri}",
-                 "logging.mlflow.experiment=tracking_test"]
-    check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=6", *overrides)], cwd=REPO))
+    overrides = [
+        "trainer.eval_every_n_steps=3",
+        f"logging.mlflow.tracking_uri={tracking_uri}",
+        "logging.mlflow.experiment=tracking_test",
+    ]
+    check(
+        run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=6", *overrides)], cwd=REPO)
+    )
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("tracking_test")
     [first] = client.search_runs([experiment.experiment_id])
     assert first.info.run_name == "tiny" and first.info.status == "FINISHED"
 
     # Asked for more steps, the run resumes from its checkpoint, and its MLflow run goes on.
-    check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=9", *overrides)], cwd=REPO))
+    check(
+        run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=9", *overrides)], cwd=REPO)
+    )
     [run] = client.search_runs([experiment.experiment_id])
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
     run_dir = tmp_path / "outputs" / "tiny"
@@ -97,8 +119,10 @@ def test_a_tracking_server_that_cannot_be_reached_stops_the_run_before_training_
     for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         env.pop(name, None)
     unreachable = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    for uri, said in ((unreachable, "cannot reach MLflow"), ("htps://mlflow.example.com",
-                                                             "not a tracking URI MLflow can use")):
+    for uri, said in (
+        (unreachable, "cannot reach MLflow"),
+        ("htps://mlflow.example.com", "not a tracking URI MLflow can use"),
+    ):
         started = time.monotonic()
         command = [sys.executable, "-m", "app.train", *tiny(tmp_path, f"logging.mlflow.tracking_uri={uri}")]
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)

@@ -27,7 +27,16 @@ def tiny(tmp_path: Path, *overrides: str):
 
 
 def torchrun(*args: str):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "app.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "app.train",
+        *args,
+    ]
 
 
 def records(run_dir: Path, kind: str):
@@ -106,8 +115,12 @@ def test_every_sharding_type_trains_to_the_end(tmp_path, sharding, request):
 
 
 def test_self_launched_workers(tmp_path):
-    args = [sys.executable, "-m", "app.train",
-            *tiny(tmp_path, "distributed.nproc_per_node=2", "distributed.threads_per_worker=3", "trainer.max_steps=4")]
+    args = [
+        sys.executable,
+        "-m",
+        "app.train",
+        *tiny(tmp_path, "distributed.nproc_per_node=2", "distributed.threads_per_worker=3", "trainer.max_steps=4"),
+    ]
     result = run_command(args, cwd=REPO)
     out = check(result)
     assert "2 worker(s) on cpu, 2 on this node, 3 CPU threads each" in out
@@ -116,19 +129,31 @@ def test_self_launched_workers(tmp_path):
     reached = float(re.match(r"final validation AUC (0\.\d{4}) ", final).group(1))
     metadata = next((tmp_path / "data").iterdir()) / "metadata.json"
     recorded = json.loads(metadata.read_text())["best_auc"]
-    said = re.fullmatch(rf"best achievable validation AUC {recorded:.4f} \(the true click probabilities', "
-                        rf"{re.escape(str(metadata))}\): reached {reached:.4f}, gap (-?0\.\d{{4}})", best)
+    said = re.fullmatch(
+        rf"best achievable validation AUC {recorded:.4f} \(the true click probabilities', "
+        rf"{re.escape(str(metadata))}\): reached {reached:.4f}, gap (-?0\.\d{{4}})",
+        best,
+    )
     assert said and abs(float(said.group(1)) - (recorded - reached)) < 2e-4, best
     assert json.loads((tmp_path / "outputs" / "tiny" / "plan.json").read_text())["world_size"] == 2
 
 
 def test_more_readers_than_cores_are_warned_of(tmp_path):
     # On one core (taskset), 2 reader processes per worker compete with training for it.
-    args = ["taskset", "-c", "0", sys.executable, "-m", "app.train",
-            *tiny(tmp_path, "data.num_workers=2", "trainer.max_steps=1")]
+    args = [
+        "taskset",
+        "-c",
+        "0",
+        sys.executable,
+        "-m",
+        "app.train",
+        *tiny(tmp_path, "data.num_workers=2", "trainer.max_steps=1"),
+    ]
     out = check(run_command(args, cwd=REPO))
-    assert ("data.num_workers=2: 2 reader processes on this node (2 per worker x 1 worker(s)) for 1 CPU core(s) "
-            "available; readers beyond the cores compete with training for them.") in out
+    assert (
+        "data.num_workers=2: 2 reader processes on this node (2 per worker x 1 worker(s)) for 1 CPU core(s) "
+        "available; readers beyond the cores compete with training for them."
+    ) in out
 
 
 def session(tb_dir: Path):
@@ -151,8 +176,14 @@ def report(*dirs: Path) -> str:
 
 
 def test_sweep_runs_each_point_in_its_own_directory_and_the_report_ranks_them(tmp_path):
-    args = [sys.executable, "-m", "app.train", "-m", "optim.lr=0.01,0.02,0.05",
-            *tiny(tmp_path, "trainer.max_steps=6", "trainer.eval_every_n_steps=3")]
+    args = [
+        sys.executable,
+        "-m",
+        "app.train",
+        "-m",
+        "optim.lr=0.01,0.02,0.05",
+        *tiny(tmp_path, "trainer.max_steps=6", "trainer.eval_every_n_steps=3"),
+    ]
     check(run_command(args, cwd=REPO))
     sweep_dir = tmp_path / "outputs" / "tiny"
     points = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
@@ -204,9 +235,15 @@ def test_a_sweep_runs_every_point_records_the_failed_ones_and_exits_non_zero_at_
     damaged = tmp_path / "damaged" / "part-00000.parquet"
     damaged.parent.mkdir()
     damaged.write_bytes((synthetic / "val" / "part-00000.parquet").read_bytes()[:3000])
-    args = [sys.executable, "-m", "app.train", "-m", f"data.val_path={damaged.parent},{synthetic / 'val'}",
-            "optim.lr=0.01,-1", *tiny(tmp_path, "trainer.max_steps=2", "data=parquet",
-                                      f"data.train_path={synthetic / 'train'}")]
+    args = [
+        sys.executable,
+        "-m",
+        "app.train",
+        "-m",
+        f"data.val_path={damaged.parent},{synthetic / 'val'}",
+        "optim.lr=0.01,-1",
+        *tiny(tmp_path, "trainer.max_steps=2", "data=parquet", f"data.train_path={synthetic / 'train'}"),
+    ]
     result = run_command(args, cwd=REPO)
     assert result.returncode == 2, result.stderr[-4000:]
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
@@ -225,16 +262,21 @@ def test_a_sweep_runs_every_point_records_the_failed_ones_and_exits_non_zero_at_
         assert summary[(damaged_val, "optim.lr=-1")]["error"] == "ConfigError: optim.lr must be > 0, got -1.0."
     assert summary[(False, "optim.lr=0.01")]["status"] == "finished" and summary[(False, "optim.lr=0.01")]["step"] == 2
     failed = [str(points[key]) for key in ((True, "optim.lr=0.01"), (True, "optim.lr=-1"), (False, "optim.lr=-1"))]
-    assert result.stderr.endswith(f"error: 3 of 4 sweep point(s) failed: {', '.join(failed)}\n"), \
-        result.stderr[-4000:]
+    assert result.stderr.endswith(f"error: 3 of 4 sweep point(s) failed: {', '.join(failed)}\n"), result.stderr[-4000:]
     # Each point's error is said once, when it fails.
     assert result.stderr.count("optim.lr must be > 0, got -1.0.") == 2
     assert result.stderr.count(f"{damaged}: not a readable Parquet file") == 1
 
 
 def test_optuna_sweep_maximises_auc_and_a_rerun_resumes_its_trials(tmp_path):
-    args = [sys.executable, "-m", "app.train", "+sweep=optuna", "hydra.sweeper.n_trials=2",
-            *tiny(tmp_path, "trainer.max_steps=3")]
+    args = [
+        sys.executable,
+        "-m",
+        "app.train",
+        "+sweep=optuna",
+        "hydra.sweeper.n_trials=2",
+        *tiny(tmp_path, "trainer.max_steps=3"),
+    ]
     check(run_command(args, cwd=REPO))
     sweep_dir = tmp_path / "outputs" / "sweep_optuna"
     trials = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != ".hydra")
@@ -250,8 +292,14 @@ def test_optuna_sweep_maximises_auc_and_a_rerun_resumes_its_trials(tmp_path):
     out = report(sweep_dir)
     assert "2 point(s) of 2 planned (2 finished)" in out
     files = sweep_dir / "report"
-    for name in ("optuna_history.png", "optuna_importances.png", "final_auc_vs_optim.lr.png",
-                 "final_auc_vs_optim.sparse_lr.png", "val_auc.png", "report.html"):
+    for name in (
+        "optuna_history.png",
+        "optuna_importances.png",
+        "final_auc_vs_optim.lr.png",
+        "final_auc_vs_optim.sparse_lr.png",
+        "val_auc.png",
+        "report.html",
+    ):
         assert (files / name).stat().st_size > 0, name
     with open(files / "report.csv") as table:
         rows = list(csv.DictReader(table))
@@ -262,8 +310,15 @@ def test_optuna_sweep_maximises_auc_and_a_rerun_resumes_its_trials(tmp_path):
 def test_an_optuna_trial_that_fails_is_marked_failed_and_the_search_goes_on(tmp_path):
     # A search space where some trials cannot run (data.batch_size=0): Optuna's sweeper stopped at
     # the first; each is now a failed trial, the others are searched, and the command exits 2.
-    args = [sys.executable, "-m", "app.train", "+sweep=optuna", "hydra.sweeper.n_trials=3",
-            "data.batch_size=choice(0,64)", *tiny(tmp_path, "trainer.max_steps=2")]
+    args = [
+        sys.executable,
+        "-m",
+        "app.train",
+        "+sweep=optuna",
+        "hydra.sweeper.n_trials=3",
+        "data.batch_size=choice(0,64)",
+        *tiny(tmp_path, "trainer.max_steps=2"),
+    ]
     result = run_command(args, cwd=REPO)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
     trials = [p for p in (tmp_path / "outputs" / "sweep_optuna").iterdir() if p.is_dir() and p.name != ".hydra"]
@@ -280,8 +335,11 @@ def test_other_optimizers_and_the_dcn_head_train(tmp_path, overrides, request):
     if overrides == ["optim=adam"]:  # test_resume.py's run of optim=adam on 1 process, shared by the session
         out = request.getfixturevalue("uninterrupted_run")("adam", 1).output
     else:
-        out = check(run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4", *overrides)],
-                                cwd=REPO))
+        out = check(
+            run_command(
+                [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4", *overrides)], cwd=REPO
+            )
+        )
     assert "final validation AUC" in out
 
 
@@ -304,10 +362,22 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(on
     ids[700] = 10_000
     bad = tmp_path / "bad" / "part-00000.parquet"
     bad.parent.mkdir()
-    pq.write_table(table.set_column(table.schema.get_field_index("cat_3"), "cat_3", pa.array(ids)), bad,
-                   row_group_size=250)
-    second = [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=8", "data=parquet",
-              f"data.train_path={bad.parent}", f"data.val_path={synthetic / 'val'}", "data.shuffle=false")]
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("cat_3"), "cat_3", pa.array(ids)), bad, row_group_size=250
+    )
+    second = [
+        sys.executable,
+        "-m",
+        "app.train",
+        *tiny(
+            tmp_path,
+            "trainer.max_steps=8",
+            "data=parquet",
+            f"data.train_path={bad.parent}",
+            f"data.val_path={synthetic / 'val'}",
+            "data.shuffle=false",
+        ),
+    ]
     result = run_command(second, cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "bad/part-00000.parquet row group 2, row 200: column 'cat_3' has id 10000" in result.stderr
@@ -323,14 +393,17 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(on
     blocked.write_text("a file where the checkpoints directory goes")
     result = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "run_name=blocked")], cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"error: cannot write checkpoints to {blocked} (from output_root and run_name): a file is in the way." \
+    assert (
+        f"error: cannot write checkpoints to {blocked} (from output_root and run_name): a file is in the way."
         in result.stderr
+    )
     assert "Traceback" not in result.stderr
     # ... and where the run directory itself cannot be made (Hydra makes it), exit code 2 too.
     result = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, f"output_root={blocked}")], cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr == (f"error: cannot write the run directory {blocked / 'tiny'} (from output_root and "
-                             "run_name): Not a directory.\n")
+    assert result.stderr == (
+        f"error: cannot write the run directory {blocked / 'tiny'} (from output_root and run_name): Not a directory.\n"
+    )
 
 
 def _with_bad_id(source: Path, target: Path, row: int) -> None:
@@ -342,8 +415,9 @@ def _with_bad_id(source: Path, target: Path, row: int) -> None:
     ids = table.column("cat_3").to_numpy().copy()
     ids[row] = 10_000  # cat_3 has 10000 rows
     target.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.set_column(table.schema.get_field_index("cat_3"), "cat_3", pa.array(ids)), target,
-                   row_group_size=250)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("cat_3"), "cat_3", pa.array(ids)), target, row_group_size=250
+    )
 
 
 def test_bad_rows_are_reported_once_and_found_late_they_cost_no_training(tmp_path):
@@ -354,22 +428,29 @@ def test_bad_rows_are_reported_once_and_found_late_they_cost_no_training(tmp_pat
     # An error every rank meets is said once, by rank 0, on a line of its own.
     result = run_command(torchrun(*tiny(tmp_path, "optim.lr=-1")), cwd=REPO)
     assert result.returncode != 0
-    assert [line for line in result.stderr.splitlines() if "optim.lr must be > 0" in line] == \
-        ["error: optim.lr must be > 0, got -1.0."], result.stderr[-4000:]
+    assert [line for line in result.stderr.splitlines() if "optim.lr must be > 0" in line] == [
+        "error: optim.lr must be > 0, got -1.0."
+    ], result.stderr[-4000:]
 
     # In the first row group of a split: found before the first step, by every rank, said once.
     early = tmp_path / "early" / "part-00000.parquet"
     _with_bad_id(synthetic / "val" / "part-00000.parquet", early, row=10)
     result = run_command(torchrun(*tiny(tmp_path, *on_parquet, f"data.val_path={early.parent}")), cwd=REPO)
     assert result.returncode != 0
-    assert result.stderr.count("part-00000.parquet row group 0, row 10: column 'cat_3' has id 10000") == 1, \
+    assert result.stderr.count("part-00000.parquet row group 0, row 10: column 'cat_3' has id 10000") == 1, (
         result.stderr[-4000:]
+    )
     assert "from scratch" not in result.stdout + result.stderr  # not one step was trained
     assert "error: " in result.stderr and not list((tmp_path / "outputs" / "tiny").glob("checkpoints/step_*"))
     # The same from workers the job starts itself: said once, exit code 2, and nothing else: neither
     # torch's launcher's traceback of the worker's exit nor a ChildFailedError of the job's own.
-    self_launched = [sys.executable, "-m", "app.train", "distributed.nproc_per_node=2",
-                     *tiny(tmp_path, *on_parquet, f"data.val_path={early.parent}")]
+    self_launched = [
+        sys.executable,
+        "-m",
+        "app.train",
+        "distributed.nproc_per_node=2",
+        *tiny(tmp_path, *on_parquet, f"data.val_path={early.parent}"),
+    ]
     result = run_command(self_launched, cwd=REPO)
     assert result.returncode == 2 and "ChildFailedError" not in result.stderr, result.stderr[-4000:]
     assert "Traceback" not in result.stderr and "ProcessExitedException" not in result.stderr, result.stderr[-4000:]
@@ -383,8 +464,9 @@ def test_bad_rows_are_reported_once_and_found_late_they_cost_no_training(tmp_pat
     result = run_command(torchrun(*tiny(tmp_path, *on_parquet, f"data.val_path={late}")), cwd=REPO)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if "column 'cat_3' has id 10000" in line]
-    assert len(lines) == 1 and lines[0].startswith("error (rank 1): ") and "row group 3, row 7:" in lines[0], \
+    assert len(lines) == 1 and lines[0].startswith("error (rank 1): ") and "row group 3, row 7:" in lines[0], (
         result.stderr[-4000:]
+    )
     assert (tmp_path / "outputs" / "tiny" / "checkpoints" / "step_00000004").is_dir()
 
 
@@ -392,8 +474,16 @@ def test_submitit_local_sweep_runs_points_as_separate_jobs_of_two_workers_and_re
     # Each point a submitit job of 2 tasks (as a Slurm job of tasks_per_node=2 would be), each task a
     # worker; the second point fails on purpose (a config error every task meets): the first finishes,
     # the sweep command fails, and the report shows both.
-    args = [sys.executable, "-m", "app.train", "-m", "+launcher=local", "hydra.launcher.tasks_per_node=2",
-            "data.batch_size=64,0", *tiny(tmp_path, "trainer.max_steps=4")]
+    args = [
+        sys.executable,
+        "-m",
+        "app.train",
+        "-m",
+        "+launcher=local",
+        "hydra.launcher.tasks_per_node=2",
+        "data.batch_size=64,0",
+        *tiny(tmp_path, "trainer.max_steps=4"),
+    ]
     result = run_command(args, cwd=REPO)
     sweep_dir = tmp_path / "outputs" / "tiny"
     good, bad = (next(sweep_dir.glob(f"data.batch_size={size},*")) for size in (64, 0))
@@ -416,4 +506,6 @@ def test_submitit_local_sweep_runs_points_as_separate_jobs_of_two_workers_and_re
         rows = list(csv.DictReader(table))
     assert [row["data.batch_size"] for row in rows] == ["64", "0"]
     assert rows[0]["status"] == "finished" and float(rows[0]["final_auc"]) == records(good, "eval")[-1]["auc"]
-    assert rows[1]["status"] == "failed: ConfigError: data.batch_size must be > 0, got 0." and rows[1]["final_auc"] == ""
+    assert (
+        rows[1]["status"] == "failed: ConfigError: data.batch_size must be > 0, got 0." and rows[1]["final_auc"] == ""
+    )

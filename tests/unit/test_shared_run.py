@@ -33,9 +33,16 @@ _WORKER = textwrap.dedent("""
 
 
 def _workers(root, name: str, fail: bool = False):
-    processes = [subprocess.Popen([sys.executable, "-c", _WORKER, str(root), name, "fail" if fail else "ok"],
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(root), name, "fail" if fail else "ok"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     return [(p.wait(timeout=120), *p.communicate()) for p in processes]
 
 

@@ -23,8 +23,14 @@ from tests.unit.data.conftest import SCHEMA
 
 
 def config(tmp_path, **overrides) -> SyntheticConfig:
-    values = dict(root=str(tmp_path / "synthetic"), train_rows=3000, val_rows=1000, rows_per_file=1000,
-                  rows_per_row_group=250, seed=5)
+    values = dict(
+        root=str(tmp_path / "synthetic"),
+        train_rows=3000,
+        val_rows=1000,
+        rows_per_file=1000,
+        rows_per_row_group=250,
+        seed=5,
+    )
     values.update(overrides)
     return SyntheticConfig(**values)
 
@@ -89,9 +95,16 @@ _JOB = textwrap.dedent("""
 def test_two_jobs_generating_the_same_dataset_at_once_both_use_one_complete_dataset(tmp_path):
     cfg = config(tmp_path)
     go = tmp_path / "go"
-    jobs = [subprocess.Popen([sys.executable, "-c", _JOB, json.dumps(cfg.__dict__), str(tmp_path / f"ready{i}"),
-                              str(go)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(2)]
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _JOB, json.dumps(cfg.__dict__), str(tmp_path / f"ready{i}"), str(go)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     deadline = time.time() + 120
     while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
         assert time.time() < deadline and all(job.poll() is None for job in jobs), [job.communicate() for job in jobs]
@@ -113,8 +126,9 @@ def test_a_failed_generation_leaves_nothing_that_looks_complete(tmp_path):
     assert not (tmp_path / "synthetic").exists() or not any((tmp_path / "synthetic").iterdir())
 
 
-@pytest.mark.parametrize("scores,expected",
-                         [([0.1, 0.4, 0.35, 0.8], 0.75), ([0.5] * 4, 0.5), ([0.1, 0.2, 0.3, 0.4], 1.0)])
+@pytest.mark.parametrize(
+    "scores,expected", [([0.1, 0.4, 0.35, 0.8], 0.75), ([0.5] * 4, 0.5), ([0.1, 0.2, 0.3, 0.4], 1.0)]
+)
 def test_auc_reference_values(scores, expected):
     tally = ScoreTally()
     tally.add(np.array([0, 0, 1]), np.array(scores[:3]))
@@ -144,11 +158,15 @@ def test_the_best_achievable_scores_of_the_data_a_job_validates_on(tmp_path):
     train, val = ensure_dataset(SCHEMA, cfg)
     metadata = json.loads((train.parent / "metadata.json").read_text())
     best = best_achievable(SCHEMA, synthetic)
-    assert best == {"auc": metadata["best_auc"], "logloss": metadata["best_logloss"],
-                    "path": str(train.parent / "metadata.json")}
+    assert best == {
+        "auc": metadata["best_auc"],
+        "logloss": metadata["best_logloss"],
+        "path": str(train.parent / "metadata.json"),
+    }
     # A generated dataset read as Parquet: the split validated on, from the metadata beside it.
-    on_test = best_achievable(SCHEMA, DataConfig(source="parquet", train_path=str(train),
-                                                 val_path=str(train.parent / "test")))
+    on_test = best_achievable(
+        SCHEMA, DataConfig(source="parquet", train_path=str(train), val_path=str(train.parent / "test"))
+    )
     assert on_test["auc"] == metadata["splits"]["test"]["best_auc"] != best["auc"]
     # Parquet files without a metadata.json (or a file, or a glob): not known.
     copied = tmp_path / "elsewhere" / "val"
@@ -182,8 +200,9 @@ def test_id_bits_must_hold_every_table(tmp_path):
     from app.config import ConfigError
     from app.hydra_edge import compose_config
 
-    with pytest.raises(ConfigError,
-                       match=r"data\.synthetic\.id_bits=10: 2\*\*10 raw ids cannot hold the rows of \['cat_2'"):
+    with pytest.raises(
+        ConfigError, match=r"data\.synthetic\.id_bits=10: 2\*\*10 raw ids cannot hold the rows of \['cat_2'"
+    ):
         compose_config(["features=criteo_small", "data.synthetic.id_bits=10"])
     with pytest.raises(ConfigError, match=r"data\.synthetic\.id_bits must be 0"):
         compose_config(["data.synthetic.id_bits=63"])
