@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from app import distributed, progress
-from app.checkpoint import Checkpointer, CheckpointStore, RunParts, RunShape
+from app.checkpoint import Checkpointer, CheckpointStore, RunParts, RunShape, TrainState
 from app.clipping import clip_replicated_table_gradients
 from app.config import Config, ConfigError, DataConfig
 from app.data.batch import InputPolicy
@@ -278,26 +278,7 @@ def _train_locked(
             config.logging.mlflow, run_dir, experiment=config.run_name, run_name=run_dir.name, params=flatten(config)
         )
     torch.manual_seed(config.seed)
-    schema = FeatureSchema.from_config(config.features)
-    train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
-
-    scaler = loss_scaler(config.trainer.precision, env.device)
-    table_gradients = TableGradients(scaler)
-    model = build_sharded_model(config, schema, env, run_dir, table_gradients)
-    train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
-    test_split = held_out_test_files(config.data, schema, val_files)
-    test_data = None if test_split is None else evaluation_batches(config.data, schema, env, test_split)
-    if env.is_rank0:
-        for split, files in (("validation", val_files), ("test", test_split or [])):
-            warn_one_class(split, files, schema.tasks, config.data.storage_options)
-    shape = RunShape(
-        env.world_size,
-        config.data.batch_size * env.world_size,
-        len(train_data),
-        planned_steps(config.trainer, len(train_data)),
-    )
-    optimizer, lr_scheduler = optimizer_and_schedule(model, config.optim, shape.total_steps)
-    parts = RunParts(model, optimizer, lr_scheduler, train_data, val_data, test_data, loss_scale=scaler)
+    parts, shape, table_gradients = _assemble(config, env, run_dir)
     store = CheckpointStore(
         checkpoint_storage, config.checkpoint.keep_last, env.rank, process_group=distributed.new_gloo_group()
     )
@@ -317,9 +298,9 @@ def _train_locked(
         env,
         progress_bar=config.logging.progress_bar,
         optimizer_step=OptimizerStep(
-            optimizer,
+            parts.optimizer,
             config.optim.clip_grad_norm,
-            scaler,
+            parts.loss_scale,
             table_gradients,
             local_gradients=config.trainer.dense_average_every > 0,
         ),
@@ -327,6 +308,42 @@ def _train_locked(
         primary_task=config.primary_task(),
     )
     metrics_logger.start_session(hyperparameters(config, overrides))
+    return _fit(trainer, state, summary, metrics_logger, run_dir, tracked=tracking is not None)
+
+
+def _assemble(config: Config, env: DistEnv, run_dir: Path) -> tuple[RunParts, RunShape, TableGradients]:
+    """The run's data, sharded model, optimizer and schedule, and its shape."""
+    schema = FeatureSchema.from_config(config.features)
+    train_files, val_files = dataset_files(config.data, schema, env.is_rank0)
+    scaler = loss_scaler(config.trainer.precision, env.device)
+    table_gradients = TableGradients(scaler)
+    model = build_sharded_model(config, schema, env, run_dir, table_gradients)
+    train_data, val_data = build_loaders(config.data, schema, env, train_files, val_files)
+    test_split = held_out_test_files(config.data, schema, val_files)
+    test_data = None if test_split is None else evaluation_batches(config.data, schema, env, test_split)
+    if env.is_rank0:
+        for split, files in (("validation", val_files), ("test", test_split or [])):
+            warn_one_class(split, files, schema.tasks, config.data.storage_options)
+    shape = RunShape(
+        env.world_size,
+        config.data.batch_size * env.world_size,
+        len(train_data),
+        planned_steps(config.trainer, len(train_data)),
+    )
+    optimizer, lr_scheduler = optimizer_and_schedule(model, config.optim, shape.total_steps)
+    parts = RunParts(model, optimizer, lr_scheduler, train_data, val_data, test_data, loss_scale=scaler)
+    return parts, shape, table_gradients
+
+
+def _fit(
+    trainer: Trainer,
+    state: TrainState,
+    summary: RunSummary,
+    metrics_logger: MetricsLogger,
+    run_dir: Path,
+    tracked: bool,
+) -> dict[str, float] | None:
+    """Train to the end or a stop, and record how the run ended in summary.json and the trackers."""
     try:
         result = trainer.fit(state)
     except BaseException as error:
@@ -342,6 +359,6 @@ def _train_locked(
         if best is not None:
             best = {**best, **(best_metrics(run_dir, best["step"]) or {})}
         summary.finished(**{**trainer.outcome, "best": best})
-        metrics_logger.end("finished", run_artifacts(run_dir) if tracking is not None else [])
+        metrics_logger.end("finished", run_artifacts(run_dir) if tracked else [])
     metrics_logger.close()
     return result
