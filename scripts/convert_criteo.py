@@ -36,6 +36,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("items", nargs="+", metavar="INPUT|key=value", help="Criteo TSV files and config overrides")
     parser.add_argument("--out", required=True, help="output directory (created; a re-run resumes it)")
+    _add_value_options(parser, defaults)
+    _add_output_options(parser, defaults)
+    _add_multi_hot_options(parser, defaults)
+    args = parser.parse_intermixed_args(argv)
+    args.inputs = [item for item in args.items if "=" not in item]
+    return args, [item for item in args.items if "=" in item]
+
+
+def _add_value_options(parser: argparse.ArgumentParser, defaults: ConvertOptions) -> None:
+    """How the columns' values become ids and dense floats."""
     parser.add_argument(
         "--categorical",
         choices=CATEGORICAL_MODES,
@@ -60,6 +70,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         default=defaults.log_dense,
         help="dense values as log(1 + max(x, 0)) (the DLRM reference's transform)",
     )
+
+
+def _add_output_options(parser: argparse.ArgumentParser, defaults: ConvertOptions) -> None:
+    """How the Parquet files are laid out, and how the conversion reads and spreads its work."""
     parser.add_argument(
         "--rows-per-file", type=int, default=defaults.rows_per_file, help="rows per Parquet part (default %(default)s)"
     )
@@ -78,6 +92,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="bytes per streamed read, in MiB: memory per worker is about 45 times it",
     )
     parser.add_argument("--workers", type=int, default=defaults.workers, help="processes, one input each at a time")
+
+
+def _add_multi_hot_options(parser: argparse.ArgumentParser, defaults: ConvertOptions) -> None:
+    """Categorical columns written multi-hot: how many ids a row, and the seed of the derived ones."""
     parser.add_argument(
         "--multi-hot-sizes",
         default=None,
@@ -91,9 +109,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         default=defaults.multi_hot_seed,
         help="seed of the derived multi-hot ids (default %(default)s)",
     )
-    args = parser.parse_intermixed_args(argv)
-    args.inputs = [item for item in args.items if "=" not in item]
-    return args, [item for item in args.items if "=" in item]
 
 
 def features_config(overrides: list[str]) -> FeaturesConfig:

@@ -23,10 +23,12 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from app.config import Config
+from app.config import Config, ManagedCollisionConfig
 from app.errors import BAD_INPUT, UserError
 from app.features import FeatureSchema
 from app.hydra_edge import compose_config
@@ -53,7 +55,8 @@ def _world_sizes(text: str) -> list[int]:
     return sizes
 
 
-def main(argv: list[str]) -> int:
+def _parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace, list[str]]:
+    """(the parser, for errors found later; the options; the config overrides, key=value)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-size", type=_world_sizes, required=True, help="one or more, e.g. 8 or 1,2,4,8")
     parser.add_argument(
@@ -67,53 +70,81 @@ def main(argv: list[str]) -> int:
     unknown = [o for o in overrides if "=" not in o]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return parser, args, overrides
+
+
+def _check_cuda_hosts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A parser error where a host would hold more CUDA workers than torch can number."""
+    for world_size in args.world_size:
+        local = min(args.local_world_size or world_size, world_size)
+        if local > _CUDA_DEVICES_PER_HOST:
+            parser.error(
+                f"--world-size {world_size} with {local} workers a host: torch numbers a host's CUDA "
+                f"devices 0 to {_CUDA_DEVICES_PER_HOST - 1}; give --local-world-size (workers a host, "
+                "e.g. 8)."
+            )
+
+
+def _model_to_plan(
+    config: Config,
+    schema: FeatureSchema,
+    device_type: str,
+    managed_collision: ManagedCollisionConfig | None = None,
+    mc_buckets: int = 1,
+) -> nn.Module:
+    """The model training would shard, its tables on meta, with its sparse optimizer (the planner
+    counts the optimizer's state); managed_collision and mc_buckets as build_model takes them."""
+    model = build_model(
+        config.model, schema, torch.device("cpu"), managed_collision=managed_collision, mc_buckets=mc_buckets
+    )  # tables stay on meta
+    apply_sparse_optimizer(model, config.optim, torch.device(device_type))
+    return model
+
+
+def _summary_line(world_size: int, report: dict[str, Any], planning_s: float) -> str:
+    types = sorted({t["sharding_type"] for t in report["tables"].values()})
+    return (
+        f"world size {world_size:>3}: {', '.join(types)}; estimated step "
+        f"{report['estimated_step_ms']:.4g} ms; imbalance: table bytes {report['imbalance']:.3f}, "
+        f"planned memory {report['planned_memory_imbalance']:.3f}, cost {report['cost_imbalance']:.3f}; "
+        f"planned in {planning_s:.1f} s"
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser, args, overrides = _parse_args(argv)
     try:
         config = _dry_run_config(overrides)
         device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        for world_size in args.world_size if device_type == "cuda" else []:
-            local = min(args.local_world_size or world_size, world_size)
-            if local > _CUDA_DEVICES_PER_HOST:
-                parser.error(
-                    f"--world-size {world_size} with {local} workers a host: torch numbers a host's CUDA "
-                    f"devices 0 to {_CUDA_DEVICES_PER_HOST - 1}; give --local-world-size (workers a host, "
-                    "e.g. 8)."
-                )
+        if device_type == "cuda":
+            _check_cuda_hosts(parser, args)
         note = offline_memory_note(config.sharding, device_type)
         if note:
             print(note + "\n")
         schema = FeatureSchema.from_config(config.features)
-        model = build_model(config.model, schema, torch.device("cpu"))  # tables stay on meta
-        apply_sparse_optimizer(model, config.optim, torch.device(device_type))
+        model = _model_to_plan(config, schema, device_type)
         report = None
         for world_size in args.world_size:
             local = min(args.local_world_size or world_size, world_size)
             if any(f.id_mapping == "managed_collision" for f in schema.sparse):
                 # Managed-collision modules are built for their number of row-wise shards.
-                model = build_model(
-                    config.model,
+                model = _model_to_plan(
+                    config,
                     schema,
-                    torch.device("cpu"),
+                    device_type,
                     managed_collision=config.features.managed_collision,
                     mc_buckets=world_size,
                 )
-                apply_sparse_optimizer(model, config.optim, torch.device(device_type))
             started = time.perf_counter()
             plan, chosen = plan_offline(
                 model, config.sharding, schema, device_type, config.data.batch_size, world_size, local
             )
             planning_s = time.perf_counter() - started
             report = plan_report(plan, schema, world_size, chosen)
-            if args.summary:
-                types = sorted({t["sharding_type"] for t in report["tables"].values()})
-                print(
-                    f"world size {world_size:>3}: {', '.join(types)}; estimated step "
-                    f"{report['estimated_step_ms']:.4g} ms; imbalance: table bytes {report['imbalance']:.3f}, "
-                    f"planned memory {report['planned_memory_imbalance']:.3f}, cost {report['cost_imbalance']:.3f}; "
-                    f"planned in {planning_s:.1f} s",
-                    flush=True,
-                )
-            else:
-                print(format_plan_report(report), flush=True)
+            print(
+                _summary_line(world_size, report, planning_s) if args.summary else format_plan_report(report),
+                flush=True,
+            )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return BAD_INPUT

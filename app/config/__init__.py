@@ -1,7 +1,8 @@
 """Typed configuration schema: one dataclass per Hydra config group, `Config` of them all.
 
-The groups live by theme in data.py (features, data), training.py (model, optim, checkpoint,
-trainer, logging) and parallel.py (sharding, distributed); fields.py has what they are built from.
+The groups live by theme in features.py (features), data.py (data), training.py (model, optim,
+checkpoint, trainer, logging) and parallel.py (sharding, distributed); fields.py has what they are
+built from.
 
 Hydra merges the YAML files in configs/ onto these dataclasses (app/hydra_edge.py registers them),
 so an unknown key or a value of the wrong type fails at start-up with the key's name.
@@ -23,15 +24,14 @@ import typing
 from dataclasses import dataclass
 from typing import Dict, Iterator
 
-from app.config.data import (
+from app.config.data import DataConfig, SyntheticConfig
+from app.config.features import (
     ID_MAPPINGS,
     POOLINGS,
-    DataConfig,
     FeaturesConfig,
     ManagedCollisionConfig,
     SequenceFeature,
     SparseFeature,
-    SyntheticConfig,
     TaskLabel,
 )
 from app.config.fields import ConfigError, FieldDoc, _require, doc, doc_factory, require_finite

@@ -52,26 +52,8 @@ def build_model(
     between the tables and the dense part that a loss scale needs (app/precision.py). Features with
     id_mapping=managed_collision get `managed_collision`'s modules, for `mc_buckets` row-wise shards
     (app/models/managed_collision.py)."""
-    managed = [f.name for f in schema.sparse if f.id_mapping == "managed_collision"]
-    if not managed:
-        tables = EmbeddingBagCollection(tables=schema.embedding_bag_configs(), device=tables_device)
-    else:
-        tables = build_tables(
-            schema.embedding_bag_configs(),
-            managed,
-            managed_collision or ManagedCollisionConfig(),
-            tables_device,
-            mc_buckets,
-        )
-    dense = (tables, len(schema.dense), list(config.dense_arch_layer_sizes))
-    if config.arch == "dcn":
-        head: Head = CrossHead(
-            *dense, list(config.over_arch_layer_sizes), config.dcn_num_layers, config.dcn_low_rank_dim, device
-        )
-    elif config.arch == "deepfm":
-        head = DeepFMHead(*dense, list(config.over_arch_layer_sizes), config.deep_fm_dimension, device)
-    else:
-        head = DotHead(*dense, list(config.over_arch_layer_sizes), device)
+    tables = _sparse_tables(schema, tables_device, managed_collision, mc_buckets)
+    head = _architecture_head(config, schema, tables, device)
     head.autocast_dtype = autocast_dtype
     if table_gradients is not None:
         head.table_gradients = table_gradients
@@ -94,6 +76,39 @@ def build_model(
     if schema.sequence:
         return SequenceDLRMTrain(head)
     return DLRMTrain(head)
+
+
+def _sparse_tables(
+    schema: FeatureSchema,
+    tables_device: torch.device,
+    managed_collision: ManagedCollisionConfig | None,
+    mc_buckets: int,
+) -> nn.Module:
+    """The sparse features' EmbeddingBagCollection; with managed-collision features, the
+    TablesWithManagedCollision that holds them all (app/models/managed_collision.py)."""
+    managed = [f.name for f in schema.sparse if f.id_mapping == "managed_collision"]
+    if not managed:
+        return EmbeddingBagCollection(tables=schema.embedding_bag_configs(), device=tables_device)
+    return build_tables(
+        schema.embedding_bag_configs(),
+        managed,
+        managed_collision or ManagedCollisionConfig(),
+        tables_device,
+        mc_buckets,
+    )
+
+
+def _architecture_head(config: ModelConfig, schema: FeatureSchema, tables: nn.Module, device: torch.device) -> Head:
+    """model.arch's head over `tables`: dcn's cross network, deepfm's factorization machine, or
+    dlrm's dot interaction."""
+    dense = (tables, len(schema.dense), list(config.dense_arch_layer_sizes))
+    if config.arch == "dcn":
+        return CrossHead(
+            *dense, list(config.over_arch_layer_sizes), config.dcn_num_layers, config.dcn_low_rank_dim, device
+        )
+    if config.arch == "deepfm":
+        return DeepFMHead(*dense, list(config.over_arch_layer_sizes), config.deep_fm_dimension, device)
+    return DotHead(*dense, list(config.over_arch_layer_sizes), device)
 
 
 def embedding_tables(model: nn.Module) -> EmbeddingBagCollection:
