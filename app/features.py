@@ -65,7 +65,7 @@ class FeatureSchema:
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         # Imported here: the Parquet reader processes unpickle a FeatureSchema, and importing
-        # torchrec there would add seconds to their start (app/data/reader_worker.py).
+        # torchrec there would add seconds to their start (app/data/reader_process.py).
         from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
         data_types = {"fp32": DataType.FP32, "fp16": DataType.FP16}

@@ -3,7 +3,7 @@
 Launchers send SIGTERM to a job they stop: torchrun to each worker's process group, Slurm to every
 process of the job, Kubernetes to the container's first process (torchrun, which passes it on).
 So each worker installs its handler as soon as it starts (a SIGTERM during set-up must not kill it
-either), and the Parquet reader processes ignore the signal (app/data/parquet.py): their worker
+either), and the Parquet reader processes ignore the signal (app/data/reader_server.py): their worker
 shuts them down. Ranks receive the signal at slightly different steps, so they agree every few
 steps, with one tiny all-reduce on a gloo group of its own, and all stop at the same one.
 Evaluations agree as often, in batches (app/evaluation.py): a long one is abandoned, not waited
