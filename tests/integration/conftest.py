@@ -7,8 +7,6 @@ trained once into a directory the workers share, under a file lock, and read bac
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -16,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from tests.conftest import REPO, run_command
 from tests.integration.test_train import tiny, torchrun
+from tests.shared_run import build_once, shared_root
 from tests.unit.data.conftest import uneven_files  # noqa: F401 (a fixture test_reader_process.py uses)
 
 
@@ -48,31 +46,18 @@ class FinishedRun:
         return root
 
 
-_BUILT: dict[str, tuple[FinishedRun, int]] = {}
-
-
-def _shared_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's temporary directory; under xdist its parent, which all workers share
-    (each worker's basetemp is <parent>/popen-gwN). A new one for every session either way."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
 def finished_run(tmp_path_factory: pytest.TempPathFactory, name: str, command: Sequence[str]) -> FinishedRun:
     """The run `name` of this session, which `command` (built for the root given to it) trains
-    once; a command that fails fails every test that uses it, with its output (run once too)."""
-    if name not in _BUILT:
-        shared = _shared_base(tmp_path_factory) / "shared-runs"
-        shared.mkdir(exist_ok=True)
-        root, done = shared / name, shared / f"{name}.json"
-        with FileLock(str(shared / f"{name}.lock")):
-            if not done.exists():
-                root.mkdir()
-                result = run_command([arg.replace("{root}", str(root)) for arg in command], cwd=REPO)
-                done.write_text(json.dumps({"returncode": result.returncode, "output": result.stdout + result.stderr}))
-        ended = json.loads(done.read_text())
-        _BUILT[name] = (FinishedRun(root, ended["output"]), ended["returncode"])
-    run, returncode = _BUILT[name]
+    once (tests/conftest.py's shared_run machinery); a command that fails fails every test that
+    uses it, with its output (run once too)."""
+
+    def train(root: Path) -> tuple[int, str]:
+        result = run_command([arg.replace("{root}", str(root)) for arg in command], cwd=REPO)
+        return result.returncode, result.stdout + result.stderr
+
+    shared = build_once(shared_root(tmp_path_factory), name, train)
+    returncode, output = shared.value
+    run = FinishedRun(shared.path, output)
     assert returncode == 0, f"the shared run {name} failed: exit {returncode}\n{run.output[-8000:]}"
     return run
 
