@@ -1,5 +1,6 @@
-"""Checkpoints: the Checkpointer's save and restore policy (checkpointer.py) over the published
-checkpoints of a run (store.py: saving, publishing, pruning), their names (names.py), manifests
+"""Checkpoints: the Checkpointer's save and restore policy (checkpointer.py; whether a checkpoint
+fits this run: compatibility.py) over the published checkpoints of a run (store.py: saving,
+publishing; pruning.py: what goes beyond keep-last), their names (names.py), manifests
 and verification (verification.py), the best pointer (best.py, squared with a resumed train state
 by resumed_best.py), finding the one a user's path names (lookup.py), each rank's files written by
 writers.py, loaded without running anything they name (safe_load.py), with each table's optimizer

@@ -31,7 +31,7 @@ DCP stores each rank's shards separately, which is what lets a sharded table be 
 gathering it anywhere, and loaded onto another number of ranks or another sharding plan. Each
 rank's files are written by app/checkpoint/writers.py, listed and published through a storage
 (app/storage.py), and loaded
-through app/checkpoint/safe_load.py, which unpickles nothing but data.
+through app/checkpoint/safe_load.py, which unpickles nothing but data. Pruning is pruning.py's.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from app.checkpoint import best as best_pointer
 from app.checkpoint.collective import barrier, broadcast_text, first_problem, gather_texts
 from app.checkpoint.names import is_step_name, step_name
+from app.checkpoint.pruning import Pruner
 from app.checkpoint.safe_load import CheckpointError, load_state
 from app.checkpoint.verification import META_FILE, manifest, read_meta, verify
 from app.checkpoint.writers import FileWriter, HostCopyStager, ObjectWriter, SavePlanner
@@ -84,8 +84,7 @@ class CheckpointStore:
         self.io_threads = io_threads
         self._pending: tuple | None = None  # (future, step, staging, final, meta, checksums, best) of an async save
         self._pinned_stager: BlockingAsyncStager | None = None
-        self._removal: threading.Thread | None = None  # deleting pruned checkpoints (rank 0)
-        self._removal_error: BaseException | None = None
+        self._pruner = Pruner(self.storage, keep_last)  # deleting pruned checkpoints (rank 0)
 
     def published(self) -> list[str]:
         """Names of the published checkpoints (with meta.json), oldest first. Reads each meta.json
@@ -366,41 +365,13 @@ class CheckpointStore:
         return None if text is None else json.loads(text)
 
     def _prune(self) -> None:
-        """Decides which checkpoints go (beyond keep-last, but never the best; and saves that died
-        before publishing), and deletes them in the background: deleting gigabytes (with discard,
-        or object by object from a bucket) takes a good part of a save's time, and training need
-        not wait for it. Whatever lists or reads the checkpoints next waits for it first."""
-        # Whatever the pointer names is kept, even where it does not hold together (see best.py).
-        keep = {best_pointer.named(self.storage)}
-        old = [name for name in self.published()[: -self.keep_last] if name not in keep]
-        # A step directory without meta.json is a save that died before publishing (in an object
-        # store, where saves are written in place); no save is under way while this runs.
-        incomplete = [
-            name for name in self.storage.list() if is_step_name(name) and META_FILE not in self.storage.files(name)
-        ]
-        if old or incomplete:
-            self._removal = threading.Thread(target=self._remove, args=(old, incomplete), name="checkpoint-prune")
-            self._removal.start()
-
-    def _remove(self, old: list[str], incomplete: list[str]) -> None:
-        try:
-            for name in old:
-                self.storage.delete(name)
-                log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", name, self.keep_last)
-            for name in incomplete:
-                self.storage.delete(name)
-                log.info("removed incomplete checkpoint %s (no %s: its save did not finish)", name, META_FILE)
-        except BaseException as error:  # raised where the store is next used (see _finish_removal)
-            self._removal_error = error
+        """Rank 0: the checkpoints beyond keep-last (never the best) and the saves that died before
+        publishing, deleted in the background (pruning.py)."""
+        self._pruner.start(self.published())
 
     def _finish_removal(self) -> None:
         """Waits for the checkpoints being deleted, and raises what went wrong deleting them."""
-        if self._removal is not None:
-            self._removal.join()
-            self._removal = None
-        error, self._removal_error = self._removal_error, None
-        if error is not None:
-            raise error
+        self._pruner.finish()
 
     # ---- loading ------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from torchrec.distributed.planner.types import ShardingOption
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import ParameterSharding, ShardingPlan
 
 from app.config import SparseFeature
 from app.features import FeatureSchema, table_name
@@ -31,13 +31,47 @@ def plan_report(
 ) -> dict:
     """What the planner decided, as plain data: per table, and per rank its tables' bytes and,
     from the chosen `options`, its planned HBM and DDR use and the planner's cost estimate."""
+    tables, ranks = _tables_and_ranks(plan, schema, world_size)
+    _add_planned_use(ranks, options or [])
+    report = {
+        "world_size": world_size,
+        "tables": tables,
+        "ranks": ranks,
+        # max over mean of per-rank table bytes: how evenly memory is spread
+        "imbalance": _imbalance([ranks[str(r)]["embedding_bytes"] for r in range(world_size)]),
+    }
+    if options:
+        report.update(_planned_ratings(ranks, world_size))
+    return report
+
+
+def _reported_features(schema: FeatureSchema) -> dict[str, SparseFeature]:
+    """The feature of every table, by table name: the sparse features' and the histories' (fp32),
+    reported alike."""
     features = {table_name(f.name): f for f in schema.sparse}
     features.update(
         {
             table_name(f.name): SparseFeature(f.name, f.num_embeddings, embedding_dim=schema.sequence_dim(f))
             for f in schema.sequence
         }
-    )  # the histories' tables (fp32), reported alike
+    )
+    return features
+
+
+def _shards(sharding: ParameterSharding, full: list[int], world_size: int) -> list[dict]:
+    """A table's shards as plain data: the rank each is on, its offsets and sizes."""
+    if sharding.sharding_spec is not None:
+        return [
+            {"rank": s.placement.rank(), "offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes)}
+            for s in sharding.sharding_spec.shards
+        ]
+    # data_parallel: a full replica on every rank
+    return [{"rank": r, "offsets": [0, 0], "sizes": full} for r in range(world_size)]
+
+
+def _tables_and_ranks(plan: ShardingPlan, schema: FeatureSchema, world_size: int) -> tuple[dict, dict]:
+    """(per table: its feature, shape, sharding and shards; per rank: its tables and their bytes)."""
+    features = _reported_features(schema)
     tables: dict[str, dict] = {}
     rank_bytes: dict[int, int] = defaultdict(int)
     rank_tables: dict[int, list[str]] = defaultdict(list)
@@ -45,13 +79,7 @@ def plan_report(
         feature = features[name]
         full = [feature.num_embeddings, schema.table_dim(feature)]
         element_bytes = 2 if schema.table_data_type(feature) == "fp16" else 4
-        if sharding.sharding_spec is not None:
-            shards = [
-                {"rank": s.placement.rank(), "offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes)}
-                for s in sharding.sharding_spec.shards
-            ]
-        else:  # data_parallel: a full replica on every rank
-            shards = [{"rank": r, "offsets": [0, 0], "sizes": full} for r in range(world_size)]
+        shards = _shards(sharding, full, world_size)
         for shard in shards:
             rank_bytes[shard["rank"]] += shard["sizes"][0] * shard["sizes"][1] * element_bytes
             rank_tables[shard["rank"]].append(name)
@@ -67,7 +95,13 @@ def plan_report(
     ranks = {
         str(r): {"tables": sorted(set(rank_tables[r])), "embedding_bytes": rank_bytes[r]} for r in range(world_size)
     }
-    for option in options or []:
+    return tables, ranks
+
+
+def _add_planned_use(ranks: dict, options: list[ShardingOption]) -> None:
+    """Adds to each rank the planned HBM and DDR bytes and the planner's cost estimates of the
+    shards the chosen `options` place on it."""
+    for option in options:
         for shard in option.shards:
             if shard.rank is None:
                 continue
@@ -80,22 +114,19 @@ def plan_report(
                 ("comms_cost", (shard.perf.fwd_comms + shard.perf.bwd_comms) if shard.perf else 0.0),
             ):
                 info[key] = info.get(key, 0) + value
-    report = {
-        "world_size": world_size,
-        "tables": tables,
-        "ranks": ranks,
-        # max over mean of per-rank table bytes: how evenly memory is spread
-        "imbalance": _imbalance([rank_bytes[r] for r in range(world_size)]),
-    }
-    if options:
-        report["planned_memory_imbalance"] = _imbalance(
+
+
+def _planned_ratings(ranks: dict, world_size: int) -> dict[str, float]:
+    """How evenly the planned memory and cost are spread, and the step time the planner expects."""
+    costs = [ranks[str(r)].get("cost", 0.0) for r in range(world_size)]
+    return {
+        "planned_memory_imbalance": _imbalance(
             [ranks[str(r)].get("hbm_bytes", 0) + ranks[str(r)].get("ddr_bytes", 0) for r in range(world_size)]
-        )
-        costs = [ranks[str(r)].get("cost", 0.0) for r in range(world_size)]
+        ),
         # The planner's own rating of a plan (torchrec's NoopPerfModel): a step waits for its slowest rank.
-        report["estimated_step_ms"] = max(costs)
-        report["cost_imbalance"] = _imbalance(costs)
-    return report
+        "estimated_step_ms": max(costs),
+        "cost_imbalance": _imbalance(costs),
+    }
 
 
 def _imbalance(values: list[float]) -> float:
