@@ -27,21 +27,16 @@ PRESETS = {
 }
 
 
+def launcher(ranks: int) -> list[str]:
+    """app.train in one process, or under torchrun on `ranks` ranks."""
+    if ranks == 1:
+        return [sys.executable, "-m", "app.train"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    return [*torchrun, "-m", "app.train"]
+
+
 def train(root: Path, ranks: int, *overrides: str) -> str:
-    launcher = (
-        [sys.executable, "-m", "app.train"]
-        if ranks == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={ranks}",
-            "-m",
-            "app.train",
-        ]
-    )
-    return check(run_command([*launcher, *tiny(root, *overrides)], cwd=REPO))
+    return check(run_command([*launcher(ranks), *tiny(root, *overrides)], cwd=REPO))
 
 
 def run_dir(root: Path) -> Path:
@@ -86,20 +81,7 @@ def assert_schedule_of(root: Path, reference: Path, first_step: int) -> None:
 def uninterrupted_command(preset: str, ranks: int) -> list[str]:
     """The uninterrupted run of `preset` on `ranks` ranks, for the root tests/integration/conftest.py
     gives it ("{root}"); `uninterrupted(preset, ranks)` is that run, trained once a session."""
-    launcher = (
-        [sys.executable, "-m", "app.train"]
-        if ranks == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={ranks}",
-            "-m",
-            "app.train",
-        ]
-    )
-    return [*launcher, *tiny(Path("{root}"), *COMMON, *PRESETS[preset])]
+    return [*launcher(ranks), *tiny(Path("{root}"), *COMMON, *PRESETS[preset])]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
