@@ -39,11 +39,11 @@ train: setup
 # The suite in TEST_WORKERS pytest-xdist workers; --dist loadgroup keeps the tests that share a test
 # module's module- or session-scoped fixture on one worker (tests/conftest.py). Its jobs spend much
 # of their time waiting (on process starts, gloo, servers): on 2 cores, 3 workers were a little
-# faster than 2. `make test TEST_WORKERS=0` runs it in one process.
+# faster than 2. `make test TEST_WORKERS=0` runs it in one process. It ends with its 25 slowest tests.
 TEST_WORKERS ?= 3
 
 test: setup $(MLFLOW_SERVER)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(ARGS)
 
 # ruff (lint, then formatting) and mypy, as configured in pyproject.toml; .pre-commit-config.yaml runs the same.
 lint: setup
