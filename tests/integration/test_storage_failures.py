@@ -7,6 +7,7 @@ with that line, and the checkpoints before it intact."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from app.checkpoint import verify
@@ -82,8 +83,8 @@ def test_an_object_store_that_dies_during_a_run_fails_it_in_one_line(tmp_path):
     output = (tmp_path / "job.log").read_text()
     assert job.returncode == 2, output[-5000:]
     line = one_error_line(output)
-    assert line.startswith(f"error: cannot write checkpoint {url}/step_000000") and "EndpointConnectionError" in line, (
-        line
-    )
+    # The server may die while step 5 is still being published (under load) or at a later save's write.
+    assert re.match(rf"error: cannot (write|publish) checkpoint {re.escape(url)}/step_000000", line), line
+    assert "EndpointConnectionError" in line, line
     summary = json.loads((tmp_path / "outputs" / "tiny" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == f"StorageFailure: {line.removeprefix('error: ')}"
