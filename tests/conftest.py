@@ -208,6 +208,9 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Calla
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from tests.cpu_time import CpuTime
+
+    config.pluginmanager.register(CpuTime(config), "rectrain-cpu-time")
     if config.pluginmanager.hasplugin("xdist"):
         from tests.xdist_groups import XdistGroups
 
