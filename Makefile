@@ -37,10 +37,11 @@ train: setup
 	$(PY) -m app.train $(ARGS)
 
 # The suite in TEST_WORKERS pytest-xdist workers; --dist loadgroup keeps the tests that share a test
-# module's module- or session-scoped fixture on one worker (tests/conftest.py). Its jobs spend much
-# of their time waiting (on process starts, gloo, servers): on 2 cores, 3 workers were a little
-# faster than 2. `make test TEST_WORKERS=0` runs it in one process. It ends with its 25 slowest tests.
-TEST_WORKERS ?= 3
+# module's module- or session-scoped fixture on one worker (tests/conftest.py). Its jobs spend some
+# of their time waiting (on gloo, servers), but most of it computing: one worker per core, so that
+# a slower or shared CI machine is not oversubscribed. `make test TEST_WORKERS=0` runs it in one
+# process. It ends with its 25 slowest tests and the 25 that cost the most CPU (tests/cpu_time.py).
+TEST_WORKERS ?= 2
 
 test: setup $(MLFLOW_SERVER)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(ARGS)

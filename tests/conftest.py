@@ -45,6 +45,13 @@ from typing import Any
 # devices back (run_command(..., cuda=True)) and do their CUDA work there.
 _CUDA_VISIBLE_DEVICES: str | None = os.environ.get("CUDA_VISIBLE_DEVICES")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# One math thread per process (unless the caller chose otherwise), in this process and every one a
+# test starts: the suite runs several jobs at once on few cores, where a process of two OpenMP
+# threads spins waiting for the one descheduled (a 30-step tiny run trained 4 times slower with 2
+# threads than with 1 beside a busy suite). torchrun's workers get 1 anyway; this sets the same for
+# the plain processes. The docs' blocks run as a user's shell would (tests/docs: USER_OMP_NUM_THREADS).
+USER_OMP_NUM_THREADS: str | None = os.environ.get("OMP_NUM_THREADS")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

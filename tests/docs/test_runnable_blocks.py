@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import USER_OMP_NUM_THREADS
+
 REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 MARKER = re.compile(r"^<!--\s*docs-test:(?P<body>.*?)-->\s*$")
@@ -130,10 +132,13 @@ def copy_of_repository(destination: Path) -> Path:
 
 def block_environment(root: Path) -> dict:
     """The environment of a shell whose venv is activated in the copy: the copy's `app` first, on
-    CPU (tests/conftest.py has hidden CUDA devices already), outside of the make running the tests."""
+    CPU (tests/conftest.py has hidden CUDA devices already), outside of the make running the tests,
+    with torch's default math threads unless the caller set OMP_NUM_THREADS."""
     env = dict(os.environ)
     for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"):
         env.pop(name, None)
+    if USER_OMP_NUM_THREADS is None:  # the figures the pages print were measured with torch's default
+        env.pop("OMP_NUM_THREADS", None)
     env["PYTHONPATH"] = str(root)
     env["VIRTUAL_ENV"] = str(root / ".venv")
     env["PATH"] = f"{root / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
