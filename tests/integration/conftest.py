@@ -138,3 +138,18 @@ def uninterrupted_run(tmp_path_factory) -> Callable[[str, int], FinishedRun]:
 def uninterrupted(uninterrupted_run) -> Callable[[str, int], Path]:
     """The root of `uninterrupted_run(preset, ranks)`: root/data, root/outputs/tiny."""
     return lambda preset, ranks: uninterrupted_run(preset, ranks).root
+
+
+# ---- ckpt
+
+
+@pytest.fixture(scope="session")
+def k_step_adam_run(tmp_path_factory) -> FinishedRun:
+    """adam (test_resume.py's preset, with its live schedule) on 2 ranks, the dense part averaged
+    every 4 steps, with test_resume.py's COMMON settings (2 epochs, every loss logged, a checkpoint
+    every 5 steps, all kept): test_kstep.py's k=4 run, and the uninterrupted run test_resume.py
+    resumes a k-step run against."""
+    from tests.integration.test_resume import COMMON, PRESETS
+
+    command = torchrun(*tiny(ROOT, *COMMON, *PRESETS["adam"], "trainer.dense_average_every=4"))
+    return finished_run(tmp_path_factory, "k_step_adam", command)

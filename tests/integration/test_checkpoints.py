@@ -36,50 +36,56 @@ def exported_parameters(root: Path, tmp_path: Path):
     return torch.load(out / MODEL_FILE, weights_only=True)
 
 
-def test_resume_onto_other_world_sizes_and_sharding_plans(tmp_path):
-    # 2 ranks, row-wise tables -> 1 rank, table-wise: the same model gives the same outputs.
-    a = tmp_path / "a"
-    check(run_command(torchrun(*tiny(a, "sharding=row_wise", "trainer.max_steps=10")), cwd=REPO))
-    before = final_eval(a)
-    out = check(run_command(one_process(*tiny(a, "sharding=table_wise", "trainer.max_steps=20")), cwd=REPO))
+def test_resume_onto_other_world_sizes_and_sharding_plans(row_wise_run, tmp_path):
+    # 2 ranks, row-wise tables -> 1 rank, table-wise -> 2 ranks, column-wise: one chain, each
+    # resume giving the same outputs from the same model. Its first run is a copy of the session's
+    # 2-rank row-wise run (tests/integration/conftest.py): 15 steps of 256 samples, evaluated at the end.
+    row_wise_run.copy_to(tmp_path)
+    before = final_eval(tmp_path)
+    table_wise = ["sharding=table_wise"]
+    out = check(run_command(one_process(*tiny(tmp_path, *table_wise)), cwd=REPO))
     assert (
         "resumed from" in out and "written by 2 ranks with a global batch of 256, this run has 1 ranks and 128" in out
     )
-    after = final_eval(a)
-    # 10 steps of 256 samples are 20 of 128: nothing left to train.
-    assert (before["step"], after["step"]) == (10, 20)
+    after = final_eval(tmp_path)
+    # 15 steps of 256 samples are the epoch, whole: its 31 steps of 128, nothing left to train.
+    assert (before["step"], after["step"]) == (15, 31)
     assert after["logloss"] == pytest.approx(before["logloss"], abs=1e-6)
     assert after["auc"] == pytest.approx(before["auc"], abs=1e-6)
-    # ... and training goes on there (the fused optimizer state was resharded too).
-    check(run_command(one_process(*tiny(a, "sharding=table_wise", "trainer.max_steps=24")), cwd=REPO))
-    assert checkpoints(a)[-1] == "step_00000024"
+    # ... and training goes on there (the fused optimizer state was resharded too), into a 2nd epoch.
+    longer = ["trainer.epochs=2", "trainer.max_steps=35"]
+    check(run_command(one_process(*tiny(tmp_path, *table_wise, *longer)), cwd=REPO))
+    assert checkpoints(tmp_path)[-1] == "step_00000035"
 
-    # 1 rank, table-wise -> 2 ranks, column-wise.
-    b = tmp_path / "b"
-    check(run_command(one_process(*tiny(b, "sharding=table_wise", "trainer.max_steps=8")), cwd=REPO))
-    before = final_eval(b)
-    check(run_command(torchrun(*tiny(b, "sharding=column_wise", "trainer.max_steps=4")), cwd=REPO))
-    after = final_eval(b)
+    # 1 rank, table-wise -> 2 ranks, column-wise: 35 steps of 128 are 17 steps of 256 (an epoch of
+    # 15, then 2), nothing left to train.
+    before = final_eval(tmp_path)
+    column_wise = ["sharding=column_wise", "trainer.epochs=2", "trainer.max_steps=17"]
+    out = check(run_command(torchrun(*tiny(tmp_path, *column_wise)), cwd=REPO))
+    assert "written by 1 ranks with a global batch of 128, this run has 2 ranks and 256" in out
+    after = final_eval(tmp_path)
+    assert (before["step"], after["step"]) == (35, 17)
     assert after["logloss"] == pytest.approx(before["logloss"], abs=1e-6)
     assert after["auc"] == pytest.approx(before["auc"], abs=1e-6)
 
 
 def test_bitwise_determinism_with_and_without_an_interruption(two_rank_run, tmp_path):
-    # The first run is the session's shared one (tests/integration/conftest.py): the same job but
-    # for its checkpoints every 5 steps, which must not change what it trains either.
+    # The uninterrupted run is the session's shared one (tests/integration/conftest.py): the same job
+    # but for its checkpoints every 5 steps. The interrupted one is a second run of the job, stopped
+    # at step 6 (its checkpoint is the last of that run), then resumed to the end: ending bitwise
+    # where the shared run does, it proves with one run less that two runs of one job train the
+    # same (its first 6 steps are a fresh run's), that checkpoints every 5 steps change nothing,
+    # and that an interruption changes nothing.
     common = ["trainer.epochs=1", "checkpoint.every_n_steps=0"]
-    check(run_command(torchrun(*tiny(tmp_path / "second", *common)), cwd=REPO))
-    # Interrupted at step 6 (its checkpoint is the last of that run), then resumed to the end.
     check(run_command(torchrun(*tiny(tmp_path / "interrupted", *common, "trainer.max_steps=6")), cwd=REPO))
     check(run_command(torchrun(*tiny(tmp_path / "interrupted", *common)), cwd=REPO))
 
     reference = exported_parameters(two_rank_run.root, tmp_path)
     assert len(reference) > 26  # every table and dense layer
-    for name in ("second", "interrupted"):
-        other = exported_parameters(tmp_path / name, tmp_path)
-        assert other.keys() == reference.keys()
-        for key, value in reference.items():
-            assert torch.equal(other[key], value), f"{name}: {key} differs"
+    other = exported_parameters(tmp_path / "interrupted", tmp_path)
+    assert other.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(other[key], value), f"interrupted: {key} differs"
 
 
 def _wait_for_checkpoint(root: Path, process: subprocess.Popen, at_least: int, timeout: float = 120) -> None:
@@ -103,7 +109,7 @@ def test_a_worker_killed_under_max_restarts_resumes_and_finishes(tmp_path):
         "--max-restarts=1",
         "-m",
         "app.train",
-        *tiny(tmp_path, "trainer.epochs=12", "checkpoint.every_n_steps=10"),
+        *tiny(tmp_path, "trainer.epochs=4", "checkpoint.every_n_steps=10"),
     ]
     job = start(args, tmp_path / "job.log")
     try:
@@ -116,9 +122,9 @@ def test_a_worker_killed_under_max_restarts_resumes_and_finishes(tmp_path):
         kill_tree(job.pid)
     log = (tmp_path / "job.log").read_text()
     assert "resumed from" in log
-    assert checkpoints(tmp_path)[-1] == f"step_{12 * 15:08d}"  # 15 steps per epoch on 2 ranks
+    assert checkpoints(tmp_path)[-1] == f"step_{4 * 15:08d}"  # 15 steps per epoch on 2 ranks
     steps = [r["step"] for r in records(tmp_path / "outputs" / "tiny", "train")]
-    assert steps[-1] == 12 * 15
+    assert steps[-1] == 4 * 15
 
 
 _SAVE_FOREVER = """
@@ -178,14 +184,14 @@ def test_damaged_incompatible_and_foreign_checkpoints(one_process_run_of_10_step
     # A truncated newest checkpoint: a warning, and the run continues from the previous one.
     shard = next((run / "checkpoints" / "step_00000010").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
-    out = check(run_command(one_process(*tiny(tmp_path, "trainer.max_steps=12")), cwd=REPO))
+    out = check(run_command(one_process(*tiny(tmp_path, "trainer.max_steps=6")), cwd=REPO))
     assert "step_00000010 is not usable" in out and "at step 5 " in out
 
     # A config whose model differs is refused, naming what differs; nothing is written.
     before = checkpoints(tmp_path)
     refused = run_command(
         one_process(
-            *tiny(tmp_path, "trainer.max_steps=14", "features.embedding_dim=8", "model.dense_arch_layer_sizes=[64,8]")
+            *tiny(tmp_path, "trainer.max_steps=8", "features.embedding_dim=8", "model.dense_arch_layer_sizes=[64,8]")
         ),
         cwd=REPO,
     )
@@ -201,7 +207,7 @@ def test_damaged_incompatible_and_foreign_checkpoints(one_process_run_of_10_step
                 *tiny(
                     tmp_path,
                     "run_name=other",
-                    "trainer.max_steps=3",
+                    "trainer.max_steps=1",
                     f"checkpoint.load_from={run}",
                     "checkpoint.load_mode=model",
                 )
@@ -210,7 +216,7 @@ def test_damaged_incompatible_and_foreign_checkpoints(one_process_run_of_10_step
         )
     )
     assert "started from the model weights of" in out
-    assert [r["step"] for r in records(tmp_path / "outputs" / "other", "eval")] == [3]
+    assert [r["step"] for r in records(tmp_path / "outputs" / "other", "eval")] == [1]
 
 
 def test_asynchronous_saves_are_published_intact_and_resume(tmp_path):

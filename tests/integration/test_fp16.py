@@ -17,6 +17,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from app.data.synthetic import ensure_dataset
+from app.features import FeatureSchema
+from app.hydra_edge import compose_config
 from tests.conftest import REPO, run_command
 from tests.integration.test_resume import run_dir
 from tests.integration.test_train import check, records, tiny, torchrun
@@ -41,7 +44,9 @@ def train_records(root: Path):
 def overflowing_data(tmp_path_factory) -> dict[str, Path]:
     """experiment=tiny's synthetic splits, and a copy of the train split with one huge dense value."""
     root = tmp_path_factory.mktemp("data")
-    check(run_command([sys.executable, "scripts/make_dataset.py", *tiny(root)[:2]], cwd=REPO))
+    # In this process, as scripts/make_dataset.py would (its own imports would cost a process).
+    config = compose_config(tiny(root)[:2])
+    ensure_dataset(FeatureSchema.from_config(config.features), config.data.synthetic)
     synthetic = next((root / "data").iterdir())
     crafted = root / "overflowing"
     shutil.copytree(synthetic / "train", crafted)

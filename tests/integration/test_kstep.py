@@ -1,6 +1,7 @@
 """k-step model averaging of the dense part on 2 gloo ranks: with SGD and k=1 it is exactly the
 synchronous run (the mean of locally updated parameters is the update by the mean gradient);
-with k=4 the ranks really step apart between averages, and training still converges."""
+with k=4 the ranks really step apart between averages (Adam: its moments are averaged too), and
+training still converges."""
 
 from __future__ import annotations
 
@@ -44,12 +45,14 @@ def test_k1_with_sgd_equals_synchronous_training(tmp_path, uninterrupted):
     assert final["logloss"] == pytest.approx(sync_eval["logloss"], abs=1e-5)
 
 
-def test_k4_steps_apart_between_averages_and_converges(tmp_path, uninterrupted):
-    # The synchronous run: test_resume.py's uninterrupted run of the default optimizer (adagrad) on
-    # 2 ranks, shared by the session (tests/integration/conftest.py).
-    sync_losses, sync_eval = losses_and_eval(uninterrupted("adagrad", 2) / "outputs" / "tiny")
-    out, losses, final = run(tmp_path, 4)
+def test_k4_steps_apart_between_averages_and_converges(k_step_adam_run, uninterrupted):
+    # The k=4 run is the session's (tests/integration/conftest.py): test_resume.py's adam preset,
+    # whose moments are averaged with the parameters; the synchronous run is test_resume.py's
+    # uninterrupted run of it on 2 ranks, shared too. Measured: AUC 0.6415 / logloss 0.6328 at
+    # k=4, 0.6462 / 0.6275 synchronous.
+    sync_losses, sync_eval = losses_and_eval(uninterrupted("adam", 2) / "outputs" / "tiny")
+    out, (losses, final) = k_step_adam_run.output, losses_and_eval(k_step_adam_run.run_dir)
     assert "k-step averaging:" in out
-    assert losses != pytest.approx(sync_losses, abs=1e-6)  # gradients were not all-reduced
+    assert len(losses) == len(sync_losses) and losses != pytest.approx(sync_losses, abs=1e-6)  # not all-reduced
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert final["auc"] > 0.6 and abs(final["logloss"] - sync_eval["logloss"]) < 0.05

@@ -3,7 +3,15 @@ workers a resumed run ends bitwise identical to an uninterrupted one; on another
 2 -> 1, 2 -> 4) it converts the optimizer state the plans keep differently (small tables are
 replicated on 2+ ranks, sharded on 1), trains the configured samples and uses, at every step, the
 LR an uninterrupted run of that shape uses. Interruptions are made by resuming a copy of an
-uninterrupted run from one of its own checkpoints, so both runs saw the same schedule horizon."""
+uninterrupted run from one of its own checkpoints, so both runs saw the same schedule horizon.
+
+Real runs prove it for representatives, each launch costing seconds of imports alone: the same
+number of workers for sgd (no optimizer state, inside its warmup) and adam (the most state: dense
+Adam with its step counter, row-wise Adagrad tables; given sgd's schedule, inside its decay);
+another number of workers, under torchrun and back, for adam with that live schedule (2 -> 4 for
+adam too). Each preset's state (sgd, adagrad, adam) resuming bitwise on one plan, and converted
+between the fused and the replicated form, is proven in one process by
+tests/unit/test_resume_optimizers.py: the resume path is the same code for every preset."""
 
 from __future__ import annotations
 
@@ -23,7 +31,9 @@ COMMON = ["trainer.epochs=2", "trainer.log_every_n_steps=1", "checkpoint.every_n
 PRESETS = {
     "sgd": ["optim=sgd", "optim.warmup_steps=10"],  # warmup, then linear decay to the end
     "adagrad": ["optim=adagrad"],
-    "adam": ["optim=adam"],  # dense Adam: stateful, with a step counter
+    # Dense Adam: stateful, with a step counter; given sgd's schedule, so that the resumes onto
+    # another number of workers (of this preset only) meet a live one.
+    "adam": ["optim=adam", "optim.warmup_steps=10", "optim.decay=linear", "optim.min_lr_ratio=0.1"],
 }
 
 
@@ -84,20 +94,20 @@ def uninterrupted_command(preset: str, ranks: int) -> list[str]:
     return [*launcher(ranks), *tiny(Path("{root}"), *COMMON, *PRESETS[preset])]
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_resume_on_the_same_number_of_workers_is_bitwise_identical(preset, uninterrupted, tmp_path):
+# sgd (no optimizer state) inside its warmup, adam (the most state) inside its decay; every preset's
+# state resumes bitwise, and trains on bitwise, in tests/unit/test_resume_optimizers.py.
+@pytest.mark.parametrize("preset, at_step", [("sgd", 5), ("adam", 20)])
+def test_resume_on_the_same_number_of_workers_is_bitwise_identical(preset, at_step, uninterrupted, tmp_path):
     reference = uninterrupted(preset, 2)
-    # Inside warmup (step 5 of 10) and inside the decay for sgd; mid-run for the others.
-    for at_step in (5, 20) if preset == "sgd" else (20,):
-        root = interrupted_copy(reference, tmp_path / f"at{at_step}", at_step)
-        out = train(root, 2, *COMMON, *PRESETS[preset])
-        assert f"resumed from {run_dir(root) / 'checkpoints' / f'step_{at_step:08d}'}" in out
-        assert_bitwise_equal(root, reference, tmp_path)
-        assert_schedule_of(root, reference, first_step=at_step + 1)
+    root = interrupted_copy(reference, tmp_path / f"at{at_step}", at_step)
+    out = train(root, 2, *COMMON, *PRESETS[preset])
+    assert f"resumed from {run_dir(root) / 'checkpoints' / f'step_{at_step:08d}'}" in out
+    assert_bitwise_equal(root, reference, tmp_path)
+    assert_schedule_of(root, reference, first_step=at_step + 1)
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_resume_on_another_number_of_workers_continues_the_schedule(preset, uninterrupted, tmp_path):
+def test_resume_on_another_number_of_workers_continues_the_schedule(uninterrupted, tmp_path):
+    preset = "adam"  # the most state, and a live schedule (see the module's docstring)
     # 1 -> 2: 20 steps of 128 samples are 10 steps of 256; the small tables become data_parallel.
     grown = interrupted_copy(uninterrupted(preset, 1), tmp_path / "grown", at_step=20)
     out = train(grown, 2, *COMMON, *PRESETS[preset])
@@ -117,8 +127,9 @@ def test_resume_on_another_number_of_workers_continues_the_schedule(preset, unin
 
 
 def test_resume_onto_four_workers(uninterrupted, tmp_path):
-    root = interrupted_copy(uninterrupted("adagrad", 2), tmp_path / "four", at_step=10)
-    out = train(root, 4, *COMMON, *PRESETS["adagrad"])
+    # adam's run, shared with the tests above: the most state, on 4 ranks.
+    root = interrupted_copy(uninterrupted("adam", 2), tmp_path / "four", at_step=10)
+    out = train(root, 4, *COMMON, *PRESETS["adam"])
     assert "this run has 4 ranks and 512" in out and "starts fresh" not in out
     train_records = records(run_dir(root), "train")
     # 2560 samples are 5 steps of 512; 2 epochs of 7 steps end at step 14.
@@ -126,21 +137,21 @@ def test_resume_onto_four_workers(uninterrupted, tmp_path):
     assert records(run_dir(root), "eval")[-1]["step"] == 14
 
 
-def test_k_step_averaging_resumes_exactly_with_a_stateful_dense_optimizer(tmp_path):
+def test_k_step_averaging_resumes_exactly_with_a_stateful_dense_optimizer(k_step_adam_run, tmp_path):
     # Adam's moments differ between ranks until averaged: averaged with the parameters, every
-    # rank's state is the one a checkpoint holds, so a resume changes nothing.
-    overrides = [*COMMON, "trainer.epochs=1", "optim=adam", "trainer.dense_average_every=4"]
-    reference = tmp_path / "reference"
-    train(reference, 2, *overrides)
-    root = interrupted_copy(reference, tmp_path / "resumed", at_step=10)  # between two averages
+    # rank's state is the one a checkpoint holds, so a resume changes nothing. The uninterrupted
+    # run, k=4, is the session's (tests/integration/conftest.py; test_kstep.py's k=4 run too).
+    overrides = [*COMMON, *PRESETS["adam"], "trainer.dense_average_every=4"]
+    root = interrupted_copy(k_step_adam_run.root, tmp_path / "resumed", at_step=10)  # between two averages
     train(root, 2, *overrides)
-    assert_bitwise_equal(root, reference, tmp_path)
+    assert_bitwise_equal(root, k_step_adam_run.root, tmp_path)
 
 
 def test_a_changed_batch_size_continues_after_as_many_samples(uninterrupted, tmp_path):
     # 20 steps of 128 on 1 rank, then data.batch_size=256: 10 steps of 256 are done, of 2 x 15.
-    root = interrupted_copy(uninterrupted("sgd", 1), tmp_path / "bigger", at_step=20)
-    out = train(root, 1, *COMMON, *PRESETS["sgd"], "data.batch_size=256")
+    # adam's runs, shared with the tests above, have a live schedule.
+    root = interrupted_copy(uninterrupted("adam", 1), tmp_path / "bigger", at_step=20)
+    out = train(root, 1, *COMMON, *PRESETS["adam"], "data.batch_size=256")
     assert "global batch of 128, this run has 1 ranks and 256" in out
     # 1 rank x 256 has the steps, and so the schedule, of 2 ranks x 128.
-    assert_schedule_of(root, uninterrupted("sgd", 2), first_step=11)
+    assert_schedule_of(root, uninterrupted("adam", 2), first_step=11)
