@@ -3,10 +3,14 @@ self-launched workers, and Hydra sweeps (a grid and Optuna)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import re
+import runpy
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,6 +51,26 @@ def records(run_dir: Path, kind: str):
 def check(result):
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     return result.stdout + result.stderr
+
+
+def script_in_process(name: str, *args) -> subprocess.CompletedProcess:
+    """`python scripts/<name> args` run in this process: its main, its output and its exit code as
+    the command's, without the interpreter start and imports (torch's: about 5 CPU seconds) that a
+    subprocess pays. For the checks of what a script says and how it exits; the command itself is
+    proven by the tests that launch it for real (test_export_predict.py, the sweep tests here)."""
+    path = REPO / "scripts" / name
+    argv, sys.argv = sys.argv, [str(path), *map(str, args)]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exit:  # every script ends in sys.exit(main(...)) or exits 2 itself
+        code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(
+        [sys.executable, str(path), *map(str, args)], code, out.getvalue(), err.getvalue()
+    )
 
 
 def test_two_process_training_saves_then_resumes(two_rank_run, tmp_path):
