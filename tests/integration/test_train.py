@@ -341,7 +341,7 @@ def test_optuna_sweep_maximises_auc_and_a_rerun_resumes_its_trials(tmp_path):
     assert again.count("resumed from") == 2
     assert sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != ".hydra") == trials
 
-    out = report(sweep_dir)
+    out = check(script_in_process("report.py", sweep_dir))  # launched for real by the grid sweep's test
     assert "2 point(s) of 2 planned (2 finished)" in out
     files = sweep_dir / "report"
     for name in (
@@ -549,7 +549,7 @@ def test_submitit_local_sweep_runs_points_as_separate_jobs_of_two_workers_and_re
     assert json.loads((bad / "summary.json").read_text())["status"] == "failed"
     assert list((sweep_dir / ".submitit").iterdir())  # submitit's own job folders
 
-    out = report(sweep_dir)
+    out = check(script_in_process("report.py", sweep_dir))  # launched for real by the grid sweep's test
     assert "2 point(s) of 2 planned (1 failed, 1 finished)" in out
     with open(sweep_dir / "report" / "report.csv") as table:
         rows = list(csv.DictReader(table))
