@@ -410,10 +410,9 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(on
     pq.write_table(
         table.set_column(table.schema.get_field_index("cat_3"), "cat_3", pa.array(ids)), bad, row_group_size=250
     )
+    train = [sys.executable, "-m", "app.train"]
     second = [
-        sys.executable,
-        "-m",
-        "app.train",
+        *train,
         *tiny(
             tmp_path,
             "trainer.max_steps=8",
@@ -428,9 +427,7 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(on
     assert "bad/part-00000.parquet row group 2, row 200: column 'cat_3' has id 10000" in result.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == saved
     # Starting over in a run directory that holds checkpoints is refused, not mixed in.
-    fresh = run_command(
-        [sys.executable, "-m", "app.train", *tiny(tmp_path, "checkpoint.resume=false", NO_READERS)], cwd=REPO
-    )
+    fresh = run_command([*train, *tiny(tmp_path, "checkpoint.resume=false", NO_READERS)], cwd=REPO)
     assert fresh.returncode == 2 and "checkpoint.resume=false, but" in fresh.stderr, fresh.stderr[-3000:]
     assert sorted(p.name for p in checkpoints.iterdir()) == saved
 
@@ -438,7 +435,7 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(on
     blocked = tmp_path / "outputs" / "blocked" / "checkpoints"
     blocked.parent.mkdir()
     blocked.write_text("a file where the checkpoints directory goes")
-    result = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "run_name=blocked", NO_READERS)], cwd=REPO)
+    result = run_command([*train, *tiny(tmp_path, "run_name=blocked", NO_READERS)], cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
     assert (
         f"error: cannot write checkpoints to {blocked} (from output_root and run_name): a file is in the way."
@@ -446,7 +443,7 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(on
     )
     assert "Traceback" not in result.stderr
     # ... and where the run directory itself cannot be made (Hydra makes it), exit code 2 too.
-    result = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, f"output_root={blocked}")], cwd=REPO)
+    result = run_command([*train, *tiny(tmp_path, f"output_root={blocked}")], cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr == (
         f"error: cannot write the run directory {blocked / 'tiny'} (from output_root and run_name): Not a directory.\n"
