@@ -17,7 +17,7 @@ from app.data.files import resolve_files
 from app.export import load_exported, resolve_checkpoint, score_files
 from app.metrics import EvalMetrics
 from tests.conftest import REPO, run_command
-from tests.integration.test_train import check, records, tiny, torchrun
+from tests.integration.test_train import NO_READERS, check, records, script_in_process, tiny, torchrun
 
 # experiment=tiny on 2 ranks: 15 steps an epoch, 30 planned. Evaluated every 5 steps; no evaluation
 # after the first improves by more than 0.5, so with a patience of 2 the run stops at step 15.
@@ -28,6 +28,7 @@ PATIENCE = [
     "trainer.early_stopping.min_delta=0.5",
     "checkpoint.keep_last=1",
     "trainer.epochs=2",
+    NO_READERS,  # early stopping is not about the readers: no fork server to start in each worker
 ]
 
 
@@ -100,7 +101,8 @@ def exported_best(stopped_run, tmp_path_factory):
     run_dir, first, *_ = stopped_run
     check(first)
     out = tmp_path_factory.mktemp("exported")
-    return out, check(run_command(script("export.py", run_dir, "--out", out), cwd=out))
+    # In this process (script_in_process): test_export_predict.py launches the script for real.
+    return out, check(script_in_process("export.py", run_dir, "--out", out))
 
 
 def test_the_best_checkpoint_survives_keep_last_and_export_takes_it(stopped_run, exported_best):
@@ -154,6 +156,7 @@ def test_a_run_stops_when_validation_reaches_the_target(tmp_path, dataset):
         "trainer.early_stopping.metric=logloss",
         "trainer.early_stopping.target=1.0",
         "checkpoint.every_n_steps=0",
+        NO_READERS,
     )
     out = check(run_command([sys.executable, "-m", "app.train", *args], cwd=REPO))
     assert re.search(
@@ -187,6 +190,7 @@ def test_a_validation_split_of_one_class_is_said_at_start_up_and_its_evaluations
         "trainer.early_stopping.patience=1",
         "checkpoint.every_n_steps=0",
         "trainer.max_steps=15",
+        NO_READERS,
     )
     out = check(run_command([sys.executable, "-m", "app.train", *args], cwd=REPO))
     assert (

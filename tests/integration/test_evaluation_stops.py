@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import REPO, children, kill_tree, run_command, start
-from tests.integration.test_train import _with_bad_id, check, records, tiny, torchrun
+from tests.integration.test_train import NO_READERS, _with_bad_id, check, records, tiny, torchrun
 
 PREEMPTED = 128 + signal.SIGTERM
 
@@ -65,8 +65,10 @@ def test_sigterm_during_a_long_evaluation_abandons_it_saves_exits_143_and_the_re
     assert summary["status"] == "preempted" and summary["step"] == 5
     assert records(run_dir(tmp_path), "eval") == []  # abandoned: not counted
 
-    # The same command resumes at step 5 and evaluates it first (fewer batches, to be quick).
-    out = check(run_command(torchrun(*args, "trainer.max_steps=6", "trainer.eval_max_batches=20"), cwd=REPO))
+    # The same command resumes at step 5 and evaluates it first (fewer batches, to be quick; read in
+    # each worker's own process, without the readers' fork server to start).
+    resume = torchrun(*args, "trainer.max_steps=6", "trainer.eval_max_batches=20", NO_READERS)
+    out = check(run_command(resume, cwd=REPO))
     assert "step_00000005 at step 5 " in out
     assert [r["step"] for r in records(run_dir(tmp_path), "eval")] == [5, 6]
 

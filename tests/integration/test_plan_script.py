@@ -7,6 +7,7 @@ import re
 import sys
 
 from tests.conftest import REPO, run_command
+from tests.integration.test_train import script_in_process
 
 
 def test_plans_the_criteo_1tb_preset_balanced_without_its_data(tmp_path):
@@ -40,16 +41,16 @@ def test_plans_the_criteo_1tb_preset_balanced_without_its_data(tmp_path):
 
 
 def test_full_report_and_errors():
-    result = run_command([sys.executable, "scripts/plan.py", "--world-size", "2", "sharding=row_wise"], cwd=REPO)
+    # In this process (script_in_process: the script's main, output and exit code, without a Python
+    # start and torch's imports each time); the test above launches the script for real.
+    result = script_in_process("plan.py", "--world-size", "2", "sharding=row_wise")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharding plan for 2 rank(s)" in result.stdout and "row_wise" in result.stdout
     assert "cost" in result.stdout and "imbalance" in result.stdout and "estimated step time" in result.stdout
-    refused = run_command(
-        [sys.executable, "scripts/plan.py", "--world-size", "2", "sharding.ddr_cap_gb=0.000001"], cwd=REPO
-    )
+    refused = script_in_process("plan.py", "--world-size", "2", "sharding.ddr_cap_gb=0.000001")
     assert refused.returncode == 2 and "found no plan for 2 rank(s)" in refused.stderr
     assert "memory per rank: DDR 9.99e-07 GiB (sharding.ddr_cap_gb)" in refused.stderr
     # torch numbers a host's CUDA devices with 8 bits: 200 on one host cannot be placed.
-    crowded = run_command([sys.executable, "scripts/plan.py", "--world-size", "8,200", "--device", "cuda"], cwd=REPO)
+    crowded = script_in_process("plan.py", "--world-size", "8,200", "--device", "cuda")
     assert crowded.returncode == 2 and "--world-size 200 with 200 workers a host" in crowded.stderr
     assert "sharding plan" not in crowded.stdout

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, run_command
+from tests.integration.test_train import script_in_process
 
 
 def check(result):
@@ -39,6 +40,7 @@ def real_sweep(tmp_path_factory) -> Path:
         f"data.synthetic.root={root / 'data'}",
         f"output_root={root / 'outputs'}",
         "logging.progress_bar=false",
+        "data.prefetch_windows=0",  # read in the training process: no readers' fork server to start
     ]
     check(run_command(args, cwd=REPO))
     return root / "outputs" / "tiny"
@@ -56,8 +58,10 @@ def point_dir(sweep: Path, lr: str) -> Path:
 
 
 def report(sweep: Path):
-    """scripts/report.py's output, and report.csv's rows by point."""
-    out = check(run_command([sys.executable, "scripts/report.py", str(sweep)], cwd=REPO))
+    """scripts/report.py's output, and report.csv's rows by point. The script runs in this process
+    (script_in_process: its main, output and exit code, without a Python start and its imports each
+    time); test_train.py's sweep tests launch it for real."""
+    out = check(script_in_process("report.py", sweep))
     with open(sweep / "report" / "report.csv", newline="") as table:
         return out, {row["point"]: row for row in csv.DictReader(table)}
 

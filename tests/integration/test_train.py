@@ -3,10 +3,14 @@ self-launched workers, and Hydra sweeps (a grid and Optuna)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import re
+import runpy
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +18,10 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, run_command
+
+# Where a test is not about the readers: each worker reads in its own process (data.prefetch_windows=0),
+# without the readers' fork server, which costs about 3 CPU seconds to start (it imports torch).
+NO_READERS = "data.prefetch_windows=0"
 
 
 def tiny(tmp_path: Path, *overrides: str):
@@ -47,6 +55,26 @@ def records(run_dir: Path, kind: str):
 def check(result):
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     return result.stdout + result.stderr
+
+
+def script_in_process(name: str, *args) -> subprocess.CompletedProcess:
+    """`python scripts/<name> args` run in this process: its main, its output and its exit code as
+    the command's, without the interpreter start and imports (torch's: about 5 CPU seconds) that a
+    subprocess pays. For the checks of what a script says and how it exits; the command itself is
+    proven by the tests that launch it for real (test_export_predict.py, the sweep tests here)."""
+    path = REPO / "scripts" / name
+    argv, sys.argv = sys.argv, [str(path), *map(str, args)]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exit:  # every script ends in sys.exit(main(...)) or exits 2 itself
+        code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(
+        [sys.executable, str(path), *map(str, args)], code, out.getvalue(), err.getvalue()
+    )
 
 
 def test_two_process_training_saves_then_resumes(two_rank_run, tmp_path):
@@ -83,34 +111,50 @@ def test_two_process_training_saves_then_resumes(two_rank_run, tmp_path):
 
 def test_a_run_stopped_mid_epoch_resumes_at_the_same_sample(tmp_path):
     # Every step's loss is logged; a resumed run that read other samples than the uninterrupted one
-    # (one batch early or late, reshuffled, another rank's rows) would log other losses.
-    common = ["trainer.log_every_n_steps=1", "checkpoint.every_n_steps=0", "data.shuffle_window=2", "trainer.epochs=2"]
-    check(run_command(torchrun(*tiny(tmp_path / "straight", *common)), cwd=REPO))
-    check(run_command(torchrun(*tiny(tmp_path / "stopped", *common, "trainer.max_steps=19")), cwd=REPO))
-    resumed = check(run_command(torchrun(*tiny(tmp_path / "stopped", *common)), cwd=REPO))
-    assert "at step 19 (epoch 1)" in resumed  # 15 steps per epoch: stopped 4 steps into the second
+    # (one batch early or late, reshuffled, another rank's rows) would log other losses. The
+    # uninterrupted run saves at step 19 (and at its end, 30): a copy of it without the later
+    # checkpoint is the run as stopped 4 steps into its second epoch (15 steps an epoch), so that
+    # one run is both the reference and the stopped one. (A run stopped by trainer.max_steps and
+    # resumed: test_early_stopping.py's stopped_run.) Its tables are split table_row_wise: that
+    # sharding type trains to the end, and resumes exactly, here.
+    common = [
+        "trainer.log_every_n_steps=1",
+        "checkpoint.every_n_steps=19",
+        "data.shuffle_window=2",
+        "trainer.epochs=2",
+        "sharding=table_row_wise",
+    ]
+    straight_out = check(run_command(torchrun(*tiny(tmp_path / "straight", *common)), cwd=REPO))
+    assert "final validation AUC" in straight_out
+    plan = json.loads((tmp_path / "straight" / "outputs" / "tiny" / "plan.json").read_text())
+    assert {t["sharding_type"] for t in plan["tables"].values()} == {"table_row_wise"}
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "straight", stopped)
+    checkpoints = stopped / "outputs" / "tiny" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000019", "step_00000030"]
+    shutil.rmtree(checkpoints / "step_00000030")
+    (stopped / "outputs" / "tiny" / "metrics.jsonl").unlink()
+    resumed = check(run_command(torchrun(*tiny(stopped, *common)), cwd=REPO))
+    assert "at step 19 (epoch 1)" in resumed
 
     def losses(root):
         return {r["step"]: r["loss"] for r in records(root / "outputs" / "tiny", "train")}
 
-    straight, stopped = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
-    assert sorted(stopped) == sorted(straight) == list(range(1, 31))
-    for step in range(1, 31):
-        assert stopped[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step
+    straight, after_stop = losses(tmp_path / "straight"), losses(stopped)
+    assert sorted(straight) == list(range(1, 31)) and sorted(after_stop) == list(range(20, 31))
+    for step in range(20, 31):
+        assert after_stop[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step
 
 
-@pytest.mark.parametrize(
-    "sharding", ["data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise"]
-)
-def test_every_sharding_type_trains_to_the_end(tmp_path, sharding, request):
-    if sharding in ("row_wise", "table_wise"):  # the session's runs of one epoch (tests/integration/conftest.py)
-        shared = request.getfixturevalue(f"{sharding}_run")
-        out, run_dir = shared.output, shared.run_dir
-    else:
-        out = check(run_command(torchrun(*tiny(tmp_path, f"sharding={sharding}", "trainer.max_steps=6")), cwd=REPO))
-        run_dir = tmp_path / "outputs" / "tiny"
-    assert "final validation AUC" in out
-    plan = json.loads((run_dir / "plan.json").read_text())
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+def test_every_sharding_type_trains_to_the_end(sharding, request):
+    # The session's runs of one epoch (tests/integration/conftest.py). The other types train to the
+    # end in runs that other tests make anyway, each asserting its plan: data_parallel in
+    # test_self_launched_workers, table_row_wise in test_a_run_stopped_mid_epoch_resumes_at_the_same_sample,
+    # table_column_wise in the submitit sweep's finished point, column_wise in test_evaluation.py.
+    shared = request.getfixturevalue(f"{sharding}_run")
+    assert "final validation AUC" in shared.output
+    plan = json.loads((shared.run_dir / "plan.json").read_text())
     assert {t["sharding_type"] for t in plan["tables"].values()} == {sharding}
 
 
@@ -119,7 +163,13 @@ def test_self_launched_workers(tmp_path):
         sys.executable,
         "-m",
         "app.train",
-        *tiny(tmp_path, "distributed.nproc_per_node=2", "distributed.threads_per_worker=3", "trainer.max_steps=4"),
+        *tiny(
+            tmp_path,
+            "distributed.nproc_per_node=2",
+            "distributed.threads_per_worker=3",
+            "trainer.max_steps=4",
+            "sharding=data_parallel",  # that sharding type trains to the end (test_every_sharding_type...)
+        ),
     ]
     result = run_command(args, cwd=REPO)
     out = check(result)
@@ -135,11 +185,13 @@ def test_self_launched_workers(tmp_path):
         best,
     )
     assert said and abs(float(said.group(1)) - (recorded - reached)) < 2e-4, best
-    assert json.loads((tmp_path / "outputs" / "tiny" / "plan.json").read_text())["world_size"] == 2
+    plan = json.loads((tmp_path / "outputs" / "tiny" / "plan.json").read_text())
+    assert plan["world_size"] == 2 and {t["sharding_type"] for t in plan["tables"].values()} == {"data_parallel"}
 
 
-def test_more_readers_than_cores_are_warned_of(tmp_path):
-    # On one core (taskset), 2 reader processes per worker compete with training for it.
+def test_more_readers_than_cores_are_warned_of_and_sgd_with_the_dcn_head_trains(tmp_path):
+    # On one core (taskset), 2 reader processes per worker compete with training for it. The run is
+    # also test_other_optimizers_and_the_dcn_head_train's of optim=sgd and model=dcn: one launch.
     args = [
         "taskset",
         "-c",
@@ -147,13 +199,14 @@ def test_more_readers_than_cores_are_warned_of(tmp_path):
         sys.executable,
         "-m",
         "app.train",
-        *tiny(tmp_path, "data.num_workers=2", "trainer.max_steps=1"),
+        *tiny(tmp_path, "data.num_workers=2", "trainer.max_steps=4", "optim=sgd", "model=dcn"),
     ]
     out = check(run_command(args, cwd=REPO))
     assert (
         "data.num_workers=2: 2 reader processes on this node (2 per worker x 1 worker(s)) for 1 CPU core(s) "
         "available; readers beyond the cores compete with training for them."
     ) in out
+    assert "final validation AUC" in out
 
 
 def session(tb_dir: Path):
@@ -182,7 +235,7 @@ def test_sweep_runs_each_point_in_its_own_directory_and_the_report_ranks_them(tm
         "app.train",
         "-m",
         "optim.lr=0.01,0.02,0.05",
-        *tiny(tmp_path, "trainer.max_steps=6", "trainer.eval_every_n_steps=3"),
+        *tiny(tmp_path, "trainer.max_steps=6", "trainer.eval_every_n_steps=3", NO_READERS),
     ]
     check(run_command(args, cwd=REPO))
     sweep_dir = tmp_path / "outputs" / "tiny"
@@ -227,11 +280,10 @@ def test_sweep_runs_each_point_in_its_own_directory_and_the_report_ranks_them(tm
     assert page.count("data:image/png;base64,") == 2 and rows[0]["point"] in page
 
 
-def test_a_sweep_runs_every_point_records_the_failed_ones_and_exits_non_zero_at_the_end(tmp_path):
+def test_a_sweep_runs_every_point_records_the_failed_ones_and_exits_non_zero_at_the_end(one_process_run, tmp_path):
     # Point 0 fails at run time on a damaged Parquet file, points 1 and 3 on their config: the
     # sweep still runs point 2 to the end, then says which points failed and exits 2 (bad input).
-    check(run_command([sys.executable, "scripts/make_dataset.py", *tiny(tmp_path)[:2]], cwd=REPO))
-    synthetic = next((tmp_path / "data").iterdir())
+    synthetic = one_process_run.dataset  # the session's generated tiny dataset, only read
     damaged = tmp_path / "damaged" / "part-00000.parquet"
     damaged.parent.mkdir()
     damaged.write_bytes((synthetic / "val" / "part-00000.parquet").read_bytes()[:3000])
@@ -275,7 +327,7 @@ def test_optuna_sweep_maximises_auc_and_a_rerun_resumes_its_trials(tmp_path):
         "app.train",
         "+sweep=optuna",
         "hydra.sweeper.n_trials=2",
-        *tiny(tmp_path, "trainer.max_steps=3"),
+        *tiny(tmp_path, "trainer.max_steps=3", NO_READERS),
     ]
     check(run_command(args, cwd=REPO))
     sweep_dir = tmp_path / "outputs" / "sweep_optuna"
@@ -289,7 +341,7 @@ def test_optuna_sweep_maximises_auc_and_a_rerun_resumes_its_trials(tmp_path):
     assert again.count("resumed from") == 2
     assert sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != ".hydra") == trials
 
-    out = report(sweep_dir)
+    out = check(script_in_process("report.py", sweep_dir))  # launched for real by the grid sweep's test
     assert "2 point(s) of 2 planned (2 finished)" in out
     files = sweep_dir / "report"
     for name in (
@@ -317,7 +369,7 @@ def test_an_optuna_trial_that_fails_is_marked_failed_and_the_search_goes_on(tmp_
         "+sweep=optuna",
         "hydra.sweeper.n_trials=3",
         "data.batch_size=choice(0,64)",
-        *tiny(tmp_path, "trainer.max_steps=2"),
+        *tiny(tmp_path, "trainer.max_steps=2", NO_READERS),
     ]
     result = run_command(args, cwd=REPO)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
@@ -330,17 +382,10 @@ def test_an_optuna_trial_that_fails_is_marked_failed_and_the_search_goes_on(tmp_
     assert "Best value: " in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("overrides", [["optim=sgd", "model=dcn"], ["optim=adam"]])
-def test_other_optimizers_and_the_dcn_head_train(tmp_path, overrides, request):
-    if overrides == ["optim=adam"]:  # test_resume.py's run of optim=adam on 1 process, shared by the session
-        out = request.getfixturevalue("uninterrupted_run")("adam", 1).output
-    else:
-        out = check(
-            run_command(
-                [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=4", *overrides)], cwd=REPO
-            )
-        )
-    assert "final validation AUC" in out
+def test_other_optimizers_and_the_dcn_head_train(uninterrupted_run):
+    # optim=adam: test_resume.py's run of it on 1 process, shared by the session. optim=sgd with
+    # model=dcn: the run of test_more_readers_than_cores_are_warned_of_and_sgd_with_the_dcn_head_trains.
+    assert "final validation AUC" in uninterrupted_run("adam", 1).output
 
 
 def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(one_process_run, tmp_path):
@@ -365,10 +410,9 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(on
     pq.write_table(
         table.set_column(table.schema.get_field_index("cat_3"), "cat_3", pa.array(ids)), bad, row_group_size=250
     )
+    train = [sys.executable, "-m", "app.train"]
     second = [
-        sys.executable,
-        "-m",
-        "app.train",
+        *train,
         *tiny(
             tmp_path,
             "trainer.max_steps=8",
@@ -383,7 +427,7 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(on
     assert "bad/part-00000.parquet row group 2, row 200: column 'cat_3' has id 10000" in result.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == saved
     # Starting over in a run directory that holds checkpoints is refused, not mixed in.
-    fresh = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "checkpoint.resume=false")], cwd=REPO)
+    fresh = run_command([*train, *tiny(tmp_path, "checkpoint.resume=false", NO_READERS)], cwd=REPO)
     assert fresh.returncode == 2 and "checkpoint.resume=false, but" in fresh.stderr, fresh.stderr[-3000:]
     assert sorted(p.name for p in checkpoints.iterdir()) == saved
 
@@ -391,7 +435,7 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(on
     blocked = tmp_path / "outputs" / "blocked" / "checkpoints"
     blocked.parent.mkdir()
     blocked.write_text("a file where the checkpoints directory goes")
-    result = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, "run_name=blocked")], cwd=REPO)
+    result = run_command([*train, *tiny(tmp_path, "run_name=blocked", NO_READERS)], cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
     assert (
         f"error: cannot write checkpoints to {blocked} (from output_root and run_name): a file is in the way."
@@ -399,7 +443,7 @@ def test_bad_input_and_restarting_over_checkpoints_fail_clearly_and_keep_them(on
     )
     assert "Traceback" not in result.stderr
     # ... and where the run directory itself cannot be made (Hydra makes it), exit code 2 too.
-    result = run_command([sys.executable, "-m", "app.train", *tiny(tmp_path, f"output_root={blocked}")], cwd=REPO)
+    result = run_command([*train, *tiny(tmp_path, f"output_root={blocked}")], cwd=REPO)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr == (
         f"error: cannot write the run directory {blocked / 'tiny'} (from output_root and run_name): Not a directory.\n"
@@ -420,9 +464,8 @@ def _with_bad_id(source: Path, target: Path, row: int) -> None:
     )
 
 
-def test_bad_rows_are_reported_once_and_found_late_they_cost_no_training(tmp_path):
-    check(run_command([sys.executable, "scripts/make_dataset.py", *tiny(tmp_path)[:2]], cwd=REPO))
-    synthetic = next((tmp_path / "data").iterdir())
+def test_bad_rows_are_reported_once_and_found_late_they_cost_no_training(one_process_run, tmp_path):
+    synthetic = one_process_run.dataset  # the session's generated tiny dataset, only read
     on_parquet = ["data=parquet", f"data.train_path={synthetic / 'train'}", "trainer.max_steps=4"]
 
     # An error every rank meets is said once, by rank 0, on a line of its own.
@@ -482,7 +525,8 @@ def test_submitit_local_sweep_runs_points_as_separate_jobs_of_two_workers_and_re
         "+launcher=local",
         "hydra.launcher.tasks_per_node=2",
         "data.batch_size=64,0",
-        *tiny(tmp_path, "trainer.max_steps=4"),
+        # The finished point's tables are split table_column_wise: that sharding type trains to the end.
+        *tiny(tmp_path, "trainer.max_steps=4", "sharding=table_column_wise", NO_READERS),
     ]
     result = run_command(args, cwd=REPO)
     sweep_dir = tmp_path / "outputs" / "tiny"
@@ -496,11 +540,13 @@ def test_submitit_local_sweep_runs_points_as_separate_jobs_of_two_workers_and_re
     assert result.stderr.endswith(f"error: 1 of 2 sweep point(s) failed: {bad}\n"), result.stderr[-4000:]
     summary = json.loads((good / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["world_size"] == 2 and summary["step"] == 4
-    assert (good / "train_rank1.log").exists() and json.loads((good / "plan.json").read_text())["world_size"] == 2
+    plan = json.loads((good / "plan.json").read_text())
+    assert (good / "train_rank1.log").exists() and plan["world_size"] == 2
+    assert {t["sharding_type"] for t in plan["tables"].values()} == {"table_column_wise"}
     assert json.loads((bad / "summary.json").read_text())["status"] == "failed"
     assert list((sweep_dir / ".submitit").iterdir())  # submitit's own job folders
 
-    out = report(sweep_dir)
+    out = check(script_in_process("report.py", sweep_dir))  # launched for real by the grid sweep's test
     assert "2 point(s) of 2 planned (1 failed, 1 finished)" in out
     with open(sweep_dir / "report" / "report.csv") as table:
         rows = list(csv.DictReader(table))
