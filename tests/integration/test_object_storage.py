@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, children, kill_tree, run_command, start
+from tests.integration.test_run_lock import pause_tree
 from tests.integration.test_train import check, records, tiny, torchrun
 from tests.object_store import s3, s3_server
 
@@ -284,6 +285,7 @@ def test_a_second_job_on_checkpoints_in_use_in_a_bucket_is_refused_until_their_h
             fs.invalidate_cache()
         holder = json.loads(fs.cat_file(lease))
         assert holder["pid"] == first.pid
+        pause_tree(first.pid)  # alive and holding, renewing nothing for far less than LEASE_STALE_S
         others = s3_job(tmp_path / "second", s3_data, "leased", "trainer.max_steps=3")
         second = run_command([sys.executable, "-m", "app.train", *others], cwd=REPO)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]

@@ -4,12 +4,15 @@ torchrun job share the run; a job SIGKILLed leaves no lock behind, and the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO, kill_tree, run_command, start
+from tests.conftest import REPO, descendants, kill_tree, run_command, start
 from tests.integration.test_train import check, tiny, torchrun
 
 
@@ -28,6 +31,15 @@ def wait_until_training(run_dir: Path, job, log: Path, timeout: float = 300) -> 
         time.sleep(0.2)
 
 
+def pause_tree(pid: int) -> None:
+    """SIGSTOP `pid` and every process below it. A paused holder still holds its lock (its pid lives,
+    its lock file stays open) but burns no CPU while the second job starts and is refused: the test
+    needs the holder alive, not training. kill_tree's SIGKILL ends stopped processes as well."""
+    for process in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process, signal.SIGSTOP)
+
+
 def test_a_second_job_on_a_run_in_use_is_refused_and_a_killed_job_leaves_no_lock(tmp_path):
     run_dir = tmp_path / "outputs" / "tiny"
     args = tiny(tmp_path, "trainer.epochs=100")  # long enough to be running throughout
@@ -35,6 +47,7 @@ def test_a_second_job_on_a_run_in_use_is_refused_and_a_killed_job_leaves_no_lock
     first = start(torchrun(*args), log)  # 2 workers of one job: they share the run
     try:
         summary = wait_until_training(run_dir, first, log)
+        pause_tree(first.pid)
         second = run_command([sys.executable, "-m", "app.train", *args, "trainer.max_steps=3"], cwd=REPO)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert (
