@@ -12,6 +12,10 @@ from app.config import LoggingConfig
 # Warnings torchrec gives for every data-parallel table, about nothing the user set: such tables
 # are replicated, so they have no sharding spec and no cache.
 _ROUTINE_WARNINGS = ("Sharding spec not found for ", "Sharding Type is data_parallel, caching params will be ignored")
+# What asyncio says of the object-store client's requests left unfinished when the store stopped
+# answering (its event loop runs in a thread of fsspec's): the job says that failure itself, in one
+# line (app/storage_failure.py's StorageFailure); these tracebacks only repeat it.
+_ORPHANED_REQUESTS = ("Task exception was never retrieved", "Future exception was never retrieved")
 
 
 class QuietLibraries(logging.Filter):
@@ -20,10 +24,13 @@ class QuietLibraries(logging.Filter):
       arguments); its warnings still show;
     - Python warnings (deprecations inside torch and torchrec), which setup_logging routes into
       logging so that they land in the log files;
-    - torchrec's routine warnings about data-parallel tables."""
+    - torchrec's routine warnings about data-parallel tables;
+    - asyncio's tracebacks of the object-store client's orphaned requests."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "py.warnings" or record.getMessage().startswith(_ROUTINE_WARNINGS):
+            return False
+        if record.name == "asyncio" and record.getMessage().startswith(_ORPHANED_REQUESTS):
             return False
         return record.name != "root" or record.levelno >= logging.WARNING
 
