@@ -169,6 +169,14 @@ def kill_tree(pid: int) -> None:
             os.kill(process, signal.SIGKILL)
 
 
+def pause_tree(pid: int) -> None:
+    """SIGSTOP `pid` and every process below it: a job that must stay alive and hold what it holds
+    (a run's lock, a lease) but need not train meanwhile, burning no CPU. kill_tree ends it as well."""
+    for process in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process, signal.SIGSTOP)
+
+
 @pytest.fixture(autouse=True)
 def no_process_outlives_its_test():
     """A test that fails half-way must not leave processes behind to disturb the next ones."""

@@ -17,9 +17,8 @@ import torch
 from app.data.files import resolve_files
 from app.export import load_exported, score_files
 from app.metrics import EvalMetrics
-from scripts.export import main as export_main
 from tests.conftest import REPO, run_command
-from tests.integration.test_train import check, records, tiny
+from tests.integration.test_train import check, records, script_in_process, tiny
 
 # The reproduction: only the first evaluation is a best (nothing improves AUC by 1.0).
 REPRODUCTION = [
@@ -45,7 +44,7 @@ def meta(run_dir: Path, name: str) -> dict:
     return json.loads((run_dir / "checkpoints" / name / "meta.json").read_text())
 
 
-def test_a_run_resumed_on_a_larger_batch_never_replaces_the_best_checkpoint(tmp_path, capsys):
+def test_a_run_resumed_on_a_larger_batch_never_replaces_the_best_checkpoint(tmp_path):
     run_dir = tmp_path / "outputs" / "tiny"
     train(tmp_path, *REPRODUCTION)  # 1 rank x 128: the best is step 10, after 1280 samples
     assert pointer(run_dir)["samples"] == 1280
@@ -61,9 +60,8 @@ def test_a_run_resumed_on_a_larger_batch_never_replaces_the_best_checkpoint(tmp_
     test = records(run_dir, "test")[-1]
     assert (test["checkpoint"], test["step"]) == ("step_00000010", 10)
     # Export takes the best by default: the checkpoint the pointer names, and the test AUC logged is its.
-    # scripts/export.py's main, in this process (a process of its own would cost its imports again).
-    assert export_main([str(run_dir), "--out", str(tmp_path / "best")]) == 0
-    exported = capsys.readouterr().out
+    # In this process (script_in_process): a process of its own would cost its imports again.
+    exported = check(script_in_process("export.py", run_dir, "--out", tmp_path / "best"))
     assert f"exported step 10 of {run_dir.resolve() / 'checkpoints' / 'step_00000010'}:" in exported
     model, config = load_exported(tmp_path / "best")
     metrics = EvalMetrics(torch.device("cpu"))

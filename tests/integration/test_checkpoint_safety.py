@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import sys
 
-from scripts.export import main as export_main
 from tests.conftest import REPO, run_command
-from tests.integration.test_train import tiny
+from tests.integration.test_train import script_in_process, tiny
 from tests.unit.test_checkpoint import forge_metadata
 
 
-def test_resume_and_export_refuse_a_checkpoint_whose_metadata_names_code(one_process_run, tmp_path, capsys):
+def test_resume_and_export_refuse_a_checkpoint_whose_metadata_names_code(one_process_run, tmp_path):
     # The run `train` finished, copied from the session's shared one (tests/integration/conftest.py).
     train = [sys.executable, "-m", "app.train", *tiny(tmp_path, "trainer.max_steps=5")]
     one_process_run.copy_to(tmp_path)
@@ -26,8 +25,8 @@ def test_resume_and_export_refuse_a_checkpoint_whose_metadata_names_code(one_pro
     assert refusal in resumed.stderr and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
     assert not marker.exists()
 
-    # scripts/export.py's main, in this process (a process of its own would cost its imports again):
-    # exit 2 and the one line, no exception.
-    assert export_main([str(checkpoints.parent), "--out", str(tmp_path / "exported")]) == 2
-    assert refusal in capsys.readouterr().err
+    # In this process (script_in_process): a process of its own would cost its imports again.
+    exported = script_in_process("export.py", checkpoints.parent, "--out", tmp_path / "exported")
+    assert exported.returncode == 2, exported.stderr[-3000:]
+    assert refusal in exported.stderr and "Traceback" not in exported.stderr, exported.stderr[-3000:]
     assert not marker.exists() and not (tmp_path / "exported").exists()

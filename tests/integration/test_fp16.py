@@ -17,12 +17,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from app.data.synthetic import ensure_dataset
-from app.features import FeatureSchema
-from app.hydra_edge import compose_config
 from tests.conftest import REPO, run_command
 from tests.integration.test_resume import run_dir
-from tests.integration.test_train import check, records, tiny, torchrun
+from tests.integration.test_train import check, records, script_in_process, tiny, torchrun
 
 # Row 400 of part-00000 is read, unshuffled, in the 4th batch on 1 rank (rows 384-511) and in
 # rank 1's 2nd batch on 2 ranks (its row groups are 1, 3, ...: rows 378-505 of the file). A dense
@@ -44,9 +41,8 @@ def train_records(root: Path):
 def overflowing_data(tmp_path_factory) -> dict[str, Path]:
     """experiment=tiny's synthetic splits, and a copy of the train split with one huge dense value."""
     root = tmp_path_factory.mktemp("data")
-    # In this process, as scripts/make_dataset.py would (its own imports would cost a process).
-    config = compose_config(tiny(root)[:2])
-    ensure_dataset(FeatureSchema.from_config(config.features), config.data.synthetic)
+    # In this process (script_in_process): a process of its own would cost its imports again.
+    check(script_in_process("make_dataset.py", *tiny(root)[:2]))
     synthetic = next((root / "data").iterdir())
     crafted = root / "overflowing"
     shutil.copytree(synthetic / "train", crafted)

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, children, kill_tree, run_command, start
-from tests.integration.test_run_lock import pause_tree
+from tests.conftest import REPO, children, kill_tree, pause_tree, run_command, start
 from tests.integration.test_train import check, records, tiny, torchrun
 from tests.object_store import s3, s3_server
 

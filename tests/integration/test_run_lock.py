@@ -4,15 +4,12 @@ torchrun job share the run; a job SIGKILLed leaves no lock behind, and the same 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO, descendants, kill_tree, run_command, start
+from tests.conftest import REPO, kill_tree, pause_tree, run_command, start
 from tests.integration.test_train import check, tiny, torchrun
 
 
@@ -29,15 +26,6 @@ def wait_until_training(run_dir: Path, job, log: Path, timeout: float = 300) -> 
         except (OSError, ValueError):
             pass
         time.sleep(0.2)
-
-
-def pause_tree(pid: int) -> None:
-    """SIGSTOP `pid` and every process below it. A paused holder still holds its lock (its pid lives,
-    its lock file stays open) but burns no CPU while the second job starts and is refused: the test
-    needs the holder alive, not training. kill_tree's SIGKILL ends stopped processes as well."""
-    for process in [pid, *descendants(pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process, signal.SIGSTOP)
 
 
 def test_a_second_job_on_a_run_in_use_is_refused_and_a_killed_job_leaves_no_lock(tmp_path):
