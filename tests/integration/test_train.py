@@ -20,7 +20,7 @@ import yaml
 from tests.conftest import REPO, run_command
 
 # Where a test is not about the readers: each worker reads in its own process (data.prefetch_windows=0),
-# without the readers' fork server, which costs about 3 CPU seconds to start (it imports torch).
+# without the readers' fork server, whose imports (torch, pyarrow) cost about 1.6 CPU seconds.
 NO_READERS = "data.prefetch_windows=0"
 
 
@@ -59,7 +59,7 @@ def check(result):
 
 def script_in_process(name: str, *args) -> subprocess.CompletedProcess:
     """`python scripts/<name> args` run in this process: its main, its output and its exit code as
-    the command's, without the interpreter start and imports (torch's: about 5 CPU seconds) that a
+    the command's, without the interpreter start and imports (torch and torchrec: about 4 CPU seconds) that a
     subprocess pays. For the checks of what a script says and how it exits; the command itself is
     proven by the tests that launch it for real (test_export_predict.py, the sweep tests here)."""
     path = REPO / "scripts" / name
